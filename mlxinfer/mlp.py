@@ -1,0 +1,30 @@
+"""The feed-forward block: SwiGLU, `down(silu(gate(x)) * up(x))`. The MoE issue adds a sparse
+alternative with the same call signature."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ModelConfig
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        D, F, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.fused = config.fused_gate_up
+        if self.fused:
+            # Phi-3 stores [gate; up] stacked along the output dim.
+            self.gate_up_proj = nn.Linear(D, 2 * F, bias=bias)
+        else:
+            self.gate_proj = nn.Linear(D, F, bias=bias)
+            self.up_proj = nn.Linear(D, F, bias=bias)
+        self.down_proj = nn.Linear(F, D, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.fused:
+            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)  # each [B, T, F]
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(nn.silu(gate) * up)

@@ -1,0 +1,87 @@
+"""The decoder-only transformer: tokens -> embeddings -> blocks -> final norm -> LM head -> logits.
+
+Module names equal Hugging Face weight names (`model.layers.0.self_attn.q_proj.weight`), so loading
+a checkpoint is a plain dict update.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .attention import Attention
+from .cache import KVCache
+from .config import ModelConfig
+from .mlp import SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def __call__(self, x: mx.array, mask, cache: KVCache | None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderStack(nn.Module):
+    """Hugging Face's `model.` prefix: embeddings, blocks and the final norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [TransformerBlock(config) for _ in range(config.num_hidden_layers)]
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class Model(nn.Module):
+    """`logits = model(tokens, cache=None)`: tokens `[B, T]` -> logits `[B, T, vocab]`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        return self.logits(self.hidden_states(tokens, cache))
+
+    def hidden_states(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        """Final-norm hidden states `[B, T, D]`; prefill uses this to skip the LM head on all but
+        the last position."""
+        h = self.model.embed_tokens(tokens)  # [B, T, D]
+        h = h.astype(self.compute_dtype)
+        # A bottom-right aligned causal mask also covers chunks appended after a cached prefix.
+        mask = "causal" if tokens.shape[1] > 1 else None
+        layer_caches = cache if cache is not None else [None] * len(self.model.layers)
+        for layer, layer_cache in zip(self.model.layers, layer_caches):
+            h = layer(h, mask, layer_cache)
+        return self.model.norm(h)
+
+    def logits(self, h: mx.array) -> mx.array:
+        """LM head: `[B, T, D]` -> `[B, T, vocab]`, through the tied embedding when there is no lm_head."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def compute_dtype(self) -> mx.Dtype:
+        """The dtype activations run in: that of the final norm weight (float32 for GGUF models)."""
+        return self.model.norm.weight.dtype
+
+    def make_cache(self) -> list[KVCache]:
+        """One KV cache per layer."""
+        return [KVCache() for _ in self.model.layers]
+
+    @property
+    def num_parameters(self) -> int:
+        from mlx.utils import tree_flatten
+
+        return sum(v.size for _, v in tree_flatten(self.parameters()))

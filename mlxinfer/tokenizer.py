@@ -1,0 +1,289 @@
+"""Tokenizer: `tokenizers` for tokenizer.json or a BPE rebuilt from GGUF metadata, Jinja chat
+templates rendered as Hugging Face renders them, and a streaming detokenizer."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from .config import ModelLoadError, read_json
+
+# GGUF token types (llama.cpp's llama_token_type).
+_GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
+
+# llama.cpp `tokenizer.ggml.pre` names -> the pre-tokenizer the original tokenizer.json used.
+_LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _gguf_pre_tokenizer(pre: str, source: str):
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in ("default", "gpt2"):
+        return byte_level
+    if pre == "smollm":
+        # SmolLM's tokenizer.json: every digit is its own token.
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    patterns = {"llama-bpe": _LLAMA3_PATTERN, "llama3": _LLAMA3_PATTERN, "qwen2": _QWEN2_PATTERN}
+    if pre in patterns:
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(patterns[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    raise ModelLoadError(
+        f"{source}: GGUF pre-tokenizer {pre!r} is not supported; supported: "
+        "default, gpt2, smollm, llama-bpe, qwen2"
+    )
+
+
+class Tokenizer:
+    """Text <-> token ids, special tokens, EOS ids and the chat template of one model."""
+
+    def __init__(
+        self,
+        tokenizer: HFTokenizer,
+        eos_token_ids: Iterable[int] = (),
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        chat_template: str | None = None,
+        add_bos_token: bool = False,
+    ):
+        self._tokenizer = tokenizer
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.chat_template = chat_template
+        self.add_bos_token = add_bos_token  # prepend BOS when the tokenizer.json does not do it itself
+        ids = list(dict.fromkeys(eos_token_ids))
+        if eos_token is not None and (eos_id := tokenizer.token_to_id(eos_token)) is not None:
+            ids.append(eos_id)
+        self.eos_token_ids: set[int] = set(ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return None if self.bos_token is None else self._tokenizer.token_to_id(self.bos_token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; `add_special_tokens` adds BOS where the model expects it."""
+        ids = self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        bos = self.bos_token_id
+        if add_special_tokens and self.add_bos_token and bos is not None and ids[:1] != [bos]:
+            ids = [bos, *ids]
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tokenizer.id_to_token(token_id)
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = True,
+        **kwargs: Any,
+    ) -> list[int] | str:
+        """Render `messages` with the model's Jinja chat template, as transformers does; return token
+        ids (no extra BOS: the template writes its own) or the text when tokenize=False."""
+        if not self.chat_template:
+            raise ValueError("this model's tokenizer has no chat template")
+        text = render_chat_template(
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+            **kwargs,
+        )
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def detokenizer(self) -> StreamingDetokenizer:
+        return StreamingDetokenizer(self)
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_dir(cls, path: str | Path, eos_token_ids: Iterable[int] = ()) -> Tokenizer:
+        """Load tokenizer.json, tokenizer_config.json and any chat template file from a model dir."""
+        path = Path(path)
+        tokenizer_file = path / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise ModelLoadError(f"{tokenizer_file}: tokenizer file not found")
+        try:
+            tokenizer = HFTokenizer.from_file(str(tokenizer_file))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise ModelLoadError(f"{tokenizer_file}: invalid tokenizer ({e})") from None
+        config = {}
+        if (path / "tokenizer_config.json").is_file():
+            config = read_json(path / "tokenizer_config.json", "tokenizer config")
+        ids = list(eos_token_ids)
+        generation_config = path / "generation_config.json"
+        if generation_config.is_file():
+            ids += _id_list(read_json(generation_config, "generation config").get("eos_token_id"))
+        return cls(
+            tokenizer,
+            eos_token_ids=ids,
+            bos_token=_token_content(config.get("bos_token")),
+            eos_token=_token_content(config.get("eos_token")),
+            chat_template=_find_chat_template(path, config),
+            add_bos_token=bool(config.get("add_bos_token", False)),
+        )
+
+    @classmethod
+    def from_gguf(cls, metadata: dict[str, Any], source: str) -> Tokenizer:
+        """Rebuild the tokenizer stored in GGUF metadata (`tokenizer.ggml.*`)."""
+        kind = metadata.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise ModelLoadError(
+                f"{source}: GGUF tokenizer model {kind!r} is not supported (supported: 'gpt2', "
+                "byte-level BPE)"
+            )
+        try:
+            tokens: list[str] = metadata["tokenizer.ggml.tokens"]
+            merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
+        except KeyError as e:
+            raise ModelLoadError(f"{source}: GGUF metadata lacks {e.args[0]!r}") from None
+        types = metadata.get("tokenizer.ggml.token_type")
+        vocab = {token: i for i, token in enumerate(tokens)}
+        tokenizer = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+        tokenizer.pre_tokenizer = _gguf_pre_tokenizer(
+            metadata.get("tokenizer.ggml.pre", "default"), source
+        )
+        tokenizer.decoder = decoders.ByteLevel()
+        if types is not None:
+            added = [
+                AddedToken(tokens[i], special=t == _GGUF_CONTROL, normalized=False)
+                for i, t in enumerate(types)
+                if t in (_GGUF_CONTROL, _GGUF_USER_DEFINED)
+            ]
+            tokenizer.add_tokens(added)
+
+        def token(key: str) -> str | None:
+            i = metadata.get(key)
+            return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+        eos_ids = [
+            metadata[k]
+            for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+            if k in metadata
+        ]
+        return cls(
+            tokenizer,
+            eos_token_ids=eos_ids,
+            bos_token=token("tokenizer.ggml.bos_token_id"),
+            eos_token=token("tokenizer.ggml.eos_token_id"),
+            chat_template=metadata.get("tokenizer.chat_template"),
+            add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+        )
+
+
+class StreamingDetokenizer:
+    """Turns a stream of token ids into text deltas that never end inside a UTF-8 character.
+
+    Decodes a short window (from `prefix_offset`) rather than the whole sequence each step, and keeps
+    one already-emitted token of context so tokenizers that drop a leading space still decode right.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.prefix_offset = 0  # start of the decode window
+        self.read_offset = 0  # tokens before this are emitted
+        self.text = ""
+
+    def add_token(self, token_id: int) -> str:
+        """Add one token; return the newly completed text (possibly empty)."""
+        self.tokens.append(token_id)
+        decode = self.tokenizer.decode
+        prefix = decode(self.tokens[self.prefix_offset : self.read_offset])
+        full = decode(self.tokens[self.prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            delta = full[len(prefix) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+            self.text += delta
+            return delta
+        return ""
+
+    def finalize(self) -> str:
+        """Flush whatever is left (an incomplete character decodes to U+FFFD)."""
+        rest = self.tokenizer.decode(self.tokens[self.read_offset :])
+        self.read_offset = len(self.tokens)
+        self.prefix_offset = self.read_offset
+        self.text += rest
+        return rest
+
+
+# -- chat templates -------------------------------------------------------------------------------
+
+
+def render_chat_template(template: str, messages: list[dict[str, Any]], **variables: Any) -> str:
+    """Render a Hugging Face chat template with the environment transformers uses."""
+    env = _chat_environment()
+    try:
+        return env.from_string(template).render(messages=messages, **variables)
+    except TemplateError as e:
+        raise ValueError(f"chat template error: {e}") from None
+
+
+def _chat_environment() -> ImmutableSandboxedEnvironment:
+    def raise_exception(message: str):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def _find_chat_template(path: Path, config: dict[str, Any]) -> str | None:
+    """transformers >= 4.43 writes chat_template.jinja; older files keep it in tokenizer_config.json
+    (a string, or a list of named templates) or chat_template.json."""
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if template is None and (path / "chat_template.json").is_file():
+        template = read_json(path / "chat_template.json", "chat template").get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template
+
+
+def _token_content(token: Any) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)
+

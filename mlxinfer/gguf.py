@@ -7,7 +7,10 @@ llama-architecture models with RoPE pairs interleaved, so those models run with 
 
 from __future__ import annotations
 
+import mmap
 import re
+import struct
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -113,3 +116,74 @@ def metadata_to_python(metadata: dict[str, Any]) -> dict[str, Any]:
             value = value.item() if value.ndim == 0 else value.tolist()
         out[key] = value
     return out
+
+
+# ggml tensor types mx.load turns into exact MLX arrays (F32/F16 as is, Q4_0/Q4_1/Q8_0 as affine-quantized).
+SUPPORTED_TENSOR_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
+_TYPE_NAMES = {
+    **SUPPORTED_TENSOR_TYPES, 6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K",
+    13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 20: "IQ4_NL", 30: "BF16",
+}
+# GGUF metadata value types -> fixed byte sizes (8 = string, 9 = array are variable).
+_VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def check_tensor_types(path: Path) -> None:
+    """Raise ModelLoadError for tensors of a type mx.load would not read exactly (mx.load returns
+    some K-quants as float16 instead of failing), naming the tensor and its type."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        try:
+            types = _tensor_types(buf)
+        except (struct.error, IndexError, UnicodeDecodeError):
+            raise ModelLoadError(f"{path}: truncated or corrupt GGUF header") from None
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{path}: {e}") from None
+    for name, kind in types.items():
+        if kind not in SUPPORTED_TENSOR_TYPES:
+            raise ModelLoadError(
+                f"{path}: tensor {name!r} has GGUF type {_TYPE_NAMES.get(kind, kind)}, which is not "
+                f"supported; supported: {', '.join(SUPPORTED_TENSOR_TYPES.values())}"
+            )
+
+
+def _tensor_types(buf) -> dict[str, int]:
+    """Walk the GGUF header (magic, version, counts, key/values) to the tensor infos."""
+    if buf[:4] != b"GGUF":
+        raise ModelLoadError("not a GGUF file (bad magic)")
+    n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
+    pos = 24
+
+    def skip_string(pos: int) -> int:
+        (length,) = struct.unpack_from("<Q", buf, pos)
+        return pos + 8 + length
+
+    def skip_value(kind: int, pos: int) -> int:
+        if kind in _VALUE_SIZES:
+            return pos + _VALUE_SIZES[kind]
+        if kind == 8:
+            return skip_string(pos)
+        if kind == 9:
+            item_kind, count = struct.unpack_from("<IQ", buf, pos)
+            pos += 12
+            if item_kind in _VALUE_SIZES:
+                return pos + count * _VALUE_SIZES[item_kind]
+            for _ in range(count):
+                pos = skip_value(item_kind, pos)
+            return pos
+        raise ModelLoadError(f"unknown GGUF metadata value type {kind}")
+
+    for _ in range(n_kv):
+        pos = skip_string(pos)
+        (kind,) = struct.unpack_from("<I", buf, pos)
+        pos = skip_value(kind, pos + 4)
+    types = {}
+    for _ in range(n_tensors):
+        (length,) = struct.unpack_from("<Q", buf, pos)
+        name = bytes(buf[pos + 8 : pos + 8 + length]).decode("utf-8")
+        pos += 8 + length
+        (n_dims,) = struct.unpack_from("<I", buf, pos)
+        pos += 4 + 8 * n_dims
+        (kind,) = struct.unpack_from("<I", buf, pos)
+        types[name] = kind
+        pos += 12  # type + data offset
+    return types

@@ -74,6 +74,7 @@ def load_hf(path: Path, dtype: mx.Dtype | None = None) -> tuple[Model, Tokenizer
 def load_gguf(path: Path, dtype: mx.Dtype | None = None) -> tuple[Model, Tokenizer]:
     """A llama.cpp GGUF file: config, weights, tokenizer and chat template all come from it."""
     source = str(path)
+    gguf.check_tensor_types(path)
     try:
         tensors, metadata = mx.load(source, return_metadata=True)
     except Exception as e:  # MLX raises RuntimeError/ValueError with its own wording

@@ -1,0 +1,45 @@
+"""Session fixtures: the default model as we load it, and as transformers loads the same GGUF."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """Our load of the default model (SmolLM2-135M-Instruct Q4_1 GGUF)."""
+    import mlxinfer
+
+    return mlxinfer.load()
+
+
+@pytest.fixture(scope="session")
+def smollm_reference(tmp_path_factory):
+    """transformers' own GGUF loader on the same file (it dequantizes with gguf-py and un-permutes
+    q/k itself), plus its weights exported as a Hugging Face safetensors directory."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    import mlxinfer
+
+    gguf_path = mlxinfer.default_model_path()
+    kwargs = dict(gguf_file=gguf_path.name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, dtype=torch.float32, **kwargs
+    ).eval()
+    export = tmp_path_factory.mktemp("smollm_hf")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(export / "model.safetensors"))
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (export / "config.json").write_text(json.dumps(config))
+    tokenizer.save_pretrained(export)
+    return model, tokenizer, export

@@ -36,7 +36,7 @@ def smollm_reference(tmp_path_factory):
         gguf_path.parent, dtype=torch.float32, **kwargs
     ).eval()
     export = tmp_path_factory.mktemp("smollm_hf")
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}  # unshare tied
     save_file(state, str(export / "model.safetensors"))
     config = model.config.to_dict()
     config.pop("quantization_config", None)

@@ -1,0 +1,90 @@
+"""The real default model, SmolLM2-135M-Instruct (Q4_1 GGUF), against transformers loading the same
+file and against golden outputs that transformers produced (tests/tools/make_golden.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlxinfer
+from mlxinfer.generate import generate_tokens
+
+from .reference import rel_err, torch_logits
+
+DATA = Path(__file__).parent / "data"
+GOLDEN = json.loads((DATA / "smollm2_golden.json").read_text())
+
+
+def test_answers_capital_of_france(default_model):
+    model, tokenizer = default_model
+    text = mlxinfer.generate(model, tokenizer, "What is the capital of France?", chat=True)
+    assert "Paris" in text
+    assert text.endswith(".")  # a sentence, ended by EOS rather than max_tokens
+
+
+def test_prompt_ids_match_reference_tokenizer(default_model):
+    _, tokenizer = default_model
+    assert tokenizer.encode(GOLDEN["plain_prompt"]) == GOLDEN["plain_prompt_ids"]
+    chat = [{"role": "user", "content": GOLDEN["chat_prompt"]}]
+    assert tokenizer.apply_chat_template(chat) == GOLDEN["chat_prompt_ids"]
+
+
+@pytest.mark.parametrize("case", ["plain", "chat"])
+def test_greedy_ids_pinned(default_model, case):
+    model, _ = default_model
+    expected = GOLDEN[f"{case}_greedy_ids"]
+    ours = list(generate_tokens(model, GOLDEN[f"{case}_prompt_ids"], len(expected)))
+    assert ours == expected
+
+
+def test_perplexity_pinned(default_model):
+    model, tokenizer = default_model
+    text = (DATA / GOLDEN["perplexity_text"]).read_text()
+    ids = tokenizer.encode(text)[: GOLDEN["perplexity_tokens"]]
+    logits = model(mx.array([ids]))[0, :-1].astype(mx.float32)  # [T-1, vocab]
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    nll = -mx.take_along_axis(logprobs, mx.array(ids[1:])[:, None], axis=-1).mean()
+    assert math.exp(nll.item()) == pytest.approx(GOLDEN["perplexity"], rel=1e-3)
+
+
+def test_logits_match_transformers_on_same_gguf(default_model, smollm_reference):
+    model, _ = default_model
+    reference, _, _ = smollm_reference
+    ids = np.array([GOLDEN["chat_prompt_ids"]])
+    assert rel_err(np.array(model(mx.array(ids))), torch_logits(reference, ids)) <= 1e-4
+
+
+def test_gguf_and_safetensors_give_same_logits(default_model, smollm_reference):
+    """The same weights as GGUF (interleaved q/k, Q4_1 quantized matmuls) and as a Hugging Face
+    safetensors export (half-split q/k, float32) give the same logits and token ids."""
+    gguf_model, gguf_tokenizer = default_model
+    _, _, export = smollm_reference
+    hf_model, hf_tokenizer = mlxinfer.load(export)
+    assert not hf_model.config.rope_traditional and gguf_model.config.rope_traditional
+    ids = mx.array([GOLDEN["chat_prompt_ids"]])
+    assert rel_err(np.array(hf_model(ids)), np.array(gguf_model(ids))) <= 1e-4
+    text = (DATA / GOLDEN["perplexity_text"]).read_text()
+    assert hf_tokenizer.encode(text) == gguf_tokenizer.encode(text)
+
+
+def test_cached_decode_matches_full_forward(default_model):
+    model, tokenizer = default_model
+    ids = tokenizer.encode((DATA / GOLDEN["perplexity_text"]).read_text())[:48]
+    full = np.array(model(mx.array([ids])))[0]
+    cache = model.make_cache()
+    steps = [np.array(model(mx.array([ids[:20]]), cache))[0]]
+    for t in range(20, len(ids)):
+        steps.append(np.array(model(mx.array([ids[t : t + 1]]), cache))[0])
+    assert rel_err(np.concatenate(steps), full) <= 1e-4
+
+
+def test_prompt_longer_than_context_is_an_error(default_model):
+    model, _ = default_model
+    too_long = [1] * (model.config.max_position_embeddings + 1)
+    with pytest.raises(ValueError, match="longer than the model's context of 8192"):
+        next(generate_tokens(model, too_long, 4))

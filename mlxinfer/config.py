@@ -89,7 +89,9 @@ class ModelConfig:
                 raise ModelLoadError(f"{source}: missing required key {key!r}")
         act = config.get("hidden_act", config.get("hidden_activation", "silu"))
         if act not in ("silu", "swish"):
-            raise ModelLoadError(f"{source}: hidden_act {act!r} is not supported (SwiGLU needs 'silu')")
+            raise ModelLoadError(
+                f"{source}: hidden_act {act!r} is not supported (SwiGLU needs 'silu')"
+            )
 
         family = FAMILIES[model_type]
         heads = int(config["num_attention_heads"])

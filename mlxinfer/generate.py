@@ -9,7 +9,7 @@ host, so the device never waits for Python between steps.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import mlx.core as mx
 

@@ -121,8 +121,18 @@ def metadata_to_python(metadata: dict[str, Any]) -> dict[str, Any]:
 # ggml tensor types mx.load turns into exact MLX arrays (F32/F16 as is, Q4_0/Q4_1/Q8_0 as affine-quantized).
 SUPPORTED_TENSOR_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
 _TYPE_NAMES = {
-    **SUPPORTED_TENSOR_TYPES, 6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K",
-    13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 20: "IQ4_NL", 30: "BF16",
+    **SUPPORTED_TENSOR_TYPES,
+    6: "Q5_0",
+    7: "Q5_1",
+    9: "Q8_1",
+    10: "Q2_K",
+    11: "Q3_K",
+    12: "Q4_K",
+    13: "Q5_K",
+    14: "Q6_K",
+    15: "Q8_K",
+    20: "IQ4_NL",
+    30: "BF16",
 }
 # GGUF metadata value types -> fixed byte sizes (8 = string, 9 = array are variable).
 _VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}

@@ -56,7 +56,9 @@ def load(path: str | Path | None = None, dtype: mx.Dtype | None = None) -> tuple
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return load_gguf(ggufs[0], dtype)
-    raise ModelLoadError(f"{path}: no config.json (Hugging Face or MLX model) and no single .gguf file")
+    raise ModelLoadError(
+        f"{path}: no config.json (Hugging Face or MLX model) and no single .gguf file"
+    )
 
 
 def load_hf(path: Path, dtype: mx.Dtype | None = None) -> tuple[Model, Tokenizer]:
@@ -126,7 +128,9 @@ def check_weights(model: Model, weights: dict[str, mx.array], source: str) -> No
         raise ModelLoadError(f"{source}: " + "; ".join(problems))
 
 
-def _quantize_like(model: Model, weights: dict[str, mx.array], quantization: dict[str, Any]) -> None:
+def _quantize_like(
+    model: Model, weights: dict[str, mx.array], quantization: dict[str, Any]
+) -> None:
     """Turn each Linear/Embedding whose checkpoint has `.scales` into its quantized twin. Group size
     and bits follow from the packed shapes, so GGUF (group 32) and mlx-community files share this."""
     mode = quantization.get("mode", "affine")
@@ -213,9 +217,4 @@ def _name_list(names: list[str], limit: int = 8) -> str:
     return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
 
 
-def model_size_bytes(model: Model) -> int:
-    """Bytes of all parameters as stored (packed for quantized layers)."""
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-
-
-__all__ = ["load", "default_model_path", "ModelLoadError", "model_size_bytes"]
+__all__ = ["load", "default_model_path", "ModelLoadError"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from .attention import Attention
 from .cache import KVCache
@@ -61,7 +62,7 @@ class Model(nn.Module):
         # A bottom-right aligned causal mask also covers chunks appended after a cached prefix.
         mask = "causal" if tokens.shape[1] > 1 else None
         layer_caches = cache if cache is not None else [None] * len(self.model.layers)
-        for layer, layer_cache in zip(self.model.layers, layer_caches):
+        for layer, layer_cache in zip(self.model.layers, layer_caches, strict=True):
             h = layer(h, mask, layer_cache)
         return self.model.norm(h)
 
@@ -81,7 +82,6 @@ class Model(nn.Module):
         return [KVCache() for _ in self.model.layers]
 
     @property
-    def num_parameters(self) -> int:
-        from mlx.utils import tree_flatten
-
-        return sum(v.size for _, v in tree_flatten(self.parameters()))
+    def nbytes(self) -> int:
+        """Bytes of all weights as stored (packed for quantized layers)."""
+        return sum(v.nbytes for _, v in tree_flatten(self.parameters()))

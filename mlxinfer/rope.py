@@ -110,7 +110,11 @@ class RoPE(nn.Module):
         if self.attention_factor != 1.0:
             # yarn scales cos and sin, i.e. the rotated dims only.
             rotated = x[..., : self.dims] * self.attention_factor
-            x = mx.concatenate([rotated, x[..., self.dims :]], axis=-1) if self.dims < x.shape[-1] else rotated
+            x = (
+                mx.concatenate([rotated, x[..., self.dims :]], axis=-1)
+                if self.dims < x.shape[-1]
+                else rotated
+            )
         return mx.fast.rope(
             x,
             self.dims,

@@ -4,9 +4,10 @@ templates rendered as Hugging Face renders them, and a streaming detokenizer."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -66,7 +67,9 @@ class Tokenizer:
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.chat_template = chat_template
-        self.add_bos_token = add_bos_token  # prepend BOS when the tokenizer.json does not do it itself
+        self.add_bos_token = (
+            add_bos_token  # prepend BOS when the tokenizer.json does not do it itself
+        )
         ids = list(dict.fromkeys(eos_token_ids))
         if eos_token is not None and (eos_id := tokenizer.token_to_id(eos_token)) is not None:
             ids.append(eos_id)
@@ -286,4 +289,3 @@ def _id_list(value: Any) -> list[int]:
     if value is None:
         return []
     return [value] if isinstance(value, int) else list(value)
-

@@ -89,5 +89,3 @@ def torch_logits(model, ids: np.ndarray) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
-
-

@@ -64,7 +64,9 @@ def test_mlx_community_quantized_dir_matches_mlx_lm(llama_dir, tmp_path, predica
 
     src, _ = llama_dir
     out = tmp_path / "q"
-    mlx_lm.convert(str(src), str(out), quantize=True, q_group_size=32, q_bits=4, quant_predicate=predicate)
+    mlx_lm.convert(
+        str(src), str(out), quantize=True, q_group_size=32, q_bits=4, quant_predicate=predicate
+    )
     config = json.loads((out / "config.json").read_text())
     if predicate:
         assert any(isinstance(v, dict) for v in config["quantization"].values())
@@ -112,7 +114,11 @@ def write_llama_gguf(path, torch_model, qtype: str) -> None:
     writer.add_eos_token_id(2)
 
     def permute(w, heads):
-        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        return (
+            w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(w.shape)
+        )
 
     names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
     parts = {
@@ -196,7 +202,9 @@ def test_config_missing_key_names_key_and_file(llama_dir, tmp_path):
     config = json.loads((path / "config.json").read_text())
     del config["num_hidden_layers"]
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match=r"config\.json: missing required key 'num_hidden_layers'"):
+    with pytest.raises(
+        ModelLoadError, match=r"config\.json: missing required key 'num_hidden_layers'"
+    ):
         mlxinfer.load(path)
 
 
@@ -205,7 +213,9 @@ def test_unsupported_model_type_lists_supported(llama_dir, tmp_path):
     config = json.loads((path / "config.json").read_text())
     config["model_type"] = "gpt_neox"
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="'gpt_neox'.*supported: llama, mistral, phi3, qwen2, qwen3"):
+    with pytest.raises(
+        ModelLoadError, match="'gpt_neox'.*supported: llama, mistral, phi3, qwen2, qwen3"
+    ):
         mlxinfer.load(path)
 
 
@@ -246,7 +256,9 @@ def test_wrong_shape_names_tensor_and_shapes(llama_dir, tmp_path):
     path = copy_of(llama_dir[0], tmp_path)
     name = "model.layers.1.mlp.up_proj.weight"
     _rewrite_weights(path, lambda w: w.__setitem__(name, w[name][:100]))
-    with pytest.raises(ModelLoadError, match=rf"'{name}' has shape \(100, 64\), expected \(128, 64\)"):
+    with pytest.raises(
+        ModelLoadError, match=rf"'{name}' has shape \(100, 64\), expected \(128, 64\)"
+    ):
         mlxinfer.load(path)
 
 
@@ -275,7 +287,9 @@ def test_missing_tokenizer(llama_dir, tmp_path):
 def test_truncated_gguf(tmp_path):
     path = tmp_path / "cut.gguf"
     path.write_bytes(mlxinfer.default_model_path().read_bytes()[:5_000_000])
-    with pytest.raises(ModelLoadError, match=r"cut\.gguf: cannot read GGUF file .*extends past the end"):
+    with pytest.raises(
+        ModelLoadError, match=r"cut\.gguf: cannot read GGUF file .*extends past the end"
+    ):
         mlxinfer.load(path)
 
 
@@ -297,7 +311,9 @@ def test_unsupported_gguf_tensor_type_names_tensor(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ModelLoadError, match=r"'blk\.0\.attn_q\.weight' has GGUF type Q4_K.*supported: F32"):
+    with pytest.raises(
+        ModelLoadError, match=r"'blk\.0\.attn_q\.weight' has GGUF type Q4_K.*supported: F32"
+    ):
         mlxinfer.load(path)
 
 

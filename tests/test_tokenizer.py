@@ -138,6 +138,8 @@ def test_named_chat_templates_pick_default(tmp_path):
 
 def test_chat_template_raise_exception_is_a_clear_error(default_model):
     _, tokenizer = default_model
-    bad = Tokenizer(tokenizer._tokenizer, chat_template="{{ raise_exception('roles must alternate') }}")
+    bad = Tokenizer(
+        tokenizer._tokenizer, chat_template="{{ raise_exception('roles must alternate') }}"
+    )
     with pytest.raises(ValueError, match="roles must alternate"):
         bad.apply_chat_template([{"role": "user", "content": "x"}])

@@ -6,22 +6,29 @@ text = mlxinfer.generate(model, tokenizer, "What is the capital of France?", cha
 
 from .cache import KVCache
 from .config import ModelConfig, ModelLoadError
-from .generate import generate, generate_tokens
+from .generate import GenerationResponse, TokenLogprobs, generate, generate_tokens, stream_generate
 from .loading import default_model_path, load
+from .metrics import RequestMetrics
 from .model import Model
+from .sampling import SamplingParams
 from .tokenizer import StreamingDetokenizer, Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GenerationResponse",
     "KVCache",
     "Model",
     "ModelConfig",
     "ModelLoadError",
+    "RequestMetrics",
+    "SamplingParams",
     "StreamingDetokenizer",
     "Tokenizer",
     "default_model_path",
     "generate",
     "generate_tokens",
     "load",
+    "stream_generate",
+    "TokenLogprobs",
 ]

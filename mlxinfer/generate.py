@@ -1,23 +1,28 @@
 """Generation: prefill the prompt into the KV cache in chunks, then decode one token at a time.
 
     prompt ids -> prefill (chunks, LM head on the last position only) -> logits [1, vocab]
-               -> decode_step loop: sample -> token -> model(token, cache) -> logits
+               -> sampler -> token -> decode_step(token, cache) -> logits -> ...
+    tokens -> StreamingDetokenizer -> stop-string check -> GenerationResponse per token
 
 Decoding is pipelined with mx.async_eval: step n+1 is queued before token n is read back on the
-host, so the device never waits for Python between steps.
+host, so the device never waits for Python between steps. Timing lives here, never in the model.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import mlx.core as mx
 
 from .cache import KVCache
+from .metrics import RequestMetrics, request_metrics
 from .model import Model
+from .sampling import Sampler, SamplingParams, top_logprobs
 from .tokenizer import Tokenizer
 
-Sampler = Callable[[mx.array], mx.array]  # logits [B, vocab] -> token ids [B]
+TokenSampler = Callable[[mx.array], mx.array]  # logits [B, vocab] -> token ids [B]
 
 DEFAULT_PREFILL_CHUNK = 512
 
@@ -45,56 +50,212 @@ def decode_step(model: Model, tokens: mx.array, cache: list[KVCache]) -> mx.arra
     return model(tokens[:, None], cache)[:, -1, :]
 
 
+@dataclass
+class TokenLogprobs:
+    """The chosen token's log-probability and the n most likely alternatives, from the model's
+    distribution before any penalty or filter."""
+
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+def _decode_loop(
+    model: Model,
+    prompt_ids: list[int],
+    max_tokens: int,
+    sampler: TokenSampler,
+    cache: list[KVCache],
+    prefill_chunk: int,
+    n_logprobs: int,
+) -> Iterator[tuple[int, TokenLogprobs | None]]:
+    max_tokens = token_budget(model, prompt_ids, max_tokens)
+
+    def step(logits: mx.array):
+        token = sampler(logits)  # [1]
+        if not n_logprobs:
+            return token, None
+        all_lp, top_ids, top_lp = top_logprobs(logits, n_logprobs)
+        return token, (mx.take_along_axis(all_lp, token[:, None], axis=-1), top_ids, top_lp)
+
+    def to_host(lp) -> TokenLogprobs | None:
+        if lp is None:
+            return None
+        chosen, ids, values = lp
+        return TokenLogprobs(
+            chosen.item(), list(zip(ids[0].tolist(), values[0].tolist(), strict=True))
+        )
+
+    if max_tokens <= 0:
+        return
+    token, lp = step(prefill(model, mx.array([prompt_ids]), cache, prefill_chunk))
+    mx.async_eval(token, lp)
+    try:
+        for n in range(max_tokens):
+            last = n + 1 == max_tokens
+            if not last:
+                next_token, next_lp = step(decode_step(model, token, cache))
+                mx.async_eval(next_token, next_lp)
+            yield token.item(), to_host(lp)
+            if not last:
+                token, lp = next_token, next_lp
+    finally:
+        # A caller that stops early (EOS, stop string) leaves one step queued; a thread that ends
+        # with work still queued on its stream aborts the process at exit (MLX 0.32).
+        mx.synchronize()
+
+
 def generate_tokens(
     model: Model,
     prompt_ids: list[int],
     max_tokens: int,
-    sampler: Sampler = greedy,
+    sampler: TokenSampler = greedy,
     cache: list[KVCache] | None = None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ) -> Iterator[int]:
     """Yield up to `max_tokens` generated token ids (the caller decides when to stop early)."""
+    cache = cache if cache is not None else model.make_cache()
+    for token, _ in _decode_loop(model, prompt_ids, max_tokens, sampler, cache, prefill_chunk, 0):
+        yield token
+
+
+@dataclass
+class GenerationResponse:
+    """One generated token. `text` is the new text it completes (may be empty while a UTF-8
+    character or a possible stop string is incomplete); the last response has `finish_reason`
+    ('eos', 'stop' or 'length') and `metrics`."""
+
+    text: str
+    token: int
+    logprobs: TokenLogprobs | None = None
+    finish_reason: str | None = None
+    metrics: RequestMetrics | None = None
+
+
+def stream_generate(
+    model: Model,
+    tokenizer: Tokenizer,
+    prompt: str | list[int],
+    max_tokens: int | None = None,
+    sampling: SamplingParams | None = None,
+    chat: bool = False,
+) -> Iterator[GenerationResponse]:
+    """Generate from `prompt` (text, or token ids), yielding one GenerationResponse per token.
+
+    `max_tokens` overrides `sampling.max_tokens`; `chat=True` wraps a text prompt as one user
+    message in the model's chat template. Safe to call from any thread."""
+    params = sampling or SamplingParams()
+    max_tokens = params.max_tokens if max_tokens is None else max_tokens
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    prompt_ids = encode_prompt(tokenizer, prompt, chat)
+
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    sampler = Sampler(params, model.config.vocab_size, prompt_ids)
+    cache = model.make_cache()
+    detokenizer = tokenizer.detokenizer()
+    stops = StopStrings(params.stop)
+    eos = set() if params.ignore_eos else tokenizer.eos_token_ids
+    token_times: list[float] = []
+
+    def finish(token: int, text: str, logprobs, reason: str) -> GenerationResponse:
+        metrics = request_metrics(
+            start,
+            token_times,
+            prompt_tokens=len(prompt_ids),
+            weight_bytes_per_step=model.decode_weight_bytes,
+            peak_memory_bytes=mx.get_peak_memory(),
+            active_memory_bytes=mx.get_active_memory(),
+            kv_cache_bytes=sum(c.nbytes for c in cache),
+        )
+        return GenerationResponse(text, token, logprobs, reason, metrics)
+
+    budget = token_budget(model, prompt_ids, max_tokens)
+    loop = _decode_loop(
+        model, prompt_ids, budget, sampler, cache, DEFAULT_PREFILL_CHUNK, params.logprobs
+    )
+    for n, (token, logprobs) in enumerate(loop, start=1):
+        token_times.append(time.perf_counter())
+        if token in eos:
+            text, stopped = stops.finish(detokenizer.finalize())
+            yield finish(token, text, logprobs, "stop" if stopped else "eos")
+            return
+        text, stopped = stops.feed(detokenizer.add_token(token))
+        if stopped:
+            yield finish(token, text, logprobs, "stop")
+            return
+        if n == budget:
+            rest, stopped = stops.finish(detokenizer.finalize())
+            yield finish(token, text + rest, logprobs, "stop" if stopped else "length")
+            return
+        yield GenerationResponse(text, token, logprobs)
+
+
+def token_budget(model: Model, prompt_ids: list[int], max_tokens: int) -> int:
+    """How many tokens can be generated: max_tokens, clipped to the context left after the prompt.
+    A prompt longer than the context is an error."""
+    context = model.config.max_position_embeddings
     if not prompt_ids:
         raise ValueError("prompt is empty")
-    context = model.config.max_position_embeddings
     if len(prompt_ids) > context:
         raise ValueError(
             f"prompt has {len(prompt_ids)} tokens, longer than the model's context of {context}"
         )
-    max_tokens = min(max_tokens, context - len(prompt_ids))
-    if max_tokens <= 0:
-        return
-    cache = cache if cache is not None else model.make_cache()
-
-    logits = prefill(model, mx.array([prompt_ids]), cache, prefill_chunk)
-    token = sampler(logits)  # [1]
-    mx.async_eval(token)
-    for n in range(max_tokens):
-        if n + 1 < max_tokens:
-            next_token = sampler(decode_step(model, token, cache))
-            mx.async_eval(next_token)
-        yield token.item()
-        if n + 1 < max_tokens:
-            token = next_token
+    return min(max_tokens, context - len(prompt_ids))
 
 
 def generate(
     model: Model,
     tokenizer: Tokenizer,
     prompt: str | list[int],
-    max_tokens: int = 256,
+    max_tokens: int | None = None,
+    sampling: SamplingParams | None = None,
     chat: bool = False,
-) -> str:
-    """Generate greedily from `prompt` (text, or token ids) until EOS or `max_tokens`; return the
-    generated text. `chat=True` wraps a text prompt as one user message in the chat template."""
-    prompt_ids = encode_prompt(tokenizer, prompt, chat)
-    detokenizer = tokenizer.detokenizer()
-    for token in generate_tokens(model, prompt_ids, max_tokens):
-        if token in tokenizer.eos_token_ids:
-            break
-        detokenizer.add_token(token)
-    detokenizer.finalize()
-    return detokenizer.text
+    return_metrics: bool = False,
+) -> str | tuple[str, RequestMetrics]:
+    """Generate from `prompt` and return the text, or (text, metrics) with return_metrics=True.
+    Greedy unless `sampling` says otherwise; stops at EOS, a stop string or max_tokens."""
+    text, metrics = [], None
+    for response in stream_generate(model, tokenizer, prompt, max_tokens, sampling, chat):
+        text.append(response.text)
+        metrics = response.metrics or metrics
+    return ("".join(text), metrics) if return_metrics else "".join(text)
+
+
+class StopStrings:
+    """Finds stop strings that span token boundaries: text that could be the start of a stop string
+    is held back until it is known not to be one; a stop string is never emitted."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.pending = ""
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Add new text; return (text safe to emit, whether a stop string was found)."""
+        self.pending += delta
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            text, self.pending = self.pending[: min(hits)], ""
+            return text, True
+        hold = max((_overlap(self.pending, s) for s in self.stops), default=0)
+        text = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(text) :]
+        return text, False
+
+    def finish(self, delta: str) -> tuple[str, bool]:
+        """The end of generation: add the last `delta`; what is still held back is text after all."""
+        text, stopped = self.feed(delta)
+        if not stopped:
+            text, self.pending = text + self.pending, ""
+        return text, stopped
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
+    for k in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:k]):
+            return k
+    return 0
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str | list[int], chat: bool = False) -> list[int]:

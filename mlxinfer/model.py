@@ -82,6 +82,15 @@ class Model(nn.Module):
         return [KVCache() for _ in self.model.layers]
 
     @property
+    def decode_weight_bytes(self) -> int:
+        """Weight bytes one decode step reads: everything but the embedding table, of which one row
+        is read, unless the table is also the (tied) LM head."""
+        if self.config.tie_word_embeddings:
+            return self.nbytes
+        table = sum(v.nbytes for _, v in tree_flatten(self.model.embed_tokens.parameters()))
+        return self.nbytes - table
+
+    @property
     def nbytes(self) -> int:
         """Bytes of all weights as stored (packed for quantized layers)."""
         return sum(v.nbytes for _, v in tree_flatten(self.parameters()))

@@ -1,0 +1,93 @@
+"""Per-request metrics, computed by pure functions from timestamps (seconds, any monotonic clock).
+
+Definitions (../shared/BENCHMARKING.md; the README repeats them):
+
+    ttft_ms        request start (prompt tokens in hand) -> first generated token on the host
+    prefill_tps    prompt tokens processed (not counting cached ones) / TTFT
+    decode_tps     (N - 1) / (t_N - t_1), t_i = time token i is available, N generated tokens
+    tpot_ms        (e2e - TTFT) / (N - 1)          (vLLM's time per output token)
+    itl_ms         gaps t_{i+1} - t_i, with p50 / p90 / p99
+    e2e_ms         request start -> last token
+    bandwidth_gbs  weight bytes read per decode step * decode_tps  (gpt-fast's "bandwidth achieved")
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class RequestMetrics:
+    prompt_tokens: int
+    generated_tokens: int
+    ttft_ms: float
+    prefill_tps: float
+    decode_tps: float
+    tpot_ms: float
+    e2e_ms: float
+    itl_ms: list[float] = field(default_factory=list)
+    itl_p50_ms: float = 0.0
+    itl_p90_ms: float = 0.0
+    itl_p99_ms: float = 0.0
+    peak_memory_mb: float = 0.0
+    active_memory_mb: float = 0.0
+    kv_cache_mb: float = 0.0
+    bandwidth_gbs: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def inter_token_latencies_ms(token_times: list[float]) -> list[float]:
+    """Gaps between consecutive token arrival times, in ms."""
+    return [(b - a) * 1e3 for a, b in zip(token_times[:-1], token_times[1:], strict=True)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (linear interpolation, numpy's default); 0.0 for no values."""
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+def decode_tps(token_times: list[float]) -> float:
+    """(N - 1) / (t_N - t_1); 0.0 with fewer than two tokens."""
+    if len(token_times) < 2 or token_times[-1] <= token_times[0]:
+        return 0.0
+    return (len(token_times) - 1) / (token_times[-1] - token_times[0])
+
+
+def request_metrics(
+    start: float,
+    token_times: list[float],
+    prompt_tokens: int,
+    cached_prompt_tokens: int = 0,
+    weight_bytes_per_step: int = 0,
+    peak_memory_bytes: int = 0,
+    active_memory_bytes: int = 0,
+    kv_cache_bytes: int = 0,
+) -> RequestMetrics:
+    """All metrics of one request from its start time and the arrival time of each token."""
+    n = len(token_times)
+    ttft = token_times[0] - start if n else 0.0
+    e2e = token_times[-1] - start if n else 0.0
+    itl = inter_token_latencies_ms(token_times)
+    tps = decode_tps(token_times)
+    processed = prompt_tokens - cached_prompt_tokens
+    return RequestMetrics(
+        prompt_tokens=prompt_tokens,
+        generated_tokens=n,
+        ttft_ms=ttft * 1e3,
+        prefill_tps=processed / ttft if ttft > 0 else 0.0,
+        decode_tps=tps,
+        tpot_ms=(e2e - ttft) / (n - 1) * 1e3 if n > 1 else 0.0,
+        e2e_ms=e2e * 1e3,
+        itl_ms=itl,
+        itl_p50_ms=percentile(itl, 50),
+        itl_p90_ms=percentile(itl, 90),
+        itl_p99_ms=percentile(itl, 99),
+        peak_memory_mb=peak_memory_bytes / 2**20,
+        active_memory_mb=active_memory_bytes / 2**20,
+        kv_cache_mb=kv_cache_bytes / 2**20,
+        bandwidth_gbs=weight_bytes_per_step * tps / 1e9,
+    )

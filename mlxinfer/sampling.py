@@ -1,0 +1,225 @@
+"""Sampling: `SamplingParams`, the logits filters, and the per-request `Sampler`.
+
+The chain, in this order, each step a pure function `logits [B, V] -> logits [B, V]` on the device:
+
+    penalties (repetition, presence, frequency, logit_bias)
+      -> top-k -> top-p -> min-p -> temperature -> draw
+
+Filters act on the untempered distribution; temperature then reshapes what survives. With
+temperature 0 the draw is an argmax (the filters cannot change the most likely token, so they are
+skipped). Nothing here reads a value back to the host: a decode step stays one lazy graph.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens. Validated when constructed (ValueError names the field)."""
+
+    temperature: float = 0.0  # 0 = greedy; otherwise logits / temperature
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    top_p: float = 1.0  # keep the smallest set of tokens whose mass reaches top_p; 1 = off
+    min_p: float = 0.0  # keep tokens with probability >= min_p * max probability; 0 = off
+    repetition_penalty: float = 1.0  # > 0; 1 = off. CTRL/transformers formula, over a window
+    repetition_context_size: int = 64  # the window: last N tokens of prompt + output
+    presence_penalty: float = 0.0  # subtracted once from every token generated so far
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    seed: int | None = None  # same seed, same prompt, same model -> same tokens
+    stop: tuple[str, ...] = ()  # stop strings; never part of the returned text
+    max_tokens: int = 256
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
+    logprobs: int = 0  # return the n most likely alternatives of each token; 0 = off
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(
+            self, "logit_bias", {int(k): float(v) for k, v in self.logit_bias.items()}
+        )
+        _check_range("temperature", self.temperature, 0.0, math.inf, low_open=False)
+        _check_int("top_k", self.top_k, 0)
+        _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _check_range("min_p", self.min_p, 0.0, 1.0, low_open=False)
+        _check_range("repetition_penalty", self.repetition_penalty, 0.0, math.inf, low_open=True)
+        _check_int("repetition_context_size", self.repetition_context_size, 1)
+        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0, low_open=False)
+        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0, low_open=False)
+        _check_int("max_tokens", self.max_tokens, 1)
+        _check_int("logprobs", self.logprobs, 0)
+        for token, bias in self.logit_bias.items():
+            if token < 0 or not math.isfinite(bias):
+                raise ValueError(
+                    f"logit_bias: token ids must be >= 0 and biases finite, got {token}: {bias}"
+                )
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop: stop strings must be non-empty strings, got {self.stop!r}")
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _check_range(name: str, value: float, low: float, high: float, low_open: bool) -> None:
+    bracket = "(" if low_open else "["
+    allowed = f"{bracket}{low:g}, {high:g}]" if math.isfinite(high) else f"{bracket}{low:g}, inf)"
+    ok = isinstance(value, (int, float)) and not math.isnan(value)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    if not ok or (math.isinf(value)):
+        raise ValueError(f"{name} must be in {allowed}, got {value!r}")
+
+
+def _check_int(name: str, value: int, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+# -- the filters: pure functions on logits [B, V] ------------------------------------------------
+
+
+def apply_repetition_penalty(logits: mx.array, recent: mx.array, penalty: float) -> mx.array:
+    """Tokens in `recent` [B, W]: positive logits divided by `penalty`, negative ones multiplied."""
+    selected = mx.take_along_axis(logits, recent, axis=-1)
+    selected = mx.where(selected > 0, selected / penalty, selected * penalty)
+    return mx.put_along_axis(logits, recent, selected, axis=-1)
+
+
+def apply_presence_frequency(
+    logits: mx.array, counts: mx.array, presence: float, frequency: float
+) -> mx.array:
+    """OpenAI's formula: logit - frequency * count - presence * (count > 0); counts [B, V]."""
+    return logits - frequency * counts - presence * (counts > 0).astype(logits.dtype)
+
+
+def apply_top_k(logits: mx.array, k: int) -> mx.array:
+    """Keep the k largest logits of each row; the rest become -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    dropped = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., k:]
+    return mx.put_along_axis(logits, dropped, mx.array(NEG_INF, logits.dtype), axis=-1)
+
+
+def apply_top_p(logits: mx.array, p: float) -> mx.array:
+    """Keep the most likely tokens until their probability mass reaches p (at least one)."""
+    if p >= 1.0:
+        return logits
+    order = mx.argsort(-logits, axis=-1)  # descending
+    sorted_probs = mx.take_along_axis(mx.softmax(logits, axis=-1), order, axis=-1)
+    mass_before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs
+    drop_sorted = mass_before >= p
+    drop = mx.put_along_axis(mx.zeros(drop_sorted.shape, mx.bool_), order, drop_sorted, axis=-1)
+    return mx.where(drop, NEG_INF, logits)
+
+
+def apply_min_p(logits: mx.array, min_p: float) -> mx.array:
+    """Keep tokens whose probability is at least min_p times the top token's:
+    p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p)."""
+    if min_p <= 0.0:
+        return logits
+    threshold = logits.max(axis=-1, keepdims=True) + math.log(min_p)
+    return mx.where(logits >= threshold, logits, NEG_INF)
+
+
+def apply_temperature(logits: mx.array, temperature: float) -> mx.array:
+    return logits / temperature
+
+
+def filter_logits(logits: mx.array, params: SamplingParams) -> mx.array:
+    """top-k -> top-p -> min-p -> temperature: the distribution the draw samples from."""
+    logits = apply_top_k(logits, params.top_k)
+    logits = apply_top_p(logits, params.top_p)
+    logits = apply_min_p(logits, params.min_p)
+    return apply_temperature(logits, params.temperature)
+
+
+# -- the per-request sampler ----------------------------------------------------------------------
+
+
+class Sampler:
+    """Turns next-token logits into tokens for one request, keeping on the device what the penalties
+    need (the recent window and the per-token counts) and its own random key, so concurrent requests
+    with different seeds never share random state."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: Sequence[int] = ()):
+        self.params = params
+        self.vocab_size = vocab_size
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+        self.key = mx.random.key(seed)
+        window = list(prompt_ids)[-params.repetition_context_size :]
+        self.recent = mx.array([window], mx.int32) if window else None  # [1, <=W]
+        self.counts = mx.zeros((1, vocab_size), mx.float32)  # generated-token counts
+        self.bias = None
+        if params.logit_bias:
+            bad = [t for t in params.logit_bias if t >= vocab_size]
+            if bad:
+                raise ValueError(
+                    f"logit_bias: token ids {bad} are outside the vocabulary of {vocab_size}"
+                )
+            bias = mx.zeros((vocab_size,), mx.float32)
+            ids = mx.array(list(params.logit_bias))
+            self.bias = bias.at[ids].add(mx.array(list(params.logit_bias.values())))
+
+    def process(self, logits: mx.array) -> mx.array:
+        """The penalty stage: logits [1, V] -> logits [1, V]."""
+        p = self.params
+        logits = logits.astype(mx.float32)
+        if p.repetition_penalty != 1.0 and self.recent is not None:
+            logits = apply_repetition_penalty(logits, self.recent, p.repetition_penalty)
+        if p.presence_penalty or p.frequency_penalty:
+            logits = apply_presence_frequency(
+                logits, self.counts, p.presence_penalty, p.frequency_penalty
+            )
+        if self.bias is not None:
+            logits = logits + self.bias
+        return logits
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        """logits [1, V] -> token [1]; records the token for the penalties of the next step."""
+        logits = self.process(logits)
+        if self.params.greedy:
+            token = mx.argmax(logits, axis=-1)
+        else:
+            self.key, step_key = mx.random.split(self.key)
+            token = mx.random.categorical(filter_logits(logits, self.params), key=step_key)
+        self._record(token)
+        return token
+
+    def _record(self, token: mx.array) -> None:
+        p = self.params
+        if p.repetition_penalty != 1.0:
+            token_2d = token.reshape(1, 1).astype(mx.int32)
+            recent = (
+                token_2d if self.recent is None else mx.concatenate([self.recent, token_2d], axis=1)
+            )
+            self.recent = recent[:, -p.repetition_context_size :]
+        if p.presence_penalty or p.frequency_penalty:
+            self.counts = self.counts.at[0, token].add(1.0)
+
+
+def top_logprobs(logits: mx.array, n: int) -> tuple[mx.array, mx.array, mx.array]:
+    """Log-probabilities of the model's distribution `[1, V]`: (all logprobs [1, V], the n most
+    likely ids [1, n] in descending order, their logprobs [1, n])."""
+    logprobs = logits.astype(mx.float32) - mx.logsumexp(
+        logits.astype(mx.float32), axis=-1, keepdims=True
+    )
+    top = mx.argpartition(-logprobs, kth=n - 1, axis=-1)[..., :n]
+    top_values = mx.take_along_axis(logprobs, top, axis=-1)
+    order = mx.argsort(-top_values, axis=-1)
+    return (
+        logprobs,
+        mx.take_along_axis(top, order, axis=-1),
+        mx.take_along_axis(top_values, order, axis=-1),
+    )

@@ -1,8 +1,15 @@
-"""`mlxinfer generate [--model PATH] --prompt TEXT [--max-tokens N] [--chat]`."""
+"""The `mlxinfer` command.
+
+mlxinfer generate [--model PATH] --prompt TEXT [--max-tokens N] [--chat]
+                  [--temperature T] [--top-k K] [--top-p P] [--min-p P]
+                  [--repetition-penalty R] [--presence-penalty X] [--frequency-penalty X]
+                  [--seed S] [--stop STR ...] [--ignore-eos] [--logprobs N] [--stream] [--json]
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from .config import ModelLoadError
@@ -20,22 +27,81 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="the prompt text")
     gen.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (256)")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    sampling = gen.add_argument_group("sampling (default: greedy)")
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    sampling.add_argument("--top-k", type=int, default=0, help="0 = off")
+    sampling.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    sampling.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    sampling.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    sampling.add_argument("--presence-penalty", type=float, default=0.0)
+    sampling.add_argument("--frequency-penalty", type=float, default=0.0)
+    sampling.add_argument("--seed", type=int, default=None)
+    sampling.add_argument(
+        "--stop", action="append", default=[], help="a stop string (repeat for several)"
+    )
+    sampling.add_argument("--ignore-eos", action="store_true", help="generate exactly max tokens")
+    sampling.add_argument("--logprobs", type=int, default=0, help="top-N logprobs per token (JSON)")
+    output = gen.add_argument_group("output")
+    output.add_argument("--stream", action="store_true", help="print text as it is generated")
+    output.add_argument("--json", action="store_true", help="print text and metrics as JSON")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.max_tokens < 1:
-        print("mlxinfer: error: --max-tokens must be at least 1", file=sys.stderr)
-        return 2
-    from .generate import generate  # imported late: `mlxinfer --help` stays instant
+    from .generate import stream_generate  # imported late: `mlxinfer --help` stays instant
     from .loading import load
+    from .sampling import SamplingParams
+
+    try:
+        sampling = SamplingParams(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty,
+            seed=args.seed,
+            stop=tuple(args.stop),
+            max_tokens=args.max_tokens,
+            ignore_eos=args.ignore_eos,
+            logprobs=args.logprobs,
+        )
+    except ValueError as e:
+        print(f"mlxinfer: error: {e}", file=sys.stderr)
+        return 2
 
     try:
         model, tokenizer = load(args.model)
-        text = generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens, chat=args.chat)
+        pieces, tokens = [], []
+        for response in stream_generate(
+            model, tokenizer, args.prompt, sampling=sampling, chat=args.chat
+        ):
+            pieces.append(response.text)
+            tokens.append(response)
+            if args.stream and not args.json:
+                print(response.text, end="", flush=True)
     except (FileNotFoundError, ModelLoadError, ValueError) as e:
         print(f"mlxinfer: error: {e}", file=sys.stderr)
         return 1
-    print(text)
+
+    last = tokens[-1] if tokens else None
+    if args.json:
+        result = {
+            "text": "".join(pieces),
+            "finish_reason": last.finish_reason if last else None,
+            "token_ids": [r.token for r in tokens],
+            "metrics": last.metrics.to_dict() if last and last.metrics else None,
+        }
+        if args.logprobs:
+            result["logprobs"] = [
+                {"token": r.token, "logprob": r.logprobs.logprob, "top": r.logprobs.top}
+                for r in tokens
+            ]
+        print(json.dumps(result))
+    elif args.stream:
+        print()
+    else:
+        print("".join(pieces))
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -35,4 +36,39 @@ def test_missing_model_is_a_clear_error(tmp_path):
 def test_bad_max_tokens():
     result = run_cli("generate", "--prompt", "hi", "--max-tokens", "0")
     assert result.returncode == 2
-    assert "--max-tokens" in result.stderr
+    assert "max_tokens must be an integer >= 1, got 0" in result.stderr
+
+
+def test_json_output_has_text_and_metrics():
+    result = run_cli("generate", "--chat", "--prompt", "What is the capital of France?", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["text"] == "The capital of France is Paris."
+    assert out["finish_reason"] == "eos"
+    assert out["metrics"]["generated_tokens"] == len(out["token_ids"]) == 8
+    assert out["metrics"]["ttft_ms"] > 0 and out["metrics"]["decode_tps"] > 0
+
+
+def test_stream_stop_and_sampling_flags():
+    result = run_cli(
+        "generate", "--chat", "--prompt", "What is the capital of France?", "--stream",
+        "--stop", "Paris", "--temperature", "0.5", "--top-k", "1", "--seed", "3",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "The capital of France is \n"
+
+
+def test_ignore_eos_generates_exactly_max_tokens():
+    result = run_cli(
+        "generate", "--chat", "--prompt", "What is the capital of France?",
+        "--ignore-eos", "--max-tokens", "10", "--json",
+    )  # fmt: skip
+    out = json.loads(result.stdout)
+    assert len(out["token_ids"]) == 10 and out["finish_reason"] == "length"
+
+
+def test_invalid_sampling_flag_is_a_clear_error():
+    result = run_cli("generate", "--prompt", "hi", "--top-p", "1.5")
+    assert result.returncode == 2
+    assert "top_p must be in (0, 1], got 1.5" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,58 @@
+"""What every benchmark records: the machine, and repetition statistics (BENCHMARKING.md protocol)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+
+import mlx.core as mx
+
+import mlxinfer
+
+
+def machine_info() -> dict:
+    """CPU/chip, backend, BLAS, MLX and mlxinfer versions and the git commit."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, cwd=Path(__file__).parent, check=False,
+        ).stdout.strip()  # fmt: skip
+    except OSError:
+        commit = ""
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "backend": str(mx.default_device()),
+        "blas": blas_in_use(),
+        "mlx": mx.__version__,
+        "mlxinfer": mlxinfer.__version__,
+        "commit": commit or "unknown",
+    }
+
+
+def blas_in_use() -> str:
+    """The BLAS library mapped into this process (Linux), else 'unknown'."""
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        return "unknown"
+    libs = {line.split()[-1] for line in maps.read_text().splitlines() if "blas" in line.lower()}
+    return ", ".join(sorted(Path(lib).name for lib in libs)) or "none found"
+
+
+def summary(values: list[float]) -> dict:
+    """Mean and sample standard deviation (0 for one value), plus the raw samples."""
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "samples": values,
+    }

@@ -4,6 +4,10 @@ model, tokenizer = mlxinfer.load()          # the default model, SmolLM2-135M-In
 text = mlxinfer.generate(model, tokenizer, "What is the capital of France?", chat=True)
 """
 
+from .backend import load_fast_blas
+
+load_fast_blas()  # before anything imports mlx.core: OpenBLAS must claim the BLAS symbols first
+
 from .cache import KVCache
 from .config import ModelConfig, ModelLoadError
 from .generate import GenerationResponse, TokenLogprobs, generate, generate_tokens, stream_generate

@@ -27,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="the prompt text")
     gen.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (256)")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    gen.add_argument(
+        "--compute",
+        choices=["auto", "float32", "native"],
+        default="auto",
+        help="weights as stored (native) or float32; auto: float32 on the CPU, native on a GPU",
+    )
     sampling = gen.add_argument_group("sampling (default: greedy)")
     sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     sampling.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -49,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .backend import blas_status
     from .generate import stream_generate  # imported late: `mlxinfer --help` stays instant
     from .loading import load
     from .sampling import SamplingParams
@@ -73,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     try:
-        model, tokenizer = load(args.model)
+        model, tokenizer = load(args.model, compute=args.compute)
         pieces, tokens = [], []
         for response in stream_generate(
             model, tokenizer, args.prompt, sampling=sampling, chat=args.chat
@@ -93,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             "finish_reason": last.finish_reason if last else None,
             "token_ids": [r.token for r in tokens],
             "metrics": last.metrics.to_dict() if last and last.metrics else None,
+            "compute_policy": model.compute_policy,
+            "blas": blas_status(),
         }
         if args.logprobs:
             result["logprobs"] = [

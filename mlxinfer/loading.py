@@ -12,9 +12,10 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import gguf
+from .backend import resolve_compute_policy
 from .config import ModelConfig, ModelLoadError, read_json
 from .model import Model
 from .tokenizer import Tokenizer
@@ -39,11 +40,26 @@ def default_model_path() -> Path:
     )
 
 
-def load(path: str | Path | None = None, dtype: mx.Dtype | None = None) -> tuple[Model, Tokenizer]:
+def load(
+    path: str | Path | None = None, dtype: mx.Dtype | None = None, compute: str = "auto"
+) -> tuple[Model, Tokenizer]:
     """Load a model and its tokenizer. `path=None` loads the default model.
 
-    `dtype` casts floating-point weights (and quantization scales); by default a Hugging Face
-    checkpoint keeps its stored dtype and a GGUF model computes in float32."""
+    `compute` is the weight policy: "native" keeps weights as stored (quantized layers quantized,
+    bf16 as bf16); "float32" dequantizes and casts every weight to float32 at load; "auto" picks
+    float32 on the CPU (where MLX's quantized and half matmuls are slow) and native on a GPU.
+    `dtype` casts floating-point weights (and quantization scales) under the native policy; by
+    default a Hugging Face checkpoint keeps its stored dtype and a GGUF model computes in float32.
+    The chosen policy is `model.compute_policy`."""
+    policy = resolve_compute_policy(compute)
+    model, tokenizer = _load_as_stored(path, dtype)
+    if policy == "float32":
+        to_float32(model)
+    model.compute_policy = policy
+    return model, tokenizer
+
+
+def _load_as_stored(path: str | Path | None, dtype: mx.Dtype | None) -> tuple[Model, Tokenizer]:
     path = Path(path) if path is not None else default_model_path()
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model file or directory")
@@ -106,6 +122,32 @@ def build_model(
     mx.eval(model.parameters())
     model.eval()
     return model
+
+
+def to_float32(model: Model) -> None:
+    """Replace quantized layers by float32 ones holding the dequantized weights, and cast every
+    other floating-point weight to float32."""
+    replacements = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            weight = mx.dequantize(
+                module.weight, module.scales, module.get("biases"), module.group_size, module.bits,
+                mode=module.mode,
+            ).astype(mx.float32)  # fmt: skip
+            if isinstance(module, nn.QuantizedEmbedding):
+                dense = nn.Embedding(*weight.shape)
+            else:
+                dense = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
+                if "bias" in module:
+                    dense.bias = module.bias.astype(mx.float32)
+            dense.weight = weight
+            replacements.append((name, dense))
+    if replacements:
+        model.update_modules(tree_unflatten(replacements))
+    model.update(
+        tree_map(lambda a: a.astype(mx.float32) if _is_float(a) else a, model.parameters())
+    )
+    mx.eval(model.parameters())
 
 
 def check_weights(model: Model, weights: dict[str, mx.array], source: str) -> None:

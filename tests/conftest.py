@@ -7,6 +7,8 @@ import os
 
 import pytest
 
+import mlxinfer  # first, before any test module imports mlx.core: OpenBLAS must load first
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -14,7 +16,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def default_model():
     """Our load of the default model (SmolLM2-135M-Instruct Q4_1 GGUF)."""
-    import mlxinfer
 
     return mlxinfer.load()
 
@@ -26,8 +27,6 @@ def smollm_reference(tmp_path_factory):
     import torch
     import transformers
     from safetensors.torch import save_file
-
-    import mlxinfer
 
     gguf_path = mlxinfer.default_model_path()
     kwargs = dict(gguf_file=gguf_path.name)

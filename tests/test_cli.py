@@ -47,6 +47,7 @@ def test_json_output_has_text_and_metrics():
     assert out["finish_reason"] == "eos"
     assert out["metrics"]["generated_tokens"] == len(out["token_ids"]) == 8
     assert out["metrics"]["ttft_ms"] > 0 and out["metrics"]["decode_tps"] > 0
+    assert out["compute_policy"] in ("float32", "native") and out["blas"]
 
 
 def test_stream_stop_and_sampling_flags():

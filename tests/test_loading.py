@@ -49,7 +49,7 @@ def test_half_precision_checkpoint_keeps_its_dtype(tmp_path, dtype):
 
     ref = make_tiny_checkpoint(tmp_path, "llama")
     ref.to(getattr(torch, dtype)).save_pretrained(tmp_path)
-    model, _ = mlxinfer.load(tmp_path)
+    model, _ = mlxinfer.load(tmp_path, compute="native")
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == getattr(mx, dtype)
     logits = np.array(model(mx.array(IDS)).astype(mx.float32))
     ref.to(torch.float32)
@@ -70,12 +70,15 @@ def test_mlx_community_quantized_dir_matches_mlx_lm(llama_dir, tmp_path, predica
     config = json.loads((out / "config.json").read_text())
     if predicate:
         assert any(isinstance(v, dict) for v in config["quantization"].values())
-    model, _ = mlxinfer.load(out)
+    model, _ = mlxinfer.load(out, compute="native")
     attn = model.model.layers[0].self_attn
     assert isinstance(attn.q_proj, nn.QuantizedLinear)
     reference, _ = mlx_lm.load(str(out))
     expected = np.array(reference(mx.array(IDS)))
     assert rel_err(np.array(model(mx.array(IDS))), expected) <= 1e-4
+    dequantized, _ = mlxinfer.load(out, compute="float32")  # the CPU policy: same numbers
+    assert type(dequantized.model.layers[0].self_attn.q_proj) is nn.Linear
+    assert rel_err(np.array(dequantized(mx.array(IDS))), expected) <= 1e-4
     layer_bits = {
         (name, m.bits) for name, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)
     }
@@ -163,11 +166,14 @@ def test_gguf_matches_transformers_gguf_loader(llama_dir, tmp_path, qtype):
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, gguf_file=path.name, dtype=torch.float32
     ).eval()
-    model, _ = mlxinfer.load(path)
-    assert model.config.rope_traditional
-    assert rel_err(np.array(model(mx.array(IDS))), torch_logits(reference, IDS)) <= 1e-4
-    if qtype.startswith("Q"):
-        assert isinstance(model.model.layers[0].mlp.up_proj, nn.QuantizedLinear)
+    expected = torch_logits(reference, IDS)
+    for compute in ("native", "float32"):
+        model, _ = mlxinfer.load(path, compute=compute)
+        assert model.config.rope_traditional and model.compute_policy == compute
+        assert rel_err(np.array(model(mx.array(IDS))), expected) <= 1e-4
+        up_proj = model.model.layers[0].mlp.up_proj
+        quantized = compute == "native" and qtype.startswith("Q")
+        assert isinstance(up_proj, nn.QuantizedLinear) == quantized
 
 
 def test_directory_holding_one_gguf(llama_dir, tmp_path):

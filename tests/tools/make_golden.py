@@ -18,7 +18,7 @@ import mlxinfer
 DATA = Path(__file__).resolve().parents[1] / "data"
 PLAIN_PROMPT = "The quick brown fox"
 CHAT_PROMPT = "What is the capital of France?"
-PERPLEXITY_TOKENS = 128
+PERPLEXITY_TOKENS = 512
 
 
 def greedy(model, ids: list[int], n: int) -> list[int]:

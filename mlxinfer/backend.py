@@ -1,0 +1,106 @@
+"""Backend set-up that must happen before MLX computes anything.
+
+Fast BLAS on Linux: the mlx-cpu wheel links the reference BLAS (float32 GEMM ~5 GFLOP/s here).
+OpenBLAS loaded with RTLD_GLOBAL before the first `import mlx.core` takes over its symbols
+(~100 GFLOP/s). `mlxinfer/__init__.py` calls `load_fast_blas()` before importing anything that
+imports MLX; when no OpenBLAS can be loaded, it says so once, in one line, with the fix.
+
+This module must not import mlx at module level.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+from pathlib import Path
+
+BLAS_ENV = "MLXINFER_BLAS"  # a path to a BLAS shared library, or "reference" to keep MLX's own
+BLAS_FIX = "apt-get install libopenblas0-pthread (Debian/Ubuntu)"
+_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+)
+
+_status: str | None = None  # what load_fast_blas found; see blas_status()
+
+
+def load_fast_blas() -> str:
+    """Load OpenBLAS globally if MLX will run on the Linux CPU; return the status string."""
+    global _status
+    if _status is not None:
+        return _status
+    if not sys.platform.startswith("linux"):
+        _status = "not needed (not Linux)"
+        return _status
+    if _openblas_mapped():
+        _status = "openblas"
+        return _status
+    requested = os.environ.get(BLAS_ENV)
+    if requested == "reference":
+        _status = "reference"  # requested with MLXINFER_BLAS=reference
+        return _status
+    if "mlx.core" in sys.modules:
+        _status = "reference"
+        _warn(
+            "mlx.core was imported before mlxinfer, so MLX keeps its slow reference BLAS; "
+            f"import mlxinfer first, or set LD_PRELOAD to libopenblas.so.0 ({BLAS_FIX})"
+        )
+        return _status
+    for path in [requested] if requested else _candidate_paths():
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+        _status = "openblas"
+        return _status
+    _status = "reference"
+    _warn(
+        f"MLX on the CPU is using its slow reference BLAS (float32 matmuls ~20x slower); {BLAS_FIX}"
+    )
+    return _status
+
+
+def blas_status() -> str:
+    """'openblas', 'reference', or why no BLAS was needed."""
+    return _status or load_fast_blas()
+
+
+def _candidate_paths() -> list[str]:
+    found = ctypes.util.find_library("openblas")
+    return [p for p in _CANDIDATES if Path(p).is_file()] + ([found] if found else [])
+
+
+def _openblas_mapped() -> bool:
+    """OpenBLAS already in the process (LD_PRELOAD, or loaded by an earlier import)? numpy's own
+    copy is symbol-prefixed (scipy_openblas) and does not count."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    return any("libopenblas" in line and "scipy_openblas" not in line for line in maps.splitlines())
+
+
+def _warn(message: str) -> None:
+    print(f"mlxinfer: warning: {message}", file=sys.stderr)
+
+
+# -- compute policy -------------------------------------------------------------------------------
+
+COMPUTE_POLICIES = ("auto", "float32", "native")
+
+
+def resolve_compute_policy(policy: str) -> str:
+    """'auto' -> 'float32' on the CPU (MLX's CPU quantized and half-precision matmuls do not use
+    BLAS and are slow), 'native' on a GPU (quantized and bf16 weights are what make Metal fast)."""
+    if policy not in COMPUTE_POLICIES:
+        raise ValueError(f"compute must be one of {', '.join(COMPUTE_POLICIES)}, got {policy!r}")
+    if policy != "auto":
+        return policy
+    import mlx.core as mx
+
+    return "float32" if mx.default_device() == mx.cpu else "native"

@@ -1,0 +1,75 @@
+"""BLAS loading (in fresh processes: it must happen before mlx.core is imported) and the compute
+policy."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mlxinfer.backend import _candidate_paths, resolve_compute_policy
+
+HAVE_OPENBLAS = sys.platform.startswith("linux") and bool(_candidate_paths())
+
+
+def python(code: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MLXINFER_BLAS")}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+        env={**environment, **env},
+    )  # fmt: skip
+
+
+GEMM_CHECK = (
+    "import mlxinfer, mlx.core as mx; from mlxinfer.backend import blas_status;"
+    "a = mx.random.normal((64, 64)); print(blas_status(), mx.allclose(a @ mx.eye(64), a).item())"
+)
+
+
+@pytest.mark.skipif(not HAVE_OPENBLAS, reason="no OpenBLAS library on this machine")
+def test_openblas_loaded_by_import_and_silent():
+    result = python(GEMM_CHECK)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["openblas", "True"]
+    assert "warning" not in result.stderr
+    maps = python("import mlxinfer; print(open('/proc/self/maps').read())").stdout
+    assert "libopenblas" in maps  # the resolved file, e.g. libopenblasp-r0.3.21.so
+
+
+def test_reference_blas_when_asked():
+    result = python(GEMM_CHECK, MLXINFER_BLAS="reference")
+    assert result.stdout.split() == ["reference", "True"]
+
+
+def test_one_line_warning_when_mlx_imported_first():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("BLAS loading is a Linux matter")
+    result = python(
+        "import mlx.core; import mlxinfer; import mlxinfer.backend as b; b.load_fast_blas()"
+    )
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("mlxinfer: warning")]
+    assert len(warnings) == 1
+    assert "import mlxinfer first" in warnings[0] and "libopenblas0-pthread" in warnings[0]
+
+
+def test_one_line_warning_when_no_openblas_found():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("BLAS loading is a Linux matter")
+    result = python(GEMM_CHECK, MLXINFER_BLAS="/nonexistent/libopenblas.so.0")
+    assert result.stdout.split() == ["reference", "True"]
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "reference BLAS" in warnings[0]
+
+
+def test_compute_policy():
+    import mlx.core as mx
+
+    assert resolve_compute_policy("native") == "native"
+    assert resolve_compute_policy("float32") == "float32"
+    expected = "float32" if mx.default_device() == mx.cpu else "native"
+    assert resolve_compute_policy("auto") == expected
+    with pytest.raises(ValueError, match="compute must be one of auto, float32, native"):
+        resolve_compute_policy("fast")

@@ -13,11 +13,14 @@ import argparse
 import json
 import time
 
+# isort: off
+import mlxinfer  # first: it loads OpenBLAS, which must happen before mlx.core is imported
+
+# isort: on
 import mlx.core as mx
 import numpy as np
 from common import machine_info, summary
 
-import mlxinfer
 from mlxinfer.sampling import Sampler
 
 FULL_CHAIN = dict(

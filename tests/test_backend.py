@@ -4,6 +4,7 @@ policy."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 from mlxinfer.backend import _candidate_paths, resolve_compute_policy
 
 HAVE_OPENBLAS = sys.platform.startswith("linux") and bool(_candidate_paths())
+HAVE_COMPILER = bool(shutil.which("cc") or shutil.which("gcc"))
 
 
 def python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -32,10 +34,40 @@ GEMM_CHECK = (
 def test_openblas_loaded_by_import_and_silent():
     result = python(GEMM_CHECK)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["openblas", "True"]
+    assert result.stdout.split()[1] == "True"
+    assert result.stdout.split()[0] == ("openblas+gemv" if HAVE_COMPILER else "openblas")
     assert "warning" not in result.stderr
     maps = python("import mlxinfer; print(open('/proc/self/maps').read())").stdout
     assert "libopenblas" in maps  # the resolved file, e.g. libopenblasp-r0.3.21.so
+
+
+@pytest.mark.skipif(not HAVE_OPENBLAS, reason="no OpenBLAS library on this machine")
+def test_gemv_shim_can_be_turned_off():
+    result = python(GEMM_CHECK, MLXINFER_GEMV_SHIM="0")
+    assert result.stdout.split() == ["openblas", "True"]
+
+
+@pytest.mark.parametrize(
+    "m, k, n", [(1, 576, 1536), (1, 1536, 576), (1, 33, 7), (5, 64, 1), (1, 9, 1), (3, 16, 9)]
+)
+@pytest.mark.parametrize("a_transposed", [False, True])
+@pytest.mark.parametrize("b_transposed", [False, True])
+def test_matmul_exact_through_whatever_blas_is_loaded(m, k, n, a_transposed, b_transposed):
+    """This process loaded mlxinfer first (conftest), so matrix-vector products go through the
+    gemv shim when it is active: every layout of A and B, alpha and beta, against float64 numpy."""
+    import mlx.core as mx
+    import numpy as np
+
+    rng = np.random.default_rng(m * 100 + k + n)
+    a_np, b_np = rng.normal(size=(m, k)), rng.normal(size=(k, n))
+    a = mx.array(a_np.T.astype(np.float32)).T if a_transposed else mx.array(a_np.astype(np.float32))
+    b = mx.array(b_np.T.astype(np.float32)).T if b_transposed else mx.array(b_np.astype(np.float32))
+    expected = a_np @ b_np
+    scale = np.abs(expected).max()
+    assert np.abs(np.array(a @ b) - expected).max() <= 1e-5 * scale
+    c = mx.array(rng.normal(size=(m, n)).astype(np.float32))
+    fused = np.array(mx.addmm(c, a, b, alpha=2.0, beta=0.5))
+    assert np.abs(fused - (2 * expected + 0.5 * np.array(c))).max() <= 1e-5 * scale
 
 
 def test_reference_blas_when_asked():

@@ -1,0 +1,138 @@
+"""mlxinfer against mlx-lm on the default model, same weights, same run (the CPU speed issue).
+
+    python benchmarks/bench_cpu.py [--prompt-tokens 256] [--tokens 64] [--reps 5]
+    python benchmarks/bench_cpu.py --ttft-sweep 16,64,256,1024,2048 --reps 3
+
+Both engines run the default model's weights dequantized to float32 (mlx-lm's best CPU
+configuration, with OpenBLAS loaded first: mlxinfer is imported before mlx-lm). mlx-lm cannot read
+GGUF, so the weights are exported once to a Hugging Face style directory that mlx-lm loads (llama,
+rope_traditional=True: the GGUF q/k layout, which mlx-lm supports). Prompts are random token ids of
+exact length; EOS is ignored; runs alternate A B A B after one warm-up each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+# isort: off
+import mlxinfer  # first: it loads OpenBLAS, which must happen before mlx.core is imported
+
+# isort: on
+import mlx.core as mx
+import numpy as np
+from common import machine_info, summary
+from mlx.utils import tree_flatten
+
+ROOFLINE_GBS = 21.0  # measured memory read bandwidth of the development machine (BENCHMARKING.md)
+
+
+def export_for_mlx_lm(model, tokenizer, path: Path) -> None:
+    """Our float32 weights under Hugging Face names, a llama config.json and the tokenizer."""
+    c = model.config
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    config = {
+        "model_type": "llama", "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
+        "rms_norm_eps": c.rms_norm_eps, "vocab_size": c.vocab_size, "rope_theta": c.rope_theta,
+        "rope_traditional": c.rope_traditional, "tie_word_embeddings": c.tie_word_embeddings,
+        "max_position_embeddings": c.max_position_embeddings, "eos_token_id": sorted(tokenizer.eos_token_ids),
+    }  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config))
+    tokenizer._tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": tokenizer.eos_token}))
+
+
+def run_mlxinfer(model, tokenizer, prompt: list[int], tokens: int) -> dict:
+    params = mlxinfer.SamplingParams(max_tokens=tokens, ignore_eos=True)
+    _, m = mlxinfer.generate(model, tokenizer, prompt, sampling=params, return_metrics=True)
+    return {"ttft_ms": m.ttft_ms, "prefill_tps": m.prefill_tps, "decode_tps": m.decode_tps}
+
+
+def run_mlx_lm(model, prompt: list[int], tokens: int) -> dict:
+    """mlx-lm's generate_step, timed by the same definitions (token available on the host)."""
+    from mlx_lm.generate import generate_step
+
+    start = time.perf_counter()
+    times = []
+    for _, _ in zip(
+        range(tokens), generate_step(mx.array(prompt), model, max_tokens=tokens), strict=False
+    ):
+        times.append(time.perf_counter())
+    ttft = times[0] - start
+    return {
+        "ttft_ms": ttft * 1e3,
+        "prefill_tps": len(prompt) / ttft,
+        "decode_tps": (len(times) - 1) / (times[-1] - times[0]),
+    }
+
+
+def compare(ours, theirs, prompt, tokens, reps) -> dict:
+    run_mlxinfer(*ours, prompt, tokens)  # warm-up
+    run_mlx_lm(theirs, prompt, tokens)
+    a, b = [], []
+    for _ in range(reps):
+        a.append(run_mlxinfer(*ours, prompt, tokens))
+        b.append(run_mlx_lm(theirs, prompt, tokens))
+    out = {}
+    for key in ("ttft_ms", "prefill_tps", "decode_tps"):
+        ours_v, theirs_v = [r[key] for r in a], [r[key] for r in b]
+        out[key] = {
+            "mlxinfer": summary(ours_v),
+            "mlx_lm": summary(theirs_v),
+            "ratio": float(np.mean(ours_v) / np.mean(theirs_v)),
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prompt-tokens", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--ttft-sweep", default="", help="comma-separated prompt lengths")
+    args = parser.parse_args()
+
+    import mlx_lm
+
+    model, tokenizer = mlxinfer.load(compute="float32")
+    with tempfile.TemporaryDirectory() as tmp:
+        export_for_mlx_lm(model, tokenizer, Path(tmp))
+        reference, _ = mlx_lm.load(tmp)
+    rng = np.random.default_rng(0)
+    result = {
+        "machine": machine_info(),
+        "model": "SmolLM2-135M-Instruct, float32 weights (dequantized from the Q4_1 GGUF) in both engines",
+        "mlx_lm": mlx_lm.__version__,
+        "prompt": "random token ids",
+    }
+    if args.ttft_sweep:
+        sweep = {}
+        for n in [int(x) for x in args.ttft_sweep.split(",")]:
+            prompt = rng.integers(100, tokenizer.vocab_size - 100, n).tolist()
+            sweep[n] = compare((model, tokenizer), reference, prompt, 2, args.reps)["ttft_ms"]
+        result["ttft_sweep"] = sweep
+    else:
+        prompt = rng.integers(100, tokenizer.vocab_size - 100, args.prompt_tokens).tolist()
+        runs = compare((model, tokenizer), reference, prompt, args.tokens, args.reps)
+        weight_gb = model.decode_weight_bytes / 1e9
+        result.update(
+            prompt_tokens=args.prompt_tokens,
+            tokens=args.tokens,
+            reps=args.reps,
+            **runs,
+            decode_weight_gb=weight_gb,
+            decode_roofline_tps=ROOFLINE_GBS / weight_gb,
+            decode_roofline_fraction=runs["decode_tps"]["mlxinfer"]["mean"]
+            * weight_gb
+            / ROOFLINE_GBS,
+        )
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

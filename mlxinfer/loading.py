@@ -55,6 +55,7 @@ def load(
     model, tokenizer = _load_as_stored(path, dtype)
     if policy == "float32":
         to_float32(model)
+    fuse_projections(model)
     model.compute_policy = policy
     return model, tokenizer
 
@@ -148,6 +149,55 @@ def to_float32(model: Model) -> None:
         tree_map(lambda a: a.astype(mx.float32) if _is_float(a) else a, model.parameters())
     )
     mx.eval(model.parameters())
+
+
+def fuse_projections(model: Model) -> None:
+    """Concatenate q/k/v into one `qkv_proj` and gate/up into one `gate_up_proj` per layer, as
+    Phi-3 stores them: two matmuls per layer instead of five, same numbers. Quantized layers fuse
+    too (their groups run along the input dim); layers quantized differently stay apart."""
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if not attn.fused:
+            fused = _concat_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+            if fused is not None:
+                attn.qkv_proj, attn.fused = fused, True
+                del attn.q_proj, attn.k_proj, attn.v_proj
+        if not mlp.fused:
+            fused = _concat_linears([mlp.gate_proj, mlp.up_proj])
+            if fused is not None:
+                mlp.gate_up_proj, mlp.fused = fused, True
+                del mlp.gate_proj, mlp.up_proj
+    mx.eval(model.parameters())
+
+
+def _concat_linears(layers: list[nn.Module]) -> nn.Module | None:
+    """One layer computing all of `layers` along the output dim, or None if they differ in kind."""
+    first = layers[0]
+    if any(type(m) is not type(first) for m in layers):
+        return None
+    if any(("bias" in m) != ("bias" in first) for m in layers):
+        return None
+    if isinstance(first, nn.QuantizedLinear):
+        signature = (first.group_size, first.bits, first.mode)
+        if any((m.group_size, m.bits, m.mode) != signature for m in layers):
+            return None
+        in_features = first.weight.shape[1] * 32 // first.bits
+        out_features = sum(m.weight.shape[0] for m in layers)
+        # Its random initial weights are lazy and replaced before anything evaluates them.
+        fused = nn.QuantizedLinear(in_features, out_features, "bias" in first, *signature)
+        for name in ("weight", "scales", "biases", "bias"):
+            if name in first:
+                fused[name] = mx.concatenate([m[name] for m in layers], axis=0)
+        fused.freeze()
+        return fused
+    if not isinstance(first, nn.Linear):
+        return None
+    weight = mx.concatenate([m.weight for m in layers], axis=0)  # [sum of outputs, in]
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in first)
+    fused.weight = weight
+    if "bias" in first:
+        fused.bias = mx.concatenate([m.bias for m in layers], axis=0)
+    return fused
 
 
 def check_weights(model: Model, weights: dict[str, mx.array], source: str) -> None:

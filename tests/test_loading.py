@@ -50,7 +50,7 @@ def test_half_precision_checkpoint_keeps_its_dtype(tmp_path, dtype):
     ref = make_tiny_checkpoint(tmp_path, "llama")
     ref.to(getattr(torch, dtype)).save_pretrained(tmp_path)
     model, _ = mlxinfer.load(tmp_path, compute="native")
-    assert model.model.layers[0].self_attn.q_proj.weight.dtype == getattr(mx, dtype)
+    assert model.model.layers[0].self_attn.qkv_proj.weight.dtype == getattr(mx, dtype)
     logits = np.array(model(mx.array(IDS)).astype(mx.float32))
     ref.to(torch.float32)
     assert rel_err(logits, torch_logits(ref, IDS)) <= 3e-2  # half-precision rounding
@@ -72,15 +72,19 @@ def test_mlx_community_quantized_dir_matches_mlx_lm(llama_dir, tmp_path, predica
         assert any(isinstance(v, dict) for v in config["quantization"].values())
     model, _ = mlxinfer.load(out, compute="native")
     attn = model.model.layers[0].self_attn
-    assert isinstance(attn.q_proj, nn.QuantizedLinear)
+    assert isinstance(attn.qkv_proj if attn.fused else attn.q_proj, nn.QuantizedLinear)
     reference, _ = mlx_lm.load(str(out))
     expected = np.array(reference(mx.array(IDS)))
     assert rel_err(np.array(model(mx.array(IDS))), expected) <= 1e-4
     dequantized, _ = mlxinfer.load(out, compute="float32")  # the CPU policy: same numbers
-    assert type(dequantized.model.layers[0].self_attn.q_proj) is nn.Linear
+    assert type(dequantized.model.layers[0].self_attn.qkv_proj) is nn.Linear
     assert rel_err(np.array(dequantized(mx.array(IDS))), expected) <= 1e-4
-    layer_bits = {
-        (name, m.bits) for name, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)
+    parts = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    layer_bits = {  # our fused projections stand for the checkpoint's separate ones
+        (f"{name.rsplit('.', 1)[0]}.{part}" if name.rsplit(".", 1)[-1] in parts else name, m.bits)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.QuantizedLinear)
+        for part in parts.get(name.rsplit(".", 1)[-1], (name.rsplit(".", 1)[-1],))
     }
     reference_bits = {
         (name, m.bits) for name, m in reference.named_modules() if isinstance(m, nn.QuantizedLinear)
@@ -171,7 +175,7 @@ def test_gguf_matches_transformers_gguf_loader(llama_dir, tmp_path, qtype):
         model, _ = mlxinfer.load(path, compute=compute)
         assert model.config.rope_traditional and model.compute_policy == compute
         assert rel_err(np.array(model(mx.array(IDS))), expected) <= 1e-4
-        up_proj = model.model.layers[0].mlp.up_proj
+        up_proj = model.model.layers[0].mlp.gate_up_proj
         quantized = compute == "native" and qtype.startswith("Q")
         assert isinstance(up_proj, nn.QuantizedLinear) == quantized
 

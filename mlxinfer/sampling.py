@@ -139,9 +139,19 @@ def apply_temperature(logits: mx.array, temperature: float) -> mx.array:
 
 def filter_logits(logits: mx.array, params: SamplingParams) -> mx.array:
     """top-k -> top-p -> min-p -> temperature: the distribution the draw samples from."""
-    logits = apply_top_k(logits, params.top_k)
-    logits = apply_top_p(logits, params.top_p)
-    logits = apply_min_p(logits, params.min_p)
+    k = params.top_k
+    if 0 < k < logits.shape[-1] and (params.top_p < 1.0 or params.min_p > 0.0):
+        # After top-k only k tokens remain, so top-p and min-p need only those: sorting k values
+        # instead of the whole vocabulary (4-5 ms for 49k on a CPU) gives the same distribution.
+        kept = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]  # [B, k]
+        survivors = mx.take_along_axis(logits, kept, axis=-1)
+        survivors = apply_min_p(apply_top_p(survivors, params.top_p), params.min_p)
+        logits = mx.full(logits.shape, NEG_INF, logits.dtype)
+        logits = mx.put_along_axis(logits, kept, survivors, axis=-1)
+    else:
+        logits = apply_top_k(logits, params.top_k)
+        logits = apply_top_p(logits, params.top_p)
+        logits = apply_min_p(logits, params.min_p)
     return apply_temperature(logits, params.temperature)
 
 

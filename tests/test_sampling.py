@@ -72,6 +72,8 @@ FILTER_CASES = {
     "top-p-0.8": SamplingParams(temperature=1.0, top_p=0.8, seed=5),
     "min-p-0.2": SamplingParams(temperature=1.0, min_p=0.2, seed=6),
     "all-filters": SamplingParams(temperature=0.7, top_k=6, top_p=0.9, min_p=0.05, seed=7),
+    "top-k-then-top-p": SamplingParams(temperature=1.3, top_k=5, top_p=0.7, seed=8),
+    "top-k-then-min-p": SamplingParams(temperature=1.0, top_k=7, min_p=0.3, seed=9),
 }
 
 
@@ -86,6 +88,24 @@ def test_sampled_frequencies_match_filtered_distribution(case):
     stat = (((counts - n * expected) ** 2)[support] / (n * expected[support])).sum()
     dof = int(support.sum()) - 1
     assert stat < CHI2_CRITICAL[dof], f"chi-square {stat:.1f} with {dof} dof"
+
+
+def test_top_k_shortcut_gives_the_same_filtered_logits():
+    """top-p/min-p on the top-k survivors equals applying the filters one after another over the
+    whole vocabulary."""
+    from mlxinfer.sampling import filter_logits
+
+    logits = mx.array(np.random.default_rng(6).normal(size=(2, 5000)) * 3, mx.float32)
+    for params in [
+        SamplingParams(temperature=0.9, top_k=40, top_p=0.8),
+        SamplingParams(temperature=1.0, top_k=100, min_p=0.1),
+        SamplingParams(temperature=0.5, top_k=10, top_p=0.95, min_p=0.02),
+    ]:
+        step_by_step = apply_min_p(
+            apply_top_p(apply_top_k(logits, params.top_k), params.top_p), params.min_p
+        )
+        expected = np.array(step_by_step) / params.temperature
+        np.testing.assert_allclose(np.array(filter_logits(logits, params)), expected, rtol=1e-6)
 
 
 def test_top_k_1_equals_greedy():

@@ -24,16 +24,11 @@ def default_model():
 def smollm_reference(tmp_path_factory):
     """transformers' own GGUF loader on the same file (it dequantizes with gguf-py and un-permutes
     q/k itself), plus its weights exported as a Hugging Face safetensors directory."""
-    import torch
-    import transformers
     from safetensors.torch import save_file
 
-    gguf_path = mlxinfer.default_model_path()
-    kwargs = dict(gguf_file=gguf_path.name)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, dtype=torch.float32, **kwargs
-    ).eval()
+    from .reference import transformers_gguf_reference
+
+    model, tokenizer = transformers_gguf_reference(mlxinfer.default_model_path())
     export = tmp_path_factory.mktemp("smollm_hf")
     state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}  # unshare tied
     save_file(state, str(export / "model.safetensors"))

@@ -89,3 +89,17 @@ def torch_logits(model, ids: np.ndarray) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
+
+
+def transformers_gguf_reference(gguf_path: Path):
+    """transformers' own loader on a GGUF file (it dequantizes with gguf-py and un-permutes q/k
+    itself): (float32 model, tokenizer)."""
+    import torch
+    import transformers
+
+    kwargs = dict(gguf_file=gguf_path.name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, dtype=torch.float32, **kwargs
+    ).eval()
+    return model, tokenizer

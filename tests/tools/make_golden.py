@@ -1,7 +1,7 @@
 """Regenerate tests/data/smollm2_golden.json with transformers (the independent reference), which
 loads the default model's GGUF file itself (dequantizing with gguf-py).
 
-    python tests/tools/make_golden.py
+    python -m tests.tools.make_golden
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 import transformers
 
 import mlxinfer
+from tests.reference import transformers_gguf_reference
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 PLAIN_PROMPT = "The quick brown fox"
@@ -35,11 +36,7 @@ def greedy(model, ids: list[int], n: int) -> list[int]:
 
 def main() -> None:
     path = mlxinfer.default_model_path()
-    kwargs = dict(gguf_file=path.name)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, dtype=torch.float32, **kwargs
-    ).eval()
+    model, tokenizer = transformers_gguf_reference(path)
 
     plain_ids = tokenizer.encode(PLAIN_PROMPT, add_special_tokens=False)
     chat_ids = tokenizer.apply_chat_template(

@@ -33,7 +33,21 @@ ROOFLINE_GBS = 21.0  # measured memory read bandwidth of the development machine
 def export_for_mlx_lm(model, tokenizer, path: Path) -> None:
     """Our float32 weights under Hugging Face names, a llama config.json and the tokenizer."""
     c = model.config
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    weights = {}
+    q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    for name, value in tree_flatten(model.parameters()):
+        stem = name.rsplit(".", 2)[0]  # model.layers.N.self_attn / .mlp
+        if name.endswith("qkv_proj.weight"):  # our load-time fusion, split back to checkpoint names
+            q, k, v = mx.split(value, [q_out, q_out + kv_out], axis=0)
+            weights.update(
+                {f"{stem}.q_proj.weight": q, f"{stem}.k_proj.weight": k, f"{stem}.v_proj.weight": v}
+            )
+        elif name.endswith("gate_up_proj.weight"):
+            gate, up = mx.split(value, 2, axis=0)
+            weights.update({f"{stem}.gate_proj.weight": gate, f"{stem}.up_proj.weight": up})
+        else:
+            weights[name] = value
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
     config = {
         "model_type": "llama", "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
         "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,

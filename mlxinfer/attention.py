@@ -6,6 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import cpu_kernels
 from .cache import KVCache
 from .config import ModelConfig
 from .rope import RoPE
@@ -59,6 +60,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # [B, KV, offset + T, hd]
 
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if isinstance(mask, str) and mask == "causal" and cpu_kernels.on_cpu():
+            # MLX's CPU softmax is scalar exp: a prefill chunk goes through BLAS + a fast exp.
+            out = cpu_kernels.causal_attention(q, k, v, self.scale)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)  # [B, T, H * hd]
         return self.o_proj(out)

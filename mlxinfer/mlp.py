@@ -6,6 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import cpu_kernels
 from .config import ModelConfig
 
 
@@ -27,4 +28,6 @@ class SwiGLU(nn.Module):
             gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)  # each [B, T, F]
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
+        if cpu_kernels.on_cpu():
+            return self.down_proj(cpu_kernels.swiglu(gate, up))  # MLX's CPU sigmoid is slow
         return self.down_proj(nn.silu(gate) * up)

@@ -6,14 +6,19 @@
 Both engines run the default model's weights dequantized to float32 (mlx-lm's best CPU
 configuration, with OpenBLAS loaded first: mlxinfer is imported before mlx-lm). mlx-lm cannot read
 GGUF, so the weights are exported once to a Hugging Face style directory that mlx-lm loads (llama,
-rope_traditional=True: the GGUF q/k layout, which mlx-lm supports). Prompts are random token ids of
-exact length; EOS is ignored; runs alternate A B A B after one warm-up each.
+rope_traditional=True: the GGUF q/k layout, which mlx-lm supports). mlx-lm runs in a worker process
+with OpenBLAS but without mlxinfer's gemv shim (its own best configuration); requests alternate
+between the two processes, A B A B, after one warm-up each. Prompts are random token ids of exact
+length; EOS is ignored.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +31,8 @@ import mlx.core as mx
 import numpy as np
 from common import machine_info, summary
 from mlx.utils import tree_flatten
+
+from mlxinfer.backend import blas_status
 
 ROOFLINE_GBS = 21.0  # measured memory read bandwidth of the development machine (BENCHMARKING.md)
 
@@ -71,6 +78,9 @@ def run_mlx_lm(model, prompt: list[int], tokens: int) -> dict:
     """mlx-lm's generate_step, timed by the same definitions (token available on the host)."""
     from mlx_lm.generate import generate_step
 
+    if isinstance(model, MlxLmWorker):
+        return model.run(prompt, tokens)
+
     start = time.perf_counter()
     times = []
     for _, _ in zip(
@@ -83,6 +93,41 @@ def run_mlx_lm(model, prompt: list[int], tokens: int) -> dict:
         "prefill_tps": len(prompt) / ttft,
         "decode_tps": (len(times) - 1) / (times[-1] - times[0]),
     }
+
+
+class MlxLmWorker:
+    """mlx-lm in its own process with its best CPU configuration: OpenBLAS loaded, but without
+    mlxinfer's gemv shim (MLXINFER_GEMV_SHIM=0), which would otherwise speed it up too."""
+
+    def __init__(self, model_dir: Path):
+        env = {**os.environ, "MLXINFER_GEMV_SHIM": "0"}
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--serve-mlx-lm", str(model_dir)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        self.blas = json.loads(self.process.stdout.readline())["blas"]
+
+    def run(self, prompt: list[int], tokens: int) -> dict:
+        self.process.stdin.write(json.dumps({"prompt": prompt, "tokens": tokens}) + "\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def serve_mlx_lm(model_dir: str) -> None:
+    """The worker: load mlx-lm's model, then answer one JSON request per stdin line."""
+    import mlx_lm
+
+    from mlxinfer.backend import blas_status
+
+    model, _ = mlx_lm.load(model_dir)
+    print(json.dumps({"blas": blas_status()}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        print(json.dumps(run_mlx_lm(model, request["prompt"], request["tokens"])), flush=True)
 
 
 def compare(ours, theirs, prompt, tokens, reps) -> dict:
@@ -109,19 +154,35 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--ttft-sweep", default="", help="comma-separated prompt lengths")
+    parser.add_argument(
+        "--same-process",
+        action="store_true",
+        help="run mlx-lm in this process (it then also gets the gemv shim)",
+    )
+    parser.add_argument("--serve-mlx-lm", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_mlx_lm:
+        serve_mlx_lm(args.serve_mlx_lm)
+        return
 
     import mlx_lm
 
     model, tokenizer = mlxinfer.load(compute="float32")
-    with tempfile.TemporaryDirectory() as tmp:
-        export_for_mlx_lm(model, tokenizer, Path(tmp))
-        reference, _ = mlx_lm.load(tmp)
+    tmp = tempfile.TemporaryDirectory()
+    export_for_mlx_lm(model, tokenizer, Path(tmp.name))
+    if args.same_process:
+        reference, _ = mlx_lm.load(tmp.name)
+        mlx_lm_blas = blas_status()
+    else:
+        reference = MlxLmWorker(Path(tmp.name))
+        mlx_lm_blas = reference.blas
     rng = np.random.default_rng(0)
     result = {
         "machine": machine_info(),
         "model": "SmolLM2-135M-Instruct, float32 weights (dequantized from the Q4_1 GGUF) in both engines",
         "mlx_lm": mlx_lm.__version__,
+        "mlx_lm_process": "same" if args.same_process else "separate",
+        "mlx_lm_blas": mlx_lm_blas,
         "prompt": "random token ids",
     }
     if args.ttft_sweep:
@@ -145,6 +206,9 @@ def main() -> None:
             * weight_gb
             / ROOFLINE_GBS,
         )
+    if isinstance(reference, MlxLmWorker):
+        reference.close()
+    tmp.cleanup()
     print(json.dumps(result, indent=1))
 
 

@@ -23,7 +23,8 @@ def on_cpu() -> bool:
 
 def _exp(x: mx.array) -> mx.array:
     """e^x = 2^n * 2^f with n = floor(x log2 e): 2^n built in the exponent bits, 2^f a polynomial."""
-    y = mx.clip(x * _LOG2E, -126.0, 127.0)  # float32 range; below it the result is ~0 anyway
+    # Float32 range: at y <= -127 the exponent field is 0, so exp(-inf) (masked scores) is exactly 0.
+    y = mx.clip(x * _LOG2E, -127.0, 127.0)
     n = mx.floor(y)
     f = y - n
     p = _EXP2_COEFFICIENTS[-1]

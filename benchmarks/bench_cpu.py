@@ -43,6 +43,8 @@ def export_for_mlx_lm(model, tokenizer, path: Path) -> None:
     weights = {}
     q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     for name, value in tree_flatten(model.parameters()):
+        if name.endswith(".weight_t"):  # the float32 policy's transposed layout
+            name, value = name.removesuffix("_t"), value.T
         stem = name.rsplit(".", 2)[0]  # model.layers.N.self_attn / .mlp
         if name.endswith("qkv_proj.weight"):  # our load-time fusion, split back to checkpoint names
             q, k, v = mx.split(value, [q_out, q_out + kv_out], axis=0)

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from . import gguf
+from . import cpu_kernels, gguf
 from .backend import resolve_compute_policy
 from .config import ModelConfig, ModelLoadError, read_json
 from .model import Model
@@ -56,6 +56,8 @@ def load(
     if policy == "float32":
         to_float32(model)
     fuse_projections(model)
+    if policy == "float32":
+        transpose_wide_layers(model)
     model.compute_policy = policy
     return model, tokenizer
 
@@ -148,6 +150,23 @@ def to_float32(model: Model) -> None:
     model.update(
         tree_map(lambda a: a.astype(mx.float32) if _is_float(a) else a, model.parameters())
     )
+    mx.eval(model.parameters())
+
+
+def transpose_wide_layers(model: Model) -> None:
+    """Float32 CPU policy: store wide matrices (and the tied embedding when it doubles as a wide LM
+    head) as [in, out], the layout OpenBLAS's matrix-vector kernels read fastest."""
+    replacements = [
+        (name, cpu_kernels.TransposedLinear(module))
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and cpu_kernels.is_wide(module.weight)
+    ]
+    embedding = model.model.embed_tokens
+    if model.config.tie_word_embeddings and type(embedding) is nn.Embedding:
+        if cpu_kernels.is_wide(embedding.weight):
+            replacements.append(("model.embed_tokens", cpu_kernels.TransposedEmbedding(embedding)))
+    if replacements:
+        model.update_modules(tree_unflatten(replacements))
     mx.eval(model.parameters())
 
 

@@ -31,12 +31,14 @@ GEMM_CHECK = (
 
 
 @pytest.mark.skipif(not HAVE_OPENBLAS, reason="no OpenBLAS library on this machine")
-def test_openblas_loaded_by_import_and_silent():
-    result = python(GEMM_CHECK)
+def test_openblas_loaded_by_import_and_silent(tmp_path):
+    result = python(GEMM_CHECK, XDG_CACHE_HOME=str(tmp_path))  # an empty cache: compiles the shim
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[1] == "True"
     assert result.stdout.split()[0] == ("openblas+gemv" if HAVE_COMPILER else "openblas")
     assert "warning" not in result.stderr
+    if HAVE_COMPILER:
+        assert list((tmp_path / "mlxinfer").glob("gemv_shim-*.so"))
     maps = python("import mlxinfer; print(open('/proc/self/maps').read())").stdout
     assert "libopenblas" in maps  # the resolved file, e.g. libopenblasp-r0.3.21.so
 

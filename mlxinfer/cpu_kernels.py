@@ -61,9 +61,9 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.
     groups = H // kv_heads
     q = (q * scale).reshape(B, kv_heads, groups * T, hd)  # [B, KV, G*T, hd]
     scores = q @ k.swapaxes(-1, -2)  # [B, KV, G*T, S]
-    future = mx.arange(S)[None] > mx.arange(S - T, S)[:, None]  # [T, S]
-    mask = mx.tile(mx.where(future, -mx.inf, 0.0), (groups, 1))  # [G*T, S]
-    scores = scores + mask
+    if T > 1:  # a single new token sees every key: no mask
+        future = mx.arange(S)[None] > mx.arange(S - T, S)[:, None]  # [T, S]
+        scores = scores + mx.tile(mx.where(future, -mx.inf, 0.0), (groups, 1))  # [G*T, S]
     weights = _shifted_exp(scores, scores.max(axis=-1, keepdims=True))  # unnormalised
     out = (weights @ v) / weights.sum(axis=-1, keepdims=True)  # [B, KV, G*T, hd]
     return out.reshape(B, H, T, hd)

@@ -7,11 +7,13 @@ mx.fast.rope as explicit wavelengths (`freqs` = 1 / inv_freq), so every type run
 from __future__ import annotations
 
 import math
+import threading
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import cpu_kernels
 from .config import ModelConfig
 
 
@@ -87,7 +89,11 @@ def _yarn_inv_freq(dims: int, base: float, s: dict, max_positions: int) -> tuple
 
 
 class RoPE(nn.Module):
-    """Applies rotary embeddings to `[B, heads, T, head_dim]` queries or keys at positions offset.."""
+    """Applies rotary embeddings to `[B, heads, T, head_dim]` queries or keys at positions offset..
+
+    On Metal: mx.fast.rope. On the CPU, where its per-element sin/cos are scalar, a cos/sin table
+    for the positions (computed as transformers does: float32 angles pos * inv_freq) is built once
+    per forward pass, shared by every layer, and applied by one compiled elementwise kernel."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -99,14 +105,26 @@ class RoPE(nn.Module):
         if config.rope_freqs is not None:
             # GGUF rope_freqs hold per-dimension divisors of the frequency (llama3 scaling baked in).
             wavelengths = config.rope_theta ** (np.arange(0, self.dims, 2) / self.dims)
-            self._freqs = mx.array(wavelengths * np.asarray(config.rope_freqs), dtype=mx.float32)
+            wavelengths = wavelengths * np.asarray(config.rope_freqs)
             self.base = None
         elif config.rope_scaling is not None:
             inv_freq, self.attention_factor = rope_inv_freq(config)
-            self._freqs = mx.array(1.0 / inv_freq, dtype=mx.float32)
+            wavelengths = 1.0 / inv_freq
             self.base = None
+        else:
+            wavelengths = config.rope_theta ** (np.arange(0, self.dims, 2) / self.dims)
+        if self.base is None:
+            self._freqs = mx.array(wavelengths, dtype=mx.float32)
+        self._inv_freq = mx.array(1.0 / wavelengths, dtype=mx.float32)  # [dims / 2]
 
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        if cpu_kernels.on_cpu():
+            cos, sin = self._table(offset, x.shape[2])
+            rotate = _rotate_interleaved if self.traditional else _rotate_half
+            if self.dims == x.shape[-1]:
+                return rotate(x, cos, sin)
+            rotated = rotate(x[..., : self.dims], cos, sin)
+            return mx.concatenate([rotated, x[..., self.dims :]], axis=-1)
         if self.attention_factor != 1.0:
             # yarn scales cos and sin, i.e. the rotated dims only.
             rotated = x[..., : self.dims] * self.attention_factor
@@ -124,3 +142,37 @@ class RoPE(nn.Module):
             offset=offset,
             freqs=self._freqs,
         )
+
+    def _table(self, offset: int, length: int) -> tuple[mx.array, mx.array]:
+        """cos and sin `[length, dims / 2]` for positions offset.., reused by every layer of the same
+        forward pass (one table per thread: arrays stay on the thread that built them)."""
+        key = (id(self._inv_freq), offset, length)
+        memo = getattr(_tables, "last", None)
+        if memo is not None and memo[0] == key:
+            return memo[1], memo[2]
+        positions = mx.arange(offset, offset + length, dtype=mx.float32)
+        angles = positions[:, None] * self._inv_freq[None, :]
+        cos, sin = mx.cos(angles), mx.sin(angles)
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        _tables.last = (key, cos, sin)
+        return cos, sin
+
+
+_tables = threading.local()
+
+
+@mx.compile
+def _rotate_half(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Hugging Face layout: the first half of each head pairs with the second half."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+@mx.compile
+def _rotate_interleaved(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """GGUF/llama.cpp layout: adjacent dims (2i, 2i+1) form a pair."""
+    pairs = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    return mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1).reshape(x.shape)

@@ -40,10 +40,19 @@ def test_swiglu_matches_silu_times_up():
 
 
 @pytest.mark.parametrize(
-    "heads, kv_heads, new, total", [(4, 4, 5, 5), (9, 3, 17, 17), (8, 1, 7, 30), (6, 2, 1, 12)]
+    "heads, kv_heads, new, total",
+    [
+        (4, 4, 5, 5),
+        (9, 3, 17, 17),
+        (8, 1, 7, 30),
+        (6, 2, 1, 12),
+        (3, 1, 300, 300),
+        (2, 2, 200, 450),
+    ],
 )
 def test_causal_attention_matches_fast_sdpa(heads, kv_heads, new, total):
-    """`new` queries at the end of `total` positions (a chunk after a cached prefix), MHA/GQA/MQA."""
+    """`new` queries at the end of `total` positions (a chunk after a cached prefix), MHA/GQA/MQA;
+    more than 128 new queries go through the blocked path."""
     rng = np.random.default_rng(heads * 100 + total)
     q = mx.array(rng.normal(size=(2, heads, new, 16)).astype(np.float32))
     k = mx.array(rng.normal(size=(2, kv_heads, total, 16)).astype(np.float32))

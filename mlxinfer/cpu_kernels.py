@@ -3,7 +3,9 @@ a float (30x a multiply) and `mx.sigmoid` more, so SwiGLU's sigmoid and attentio
 about 40% of a 256-token prefill. Here exp is rebuilt from multiplies and adds (exact to float32
 rounding, like mx.exp) and compiled into one fused kernel.
 
-Used only when MLX runs on the CPU (`on_cpu()`); on Metal the native ops are fast and are kept.
+Here: exp, swiglu, causal_attention (prefill chunks, in causal query blocks), and the transposed
+weight layouts of the float32 policy. Used only when MLX runs on the CPU (`on_cpu()`, or the float32
+policy that only the CPU picks by default); on Metal the native ops are fast and are kept.
 """
 
 from __future__ import annotations
@@ -40,13 +42,9 @@ exp = mx.compile(_exp)
 
 
 @mx.compile
-def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    return gate / (1.0 + _exp(-gate)) * up  # silu(gate) * up; exp(-gate) saturates, never NaN
-
-
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    """silu(gate) * up in one fused kernel."""
-    return _swiglu(gate, up)
+    """silu(gate) * up in one fused kernel; exp(-gate) saturates, never NaN."""
+    return gate / (1.0 + _exp(-gate)) * up
 
 
 _shifted_exp = mx.compile(lambda scores, row_max: _exp(scores - row_max))

@@ -13,7 +13,7 @@ from .rope import RoPE
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, rope: RoPE):
         super().__init__()
         D, hd = config.hidden_size, config.head_dim
         self.n_heads = config.num_attention_heads
@@ -34,7 +34,7 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(hd, eps=config.rms_norm_eps)
             self.k_norm = nn.RMSNorm(hd, eps=config.rms_norm_eps)
         self.qk_norm = config.qk_norm
-        self.rope = RoPE(config)
+        self.rope = rope  # one module shared by all layers: its cos/sin table is built once a pass
 
     def __call__(
         self, x: mx.array, mask: mx.array | str | None = None, cache: KVCache | None = None

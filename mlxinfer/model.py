@@ -14,15 +14,16 @@ from .attention import Attention
 from .cache import KVCache
 from .config import ModelConfig
 from .mlp import SwiGLU
+from .rope import RoPE
 
 
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h))."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, rope: RoPE):
         super().__init__()
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, rope)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = SwiGLU(config)
 
@@ -37,7 +38,8 @@ class DecoderStack(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = [TransformerBlock(config) for _ in range(config.num_hidden_layers)]
+        rope = RoPE(config)  # shared: every layer rotates by the same positions
+        self.layers = [TransformerBlock(config, rope) for _ in range(config.num_hidden_layers)]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
 

@@ -144,18 +144,20 @@ class RoPE(nn.Module):
         )
 
     def _table(self, offset: int, length: int) -> tuple[mx.array, mx.array]:
-        """cos and sin `[length, dims / 2]` for positions offset.., reused by every layer of the same
-        forward pass (one table per thread: arrays stay on the thread that built them)."""
-        key = (id(self._inv_freq), offset, length)
+        """cos and sin `[length, dims / 2]` for positions offset.., built once per forward pass: the
+        model's layers share this module (one memo per thread: arrays stay on the thread that built
+        them)."""
         memo = getattr(_tables, "last", None)
-        if memo is not None and memo[0] == key:
-            return memo[1], memo[2]
+        # The memo holds the inv_freq array itself: compared by identity, it cannot be mistaken for
+        # another model's (an id() could be reused once an array is freed).
+        if memo is not None and memo[0] is self._inv_freq and memo[1:3] == (offset, length):
+            return memo[3], memo[4]
         positions = mx.arange(offset, offset + length, dtype=mx.float32)
         angles = positions[:, None] * self._inv_freq[None, :]
         cos, sin = mx.cos(angles), mx.sin(angles)
         if self.attention_factor != 1.0:
             cos, sin = cos * self.attention_factor, sin * self.attention_factor
-        _tables.last = (key, cos, sin)
+        _tables.last = (self._inv_freq, offset, length, cos, sin)
         return cos, sin
 
 

@@ -127,3 +127,22 @@ def test_cache_growth_across_step_boundary(tmp_path, monkeypatch):
         logits = np.array(model(mx.array(ids[:, t : t + 1]), cache))
         assert rel_err(logits[:, 0], expected[:, t]) <= TOL, f"position {t}"
     assert cache[0].keys.shape[2] == 32  # grown 8 at a time, not per token
+
+
+def test_rope_tables_never_leak_between_models(tmp_path):
+    """Two models with different RoPE settings, called in turn with the same offsets and lengths
+    (the CPU path memoises one cos/sin table per forward pass), each still match transformers."""
+    ids = random_ids(batch=1, length=12)
+    models = []
+    for name, rope in [("a", {"rope_type": "default", "rope_theta": 100.0}), ("b", YARN_ROPE)]:
+        ref = make_tiny_checkpoint(tmp_path / name, "llama", rope_parameters=rope)
+        models.append((ref, mlxinfer.load(tmp_path / name)[0]))
+    for _ in range(2):
+        for ref, model in models:
+            cache = model.make_cache()
+            logits = np.concatenate(
+                [np.array(model(mx.array(ids[:, :6]), cache))]
+                + [np.array(model(mx.array(ids[:, t : t + 1]), cache)) for t in range(6, 12)],
+                axis=1,
+            )
+            assert rel_err(logits, torch_logits(ref, ids)) <= TOL

@@ -95,13 +95,15 @@ def test_mlx_community_quantized_dir_matches_mlx_lm(llama_dir, tmp_path, predica
 GGUF_TYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"]
 
 
-def write_llama_gguf(path, torch_model, qtype: str) -> None:
-    """Write a llama GGUF the way llama.cpp's convert_hf_to_gguf.py does: q/k rows permuted to the
-    interleaved RoPE layout, 1-D tensors in F32, matrices in `qtype`."""
+def write_gguf(path, torch_model, qtype: str, arch: str = "llama") -> None:
+    """Write a GGUF the way llama.cpp's convert_hf_to_gguf.py does: for llama, q/k rows permuted to
+    the interleaved RoPE layout (qwen2/qwen3 keep the half-split layout); 1-D tensors (norms,
+    biases) in F32, matrices in `qtype`."""
     import gguf
 
     cfg = torch_model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
@@ -110,7 +112,9 @@ def write_llama_gguf(path, torch_model, qtype: str) -> None:
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
@@ -121,6 +125,8 @@ def write_llama_gguf(path, torch_model, qtype: str) -> None:
     writer.add_eos_token_id(2)
 
     def permute(w, heads):
+        if arch != "llama":
+            return w
         return (
             w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:])
             .swapaxes(1, 2)
@@ -132,12 +138,15 @@ def write_llama_gguf(path, torch_model, qtype: str) -> None:
         "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
         "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
         "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
+        "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm",
     }  # fmt: skip
     kind = gguf.GGMLQuantizationType[qtype]
     for name, tensor in torch_model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
         w = tensor.float().numpy()
-        stem = name.removesuffix(".weight")
+        stem, suffix = name.rsplit(".", 1)  # suffix: weight or bias
         if stem.startswith("model.layers."):
             _, _, layer, part = stem.split(".", 3)
             gguf_name = f"blk.{layer}.{parts[part]}"
@@ -147,12 +156,13 @@ def write_llama_gguf(path, torch_model, qtype: str) -> None:
                 w = permute(w, cfg.num_key_value_heads)
         else:
             gguf_name = names[stem]
+        full_name = f"{gguf_name}.{suffix}"
         if w.ndim == 1 or qtype == "F32":
-            writer.add_tensor(f"{gguf_name}.weight", w.astype(np.float32))
+            writer.add_tensor(full_name, w.astype(np.float32))
         elif qtype == "F16":
-            writer.add_tensor(f"{gguf_name}.weight", w.astype(np.float16))
+            writer.add_tensor(full_name, w.astype(np.float16))
         else:
-            writer.add_tensor(f"{gguf_name}.weight", gguf.quants.quantize(w, kind), raw_dtype=kind)
+            writer.add_tensor(full_name, gguf.quants.quantize(w, kind), raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -166,7 +176,7 @@ def test_gguf_matches_transformers_gguf_loader(llama_dir, tmp_path, qtype):
 
     _, ref = llama_dir
     path = tmp_path / f"tiny-{qtype}.gguf"
-    write_llama_gguf(path, ref, qtype)
+    write_gguf(path, ref, qtype)
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, gguf_file=path.name, dtype=torch.float32
     ).eval()
@@ -180,9 +190,27 @@ def test_gguf_matches_transformers_gguf_loader(llama_dir, tmp_path, qtype):
         assert isinstance(up_proj, nn.QuantizedLinear) == quantized
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_qwen_gguf_matches_transformers_gguf_loader(tmp_path, family, qtype):
+    """qwen2 (q/k/v biases) and qwen3 (q/k norms) GGUFs, half-split RoPE as llama.cpp keeps them."""
+    import torch
+    import transformers
+
+    ref = make_tiny_checkpoint(tmp_path / "hf", family, tie_word_embeddings=True)
+    path = tmp_path / f"{family}.gguf"
+    write_gguf(path, ref, qtype, arch=family)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    model, _ = mlxinfer.load(path)
+    assert model.config.model_type == family and not model.config.rope_traditional
+    assert rel_err(np.array(model(mx.array(IDS))), torch_logits(reference, IDS)) <= 1e-4
+
+
 def test_directory_holding_one_gguf(llama_dir, tmp_path):
     _, ref = llama_dir
-    write_llama_gguf(tmp_path / "only.gguf", ref, "Q8_0")
+    write_gguf(tmp_path / "only.gguf", ref, "Q8_0")
     model, _ = mlxinfer.load(tmp_path)
     assert model.config.num_hidden_layers == 2
 

@@ -4,6 +4,7 @@ the clear errors bad input must give."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import mlx.core as mx
@@ -95,7 +96,7 @@ def test_mlx_community_quantized_dir_matches_mlx_lm(llama_dir, tmp_path, predica
 GGUF_TYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"]
 
 
-def write_gguf(path, torch_model, qtype: str, arch: str = "llama") -> None:
+def write_gguf(path, torch_model, qtype: str, arch: str = "llama", extra=None) -> None:
     """Write a GGUF the way llama.cpp's convert_hf_to_gguf.py does: for llama, q/k rows permuted to
     the interleaved RoPE layout (qwen2/qwen3 keep the half-split layout); 1-D tensors (norms,
     biases) in F32, matrices in `qtype`."""
@@ -163,10 +164,45 @@ def write_gguf(path, torch_model, qtype: str, arch: str = "llama") -> None:
             writer.add_tensor(full_name, w.astype(np.float16))
         else:
             writer.add_tensor(full_name, gguf.quants.quantize(w, kind), raw_dtype=kind)
+    for name, value in (extra or {}).items():
+        writer.add_tensor(name, value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def llama3_rope_factors(cfg) -> np.ndarray:
+    """The `rope_freqs` tensor llama.cpp's converter writes for llama3 RoPE scaling (one divisor of
+    each frequency), as in convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors."""
+    rope = cfg.rope_parameters
+    dim = cfg.head_dim
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_context = rope["original_max_position_embeddings"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_context / high:
+            factors.append(1.0)
+        elif wavelen > old_context / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def test_gguf_llama3_rope_freqs_match_transformers(tmp_path):
+    """Llama 3 GGUFs carry their RoPE scaling as a `rope_freqs` tensor, not as metadata."""
+    from .test_model import LLAMA3_ROPE
+
+    ref = make_tiny_checkpoint(tmp_path / "hf", "llama", rope_parameters=LLAMA3_ROPE)
+    path = tmp_path / "llama3.gguf"
+    write_gguf(path, ref, "F32", extra={"rope_freqs.weight": llama3_rope_factors(ref.config)})
+    model, _ = mlxinfer.load(path)
+    assert model.config.rope_freqs is not None
+    assert rel_err(np.array(model(mx.array(IDS))), torch_logits(ref, IDS)) <= 1e-4
 
 
 @pytest.mark.parametrize("qtype", GGUF_TYPES)

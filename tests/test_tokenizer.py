@@ -143,3 +143,44 @@ def test_chat_template_raise_exception_is_a_clear_error(default_model):
     )
     with pytest.raises(ValueError, match="roles must alternate"):
         bad.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize("arch, pre", [("llama", "llama-bpe"), ("qwen2", "qwen2")])
+def test_gguf_pre_tokenizers_match_transformers(tmp_path, arch, pre):
+    """Llama 3 and Qwen2 GGUFs split text with their own regexes before BPE: a GGUF carrying the
+    default model's vocabulary under those pre-tokenizer names must tokenize as transformers'
+    GGUF converters for those architectures do."""
+    import gguf
+    import mlx.core as mx
+    import transformers
+
+    from mlxinfer.gguf import metadata_to_python
+
+    source = metadata_to_python(
+        mx.load(str(mlxinfer.default_model_path()), return_metadata=True)[1]
+    )
+    path = tmp_path / f"{arch}.gguf"
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_context_length(2048)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(source["tokenizer.ggml.tokens"])
+    writer.add_token_merges(source["tokenizer.ggml.merges"])
+    writer.add_token_types(source["tokenizer.ggml.token_type"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    expected = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    metadata = metadata_to_python(mx.load(str(path), return_metadata=True)[1])
+    ours = Tokenizer.from_gguf(metadata, str(path))
+    texts = TEXTS + ["Year 2024: 1234567 items, x=3.14159!", "don't  WON'T they'll\n\n\tend"]
+    for text in texts:
+        assert ours.encode(text) == expected.encode(text, add_special_tokens=False), text

@@ -181,6 +181,10 @@ def test_gguf_pre_tokenizers_match_transformers(tmp_path, arch, pre):
     expected = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     metadata = metadata_to_python(mx.load(str(path), return_metadata=True)[1])
     ours = Tokenizer.from_gguf(metadata, str(path))
-    texts = TEXTS + ["Year 2024: 1234567 items, x=3.14159!", "don't  WON'T they'll\n\n\tend"]
-    for text in texts:
+    # These regexes differ from GPT-2's on runs of newlines (\s*[\r\n]+), which this vocabulary
+    # shows; it cannot show their digit rules (SmolLM never merges digits).
+    discriminating = ["a\n\nb", "x  \n\n  y", "First line.\n\n\nSecond  \n\n third\n"]
+    gpt2_style = Tokenizer.from_gguf({**metadata, "tokenizer.ggml.pre": "gpt2"}, str(path))
+    assert any(gpt2_style.encode(t) != ours.encode(t) for t in discriminating)
+    for text in TEXTS + discriminating + ["Year 2024: 1234567 items, x=3.14159!"]:
         assert ours.encode(text) == expected.encode(text, add_special_tokens=False), text

@@ -96,7 +96,9 @@ def test_mlx_community_quantized_dir_matches_mlx_lm(llama_dir, tmp_path, predica
 GGUF_TYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"]
 
 
-def write_gguf(path, torch_model, qtype: str, arch: str = "llama", extra=None) -> None:
+def write_gguf(
+    path, torch_model, qtype: str, arch: str = "llama", extra=None, linear_rope=None
+) -> None:
     """Write a GGUF the way llama.cpp's convert_hf_to_gguf.py does: for llama, q/k rows permuted to
     the interleaved RoPE layout (qwen2/qwen3 keep the half-split layout); 1-D tensors (norms,
     biases) in F32, matrices in `qtype`."""
@@ -117,6 +119,9 @@ def write_gguf(path, torch_model, qtype: str, arch: str = "llama", extra=None) -
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_vocab_size(cfg.vocab_size)
+    if linear_rope is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(linear_rope)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     byte_chars = [chr(c) for c in range(33, 33 + cfg.vocab_size)]
@@ -202,6 +207,16 @@ def test_gguf_llama3_rope_freqs_match_transformers(tmp_path):
     write_gguf(path, ref, "F32", extra={"rope_freqs.weight": llama3_rope_factors(ref.config)})
     model, _ = mlxinfer.load(path)
     assert model.config.rope_freqs is not None
+    assert rel_err(np.array(model(mx.array(IDS))), torch_logits(ref, IDS)) <= 1e-4
+
+
+def test_gguf_linear_rope_scaling_from_metadata(tmp_path):
+    rope = {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}
+    ref = make_tiny_checkpoint(tmp_path / "hf", "llama", rope_parameters=rope)
+    path = tmp_path / "linear.gguf"
+    write_gguf(path, ref, "F32", linear_rope=2.0)
+    model, _ = mlxinfer.load(path)
+    assert model.config.rope_scaling == {"rope_type": "linear", "factor": 2.0}
     assert rel_err(np.array(model(mx.array(IDS))), torch_logits(ref, IDS)) <= 1e-4
 
 

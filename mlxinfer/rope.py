@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
+from dataclasses import replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -99,23 +100,18 @@ class RoPE(nn.Module):
         super().__init__()
         self.dims = rotary_dims(config)
         self.traditional = config.rope_traditional
-        self.base: float | None = config.rope_theta
-        self._freqs = None  # wavelengths; underscore keeps them out of the parameters
-        self.attention_factor = 1.0
         if config.rope_freqs is not None:
-            # GGUF rope_freqs hold per-dimension divisors of the frequency (llama3 scaling baked in).
-            wavelengths = config.rope_theta ** (np.arange(0, self.dims, 2) / self.dims)
-            wavelengths = wavelengths * np.asarray(config.rope_freqs)
-            self.base = None
-        elif config.rope_scaling is not None:
-            inv_freq, self.attention_factor = rope_inv_freq(config)
-            wavelengths = 1.0 / inv_freq
-            self.base = None
+            # GGUF rope_freqs: per-dimension divisors of the default frequencies (llama3 scaling
+            # baked in); they take the place of any rope_scaling.
+            default_inv_freq, _ = rope_inv_freq(replace(config, rope_scaling=None))
+            inv_freq, self.attention_factor = default_inv_freq / np.asarray(config.rope_freqs), 1.0
         else:
-            wavelengths = config.rope_theta ** (np.arange(0, self.dims, 2) / self.dims)
-        if self.base is None:
-            self._freqs = mx.array(wavelengths, dtype=mx.float32)
-        self._inv_freq = mx.array(1.0 / wavelengths, dtype=mx.float32)  # [dims / 2]
+            inv_freq, self.attention_factor = rope_inv_freq(config)  # [dims / 2]
+        self._inv_freq = mx.array(inv_freq, dtype=mx.float32)  # underscore: not a parameter
+        # mx.fast.rope takes the base for default frequencies, else explicit wavelengths.
+        default = config.rope_scaling is None and config.rope_freqs is None
+        self.base: float | None = config.rope_theta if default else None
+        self._freqs = None if default else mx.array(1.0 / inv_freq, dtype=mx.float32)
 
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
         if cpu_kernels.on_cpu():

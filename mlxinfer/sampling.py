@@ -166,6 +166,10 @@ class Sampler:
     def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: Sequence[int] = ()):
         self.params = params
         self.vocab_size = vocab_size
+        if params.logprobs > vocab_size:
+            raise ValueError(
+                f"logprobs must be at most the vocabulary size {vocab_size}, got {params.logprobs}"
+            )
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
         self.key = mx.random.key(seed)
         window = list(prompt_ids)[-params.repetition_context_size :]
@@ -222,9 +226,8 @@ class Sampler:
 def top_logprobs(logits: mx.array, n: int) -> tuple[mx.array, mx.array, mx.array]:
     """Log-probabilities of the model's distribution `[1, V]`: (all logprobs [1, V], the n most
     likely ids [1, n] in descending order, their logprobs [1, n])."""
-    logprobs = logits.astype(mx.float32) - mx.logsumexp(
-        logits.astype(mx.float32), axis=-1, keepdims=True
-    )
+    logits = logits.astype(mx.float32)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     top = mx.argpartition(-logprobs, kth=n - 1, axis=-1)[..., :n]
     top_values = mx.take_along_axis(logprobs, top, axis=-1)
     order = mx.argsort(-top_values, axis=-1)

@@ -109,6 +109,12 @@ def test_logprobs_are_the_models_log_softmax(default_model):
         assert r.logprobs.logprob == pytest.approx(log_softmax[r.token], abs=5e-4)
 
 
+def test_more_logprobs_than_vocabulary_is_a_clear_error(default_model):
+    model, tokenizer = default_model
+    with pytest.raises(ValueError, match="logprobs must be at most the vocabulary size 49152"):
+        mlxinfer.generate(model, tokenizer, QUESTION, sampling=SamplingParams(logprobs=60000))
+
+
 def test_seeded_sampling_is_reproducible(default_model):
     model, tokenizer = default_model
 

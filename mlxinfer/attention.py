@@ -1,5 +1,9 @@
 """Causal self-attention with MHA, MQA and GQA through one path: the number of KV heads decides,
-and mx.fast.scaled_dot_product_attention broadcasts KV heads over their query groups."""
+and mx.fast.scaled_dot_product_attention broadcasts KV heads over their query groups.
+
+A layer with a sliding window (`window`) lets query q see keys k with q - window < k <= q. The
+mask comes from the cache, which knows the positions of the keys it returns (a rotating cache
+returns them out of order); without a cache it is built from the positions 0..T-1."""
 
 from __future__ import annotations
 
@@ -7,14 +11,15 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import cpu_kernels
-from .cache import KVCache
+from .cache import KVCache, Mask, RotatingKVCache, causal_mask
 from .config import ModelConfig
 from .rope import RoPE
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, rope: RoPE):
+    def __init__(self, config: ModelConfig, rope: RoPE, window: int | None = None):
         super().__init__()
+        self.window = window  # sliding-window size, or None for full attention
         D, hd = config.hidden_size, config.head_dim
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
@@ -36,9 +41,7 @@ class Attention(nn.Module):
         self.qk_norm = config.qk_norm
         self.rope = rope  # one module shared by all layers: its cos/sin table is built once a pass
 
-    def __call__(
-        self, x: mx.array, mask: mx.array | str | None = None, cache: KVCache | None = None
-    ) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache | RotatingKVCache | None = None) -> mx.array:
         B, T, _ = x.shape  # x: [B, T, D]
         if self.fused:
             q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
@@ -58,12 +61,44 @@ class Attention(nn.Module):
         q = self.rope(q, offset)
         k = self.rope(k, offset)
         if cache is not None:
-            k, v = cache.update_and_fetch(k, v)  # [B, KV, offset + T, hd]
+            k, v = cache.update_and_fetch(k, v)  # [B, KV, S, hd], or quantized tuples
+            mask = cache.make_mask(T, self.window)
+        else:
+            mask = causal_mask(T, T, self.window)
 
-        if isinstance(mask, str) and mask == "causal" and cpu_kernels.on_cpu():
+        if cache is not None and cache.bits is not None:
+            out = quantized_attention(q, k, v, self.scale, mask, cache.group_size, cache.bits)
+        elif mask is not None and cpu_kernels.on_cpu():
             # MLX's CPU softmax is scalar exp: a prefill chunk goes through BLAS + a fast exp.
-            out = cpu_kernels.causal_attention(q, k, v, self.scale)
+            out = cpu_kernels.attention(q, k, v, self.scale, mask)
         else:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)  # [B, T, H * hd]
         return self.o_proj(out)
+
+
+def quantized_attention(
+    q: mx.array,
+    k: tuple[mx.array, ...],
+    v: tuple[mx.array, ...],
+    scale: float,
+    mask: Mask,
+    group_size: int,
+    bits: int,
+) -> mx.array:
+    """Attention over quantized keys/values (packed, scales, biases), never dequantized as a
+    whole: scores and the value product are quantized matmuls. q `[B, H, T, hd]`."""
+    B, H, T, hd = q.shape
+    kv_heads, S = k[0].shape[1], k[0].shape[2]
+    groups = H // kv_heads
+    q = (q * scale).reshape(B, kv_heads, groups, T, hd)
+    k = tuple(a[:, :, None] for a in k)  # [B, KV, 1, S, ...]: broadcast over each query group
+    v = tuple(a[:, :, None] for a in v)
+    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)
+    if isinstance(mask, str):  # "causal": the T queries are the last T of the S positions
+        mask = mx.arange(S)[None] <= mx.arange(S - T, S)[:, None]
+    if mask is not None:
+        scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
+    weights = mx.softmax(scores, axis=-1, precise=True)  # [B, KV, G, T, S]
+    out = mx.quantized_matmul(weights, *v, transpose=False, group_size=group_size, bits=bits)
+    return out.reshape(B, H, T, hd)

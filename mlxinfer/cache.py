@@ -1,42 +1,142 @@
-"""KV caches. `KVCache` grows in preallocated steps so decoding writes in place instead of
-concatenating a new array every token."""
+"""KV caches: one per attention layer, holding the keys and values of the tokens seen so far.
+
+- `KVCache` grows in preallocated steps, so decoding writes in place instead of concatenating.
+- `RotatingKVCache(max_size, keep)` is a fixed-size ring buffer: the first `keep` tokens stay
+  forever (attention sinks), the most recent `max_size - keep` after them. Sliding-window layers
+  use it with keep=0 and max_size = the window; `max_kv_size` bounds any model's memory with it.
+- Either one stores keys and values quantized (`bits=8` or `4`, groups of `group_size` along the
+  head dim) when asked; attention then reads them with quantized matmuls.
+
+Every cache answers `make_mask(T, window)` for the T queries it has just added: which of the keys
+it returned each query may see (causal, inside the layer's sliding window, and for a rotating cache
+inside its own sinks + recent window). Positions are absolute: a key keeps the RoPE rotation of the
+position it was written at, so a rotating cache needs no re-rotation.
+
+Quantized storage is a tuple (packed uint32, scales, biases); unquantized storage is a 1-tuple.
+All of them share the sequence axis 2, so the bookkeeping below never needs to tell them apart.
+"""
 
 from __future__ import annotations
 
 import mlx.core as mx
 
+Mask = mx.array | str | None  # None: every key visible; "causal"; or bool [T, S], True = visible
+Stored = tuple[mx.array, ...]
 
-class KVCache:
-    """Keys and values of one attention layer, `[B, kv_heads, capacity, head_dim]`, grown `step` at a time."""
+KV_BITS = (4, 8)
+
+
+def window_mask(
+    q_positions: mx.array,
+    k_positions: mx.array,
+    window: int | None = None,
+    keep: int = 0,
+) -> mx.array:
+    """Bool `[T, S]`: key k is visible to query q iff k <= q and (q - k < window or k < keep).
+    `window=None` is plain causal attention; `keep` keys at the start are always visible (sinks)."""
+    q = q_positions[:, None]
+    k = k_positions[None, :]
+    visible = k <= q
+    if window is not None:
+        visible = visible & ((q - k < window) | (k < keep))
+    return visible
+
+
+def causal_mask(T: int, S: int, window: int | None) -> Mask:
+    """The mask of T queries at positions S-T..S-1 over keys 0..S-1: None or "causal" when the
+    window hides nothing (the fast kernels' own causal mode), else a bool array."""
+    if window is None or S <= window:
+        return "causal" if T > 1 else None
+    return window_mask(mx.arange(S - T, S), mx.arange(S), window)
+
+
+class _Cache:
+    """Shared storage helpers. Subclasses keep `keys`/`values` as tuples of arrays `[B, H, S, ...]`."""
+
+    def __init__(self, bits: int | None = None, group_size: int = 64):
+        if bits is not None and bits not in KV_BITS:
+            raise ValueError(f"kv_bits must be one of {KV_BITS} or None, got {bits!r}")
+        if group_size < 1:
+            raise ValueError(f"kv_group_size must be >= 1, got {group_size!r}")
+        self.bits = bits
+        self.group_size = group_size
+        self.keys: Stored | None = None
+        self.values: Stored | None = None
+        self.offset = 0  # tokens seen; also the position of the next token
+
+    def _encode(self, x: mx.array) -> Stored:
+        if self.bits is None:
+            return (x,)
+        if x.shape[-1] % self.group_size:
+            raise ValueError(
+                f"kv_group_size {self.group_size} does not divide head_dim {x.shape[-1]}"
+            )
+        return tuple(mx.quantize(x, self.group_size, self.bits))
+
+    def _fetch(self, stored: Stored, end: int) -> mx.array | Stored:
+        parts = tuple(a[..., :end, :] for a in stored)
+        return parts[0] if self.bits is None else parts
+
+    @property
+    def state(self) -> list[mx.array]:
+        """The arrays to evaluate together with the logits."""
+        return [] if self.keys is None else [*self.keys, *self.values]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for keys and values (capacity, not just the filled part)."""
+        return sum(a.nbytes for a in self.state)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys[0].shape[2]
+
+
+def _empty_like(stored: Stored, capacity: int) -> Stored:
+    return tuple(mx.zeros((*a.shape[:2], capacity, a.shape[3]), a.dtype) for a in stored)
+
+
+def _write(stored: Stored, start: int, new: Stored) -> None:
+    for dst, src in zip(stored, new, strict=True):
+        dst[..., start : start + src.shape[2], :] = src
+
+
+def _concat(parts: list[Stored]) -> Stored:
+    return tuple(mx.concatenate(arrays, axis=2) for arrays in zip(*parts, strict=True))
+
+
+def _slice(stored: Stored, start: int, end: int | None = None) -> Stored:
+    return tuple(a[..., start:end, :] for a in stored)
+
+
+class KVCache(_Cache):
+    """Keys and values `[B, kv_heads, capacity, head_dim]`, grown `step` tokens at a time."""
 
     step = 256
 
-    def __init__(self):
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
-        self.offset = 0  # tokens held; also the position of the next token
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Append `[B, kv_heads, T, head_dim]` keys/values; return everything held so far."""
-        start = self.offset
-        new = keys.shape[2]
-        if self.keys is None or start + new > self.keys.shape[2]:
-            self._grow(keys, values, start + new)
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """Append `[B, kv_heads, T, head_dim]` keys/values; return everything held so far (arrays,
+        or (packed, scales, biases) tuples when quantized)."""
+        k, v = self._encode(keys), self._encode(values)
+        start, new = self.offset, keys.shape[2]
+        if self.keys is None or start + new > self.capacity:
+            self._grow(k, v, start + new)
+        _write(self.keys, start, k)
+        _write(self.values, start, v)
         self.offset += new
-        self.keys[..., start : self.offset, :] = keys
-        self.values[..., start : self.offset, :] = values
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+        return self._fetch(self.keys, self.offset), self._fetch(self.values, self.offset)
 
-    def _grow(self, keys: mx.array, values: mx.array, needed: int) -> None:
-        B, kv_heads, _, k_dim = keys.shape
-        v_dim = values.shape[3]
+    def _grow(self, k: Stored, v: Stored, needed: int) -> None:
         capacity = ((needed + self.step - 1) // self.step) * self.step
-        new_k = mx.zeros((B, kv_heads, capacity, k_dim), keys.dtype)
-        new_v = mx.zeros((B, kv_heads, capacity, v_dim), values.dtype)
+        new_k, new_v = _empty_like(k, capacity), _empty_like(v, capacity)
         if self.keys is not None and self.offset > 0:
-            new_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
-            new_v[..., : self.offset, :] = self.values[..., : self.offset, :]
+            _write(new_k, 0, _slice(self.keys, 0, self.offset))
+            _write(new_v, 0, _slice(self.values, 0, self.offset))
         self.keys, self.values = new_k, new_v
+
+    def make_mask(self, T: int, window: int | None = None) -> Mask:
+        """The mask for the T queries just added, over all `offset` keys."""
+        return causal_mask(T, self.offset, window)
 
     def trim(self, n: int) -> int:
         """Forget the last `n` tokens (e.g. rejected draft tokens); returns how many were dropped."""
@@ -44,12 +144,188 @@ class KVCache:
         self.offset -= n
         return n
 
-    @property
-    def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
-        """The arrays to evaluate together with the logits."""
-        return () if self.keys is None else (self.keys, self.values)
+
+class RotatingKVCache(_Cache):
+    """At most `max_size` tokens: the first `keep` ever seen (attention sinks) and the most recent
+    `max_size - keep`. Query q sees key k iff k <= q and (k < keep or q - k < max_size - keep).
+
+    Layout: slots [0, keep) hold the sinks; once full, slots [keep, max_size) are a ring whose
+    oldest entry is at `_idx`, the next slot to overwrite. One-token updates write in place;
+    a multi-token update (prefill chunk) returns the held keys in temporal order followed by the
+    new ones, with a mask, and stores back only what the window keeps, in temporal order.
+    Memory is `max_size` tokens once full (plus a chunk's worth transiently during prefill)."""
+
+    step = 256
+
+    def __init__(
+        self, max_size: int, keep: int = 0, bits: int | None = None, group_size: int = 64
+    ):
+        super().__init__(bits, group_size)
+        if not 0 <= keep < max_size:
+            raise ValueError(
+                f"max_kv_size must be larger than the {keep} kept sink tokens, got {max_size}"
+            )
+        self.max_size = max_size
+        self.keep = keep
+        self.size = 0  # tokens held
+        self._idx = 0  # next slot to write
+        self._fetched_positions: mx.array | None = None  # of the keys last returned, if unordered
 
     @property
-    def nbytes(self) -> int:
-        """Bytes allocated for keys and values (capacity, not just the filled part)."""
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+    def recent(self) -> int:
+        """How many of the latest tokens are held after the sinks."""
+        return self.max_size - self.keep
+
+    def _n_sinks(self) -> int:
+        return min(self.keep, self.size)
+
+    def positions(self) -> mx.array:
+        """Absolute position of the token in each held slot, `[size]`."""
+        n_sinks = self._n_sinks()
+        n_recent = self.size - n_sinks
+        sinks = mx.arange(n_sinks)
+        if self.size < self.max_size or self._idx == self.keep:
+            recent = mx.arange(self.offset - n_recent, self.offset)
+        else:  # the ring: slot keep + j holds the token (j - oldest) mod R after the oldest
+            j = mx.arange(n_recent)
+            oldest = self._idx - self.keep
+            recent = self.offset - n_recent + (j - oldest) % n_recent
+        return mx.concatenate([sinks, recent])
+
+    def _temporal(self, stored: Stored) -> Stored:
+        """The held tokens in temporal order (sinks first, then oldest to newest)."""
+        if self.size < self.max_size or self._idx == self.keep:
+            return _slice(stored, 0, self.size)
+        return _concat(
+            [
+                _slice(stored, 0, self.keep),
+                _slice(stored, self._idx, self.size),
+                _slice(stored, self.keep, self._idx),
+            ]
+        )
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        k, v = self._encode(keys), self._encode(values)
+        if keys.shape[2] == 1:
+            return self._update_one(k, v)
+        return self._update_many(k, v, keys.shape[2])
+
+    def _update_one(self, k: Stored, v: Stored):
+        if self.size < self.max_size:
+            if self.keys is None or self.size == self.capacity:
+                self._grow(k, v)
+            slot = self.size
+            self.size += 1
+            self._idx = self.size if self.size < self.max_size else self.keep
+        else:
+            slot = self._idx
+            self._idx = slot + 1 if slot + 1 < self.max_size else self.keep
+        _write(self.keys, slot, k)
+        _write(self.values, slot, v)
+        self.offset += 1
+        self._fetched_positions = None  # every held key is visible to the new token
+        return self._fetch(self.keys, self.size), self._fetch(self.values, self.size)
+
+    def _grow(self, k: Stored, v: Stored) -> None:
+        capacity = min(self.max_size, self.capacity + self.step)
+        new_k, new_v = _empty_like(k, capacity), _empty_like(v, capacity)
+        if self.size:
+            _write(new_k, 0, _slice(self.keys, 0, self.size))
+            _write(new_v, 0, _slice(self.values, 0, self.size))
+        self.keys, self.values = new_k, new_v
+
+    def _update_many(self, k: Stored, v: Stored, T: int):
+        held_positions = self.positions() if self.size else mx.zeros((0,), mx.int32)
+        if self.size:
+            all_k = _concat([self._temporal(self.keys), k])
+            all_v = _concat([self._temporal(self.values), v])
+        else:
+            all_k, all_v = k, v
+        self._fetched_positions = mx.concatenate(
+            [held_positions, mx.arange(self.offset, self.offset + T)]
+        )
+        self.offset += T
+        total = self.size + T
+        if total > self.max_size:  # keep the sinks and the latest `recent` tokens
+            n_sinks = min(self.keep, total)
+            self.keys = _concat([_slice(all_k, 0, n_sinks), _slice(all_k, total - self.recent)])
+            self.values = _concat([_slice(all_v, 0, n_sinks), _slice(all_v, total - self.recent)])
+            self.size = self.max_size
+        else:
+            self.keys, self.values = all_k, all_v
+            self.size = total
+        self._idx = self.size if self.size < self.max_size else self.keep
+        return self._fetch(all_k, all_k[0].shape[2]), self._fetch(all_v, all_v[0].shape[2])
+
+    def make_mask(self, T: int, window: int | None = None) -> Mask:
+        """The mask for the T queries just added over the keys just returned. A single token sees
+        every held key (the ring holds exactly its sinks + window) unless the layer's own window
+        is narrower than the ring."""
+        if T == 1 and self._fetched_positions is None:
+            if window is None or (window >= self.recent and self.keep == 0):
+                return None
+            k_positions = self.positions()
+        else:
+            k_positions = self._fetched_positions
+        q_positions = mx.arange(self.offset - T, self.offset)
+        mask = window_mask(q_positions, k_positions, self.recent, self.keep)
+        if window is not None:
+            mask = mask & window_mask(q_positions, k_positions, window)
+        return mask
+
+    def trim(self, n: int) -> int:
+        """Forget the last `n` tokens. Tokens the ring already evicted to make room for them do
+        not come back: afterwards the cache holds fewer than `recent` recent tokens until it
+        refills (exact for the tokens it holds; mlx-lm refuses to trim a full rotating cache)."""
+        n = min(self.offset, n)
+        if n == 0:
+            return 0
+        n_sinks = self._n_sinks()
+        n_recent = self.size - n_sinks
+        new_offset = self.offset - n
+        kept_recent = max(0, n_recent - n)
+        kept_sinks = min(n_sinks, new_offset)
+        ordered_k, ordered_v = self._temporal(self.keys), self._temporal(self.values)
+        self.keys = _concat(
+            [_slice(ordered_k, 0, kept_sinks), _slice(ordered_k, n_sinks, n_sinks + kept_recent)]
+        )
+        self.values = _concat(
+            [_slice(ordered_v, 0, kept_sinks), _slice(ordered_v, n_sinks, n_sinks + kept_recent)]
+        )
+        self.size = kept_sinks + kept_recent
+        self.offset = new_offset
+        self._idx = self.size if self.size < self.max_size else self.keep
+        self._fetched_positions = None
+        return n
+
+
+def make_cache(
+    config,
+    max_kv_size: int | None = None,
+    keep: int = 4,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+) -> list[KVCache | RotatingKVCache]:
+    """One cache per layer of a model with `config`: a rotating cache of the window for each
+    sliding-window layer; for the other layers a growing cache, or a rotating one of `max_kv_size`
+    tokens with `keep` sinks when memory is to be bounded. `kv_bits` quantizes all of them."""
+    if max_kv_size is not None and not keep < max_kv_size:
+        raise ValueError(
+            f"max_kv_size ({max_kv_size}) must be larger than kv_keep ({keep}), the sink tokens "
+            "it always keeps"
+        )
+    if keep < 0:
+        raise ValueError(f"kv_keep must be >= 0, got {keep}")
+    if kv_bits is not None and config.head_dim % kv_group_size:
+        raise ValueError(
+            f"kv_group_size {kv_group_size} does not divide the model's head_dim {config.head_dim}"
+        )
+    caches = []
+    for window in config.layer_windows:
+        if window is not None:
+            caches.append(RotatingKVCache(window, 0, kv_bits, kv_group_size))
+        elif max_kv_size is not None:
+            caches.append(RotatingKVCache(max_kv_size, keep, kv_bits, kv_group_size))
+        else:
+            caches.append(KVCache(kv_bits, kv_group_size))
+    return caches

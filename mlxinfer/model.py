@@ -11,24 +11,28 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .attention import Attention
-from .cache import KVCache
+from .cache import KVCache, RotatingKVCache, make_cache
 from .config import ModelConfig
 from .mlp import SwiGLU
+from .moe import SparseMoE
 from .rope import RoPE
+
+Cache = KVCache | RotatingKVCache
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h))."""
+    """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)). Layer `index` picks its attention
+    window and whether its MLP is dense or mixture-of-experts."""
 
-    def __init__(self, config: ModelConfig, rope: RoPE):
+    def __init__(self, config: ModelConfig, rope: RoPE, index: int):
         super().__init__()
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = Attention(config, rope)
+        self.self_attn = Attention(config, rope, window=config.layer_windows[index])
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = SwiGLU(config)
+        self.mlp = SparseMoE(config) if config.layer_moe[index] else SwiGLU(config)
 
-    def __call__(self, x: mx.array, mask, cache: KVCache | None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+    def __call__(self, x: mx.array, cache: Cache | None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -39,7 +43,7 @@ class DecoderStack(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         rope = RoPE(config)  # shared: every layer rotates by the same positions
-        self.layers = [TransformerBlock(config, rope) for _ in range(config.num_hidden_layers)]
+        self.layers = [TransformerBlock(config, rope, i) for i in range(config.num_hidden_layers)]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
 
@@ -54,19 +58,17 @@ class Model(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+    def __call__(self, tokens: mx.array, cache: list[Cache] | None = None) -> mx.array:
         return self.logits(self.hidden_states(tokens, cache))
 
-    def hidden_states(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+    def hidden_states(self, tokens: mx.array, cache: list[Cache] | None = None) -> mx.array:
         """Final-norm hidden states `[B, T, D]`; prefill uses this to skip the LM head on all but
-        the last position."""
+        the last position. Without a cache, `tokens` are positions 0..T-1."""
         h = self.model.embed_tokens(tokens)  # [B, T, D]
         h = h.astype(self.compute_dtype)
-        # A bottom-right aligned causal mask also covers chunks appended after a cached prefix.
-        mask = "causal" if tokens.shape[1] > 1 else None
         layer_caches = cache if cache is not None else [None] * len(self.model.layers)
         for layer, layer_cache in zip(self.model.layers, layer_caches, strict=True):
-            h = layer(h, mask, layer_cache)
+            h = layer(h, layer_cache)
         return self.model.norm(h)
 
     def logits(self, h: mx.array) -> mx.array:
@@ -80,9 +82,18 @@ class Model(nn.Module):
         """The dtype activations run in: that of the final norm weight (float32 for GGUF models)."""
         return self.model.norm.weight.dtype
 
-    def make_cache(self) -> list[KVCache]:
-        """One KV cache per layer."""
-        return [KVCache() for _ in self.model.layers]
+    def make_cache(
+        self,
+        max_kv_size: int | None = None,
+        keep: int = 4,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+    ) -> list[Cache]:
+        """One KV cache per layer: a rotating cache of the window on sliding-window layers; on the
+        others a growing cache, or with `max_kv_size` a rotating one that keeps `keep` sink tokens
+        and the latest `max_kv_size - keep`. `kv_bits` (8 or 4) stores keys and values quantized
+        in groups of `kv_group_size`."""
+        return make_cache(self.config, max_kv_size, keep, kv_bits, kv_group_size)
 
     @property
     def decode_weight_bytes(self) -> int:

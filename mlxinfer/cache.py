@@ -24,6 +24,7 @@ Mask = mx.array | str | None  # None: every key visible; "causal"; or bool [T, S
 Stored = tuple[mx.array, ...]
 
 KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)  # those mx.quantize supports
 
 
 def window_mask(
@@ -56,8 +57,8 @@ class _Cache:
     def __init__(self, bits: int | None = None, group_size: int = 64):
         if bits is not None and bits not in KV_BITS:
             raise ValueError(f"kv_bits must be one of {KV_BITS} or None, got {bits!r}")
-        if group_size < 1:
-            raise ValueError(f"kv_group_size must be >= 1, got {group_size!r}")
+        if group_size not in KV_GROUP_SIZES:
+            raise ValueError(f"kv_group_size must be one of {KV_GROUP_SIZES}, got {group_size!r}")
         self.bits = bits
         self.group_size = group_size
         self.keys: Stored | None = None
@@ -157,9 +158,7 @@ class RotatingKVCache(_Cache):
 
     step = 256
 
-    def __init__(
-        self, max_size: int, keep: int = 0, bits: int | None = None, group_size: int = 64
-    ):
+    def __init__(self, max_size: int, keep: int = 0, bits: int | None = None, group_size: int = 64):
         super().__init__(bits, group_size)
         if not 0 <= keep < max_size:
             raise ValueError(
@@ -309,6 +308,8 @@ def make_cache(
     """One cache per layer of a model with `config`: a rotating cache of the window for each
     sliding-window layer; for the other layers a growing cache, or a rotating one of `max_kv_size`
     tokens with `keep` sinks when memory is to be bounded. `kv_bits` quantizes all of them."""
+    if max_kv_size is not None and (not isinstance(max_kv_size, int) or max_kv_size < 1):
+        raise ValueError(f"max_kv_size must be a positive integer or None, got {max_kv_size!r}")
     if max_kv_size is not None and not keep < max_kv_size:
         raise ValueError(
             f"max_kv_size ({max_kv_size}) must be larger than kv_keep ({keep}), the sink tokens "

@@ -4,6 +4,7 @@ mlxinfer generate [--model PATH] --prompt TEXT [--max-tokens N] [--chat]
                   [--temperature T] [--top-k K] [--top-p P] [--min-p P]
                   [--repetition-penalty R] [--presence-penalty X] [--frequency-penalty X]
                   [--seed S] [--stop STR ...] [--ignore-eos] [--logprobs N] [--stream] [--json]
+                  [--max-kv-size N] [--kv-keep K] [--kv-bits {4,8}] [--kv-group-size G]
 """
 
 from __future__ import annotations
@@ -47,6 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sampling.add_argument("--ignore-eos", action="store_true", help="generate exactly max tokens")
     sampling.add_argument("--logprobs", type=int, default=0, help="top-N logprobs per token (JSON)")
+    kv = gen.add_argument_group("KV cache (default: growing, float)")
+    kv.add_argument(
+        "--max-kv-size",
+        type=int,
+        default=None,
+        help="bound the cache to N tokens per layer (rotating; keeps --kv-keep sink tokens)",
+    )
+    kv.add_argument("--kv-keep", type=int, default=4, help="sink tokens a bounded cache keeps (4)")
+    kv.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantize the cache")
+    kv.add_argument(
+        "--kv-group-size",
+        type=int,
+        choices=[32, 64, 128],
+        default=64,
+        help="quantization group (64)",
+    )
     output = gen.add_argument_group("output")
     output.add_argument("--stream", action="store_true", help="print text as it is generated")
     output.add_argument("--json", action="store_true", help="print text and metrics as JSON")
@@ -82,9 +99,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, tokenizer = load(args.model, compute=args.compute)
         pieces, tokens = [], []
-        for response in stream_generate(
-            model, tokenizer, args.prompt, sampling=sampling, chat=args.chat
-        ):
+        responses = stream_generate(
+            model,
+            tokenizer,
+            args.prompt,
+            sampling=sampling,
+            chat=args.chat,
+            max_kv_size=args.max_kv_size,
+            kv_keep=args.kv_keep,
+            kv_bits=args.kv_bits,
+            kv_group_size=args.kv_group_size,
+        )
+        for response in responses:
             pieces.append(response.text)
             tokens.append(response)
             if args.stream and not args.json:
@@ -101,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
             "token_ids": [r.token for r in tokens],
             "metrics": last.metrics.to_dict() if last and last.metrics else None,
             "compute_policy": model.compute_policy,
+            "kv_cache": {
+                "max_kv_size": args.max_kv_size,
+                "keep": args.kv_keep if args.max_kv_size else None,
+                "bits": args.kv_bits,
+                "group_size": args.kv_group_size if args.kv_bits else None,
+            },
             "blas": blas_status(),
         }
         if args.logprobs:

@@ -138,21 +138,30 @@ def stream_generate(
     max_tokens: int | None = None,
     sampling: SamplingParams | None = None,
     chat: bool = False,
+    max_kv_size: int | None = None,
+    kv_keep: int = 4,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt` (text, or token ids), yielding one GenerationResponse per token.
 
     `max_tokens` overrides `sampling.max_tokens`; `chat=True` wraps a text prompt as one user
-    message in the model's chat template. Safe to call from any thread."""
+    message in the model's chat template. Safe to call from any thread.
+
+    KV cache: `max_kv_size` bounds it to that many tokens per layer (a rotating cache keeping the
+    first `kv_keep` tokens as attention sinks and the latest ones after them); `kv_bits` (8 or 4)
+    stores keys and values quantized in groups of `kv_group_size`. See `Model.make_cache`."""
     params = sampling or SamplingParams()
     max_tokens = params.max_tokens if max_tokens is None else max_tokens
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
     prompt_ids = encode_prompt(tokenizer, prompt, chat)
 
+    cache = model.make_cache(max_kv_size, kv_keep, kv_bits, kv_group_size)  # validates the options
+
     mx.reset_peak_memory()
     start = time.perf_counter()
     sampler = Sampler(params, model.config.vocab_size, prompt_ids)
-    cache = model.make_cache()
     detokenizer = tokenizer.detokenizer()
     stops = StopStrings(params.stop)
     eos = set() if params.ignore_eos else tokenizer.eos_token_ids
@@ -212,11 +221,16 @@ def generate(
     sampling: SamplingParams | None = None,
     chat: bool = False,
     return_metrics: bool = False,
+    **cache_options,
 ) -> str | tuple[str, RequestMetrics]:
     """Generate from `prompt` and return the text, or (text, metrics) with return_metrics=True.
-    Greedy unless `sampling` says otherwise; stops at EOS, a stop string or max_tokens."""
+    Greedy unless `sampling` says otherwise; stops at EOS, a stop string or max_tokens.
+    `cache_options` are stream_generate's max_kv_size, kv_keep, kv_bits and kv_group_size."""
     text, metrics = [], None
-    for response in stream_generate(model, tokenizer, prompt, max_tokens, sampling, chat):
+    responses = stream_generate(
+        model, tokenizer, prompt, max_tokens, sampling, chat, **cache_options
+    )
+    for response in responses:
         text.append(response.text)
         metrics = response.metrics or metrics
     return ("".join(text), metrics) if return_metrics else "".join(text)

@@ -51,14 +51,18 @@ def causal_mask(T: int, S: int, window: int | None) -> Mask:
     return window_mask(mx.arange(S - T, S), mx.arange(S), window)
 
 
+def check_quantization(bits: int | None, group_size: int) -> None:
+    if bits is not None and bits not in KV_BITS:
+        raise ValueError(f"kv_bits must be one of {KV_BITS} or None, got {bits!r}")
+    if group_size not in KV_GROUP_SIZES:
+        raise ValueError(f"kv_group_size must be one of {KV_GROUP_SIZES}, got {group_size!r}")
+
+
 class _Cache:
     """Shared storage helpers. Subclasses keep `keys`/`values` as tuples of arrays `[B, H, S, ...]`."""
 
     def __init__(self, bits: int | None = None, group_size: int = 64):
-        if bits is not None and bits not in KV_BITS:
-            raise ValueError(f"kv_bits must be one of {KV_BITS} or None, got {bits!r}")
-        if group_size not in KV_GROUP_SIZES:
-            raise ValueError(f"kv_group_size must be one of {KV_GROUP_SIZES}, got {group_size!r}")
+        check_quantization(bits, group_size)
         self.bits = bits
         self.group_size = group_size
         self.keys: Stored | None = None
@@ -179,7 +183,7 @@ class RotatingKVCache(_Cache):
         return min(self.keep, self.size)
 
     def positions(self) -> mx.array:
-        """Absolute position of the token in each held slot, `[size]`."""
+        """Absolute position of the token in each held slot (slot order), `[size]`."""
         n_sinks = self._n_sinks()
         n_recent = self.size - n_sinks
         sinks = mx.arange(n_sinks)
@@ -234,7 +238,10 @@ class RotatingKVCache(_Cache):
         self.keys, self.values = new_k, new_v
 
     def _update_many(self, k: Stored, v: Stored, T: int):
-        held_positions = self.positions() if self.size else mx.zeros((0,), mx.int32)
+        n_sinks = self._n_sinks()
+        held_positions = mx.concatenate(  # in temporal order, as _temporal returns them
+            [mx.arange(n_sinks), mx.arange(self.offset - (self.size - n_sinks), self.offset)]
+        )
         if self.size:
             all_k = _concat([self._temporal(self.keys), k])
             all_v = _concat([self._temporal(self.values), v])
@@ -317,6 +324,7 @@ def make_cache(
         )
     if keep < 0:
         raise ValueError(f"kv_keep must be >= 0, got {keep}")
+    check_quantization(kv_bits, kv_group_size)
     if kv_bits is not None and config.head_dim % kv_group_size:
         raise ValueError(
             f"kv_group_size {kv_group_size} does not divide the model's head_dim {config.head_dim}"

@@ -73,3 +73,24 @@ def test_invalid_sampling_flag_is_a_clear_error():
     assert result.returncode == 2
     assert "top_p must be in (0, 1], got 1.5" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bounded_quantized_cache_flags():
+    result = run_cli(
+        "generate", "--chat", "--prompt", "What is the capital of France?", "--json",
+        "--max-kv-size", "64", "--kv-keep", "4", "--kv-bits", "8",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["text"] == "The capital of France is Paris."
+    assert out["kv_cache"] == {"max_kv_size": 64, "keep": 4, "bits": 8, "group_size": 64}
+    # 30 layers x (k, v) x 64 tokens x 3 kv heads x 64 dims, 8-bit + float32 scale/bias per 64
+    expected_mb = 30 * 2 * 64 * 3 * (64 + 8) / 2**20
+    assert abs(out["metrics"]["kv_cache_mb"] - expected_mb) < 1e-3
+
+
+def test_bad_cache_flag_is_a_clear_error():
+    result = run_cli("generate", "--prompt", "hi", "--max-kv-size", "3")
+    assert result.returncode == 1
+    assert "max_kv_size (3) must be larger than kv_keep (4)" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -8,7 +8,7 @@ from .backend import load_fast_blas
 
 load_fast_blas()  # before anything imports mlx.core: OpenBLAS must claim the BLAS symbols first
 
-from .cache import KVCache
+from .cache import KVCache, RotatingKVCache
 from .config import ModelConfig, ModelLoadError
 from .generate import GenerationResponse, TokenLogprobs, generate, generate_tokens, stream_generate
 from .loading import default_model_path, load
@@ -26,6 +26,7 @@ __all__ = [
     "ModelConfig",
     "ModelLoadError",
     "RequestMetrics",
+    "RotatingKVCache",
     "SamplingParams",
     "StreamingDetokenizer",
     "Tokenizer",

@@ -41,7 +41,13 @@ class Attention(nn.Module):
         self.qk_norm = config.qk_norm
         self.rope = rope  # one module shared by all layers: its cos/sin table is built once a pass
 
-    def __call__(self, x: mx.array, cache: KVCache | RotatingKVCache | None = None) -> mx.array:
+    def __call__(
+        self,
+        x: mx.array,
+        cache: KVCache | RotatingKVCache | None = None,
+        masks: dict[tuple, Mask] | None = None,
+    ) -> mx.array:
+        """`masks` is shared by the layers of one forward pass, so each distinct mask is built once."""
         B, T, _ = x.shape  # x: [B, T, D]
         if self.fused:
             q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
@@ -62,19 +68,35 @@ class Attention(nn.Module):
         k = self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # [B, KV, S, hd], or quantized tuples
-            mask = cache.make_mask(T, self.window)
+            mask = _shared(masks, cache.mask_key(T, self.window), cache.make_mask, T, self.window)
         else:
-            mask = causal_mask(T, T, self.window)
+            mask = _shared(masks, ("none", T, self.window), causal_mask, T, T, self.window)
 
+        on_cpu = cpu_kernels.on_cpu()
         if cache is not None and cache.bits is not None:
-            out = quantized_attention(q, k, v, self.scale, mask, cache.group_size, cache.bits)
-        elif mask is not None and cpu_kernels.on_cpu():
+            if T > 1 and on_cpu:
+                # A prefill chunk on the CPU: MLX's quantized matmuls don't use BLAS there, so
+                # dequantize (the same numbers quantized_matmul uses) and take the BLAS kernels.
+                k = mx.dequantize(*k, group_size=cache.group_size, bits=cache.bits)
+                v = mx.dequantize(*v, group_size=cache.group_size, bits=cache.bits)
+                out = cpu_kernels.attention(q, k, v, self.scale, mask)
+            else:
+                out = quantized_attention(q, k, v, self.scale, mask, cache.group_size, cache.bits)
+        elif mask is not None and on_cpu:
             # MLX's CPU softmax is scalar exp: a prefill chunk goes through BLAS + a fast exp.
             out = cpu_kernels.attention(q, k, v, self.scale, mask)
         else:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)  # [B, T, H * hd]
         return self.o_proj(out)
+
+
+def _shared(masks: dict | None, key: tuple, build, *args) -> Mask:
+    if masks is None:
+        return build(*args)
+    if key not in masks:
+        masks[key] = build(*args)
+    return masks[key]
 
 
 def quantized_attention(

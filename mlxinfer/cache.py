@@ -139,6 +139,10 @@ class KVCache(_Cache):
             _write(new_v, 0, _slice(self.values, 0, self.offset))
         self.keys, self.values = new_k, new_v
 
+    def mask_key(self, T: int, window: int | None) -> tuple:
+        """Everything make_mask depends on: layers whose caches agree share one mask per pass."""
+        return ("growing", self.offset, T, window)
+
     def make_mask(self, T: int, window: int | None = None) -> Mask:
         """The mask for the T queries just added, over all `offset` keys."""
         return causal_mask(T, self.offset, window)
@@ -242,26 +246,50 @@ class RotatingKVCache(_Cache):
         held_positions = mx.concatenate(  # in temporal order, as _temporal returns them
             [mx.arange(n_sinks), mx.arange(self.offset - (self.size - n_sinks), self.offset)]
         )
-        if self.size:
-            all_k = _concat([self._temporal(self.keys), k])
-            all_v = _concat([self._temporal(self.values), v])
-        else:
-            all_k, all_v = k, v
         self._fetched_positions = mx.concatenate(
             [held_positions, mx.arange(self.offset, self.offset + T)]
         )
-        self.offset += T
+        held_k = self._temporal(self.keys) if self.size else None
+        held_v = self._temporal(self.values) if self.size else None
+        fetched_k = _concat([held_k, k]) if self.size else k
+        fetched_v = _concat([held_v, v]) if self.size else v
+        # What stays: the sinks and the latest `recent` tokens, sliced from the pieces rather than
+        # from the fetched arrays, so those are freed as soon as attention has read them.
         total = self.size + T
-        if total > self.max_size:  # keep the sinks and the latest `recent` tokens
-            n_sinks = min(self.keep, total)
-            self.keys = _concat([_slice(all_k, 0, n_sinks), _slice(all_k, total - self.recent)])
-            self.values = _concat([_slice(all_v, 0, n_sinks), _slice(all_v, total - self.recent)])
+        if total > self.max_size:
+            self.keys = self._keep_window(held_k, k, total)
+            self.values = self._keep_window(held_v, v, total)
             self.size = self.max_size
         else:
-            self.keys, self.values = all_k, all_v
+            self.keys, self.values = fetched_k, fetched_v
             self.size = total
+        self.offset += T
         self._idx = self.size if self.size < self.max_size else self.keep
-        return self._fetch(all_k, all_k[0].shape[2]), self._fetch(all_v, all_v[0].shape[2])
+        return self._fetch(fetched_k, total), self._fetch(fetched_v, total)
+
+    def _keep_window(self, held: Stored | None, new: Stored, total: int) -> Stored:
+        """Sinks + the last `recent` of held ++ new, in temporal order."""
+        T = new[0].shape[2]
+        held_size = total - T
+        n_sinks = min(self.keep, total)
+        parts = []
+        if n_sinks:  # the first tokens ever: from the held ones, then the new ones
+            from_held = min(n_sinks, held_size)
+            if from_held:
+                parts.append(_slice(held, 0, from_held))
+            if n_sinks > from_held:
+                parts.append(_slice(new, 0, n_sinks - from_held))
+        if T < self.recent:
+            parts.append(_slice(held, held_size - (self.recent - T)))
+            parts.append(new)
+        else:
+            parts.append(_slice(new, T - self.recent))
+        return _concat(parts)
+
+    def mask_key(self, T: int, window: int | None) -> tuple:
+        fetched = None if self._fetched_positions is None else self._fetched_positions.shape[0]
+        state = (self.max_size, self.keep, self.offset, self.size, self._idx, fetched)
+        return ("rotating", *state, T, window)
 
     def make_mask(self, T: int, window: int | None = None) -> Mask:
         """The mask for the T queries just added over the keys just returned. A single token sees

@@ -60,6 +60,12 @@ def config_from_metadata(metadata: dict[str, Any], source: str) -> dict[str, Any
             return default
         return metadata[full]
 
+    if get("expert_count"):
+        raise ModelLoadError(
+            f"{source}: mixture-of-experts GGUF files ({arch}.expert_count = "
+            f"{get('expert_count')}) are not supported; load the Hugging Face or mlx-community "
+            "checkpoint instead"
+        )
     heads = get("attention.head_count", required=True)
     hidden = get("embedding_length", required=True)
     vocab = get("vocab_size") or len(metadata.get("tokenizer.ggml.tokens", []))

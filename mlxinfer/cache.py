@@ -305,6 +305,9 @@ class RotatingKVCache(_Cache):
             k_positions = self.positions()
         else:
             k_positions = self._fetched_positions
+            complete = k_positions.shape[0] == self.offset  # positions 0..offset-1, in order
+            if complete and self.offset <= self.max_size:  # nothing evicted yet
+                return causal_mask(T, self.offset, window)
         q_positions = mx.arange(self.offset - T, self.offset)
         mask = window_mask(q_positions, k_positions, self.recent, self.keep)
         if window is not None:

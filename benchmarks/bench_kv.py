@@ -34,10 +34,9 @@ import mlxinfer  # first: it loads OpenBLAS, which must happen before mlx.core i
 # isort: on
 import mlx.core as mx
 import numpy as np
-from common import machine_info, summary
+from common import machine_info, random_model, summary
 
 from mlxinfer.generate import generate_tokens, prefill
-from mlxinfer.loading import fuse_projections, to_float32, transpose_wide_layers
 from mlxinfer.metrics import RequestMetrics, request_metrics
 
 FLAT = 0.10  # the goal: bounded configurations vary by at most 10% over context lengths
@@ -179,19 +178,6 @@ def default_model_part(args, contexts: list[int]) -> dict:
     }
 
 
-def build(config: dict, seed: int = 0) -> mlxinfer.Model:
-    """A random-weight model prepared as load() prepares one on the CPU (the float32 policy)."""
-    mx.random.seed(seed)
-    model = mlxinfer.Model(mlxinfer.ModelConfig.from_dict(config, source="bench_kv"))
-    model.eval()
-    to_float32(model)
-    fuse_projections(model)
-    transpose_wide_layers(model)
-    model.compute_policy = "float32"
-    mx.eval(model.parameters())
-    return model
-
-
 def synthetic_part(args, contexts: list[int]) -> dict:
     limit = SYNTHETIC["max_position_embeddings"]
     if max(contexts) + args.tokens > limit:
@@ -201,7 +187,7 @@ def synthetic_part(args, contexts: list[int]) -> dict:
     configs = {"sliding": {**SYNTHETIC, "sliding_window": args.window}}
     if not args.no_contrast:
         configs["full"] = SYNTHETIC
-    models = {name: build(config) for name, config in configs.items()}
+    models = {name: random_model(config) for name, config in configs.items()}
     windows = set(models["sliding"].config.layer_windows)
     if windows != {args.window}:
         raise SystemExit(f"the sliding-window model's layer windows are {windows}")

@@ -27,28 +27,14 @@ import mlxinfer  # first: it loads OpenBLAS, which must happen before mlx.core i
 # isort: on
 import mlx.core as mx
 import numpy as np
-from common import machine_info, summary
+from common import machine_info, random_model, summary
 from mlx.utils import tree_flatten
 
 from mlxinfer.generate import generate_tokens, prefill
-from mlxinfer.loading import fuse_projections, to_float32, transpose_wide_layers
 from mlxinfer.metrics import request_metrics
 
 GOAL_RATIO = 0.6  # MoE decode_tps / dense decode_tps
 RESULTS = Path(__file__).parent / "results"
-
-
-def build(config: dict, seed: int = 0) -> mlxinfer.Model:
-    """A random-weight model prepared as load() prepares one on the CPU (the float32 policy)."""
-    mx.random.seed(seed)
-    model = mlxinfer.Model(mlxinfer.ModelConfig.from_dict(config, source="bench_moe"))
-    model.eval()
-    to_float32(model)
-    fuse_projections(model)
-    transpose_wide_layers(model)
-    model.compute_policy = "float32"
-    mx.eval(model.parameters())
-    return model
 
 
 def expert_bytes(model: mlxinfer.Model) -> int:
@@ -140,7 +126,7 @@ def main() -> None:
             "num_experts_per_tok": args.top_k,
         },
     }
-    models = {name: build(config) for name, config in configs.items()}
+    models = {name: random_model(config) for name, config in configs.items()}
     sizes = {name: weight_bytes(model) for name, model in models.items()}
     prompt = np.random.default_rng(0).integers(0, args.vocab, args.prompt_tokens).tolist()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 
 import mlxinfer
+from mlxinfer.loading import fuse_projections, to_float32, transpose_wide_layers
 
 
 def machine_info() -> dict:
@@ -38,6 +39,20 @@ def machine_info() -> dict:
         "mlxinfer": mlxinfer.__version__,
         "commit": commit or "unknown",
     }
+
+
+def random_model(config: dict, seed: int = 0) -> mlxinfer.Model:
+    """A random-weight model from a config.json-like dict, prepared as `load()` prepares one on the
+    CPU (float32 weights, fused projections, wide layers transposed)."""
+    mx.random.seed(seed)
+    model = mlxinfer.Model(mlxinfer.ModelConfig.from_dict(config, source="benchmark config"))
+    model.eval()
+    to_float32(model)
+    fuse_projections(model)
+    transpose_wide_layers(model)
+    model.compute_policy = "float32"
+    mx.eval(model.parameters())
+    return model
 
 
 def blas_in_use() -> str:

@@ -165,7 +165,7 @@ def test_bad_top_k_is_named(tmp_path):
         mlxinfer.load(tmp_path)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_mlx_community_quantized_moe_matches_mlx_lm(tmp_path, family):
     """mlx_lm.convert stacks and quantizes the experts (`switch_mlp`, 4-bit, router 8-bit for
     Qwen): our native policy multiplies them with gather_qmm, and must match mlx-lm's model."""
@@ -180,12 +180,18 @@ def test_mlx_community_quantized_moe_matches_mlx_lm(tmp_path, family):
             moe_intermediate_size=64,
             shared_expert_intermediate_size=64,
         ),
+        "qwen3_moe": dict(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, head_dim=32
+        ),
     }[family]
     hf = tmp_path / "hf"
     make_tiny_checkpoint(hf, family, **overrides)
-    # mlx-lm's qwen2_moe reads only the classic top-level rope_theta (else assumes 1e6).
+    # mlx-lm reads only the classic spellings: top-level rope_theta (its qwen2_moe assumes 1e6
+    # otherwise) and num_experts (transformers 5 writes num_local_experts for qwen3_moe).
     config = json.loads((hf / "config.json").read_text())
     config["rope_theta"] = config["rope_parameters"]["rope_theta"]
+    if family == "qwen3_moe":
+        config["num_experts"] = config.pop("num_local_experts")
     (hf / "config.json").write_text(json.dumps(config))
     quantized = tmp_path / "q"
     convert(str(hf), str(quantized), quantize=True, q_group_size=32, q_bits=4)

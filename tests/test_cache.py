@@ -242,3 +242,35 @@ def test_bad_cache_options_are_clear_errors(default_model, options, message):
     with pytest.raises(ValueError) as err:
         mlxinfer.generate(model, tokenizer, "hi", max_tokens=2, **options)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("layout", ["cpu-folded", "gpu-broadcast"])
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "window"])
+def test_quantized_attention_equals_attention_over_dequantized(monkeypatch, layout, mask_kind):
+    """Both GQA layouts of quantized_attention (the CPU one and the one Metal takes) against numpy
+    attention over the dequantized keys and values."""
+    from mlxinfer import attention, cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "on_cpu", lambda: layout == "cpu-folded")
+    rng = np.random.default_rng(5)
+    B, H, KV, T, S, hd = 2, 6, 2, 4, 20, 64
+    q = mx.array(rng.normal(size=(B, H, T, hd)), mx.float32)
+    k, v = (mx.array(rng.normal(size=(B, KV, S, hd)), mx.float32) for _ in range(2))
+    kq, vq = tuple(mx.quantize(k, 64, 8)), tuple(mx.quantize(v, 64, 8))
+    visible = (
+        np.ones((T, S), bool)
+        if mask_kind == "none"
+        else (np.arange(S)[None] <= np.arange(S - T, S)[:, None])
+    )
+    if mask_kind == "window":
+        visible &= np.arange(S)[None] > np.arange(S - T, S)[:, None] - 6
+    mask = {"none": None, "causal": "causal", "window": mx.array(visible)}[mask_kind]
+    ours = np.array(attention.quantized_attention(q, kq, vq, 0.125, mask, 64, 8))
+
+    keys = np.array(mx.dequantize(*kq, group_size=64, bits=8)).repeat(H // KV, axis=1)
+    values = np.array(mx.dequantize(*vq, group_size=64, bits=8)).repeat(H // KV, axis=1)
+    scores = np.einsum("bhtd,bhsd->bhts", np.array(q, np.float64) * 0.125, keys)
+    scores = np.where(visible, scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = np.einsum("bhts,bhsd->bhtd", weights / weights.sum(-1, keepdims=True), values)
+    assert rel_err(ours, expected) <= 1e-5

@@ -23,10 +23,7 @@ what was allocated when the request started: the KV cache and activations alone.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import time
-from pathlib import Path
 
 # isort: off
 import mlxinfer  # first: it loads OpenBLAS, which must happen before mlx.core is imported
@@ -34,7 +31,7 @@ import mlxinfer  # first: it loads OpenBLAS, which must happen before mlx.core i
 # isort: on
 import mlx.core as mx
 import numpy as np
-from common import machine_info, random_model, summary
+from common import machine_info, random_model, save_result, summary
 
 from mlxinfer.generate import generate_tokens, prefill
 from mlxinfer.metrics import RequestMetrics, request_metrics
@@ -55,7 +52,6 @@ SYNTHETIC = {
     "rms_norm_eps": 1e-5,
     "tie_word_embeddings": False,
 }
-RESULTS = Path(__file__).parent / "results"
 
 
 def record(m: RequestMetrics, resident: int) -> dict:
@@ -248,11 +244,7 @@ def main() -> None:
         result["default_model"] = default_model_part(args, contexts)
     if args.part in ("all", "synthetic"):
         result["sliding_window_model"] = synthetic_part(args, contexts)
-    text = json.dumps(result, indent=1)
-    print(text)
-    out = args.out or RESULTS / f"kv-context-{datetime.date.today()}-{machine['commit']}.json"
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(text + "\n")
+    save_result(result, "kv-context", args.out)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,7 @@ Requests alternate A B A B after one warm-up each; the ratio is MoE / dense.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import time
-from pathlib import Path
 
 # isort: off
 import mlxinfer  # first: it loads OpenBLAS, which must happen before mlx.core is imported
@@ -27,14 +24,13 @@ import mlxinfer  # first: it loads OpenBLAS, which must happen before mlx.core i
 # isort: on
 import mlx.core as mx
 import numpy as np
-from common import machine_info, random_model, summary
+from common import machine_info, random_model, save_result, summary
 from mlx.utils import tree_flatten
 
 from mlxinfer.generate import generate_tokens, prefill
 from mlxinfer.metrics import request_metrics
 
 GOAL_RATIO = 0.6  # MoE decode_tps / dense decode_tps
-RESULTS = Path(__file__).parent / "results"
 
 
 def expert_bytes(model: mlxinfer.Model) -> int:
@@ -165,11 +161,7 @@ def main() -> None:
         "goal": f"moe decode_tps >= {GOAL_RATIO} x dense",
         "goal_met": decode["ratio"] >= GOAL_RATIO,
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    out = args.out or RESULTS / f"moe-vs-dense-{datetime.date.today()}-{machine['commit']}.json"
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(text + "\n")
+    save_result(result, "moe-vs-dense", args.out)
 
 
 if __name__ == "__main__":

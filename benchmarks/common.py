@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import platform
 import statistics
@@ -12,6 +14,8 @@ import mlx.core as mx
 
 import mlxinfer
 from mlxinfer.loading import fuse_projections, to_float32, transpose_wide_layers
+
+RESULTS = Path(__file__).parent / "results"
 
 
 def machine_info() -> dict:
@@ -53,6 +57,17 @@ def random_model(config: dict, seed: int = 0) -> mlxinfer.Model:
     model.compute_policy = "float32"
     mx.eval(model.parameters())
     return model
+
+
+def save_result(result: dict, stem: str, out: str | None = None) -> None:
+    """Print the result as JSON and write it to `out`, by default
+    benchmarks/results/{stem}-{date}-{commit}.json."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    commit = result.get("machine", {}).get("commit", "unknown")
+    path = Path(out) if out else RESULTS / f"{stem}-{datetime.date.today()}-{commit}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
 
 
 def blas_in_use() -> str:

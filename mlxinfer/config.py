@@ -98,6 +98,17 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     torch_dtype: str | None = None
 
+    def __post_init__(self):
+        # Built directly rather than by from_dict: per-layer lists default to full attention, dense.
+        n = self.num_hidden_layers
+        self.layer_windows = list(self.layer_windows) or [self.sliding_window] * n
+        self.layer_moe = list(self.layer_moe) or [self.num_experts > 0] * n
+        for name in ("layer_windows", "layer_moe"):
+            if len(getattr(self, name)) != n:
+                raise ModelLoadError(
+                    f"{name} has {len(getattr(self, name))} entries for {n} layers"
+                )
+
     @classmethod
     def from_dict(cls, config: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Build a config from a Hugging Face config.json dict; unknown keys are ignored."""

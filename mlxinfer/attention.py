@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import cpu_kernels
-from .cache import KVCache, Mask, RotatingKVCache, causal_mask
+from .cache import KVCache, Mask, RotatingKVCache, causal_mask, window_mask
 from .config import ModelConfig
 from .rope import RoPE
 
@@ -125,7 +125,7 @@ def quantized_attention(
         v = tuple(a[:, :, None] for a in v)
     scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)
     if isinstance(mask, str):  # "causal": the T queries are the last T of the S positions
-        mask = mx.arange(S)[None] <= mx.arange(S - T, S)[:, None]
+        mask = window_mask(mx.arange(S - T, S), mx.arange(S))
     if mask is not None:  # [T, S] over [B, KV, G, T, S]
         scores = scores.reshape(B, kv_heads, groups, T, S)
         scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))

@@ -15,6 +15,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from .cache import window_mask
+
 _LOG2E = 1.4426950408889634
 # Taylor coefficients of 2^f = e^(f ln 2) for f in [0, 1): degree 7 leaves < 1e-7 relative error.
 _EXP2_COEFFICIENTS = [math.log(2) ** i / math.factorial(i) for i in range(8)]
@@ -69,8 +71,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.a
         if causal:
             visible = S - T + end  # keys up to this block's last query
             keys, values = k[:, :, :visible], v[:, :, :visible]
-            rows = mx.arange(visible - (end - start), visible)[:, None]
-            block_mask = mx.arange(visible)[None] <= rows if end - start > 1 else None
+            rows = mx.arange(visible - (end - start), visible)
+            block_mask = window_mask(rows, mx.arange(visible)) if end - start > 1 else None
         else:
             keys, values, block_mask = k, v, mask[start:end]
         q_block = q[:, :, start:end]
@@ -78,11 +80,6 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.a
             q_block = mx.depends(q_block, blocks[-1])
         blocks.append(_attention_block(q_block, keys, values, scale, block_mask))
     return blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=2)
-
-
-def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """`attention` with the causal mask: the T queries are the last T of the S key positions."""
-    return attention(q, k, v, scale, "causal")
 
 
 def _attention_block(

@@ -85,8 +85,8 @@ class QuantizedSwitchLinear(nn.Module):
             self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits,
             mode=self.mode,
         )  # fmt: skip
-        layer = SwitchLinear.__new__(SwitchLinear)
-        nn.Module.__init__(layer)
+        num_experts, out_features, in_features = weight.shape
+        layer = SwitchLinear(in_features, out_features, num_experts)  # its lazy init is replaced
         layer.weight = weight
         return layer
 

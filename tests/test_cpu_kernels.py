@@ -59,5 +59,5 @@ def test_causal_attention_matches_fast_sdpa(heads, kv_heads, new, total):
     v = mx.array(rng.normal(size=(2, kv_heads, total, 16)).astype(np.float32))
     mask = "causal" if new > 1 else None
     expected = np.array(mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask))
-    ours = np.array(cpu_kernels.causal_attention(q, k, v, 0.25))
+    ours = np.array(cpu_kernels.attention(q, k, v, 0.25, "causal"))
     assert np.linalg.norm(ours - expected) / np.linalg.norm(expected) < 1e-6

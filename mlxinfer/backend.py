@@ -29,7 +29,10 @@ _CANDIDATES = (
     "/usr/lib64/libopenblas.so.0",
 )
 
+COMPILER_FIX = "apt-get install gcc (Debian/Ubuntu)"
+
 _status: str | None = None  # what load_fast_blas found; see blas_status()
+_shim_status = "not tried"  # what became of the gemv shim; see gemv_shim_status()
 
 
 def load_fast_blas() -> str:
@@ -73,9 +76,12 @@ def load_fast_blas() -> str:
 
 def _load_gemv_shim(openblas: str) -> bool:
     """Compile (once, into a cache dir) gemv_shim.c and load it, then OpenBLAS behind it: MLX's
-    matrix-vector products then run at GEMV bandwidth (~2x on OpenBLAS 0.3.21). Needs a C compiler
-    the first time; without one, or with MLXINFER_GEMV_SHIM=0, returns False and loads nothing."""
+    matrix-vector products then run at GEMV bandwidth (~2x decode on OpenBLAS 0.3.21). Needs a C
+    compiler the first time; without one it says so once, with the fix, and returns False having
+    loaded nothing. MLXINFER_GEMV_SHIM=0 skips it silently."""
+    global _shim_status
     if os.environ.get("MLXINFER_GEMV_SHIM", "1") == "0":
+        _shim_status = "off (MLXINFER_GEMV_SHIM=0)"
         return False
     source = Path(__file__).with_name("gemv_shim.c")
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
@@ -84,6 +90,11 @@ def _load_gemv_shim(openblas: str) -> bool:
     if not library.is_file():
         compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
         if compiler is None:
+            _shim_status = "skipped: no C compiler"
+            _warn(
+                "no C compiler found, so the gemv shim is skipped and CPU decoding runs about half "
+                f"as fast; {COMPILER_FIX}, or set MLXINFER_GEMV_SHIM=0 to silence this"
+            )
             return False
         cache.mkdir(parents=True, exist_ok=True)
         partial = library.with_suffix(f".{os.getpid()}.tmp")
@@ -91,19 +102,31 @@ def _load_gemv_shim(openblas: str) -> bool:
         try:
             subprocess.run(build, check=True, capture_output=True, timeout=60)
             partial.replace(library)  # atomic: concurrent first imports never see half a file
-        except (OSError, subprocess.SubprocessError):
+        except (OSError, subprocess.SubprocessError) as e:
             partial.unlink(missing_ok=True)
+            _shim_status = f"skipped: compiling it with {compiler} failed"
+            _warn(f"{_shim_status} ({type(e).__name__}); CPU decoding runs about half as fast")
             return False
     try:
         shim = ctypes.CDLL(str(library), mode=ctypes.RTLD_LOCAL)
         if shim.mlxinfer_gemv_shim_init(openblas.encode()) != 0:
+            _shim_status = "skipped: OpenBLAS has no sgemv"
             return False  # stays local: MLX never sees it
         # Global scope order decides which cblas_sgemm MLX binds: the shim first, OpenBLAS after.
         ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
         ctypes.CDLL(openblas, mode=ctypes.RTLD_GLOBAL)
-    except OSError:
+    except OSError as e:
+        _shim_status = f"skipped: loading {library} failed ({e})"
         return False
+    _shim_status = f"loaded from {library}"
     return True
+
+
+def gemv_shim_status() -> str:
+    """What became of the gemv shim: 'loaded from PATH', 'off (...)', 'skipped: why', or
+    'not tried' (not Linux, no OpenBLAS, or OpenBLAS preloaded by the user)."""
+    blas_status()
+    return _shim_status
 
 
 def blas_status() -> str:

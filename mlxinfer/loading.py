@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,13 @@ def load(
 def _load_as_stored(path: str | Path | None, dtype: mx.Dtype | None) -> tuple[Model, Tokenizer]:
     path = Path(path) if path is not None else default_model_path()
     if not path.exists():
+        if looks_like_hub_id(str(path)):
+            raise FileNotFoundError(
+                f"{path}: no such model file or directory. It looks like a Hugging Face hub id, "
+                "but mlxinfer does not download models: download it yourself (for example "
+                f"`huggingface-cli download {path} --local-dir DIR`) and pass that directory, "
+                "or pass a .gguf file"
+            )
         raise FileNotFoundError(f"{path}: no such model file or directory")
     if path.is_file():
         if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
@@ -370,6 +378,13 @@ def read_safetensors(file: Path) -> dict[str, mx.array]:
         return mx.load(str(file))
     except Exception as e:
         raise ModelLoadError(f"{file}: cannot read safetensors file ({e})") from None
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """`org/name` as the hub spells a repository: two plain components, not a path."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name) is not None and not (
+        name.endswith((".gguf", ".safetensors", ".json"))
+    )
 
 
 def _has_gguf_magic(path: Path) -> bool:

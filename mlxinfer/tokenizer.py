@@ -229,8 +229,9 @@ class StreamingDetokenizer:
         return ""
 
     def finalize(self) -> str:
-        """Flush whatever is left (an incomplete character decodes to U+FFFD)."""
-        rest = self.tokenizer.decode(self.tokens[self.read_offset :])
+        """Flush whatever is left, except the bytes of a character cut off by the end of generation
+        (they would decode to U+FFFD): the final text never holds half a character."""
+        rest = self.tokenizer.decode(self.tokens[self.read_offset :]).rstrip("\ufffd")
         self.read_offset = len(self.tokens)
         self.prefix_offset = self.read_offset
         self.text += rest

@@ -1,0 +1,130 @@
+"""`mlxinfer chat`: a multi-turn conversation in the terminal.
+
+The whole history goes through the model's chat template each turn; replies stream as they are
+generated. `/reset` clears the history (the system message stays), `/exit` quits. When standard
+input is not a terminal each line is one user turn and each reply is printed on its own line, so
+a conversation can be scripted. Ctrl-C stops the reply being generated (what was said stays in the
+history); at the prompt it quits, like Ctrl-D.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .cli import (
+    EXIT_INTERRUPTED,
+    EXIT_LOAD,
+    PrefillProgress,
+    UsageError,
+    cache_options,
+    load_model,
+    sampling_params,
+)
+
+COMMANDS = {"/reset": "clear the conversation", "/exit": "quit (also /quit, Ctrl-D)"}
+
+
+class Conversation:
+    """The messages so far, trimmed from the oldest exchange when they outgrow the context."""
+
+    def __init__(self, tokenizer, context: int, system: str | None = None):
+        self.tokenizer = tokenizer
+        self.context = context
+        self.system = [{"role": "system", "content": system}] if system is not None else []
+        self.turns: list[dict] = []
+
+    @property
+    def messages(self) -> list[dict]:
+        return self.system + self.turns
+
+    def reset(self) -> None:
+        self.turns = []
+
+    def ask(self, text: str, reply_tokens: int) -> tuple[list[dict], int]:
+        """Add a user turn; return (messages to send, how many earlier messages were dropped so
+        that the prompt leaves `reply_tokens` of context for the reply)."""
+        self.turns.append({"role": "user", "content": text})
+        dropped = 0
+        while len(self.turns) > 1 and self._prompt_tokens() + reply_tokens > self.context:
+            del self.turns[:2]  # the oldest user turn and its reply
+            dropped += 2
+        return self.messages, dropped
+
+    def answer(self, text: str) -> None:
+        self.turns.append({"role": "assistant", "content": text})
+
+    def _prompt_tokens(self) -> int:
+        return len(self.tokenizer.apply_chat_template(self.messages))
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    sampling = sampling_params(args)
+    cache = cache_options(args)
+    loaded = load_model(args)
+    if loaded is None:
+        return EXIT_LOAD
+    model, tokenizer = loaded
+    if not tokenizer.chat_template:
+        raise UsageError(
+            "this model has no chat template; use `mlxinfer generate --raw` to complete text"
+        )
+    from .generate import stream_generate
+
+    interactive = sys.stdin.isatty()
+    conversation = Conversation(tokenizer, model.config.max_position_embeddings, args.system)
+    if interactive:
+        help_text = ", ".join(f"{c} to {what}" for c, what in COMMANDS.items())
+        print(f"mlxinfer chat: {help_text}; Ctrl-C stops a reply.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            if interactive:
+                print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            return EXIT_INTERRUPTED if not interactive else 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            conversation.reset()
+            print("mlxinfer chat: conversation cleared", file=sys.stderr)
+            continue
+        if text.startswith("/") and " " not in text:
+            print(f"mlxinfer chat: unknown command {text}; commands: {', '.join(COMMANDS)}",
+                  file=sys.stderr)  # fmt: skip
+            continue
+        messages, dropped = conversation.ask(text, min(sampling.max_tokens, 256))
+        if dropped:
+            print(f"mlxinfer chat: the conversation outgrew the context; the {dropped} oldest "
+                  "messages were dropped", file=sys.stderr)  # fmt: skip
+        progress = PrefillProgress()
+        reply = []
+        stream = stream_generate(
+            model, tokenizer, messages, sampling=sampling, prefill_progress=progress, **cache
+        )
+        try:
+            for response in stream:
+                progress.clear()
+                reply.append(response.text)
+                print(response.text, end="", flush=True)
+        except KeyboardInterrupt:
+            stream.close()
+            progress.clear()
+            if not interactive:
+                print(flush=True)
+                return EXIT_INTERRUPTED
+            print(" [stopped]", flush=True)
+        except ValueError as e:  # a single message longer than the context
+            progress.clear()
+            conversation.turns.pop()
+            print(f"mlxinfer chat: error: {e}", file=sys.stderr)
+            continue
+        else:
+            print(flush=True)
+        conversation.answer("".join(reply))

@@ -72,23 +72,34 @@ class Attention(nn.Module):
         else:
             mask = _shared(masks, ("none", T, self.window), causal_mask, T, T, self.window)
 
-        on_cpu = cpu_kernels.on_cpu()
-        if cache is not None and cache.bits is not None:
-            if T > 1 and on_cpu:
-                # A prefill chunk on the CPU: MLX's quantized matmuls don't use BLAS there, so
-                # dequantize (the same numbers quantized_matmul uses) and take the BLAS kernels.
-                k = mx.dequantize(*k, group_size=cache.group_size, bits=cache.bits)
-                v = mx.dequantize(*v, group_size=cache.group_size, bits=cache.bits)
-                out = cpu_kernels.attention(q, k, v, self.scale, mask)
-            else:
-                out = quantized_attention(q, k, v, self.scale, mask, cache.group_size, cache.bits)
-        elif mask is not None and on_cpu:
-            # MLX's CPU softmax is scalar exp: a prefill chunk goes through BLAS + a fast exp.
-            out = cpu_kernels.attention(q, k, v, self.scale, mask)
-        else:
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = attend(q, k, v, self.scale, mask, cache)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)  # [B, T, H * hd]
         return self.o_proj(out)
+
+
+def attend(
+    q: mx.array,
+    k: mx.array | tuple[mx.array, ...],
+    v: mx.array | tuple[mx.array, ...],
+    scale: float,
+    mask: Mask,
+    cache: KVCache | RotatingKVCache | None = None,
+) -> mx.array:
+    """Attention of queries `[B, H, T, hd]` over the keys/values a cache returned (`[B, KV, S, hd]`
+    arrays, or (packed, scales, biases) tuples when `cache` is quantized), under `mask`."""
+    on_cpu = cpu_kernels.on_cpu()
+    if cache is not None and cache.bits is not None:
+        if q.shape[2] > 1 and on_cpu:
+            # A prefill chunk on the CPU: MLX's quantized matmuls don't use BLAS there, so
+            # dequantize (the same numbers quantized_matmul uses) and take the BLAS kernels.
+            k = mx.dequantize(*k, group_size=cache.group_size, bits=cache.bits)
+            v = mx.dequantize(*v, group_size=cache.group_size, bits=cache.bits)
+            return cpu_kernels.attention(q, k, v, scale, mask)
+        return quantized_attention(q, k, v, scale, mask, cache.group_size, cache.bits)
+    if mask is not None and on_cpu:
+        # MLX's CPU softmax is scalar exp: a prefill chunk goes through BLAS + a fast exp.
+        return cpu_kernels.attention(q, k, v, scale, mask)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
 def _shared(masks: dict | None, key: tuple, build, *args) -> Mask:

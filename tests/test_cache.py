@@ -190,9 +190,14 @@ def test_quantized_rotating_cache(tiny_llama, bits):
 
 def test_quantized_cache_on_default_model(default_model):
     """8-bit keys and values on SmolLM2-135M over 300 positions of KJV Genesis (100 prefilled, 200
-    decoded): logits relative error against the float cache <= 3% mean, <= 5% at the 95th
-    percentile, <= 15% at worst, the same top token at >= 97% of decoded positions (measured:
-    1.55%, 3.5%, 9.6%, 99.5%); the greedy answer unchanged."""
+    decoded), against the float cache: logits relative error <= 3% mean, <= 5% at the 95th
+    percentile, <= 15% at worst; the same top token at >= 97% of decoded positions, and at every
+    position where the float cache's top two are >= 1.5 logits apart (measured: 1.55%, 3.5%, 9.6%,
+    99.5%; 8-bit storage moved a top-vs-other logit gap by at most 1.01 over these positions).
+
+    No greedy answer is compared: a greedy answer changes whenever quantization moves the logits
+    across a near tie, which is allowed (the chat prompt "What is the capital of France?" starts
+    with "The" 0.152 vs "L" 0.140 in float; mlx-lm's own 8-bit cache picks "L" too)."""
     from pathlib import Path
 
     model, tokenizer = default_model
@@ -202,11 +207,99 @@ def test_quantized_cache_on_default_model(default_model):
     quantized = teacher_forced(model, model.make_cache(kv_bits=8), ids, 100)
     errors = np.array([rel_err(quantized[t], floats[t]) for t in range(len(ids))])
     assert errors.mean() <= 0.03 and np.percentile(errors, 95) <= 0.05 and errors.max() <= 0.15
-    assert np.mean(quantized[100:].argmax(-1) == floats[100:].argmax(-1)) >= 0.97
+    decoded_f, decoded_q = floats[100:], quantized[100:]
+    same_top = decoded_q.argmax(-1) == decoded_f.argmax(-1)
+    assert same_top.mean() >= 0.97
+    top2 = np.sort(decoded_f, axis=-1)[:, -2:]
+    wide = top2[:, 1] - top2[:, 0] >= 1.5
+    assert wide.sum() >= 50  # the criterion covers many positions
+    assert same_top[wide].all()
 
-    prompt = "What is the capital of France?"
-    expected = mlxinfer.generate(model, tokenizer, prompt, chat=True)
-    assert mlxinfer.generate(model, tokenizer, prompt, chat=True, kv_bits=8) == expected
+
+class _Recorder:
+    """The definition of a quantized cache, independent of the cache's bookkeeping and of the
+    attention kernels: every key and value round-tripped through mx.quantize -> mx.dequantize,
+    kept in float64 by absolute position; attention over them in numpy."""
+
+    def __init__(self, bits: int, group_size: int):
+        self.bits, self.group_size = bits, group_size
+        self.keys: list[np.ndarray] = []  # [KV, hd] per position
+        self.values: list[np.ndarray] = []
+
+    def round_trip(self, x: mx.array) -> np.ndarray:
+        packed = mx.quantize(x, self.group_size, self.bits)
+        return np.array(
+            mx.dequantize(*packed, group_size=self.group_size, bits=self.bits), np.float64
+        )
+
+    def add(self, k: mx.array, v: mx.array) -> None:  # [1, KV, T, hd]
+        self.keys += list(self.round_trip(k)[0].transpose(1, 0, 2))
+        self.values += list(self.round_trip(v)[0].transpose(1, 0, 2))
+
+    def attend(self, q: mx.array, scale: float, visible) -> np.ndarray:
+        """q `[1, H, T, hd]` at the last T positions; visible(q_pos, k_pos) -> bool."""
+        H, T = q.shape[1], q.shape[2]
+        S = len(self.keys)
+        keys, values = np.stack(self.keys, 1), np.stack(self.values, 1)  # [KV, S, hd]
+        groups = H // keys.shape[0]
+        keys, values = keys.repeat(groups, 0), values.repeat(groups, 0)  # [H, S, hd]
+        scores = np.einsum("htd,hsd->hts", np.array(q[0], np.float64) * scale, keys)
+        mask = np.array([[visible(p, j) for j in range(S)] for p in range(S - T, S)])
+        scores = np.where(mask, scores, -np.inf)
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        return np.einsum("hts,hsd->htd", weights, values)[None]
+
+
+CACHE_KINDS = {  # name -> (make cache, layer window, visible(q, k) by the definition)
+    "growing": (lambda b: KVCache(b, 64), None, lambda q, k: k <= q),
+    "rotating+sinks": (
+        lambda b: RotatingKVCache(12, 2, b, 64),
+        None,
+        lambda q, k: k <= q and (k < 2 or q - k < 10),
+    ),
+    "sliding-window": (
+        lambda b: RotatingKVCache(8, 0, b, 64),
+        8,
+        lambda q, k: k <= q and q - k < 8,
+    ),
+}
+
+
+@pytest.mark.parametrize("kernels", ["cpu", "metal-layout"])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("kind", list(CACHE_KINDS))
+def test_quantized_cache_equals_its_definition(monkeypatch, kind, bits, kernels):
+    """Every path through a quantized cache (prefill chunks shorter and longer than the window,
+    single decode steps, growth past the preallocated capacity, wrap-arounds of the ring) gives
+    attention within 1e-5 of the definition: attention over keys and values round-tripped through
+    mx.quantize -> mx.dequantize. Both op paths: the CPU one (dequantize + BLAS for prefill
+    chunks, folded GQA for decode) and the one Metal takes (quantized matmuls, broadcast GQA).
+
+    Compared step by step with the same inputs on both sides: through a whole model a 1e-7
+    difference between two float kernels can flip one rounding of a later layer's quantized keys,
+    and the definition itself, computed with two float kernels that agree within 2e-6 on the float
+    cache, ends 1.4% apart on the default model's logits after prefill."""
+    from mlxinfer import cpu_kernels
+    from mlxinfer.attention import attend
+
+    monkeypatch.setattr(cpu_kernels, "on_cpu", lambda: kernels == "cpu")
+    monkeypatch.setattr(KVCache, "step", 16)  # grow past the preallocation several times
+    make, window, visible = CACHE_KINDS[kind]
+    cache, reference = make(bits), _Recorder(bits, 64)
+    rng = np.random.default_rng(bits)
+    H, KV, hd, scale = 6, 2, 64, 0.125
+    chunks = [9, 1, 1, 4, 1, 1, 1, 7, 1, 1, 13, 1, 1, 1, 3, 1, 20, 1, 1]  # 69 positions
+    outlier = np.r_[np.ones(hd - 1), 8.0]  # one large key channel, as real models have
+    for T in chunks:
+        q = mx.array(rng.normal(size=(1, H, T, hd)), mx.float32)
+        k = mx.array(rng.normal(size=(1, KV, T, hd)) * outlier, mx.float32)
+        v = mx.array(rng.normal(size=(1, KV, T, hd)), mx.float32)
+        fetched_k, fetched_v = cache.update_and_fetch(k, v)
+        ours = attend(q, fetched_k, fetched_v, scale, cache.make_mask(T, window), cache)
+        reference.add(k, v)
+        expected = reference.attend(q, scale, visible)
+        assert rel_err(np.array(ours), expected) <= 1e-5, (kind, bits, T, cache.offset)
 
 
 # -- options -------------------------------------------------------------------------------------

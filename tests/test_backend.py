@@ -44,6 +44,25 @@ def test_openblas_loaded_by_import_and_silent(tmp_path):
 
 
 @pytest.mark.skipif(not HAVE_OPENBLAS, reason="no OpenBLAS library on this machine")
+def test_one_line_warning_when_no_compiler_builds_the_shim(tmp_path):
+    """Without a C compiler decode runs at half speed: say so once, with the fix."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    result = python(
+        GEMM_CHECK + "; from mlxinfer.backend import gemv_shim_status; print(gemv_shim_status())",
+        XDG_CACHE_HOME=str(tmp_path / "cache"),  # nothing compiled yet
+        PATH=str(empty),  # no cc, no gcc
+        CC="cc",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[:2] == ["openblas", "True"]
+    assert "no C compiler" in result.stdout
+    warnings = [line for line in result.stderr.splitlines() if line]
+    assert len(warnings) == 1 and warnings[0].startswith("mlxinfer: warning: no C compiler")
+    assert "half" in warnings[0] and "apt-get install gcc" in warnings[0]
+
+
+@pytest.mark.skipif(not HAVE_OPENBLAS, reason="no OpenBLAS library on this machine")
 def test_gemv_shim_can_be_turned_off():
     result = python(GEMM_CHECK, MLXINFER_GEMV_SHIM="0")
     assert result.stdout.split() == ["openblas", "True"]

@@ -34,12 +34,49 @@ def test_prompt_ids_match_reference_tokenizer(default_model):
     assert tokenizer.apply_chat_template(chat) == GOLDEN["chat_prompt_ids"]
 
 
+NEAR_TIE = 0.05  # logits; float32 kernels (ours, transformers') agree within 1e-4 relative
+
+
+def teacher_forced_logits(model, prompt_ids: list[int], generated: list[int]) -> np.ndarray:
+    """The logits `[len(generated), vocab]` that chose each generated token, in one forward pass."""
+    ids = prompt_ids + generated[:-1]
+    return np.array(model(mx.array([ids]))[0, len(prompt_ids) - 1 :])
+
+
 @pytest.mark.parametrize("case", ["plain", "chat"])
 def test_greedy_ids_pinned(default_model, case):
+    """transformers' greedy tokens, teacher-forced: each is our most likely token, or within 0.01
+    logits of it (a near tie, where float rounding may choose either: the plain case has one of
+    0.017 at its 9th token)."""
     model, _ = default_model
     expected = GOLDEN[f"{case}_greedy_ids"]
-    ours = list(generate_tokens(model, GOLDEN[f"{case}_prompt_ids"], len(expected)))
-    assert ours == expected
+    logits = teacher_forced_logits(model, GOLDEN[f"{case}_prompt_ids"], expected)
+    chosen = logits[np.arange(len(expected)), expected]
+    assert (chosen >= logits.max(-1) - 0.01).all()
+    assert (logits.argmax(-1) == expected).mean() >= 0.9
+
+
+# Prompts whose exact greedy answer a test asserts (free-running, through the public API or CLI).
+EXACT_ANSWERS = {
+    "chat: What is the capital of France?": (GOLDEN["chat_prompt_ids"], GOLDEN["chat_greedy_ids"]),
+    "raw: The quick brown fox, 3 tokens": (
+        GOLDEN["plain_prompt_ids"],
+        GOLDEN["plain_greedy_ids"][:3],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(EXACT_ANSWERS))
+def test_exact_answers_are_not_near_ties(default_model, name):
+    """A test may assert an exact greedy answer only where every step's top two candidates are at
+    least NEAR_TIE logits apart (measured: 0.082 for the chat answer's first token, "The" vs "L";
+    0.29 for the three plain tokens), so the answer holds on any machine and either op set."""
+    model, _ = default_model
+    prompt, answer = EXACT_ANSWERS[name]
+    logits = teacher_forced_logits(model, prompt, answer)
+    assert (logits.argmax(-1) == answer).all()
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    assert (top2[:, 1] - top2[:, 0]).min() >= NEAR_TIE
 
 
 def test_perplexity_pinned(default_model):

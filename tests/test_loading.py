@@ -274,6 +274,18 @@ def test_missing_path(tmp_path):
         mlxinfer.load(tmp_path / "no-such-model")
 
 
+def test_hub_id_says_downloads_are_not_supported(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no such directory here
+    with pytest.raises(FileNotFoundError) as err:
+        mlxinfer.load("HuggingFaceTB/SmolLM2-135M-Instruct")
+    message = str(err.value)
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in message and "hub id" in message
+    assert "does not download" in message and "--local-dir" in message
+    with pytest.raises(FileNotFoundError) as err:  # a path, not an id: the plain message
+        mlxinfer.load(tmp_path / "models" / "x")
+    assert "hub id" not in str(err.value)
+
+
 def test_directory_without_model(tmp_path):
     with pytest.raises(ModelLoadError, match="no config.json"):
         mlxinfer.load(tmp_path)

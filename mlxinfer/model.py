@@ -15,6 +15,7 @@ from .cache import KVCache, RotatingKVCache, make_cache
 from .config import ModelConfig
 from .mlp import SwiGLU
 from .moe import SparseMoE
+from .ops import op_set
 from .rope import RoPE
 
 Cache = KVCache | RotatingKVCache
@@ -50,13 +51,23 @@ class DecoderStack(nn.Module):
 class Model(nn.Module):
     """`logits = model(tokens, cache=None)`: tokens `[B, T]` -> logits `[B, T, vocab]`."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, kernels: str = "auto"):
         super().__init__()
         self.config = config
         self.compute_policy = "native"  # set by load(): "native" or "float32"
         self.model = DecoderStack(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.set_kernels(kernels)
+
+    def set_kernels(self, kernels: str) -> None:
+        """Choose the op set: "mlx" (MLX's fast ops, what a Mac runs), "cpu" (the CPU-tuned
+        kernels), or "auto" (MLXINFER_KERNELS if set, else "cpu" on the CPU, "mlx" elsewhere)."""
+        ops = op_set(kernels)
+        self.kernels = ops.name
+        for _, module in self.named_modules():
+            if hasattr(module, "ops"):
+                module.ops = ops
 
     def __call__(self, tokens: mx.array, cache: list[Cache] | None = None) -> mx.array:
         return self.logits(self.hidden_states(tokens, cache))

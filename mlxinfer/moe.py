@@ -19,9 +19,9 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cpu_kernels
 from .config import ModelConfig
 from .mlp import SwiGLU
+from .ops import OPS, MLXOps
 
 # Sort (token, expert) pairs by expert when there are at least this many (mlx-lm uses 64 too):
 # below it the sort costs more than the scattered reads it saves.
@@ -94,6 +94,8 @@ class QuantizedSwitchLinear(nn.Module):
 class SwitchGLU(nn.Module):
     """The routed experts: one SwiGLU per expert, stacked."""
 
+    ops: MLXOps = OPS["mlx"]  # the model's op set, assigned by Model.set_kernels
+
     def __init__(self, hidden_size: int, expert_size: int, num_experts: int):
         super().__init__()
         self.gate_proj = SwitchLinear(hidden_size, expert_size, num_experts)
@@ -116,10 +118,7 @@ class SwitchGLU(nn.Module):
             idx = indices
         gate = self.gate_proj(rows, idx, sorted_indices=do_sort)
         up = self.up_proj(rows, idx, sorted_indices=do_sort)
-        if cpu_kernels.on_cpu():
-            hidden = cpu_kernels.swiglu(gate, up)
-        else:
-            hidden = nn.silu(gate) * up
+        hidden = self.ops.swiglu(gate, up)  # silu(gate) * up
         out = self.down_proj(hidden, idx, sorted_indices=do_sort)  # [..., 1, D]
         if do_sort:
             out = out[mx.argsort(order)]  # back to (token, expert) order

@@ -1,21 +1,21 @@
-"""Rotary position embeddings: default, linear, llama3 and yarn frequencies, applied by mx.fast.rope.
+"""Rotary position embeddings: default, linear, llama3 and yarn frequencies.
 
 Frequencies follow transformers' `modeling_rope_utils` formulas exactly. Scaled types are handed to
-mx.fast.rope as explicit wavelengths (`freqs` = 1 / inv_freq), so every type runs the same fused kernel.
+mx.fast.rope as explicit wavelengths (`freqs` = 1 / inv_freq), so every type runs the same fused kernel;
+the "cpu" op set applies the same frequencies from a cos/sin table (cpu_kernels.rope).
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import replace
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import cpu_kernels
 from .config import ModelConfig
+from .ops import OPS, MLXOps
 
 
 def rope_inv_freq(config: ModelConfig) -> tuple[np.ndarray, float]:
@@ -90,11 +90,11 @@ def _yarn_inv_freq(dims: int, base: float, s: dict, max_positions: int) -> tuple
 
 
 class RoPE(nn.Module):
-    """Applies rotary embeddings to `[B, heads, T, head_dim]` queries or keys at positions offset..
+    """Applies rotary embeddings to `[B, heads, T, head_dim]` queries or keys at positions offset..,
+    through the model's op set: mx.fast.rope ("mlx"), or a cos/sin table shared by the layers of a
+    forward pass ("cpu", cpu_kernels.rope). One module is shared by all layers."""
 
-    On Metal: mx.fast.rope. On the CPU, where its per-element sin/cos are scalar, a cos/sin table
-    for the positions (computed as transformers does: float32 angles pos * inv_freq) is built once
-    per forward pass, shared by every layer, and applied by one compiled elementwise kernel."""
+    ops: MLXOps = OPS["mlx"]  # the model's op set, assigned by Model.set_kernels
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -113,14 +113,16 @@ class RoPE(nn.Module):
         self.base: float | None = config.rope_theta if default else None
         self._freqs = None if default else mx.array(1.0 / inv_freq, dtype=mx.float32)
 
+    @property
+    def inv_freq(self) -> mx.array:
+        """Inverse frequencies `[dims / 2]`, float32."""
+        return self._inv_freq
+
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
-        if cpu_kernels.on_cpu():
-            cos, sin = self._table(offset, x.shape[2])
-            rotate = _rotate_interleaved if self.traditional else _rotate_half
-            if self.dims == x.shape[-1]:
-                return rotate(x, cos, sin)
-            rotated = rotate(x[..., : self.dims], cos, sin)
-            return mx.concatenate([rotated, x[..., self.dims :]], axis=-1)
+        return self.ops.rope(self, x, offset)
+
+    def fast(self, x: mx.array, offset: int) -> mx.array:
+        """mx.fast.rope, the "mlx" op set's kernel."""
         if self.attention_factor != 1.0:
             # yarn scales cos and sin, i.e. the rotated dims only.
             rotated = x[..., : self.dims] * self.attention_factor
@@ -138,39 +140,3 @@ class RoPE(nn.Module):
             offset=offset,
             freqs=self._freqs,
         )
-
-    def _table(self, offset: int, length: int) -> tuple[mx.array, mx.array]:
-        """cos and sin `[length, dims / 2]` for positions offset.., built once per forward pass: the
-        model's layers share this module (one memo per thread: arrays stay on the thread that built
-        them)."""
-        memo = getattr(_tables, "last", None)
-        # The memo holds the inv_freq array itself: compared by identity, it cannot be mistaken for
-        # another model's (an id() could be reused once an array is freed).
-        if memo is not None and memo[0] is self._inv_freq and memo[1:3] == (offset, length):
-            return memo[3], memo[4]
-        positions = mx.arange(offset, offset + length, dtype=mx.float32)
-        angles = positions[:, None] * self._inv_freq[None, :]
-        cos, sin = mx.cos(angles), mx.sin(angles)
-        if self.attention_factor != 1.0:
-            cos, sin = cos * self.attention_factor, sin * self.attention_factor
-        _tables.last = (self._inv_freq, offset, length, cos, sin)
-        return cos, sin
-
-
-_tables = threading.local()
-
-
-@mx.compile
-def _rotate_half(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Hugging Face layout: the first half of each head pairs with the second half."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-@mx.compile
-def _rotate_interleaved(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """GGUF/llama.cpp layout: adjacent dims (2i, 2i+1) form a pair."""
-    pairs = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    return mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1).reshape(x.shape)

@@ -266,24 +266,23 @@ CACHE_KINDS = {  # name -> (make cache, layer window, visible(q, k) by the defin
 }
 
 
-@pytest.mark.parametrize("kernels", ["cpu", "metal-layout"])
+@pytest.mark.parametrize("kernels", ["cpu", "mlx"])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("kind", list(CACHE_KINDS))
 def test_quantized_cache_equals_its_definition(monkeypatch, kind, bits, kernels):
     """Every path through a quantized cache (prefill chunks shorter and longer than the window,
     single decode steps, growth past the preallocated capacity, wrap-arounds of the ring) gives
     attention within 1e-5 of the definition: attention over keys and values round-tripped through
-    mx.quantize -> mx.dequantize. Both op paths: the CPU one (dequantize + BLAS for prefill
-    chunks, folded GQA for decode) and the one Metal takes (quantized matmuls, broadcast GQA).
+    mx.quantize -> mx.dequantize. Both op sets: "cpu" (dequantize + BLAS for prefill chunks,
+    folded GQA for decode) and "mlx", what Metal runs (quantized matmuls, broadcast GQA).
 
     Compared step by step with the same inputs on both sides: through a whole model a 1e-7
     difference between two float kernels can flip one rounding of a later layer's quantized keys,
     and the definition itself, computed with two float kernels that agree within 2e-6 on the float
     cache, ends 1.4% apart on the default model's logits after prefill."""
-    from mlxinfer import cpu_kernels
-    from mlxinfer.attention import attend
+    from mlxinfer.ops import OPS
 
-    monkeypatch.setattr(cpu_kernels, "on_cpu", lambda: kernels == "cpu")
+    ops = OPS[kernels]
     monkeypatch.setattr(KVCache, "step", 16)  # grow past the preallocation several times
     make, window, visible = CACHE_KINDS[kind]
     cache, reference = make(bits), _Recorder(bits, 64)
@@ -296,7 +295,8 @@ def test_quantized_cache_equals_its_definition(monkeypatch, kind, bits, kernels)
         k = mx.array(rng.normal(size=(1, KV, T, hd)) * outlier, mx.float32)
         v = mx.array(rng.normal(size=(1, KV, T, hd)), mx.float32)
         fetched_k, fetched_v = cache.update_and_fetch(k, v)
-        ours = attend(q, fetched_k, fetched_v, scale, cache.make_mask(T, window), cache)
+        mask = cache.make_mask(T, window)
+        ours = ops.quantized_attention(q, fetched_k, fetched_v, scale, mask, 64, bits)
         reference.add(k, v)
         expected = reference.attend(q, scale, visible)
         assert rel_err(np.array(ours), expected) <= 1e-5, (kind, bits, T, cache.offset)
@@ -339,12 +339,16 @@ def test_bad_cache_options_are_clear_errors(default_model, options, message):
 
 @pytest.mark.parametrize("layout", ["cpu-folded", "gpu-broadcast"])
 @pytest.mark.parametrize("mask_kind", ["none", "causal", "window"])
-def test_quantized_attention_equals_attention_over_dequantized(monkeypatch, layout, mask_kind):
+def test_quantized_attention_equals_attention_over_dequantized(layout, mask_kind):
     """Both GQA layouts of quantized_attention (the CPU one and the one Metal takes) against numpy
     attention over the dequantized keys and values."""
-    from mlxinfer import attention, cpu_kernels
+    from mlxinfer import cpu_kernels
+    from mlxinfer.ops import OPS
 
-    monkeypatch.setattr(cpu_kernels, "on_cpu", lambda: layout == "cpu-folded")
+    quantized_attention = {
+        "cpu-folded": cpu_kernels.quantized_decode_attention,
+        "gpu-broadcast": OPS["mlx"].quantized_attention,
+    }[layout]
     rng = np.random.default_rng(5)
     B, H, KV, T, S, hd = 2, 6, 2, 4, 20, 64
     q = mx.array(rng.normal(size=(B, H, T, hd)), mx.float32)
@@ -358,7 +362,7 @@ def test_quantized_attention_equals_attention_over_dequantized(monkeypatch, layo
     if mask_kind == "window":
         visible &= np.arange(S)[None] > np.arange(S - T, S)[:, None] - 6
     mask = {"none": None, "causal": "causal", "window": mx.array(visible)}[mask_kind]
-    ours = np.array(attention.quantized_attention(q, kq, vq, 0.125, mask, 64, 8))
+    ours = np.array(quantized_attention(q, kq, vq, 0.125, mask, 64, 8))
 
     keys = np.array(mx.dequantize(*kq, group_size=64, bits=8)).repeat(H // KV, axis=1)
     values = np.array(mx.dequantize(*vq, group_size=64, bits=8)).repeat(H // KV, axis=1)

@@ -139,6 +139,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="weights as stored (native) or float32; auto: float32 on the CPU, native on a GPU",
     )
+    parser.add_argument(
+        "--kernels",
+        choices=["auto", "cpu", "mlx"],
+        default="auto",
+        help="op set: MLX's fast ops (mlx, what a Mac runs) or CPU-tuned kernels (cpu); "
+        "auto: $MLXINFER_KERNELS, else cpu on the CPU and mlx on a GPU",
+    )
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -305,10 +312,12 @@ def load_model(args: argparse.Namespace):
     from .loading import load
 
     try:
-        return load(args.model, compute=args.compute)
+        return load(args.model, compute=args.compute, kernels=args.kernels)
     except (FileNotFoundError, ModelLoadError) as e:
         print(f"mlxinfer {args.command}: error: {e}", file=sys.stderr)
         return None
+    except ValueError as e:  # MLXINFER_KERNELS set to something else than cpu or mlx
+        raise UsageError(str(e)) from None
 
 
 def conversation(tokenizer, prompt: str, args: argparse.Namespace) -> str | list[dict]:
@@ -386,6 +395,7 @@ def _print_result(args, model, cache, pieces, responses, interrupted: bool, blas
         "token_ids": [r.token for r in responses],
         "metrics": last.metrics.to_dict() if last and last.metrics else None,
         "compute_policy": model.compute_policy,
+        "kernels": model.kernels,
         "kv_cache": {
             "max_kv_size": cache["max_kv_size"],
             "keep": cache["kv_keep"] if cache["max_kv_size"] else None,
@@ -446,6 +456,7 @@ def environment() -> dict:
 
     from .backend import blas_status, gemv_shim_status, resolve_compute_policy
     from .loading import DEFAULT_MODEL_INSTALL, default_model_path
+    from .ops import KERNELS_ENV, resolve_kernels
 
     try:
         default_model = str(default_model_path())
@@ -462,11 +473,20 @@ def environment() -> dict:
         "device": str(mx.default_device()),
         "metal": mx.metal.is_available(),
         "compute policy (auto)": resolve_compute_policy("auto"),
+        "kernels (auto)": _kernels_or_error(resolve_kernels, KERNELS_ENV),
         "blas": blas_status(),
         "gemv shim": gemv_shim_status(),
         "c compiler": compiler or "none found",
         "default model": default_model,
     }
+
+
+def _kernels_or_error(resolve, env: str) -> str:
+    try:
+        chosen = resolve("auto")
+    except ValueError as e:
+        return f"error: {e}"
+    return f"{chosen} (from ${env})" if os.environ.get(env) else chosen
 
 
 def _cpu_name() -> str:

@@ -16,6 +16,8 @@ from mlxinfer.cache import KVCache, RotatingKVCache
 
 from .reference import make_tiny_checkpoint, rel_err, torch_logits
 
+pytestmark = pytest.mark.exactness  # CI runs these under each op set
+
 TOL = 1e-4
 
 

@@ -16,6 +16,8 @@ from mlxinfer.generate import generate_tokens
 
 from .reference import rel_err, torch_logits
 
+pytestmark = pytest.mark.exactness  # CI runs these under each op set
+
 DATA = Path(__file__).parent / "data"
 GOLDEN = json.loads((DATA / "smollm2_golden.json").read_text())
 

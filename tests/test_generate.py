@@ -17,6 +17,8 @@ import mlxinfer
 from mlxinfer import SamplingParams
 from mlxinfer.generate import StopStrings
 
+pytestmark = pytest.mark.exactness  # CI runs these under each op set
+
 GOLDEN = json.loads((Path(__file__).parent / "data" / "smollm2_golden.json").read_text())
 QUESTION = "What is the capital of France?"
 

@@ -17,6 +17,8 @@ from mlxinfer import ModelLoadError
 
 from .reference import make_tiny_checkpoint, rel_err, torch_logits
 
+pytestmark = pytest.mark.exactness  # CI runs these under each op set
+
 IDS = np.random.default_rng(1).integers(0, 128, size=(2, 24))
 
 

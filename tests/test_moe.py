@@ -17,6 +17,8 @@ from mlxinfer.moe import SORT_THRESHOLD, QuantizedSwitchLinear, SparseMoE
 
 from .reference import make_tiny_checkpoint, rel_err, torch_logits
 
+pytestmark = pytest.mark.exactness  # CI runs these under each op set
+
 TOL = 1e-4
 
 CASES = {

@@ -14,6 +14,8 @@ from mlxinfer.generate import prefill
 
 from .reference import make_tiny_checkpoint, rel_err, torch_logits
 
+pytestmark = pytest.mark.exactness  # CI runs these under each op set
+
 TOL = 1e-4
 WINDOW = 8
 LENGTH = 40  # five windows: the rotating caches wrap around four times

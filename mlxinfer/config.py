@@ -22,18 +22,43 @@ class ModelLoadError(ValueError):
 FAMILIES: dict[str, dict[str, Any]] = {
     # Llama 2/3, SmolLM2: `attention_bias` and `mlp_bias` come from config.json.
     "llama": {},
-    "mistral": {},
+    # transformers' Mistral, Mixtral and Phi-3 modules have no biases whatever config.json says.
+    "mistral": {"qkv_bias": False, "o_bias": False, "mlp_bias": False},
     # Qwen2: bias on q/k/v projections, none on o_proj.
-    "qwen2": {"qkv_bias": True, "o_bias": False},
-    # Qwen3: RMSNorm on each head of q and k, before RoPE.
-    "qwen3": {"qk_norm": True},
+    "qwen2": {"qkv_bias": True, "o_bias": False, "mlp_bias": False},
+    # Qwen3: RMSNorm on each head of q and k, before RoPE; `attention_bias` from config.json.
+    "qwen3": {"qk_norm": True, "mlp_bias": False},
     # Phi-3: q/k/v stored as one `qkv_proj`, gate/up as one `gate_up_proj`.
-    "phi3": {"fused_qkv": True, "fused_gate_up": True},
+    "phi3": {
+        "fused_qkv": True,
+        "fused_gate_up": True,
+        "qkv_bias": False,
+        "o_bias": False,
+        "mlp_bias": False,
+    },
     # Mixtral: every MLP is top-k of `num_local_experts`; top-k weights always renormalised.
-    "mixtral": {"moe": True, "norm_topk_prob": True},
+    "mixtral": {
+        "moe": True,
+        "norm_topk_prob": True,
+        "qkv_bias": False,
+        "o_bias": False,
+        "mlp_bias": False,
+    },
     # Qwen2-MoE: routed experts plus a shared expert behind a sigmoid gate.
-    "qwen2_moe": {"moe": True, "qkv_bias": True, "o_bias": False, "sliding": "qwen2_moe"},
-    "qwen3_moe": {"moe": True, "qk_norm": True, "sliding": "every_layer_if_used"},
+    "qwen2_moe": {
+        "moe": True,
+        "shared_expert": True,
+        "qkv_bias": True,
+        "o_bias": False,
+        "mlp_bias": False,
+        "sliding": "qwen2_moe",
+    },
+    "qwen3_moe": {
+        "moe": True,
+        "qk_norm": True,
+        "mlp_bias": False,
+        "sliding": "every_layer_if_used",
+    },
 }
 # How a family picks its sliding-window layers (transformers' rules):
 #   "every_layer"          all layers slide when `sliding_window` is set (Mistral, Mixtral, Phi-3)
@@ -163,7 +188,7 @@ class ModelConfig:
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=family.get("qkv_bias", attention_bias),
             o_bias=family.get("o_bias", attention_bias),
-            mlp_bias=bool(config.get("mlp_bias", False)),
+            mlp_bias=family.get("mlp_bias", bool(config.get("mlp_bias", False))),
             qk_norm=family.get("qk_norm", False),
             fused_qkv=family.get("fused_qkv", False),
             fused_gate_up=family.get("fused_gate_up", False),
@@ -260,7 +285,9 @@ def _parse_moe(
         "moe_intermediate_size": int(
             config.get("moe_intermediate_size") or config["intermediate_size"]
         ),
-        "shared_expert_intermediate_size": int(config.get("shared_expert_intermediate_size") or 0),
+        "shared_expert_intermediate_size": int(config.get("shared_expert_intermediate_size") or 0)
+        if family.get("shared_expert")
+        else 0,
         "norm_topk_prob": family.get("norm_topk_prob", bool(config.get("norm_topk_prob", False))),
         "layer_moe": layer_moe,
     }

@@ -8,16 +8,33 @@ from .backend import load_fast_blas
 
 load_fast_blas()  # before anything imports mlx.core: OpenBLAS must claim the BLAS symbols first
 
-from .cache import KVCache, RotatingKVCache
-from .config import ModelConfig, ModelLoadError
-from .generate import GenerationResponse, TokenLogprobs, generate, generate_tokens, stream_generate
-from .loading import default_model_path, load
-from .metrics import RequestMetrics
-from .model import Model
-from .sampling import SamplingParams
-from .tokenizer import StreamingDetokenizer, Tokenizer
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# The public API, imported on first use (PEP 562): `import mlxinfer` (and so `mlxinfer --help`,
+# `--version`) does not load MLX; `mlxinfer.load` or `from mlxinfer import load` does.
+_EXPORTS = {
+    "GenerationResponse": "generate",
+    "KVCache": "cache",
+    "Model": "model",
+    "ModelConfig": "config",
+    "ModelLoadError": "config",
+    "RequestMetrics": "metrics",
+    "RotatingKVCache": "cache",
+    "SamplingParams": "sampling",
+    "StreamingDetokenizer": "tokenizer",
+    "Tokenizer": "tokenizer",
+    "default_model_path": "loading",
+    "generate": "generate",
+    "generate_tokens": "generate",
+    "load": "loading",
+    "stream_generate": "generate",
+    "TokenLogprobs": "generate",
+}
 
 __all__ = [
     "GenerationResponse",
@@ -37,3 +54,47 @@ __all__ = [
     "stream_generate",
     "TokenLogprobs",
 ]
+
+if TYPE_CHECKING:  # what type checkers and editors see: the names as if imported eagerly
+    from .cache import KVCache, RotatingKVCache
+    from .config import ModelConfig, ModelLoadError
+    from .generate import (
+        GenerationResponse,
+        TokenLogprobs,
+        generate,
+        generate_tokens,
+        stream_generate,
+    )
+    from .loading import default_model_path, load
+    from .metrics import RequestMetrics
+    from .model import Model
+    from .sampling import SamplingParams
+    from .tokenizer import StreamingDetokenizer, Tokenizer
+
+
+def __getattr__(name: str) -> Any:
+    submodule = _EXPORTS.get(name)
+    if submodule is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{submodule}", __name__), name)
+    globals()[name] = value  # once: later look-ups no longer reach __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    """`mlxinfer.generate` is the function, as when the API was imported eagerly, even after
+    something imports the submodule `mlxinfer.generate`: the import system then binds the
+    submodule on the package, which would hide the function. That binding is skipped; the
+    submodule stays in sys.modules, where `import mlxinfer.generate` finds it."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and name in _EXPORTS:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

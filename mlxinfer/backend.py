@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 BLAS_ENV = "MLXINFER_BLAS"  # a path to a BLAS shared library, or "reference" to keep MLX's own
@@ -80,35 +83,11 @@ def _load_gemv_shim(openblas: str) -> bool:
     compiler the first time; without one it says so once, with the fix, and returns False having
     loaded nothing. MLXINFER_GEMV_SHIM=0 skips it silently."""
     global _shim_status
-    if os.environ.get("MLXINFER_GEMV_SHIM", "1") == "0":
-        _shim_status = "off (MLXINFER_GEMV_SHIM=0)"
+    prepared = _prepare_shim()
+    if prepared is None:
         return False
-    source = Path(__file__).with_name("gemv_shim.c")
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlxinfer"
-    library = cache / f"gemv_shim-{digest}.so"
-    if not library.is_file():
-        compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-        if compiler is None:
-            _shim_status = "skipped: no C compiler"
-            _warn(
-                "no C compiler found, so the gemv shim is skipped and CPU decoding runs about half "
-                f"as fast; {COMPILER_FIX}, or set MLXINFER_GEMV_SHIM=0 to silence this"
-            )
-            return False
-        cache.mkdir(parents=True, exist_ok=True)
-        partial = library.with_suffix(f".{os.getpid()}.tmp")
-        build = [compiler, "-O2", "-shared", "-fPIC", str(source), "-o", str(partial), "-ldl"]
-        try:
-            subprocess.run(build, check=True, capture_output=True, timeout=60)
-            partial.replace(library)  # atomic: concurrent first imports never see half a file
-        except (OSError, subprocess.SubprocessError) as e:
-            partial.unlink(missing_ok=True)
-            _shim_status = f"skipped: compiling it with {compiler} failed"
-            _warn(f"{_shim_status} ({type(e).__name__}); CPU decoding runs about half as fast")
-            return False
+    shim, library = prepared
     try:
-        shim = ctypes.CDLL(str(library), mode=ctypes.RTLD_LOCAL)
         if shim.mlxinfer_gemv_shim_init(openblas.encode()) != 0:
             _shim_status = "skipped: OpenBLAS has no sgemv"
             return False  # stays local: MLX never sees it
@@ -116,15 +95,130 @@ def _load_gemv_shim(openblas: str) -> bool:
         ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
         ctypes.CDLL(openblas, mode=ctypes.RTLD_GLOBAL)
     except OSError as e:
-        _shim_status = f"skipped: loading {library} failed ({e})"
+        _shim_status = f"skipped: loading {library} failed ({_reason(e)})"
         return False
     _shim_status = f"loaded from {library}"
     return True
 
 
+@functools.cache  # once per process, whichever OpenBLAS candidates are tried: one warning at most
+def _prepare_shim() -> tuple[ctypes.CDLL, Path] | None:
+    """The compiled shim, loaded locally (its cblas_sgemm not yet visible), and its path; or None
+    with `_shim_status` saying why.
+
+    The library replaces cblas_sgemm in this process, so it is loaded only from a directory and a
+    file that nobody but this user can write: both owned by the user, neither writable by group or
+    others (see `_untrusted`). Anything else, a cache directory that cannot be made, a failed
+    compile or a library that does not load is one warning line, never a failed import."""
+    global _shim_status
+    if os.environ.get("MLXINFER_GEMV_SHIM", "1") == "0":
+        _shim_status = "off (MLXINFER_GEMV_SHIM=0)"
+        return None
+    source = Path(__file__).with_name("gemv_shim.c")
+    try:
+        cache = _shim_cache_dir()
+    except RuntimeError as e:  # Path.home() found no home directory
+        return _skip_shim(f"no cache directory ({e}); set XDG_CACHE_HOME")
+    try:
+        library = cache / _shim_file_name()
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)  # the mode applies to the last part
+    except OSError as e:
+        return _skip_shim(f"cannot create the cache directory {cache} ({_reason(e)})")
+    if problem := _untrusted(cache, directory=True):
+        fix = "chmod go-w it" if "writable" in problem else "set XDG_CACHE_HOME elsewhere"
+        return _skip_shim(f"refused the cache directory {cache}: {problem}; {fix}")
+    if not os.path.lexists(library):
+        compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+        if compiler is None:
+            _shim_status = "skipped: no C compiler"
+            _warn(
+                "no C compiler found, so the gemv shim is skipped and CPU decoding runs about half "
+                f"as fast; {COMPILER_FIX}, or set MLXINFER_GEMV_SHIM=0 to silence this"
+            )
+            return None
+        if not _compile_shim(compiler, source, library):
+            return None
+    if problem := _untrusted(library, directory=False):
+        return _skip_shim(f"refused {library}: {problem}; delete it to rebuild it")
+    try:
+        shim = ctypes.CDLL(str(library), mode=ctypes.RTLD_LOCAL)
+        shim.mlxinfer_gemv_shim_init  # noqa: B018 (a library without it is not the shim)
+    except (OSError, AttributeError) as e:
+        return _skip_shim(f"loading {library} failed ({_reason(e)}); delete it to rebuild it")
+    return shim, library
+
+
+def _shim_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/mlxinfer, or ~/.cache/mlxinfer (a relative XDG_CACHE_HOME is ignored, as
+    the XDG spec says: it would depend on the working directory)."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "mlxinfer"
+
+
+def _shim_file_name() -> str:
+    """The compiled library's name: a new source gets a new file."""
+    source = Path(__file__).with_name("gemv_shim.c")
+    return f"gemv_shim-{hashlib.sha256(source.read_bytes()).hexdigest()[:16]}.so"
+
+
+def _compile_shim(compiler: str, source: Path, library: Path) -> bool:
+    """Compile into a fresh, unpredictably named file in the (private) cache directory, then rename
+    it: concurrent first imports never see half a file, and nothing can be planted at the name the
+    compiler writes."""
+    partial = None
+    try:
+        fd, name = tempfile.mkstemp(prefix=f"{library.stem}.", suffix=".tmp", dir=library.parent)
+        os.close(fd)
+        partial = Path(name)
+        build = [compiler, "-O2", "-shared", "-fPIC", str(source), "-o", name, "-ldl"]
+        subprocess.run(build, check=True, capture_output=True, timeout=60)
+        os.chmod(partial, 0o755)  # the linker may recreate the file with the umask's mode
+        os.replace(partial, library)
+        return True
+    except (OSError, subprocess.SubprocessError) as e:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+        _skip_shim(f"compiling {source} with {compiler} failed ({_reason(e)})")
+        return False
+
+
+def _untrusted(path: Path, directory: bool) -> str | None:
+    """Why `path` must not be trusted with this process's code, or None: it must be a directory
+    (followed through symlinks) or a regular file (not a symlink), owned by this user, and not
+    writable by group or others."""
+    try:
+        st = os.stat(path) if directory else os.lstat(path)
+    except OSError as e:
+        return _reason(e)
+    if not (stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)):
+        return "not a directory" if directory else "not a regular file"
+    if st.st_uid != os.geteuid():
+        return f"owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _skip_shim(why: str) -> None:
+    """The shim is off for a reason the user should hear: one warning line; the status says why."""
+    global _shim_status
+    _shim_status = f"skipped: {why}"
+    _warn(f"the gemv shim is skipped, so CPU decoding runs about half as fast: {why}")
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, subprocess.CalledProcessError):
+        errors = (e.stderr or b"").decode(errors="replace").strip().splitlines()
+        return f"exit status {e.returncode}" + (f": {errors[0][:200]}" if errors else "")
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
 def gemv_shim_status() -> str:
-    """What became of the gemv shim: 'loaded from PATH', 'off (...)', 'skipped: why', or
-    'not tried' (not Linux, no OpenBLAS, or OpenBLAS preloaded by the user)."""
+    """What became of the gemv shim: 'loaded from PATH', 'off (...)', 'skipped: why' (no compiler,
+    a failed compile, a cache directory or library file it refused and why), or 'not tried' (not
+    Linux, no OpenBLAS, or OpenBLAS preloaded by the user)."""
     blas_status()
     return _shim_status
 

@@ -3,12 +3,14 @@ templates rendered as Hugging Face renders them, and a streaming detokenizer."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from jinja2 import Template
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
@@ -70,6 +72,7 @@ class Tokenizer:
         self.add_bos_token = (
             add_bos_token  # prepend BOS when the tokenizer.json does not do it itself
         )
+        self._compiled_chat_template: tuple[str, Template] | None = None  # see _chat_template()
         ids = list(dict.fromkeys(eos_token_ids))
         if eos_token is not None and (eos_id := tokenizer.token_to_id(eos_token)) is not None:
             ids.append(eos_id)
@@ -112,7 +115,7 @@ class Tokenizer:
         if not self.chat_template:
             raise ValueError("this model's tokenizer has no chat template")
         text = render_chat_template(
-            self.chat_template,
+            self._chat_template(),
             messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
@@ -120,6 +123,15 @@ class Tokenizer:
             **kwargs,
         )
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def _chat_template(self) -> Template:
+        """The chat template compiled once (compiling costs far more than rendering), again only
+        if `chat_template` is assigned a new string."""
+        cached = self._compiled_chat_template
+        if cached is None or cached[0] != self.chat_template:
+            cached = (self.chat_template, compile_chat_template(self.chat_template))
+            self._compiled_chat_template = cached
+        return cached[1]
 
     def detokenizer(self) -> StreamingDetokenizer:
         return StreamingDetokenizer(self)
@@ -241,15 +253,36 @@ class StreamingDetokenizer:
 # -- chat templates -------------------------------------------------------------------------------
 
 
-def render_chat_template(template: str, messages: list[dict[str, Any]], **variables: Any) -> str:
-    """Render a Hugging Face chat template with the environment transformers uses."""
-    env = _chat_environment()
+def render_chat_template(
+    template: str | Template, messages: list[dict[str, Any]], **variables: Any
+) -> str:
+    """Render a Hugging Face chat template (its source, or compiled by `compile_chat_template`) with
+    the environment transformers uses. Whatever goes wrong in the template is a ValueError that
+    starts 'chat template error:'."""
+    if isinstance(template, str):
+        template = compile_chat_template(template)
     try:
-        return env.from_string(template).render(messages=messages, **variables)
-    except TemplateError as e:
-        raise ValueError(f"chat template error: {e}") from None
+        return template.render(messages=messages, **variables)
+    except Exception as e:  # the sandbox's OverflowError, ZeroDivisionError, TypeError, ...
+        raise _template_error(e) from None
 
 
+def compile_chat_template(template: str) -> Template:
+    """A chat template's source compiled in the shared sandboxed environment."""
+    try:
+        return _chat_environment().from_string(template)
+    except Exception as e:  # TemplateSyntaxError, and anything else compiling may raise
+        raise _template_error(e) from None
+
+
+def _template_error(e: Exception) -> ValueError:
+    """The model's chat template failed: say so, and why (a Jinja error's own message suffices;
+    any other exception is named, e.g. 'OverflowError: Range too big...')."""
+    why = str(e) if isinstance(e, TemplateError) else f"{type(e).__name__}: {e}"
+    return ValueError(f"chat template error: {why}")
+
+
+@functools.cache  # one environment: it holds no per-template state, and templates cannot change it
 def _chat_environment() -> ImmutableSandboxedEnvironment:
     def raise_exception(message: str):
         raise TemplateError(message)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from mlxinfer.backend import _candidate_paths, resolve_compute_policy
+from mlxinfer.backend import _candidate_paths, _shim_file_name, resolve_compute_policy
 
 HAVE_OPENBLAS = sys.platform.startswith("linux") and bool(_candidate_paths())
 HAVE_COMPILER = bool(shutil.which("cc") or shutil.which("gcc"))
@@ -126,3 +126,210 @@ def test_compute_policy():
     assert resolve_compute_policy("auto") == expected
     with pytest.raises(ValueError, match="compute must be one of auto, float32, native"):
         resolve_compute_policy("fast")
+
+
+# -- where the gemv shim may be loaded from -------------------------------------------------------
+
+SHIM_CHECK = (
+    GEMM_CHECK + "; from mlxinfer.backend import gemv_shim_status; print(gemv_shim_status())"
+)
+
+
+def shim_run(cache, **env: str) -> tuple[list[str], str, list[str]]:
+    """(blas status and matmul check, shim status, warning lines) of a fresh `import mlxinfer`."""
+    result = python(SHIM_CHECK, XDG_CACHE_HOME=str(cache), **env)
+    assert result.returncode == 0, result.stderr
+    first, status = result.stdout.splitlines()
+    return first.split(), status, [line for line in result.stderr.splitlines() if line]
+
+
+def compiled_shim(cache) -> str:
+    """A cache holding a shim compiled by an ordinary first import; the library's path."""
+    blas, status, warnings = shim_run(cache)
+    assert blas == ["openblas+gemv", "True"] and not warnings
+    assert status.startswith("loaded from ")
+    return status.removeprefix("loaded from ")
+
+
+needs_shim = pytest.mark.skipif(
+    not (HAVE_OPENBLAS and HAVE_COMPILER), reason="needs OpenBLAS and a C compiler"
+)
+
+
+@needs_shim
+def test_shim_compiled_into_a_private_directory(tmp_path):
+    """The cache directory is created 0700 and the library is written through a unique temporary
+    file, even under umask 0: nothing else can write where the process loads code from."""
+    cache = tmp_path / "cache"
+    result = python("import os; os.umask(0); " + SHIM_CHECK, XDG_CACHE_HOME=str(cache))
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    library = cache / "mlxinfer" / _shim_file_name()
+    assert result.stdout.splitlines() == ["openblas+gemv True", f"loaded from {library}"]
+    assert os.stat(cache / "mlxinfer").st_mode & 0o777 == 0o700
+    assert os.stat(library).st_mode & 0o022 == 0
+    assert os.listdir(cache / "mlxinfer") == [library.name]  # no temporary file left behind
+    assert shim_run(cache) == (["openblas+gemv", "True"], f"loaded from {library}", [])  # reused
+
+
+@needs_shim
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o1777, 0o720], ids=oct)
+def test_shim_refused_from_a_directory_others_can_write(tmp_path, mode):
+    library = compiled_shim(tmp_path)
+    os.chmod(tmp_path / "mlxinfer", mode)
+    blas, status, warnings = shim_run(tmp_path)
+    assert blas == ["openblas", "True"]  # OpenBLAS without the shim
+    directory = tmp_path / "mlxinfer"
+    assert status == (
+        f"skipped: refused the cache directory {directory}: writable by group or others "
+        f"(mode {mode:o}); chmod go-w it"
+    )
+    assert len(warnings) == 1 and warnings[0].startswith("mlxinfer: warning: the gemv shim")
+    assert str(directory) in warnings[0] and "writable by group or others" in warnings[0]
+    assert os.path.exists(library)  # left alone: the user decides
+
+
+@needs_shim
+@pytest.mark.parametrize("mode", [0o666, 0o757, 0o620], ids=oct)
+def test_shim_refused_when_others_can_write_the_library(tmp_path, mode):
+    """A library that group or others could have replaced is never loaded."""
+    library = compiled_shim(tmp_path)
+    os.chmod(library, mode)
+    blas, status, warnings = shim_run(tmp_path)
+    assert blas == ["openblas", "True"]
+    reason = f"writable by group or others (mode {mode:o}); delete it to rebuild it"
+    assert status == f"skipped: refused {library}: {reason}"
+    assert len(warnings) == 1 and library in warnings[0] and reason in warnings[0]
+
+
+@needs_shim
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown needs root")
+@pytest.mark.parametrize("what", ["directory", "library"])
+def test_shim_refused_when_another_user_owns_it(tmp_path, what):
+    library = compiled_shim(tmp_path)
+    os.chown(tmp_path / "mlxinfer" if what == "directory" else library, 65534, -1)
+    blas, status, warnings = shim_run(tmp_path)
+    assert blas == ["openblas", "True"]
+    assert "owned by uid 65534, not by this user (uid 0)" in status
+    assert len(warnings) == 1 and "owned by uid 65534" in warnings[0]
+
+
+@needs_shim
+def test_shim_refused_through_a_symlink(tmp_path):
+    library = compiled_shim(tmp_path / "real")
+    (tmp_path / "mlxinfer").mkdir(mode=0o700)
+    os.symlink(library, tmp_path / "mlxinfer" / _shim_file_name())
+    blas, status, warnings = shim_run(tmp_path)
+    assert blas == ["openblas", "True"]
+    assert status.endswith("not a regular file; delete it to rebuild it")
+    assert len(warnings) == 1
+
+
+@needs_shim
+def test_garbage_library_is_one_warning(tmp_path):
+    """A truncated or foreign file under the library's name: one warning naming it, no crash."""
+    (tmp_path / "mlxinfer").mkdir(mode=0o700)
+    library = tmp_path / "mlxinfer" / _shim_file_name()
+    library.write_bytes(b"not a shared library")
+    blas, status, warnings = shim_run(tmp_path)
+    assert blas == ["openblas", "True"]
+    assert status.startswith(f"skipped: loading {library} failed")
+    assert len(warnings) == 1 and str(library) in warnings[0]
+
+
+@pytest.mark.skipif(not HAVE_OPENBLAS, reason="no OpenBLAS library on this machine")
+def test_unusable_cache_directory_never_fails_the_import():
+    result = python(SHIM_CHECK, XDG_CACHE_HOME="/proc/nope")
+    assert result.returncode == 0, result.stderr
+    blas, status = result.stdout.splitlines()
+    assert blas.split() == ["openblas", "True"]
+    assert status == (
+        "skipped: cannot create the cache directory /proc/nope/mlxinfer (No such file or directory)"
+    )
+    warnings = [line for line in result.stderr.splitlines() if line]
+    assert len(warnings) == 1 and "/proc/nope/mlxinfer" in warnings[0]
+
+
+@needs_shim
+def test_relative_cache_home_is_ignored(tmp_path, monkeypatch):
+    """A relative XDG_CACHE_HOME would load code from wherever the process starts: the XDG spec
+    says to ignore it, so ~/.cache is used."""
+    monkeypatch.chdir(tmp_path)
+    blas, status, warnings = shim_run("cache", HOME=str(tmp_path / "home"))
+    library = tmp_path / "home" / ".cache" / "mlxinfer" / _shim_file_name()
+    assert (blas, status, warnings) == (["openblas+gemv", "True"], f"loaded from {library}", [])
+    assert not (tmp_path / "cache").exists()
+
+
+@needs_shim
+def test_failed_compile_is_one_warning(tmp_path):
+    compiler = tmp_path / "bin" / "cc"
+    compiler.parent.mkdir()
+    compiler.write_text("#!/bin/sh\necho 'cc: fatal error: out of cheese' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    blas, status, warnings = shim_run(tmp_path / "cache", CC=str(compiler))
+    assert blas == ["openblas", "True"]
+    assert status.startswith("skipped: compiling ") and f"with {compiler} failed" in status
+    assert "exit status 1: cc: fatal error: out of cheese" in status
+    assert len(warnings) == 1 and "out of cheese" in warnings[0]
+    assert os.listdir(tmp_path / "cache" / "mlxinfer") == []  # the temporary file is removed
+
+
+# -- the package import loads no MLX --------------------------------------------------------------
+
+
+def imported_modules(*args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run `python -X importtime ARGS`; the modules it imported."""
+    environment = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", *args], capture_output=True, text=True, timeout=120,
+        env=environment,
+    )  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    return result, {line.rsplit("|", 1)[1].strip() for line in lines[1:]}
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_and_version_do_not_import_mlx(flag):
+    result, modules = imported_modules("-m", "mlxinfer", flag)
+    assert result.returncode == 0, result.stderr
+    assert "mlxinfer.cli" in modules and "mlxinfer.backend" in modules
+    assert not {m for m in modules if m == "mlx" or m.startswith("mlx.")}
+    assert ("usage: mlxinfer" in result.stdout) if flag == "--help" else (
+        result.stdout.startswith("mlxinfer 0.1.0 (MLX ")
+    )  # fmt: skip
+
+
+def test_public_api_imported_on_first_use():
+    result = python(
+        "import sys, mlxinfer, mlxinfer.cli; from mlxinfer.backend import blas_status;"
+        "print('mlx.core' in sys.modules, blas_status());"
+        "mlxinfer.load; print('mlx.core' in sys.modules, blas_status())"
+    )
+    assert result.returncode == 0, result.stderr
+    before, after = result.stdout.splitlines()
+    assert before.split()[0] == "False" and after.split()[0] == "True"
+    assert before.split()[1:] == after.split()[1:]  # BLAS chosen before MLX came in
+
+
+def test_every_public_name_resolves():
+    """`mlxinfer.X` and `from mlxinfer import X` for every X in __all__, `dir()` lists them, and
+    `mlxinfer.generate` stays the function after the submodule of that name is imported."""
+    result = python(
+        "import mlxinfer, mlxinfer.generate, inspect, sys;"
+        "from mlxinfer.generate import generate_tokens;"
+        "assert mlxinfer.generate is sys.modules['mlxinfer.generate'].generate;"
+        "from mlxinfer import *;"
+        "names = mlxinfer.__all__;"
+        "assert all(globals()[n] is getattr(mlxinfer, n) for n in names);"
+        "assert set(names) <= set(dir(mlxinfer)), set(names) - set(dir(mlxinfer));"
+        "assert not inspect.ismodule(mlxinfer.generate);"
+        "exec('from mlxinfer import ' + ', '.join(names));"
+        "print(len(names), mlxinfer.__version__)"
+    )
+    assert result.returncode == 0, result.stderr
+    import mlxinfer
+
+    assert result.stdout.split() == [str(len(mlxinfer.__all__)), mlxinfer.__version__]
+    assert len(set(mlxinfer.__all__)) == len(mlxinfer.__all__) == 16
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        mlxinfer.no_such_name  # noqa: B018

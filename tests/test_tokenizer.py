@@ -188,3 +188,56 @@ def test_gguf_pre_tokenizers_match_transformers(tmp_path, arch, pre):
     assert any(gpt2_style.encode(t) != ours.encode(t) for t in discriminating)
     for text in TEXTS + discriminating + ["Year 2024: 1234567 items, x=3.14159!"]:
         assert ours.encode(text) == expected.encode(text, add_special_tokens=False), text
+
+
+@pytest.mark.parametrize(
+    "template, why",
+    [
+        (
+            "{% for i in range(10**9) %}{{ i }}{% endfor %}",
+            "OverflowError: Range too big. The sandbox blocks ranges larger than MAX_RANGE",
+        ),
+        ("{{ messages | length / 0 }}", "ZeroDivisionError: division by zero"),
+        ("{{ format_messages(messages) }}", "'format_messages' is undefined"),
+        ("{{ messages() }}", "TypeError: 'list' object is not callable"),
+        ("{{ ''.__class__.__mro__ }}", "access to attribute '__class__' of 'str' object is unsafe"),
+        ("{% for m in messages %}{{ m.content }}", "Unexpected end of template"),  # syntax
+    ],
+)
+def test_chat_template_failures_are_value_errors(default_model, template, why):
+    """Whatever a model's chat template raises, the caller gets one ValueError that says the chat
+    template failed and why, not the sandbox's own exception."""
+    _, tokenizer = default_model
+    bad = Tokenizer(tokenizer._tokenizer, chat_template=template)
+    with pytest.raises(ValueError, match="^chat template error: ") as error:
+        bad.apply_chat_template([{"role": "user", "content": "x"}])
+    assert why in str(error.value)
+    assert type(error.value) is ValueError
+
+
+def test_chat_template_compiled_once(default_model, monkeypatch):
+    """Compiling a template costs ~100x rendering it: a tokenizer compiles its template once, and
+    again only when given a new one. Rendering is unchanged (see the transformers comparison)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    _, model_tokenizer = default_model
+    compiled = []
+    from_string = ImmutableSandboxedEnvironment.from_string
+
+    def counting(self, source, *args, **kwargs):
+        compiled.append(source)
+        return from_string(self, source, *args, **kwargs)
+
+    monkeypatch.setattr(ImmutableSandboxedEnvironment, "from_string", counting)
+    tokenizer = Tokenizer(model_tokenizer._tokenizer, chat_template=model_tokenizer.chat_template)
+    first = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    assert tokenizer.apply_chat_template(CONVERSATION, tokenize=False) == first
+    assert tokenizer.apply_chat_template(CONVERSATION) == tokenizer.encode(
+        first, add_special_tokens=False
+    )
+    assert first == model_tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    assert compiled == [model_tokenizer.chat_template]
+    tokenizer.chat_template = "{{ messages[0]['content'] }}"
+    assert tokenizer.apply_chat_template(CONVERSATION, tokenize=False) == "You are terse."
+    assert tokenizer.apply_chat_template(CONVERSATION, tokenize=False) == "You are terse."
+    assert compiled == [model_tokenizer.chat_template, "{{ messages[0]['content'] }}"]

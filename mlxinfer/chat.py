@@ -18,6 +18,7 @@ from .cli import (
     PrefillProgress,
     UsageError,
     cache_options,
+    check_text,
     load_model,
     sampling_params,
 )
@@ -98,6 +99,11 @@ def run_chat(args: argparse.Namespace) -> int:
         if text.startswith("/") and " " not in text:
             print(f"mlxinfer chat: unknown command {text}; commands: {', '.join(COMMANDS)}",
                   file=sys.stderr)  # fmt: skip
+            continue
+        try:
+            check_text(text, "the message")
+        except UsageError as e:
+            print(f"mlxinfer chat: error: {e}", file=sys.stderr)
             continue
         messages, dropped = conversation.ask(text, min(sampling.max_tokens, 256))
         if dropped:

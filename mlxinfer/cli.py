@@ -266,7 +266,17 @@ def read_prompt(args: argparse.Namespace) -> str:
         raise UsageError("give the prompt with --prompt TEXT, --prompt - or --prompt-file PATH")
     if not text.strip():
         raise UsageError(f"{flag} is empty")
+    check_text(text, flag)
     return text
+
+
+def check_text(text: str, what: str) -> None:
+    """Bytes that are not UTF-8 reach Python as lone surrogates (argv, a non-UTF-8 locale's
+    stdin); the tokenizer cannot take them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(f"{what} is not valid UTF-8 text (at character {e.start})") from None
 
 
 # -- generate -------------------------------------------------------------------------------------
@@ -364,9 +374,9 @@ def run_generate(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         stream.close()
         progress.clear()
-        _print_result(args, model, cache, pieces, responses, interrupted=True)
+        _print_result(args, model, cache, pieces, responses, True, blas_status())
         return EXIT_INTERRUPTED
-    _print_result(args, model, cache, pieces, responses, interrupted=False, blas=blas_status())
+    _print_result(args, model, cache, pieces, responses, False, blas_status())
     return 0
 
 
@@ -378,7 +388,7 @@ def _token_json(response) -> dict:
     return out
 
 
-def _print_result(args, model, cache, pieces, responses, interrupted: bool, blas: str = "") -> None:
+def _print_result(args, model, cache, pieces, responses, interrupted: bool, blas: str) -> None:
     text = "".join(pieces)
     if not args.json:
         if args.stream:

@@ -229,3 +229,12 @@ def test_each_token_time_is_taken_before_the_next_step_is_built(default_model, m
     assert gaps[-1] - 40.0 <= metrics.itl_ms[-1] <= gaps[-1]
     # ... and every gap holds a whole decode step (>= 1/3 of the median: 0.2 ms was the bug)
     assert min(metrics.itl_ms) >= np.median(metrics.itl_ms) / 3
+
+
+def test_text_that_is_not_utf8_is_a_clear_error(default_model):
+    """Undecodable bytes reach Python as lone surrogates (command-line arguments, stdin)."""
+    model, tokenizer = default_model
+    with pytest.raises(ValueError, match="prompt is not valid UTF-8 text"):
+        mlxinfer.generate(model, tokenizer, "\udcff hi", max_tokens=1)
+    with pytest.raises(ValueError, match="prompt message 0 is not valid UTF-8 text"):
+        mlxinfer.generate(model, tokenizer, [{"role": "user", "content": "\udcff"}], max_tokens=1)

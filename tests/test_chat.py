@@ -1,0 +1,82 @@
+"""`mlxinfer chat`, scripted: with standard input not a terminal each line is one user turn and
+each reply is printed on one line."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from .reference import make_tiny_checkpoint
+from .test_cli import one_line_error, run_cli
+
+GERMANY = "And of Germany?"  # says "capital" only through the turn before it
+
+
+def chat(*lines: str, args: tuple[str, ...] = ("--max-tokens", "40")):
+    return run_cli("chat", *args, input="".join(line + "\n" for line in lines))
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    """A conversation that resets, exits, then has one more line."""
+    result = chat(
+        "What is the capital of France?", GERMANY, "/reset", GERMANY, "/exit",
+        "What is the capital of Italy?",
+    )  # fmt: skip
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def germany_alone():
+    """The reply to GERMANY as the first turn of a conversation."""
+    result = chat(GERMANY)
+    assert result.returncode == 0, result.stderr
+    [reply] = result.stdout.splitlines()
+    return reply
+
+
+def test_chat_keeps_the_history(scripted, germany_alone):
+    replies = scripted.stdout.splitlines()
+    assert "Paris" in replies[0]
+    assert "Berlin" in replies[1]  # "The capital of Germany is Berlin." (margins >= 3 logits)
+    assert "Berlin" not in germany_alone  # without the history it is no question of capitals
+
+
+def test_reset_clears_the_history(scripted, germany_alone):
+    replies = scripted.stdout.splitlines()
+    assert replies[2] == germany_alone  # the same prompt as a new conversation, token for token
+    assert "conversation cleared" in scripted.stderr
+
+
+def test_exit_ends_and_ignores_later_lines(scripted):
+    assert scripted.returncode == 0, scripted.stderr
+    assert len(scripted.stdout.splitlines()) == 3  # nothing for the line after /exit
+
+
+def test_system_message():
+    result = chat(
+        "Who are you?",
+        args=("--system", "You are Captain Blackbeard, a pirate.", "--max-tokens", "12"),
+    )
+    assert result.returncode == 0, result.stderr
+    # without the system message: "I'm here to help with any kind of creative writing project."
+    assert "Blackbeard" in result.stdout
+
+
+def test_bad_flag_exits_2_before_loading(tmp_path):
+    start = time.perf_counter()
+    result = chat("hi", args=("--top-k", "-1"))
+    elapsed = time.perf_counter() - start
+    line = one_line_error(result, "--top-k")
+    assert elapsed < 5, elapsed  # ~0.2 s, ~2 s with the model loaded: loose on purpose
+    missing = chat("hi", args=("--model", str(tmp_path / "no-model"), "--top-k", "-1"))
+    assert missing.returncode == 2 and missing.stderr.strip() == line  # checked before loading
+
+
+def test_model_without_chat_template(tmp_path):
+    make_tiny_checkpoint(tmp_path, "llama")  # a tokenizer with no chat template
+    result = chat("hi", args=("--model", str(tmp_path)))
+    assert "chat template" in one_line_error(result)
+    assert result.stdout == ""

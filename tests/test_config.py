@@ -14,6 +14,7 @@ import pytest
 from mlxinfer.config import FAMILIES, ModelConfig, ModelLoadError
 
 from .reference import FAMILY_CLASSES, TINY
+from .test_model import LLAMA3_ROPE
 
 N_LAYERS = 6
 MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
@@ -345,14 +346,7 @@ def test_direct_construction_defaults_per_layer_lists():
 ROPE_SETTINGS = {
     "default": {"rope_type": "default", "rope_theta": 500.0},
     "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0},
-    "llama3": {
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 32,
-        "rope_theta": 10000.0,
-    },
+    "llama3": LLAMA3_ROPE,
     "yarn": {
         "rope_type": "yarn",
         "factor": 4.0,

@@ -16,6 +16,7 @@ from mlxinfer.ops import OPS
 from mlxinfer.rope import RoPE, rope_inv_freq
 
 from .reference import rel_err
+from .test_model import LLAMA3_ROPE
 
 BASE = dict(
     hidden_size=128,
@@ -26,14 +27,7 @@ BASE = dict(
     max_position_embeddings=256,
 )
 
-LLAMA3 = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 32,
-    "rope_theta": 10000.0,
-}
+LLAMA3 = LLAMA3_ROPE  # the settings test_model checks end to end
 YARN = {
     "rope_type": "yarn",
     "factor": 4.0,

@@ -7,9 +7,11 @@ llama-architecture models with RoPE pairs interleaved, so those models run with 
 
 from __future__ import annotations
 
+import math
 import mmap
 import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,54 +45,89 @@ _TOP_NAME = re.compile(r"([a-z_]+)\.(weight|bias|scales|biases)$")
 
 
 def config_from_metadata(metadata: dict[str, Any], source: str) -> dict[str, Any]:
-    """A config.json-like dict from GGUF metadata (`{arch}.block_count`, ...)."""
+    """A config.json-like dict from GGUF metadata (`{arch}.block_count`, ...). Sizes must be
+    positive integers and float settings finite numbers (`rms_norm_eps` >= 0, the others > 0):
+    anything else is a ModelLoadError naming the key."""
     arch = metadata.get("general.architecture")
-    if arch not in ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise ModelLoadError(
-            f"{source}: GGUF architecture {arch!r} is not supported; supported: "
+            f"{source}: GGUF architecture {_brief(arch)} is not supported; supported: "
             f"{', '.join(ARCHITECTURES)}"
         )
     model_type, interleaved = ARCHITECTURES[arch]
 
-    def get(key: str, default: Any = None, required: bool = False) -> Any:
+    def get(key: str, default: Any = None, required: bool = False, kind: str = "any") -> Any:
         full = f"{arch}.{key}"
         if full not in metadata:
             if required:
                 raise ModelLoadError(f"{source}: GGUF metadata lacks {full!r}")
             return default
-        return metadata[full]
+        value = metadata[full]
+        if kind == "count" and not _is_int(value, minimum=0):
+            raise ModelLoadError(
+                f"{source}: GGUF metadata {full!r} is {_brief(value)}, not a count"
+            )
+        if kind == "size" and not _is_int(value, minimum=1):
+            raise ModelLoadError(
+                f"{source}: GGUF metadata {full!r} is {_brief(value)}, not a positive integer"
+            )
+        if kind in ("positive", "nonnegative") and not _is_number(value, kind == "positive"):
+            raise ModelLoadError(
+                f"{source}: GGUF metadata {full!r} is {_brief(value)}, not a finite {kind} number"
+            )
+        return value
 
-    if get("expert_count"):
+    if get("expert_count", kind="count"):
         raise ModelLoadError(
             f"{source}: mixture-of-experts GGUF files ({arch}.expert_count = "
             f"{get('expert_count')}) are not supported; load the Hugging Face or mlx-community "
             "checkpoint instead"
         )
-    heads = get("attention.head_count", required=True)
-    hidden = get("embedding_length", required=True)
-    vocab = get("vocab_size") or len(metadata.get("tokenizer.ggml.tokens", []))
+    heads = get("attention.head_count", required=True, kind="size")
+    hidden = get("embedding_length", required=True, kind="size")
+    vocab = get("vocab_size", kind="count") or len(metadata.get("tokenizer.ggml.tokens", []))
+    if not vocab:
+        raise ModelLoadError(
+            f"{source}: GGUF metadata lacks {arch}.vocab_size and tokenizer.ggml.tokens"
+        )
     config = {
         "model_type": model_type,
         "hidden_size": hidden,
-        "intermediate_size": get("feed_forward_length", required=True),
-        "num_hidden_layers": get("block_count", required=True),
+        "intermediate_size": get("feed_forward_length", required=True, kind="size"),
+        "num_hidden_layers": get("block_count", required=True, kind="size"),
         "num_attention_heads": heads,
-        "num_key_value_heads": get("attention.head_count_kv", heads),
-        "head_dim": get("attention.key_length", hidden // heads),
-        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-5),
-        "max_position_embeddings": get("context_length", 2048),
-        "rope_theta": get("rope.freq_base", 10000.0),
+        "num_key_value_heads": get("attention.head_count_kv", heads, kind="size"),
+        "head_dim": get("attention.key_length", hidden // heads, kind="size"),
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-5, kind="nonnegative"),
+        "max_position_embeddings": get("context_length", 2048, kind="size"),
+        "rope_theta": get("rope.freq_base", 10000.0, kind="positive"),
         "rope_traditional": interleaved,
         "vocab_size": vocab,
         "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
     }
+    if config["head_dim"] == 0:
+        raise ModelLoadError(
+            f"{source}: GGUF metadata {arch}.embedding_length ({hidden}) is smaller than "
+            f"{arch}.attention.head_count ({heads}) and {arch}.attention.key_length is not given"
+        )
     scaling = get("rope.scaling.type")
     if scaling == "linear":
-        config["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor", 1.0)}
+        factor = get("rope.scaling.factor", 1.0, kind="positive")
+        config["rope_scaling"] = {"rope_type": "linear", "factor": factor}
     elif scaling not in (None, "none"):
-        raise ModelLoadError(f"{source}: GGUF rope scaling {scaling!r} is not supported")
+        raise ModelLoadError(f"{source}: GGUF rope scaling {_brief(scaling)} is not supported")
     return config
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value: Any, positive: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return value > 0 if positive else value >= 0
 
 
 def rename_tensors(tensors: dict[str, mx.array], source: str) -> dict[str, mx.array]:
@@ -140,66 +177,326 @@ _TYPE_NAMES = {
     20: "IQ4_NL",
     30: "BF16",
 }
-# GGUF metadata value types -> fixed byte sizes (8 = string, 9 = array are variable).
-_VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+# Elements and bytes per block of the supported tensor types (ggml's block sizes).
+_BLOCKS = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 8: (32, 34)}
+
+# GGUF metadata value types. Scalars by struct format; a string is a u64 length and the bytes, an
+# array an item type (u32), a u64 count and the items.
+_STRING, _ARRAY, _UINT32, _FLOAT64 = 8, 9, 4, 12
+_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}  # fmt: skip
+_VALUE_TYPE_NAMES = {
+    0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "int32", 6: "float32",
+    7: "bool", 8: "string", 9: "array", 10: "uint64", 11: "int64", 12: "float64",
+}  # fmt: skip
+# The fewest bytes a value of each type takes in the file: what bounds an array's item count.
+_MIN_VALUE_SIZE = {**{k: struct.calcsize(f) for k, f in _SCALAR_FORMATS.items()}, 8: 8, 9: 12}
+MAX_ARRAY_DEPTH = 8  # arrays of arrays ...; llama.cpp's own files nest at most 2 deep
+SUPPORTED_VERSIONS = (2, 3)  # version 1 had 32-bit counts and lengths
+_HEADER_SIZE = 24  # magic, version, tensor count, metadata count
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_DIM = 2**31 - 1  # MLX shapes are int32
+# Bounds on what a count in the header can claim: each metadata entry takes at least a key length,
+# a value type and a one-byte value; each tensor info a name length, a dimension count, one
+# dimension, a type and a data offset.
+_MIN_KV_SIZE = 8 + 4 + 1
+_MIN_TENSOR_INFO_SIZE = 8 + 4 + 8 + 4 + 8
 
 
-def check_tensor_types(path: Path) -> None:
-    """Raise ModelLoadError for tensors of a type mx.load would not read exactly (mx.load returns
-    some K-quants as float16 instead of failing), naming the tensor and its type."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        try:
-            types = _tensor_types(buf)
-        except (struct.error, IndexError, UnicodeDecodeError):
-            raise ModelLoadError(f"{path}: truncated or corrupt GGUF header") from None
-        except ModelLoadError as e:
-            raise ModelLoadError(f"{path}: {e}") from None
-    for name, kind in types.items():
-        if kind not in SUPPORTED_TENSOR_TYPES:
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor info of a GGUF header. `dims` in ggml order (`dims[0]` is contiguous), so the
+    array shape is `shape`, reversed; `offset` is absolute, from the start of the file."""
+
+    name: str
+    type: int
+    dims: tuple[int, ...]
+    offset: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.dims[::-1]
+
+
+@dataclass(frozen=True)
+class SkippedArray:
+    """An array value `read_header(path, array_values=False)` checked but did not read."""
+
+    item_type: int
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+
+@dataclass
+class GGUFHeader:
+    version: int
+    metadata: dict[str, Any]
+    value_types: dict[str, tuple[int, ...]]  # key -> (type,), or (ARRAY, item type)
+    tensors: dict[str, TensorInfo]
+    alignment: int
+    data_offset: int  # where the tensor data section starts
+    file_size: int
+
+
+def read_header(path: str | Path, array_values: bool = True) -> GGUFHeader:
+    """Read a GGUF file's header: version, metadata, tensor infos, with every length and count
+    checked against the bytes left in the file before anything is read or allocated, and arrays
+    nested at most MAX_ARRAY_DEPTH deep. Metadata values come back as Python values (int, float,
+    bool, str, lists for arrays); with `array_values=False` arrays are checked and skipped, each
+    a SkippedArray. Raises ModelLoadError naming the file (and the key or tensor) on bad input."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(_HEADER_SIZE)
+        if head[:4] != b"GGUF":
+            raise ModelLoadError(f"{path}: not a GGUF file (bad magic)")
+        if len(head) < _HEADER_SIZE:
             raise ModelLoadError(
-                f"{path}: tensor {name!r} has GGUF type {_TYPE_NAMES.get(kind, kind)}, which is not "
-                f"supported; supported: {', '.join(SUPPORTED_TENSOR_TYPES.values())}"
+                f"{path}: truncated or corrupt GGUF header (the file has {len(head)} bytes, a "
+                f"GGUF header {_HEADER_SIZE})"
             )
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _HeaderReader(buf, str(path), array_values).read()
 
 
-def _tensor_types(buf) -> dict[str, int]:
-    """Walk the GGUF header (magic, version, counts, key/values) to the tensor infos."""
-    if buf[:4] != b"GGUF":
-        raise ModelLoadError("not a GGUF file (bad magic)")
-    n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
-    pos = 24
+class _HeaderReader:
+    """A cursor over a GGUF header that never reads, slices or allocates past the end of the file."""
 
-    def skip_string(pos: int) -> int:
-        (length,) = struct.unpack_from("<Q", buf, pos)
-        return pos + 8 + length
+    def __init__(self, buf, source: str, array_values: bool):
+        self.buf, self.source, self.array_values = buf, source, array_values
+        self.size, self.pos = len(buf), 0
 
-    def skip_value(kind: int, pos: int) -> int:
-        if kind in _VALUE_SIZES:
-            return pos + _VALUE_SIZES[kind]
-        if kind == 8:
-            return skip_string(pos)
-        if kind == 9:
-            item_kind, count = struct.unpack_from("<IQ", buf, pos)
-            pos += 12
-            if item_kind in _VALUE_SIZES:
-                return pos + count * _VALUE_SIZES[item_kind]
-            for _ in range(count):
-                pos = skip_value(item_kind, pos)
-            return pos
-        raise ModelLoadError(f"unknown GGUF metadata value type {kind}")
+    def error(self, what: str) -> ModelLoadError:
+        return ModelLoadError(f"{self.source}: truncated or corrupt GGUF header: {what}")
 
-    for _ in range(n_kv):
-        pos = skip_string(pos)
-        (kind,) = struct.unpack_from("<I", buf, pos)
-        pos = skip_value(kind, pos + 4)
-    types = {}
-    for _ in range(n_tensors):
-        (length,) = struct.unpack_from("<Q", buf, pos)
-        name = bytes(buf[pos + 8 : pos + 8 + length]).decode("utf-8")
-        pos += 8 + length
-        (n_dims,) = struct.unpack_from("<I", buf, pos)
-        pos += 4 + 8 * n_dims
-        (kind,) = struct.unpack_from("<I", buf, pos)
-        types[name] = kind
-        pos += 12  # type + data offset
-    return types
+    def take(self, n: int, what: str) -> int:
+        """Advance over n bytes; return where they start."""
+        if n > self.size - self.pos:
+            raise self.error(
+                f"{what} needs {n} bytes at offset {self.pos}, but the file has "
+                f"{self.size - self.pos} left"
+            )
+        start = self.pos
+        self.pos += n
+        return start
+
+    def unpack(self, fmt: str, what: str) -> tuple:
+        layout = struct.Struct(fmt)
+        return layout.unpack_from(self.buf, self.take(layout.size, what))
+
+    def string(self, what: str, decode: bool = True) -> str | None:
+        (length,) = self.unpack("<Q", f"{what}: string length")
+        start = self.take(length, f"{what}: string of {length} bytes")
+        if not decode:
+            return None
+        try:
+            return str(self.buf[start : start + length], "utf-8")
+        except UnicodeDecodeError:
+            raise self.error(f"{what}: string is not valid UTF-8") from None
+
+    def value(self, kind: int, key: str, keep: bool = True, depth: int = 0) -> Any:
+        what = f"metadata {_quote(key)}"
+        if kind in _SCALAR_FORMATS:
+            return self.unpack("<" + _SCALAR_FORMATS[kind], what)[0]
+        if kind == _STRING:
+            return self.string(what, decode=keep)
+        if kind != _ARRAY:
+            raise self.error(f"{what}: unknown value type {kind}")
+        if depth >= MAX_ARRAY_DEPTH:
+            raise self.error(f"{what}: arrays nested more than {MAX_ARRAY_DEPTH} deep")
+        item, count = self.unpack("<IQ", f"{what}: array header")
+        if item not in _MIN_VALUE_SIZE:
+            raise self.error(f"{what}: array of unknown value type {item}")
+        left = self.size - self.pos
+        if count > left // _MIN_VALUE_SIZE[item]:
+            raise self.error(
+                f"{what}: an array of {count} {_VALUE_TYPE_NAMES[item]} values cannot fit in "
+                f"the {left} bytes left in the file"
+            )
+        keep = keep and self.array_values
+        if item in _SCALAR_FORMATS:
+            start = self.take(count * _MIN_VALUE_SIZE[item], what)
+            if not keep:
+                return SkippedArray(item, count)
+            return list(struct.unpack_from(f"<{count}{_SCALAR_FORMATS[item]}", self.buf, start))
+        if item == _STRING:
+            values = self.strings(count, what, keep)
+        else:
+            values = [self.value(item, key, keep, depth + 1) for _ in range(count)]
+        return values if keep else SkippedArray(item, count)
+
+    def strings(self, count: int, what: str, decode: bool) -> list[str]:
+        """`count` strings in one tight loop (a vocabulary is ~10^5 of them)."""
+        buf, size, pos = self.buf, self.size, self.pos
+        unpack_length = struct.Struct("<Q").unpack_from
+        raw = []
+        for _ in range(count):
+            length = unpack_length(buf, pos)[0] if size - pos >= 8 else size
+            start, pos = pos + 8, pos + 8 + length
+            if pos > size:
+                self.pos = start - 8
+                self.string(what)  # raises: this string does not fit (reported as string() does)
+            if decode:
+                raw.append(buf[start:pos])
+        self.pos = pos
+        try:
+            return [str(value, "utf-8") for value in raw]
+        except UnicodeDecodeError:
+            raise self.error(f"{what}: string is not valid UTF-8") from None
+
+    def value_type(self, kind: int) -> tuple[int, ...]:
+        """(kind,), or (ARRAY, item type) for an array (peeked, before its value is read)."""
+        if kind == _ARRAY and self.pos + 4 <= self.size:
+            return (kind, *struct.unpack_from("<I", self.buf, self.pos))
+        return (kind,)
+
+    def read(self) -> GGUFHeader:
+        _, version, n_tensors, n_kv = struct.unpack_from("<4sIQQ", self.buf, 0)
+        self.pos = _HEADER_SIZE
+        if version not in SUPPORTED_VERSIONS:
+            swapped = struct.unpack("<I", struct.pack(">I", version))[0]
+            detail = " (a big-endian file)" if swapped in SUPPORTED_VERSIONS else ""
+            raise ModelLoadError(
+                f"{self.source}: GGUF version {version}{detail} is not supported; supported: "
+                f"{', '.join(map(str, SUPPORTED_VERSIONS))} (little-endian)"
+            )
+        left = self.size - self.pos
+        if n_kv * _MIN_KV_SIZE + n_tensors * _MIN_TENSOR_INFO_SIZE > left:
+            raise self.error(
+                f"it claims {n_kv} metadata entries and {n_tensors} tensors, more than the "
+                f"{left} bytes after the header can hold"
+            )
+        metadata: dict[str, Any] = {}
+        value_types: dict[str, tuple[int, ...]] = {}
+        for i in range(n_kv):
+            key = self.string(f"metadata entry {i} of {n_kv}: key")
+            if key in metadata:
+                raise self.error(f"metadata key {_quote(key)} appears twice")
+            (kind,) = self.unpack("<I", f"metadata {_quote(key)}: value type")
+            value_types[key] = self.value_type(kind)
+            metadata[key] = self.value(kind, key)
+
+        alignment = metadata.get("general.alignment", 32)
+        if "general.alignment" in metadata and value_types["general.alignment"] != (_UINT32,):
+            raise self.error("metadata 'general.alignment' is not a uint32")
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise self.error(f"metadata 'general.alignment' is {alignment}, not a power of two")
+
+        infos = []
+        for i in range(n_tensors):
+            name = self.string(f"tensor info {i} of {n_tensors}: name")
+            what = f"tensor {_quote(name)}"
+            (n_dims,) = self.unpack("<I", f"{what}: dimension count")
+            if not 1 <= n_dims <= _MAX_DIMS:
+                raise self.error(f"{what} has {n_dims} dimensions (1 to {_MAX_DIMS} are allowed)")
+            dims = self.unpack(f"<{n_dims}Q", f"{what}: dimensions")
+            if max(dims) > _MAX_DIM:
+                raise self.error(f"{what} has dimensions {list(dims)}, larger than {_MAX_DIM}")
+            kind, offset = self.unpack("<IQ", f"{what}: type and data offset")
+            if offset % alignment:
+                raise self.error(
+                    f"{what}: data offset {offset} is not a multiple of the alignment {alignment}"
+                )
+            infos.append((name, kind, dims, offset))
+        data_offset = -(-self.pos // alignment) * alignment
+        tensors: dict[str, TensorInfo] = {}
+        for name, kind, dims, offset in infos:
+            if name in tensors:
+                raise self.error(f"tensor {_quote(name)} appears twice")
+            tensors[name] = TensorInfo(name, kind, dims, data_offset + offset)
+        return GGUFHeader(
+            version, metadata, value_types, tensors, alignment, data_offset, self.size
+        )
+
+
+def check_tensor_types(path: Path) -> GGUFHeader:
+    """Check a GGUF file before `mx.load` reads it (MLX's reader trusts lengths and offsets, and
+    crashes on some well-formed files): the header as `read_header` checks it, no float64
+    metadata (MLX misreads it and crashes), tensors of a type mx.load reads exactly (it returns
+    some K-quants as float16 instead of failing) and whose data lies inside the file. Raises
+    ModelLoadError naming the file and the key or tensor at fault; returns the header."""
+    header = read_header(path, array_values=False)
+    for key, types in header.value_types.items():
+        if types in ((_FLOAT64,), (_ARRAY, _FLOAT64)):
+            raise ModelLoadError(
+                f"{path}: GGUF metadata {_quote(key)} holds float64 values, which MLX's GGUF "
+                "reader cannot read"
+            )
+    for name, info in header.tensors.items():
+        if info.type not in SUPPORTED_TENSOR_TYPES:
+            raise ModelLoadError(
+                f"{path}: tensor {_quote(name)} has GGUF type "
+                f"{_TYPE_NAMES.get(info.type, info.type)}, which is not supported; supported: "
+                f"{', '.join(SUPPORTED_TENSOR_TYPES.values())}"
+            )
+        block, block_bytes = _BLOCKS[info.type]
+        if info.dims[0] % block:
+            raise ModelLoadError(
+                f"{path}: tensor {_quote(name)} has rows of {info.dims[0]} values, not a "
+                f"multiple of the {SUPPORTED_TENSOR_TYPES[info.type]} block size {block}"
+            )
+        end = info.offset + math.prod(info.dims) // block * block_bytes
+        if end > header.file_size:
+            raise ModelLoadError(
+                f"{path}: cannot read GGUF file (truncated: tensor {_quote(name)} extends past the "
+                f"end of the file, to byte {end} of {header.file_size})"
+            )
+    check_shapes(config_from_metadata(header.metadata, str(path)), header, str(path))
+    return header
+
+
+def check_shapes(config: dict[str, Any], header: GGUFHeader, source: str) -> None:
+    """The tensor infos against the config drawn from the metadata: layers 0 .. block_count - 1
+    and the shape of every known tensor. Done before a model of that config is built, so a
+    corrupt size (a huge block_count or embedding_length) is an error, not a huge model."""
+    hidden, ffn, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    head_dim, n_layers = config["head_dim"], config["num_hidden_layers"]
+    q = config["num_attention_heads"] * head_dim
+    kv = config["num_key_value_heads"] * head_dim
+    per_layer = {
+        "attn_norm": (hidden,), "ffn_norm": (hidden,), "attn_q": (q, hidden),
+        "attn_k": (kv, hidden), "attn_v": (kv, hidden), "attn_output": (hidden, q),
+        "attn_q_norm": (head_dim,), "attn_k_norm": (head_dim,), "ffn_gate": (ffn, hidden),
+        "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn),
+    }  # fmt: skip
+    top = {"token_embd": (vocab, hidden), "output": (vocab, hidden), "output_norm": (hidden,)}
+    layers = set()
+    for name, info in header.tensors.items():
+        if match := _LAYER_NAME.match(name):
+            layers.add(int(match.group(1)))
+            expected, kind = per_layer.get(match.group(2)), match.group(3)
+        elif match := _TOP_NAME.match(name):
+            expected, kind = top.get(match.group(1)), match.group(2)
+        else:
+            continue  # rename_tensors names it
+        if expected is not None and kind == "bias":
+            expected = expected[:1]
+        if expected is not None and info.shape != expected:
+            raise ModelLoadError(
+                f"{source}: tensor {_quote(name)} has shape {info.shape}, expected {expected} "
+                f"from the GGUF metadata ({_describe(config)})"
+            )
+    if len(layers) != n_layers or (layers and max(layers) != n_layers - 1):
+        found = f"layers 0 to {max(layers)}" if layers else "no layers"
+        if layers and len(layers) != max(layers) + 1:
+            found = f"{len(layers)} layers numbered up to {max(layers)}"
+        raise ModelLoadError(
+            f"{source}: GGUF metadata gives {n_layers} layers (block_count), but its tensors "
+            f"hold {found}"
+        )
+
+
+def _describe(config: dict[str, Any]) -> str:
+    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+    return ", ".join(f"{k}={config[k]}" for k in (*keys, "head_dim", "vocab_size"))
+
+
+def _brief(value: Any, limit: int = 100) -> str:
+    """repr() of a metadata value for a message, shortened (a vocabulary can be a value)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _quote(name: str, limit: int = 100) -> str:
+    """repr() of a key or tensor name for a message, shortened: names come from the file."""
+    return repr(name) if len(name) <= limit else repr(name[:limit]) + "..."

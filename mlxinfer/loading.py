@@ -340,24 +340,59 @@ def _quantize_like(
 
 def read_safetensors_dir(path: Path) -> dict[str, mx.array]:
     """All tensors of a directory: the shards listed by model.safetensors.index.json, else every
-    *.safetensors file."""
+    *.safetensors file. Every file must lie inside the directory, symlinks resolved (an index
+    from the internet may name `/abs/path` or `../elsewhere`): checked before any is read."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index, "safetensors index").get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelLoadError(f"{index}: missing 'weight_map'")
-        files = [path / name for name in sorted(set(weight_map.values()))]
-        for file in files:
-            if not file.is_file():
-                raise ModelLoadError(f"{index}: lists shard {file.name!r}, which is missing")
+        for name in weight_map.values():
+            if not isinstance(name, str) or not name:
+                raise ModelLoadError(f"{index}: weight_map lists shard {name!r}, not a file name")
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            if not _inside_model_dir(path / name, path):
+                raise ModelLoadError(
+                    f"{index}: weight_map lists shard {name!r}, which is outside the model "
+                    f"directory {path}"
+                )
+        for name in names:
+            if not (path / name).is_file():
+                raise ModelLoadError(f"{index}: lists shard {name!r}, which is missing")
+        files = [path / name for name in names]
     else:
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise ModelLoadError(f"{path}: no *.safetensors weight files")
+        for file in files:
+            if not _inside_model_dir(file, path):
+                raise ModelLoadError(f"{file}: a symlink leading outside the model directory")
     weights: dict[str, mx.array] = {}
     for file in files:
         weights.update(read_safetensors(file))
     return weights
+
+
+def _resolved(file: Path) -> Path | None:
+    try:
+        return file.resolve()
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a symlink loop
+        return None
+
+
+def _inside_model_dir(file: Path, directory: Path) -> bool:
+    """Whether `file` (symlinks resolved) lies inside `directory` — or, when `directory` is a
+    snapshot of the Hugging Face cache (`models--org--name/snapshots/<revision>`, whose files are
+    symlinks to `../../blobs/<hash>`), inside that repository's own `blobs` folder."""
+    target, root = _resolved(file), _resolved(directory)
+    if target is None or root is None:
+        return False
+    if target.is_relative_to(root):
+        return True
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        return target.parent == root.parent.parent / "blobs"
+    return False
 
 
 def read_safetensors(file: Path) -> dict[str, mx.array]:

@@ -450,3 +450,127 @@ def test_moe_gguf_is_a_clear_error(tmp_path):
     writer.close()
     with pytest.raises(ModelLoadError, match=r"mixtral\.gguf: mixture-of-experts GGUF.*= 8"):
         mlxinfer.load(path)
+
+
+# -- untrusted directories: every weight file inside the model directory -------------------------
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory):
+    """A tiny qwen2 checkpoint in several shards listed by model.safetensors.index.json."""
+    path = tmp_path_factory.mktemp("sharded")
+    ref = make_tiny_checkpoint(path, "qwen2")
+    ref.save_pretrained(path, max_shard_size="40KB")
+    return path, ref
+
+
+def _first_shard(model):
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    return sorted(set(index["weight_map"].values()))[0]
+
+
+def _rename_shard(model, old, new):
+    path = model / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    index["weight_map"] = {k: new if v == old else v for k, v in index["weight_map"].items()}
+    path.write_text(json.dumps(index))
+
+
+def _recording_reads(monkeypatch):
+    from mlxinfer import loading
+
+    read, real = [], loading.read_safetensors
+    monkeypatch.setattr(loading, "read_safetensors", lambda file: read.append(file) or real(file))
+    return read
+
+
+@pytest.mark.parametrize("form", ["absolute", "parent"])
+def test_index_naming_a_shard_outside_the_model_dir_is_refused(
+    sharded_dir, tmp_path, monkeypatch, form
+):
+    """A real shard moved out of the directory (next to it, as another model's file would be)
+    and named by an absolute path or by ../: used to be loaded."""
+    model = copy_of(sharded_dir[0], tmp_path)
+    shard = _first_shard(model)
+    (tmp_path / "outside").mkdir()
+    shutil.move(model / shard, tmp_path / "outside" / "secret.safetensors")
+    name = {
+        "absolute": str(tmp_path / "outside" / "secret.safetensors"),
+        "parent": "../outside/secret.safetensors",
+    }[form]
+    _rename_shard(model, shard, name)
+    read = _recording_reads(monkeypatch)
+    with pytest.raises(ModelLoadError) as error:
+        mlxinfer.load(model)
+    message = str(error.value)
+    assert message.startswith(f"{model / 'model.safetensors.index.json'}: ")
+    assert f"shard {name!r}, which is outside the model directory" in message
+    assert read == []  # refused before any shard was read
+
+
+def test_index_shard_symlinked_outside_the_model_dir_is_refused(sharded_dir, tmp_path):
+    model = copy_of(sharded_dir[0], tmp_path)
+    shard = _first_shard(model)
+    (tmp_path / "outside").mkdir()
+    secret = tmp_path / "outside" / "secret.safetensors"
+    shutil.move(model / shard, secret)
+    (model / shard).symlink_to(secret)
+    with pytest.raises(ModelLoadError, match=rf"index\.json: .*'{shard}', which is outside"):
+        mlxinfer.load(model)
+
+
+def test_weight_file_symlinked_outside_the_model_dir_is_refused(llama_dir, tmp_path):
+    """Without an index every *.safetensors file is read: a symlink out is refused as well."""
+    model = copy_of(llama_dir[0], tmp_path)
+    secret = tmp_path / "secret.safetensors"
+    shutil.move(model / "model.safetensors", secret)
+    (model / "model.safetensors").symlink_to(secret)
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors: a symlink leading outside"):
+        mlxinfer.load(model)
+
+
+def test_shards_inside_the_model_dir_still_load(sharded_dir, tmp_path):
+    """Names that stay inside — a subfolder, `./`, a symlink to a file inside — are fine."""
+    model = copy_of(sharded_dir[0], tmp_path)
+    shards = sorted(set(json.loads((model / "model.safetensors.index.json").read_text())["weight_map"].values()))  # fmt: skip
+    (model / "sub").mkdir()
+    shutil.move(model / shards[0], model / "sub" / shards[0])
+    _rename_shard(model, shards[0], f"sub/../sub/{shards[0]}")
+    _rename_shard(model, shards[1], f"./{shards[1]}")
+    shutil.move(model / shards[2], model / "sub" / "real.safetensors")
+    (model / shards[2]).symlink_to(model / "sub" / "real.safetensors")
+    loaded, _ = mlxinfer.load(model)
+    assert rel_err(np.array(loaded(mx.array(IDS))), torch_logits(sharded_dir[1], IDS)) <= 1e-4
+
+
+@pytest.mark.parametrize("which", ["single-file", "sharded"])
+def test_hugging_face_cache_snapshot_still_loads(llama_dir, sharded_dir, tmp_path, which):
+    """The hub cache keeps a repository's files in `models--org--name/blobs` and links each
+    `snapshots/<revision>/<file>` to `../../blobs/<hash>`: those links are the repository's own."""
+    src, ref = llama_dir if which == "single-file" else sharded_dir
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, file in enumerate(sorted(src.iterdir())):
+        shutil.copy(file, repo / "blobs" / f"{i:040x}")
+        (snapshot / file.name).symlink_to(f"../../blobs/{i:040x}")
+    model, _ = mlxinfer.load(snapshot)
+    assert rel_err(np.array(model(mx.array(IDS))), torch_logits(ref, IDS)) <= 1e-4
+    # ...but not a link from the snapshot to anywhere else.
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    weights = sorted(snapshot.glob("*.safetensors"))[0]
+    shutil.copy(weights, other / "x.safetensors")
+    weights.unlink()
+    weights.symlink_to(other / "x.safetensors")
+    with pytest.raises(ModelLoadError, match="outside"):
+        mlxinfer.load(snapshot)
+
+
+@pytest.mark.parametrize("entry", [3, None, "", ["a.safetensors"]])
+def test_index_entry_that_is_not_a_file_name(sharded_dir, tmp_path, entry):
+    model = copy_of(sharded_dir[0], tmp_path)
+    _rename_shard(model, _first_shard(model), entry)
+    with pytest.raises(ModelLoadError, match=r"index\.json: weight_map lists shard .*not a file"):
+        mlxinfer.load(model)

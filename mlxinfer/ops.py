@@ -104,8 +104,8 @@ def masked(scores: mx.array, mask: Mask) -> mx.array:
 
 
 def resolve_kernels(kernels: str = "auto") -> str:
-    """"cpu" or "mlx". "auto" takes MLXINFER_KERNELS when set, else "cpu" on the CPU device and
-    "mlx" elsewhere."""
+    """The op set to use, cpu or mlx: "auto" takes MLXINFER_KERNELS when set, else "cpu" on the
+    CPU device and "mlx" elsewhere."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
     if kernels != "auto":

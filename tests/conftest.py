@@ -15,8 +15,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def default_model():
-    """Our load of the default model (SmolLM2-135M-Instruct Q4_1 GGUF)."""
-
+    """Our load of the default model (SmolLM2-135M-Instruct Q4_1 GGUF). Where it cannot be brought
+    (a GPU machine reached through a 64 MiB copy), MLXINFER_TESTS_WITHOUT_DEFAULT_MODEL=1 skips the
+    tests that need it; everywhere else a missing model is an error, as it must be in CI."""
+    if os.environ.get("MLXINFER_TESTS_WITHOUT_DEFAULT_MODEL") == "1":
+        try:
+            mlxinfer.default_model_path()
+        except FileNotFoundError:
+            pytest.skip("the default model is not installed here")
     return mlxinfer.load()
 
 

@@ -28,6 +28,14 @@ from .ops import OPS, MLXOps
 SORT_THRESHOLD = 64
 
 
+def sorted_gather_is_exact() -> bool:
+    """Whether gather_mm/gather_qmm may be told the rows are sorted by expert. MLX 0.32.4's CUDA
+    kernel returns wrong rows with sorted_indices=True (max error 42 on a top-2-of-8 layer where
+    sorted_indices=False is exact, measured on an H100); the CPU and Metal kernels are exact, and
+    mlx-lm uses the flag on Metal. Sorting still groups each expert's rows either way."""
+    return mx.default_device() == mx.cpu or mx.metal.is_available()
+
+
 class SwitchLinear(nn.Module):
     """`num_experts` Linear layers stacked as weight `[E, out, in]`; call with the expert of each row."""
 
@@ -116,10 +124,11 @@ class SwitchGLU(nn.Module):
         else:
             rows = x[:, None, None, :]  # [N, 1, 1, D], broadcast over the k experts
             idx = indices
-        gate = self.gate_proj(rows, idx, sorted_indices=do_sort)
-        up = self.up_proj(rows, idx, sorted_indices=do_sort)
+        sorted_flag = do_sort and sorted_gather_is_exact()
+        gate = self.gate_proj(rows, idx, sorted_indices=sorted_flag)
+        up = self.up_proj(rows, idx, sorted_indices=sorted_flag)
         hidden = self.ops.swiglu(gate, up)  # silu(gate) * up
-        out = self.down_proj(hidden, idx, sorted_indices=do_sort)  # [..., 1, D]
+        out = self.down_proj(hidden, idx, sorted_indices=sorted_flag)  # [..., 1, D]
         if do_sort:
             out = out[mx.argsort(order)]  # back to (token, expert) order
         return out.reshape(N, k, -1)

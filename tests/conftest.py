@@ -9,6 +9,9 @@ import pytest
 
 import mlxinfer  # first, before any test module imports mlx.core: OpenBLAS must load first
 
+# Exactness is float32 against float32 references: MLX's default lets GPUs that have them (NVIDIA
+# tensor cores, Apple M5) run float32 matmuls in TF32, ~1e-3 relative per product.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

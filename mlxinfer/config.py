@@ -18,6 +18,10 @@ class ModelLoadError(ValueError):
     """A model file or directory could not be loaded; the message names the file and what is wrong."""
 
 
+# An untrusted config.json decides how many layers are built; the deepest released models have
+# about 130. A billion would exhaust memory before any weight is read.
+MAX_LAYERS = 1024
+
 # model_type -> options that differ between families. Keys not listed take the defaults in ModelConfig.
 FAMILIES: dict[str, dict[str, Any]] = {
     # Llama 2/3, SmolLM2: `attention_bias` and `mlp_bias` come from config.json.
@@ -166,6 +170,10 @@ class ModelConfig:
         rope_theta, rope_scaling, partial = _parse_rope(config, source)
         attention_bias = bool(config.get("attention_bias", False))
         n_layers = int(config["num_hidden_layers"])
+        if not 1 <= n_layers <= MAX_LAYERS:  # per-layer lists are built from it: bound it first
+            raise ModelLoadError(
+                f"{source}: num_hidden_layers must be between 1 and {MAX_LAYERS}, got {n_layers}"
+            )
         window, layer_windows = _parse_sliding(config, family, n_layers, source)
         moe = _parse_moe(config, family, n_layers, source)
 

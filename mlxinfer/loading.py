@@ -186,6 +186,7 @@ def build_model(
     config: ModelConfig, weights: dict[str, mx.array], source: str, dtype: mx.Dtype | None = None
 ) -> Model:
     """Instantiate the model, quantize the layers stored quantized, check and assign all weights."""
+    check_layer_count(config, weights, source)
     model = Model(config)
     _quantize_like(model, weights, config.quantization or {})
     if dtype is not None:
@@ -291,6 +292,25 @@ def _concat_linears(layers: list[nn.Module]) -> nn.Module | None:
     if "bias" in first:
         fused.bias = mx.concatenate([m.bias for m in layers], axis=0)
     return fused
+
+
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def check_layer_count(config: ModelConfig, weights: dict[str, mx.array], source: str) -> None:
+    """The layers the weights hold must be exactly 0..num_hidden_layers-1, checked before a model
+    of that many layers is built: a config claiming a billion layers would otherwise hang."""
+    held = {int(m.group(1)) for name in weights if (m := _LAYER_KEY.match(name))}
+    n = config.num_hidden_layers
+    if held != set(range(n)):
+        found = (
+            f"layers 0..{max(held)}"
+            if held == set(range(len(held))) and held
+            else (f"{len(held)} layers" if held else "no layers")
+        )
+        raise ModelLoadError(
+            f"{source}: the config says num_hidden_layers = {n}, but the weights hold {found}"
+        )
 
 
 def check_weights(model: Model, weights: dict[str, mx.array], source: str) -> None:

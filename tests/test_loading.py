@@ -574,3 +574,25 @@ def test_index_entry_that_is_not_a_file_name(sharded_dir, tmp_path, entry):
     _rename_shard(model, _first_shard(model), entry)
     with pytest.raises(ModelLoadError, match=r"index\.json: weight_map lists shard .*not a file"):
         mlxinfer.load(model)
+
+
+@pytest.mark.parametrize("layers", [10**9, 3, 1])
+def test_layer_count_is_checked_before_the_model_is_built(llama_dir, tmp_path, layers):
+    """A config.json whose num_hidden_layers disagrees with the weights (2 layers) fails at once,
+    naming the key. 10**9 used to exhaust memory (24 GB, killed) building per-layer lists."""
+    import time
+
+    bad = copy_of(llama_dir[0], tmp_path)
+    config = json.loads((bad / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    (bad / "config.json").write_text(json.dumps(config))
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError) as err:
+        mlxinfer.load(bad)
+    assert time.perf_counter() - start < 30
+    message = str(err.value)
+    assert str(bad) in message
+    if layers > 1024:
+        assert f"num_hidden_layers must be between 1 and 1024, got {layers}" in message
+    else:
+        assert f"num_hidden_layers = {layers}" in message and "layers 0..1" in message

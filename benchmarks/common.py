@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 
 import mlxinfer
-from mlxinfer.loading import fuse_projections, to_float32, transpose_wide_layers
+from mlxinfer.loading import prepare
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -51,10 +51,7 @@ def random_model(config: dict, seed: int = 0) -> mlxinfer.Model:
     mx.random.seed(seed)
     model = mlxinfer.Model(mlxinfer.ModelConfig.from_dict(config, source="benchmark config"))
     model.eval()
-    to_float32(model)
-    fuse_projections(model)
-    transpose_wide_layers(model)
-    model.compute_policy = "float32"
+    prepare(model, compute="float32")
     mx.eval(model.parameters())
     return model
 

@@ -60,9 +60,19 @@ def load(
     `kernels` is the op set (ops.py): "mlx" (MLX's fast ops, what a Mac runs), "cpu" (kernels
     tuned for MLX's CPU backend), "auto" (MLXINFER_KERNELS if set, else "cpu" on the CPU device,
     "mlx" elsewhere). The choices are `model.compute_policy` and `model.kernels`."""
-    policy = resolve_compute_policy(compute)
-    resolve_kernels(kernels)  # a bad value fails before anything is read
+    resolve_compute_policy(compute)  # bad values fail before anything is read
+    resolve_kernels(kernels)
     model, tokenizer = _load_as_stored(path, dtype)
+    return prepare(model, compute, kernels), tokenizer
+
+
+def prepare(model: Model, compute: str = "auto", kernels: str = "auto") -> Model:
+    """Every in-place rewrite a model gets after its weights are assigned, in one place (load(),
+    the benchmarks' random models, and whatever later reshapes a model for batching or sharding):
+    the op set; under the float32 policy, dequantize/cast to float32; fuse q/k/v and gate/up
+    projections; under the float32 policy, store wide layers in the layout OpenBLAS reads fastest.
+    Sets `model.compute_policy` and `model.kernels`; returns the model."""
+    policy = resolve_compute_policy(compute)
     model.set_kernels(kernels)
     if policy == "float32":
         to_float32(model)
@@ -70,7 +80,7 @@ def load(
     if policy == "float32":
         transpose_wide_layers(model)
     model.compute_policy = policy
-    return model, tokenizer
+    return model
 
 
 def _load_as_stored(path: str | Path | None, dtype: mx.Dtype | None) -> tuple[Model, Tokenizer]:

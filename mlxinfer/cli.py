@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="generate text from a prompt", description="Generate text from a prompt."
     )
     source = gen.add_mutually_exclusive_group()
-    source.add_argument("--prompt", help="the prompt text; - reads it from standard input")
+    source.add_argument(
+        "--prompt", metavar="TEXT", help="the prompt text; - reads it from standard input"
+    )
     source.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file")
     _add_model_options(gen)
     gen.add_argument(
@@ -151,18 +153,24 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     sampling = parser.add_argument_group("sampling (default: greedy)")
     sampling.add_argument(
-        "--max-tokens", type=int, default=256, help="most tokens to generate (256)"
+        "--max-tokens", type=int, default=256, metavar="N", help="most tokens to generate (256)"
     )
-    sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    sampling.add_argument("--top-k", type=int, default=0, help="0 = off")
-    sampling.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    sampling.add_argument("--min-p", type=float, default=0.0, help="0 = off")
-    sampling.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
-    sampling.add_argument("--presence-penalty", type=float, default=0.0)
-    sampling.add_argument("--frequency-penalty", type=float, default=0.0)
-    sampling.add_argument("--seed", type=int, default=None)
+    sampling.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy")
+    sampling.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
+    sampling.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 = off")
+    sampling.add_argument("--min-p", type=float, default=0.0, metavar="P", help="0 = off")
     sampling.add_argument(
-        "--stop", action="append", default=[], help="a stop string (repeat for several)"
+        "--repetition-penalty", type=float, default=1.0, metavar="R", help="1 = off"
+    )
+    sampling.add_argument("--presence-penalty", type=float, default=0.0, metavar="X")
+    sampling.add_argument("--frequency-penalty", type=float, default=0.0, metavar="X")
+    sampling.add_argument("--seed", type=int, default=None, metavar="S")
+    sampling.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="STR",
+        help="a stop string (repeat for several)",
     )
     sampling.add_argument("--ignore-eos", action="store_true", help="generate exactly max tokens")
 

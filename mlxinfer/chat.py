@@ -2,14 +2,16 @@
 
 The whole history goes through the model's chat template each turn; replies stream as they are
 generated. `/reset` clears the history (the system message stays), `/exit` quits. When standard
-input is not a terminal each line is one user turn and each reply is printed on its own line, so
-a conversation can be scripted. Ctrl-C stops the reply being generated (what was said stays in the
-history); at the prompt it quits, like Ctrl-D.
+input is not a terminal each line is one user turn and each reply ends with a newline; with --json
+each reply is one JSON line (replies may hold newlines), so a conversation can be scripted. Ctrl-C
+stops the reply being generated (what was said stays in the history); at the prompt it quits, like
+Ctrl-D.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from .cli import (
@@ -110,7 +112,7 @@ def run_chat(args: argparse.Namespace) -> int:
             print(f"mlxinfer chat: the conversation outgrew the context; the {dropped} oldest "
                   "messages were dropped", file=sys.stderr)  # fmt: skip
         progress = PrefillProgress()
-        reply = []
+        reply, last = [], None
         stream = stream_generate(
             model, tokenizer, messages, sampling=sampling, prefill_progress=progress, **cache
         )
@@ -118,19 +120,34 @@ def run_chat(args: argparse.Namespace) -> int:
             for response in stream:
                 progress.clear()
                 reply.append(response.text)
-                print(response.text, end="", flush=True)
+                last = response
+                if not args.json:
+                    print(response.text, end="", flush=True)
         except KeyboardInterrupt:
             stream.close()
             progress.clear()
+            finish(args, reply, None, " [stopped]")
             if not interactive:
-                print(flush=True)
                 return EXIT_INTERRUPTED
-            print(" [stopped]", flush=True)
         except ValueError as e:  # a single message longer than the context
             progress.clear()
             conversation.turns.pop()
             print(f"mlxinfer chat: error: {e}", file=sys.stderr)
             continue
         else:
-            print(flush=True)
+            finish(args, reply, last, "")
         conversation.answer("".join(reply))
+
+
+def finish(args: argparse.Namespace, reply: list[str], last, stopped_mark: str) -> None:
+    """End a reply: a newline after the streamed text, or with --json the reply as one line
+    {text, finish_reason, metrics} ("interrupted" when Ctrl-C stopped it)."""
+    if not args.json:
+        print(stopped_mark if sys.stdin.isatty() else "", flush=True)
+        return
+    result = {
+        "text": "".join(reply),
+        "finish_reason": last.finish_reason if last is not None else "interrupted",
+        "metrics": last.metrics.to_dict() if last is not None and last.metrics else None,
+    }
+    print(json.dumps(result), flush=True)

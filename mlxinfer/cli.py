@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_options(chat)
     chat.add_argument("--system", metavar="TEXT", help="a system message for the conversation")
+    chat.add_argument(
+        "--json",
+        action="store_true",
+        help="print each reply as one JSON line {text, finish_reason, metrics} (for scripts)",
+    )
     _add_sampling_options(chat)
     _add_cache_options(chat)
 

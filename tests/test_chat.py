@@ -1,5 +1,5 @@
 """`mlxinfer chat`, scripted: with standard input not a terminal each line is one user turn and
-each reply is printed on one line."""
+each reply ends with a newline (with --json, each reply is one JSON line)."""
 
 from __future__ import annotations
 
@@ -80,3 +80,26 @@ def test_model_without_chat_template(tmp_path):
     result = chat("hi", args=("--model", str(tmp_path)))
     assert "chat template" in one_line_error(result)
     assert result.stdout == ""
+
+
+def test_json_replies_are_one_line_each_even_with_newlines():
+    """--json: one JSON object per reply, however many lines the reply holds; the second turn's
+    prompt holds the first exchange (its prompt_tokens grow by more than the new message)."""
+    import json
+
+    result = chat(
+        "Write a short poem about the sea, in four lines.", "Thanks!",
+        args=("--max-tokens", "30", "--json"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2
+    first, second = (json.loads(line) for line in lines)
+    # the case plain output cannot delimit: "In the depths of the blue,\n" (8 tokens, greedy top-2
+    # margins >= 0.078 logits up to the newline, above the 0.05 near-tie bound)
+    assert "\n" in first["text"]
+    for reply in (first, second):
+        assert reply["text"] and reply["finish_reason"] in ("eos", "length", "stop")
+        assert reply["metrics"]["generated_tokens"] >= 1
+    grown = second["metrics"]["prompt_tokens"] - first["metrics"]["prompt_tokens"]
+    assert grown > first["metrics"]["generated_tokens"]

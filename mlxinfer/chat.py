@@ -133,6 +133,10 @@ def run_chat(args: argparse.Namespace) -> int:
             progress.clear()
             conversation.turns.pop()
             print(f"mlxinfer chat: error: {e}", file=sys.stderr)
+            if args.json:  # one line per turn, always: a script stays in step
+                print(json.dumps({"text": "", "finish_reason": "error", "error": str(e)}))
+            elif not interactive:
+                print(flush=True)
             continue
         else:
             finish(args, reply, last, "")

@@ -20,8 +20,6 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from .config import ModelLoadError
-
 MAX_CLI_LOGPROBS = 20  # OpenAI's and vLLM's default cap; the Python API allows up to the vocabulary
 EXIT_USAGE, EXIT_LOAD, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -333,14 +331,17 @@ def check_generate_args(args: argparse.Namespace) -> tuple[str, object, dict]:
 def load_model(args: argparse.Namespace):
     """(model, tokenizer), or None after printing one line for a model that cannot be loaded."""
     from .loading import load
+    from .ops import resolve_kernels
 
     try:
-        return load(args.model, compute=args.compute, kernels=args.kernels)
-    except (FileNotFoundError, ModelLoadError) as e:
-        print(f"mlxinfer {args.command}: error: {e}", file=sys.stderr)
-        return None
+        resolve_kernels(args.kernels)
     except ValueError as e:  # MLXINFER_KERNELS set to something else than cpu or mlx
         raise UsageError(str(e)) from None
+    try:
+        return load(args.model, compute=args.compute, kernels=args.kernels)
+    except (FileNotFoundError, ValueError) as e:  # ModelLoadError is a ValueError
+        print(f"mlxinfer {args.command}: error: {e}", file=sys.stderr)
+        return None
 
 
 def conversation(tokenizer, prompt: str, args: argparse.Namespace) -> str | list[dict]:

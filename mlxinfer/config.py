@@ -22,6 +22,51 @@ class ModelLoadError(ValueError):
 # about 130. A billion would exhaust memory before any weight is read.
 MAX_LAYERS = 1024
 
+# Sizes an untrusted config.json may claim, far above any released model: past them a model's
+# lazily built arrays, RoPE tables or per-head loops would exhaust memory or time before any
+# weight is compared.
+_SIZE_LIMITS = {
+    "hidden_size": 2**17,
+    "intermediate_size": 2**20,
+    "moe_intermediate_size": 2**20,
+    "shared_expert_intermediate_size": 2**20,
+    "vocab_size": 2**22,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 1024,
+    "num_experts": 4096,
+    "num_local_experts": 4096,
+    "max_position_embeddings": 2**24,
+}
+_ZERO_MEANS_NONE = {  # 0: no experts / no shared expert
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "num_experts",
+    "num_local_experts",
+}
+
+
+def _check_sizes(config: dict[str, Any], source: str) -> None:
+    if not isinstance(config, dict):
+        raise ModelLoadError(
+            f"{source}: a config must be a JSON object, got {type(config).__name__}"
+        )
+    for key, limit in _SIZE_LIMITS.items():
+        value = config.get(key)
+        if value is None or (value == 0 and key in _ZERO_MEANS_NONE):
+            continue
+        integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not integral or not 1 <= value <= limit:
+            raise ModelLoadError(
+                f"{source}: {key} must be an integer between 1 and {limit}, got {value!r}"
+            )
+    for key in ("rope_scaling", "rope_parameters", "quantization", "quantization_config"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise ModelLoadError(
+                f"{source}: {key} must be an object, got {type(config[key]).__name__}"
+            )
+
+
 # model_type -> options that differ between families. Keys not listed take the defaults in ModelConfig.
 FAMILIES: dict[str, dict[str, Any]] = {
     # Llama 2/3, SmolLM2: `attention_bias` and `mlp_bias` come from config.json.
@@ -140,7 +185,18 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        """Build a config from a Hugging Face config.json dict; unknown keys are ignored."""
+        """Build a config from a Hugging Face config.json dict; unknown keys are ignored. Anything
+        wrong with it is a ModelLoadError naming `source`."""
+        _check_sizes(config, source)
+        try:
+            return cls._from_dict(config, source)
+        except ModelLoadError:
+            raise
+        except (TypeError, ValueError, ArithmeticError, AttributeError, KeyError) as e:
+            raise ModelLoadError(f"{source}: invalid config ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_dict(cls, config: dict[str, Any], source: str) -> ModelConfig:
         model_type = config.get("model_type")
         if model_type is None:
             raise ModelLoadError(f"{source}: missing required key 'model_type'")

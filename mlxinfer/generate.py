@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 from .cache import KVCache
 from .metrics import RequestMetrics, request_metrics
@@ -243,9 +244,10 @@ def token_budget(model: Model, prompt_ids: list[int], max_tokens: int) -> int:
     context = model.config.max_position_embeddings
     if not prompt_ids:
         raise ValueError("prompt is empty")
-    if len(prompt_ids) > context:
+    if len(prompt_ids) >= context:
         raise ValueError(
-            f"prompt has {len(prompt_ids)} tokens, longer than the model's context of {context}"
+            f"prompt has {len(prompt_ids)} tokens, which leaves no room in the model's context of "
+            f"{context} tokens"
         )
     return min(max_tokens, context - len(prompt_ids))
 
@@ -336,6 +338,8 @@ def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, chat: bool = False) -> l
         if chat:
             return tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
         return tokenizer.encode(prompt)
+    if isinstance(prompt, dict):
+        raise ValueError("prompt is one message; pass a conversation as a list of messages")
     prompt = list(prompt)
     if prompt and all(isinstance(m, dict) for m in prompt):
         return tokenizer.apply_chat_template(check_messages(prompt))
@@ -347,6 +351,8 @@ def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, chat: bool = False) -> l
         )
     if chat:
         raise ValueError("chat=True needs a text prompt or chat messages, not token ids")
+    if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in prompt):
+        raise ValueError("prompt token ids must be integers")
     ids = [int(t) for t in prompt]
     bad = [t for t in ids if not 0 <= t < tokenizer.vocab_size]
     if bad:

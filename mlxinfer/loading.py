@@ -197,7 +197,7 @@ def build_model(
 ) -> Model:
     """Instantiate the model, quantize the layers stored quantized, check and assign all weights."""
     check_layer_count(config, weights, source)
-    model = Model(config)
+    model = Model(config, kernels="mlx")  # the caller's op set comes with prepare()
     _quantize_like(model, weights, config.quantization or {})
     if dtype is not None:
         weights = {k: v.astype(dtype) if _is_float(v) else v for k, v in weights.items()}

@@ -103,3 +103,15 @@ def test_json_replies_are_one_line_each_even_with_newlines():
         assert reply["metrics"]["generated_tokens"] >= 1
     grown = second["metrics"]["prompt_tokens"] - first["metrics"]["prompt_tokens"]
     assert grown > first["metrics"]["generated_tokens"]
+
+
+def test_a_message_longer_than_the_context_still_gets_its_line():
+    """--json prints one line per turn, an error line included, so a script stays in step."""
+    import json
+
+    result = chat("a " * 9000, "Hi", args=("--max-tokens", "4", "--json"))
+    assert result.returncode == 0, result.stderr
+    first, second = (json.loads(line) for line in result.stdout.splitlines())
+    assert first["finish_reason"] == "error" and "no room in the model's context" in first["error"]
+    assert second["text"] and second["finish_reason"] in ("eos", "length")
+    assert "no room in the model's context" in result.stderr

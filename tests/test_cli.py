@@ -393,3 +393,21 @@ def test_prompt_that_is_not_utf8_is_a_usage_error():
     )  # fmt: skip
     assert chat.returncode == 0 and b"not valid UTF-8 text" in chat.stderr
     assert b"Traceback" not in chat.stderr
+
+
+def test_a_model_with_a_bad_config_exits_1_naming_the_file(tmp_path):
+    """A config.json value of the wrong type is a model that cannot be loaded (exit 1), not a bad
+    argument (exit 2), and the line names the file."""
+    from .reference import make_tiny_checkpoint
+
+    make_tiny_checkpoint(tmp_path, "llama")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rms_norm_eps"] = "x"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = run_cli("generate", "--model", str(tmp_path), "--raw", "--prompt", "hi")
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert lines[0].startswith(
+        f"mlxinfer generate: error: {tmp_path / 'config.json'}: invalid config"
+    )

@@ -532,3 +532,29 @@ def test_shared_expert_only_where_the_family_has_one():
         ModelConfig.from_dict({**base, "model_type": "qwen3_moe"}).shared_expert_intermediate_size
         == 0
     )
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"hidden_size": [64]}, "hidden_size must be an integer between 1 and 131072, got [64]"),
+        ({"hidden_size": 10**12}, "hidden_size must be an integer between 1"),
+        ({"hidden_size": -64}, "hidden_size must be an integer between 1"),
+        ({"num_attention_heads": 0}, "num_attention_heads must be an integer between 1"),
+        ({"head_dim": 10**9}, "head_dim must be an integer between 1 and 1024"),
+        ({"vocab_size": "x"}, "vocab_size must be an integer"),
+        ({"rope_scaling": [1]}, "rope_scaling must be an object, got list"),
+        ({"quantization": "x"}, "quantization must be an object, got str"),
+        ({"rms_norm_eps": "x"}, "invalid config (ValueError"),
+        ({"eos_token_id": "x"}, "invalid config"),
+    ],
+)
+def test_untrusted_values_are_model_load_errors(change, message):
+    """Values of the wrong type or absurd size in an untrusted config.json are ModelLoadErrors
+    naming the source, before anything is built (10**9 for head_dim allocated 3.7 GiB, a
+    list for hidden_size was a TypeError traceback)."""
+    base = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, vocab_size=128)  # fmt: skip
+    with pytest.raises(ModelLoadError) as err:
+        ModelConfig.from_dict({**base, **change}, source="dir/config.json")
+    assert str(err.value).startswith("dir/config.json: ") and message in str(err.value)

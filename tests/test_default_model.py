@@ -140,8 +140,11 @@ def test_cached_decode_matches_full_forward(default_model):
     assert rel_err(np.concatenate(steps), full) <= 1e-4
 
 
-def test_prompt_longer_than_context_is_an_error(default_model):
+@pytest.mark.parametrize("extra", [1, 0])
+def test_prompt_that_fills_the_context_is_an_error(default_model, extra):
+    """Longer than the context, or exactly as long (nothing could be generated: it used to give
+    an empty generation and no metrics)."""
     model, _ = default_model
-    too_long = [1] * (model.config.max_position_embeddings + 1)
-    with pytest.raises(ValueError, match="longer than the model's context of 8192"):
+    too_long = [1] * (model.config.max_position_embeddings + extra)
+    with pytest.raises(ValueError, match="leaves no room in the model's context of 8192 tokens"):
         next(generate_tokens(model, too_long, 4))

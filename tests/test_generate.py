@@ -238,3 +238,17 @@ def test_text_that_is_not_utf8_is_a_clear_error(default_model):
         mlxinfer.generate(model, tokenizer, "\udcff hi", max_tokens=1)
     with pytest.raises(ValueError, match="prompt message 0 is not valid UTF-8 text"):
         mlxinfer.generate(model, tokenizer, [{"role": "user", "content": "\udcff"}], max_tokens=1)
+
+
+@pytest.mark.parametrize(
+    "prompt,message",
+    [
+        ({"role": "user", "content": "hi"}, "prompt is one message"),
+        ([1, 2.5], "token ids must be integers"),
+        ([1, True], "token ids must be integers"),
+    ],
+)
+def test_prompts_of_the_wrong_shape_are_clear_errors(default_model, prompt, message):
+    model, tokenizer = default_model
+    with pytest.raises(ValueError, match=message):
+        mlxinfer.generate(model, tokenizer, prompt, max_tokens=1)

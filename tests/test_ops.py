@@ -123,3 +123,22 @@ def test_cli_reports_and_takes_the_op_set():
         assert result.returncode == 0, result.stderr
         if mx.default_device() == mx.cpu or flag:
             assert f'"kernels": "{expected}"' in result.stdout
+
+
+def test_an_explicit_op_set_ignores_a_bad_environment(tmp_path):
+    """MLXINFER_KERNELS only fills in "auto": an explicit choice loads even when it is invalid,
+    and "auto" under it is refused before loading (exit 2, one line)."""
+    make_tiny_checkpoint(tmp_path, "llama")
+    env = {**os.environ, KERNELS_ENV: "bogus"}
+    code = f"import mlxinfer; print(mlxinfer.load({str(tmp_path)!r}, kernels='mlx')[0].kernels)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0 and result.stdout.strip() == "mlx", result.stderr
+    cli = [sys.executable, "-m", "mlxinfer", "generate", "--model", str(tmp_path), "--raw",
+           "--prompt", "hi", "--max-tokens", "1"]  # fmt: skip
+    refused = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=120)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().endswith("MLXINFER_KERNELS must be cpu or mlx, got 'bogus'")
+    chosen = subprocess.run([*cli, "--kernels", "cpu"], capture_output=True, text=True, env=env,
+                            timeout=120)  # fmt: skip
+    assert chosen.returncode == 0, chosen.stderr

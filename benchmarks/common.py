@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 
 import mlxinfer
+from mlxinfer.backend import cpu_name
 from mlxinfer.loading import prepare
 
 RESULTS = Path(__file__).parent / "results"
@@ -20,13 +20,6 @@ RESULTS = Path(__file__).parent / "results"
 
 def machine_info() -> dict:
     """CPU/chip, backend, BLAS, MLX and mlxinfer versions and the git commit."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -35,7 +28,7 @@ def machine_info() -> dict:
     except OSError:
         commit = ""
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "backend": str(mx.default_device()),
         "blas": blas_in_use(),

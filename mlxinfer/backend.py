@@ -128,7 +128,7 @@ def _prepare_shim() -> tuple[ctypes.CDLL, Path] | None:
         fix = "chmod go-w it" if "writable" in problem else "set XDG_CACHE_HOME elsewhere"
         return _skip_shim(f"refused the cache directory {cache}: {problem}; {fix}")
     if not os.path.lexists(library):
-        compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+        compiler = c_compiler()
         if compiler is None:
             _shim_status = "skipped: no C compiler"
             _warn(
@@ -213,6 +213,23 @@ def _reason(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def c_compiler() -> str | None:
+    """The C compiler the shim is built with: $CC, else cc, else gcc; None when there is none."""
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+def cpu_name() -> str:
+    """The processor's model name (/proc/cpuinfo on Linux), else what platform knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def gemv_shim_status() -> str:

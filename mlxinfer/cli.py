@@ -282,12 +282,13 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def check_text(text: str, what: str) -> None:
-    """Bytes that are not UTF-8 reach Python as lone surrogates (argv, a non-UTF-8 locale's
-    stdin); the tokenizer cannot take them."""
+    """generate.check_utf8, as a usage error: checked before the model loads."""
+    from .generate import check_utf8
+
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise UsageError(f"{what} is not valid UTF-8 text (at character {e.start})") from None
+        check_utf8(text, what)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 # -- generate -------------------------------------------------------------------------------------
@@ -474,54 +475,43 @@ def environment() -> dict:
     """What a bug report needs: versions, device and backend, BLAS, the gemv shim, the compiler,
     and where the default model is."""
     import platform
-    import shutil
 
     import mlx.core as mx
 
-    from .backend import blas_status, gemv_shim_status, resolve_compute_policy
+    from .backend import blas_status, c_compiler, cpu_name, gemv_shim_status, resolve_compute_policy
     from .loading import DEFAULT_MODEL_INSTALL, default_model_path
-    from .ops import KERNELS_ENV, resolve_kernels
 
     try:
         default_model = str(default_model_path())
     except FileNotFoundError:
         default_model = f"not installed ({DEFAULT_MODEL_INSTALL})"
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     return {
         "mlxinfer": _version("mlxinfer"),
         "mlx": mx.__version__,
         "mlx-lm": _version("mlx-lm"),
         "python": f"{sys.version.split()[0]} ({sys.executable})",
         "platform": platform.platform(),
-        "cpu": _cpu_name(),
+        "cpu": f"{cpu_name()}, {os.cpu_count()} cores",
         "device": str(mx.default_device()),
         "metal": mx.metal.is_available(),
         "compute policy (auto)": resolve_compute_policy("auto"),
-        "kernels (auto)": _kernels_or_error(resolve_kernels, KERNELS_ENV),
+        "kernels (auto)": _auto_kernels(),
         "blas": blas_status(),
         "gemv shim": gemv_shim_status(),
-        "c compiler": compiler or "none found",
+        "c compiler": c_compiler() or "none found",
         "default model": default_model,
     }
 
 
-def _kernels_or_error(resolve, env: str) -> str:
+def _auto_kernels() -> str:
+    """The op set "auto" picks, and whether the environment chose it (or is invalid)."""
+    from .ops import KERNELS_ENV, resolve_kernels
+
     try:
-        chosen = resolve("auto")
+        chosen = resolve_kernels("auto")
     except ValueError as e:
         return f"error: {e}"
-    return f"{chosen} (from ${env})" if os.environ.get(env) else chosen
-
-
-def _cpu_name() -> str:
-    import platform
-
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f", {os.cpu_count()} cores"
-    return (platform.processor() or platform.machine()) + f", {os.cpu_count()} cores"
+    return f"{chosen} (from ${KERNELS_ENV})" if os.environ.get(KERNELS_ENV) else chosen
 
 
 def run_env(args: argparse.Namespace) -> int:

@@ -310,12 +310,13 @@ def check_messages(messages: list[dict]) -> list[dict]:
             raise ValueError(
                 f"prompt message {i} must have a string 'role' and 'content', got {message!r}"
             )
-        _check_utf8(message["content"], f"prompt message {i}")
+        check_utf8(message["content"], f"prompt message {i}")
     return messages
 
 
-def _check_utf8(text: str, what: str) -> None:
-    """Lone surrogates (undecodable bytes smuggled into a str) cannot be tokenized."""
+def check_utf8(text: str, what: str) -> None:
+    """Bytes that are not UTF-8 reach Python as lone surrogates (command-line arguments, a
+    non-UTF-8 locale's stdin); the tokenizer cannot take them: a ValueError naming `what`."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -334,7 +335,7 @@ def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, chat: bool = False) -> l
     """Token ids for a prompt given as text (optionally through the chat template), as token ids,
     or as a list of chat messages (always through the chat template)."""
     if isinstance(prompt, str):
-        _check_utf8(prompt, "prompt")
+        check_utf8(prompt, "prompt")
         if chat:
             return tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
         return tokenizer.encode(prompt)

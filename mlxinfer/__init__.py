@@ -18,6 +18,10 @@ __version__ = "0.1.0"
 # The public API, imported on first use (PEP 562): `import mlxinfer` (and so `mlxinfer --help`,
 # `--version`) does not load MLX; `mlxinfer.load` or `from mlxinfer import load` does.
 _EXPORTS = {
+    "Engine": "engine",
+    "GenerationResult": "engine",
+    "RequestHandle": "engine",
+    "batch_generate": "engine",
     "GenerationResponse": "generate",
     "KVCache": "cache",
     "Model": "model",
@@ -37,6 +41,10 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "Engine",
+    "GenerationResult",
+    "RequestHandle",
+    "batch_generate",
     "GenerationResponse",
     "KVCache",
     "Model",
@@ -58,6 +66,7 @@ __all__ = [
 if TYPE_CHECKING:  # what type checkers and editors see: the names as if imported eagerly
     from .cache import KVCache, RotatingKVCache
     from .config import ModelConfig, ModelLoadError
+    from .engine import Engine, GenerationResult, RequestHandle, batch_generate
     from .generate import (
         GenerationResponse,
         TokenLogprobs,

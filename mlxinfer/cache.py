@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-Mask = mx.array | str | None  # None: every key visible; "causal"; or bool [T, S], True = visible
+Mask = (
+    mx.array | str | None
+)  # None: all visible; "causal"; bool [T, S] or [B, 1, T, S] (True = visible)
 Stored = tuple[mx.array, ...]
 
 KV_BITS = (4, 8)

@@ -113,8 +113,9 @@ def quantized_decode_attention(
     scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)
     if isinstance(mask, str):  # "causal": the T queries are the last T of the S positions
         mask = window_mask(mx.arange(S - T, S), mx.arange(S))
-    if mask is not None:  # [T, S] over [B, KV, G, T, S]
+    if mask is not None:  # [T, S], or [B, 1, T, S] per row, over [B, KV, G, T, S]
         scores = scores.reshape(B, kv_heads, groups, T, S)
+        mask = mask[:, :, None] if mask.ndim == 4 else mask
         scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
         scores = scores.reshape(B, kv_heads, groups * T, S)
     weights = mx.softmax(scores, axis=-1, precise=True)
@@ -132,13 +133,14 @@ _tables = threading.local()  # one memo per thread: arrays stay on the thread th
 
 def rope(
     x: mx.array,
-    offset: int,
+    offset: int | mx.array,
     inv_freq: mx.array,
     dims: int,
     traditional: bool,
     attention_factor: float = 1.0,
 ) -> mx.array:
     """Rotate the first `dims` of each head of `[B, heads, T, head_dim]` for positions offset..;
+    `offset` is one int for all rows or an int array `[B]`, each row's own (a batch of sequences).
     `traditional` pairs adjacent dims (GGUF/llama.cpp), else the two halves (Hugging Face)."""
     cos, sin = _rope_table(inv_freq, offset, x.shape[2], attention_factor)
     rotate = _rotate_interleaved if traditional else _rotate_half
@@ -149,16 +151,24 @@ def rope(
 
 
 def _rope_table(
-    inv_freq: mx.array, offset: int, length: int, attention_factor: float
+    inv_freq: mx.array, offset: int | mx.array, length: int, attention_factor: float
 ) -> tuple[mx.array, mx.array]:
-    """cos and sin `[length, dims / 2]`, built once per forward pass: every layer asks for the same
-    positions. The memo holds the inv_freq array itself: compared by identity, it cannot be mistaken
-    for another model's (an id() could be reused once an array is freed)."""
+    """cos and sin `[length, dims / 2]` (`[B, 1, length, dims / 2]` for per-row offsets), built once
+    per forward pass: every layer asks for the same positions. The memo holds the inv_freq array
+    (and an offsets array) itself: compared by identity, it cannot be mistaken for another model's
+    (an id() could be reused once an array is freed)."""
     memo = getattr(_tables, "last", None)
-    if memo is not None and memo[0] is inv_freq and memo[1:3] == (offset, length):
-        return memo[3], memo[4]
-    positions = mx.arange(offset, offset + length, dtype=mx.float32)
-    angles = positions[:, None] * inv_freq[None, :]
+    if memo is not None and memo[0] is inv_freq and memo[2] == length:
+        cached = memo[1]
+        if cached is offset or (type(cached) is type(offset) is int and cached == offset):
+            return memo[3], memo[4]
+    if isinstance(offset, mx.array):  # [B] -> positions [B, 1, length, 1]
+        steps = mx.arange(length, dtype=mx.float32)
+        positions = (offset.astype(mx.float32)[:, None] + steps[None, :])[:, None, :, None]
+        angles = positions * inv_freq
+    else:
+        positions = mx.arange(offset, offset + length, dtype=mx.float32)
+        angles = positions[:, None] * inv_freq[None, :]
     cos, sin = mx.cos(angles), mx.sin(angles)
     if attention_factor != 1.0:  # yarn scales cos and sin
         cos, sin = cos * attention_factor, sin * attention_factor

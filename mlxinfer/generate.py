@@ -149,13 +149,15 @@ def generate_tokens(
 class GenerationResponse:
     """One generated token. `text` is the new text it completes (may be empty while a UTF-8
     character or a possible stop string is incomplete); the last response has `finish_reason`
-    ('eos', 'stop' or 'length') and `metrics`."""
+    ('eos', 'stop' or 'length'; from the Engine also 'cancelled' or 'error', with `error` saying
+    why) and `metrics`. A last response that brings no token has `token` -1."""
 
     text: str
     token: int
     logprobs: TokenLogprobs | None = None
     finish_reason: str | None = None
     metrics: RequestMetrics | None = None
+    error: str | None = None
 
 
 def stream_generate(

@@ -3,7 +3,9 @@
 Definitions (../shared/BENCHMARKING.md; the README repeats them):
 
     ttft_ms        request start (prompt tokens in hand) -> first generated token on the host
-    prefill_tps    prompt tokens processed (not counting cached ones) / TTFT
+    queue_ms       request start -> admitted to run (the Engine; 0 for a lone request)
+    prefill_tps    prompt tokens processed (not counting cached ones) / (TTFT - queue)
+    cached_prompt_tokens  prompt tokens taken from the prefix cache instead of computed
     decode_tps     (N - 1) / (t_N - t_1), t_i = time token i is available, N generated tokens
     tpot_ms        (e2e - TTFT) / (N - 1)          (vLLM's time per output token)
     itl_ms         gaps t_{i+1} - t_i, with p50 / p90 / p99
@@ -35,6 +37,8 @@ class RequestMetrics:
     active_memory_mb: float = 0.0
     kv_cache_mb: float = 0.0
     bandwidth_gbs: float = 0.0
+    queue_ms: float = 0.0
+    cached_prompt_tokens: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,6 +70,7 @@ def request_metrics(
     peak_memory_bytes: int = 0,
     active_memory_bytes: int = 0,
     kv_cache_bytes: int = 0,
+    queue_s: float = 0.0,
 ) -> RequestMetrics:
     """All metrics of one request from its start time and the arrival time of each token."""
     n = len(token_times)
@@ -78,7 +83,7 @@ def request_metrics(
         prompt_tokens=prompt_tokens,
         generated_tokens=n,
         ttft_ms=ttft * 1e3,
-        prefill_tps=processed / ttft if ttft > 0 else 0.0,
+        prefill_tps=processed / (ttft - queue_s) if ttft > queue_s else 0.0,
         decode_tps=tps,
         tpot_ms=(e2e - ttft) / (n - 1) * 1e3 if n > 1 else 0.0,
         e2e_ms=e2e * 1e3,
@@ -90,4 +95,6 @@ def request_metrics(
         active_memory_mb=active_memory_bytes / 2**20,
         kv_cache_mb=kv_cache_bytes / 2**20,
         bandwidth_gbs=weight_bytes_per_step * tps / 1e9,
+        queue_ms=queue_s * 1e3,
+        cached_prompt_tokens=cached_prompt_tokens,
     )

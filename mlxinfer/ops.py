@@ -35,8 +35,9 @@ class MLXOps:
     def swiglu(self, gate: mx.array, up: mx.array) -> mx.array:
         return nn.silu(gate) * up
 
-    def rope(self, rope, x: mx.array, offset: int) -> mx.array:
-        """`rope` is the model's RoPE module (its dims, frequencies and layout)."""
+    def rope(self, rope, x: mx.array, offset: int | mx.array) -> mx.array:
+        """`rope` is the model's RoPE module (its dims, frequencies and layout); `offset` is the
+        position of x's first token, or an int array `[B]` of each row's."""
         return rope.fast(x, offset)
 
     def attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask):
@@ -69,13 +70,15 @@ class CPUOps(MLXOps):
     def swiglu(self, gate: mx.array, up: mx.array) -> mx.array:
         return cpu_kernels.swiglu(gate, up)  # MLX's CPU sigmoid is scalar
 
-    def rope(self, rope, x: mx.array, offset: int) -> mx.array:
+    def rope(self, rope, x: mx.array, offset: int | mx.array) -> mx.array:
         return cpu_kernels.rope(
             x, offset, rope.inv_freq, rope.dims, rope.traditional, rope.attention_factor
         )
 
     def attention(self, q, k, v, scale, mask):
-        if mask is None:  # a decode step: one row of scores, MLX's kernel is fine
+        if mask is None or (not isinstance(mask, str) and mask.ndim == 4):
+            # A decode step (a batch's masks are [B, 1, 1, S]): one row of scores per sequence,
+            # MLX's kernel is fine.
             return super().attention(q, k, v, scale, mask)
         return cpu_kernels.attention(q, k, v, scale, mask)  # BLAS + fast exp, causal blocks
 
@@ -93,13 +96,15 @@ OPS = {"mlx": MLXOps(), "cpu": CPUOps()}
 
 
 def masked(scores: mx.array, mask: Mask) -> mx.array:
-    """Scores `[..., T, S]` with hidden keys at -inf; `mask` None, "causal" (the T queries are the
-    last T of the S positions) or bool `[T, S]`."""
+    """Scores `[B, ..., T, S]` with hidden keys at -inf; `mask` None, "causal" (the T queries are
+    the last T of the S positions), bool `[T, S]`, or bool `[B, 1, T, S]` (a batch's rows)."""
     T, S = scores.shape[-2:]
     if mask is None:
         return scores
     if isinstance(mask, str):
         mask = window_mask(mx.arange(S - T, S), mx.arange(S))
+    elif mask.ndim == 4 and scores.ndim == 5:  # [B, KV, G, T, S]: the query groups axis
+        mask = mask[:, :, None]
     return mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
 
 

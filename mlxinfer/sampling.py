@@ -72,6 +72,29 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that changes the logits first: a batch argmaxes such rows together."""
+        return (
+            self.greedy
+            and self.repetition_penalty == 1.0
+            and not self.presence_penalty
+            and not self.frequency_penalty
+            and not self.logit_bias
+        )
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """The checks that need the model: logprobs and logit_bias token ids within the vocabulary."""
+        if self.logprobs > vocab_size:
+            raise ValueError(
+                f"logprobs must be at most the vocabulary size {vocab_size}, got {self.logprobs}"
+            )
+        bad = [t for t in self.logit_bias if t >= vocab_size]
+        if bad:
+            raise ValueError(
+                f"logit_bias: token ids {bad} are outside the vocabulary of {vocab_size}"
+            )
+
 
 def _check_range(name: str, value: float, low: float, high: float, low_open: bool) -> None:
     bracket = "(" if low_open else "["
@@ -164,12 +187,9 @@ class Sampler:
     with different seeds never share random state."""
 
     def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: Sequence[int] = ()):
+        params.check_vocab(vocab_size)
         self.params = params
         self.vocab_size = vocab_size
-        if params.logprobs > vocab_size:
-            raise ValueError(
-                f"logprobs must be at most the vocabulary size {vocab_size}, got {params.logprobs}"
-            )
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
         self.key = mx.random.key(seed)
         window = list(prompt_ids)[-params.repetition_context_size :]
@@ -177,11 +197,6 @@ class Sampler:
         self.counts = mx.zeros((1, vocab_size), mx.float32)  # generated-token counts
         self.bias = None
         if params.logit_bias:
-            bad = [t for t in params.logit_bias if t >= vocab_size]
-            if bad:
-                raise ValueError(
-                    f"logit_bias: token ids {bad} are outside the vocabulary of {vocab_size}"
-                )
             bias = mx.zeros((vocab_size,), mx.float32)
             ids = mx.array(list(params.logit_bias))
             self.bias = bias.at[ids].add(mx.array(list(params.logit_bias.values())))
@@ -221,6 +236,21 @@ class Sampler:
             self.recent = recent[:, -p.repetition_context_size :]
         if p.presence_penalty or p.frequency_penalty:
             self.counts = self.counts.at[0, token].add(1.0)
+
+
+def sample_rows(samplers: Sequence[Sampler], logits: mx.array) -> mx.array:
+    """One token per row of `logits [B, V]`, row r drawn by `samplers[r]` with its own settings,
+    history and random key (so a seeded request draws the same tokens alone or in any batch).
+    Rows that are plain greedy are argmaxed together."""
+    plain = [s.params.plain_greedy for s in samplers]
+    if all(plain):
+        return mx.argmax(logits, axis=-1)
+    argmax = mx.argmax(logits, axis=-1) if any(plain) else None
+    tokens = [
+        argmax[r : r + 1] if plain[r] else sampler(logits[r : r + 1])
+        for r, sampler in enumerate(samplers)
+    ]
+    return mx.concatenate(tokens)
 
 
 def top_logprobs(logits: mx.array, n: int) -> tuple[mx.array, mx.array, mx.array]:

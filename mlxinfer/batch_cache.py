@@ -1,0 +1,274 @@
+"""Batched KV caches: many sequences of different lengths decoding together.
+
+Each layer keeps one `BatchKVCache`: keys and values `[rows, kv_heads, capacity, head_dim]` where
+row r belongs to one sequence and the token at position p sits in slot `slot(p)` of its row:
+
+    growing cache                 slot(p) = p
+    rotating cache (max M, keep)  slot(p) = p for p < keep (sinks), else keep + (p - keep) mod (M - keep)
+
+so a row needs no padding in front and no realignment: the positions are data (`Rows.offsets`,
+one per row, shared by all layers of the model), RoPE rotates each row by its own position, and
+the attention mask `[rows, 1, 1, S]` hides each row's empty or overwritten slots.
+
+Prompts are prefilled one sequence at a time into the single-sequence caches of cache.py (exact,
+chunked, with sliding windows and sinks), then `add_row` copies that cache into the next free row.
+`remove_row` moves the last row into the hole, so a sequence leaving copies one other row's
+history once; the rest stay where they are. Rows are always 0..n-1, so the decode step reads a
+plain slice of the storage.
+
+Only decode (one new token per row) runs through a batch cache.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from .cache import KVCache, Mask, RotatingKVCache, Stored, _Cache, check_quantization
+
+SingleCache = KVCache | RotatingKVCache
+
+
+class Rows:
+    """The sequences of a batch, shared by every layer's cache: the position of each row's next
+    token. `positions` is one array per step, so the layers' RoPE tables and masks are built once
+    for all layers."""
+
+    def __init__(self, max_rows: int | None = None):
+        self.max_rows = max_rows  # storage is never allocated for more rows than this
+        self.offsets: list[int] = []  # tokens seen by each row = position of its next token
+        self._positions: mx.array | None = None
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    @property
+    def positions(self) -> mx.array:
+        """int32 `[rows]`: the position of each row's next token."""
+        if self._positions is None:
+            self._positions = mx.array(self.offsets, dtype=mx.int32)
+        return self._positions
+
+    def advance(self) -> None:
+        """After a decode step: every row has one token more."""
+        self.offsets = [o + 1 for o in self.offsets]
+        self._positions = None
+
+    def add(self, offset: int) -> None:
+        self.offsets.append(offset)
+        self._positions = None
+
+    def remove(self, row: int) -> None:
+        """Row `row` leaves; the last row takes its place (as in every layer's cache)."""
+        last = self.offsets.pop()
+        if row < len(self.offsets):
+            self.offsets[row] = last
+        self._positions = None
+
+
+class BatchKVCache(_Cache):
+    """One layer's keys and values for all rows of a batch. `max_size=None` grows; otherwise a
+    ring of `max_size` slots keeping `keep` sinks (like RotatingKVCache, which a sliding-window
+    layer uses with keep=0 and max_size = its window)."""
+
+    step = 256
+
+    def __init__(
+        self,
+        rows: Rows,
+        max_size: int | None = None,
+        keep: int = 0,
+        bits: int | None = None,
+        group_size: int = 64,
+    ):
+        check_quantization(bits, group_size)
+        self.bits = bits
+        self.group_size = group_size
+        self.keys: Stored | None = None
+        self.values: Stored | None = None
+        self.rows = rows
+        self.max_size = max_size
+        self.keep = keep
+
+    @classmethod
+    def like(cls, cache: SingleCache, rows: Rows) -> BatchKVCache:
+        """The batch cache holding the same kind of cache as a single-sequence `cache`."""
+        if isinstance(cache, RotatingKVCache):
+            return cls(rows, cache.max_size, cache.keep, cache.bits, cache.group_size)
+        return cls(rows, None, 0, cache.bits, cache.group_size)
+
+    # -- positions and slots -------------------------------------------------------------------
+
+    def slot(self, position: int) -> int:
+        if self.max_size is None or position < self.max_size:
+            return position
+        return self.keep + (position - self.keep) % (self.max_size - self.keep)
+
+    def held(self, offset: int) -> int:
+        """Slots in use by a row that has seen `offset` tokens."""
+        return offset if self.max_size is None else min(offset, self.max_size)
+
+    @property
+    def offset(self) -> mx.array:
+        """The position of each row's new token, `[rows]` (Attention rotates by it)."""
+        return self.rows.positions
+
+    # -- storage -------------------------------------------------------------------------------
+
+    @property
+    def n_rows(self) -> int:
+        return 0 if self.keys is None else self.keys[0].shape[0]
+
+    def _reserve(self, rows: int, slots: int, like: Stored, like_v: Stored) -> None:
+        """Make room for `rows` rows of `slots` slots, keeping what is stored. Rows double (up to
+        `Rows.max_rows`) and slots grow `step` at a time, so growing copies rarely."""
+        have_rows, have_slots = self.n_rows, self.capacity
+        if rows <= have_rows and slots <= have_slots:
+            return
+        new_rows = max(rows, 2 * have_rows)
+        if self.rows.max_rows is not None:
+            new_rows = max(rows, min(new_rows, self.rows.max_rows))
+        new_slots = max(have_slots, -(-slots // self.step) * self.step)
+        if self.max_size is not None:
+            new_slots = min(new_slots, self.max_size)
+        k = _empty(like, new_rows, new_slots)
+        v = _empty(like_v, new_rows, new_slots)
+        if self.keys is not None:
+            used = min(have_rows, len(self.rows))
+            for dst, src in zip((*k, *v), (*self.keys, *self.values), strict=True):
+                dst[:used, :, :have_slots] = src[:used]
+        self.keys, self.values = k, v
+
+    def add_row(self, cache: SingleCache) -> None:
+        """Copy a prefilled single-sequence cache (batch 1) into row `len(rows) - 1`, the row the
+        caller has just added to `rows` (with `rows.add(cache.offset)`)."""
+        row = len(self.rows) - 1
+        keys, values = _held_in_slot_order(cache, self)
+        n = keys[0].shape[2]
+        self._reserve(row + 1, max(self.held(o) for o in self.rows.offsets), keys, values)
+        for dst, src in zip((*self.keys, *self.values), (*keys, *values), strict=True):
+            dst[row : row + 1, :, :n] = src
+
+    def remove_row(self, row: int) -> None:
+        """Drop `row`: the last row moves into it. Call before `rows.remove(row)`."""
+        last = len(self.rows) - 1
+        if row != last:
+            end = self.held(self.rows.offsets[last])
+            for a in (*self.keys, *self.values):
+                a[row : row + 1, :, :end] = a[last : last + 1, :, :end]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """Write one new token per row, `[rows, kv_heads, 1, head_dim]`, at each row's slot; return
+        the slots in use `[rows, kv_heads, S, ...]` (S = the longest row's)."""
+        if keys.shape[2] != 1:
+            raise ValueError("a batch cache takes one token per row; prefill single sequences")
+        n = len(self.rows)
+        k, v = self._encode(keys), self._encode(values)
+        offsets = self.rows.offsets
+        end = max(self.held(o + 1) for o in offsets)
+        self._reserve(n, end, k, v)
+        slots = [self.slot(o) for o in offsets]
+        if len(set(slots)) == 1:  # every row writes the same slot (one row, or equal lengths)
+            for dst, src in zip((*self.keys, *self.values), (*k, *v), strict=True):
+                dst[:n, :, slots[0] : slots[0] + 1] = src
+        else:
+            index = mx.array(slots, dtype=mx.int32)[:, None, None, None]
+            self.keys = _put_rows(self.keys, index, k, n)
+            self.values = _put_rows(self.values, index, v, n)
+        return self._fetch_rows(self.keys, n, end), self._fetch_rows(self.values, n, end)
+
+    def _fetch_rows(self, stored: Stored, n: int, end: int):
+        parts = tuple(a[:n, :, :end] for a in stored)
+        return parts[0] if self.bits is None else parts
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.state)
+
+    def row_nbytes(self, offset: int) -> int:
+        """Bytes of the slots one row of `offset` tokens fills (its share, not the padding)."""
+        if self.keys is None or not self.capacity:
+            return 0
+        per_slot = sum(a.nbytes for a in self.state) / (self.n_rows * self.capacity)
+        return int(per_slot * self.held(offset))
+
+    # -- masks ---------------------------------------------------------------------------------
+
+    def mask_key(self, T: int, window: int | None) -> tuple:
+        return ("batch", id(self.rows), tuple(self.rows.offsets), self.max_size, self.keep, window)
+
+    def make_mask(self, T: int, window: int | None = None) -> Mask:
+        """`[rows, 1, 1, S]` bool for the one new token of each row over the slots just returned;
+        None when every row sees every slot."""
+        offsets = [o + 1 for o in self.rows.offsets]  # including the new token
+        end = max(self.held(o) for o in offsets)
+        every_slot = all(self.held(o) == end for o in offsets)
+        hides = window is not None and any(self._window_hides(o, window) for o in offsets)
+        if every_slot and not hides:
+            return None
+        q = mx.array(offsets, dtype=mx.int32)[:, None] - 1  # [rows, 1]: each new token's position
+        s = mx.arange(end, dtype=mx.int32)[None, :]  # [1, S]
+        if self.max_size is None:
+            position = mx.broadcast_to(s, (len(offsets), end))
+        else:
+            # the latest position <= q stored in slot s (rows past the ring: it has wrapped)
+            ring = self.max_size - self.keep
+            wrapped = q - ((q - s) % ring)
+            position = mx.where((s < self.keep) | (q < self.max_size), s, wrapped)
+        visible = position <= q  # also hides the slots a shorter row has not filled
+        if window is not None:
+            visible = visible & (q - position < window)
+        return visible[:, None, None, :]
+
+    def _window_hides(self, offset: int, window: int) -> bool:
+        """Whether a row that has seen `offset` tokens holds a key outside the layer's window."""
+        wrapped = self.max_size is not None and offset > self.max_size
+        oldest = offset - self.max_size if wrapped and not self.keep else 0
+        return offset - 1 - oldest >= window
+
+
+def _empty(like: Stored, rows: int, slots: int) -> Stored:
+    return tuple(mx.zeros((rows, a.shape[1], slots, a.shape[3]), a.dtype) for a in like)
+
+
+def _put_rows(stored: Stored, index: mx.array, new: Stored, n: int) -> Stored:
+    """Each row r < n of `new` `[n, H, 1, d]` written at slot index[r] of `stored`. Rows past n
+    (allocated, unused) get zeros in slot 0: harmless, and it lets the scatter update the whole
+    buffer in place instead of copying a slice of it."""
+    out = []
+    spare = stored[0].shape[0] - n
+    if spare:
+        index = mx.concatenate([index, mx.zeros((spare, 1, 1, 1), index.dtype)])
+    for dst, src in zip(stored, new, strict=True):
+        if spare:
+            src = mx.concatenate([src, mx.zeros((spare, *src.shape[1:]), src.dtype)])
+        out.append(mx.put_along_axis(dst, mx.broadcast_to(index, src.shape), src, axis=2))
+    return tuple(out)
+
+
+def _held_in_slot_order(cache: SingleCache, batch: BatchKVCache) -> tuple[Stored, Stored]:
+    """The keys/values a single cache holds, reordered so that index i is batch slot i (the
+    slots of the positions a cache holds are always 0..n-1, in some order)."""
+    if cache.keys is None:
+        raise ValueError("add_row needs a prefilled cache")
+    if isinstance(cache, RotatingKVCache):
+        n = cache.size
+        keys = tuple(a[..., :n, :] for a in cache.keys)
+        values = tuple(a[..., :n, :] for a in cache.values)
+        slots = [batch.slot(p) for p in cache.positions().tolist()]
+        if slots != list(range(n)):
+            order = mx.array(np.argsort(slots), dtype=mx.int32)
+            keys = tuple(mx.take(a, order, axis=2) for a in keys)
+            values = tuple(mx.take(a, order, axis=2) for a in values)
+        return keys, values
+    n = cache.offset
+    return tuple(a[..., :n, :] for a in cache.keys), tuple(a[..., :n, :] for a in cache.values)
+
+
+def make_batch_cache(
+    template: list[SingleCache], max_rows: int | None = None
+) -> tuple[Rows, list[BatchKVCache]]:
+    """Batch caches matching a model's single-sequence caches (`model.make_cache(...)`), one per
+    layer, sharing one `Rows`."""
+    rows = Rows(max_rows)
+    return rows, [BatchKVCache.like(c, rows) for c in template]

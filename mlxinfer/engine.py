@@ -1,0 +1,326 @@
+"""The engine: many conversations at once, from any thread.
+
+    engine = Engine(model, tokenizer, max_batch=8, policy="prefill-first")
+    handle = engine.submit("Hello", sampling=SamplingParams(temperature=0.7))   # any thread
+    for response in handle: print(response.text, end="")                       # streams
+    engine.close()
+
+One thread, started by the engine, owns all MLX work (MLX streams belong to the thread that made
+them): it runs a Scheduler (scheduler.py) and hands each response to its request's handle. Callers
+only exchange messages with it: `submit` checks the request on the caller's thread (tokenizing,
+settings, context and memory limits: a ValueError there), then queues it; `cancel` and `close`
+are messages too.
+
+`batch_generate` runs the same scheduler on the caller's thread for a fixed list of prompts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .generate import GenerationResponse, Prompt, encode_prompt
+from .metrics import RequestMetrics
+from .model import Model
+from .sampling import SamplingParams
+from .scheduler import Request, Scheduler
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class GenerationResult:
+    """A finished request: its text, token ids, why it ended (eos, stop, length, cancelled,
+    error), the error's reason, and its metrics."""
+
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    metrics: RequestMetrics | None
+    error: str | None = None
+
+
+class RequestHandle:
+    """A submitted request. Iterate it for its GenerationResponses as they come (the last one has
+    a finish_reason); `result()` waits for the end; `cancel()` stops it."""
+
+    def __init__(self, engine: Engine, request: Request):
+        self._engine = engine
+        self._request = request
+        self._responses: queue.Queue[GenerationResponse] = queue.Queue()
+        self._seen: list[GenerationResponse] = []
+        self._done = False
+
+    @property
+    def id(self) -> int:
+        return self._request.id
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self._request.prompt_ids)
+
+    def __iter__(self) -> Iterator[GenerationResponse]:
+        while not self._done:
+            yield self._next(None)
+
+    def _next(self, timeout: float | None) -> GenerationResponse:
+        response = self._responses.get(timeout=timeout)
+        self._seen.append(response)
+        self._done = response.finish_reason is not None
+        return response
+
+    def cancel(self) -> None:
+        """Stop generating; the last response says 'cancelled' (unless it had already ended)."""
+        self._engine._send(("cancel", self._request))
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        """Wait for the request to end (TimeoutError after `timeout` seconds) and return it whole,
+        including the responses already iterated."""
+        try:
+            while not self._done:
+                self._next(timeout)
+        except queue.Empty:
+            raise TimeoutError(f"request {self.id} did not finish in {timeout} s") from None
+        return _result(self._seen)
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+
+def _result(responses: Sequence[GenerationResponse]) -> GenerationResult:
+    last = responses[-1]
+    tokens = [r.token for r in responses if r.token >= 0]
+    text = "".join(r.text for r in responses)
+    return GenerationResult(text, tokens, last.finish_reason, last.metrics, last.error)
+
+
+class Engine:
+    """A continuous-batching server in-process: requests join the running batch as soon as there is
+    room and leave as they finish.
+
+    `max_batch` requests run at once; `kv_budget_mb` bounds their KV cache (others wait, and their
+    wait is `queue_ms`); `policy` is "prefill-first", "decode-first" or "chunked" (scheduler.py
+    says what each trades); `prefill_chunk` is the prompt tokens per prefill pass (the per-step
+    token budget under "chunked"); `prefix_cache_mb` bounds the cache of prompt prefixes
+    (0 turns it off). The cache options are stream_generate's."""
+
+    def __init__(
+        self,
+        model: Model,
+        tokenizer: Tokenizer,
+        max_batch: int = 8,
+        policy: str = "prefill-first",
+        kv_budget_mb: float | None = None,
+        prefill_chunk: int | None = None,
+        prefix_cache_mb: float = 256,
+        max_kv_size: int | None = None,
+        kv_keep: int = 4,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.scheduler = Scheduler(
+            model, tokenizer, max_batch, policy, kv_budget_mb, prefill_chunk, prefix_cache_mb,
+            max_kv_size, kv_keep, kv_bits, kv_group_size,
+        )  # fmt: skip
+        self._inbox: queue.Queue = queue.Queue()
+        self._handles: dict[int, RequestHandle] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="mlxinfer-engine", daemon=True)
+        self._thread.start()
+
+    # -- the callers' side -----------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt: Prompt,
+        sampling: SamplingParams | None = None,
+        max_tokens: int | None = None,
+        chat: bool = False,
+    ) -> RequestHandle:
+        """Queue a request (text, token ids or chat messages, as stream_generate takes) and return
+        its handle. A request that can never run is refused here with a ValueError."""
+        params = sampling or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling must be a SamplingParams, got {type(params).__name__}")
+        max_tokens = params.max_tokens if max_tokens is None else max_tokens
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        prompt_ids = encode_prompt(self.tokenizer, prompt, chat)
+        request = Request(next(self._ids), prompt_ids, params, max_tokens)
+        self.scheduler.check(request)  # reads only the model's config and the options
+        handle = RequestHandle(self, request)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self._handles[request.id] = handle
+            self._inbox.put(("submit", request))
+        return handle
+
+    def close(self, cancel: bool = False, timeout: float | None = None) -> None:
+        """Stop taking requests; finish those accepted (or with `cancel=True` cancel them), then
+        stop the engine's thread."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._inbox.put(("close", cancel))
+        self._thread.join(timeout)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(cancel=exc[0] is not None)
+
+    def _send(self, message: tuple) -> None:
+        self._inbox.put(message)
+
+    @property
+    def stats(self) -> dict:
+        """A snapshot: requests waiting, prefilling and running, and the prefix cache's use."""
+        s = self.scheduler
+        prefix = s.prefix_cache
+        return {
+            "waiting": len(s.waiting),
+            "prefilling": len(s.prefilling),
+            "running": len(s.running),
+            "prefix_cache_mb": prefix.nbytes / 2**20 if prefix else 0.0,
+            "prefix_cache_hits": prefix.hits if prefix else 0,
+        }
+
+    # -- the engine's thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        scheduler, closing = self.scheduler, False
+        try:
+            while True:
+                block = not scheduler.has_work()
+                if closing and block:
+                    return
+                for message in self._messages(block):
+                    kind, arg = message
+                    if kind == "submit":
+                        scheduler.add(arg)
+                    elif kind == "cancel":
+                        self._deliver(scheduler.cancel(arg))
+                    elif kind == "close":
+                        closing = True
+                        if arg:
+                            for request in _active(scheduler):
+                                self._deliver(scheduler.cancel(request))
+                if scheduler.has_work():
+                    self._deliver(scheduler.step())
+        except BaseException as e:  # nothing is lost: every accepted request gets its last response
+            self._fail_all(f"engine stopped: {type(e).__name__}: {e}")
+            raise
+        finally:
+            # MLX 0.32 aborts the process at exit if a thread ends with work queued or with its
+            # streams alive ("terminate called without an active exception"): MLX's advice is to
+            # clear a thread's streams at its end.
+            mx.synchronize()
+            mx.clear_streams()
+
+    def _messages(self, block: bool) -> list[tuple]:
+        messages = [self._inbox.get()] if block else []
+        while True:
+            try:
+                messages.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return messages
+
+    def _deliver(self, events) -> None:
+        for request, response in events:
+            handle = self._handles.get(request.id)
+            if handle is None:
+                continue
+            handle._responses.put(response)
+            if response.finish_reason is not None:
+                del self._handles[request.id]
+
+    def _fail_all(self, reason: str) -> None:
+        with self._lock:
+            self._closed = True
+            handles = list(self._handles.values())
+            self._handles.clear()
+        for handle in handles:
+            handle._responses.put(GenerationResponse("", -1, None, "error", None, reason))
+
+
+def _active(scheduler: Scheduler) -> list[Request]:
+    return [*scheduler.waiting, *scheduler.prefilling, *scheduler.running]
+
+
+def batch_generate(
+    model: Model,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Prompt],
+    max_tokens: int | None = None,
+    sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+    chat: bool = False,
+    max_batch: int | None = None,
+    prefill_chunk: int | None = None,
+    **cache_options,
+) -> list[GenerationResult]:
+    """Generate for every prompt at once (continuous batching on the calling thread); one result
+    per prompt, in order. `sampling` is one SamplingParams for all or one per prompt; each prompt
+    is text, token ids or chat messages as in stream_generate. At most `max_batch` run together
+    (default: all). `cache_options` are stream_generate's max_kv_size, kv_keep, kv_bits,
+    kv_group_size."""
+    if isinstance(prompts, (str, dict)):
+        raise ValueError("prompts must be a list of prompts; for one prompt use generate()")
+    prompts = list(prompts)
+    if not prompts:
+        return []
+    if sampling is None or isinstance(sampling, SamplingParams):
+        params = [sampling or SamplingParams()] * len(prompts)
+    else:
+        params = list(sampling)
+        if len(params) != len(prompts):
+            raise ValueError(
+                f"sampling has {len(params)} SamplingParams for {len(prompts)} prompts"
+            )
+    scheduler = Scheduler(
+        model, tokenizer, max_batch or len(prompts), "prefill-first", None, prefill_chunk, 0,
+        **cache_options,
+    )  # fmt: skip
+    requests = []
+    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        n = p.max_tokens if max_tokens is None else max_tokens
+        try:
+            ids = encode_prompt(tokenizer, prompt, chat)
+            request = Request(i, ids, p, _clip(model, ids, n))
+            scheduler.check(request)
+        except ValueError as e:
+            raise ValueError(f"prompt {i}: {e}") from None
+        requests.append(request)
+    responses: dict[int, list[GenerationResponse]] = {r.id: [] for r in requests}
+    for request in requests:
+        scheduler.add(request)
+    try:
+        while scheduler.has_work():
+            for request, response in scheduler.step():
+                responses[request.id].append(response)
+    finally:
+        mx.synchronize()
+    return [_result(responses[r.id]) for r in requests]
+
+
+def _clip(model: Model, prompt_ids: list[int], max_tokens: int) -> int:
+    """As stream_generate: max_tokens clipped to the context left after the prompt."""
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    context = model.config.max_position_embeddings
+    if len(prompt_ids) >= context:
+        raise ValueError(
+            f"prompt has {len(prompt_ids)} tokens, which leaves no room in the model's context of "
+            f"{context} tokens"
+        )
+    return min(max_tokens, context - len(prompt_ids))

@@ -1,0 +1,108 @@
+"""Prefix cache: the KV of prompts seen before, so a shared prefix (a system prompt, the earlier
+turns of a chat) is not computed again.
+
+After a prompt is prefilled, its single-sequence caches are stored under its token ids. A new
+prompt takes the longest common prefix with any stored prompt (at least `MIN_MATCH` tokens, and
+never its last token: that one's logits are needed), starts from those keys and values and
+prefills only the rest. Entries are bounded by bytes; the least recently used go first.
+
+Keys at a position depend only on the tokens up to it, so a reused prefix is the same as a cold
+prefill of it (up to float rounding of the different matrix shapes). Caches that have evicted
+tokens (a rotating cache past its size) are not stored: their prefix is gone.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import mlx.core as mx
+import numpy as np
+
+from .cache import KVCache, RotatingKVCache
+
+MIN_MATCH = 16  # shorter matches are not worth a copy of the cache
+
+
+class PrefixCache:
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, list, int]] = OrderedDict()
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def lookup(self, prompt_ids: list[int]) -> tuple[int, tuple | None]:
+        """(matched tokens, entry key) of the longest stored prefix of `prompt_ids`."""
+        ids = np.asarray(prompt_ids)
+        best, best_key = 0, None
+        for key, (tokens, _, _) in self.entries.items():
+            n = min(len(tokens), len(ids) - 1)
+            if n <= best:
+                continue
+            differ = np.flatnonzero(tokens[:n] != ids[:n])
+            match = int(differ[0]) if differ.size else n
+            if match > best:
+                best, best_key = match, key
+        if best < MIN_MATCH:
+            self.misses += 1
+            return 0, None
+        self.hits += 1
+        self.entries.move_to_end(best_key)
+        return best, best_key
+
+    def restore(self, key: tuple, n: int, caches: list) -> None:
+        """Fill fresh single-sequence `caches` with the first `n` tokens of entry `key`."""
+        _, stored, _ = self.entries[key]
+        for cache, (keys, values) in zip(caches, stored, strict=True):
+            keys = tuple(a[..., :n, :] for a in keys)
+            values = tuple(a[..., :n, :] for a in values)
+            if isinstance(cache, RotatingKVCache):
+                cache.keys, cache.values = keys, values
+                cache.size = n
+                cache._idx = n if n < cache.max_size else cache.keep
+            else:
+                cache._grow(keys, values, n)
+                for dst, src in zip((*cache.keys, *cache.values), (*keys, *values), strict=True):
+                    dst[..., :n, :] = src
+            cache.offset = n
+
+    def store(self, prompt_ids: list[int], caches: list) -> None:
+        """Keep the KV of a just-prefilled prompt (unless a cache evicted some of it)."""
+        if not self.max_bytes or not all(_holds_all(c) for c in caches):
+            return
+        key = tuple(prompt_ids)
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return
+        n = len(prompt_ids)
+        stored = []
+        for c in caches:
+            keys = tuple(mx.contiguous(a[..., :n, :]) for a in c.keys)
+            values = tuple(mx.contiguous(a[..., :n, :]) for a in c.values)
+            stored.append((keys, values))
+        nbytes = sum(a.nbytes for kv in stored for part in kv for a in part)
+        if nbytes > self.max_bytes:
+            return
+        # A stored prompt that this one extends is redundant: this one answers its lookups too.
+        for old in [k for k in self.entries if len(k) < n and key[: len(k)] == k]:
+            self._drop(old)
+        while self.nbytes + nbytes > self.max_bytes:
+            self._drop(next(iter(self.entries)))
+        mx.eval([a for kv in stored for part in kv for a in part])
+        self.entries[key] = (np.asarray(prompt_ids), stored, nbytes)
+        self.nbytes += nbytes
+
+    def _drop(self, key: tuple) -> None:
+        self.nbytes -= self.entries.pop(key)[2]
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.nbytes = 0
+
+
+def _holds_all(cache) -> bool:
+    if cache.keys is None:
+        return False
+    if isinstance(cache, RotatingKVCache):
+        return cache.size == cache.offset  # nothing evicted: positions 0..size-1 in order
+    return isinstance(cache, KVCache)

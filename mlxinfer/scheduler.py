@@ -1,0 +1,419 @@
+"""Continuous batching: many requests share the model, joining the running batch as soon as there
+is room and leaving as they finish.
+
+    waiting --admit--> prefilling --last prompt chunk, first token--> running (a batch row) --> done
+
+Each `Scheduler.step()` does one unit of work, chosen by the policy:
+
+    prefill-first  any admitted prompt is prefilled (a chunk at a time, back to back) before the next
+                   decode step. Best time to first token; running requests stall while prompts
+                   are prefilled, so their inter-token latency has spikes.
+    decode-first   new requests are admitted only when nothing is running; then all admitted are
+                   prefilled and decode together until the last one finishes (static batching).
+                   Running requests never stall, so the best inter-token latency; a request that
+                   arrives meanwhile waits for the whole batch, so the worst time to first token.
+    chunked        each step is one decode step for the running rows plus one prefill chunk of
+                   `step_tokens - rows` prompt tokens (vLLM's chunked prefill, here as two passes
+                   in one step). Stalls are bounded by a chunk; prompts take several steps.
+
+Admission: at most `max_batch` requests prefilling or running, and the KV memory they need (the
+batch's storage is padded to its longest row, rows allocated in powers of two) within the budget.
+
+One thread owns a scheduler (MLX streams belong to the thread that made them); the Engine runs it
+on its own thread, batch_generate on the caller's. Prompts are prefilled one at a time into
+single-sequence caches (exact, chunked), then copied into a row of the batch caches
+(batch_cache.py); a decode step runs all rows through the model at once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from .batch_cache import make_batch_cache
+from .cache import RotatingKVCache
+from .generate import DEFAULT_PREFILL_CHUNK, GenerationResponse, StopStrings, TokenLogprobs
+from .metrics import RequestMetrics, request_metrics
+from .model import Model
+from .prefix_cache import PrefixCache
+from .sampling import Sampler, SamplingParams, top_logprobs
+from .tokenizer import Tokenizer
+
+POLICIES = ("prefill-first", "decode-first", "chunked")
+MIN_CHUNK = 16  # a chunked step always advances a waiting prompt by at least this many tokens
+
+
+@dataclass
+class Request:
+    """One request's state, from submission to its last response. Built on the caller's thread
+    (no MLX work); the scheduler's thread does the rest."""
+
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    submitted: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None
+    # set by the scheduler
+    cache: list | None = None  # single-sequence caches while prefilling
+    prefilled: int = 0  # prompt tokens in the cache
+    cached_prompt_tokens: int = 0  # of those, reused from the prefix cache
+    sampler: Sampler | None = None
+    detokenizer: object = None
+    stops: StopStrings | None = None
+    eos: frozenset = frozenset()
+    last_token: int = -1
+    token_times: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    peak_memory: int = 0
+    kv_bytes: int = 0
+    finished: bool = False
+
+
+class Scheduler:
+    """Runs requests to completion in batches. Not thread-safe: one thread calls add/cancel/step."""
+
+    def __init__(
+        self,
+        model: Model,
+        tokenizer: Tokenizer,
+        max_batch: int = 8,
+        policy: str = "prefill-first",
+        kv_budget_mb: float | None = None,
+        prefill_chunk: int | None = None,
+        prefix_cache_mb: float = 0,
+        max_kv_size: int | None = None,
+        kv_keep: int = 4,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+    ):
+        check_engine_options(max_batch, policy, kv_budget_mb, prefill_chunk, prefix_cache_mb)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.policy = policy
+        self.kv_budget = None if kv_budget_mb is None else kv_budget_mb * 2**20
+        self.prefill_chunk = prefill_chunk or (
+            128 if policy == "chunked" else DEFAULT_PREFILL_CHUNK
+        )
+        self.cache_options = dict(
+            max_kv_size=max_kv_size, keep=kv_keep, kv_bits=kv_bits, kv_group_size=kv_group_size
+        )
+        self.template = model.make_cache(**self.cache_options)  # validates the options
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb else None
+        self.waiting: deque[Request] = deque()
+        self.prefilling: list[Request] = []
+        self.running: list[Request] = []  # running[r] owns batch row r
+        self._new_batch()
+
+    # -- admission -------------------------------------------------------------------------------
+
+    def check(self, request: Request) -> None:
+        """Refuse a request that can never run: ValueError saying why."""
+        request.params.check_vocab(self.model.config.vocab_size)
+        context = self.model.config.max_position_embeddings
+        need = len(request.prompt_ids) + request.max_tokens
+        if not request.prompt_ids:
+            raise ValueError("prompt is empty")
+        if need > context:
+            raise ValueError(
+                f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) "
+                f"exceed the model's context of {context} tokens"
+            )
+        alone = self.kv_bytes(1, need) + self.kv_bytes(1, len(request.prompt_ids))
+        if self.kv_budget is not None and alone > self.kv_budget:
+            raise ValueError(
+                f"the request needs {alone / 2**20:.1f} MB of KV cache (prompt "
+                f"{len(request.prompt_ids)} + max_tokens {request.max_tokens} tokens), more than "
+                f"kv_budget_mb={self.kv_budget / 2**20:g}"
+            )
+
+    def kv_bytes(self, rows: int, length: int) -> int:
+        """Bytes of KV storage for `rows` rows of `length` tokens, as the caches allocate it."""
+        c, per_layer = self.model.config, 0
+        slots = -(-length // 256) * 256
+        itemsize = self.model.compute_dtype.size
+        bits, group = self.cache_options["kv_bits"], self.cache_options["kv_group_size"]
+        per_token = c.num_key_value_heads * (
+            c.head_dim * itemsize
+            if bits is None
+            else c.head_dim * bits // 8 + 2 * itemsize * c.head_dim // group
+        )
+        for cache in self.template:
+            cap = cache.max_size if isinstance(cache, RotatingKVCache) else math.inf
+            per_layer += 2 * per_token * min(slots, cap)
+        return rows * per_layer
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def _admit(self) -> None:
+        if self.policy == "decode-first" and (self.running or self.prefilling):
+            return
+        while self.waiting and len(self.running) + len(self.prefilling) < self.max_batch:
+            request = self.waiting[0]
+            if not self._fits(request):
+                break  # first come, first served: no overtaking
+            self.waiting.popleft()
+            request.admitted = time.perf_counter()
+            self.prefilling.append(request)
+
+    def _fits(self, request: Request) -> bool:
+        if self.kv_budget is None:
+            return True
+        active = self.running + self.prefilling + [request]
+        longest = max(len(r.prompt_ids) + r.max_tokens for r in active)
+        rows = max(self.batch_rows, min(self.max_batch, 1 << (len(active) - 1).bit_length()))
+        slots = max(self.batch_slots, longest)
+        prefills = sum(self.kv_bytes(1, len(r.prompt_ids)) for r in active if r.sampler is None)
+        return self.kv_bytes(rows, slots) + prefills <= self.kv_budget
+
+    @property
+    def batch_rows(self) -> int:
+        return max((c.n_rows for c in self.batch), default=0)
+
+    @property
+    def batch_slots(self) -> int:
+        return max((c.capacity for c in self.batch), default=0)
+
+    # -- the work --------------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
+    def step(self) -> list[tuple[Request, GenerationResponse]]:
+        """One unit of work; returns the responses it produced, in order."""
+        self._admit()
+        events: list[tuple[Request, GenerationResponse]] = []
+        mx.reset_peak_memory()  # process-wide: each step's peak is charged to its requests
+        if self.policy == "chunked":
+            budget = self.prefill_chunk
+            if self.running:
+                events += self._decode()
+                budget -= len(self.running)
+            if self.prefilling:
+                events += self._prefill(self.prefilling[0], max(budget, MIN_CHUNK))
+        elif self.prefilling:  # prefill-first, or decode-first filling its batch
+            events += self._prefill(self.prefilling[0], self.prefill_chunk)
+        elif self.running:
+            events += self._decode()
+        peak = mx.get_peak_memory()
+        for request in self.running + self.prefilling:
+            request.peak_memory = max(request.peak_memory, peak)
+        for request, response in events:
+            if response.finish_reason is not None:
+                request.peak_memory = max(request.peak_memory, peak)
+        return events
+
+    def _start(self, request: Request) -> None:
+        """The first prefill chunk: caches, sampler, and whatever the prefix cache holds."""
+        request.cache = self.model.make_cache(**self.cache_options)
+        if self.prefix_cache is not None:
+            matched, key = self.prefix_cache.lookup(request.prompt_ids)
+            if matched:
+                self.prefix_cache.restore(key, matched, request.cache)
+                request.prefilled = request.cached_prompt_tokens = matched
+        request.sampler = Sampler(request.params, self.model.config.vocab_size, request.prompt_ids)
+        request.detokenizer = self.tokenizer.detokenizer()
+        request.stops = StopStrings(request.params.stop)
+        eos = () if request.params.ignore_eos else self.tokenizer.eos_token_ids
+        request.eos = frozenset(eos)
+
+    def _prefill(self, request: Request, chunk: int) -> list:
+        """Up to `chunk` more prompt tokens of `request`; after the last one, its first token."""
+        try:
+            if request.sampler is None:
+                self._start(request)
+            ids = request.prompt_ids[request.prefilled : request.prefilled + chunk]
+            h = self.model.hidden_states(mx.array([ids]), request.cache)
+            request.prefilled += len(ids)
+            if request.prefilled < len(request.prompt_ids):
+                mx.eval([c.state for c in request.cache])
+                return []
+            logits = self.model.logits(h[:, -1:, :])[:, -1, :]  # [1, vocab]
+            self.prefilling.remove(request)
+            token = request.sampler(logits)
+            lp = self._logprobs(request, logits, token)
+            bad = mx.isnan(logits).any()
+            mx.eval(token, lp, bad, [c.state for c in request.cache])
+        except Exception as e:  # this request fails; the others are untouched
+            if request in self.prefilling:
+                self.prefilling.remove(request)
+            return [self._finish(request, None, "", None, "error", f"prefill failed: {e}")]
+        now = time.perf_counter()
+        if bad.item():
+            return [self._finish(request, None, "", None, "error", "the model produced NaN logits")]
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(request.prompt_ids, request.cache)
+        event = self._emit(request, token.item(), _to_host(lp), now)
+        if not request.finished:
+            self.rows.add(request.cache[0].offset)
+            for batch, single in zip(self.batch, request.cache, strict=True):
+                batch.add_row(single)
+            self.running.append(request)
+        request.cache = None  # the batch holds its keys and values now
+        return [event]
+
+    def _decode(self) -> list:
+        """One token for every running request."""
+        requests = list(self.running)
+        tokens = mx.array([r.last_token for r in requests])
+        logits = self.model(tokens[:, None], self.batch)[:, -1, :]  # [rows, vocab]
+        plain = [r.params.plain_greedy for r in requests]
+        argmax = mx.argmax(logits, axis=-1) if any(plain) else None
+        failed: dict[int, str] = {}
+        picked, lps = [], []
+        for row, request in enumerate(requests):
+            if plain[row]:
+                picked.append(argmax[row : row + 1])
+                lps.append(None)
+                continue
+            try:  # a sampler that fails stops its own request only
+                token = request.sampler(logits[row : row + 1])
+                lps.append(self._logprobs(request, logits[row : row + 1], token))
+            except Exception as e:
+                failed[row] = f"sampling failed: {e}"
+                token = mx.zeros((1,), mx.uint32)
+                lps.append(None)
+            picked.append(token)
+        new_tokens = mx.concatenate(picked) if len(picked) > 1 else picked[0]
+        bad = mx.isnan(logits).any(axis=-1)
+        try:
+            mx.eval(new_tokens, bad, lps, [c.state for c in self.batch])
+        except Exception as e:  # the whole step failed: every running request ends
+            return [self._leave(r, "error", f"decode step failed: {e}") for r in requests]
+        self.rows.advance()
+        now = time.perf_counter()
+        values, bad = new_tokens.tolist(), bad.tolist()
+        events = []
+        for row, request in enumerate(requests):
+            if row in failed or bad[row]:
+                reason = failed.get(row, "the model produced NaN logits")
+                events.append(self._leave(request, "error", reason))
+                continue
+            events.append(self._emit(request, values[row], _to_host(lps[row]), now))
+        for request, _ in events:
+            if request.finished and request in self.running:
+                self._remove_row(request)
+        return events
+
+    def _logprobs(self, request: Request, logits: mx.array, token: mx.array):
+        n = request.params.logprobs
+        if not n:
+            return None
+        all_lp, top_ids, top_lp = top_logprobs(logits, n)
+        return mx.take_along_axis(all_lp, token[:, None], axis=-1), top_ids, top_lp
+
+    # -- responses -------------------------------------------------------------------------------
+
+    def _emit(self, request: Request, token: int, logprobs, now: float):
+        """Host-side work for one new token: EOS, detokenizing, stop strings, the token budget."""
+        request.token_times.append(now)
+        request.tokens.append(token)
+        request.last_token = token
+        try:
+            if token in request.eos:
+                text, stopped = request.stops.finish(request.detokenizer.finalize())
+                return self._finish(request, token, text, logprobs, "stop" if stopped else "eos")
+            text, stopped = request.stops.feed(request.detokenizer.add_token(token))
+            if stopped:
+                return self._finish(request, token, text, logprobs, "stop")
+            if len(request.tokens) == request.max_tokens:
+                rest, stopped = request.stops.finish(request.detokenizer.finalize())
+                reason = "stop" if stopped else "length"
+                return self._finish(request, token, text + rest, logprobs, reason)
+        except Exception as e:
+            return self._finish(request, token, "", logprobs, "error", f"detokenizing failed: {e}")
+        return request, GenerationResponse(text, token, logprobs)
+
+    def _finish(self, request, token, text, logprobs, reason, error=None):
+        request.finished = True
+        if request in self.running:  # its share of the batch: the slots its row fills
+            row = self.running.index(request)
+            request.kv_bytes = sum(c.row_nbytes(self.rows.offsets[row]) for c in self.batch)
+        elif request.cache is not None:
+            request.kv_bytes = sum(c.nbytes for c in request.cache)
+        metrics = self.metrics(request)
+        response = GenerationResponse(
+            text, -1 if token is None else token, logprobs, reason, metrics, error
+        )
+        return request, response
+
+    def metrics(self, request: Request) -> RequestMetrics:
+        start = request.submitted
+        queue = (request.admitted or time.perf_counter()) - start
+        return request_metrics(
+            start,
+            request.token_times,
+            prompt_tokens=len(request.prompt_ids),
+            cached_prompt_tokens=request.cached_prompt_tokens,
+            queue_s=queue,
+            peak_memory_bytes=request.peak_memory,
+            active_memory_bytes=mx.get_active_memory(),
+            kv_cache_bytes=request.kv_bytes,
+        )
+
+    def _leave(self, request: Request, reason: str, error: str | None = None):
+        """End a request early (cancelled, or failed): whatever text is held back goes with it."""
+        text = ""
+        if request.detokenizer is not None and reason == "cancelled":
+            text = request.stops.finish(request.detokenizer.finalize())[0]
+        event = self._finish(request, None, text, None, reason, error)
+        if request in self.running:
+            self._remove_row(request)
+        return event
+
+    def cancel(self, request: Request) -> list:
+        """Stop `request` wherever it is; its last response says 'cancelled'."""
+        if request.finished:
+            return []
+        if request in self.waiting:
+            self.waiting.remove(request)
+        if request in self.prefilling:
+            self.prefilling.remove(request)
+            request.cache = None
+        return [self._leave(request, "cancelled")]
+
+    # -- the batch -------------------------------------------------------------------------------
+
+    def _new_batch(self) -> None:
+        self.rows, self.batch = make_batch_cache(self.template, self.max_batch)
+
+    def _remove_row(self, request: Request) -> None:
+        row = self.running.index(request)
+        for cache in self.batch:
+            cache.remove_row(row)
+        self.rows.remove(row)
+        last = self.running.pop()
+        if row < len(self.running):
+            self.running[row] = last
+        if not self.running:  # give the memory back
+            self._new_batch()
+
+
+def _to_host(lp) -> TokenLogprobs | None:
+    if lp is None:
+        return None
+    chosen, ids, values = lp
+    return TokenLogprobs(chosen.item(), list(zip(ids[0].tolist(), values[0].tolist(), strict=True)))
+
+
+def check_engine_options(max_batch, policy, kv_budget_mb, prefill_chunk, prefix_cache_mb) -> None:
+    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+        raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if kv_budget_mb is not None and not (
+        isinstance(kv_budget_mb, (int, float)) and kv_budget_mb > 0 and math.isfinite(kv_budget_mb)
+    ):
+        raise ValueError(f"kv_budget_mb must be a positive number or None, got {kv_budget_mb!r}")
+    if prefill_chunk is not None and (
+        not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1
+    ):
+        raise ValueError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+    if not (isinstance(prefix_cache_mb, (int, float)) and prefix_cache_mb >= 0):
+        raise ValueError(f"prefix_cache_mb must be a number >= 0, got {prefix_cache_mb!r}")

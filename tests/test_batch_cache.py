@@ -39,8 +39,12 @@ CASES = {
     "mixtral-moe": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
     "qwen2-moe-shared": (
         "qwen2_moe",
-        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-             shared_expert_intermediate_size=96),
+        dict(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=96,
+        ),
     ),  # fmt: skip
 }
 

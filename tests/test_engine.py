@@ -1,0 +1,400 @@
+"""batch_generate and the Engine: batched results equal each prompt run alone, whatever the batch
+holds and whenever requests come and go; seeds belong to requests; cancellation, failures,
+refusals, the prefix cache, the policies, admission and shutdown.
+
+"Alone" is the single-sequence path (prefill, then decode_step one token at a time), which
+test_model.py and test_cache.py check against transformers. Greedy tokens are compared up to the
+first step where the alone run's top two logits are within MARGIN: past a near tie, float
+rounding of a different batch shape may rightly pick the other token."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlxinfer
+from mlxinfer import SamplingParams
+from mlxinfer.generate import decode_step, prefill
+
+from .reference import make_tiny_checkpoint
+
+pytestmark = pytest.mark.exactness  # CI runs these under each op set
+
+MARGIN = 1e-3  # batched and alone logits differ by ~1e-5 here (test_batch_cache.py: 1e-6 relative)
+GREEDY = SamplingParams(ignore_eos=True)
+
+CASES = {
+    "llama": ("llama", {}),
+    "mistral-window": ("mistral", dict(sliding_window=8, head_dim=32)),
+    "qwen2-moe": (
+        "qwen2_moe",
+        dict(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=96,
+        ),
+    ),  # fmt: skip
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def tiny(request, tmp_path_factory):
+    family, overrides = CASES[request.param]
+    path = tmp_path_factory.mktemp(request.param)
+    make_tiny_checkpoint(path, family, **overrides)
+    return mlxinfer.load(path)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    make_tiny_checkpoint(path, "llama")
+    return mlxinfer.load(path)
+
+
+def prompts(n: int, seed: int = 0, low: int = 3, high: int = 40) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 128, int(rng.integers(low, high))).tolist() for _ in range(n)]
+
+
+def alone(model, ids: list[int], n: int, **options) -> tuple[list[int], list[float]]:
+    """Greedy tokens of one sequence through the single caches, and each step's top-2 margin."""
+    cache = model.make_cache(**options)
+    logits = prefill(model, mx.array([ids]), cache, 16)
+    tokens, margins = [], []
+    for _ in range(n):
+        top2 = mx.sort(logits[0])[-2:].tolist()
+        margins.append(top2[1] - top2[0])
+        tokens.append(int(mx.argmax(logits[0]).item()))
+        logits = decode_step(model, mx.array(tokens[-1:]), cache)
+    return tokens, margins
+
+
+def assert_same_greedy(got: list[int], expected: tuple[list[int], list[float]]) -> int:
+    """Equal up to and including the first near tie; returns how many tokens were compared."""
+    tokens, margins = expected
+    near_tie = next((i for i, m in enumerate(margins) if m < MARGIN), len(tokens) - 1)
+    assert got[: near_tie + 1] == tokens[: near_tie + 1]
+    return near_tie + 1
+
+
+# -- batch_generate ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, dict(max_kv_size=12, kv_keep=2), dict(kv_bits=8, kv_group_size=32)],  # head_dim 16, 32
+    ids=["growing", "sinks", "q8"],
+)
+def test_batch_generate_greedy_equals_each_prompt_alone(tiny, options):
+    model, tokenizer = tiny
+    if "kv_bits" in options and model.config.head_dim % 32:
+        pytest.skip("head_dim not a multiple of the group size")
+    batch = prompts(6, seed=1)
+    results = mlxinfer.batch_generate(model, tokenizer, batch, max_tokens=16, sampling=GREEDY,
+                                      **options)  # fmt: skip
+    single = {("keep" if k == "kv_keep" else k): v for k, v in options.items()}
+    compared = 0
+    for ids, result in zip(batch, results, strict=True):
+        assert result.finish_reason == "length" and len(result.tokens) == 16
+        compared += assert_same_greedy(result.tokens, alone(model, ids, 16, **single))
+        assert result.text == tokenizer.decode(result.tokens)
+        assert result.metrics.prompt_tokens == len(ids) and result.metrics.generated_tokens == 16
+    assert compared >= 6 * 16 // 2  # near ties cut the comparison short only now and then
+
+
+def test_batch_generate_takes_text_or_ids_and_per_prompt_settings(llama):
+    model, tokenizer = llama
+    texts = ["w5 w6 w7 w8", [11, 12, 13, 14, 15], "w9 w10"]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (5, 3, 4)]
+    results = mlxinfer.batch_generate(model, tokenizer, texts, sampling=params)
+    assert [len(r.tokens) for r in results] == [5, 3, 4]
+    assert [r.metrics.prompt_tokens for r in results] == [4, 5, 2]
+    assert results[0].tokens == alone(model, tokenizer.encode(texts[0]), 5)[0]
+    with pytest.raises(ValueError, match="2 SamplingParams for 3 prompts"):
+        mlxinfer.batch_generate(model, tokenizer, texts, sampling=params[:2])
+    with pytest.raises(ValueError, match="prompt 1: prompt token ids out of range"):
+        mlxinfer.batch_generate(model, tokenizer, [[5, 6], [5, 999]])
+    with pytest.raises(ValueError, match="list of prompts"):
+        mlxinfer.batch_generate(model, tokenizer, "w5 w6")
+    assert mlxinfer.batch_generate(model, tokenizer, []) == []
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_any_batch(llama):
+    """A request's random key is its own: the same seed gives the same tokens alone, in a batch of
+    others with other settings, and at another place in the batch."""
+    model, tokenizer = llama
+    mine = SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_tokens=20, ignore_eos=True)
+    others = [
+        SamplingParams(temperature=0.8, seed=7, max_tokens=20, ignore_eos=True),
+        SamplingParams(
+            temperature=1.3,
+            top_k=20,
+            repetition_penalty=1.2,
+            seed=8,
+            max_tokens=20,
+            ignore_eos=True,
+        ),  # fmt: skip
+        GREEDY,
+    ]
+    ids = prompts(4, seed=3)
+    solo = mlxinfer.batch_generate(model, tokenizer, [ids[0]], sampling=mine)[0].tokens
+    first = mlxinfer.batch_generate(model, tokenizer, ids, sampling=[mine, *others], max_tokens=20)
+    last = mlxinfer.batch_generate(model, tokenizer, ids[1:] + ids[:1], sampling=[*others, mine],
+                                   max_tokens=20)  # fmt: skip
+    assert first[0].tokens == solo == last[-1].tokens
+    unseeded = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
+    draws = mlxinfer.batch_generate(model, tokenizer, [ids[0]] * 2, sampling=unseeded)
+    assert draws[0].tokens != draws[1].tokens  # 20 draws at temperature 1 over 128 tokens
+
+
+def test_penalties_use_each_rows_own_history(llama):
+    """Repetition penalty in a batch: each row as that request alone (its own window)."""
+    model, tokenizer = llama
+    params = SamplingParams(repetition_penalty=1.5, max_tokens=12, ignore_eos=True)
+    ids = prompts(3, seed=5)
+    together = mlxinfer.batch_generate(model, tokenizer, ids, sampling=params)
+    for one, result in zip(ids, together, strict=True):
+        solo = mlxinfer.batch_generate(model, tokenizer, [one], sampling=params)[0]
+        assert result.tokens == solo.tokens
+
+
+# -- the engine ----------------------------------------------------------------------------------
+
+
+def test_requests_from_many_threads_all_finish_with_the_right_tokens(llama):
+    """32 requests submitted from 4 threads with random delays, max_batch 4: every one ends with
+    the tokens it gets alone."""
+    model, tokenizer = llama
+    batch = prompts(32, seed=9)
+    handles: dict[int, mlxinfer.RequestHandle] = {}
+    with mlxinfer.Engine(model, tokenizer, max_batch=4) as engine:
+
+        def client(k: int) -> None:
+            rng = random.Random(k)
+            for i in range(k, 32, 4):
+                time.sleep(rng.uniform(0, 0.02))
+                handles[i] = engine.submit(batch[i], sampling=GREEDY, max_tokens=10)
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        results = {i: h.result(timeout=120) for i, h in handles.items()}
+    compared = 0
+    for i, result in results.items():
+        assert result.finish_reason == "length"
+        compared += assert_same_greedy(result.tokens, alone(model, batch[i], 10))
+    assert len(results) == 32 and compared >= 32 * 10 // 2
+    assert max(r.metrics.queue_ms for r in results.values()) > 0  # some waited for room
+
+
+def test_streaming_handle_yields_responses_like_stream_generate(llama):
+    model, tokenizer = llama
+    with mlxinfer.Engine(model, tokenizer) as engine:
+        handle = engine.submit("w5 w6 w7", sampling=SamplingParams(max_tokens=6, ignore_eos=True))
+        responses = list(handle)
+    assert [r.finish_reason for r in responses] == [None] * 5 + ["length"]
+    assert responses[-1].metrics.generated_tokens == 6
+    assert handle.result().tokens == [r.token for r in responses]
+
+
+@pytest.mark.parametrize("policy", ["prefill-first", "decode-first", "chunked"])
+def test_every_policy_gives_each_request_its_own_tokens(llama, policy):
+    """Requests arriving while others decode, long prompts prefilled in chunks: same tokens."""
+    model, tokenizer = llama
+    batch = prompts(6, seed=11, low=20, high=90)
+    with mlxinfer.Engine(model, tokenizer, max_batch=3, policy=policy, prefill_chunk=32) as engine:
+        handles = []
+        for ids in batch:
+            handles.append(engine.submit(ids, sampling=GREEDY, max_tokens=8))
+            time.sleep(0.01)
+        results = [h.result(timeout=120) for h in handles]
+    compared = sum(
+        assert_same_greedy(result.tokens, alone(model, ids, 8))
+        for ids, result in zip(batch, results, strict=True)
+    )
+    assert compared >= 6 * 8 // 2
+
+
+def test_cancel_ends_one_request_and_leaves_the_others(llama):
+    model, tokenizer = llama
+    batch = prompts(4, seed=13)
+    with mlxinfer.Engine(model, tokenizer, max_batch=4) as engine:
+        handles = [engine.submit(ids, sampling=GREEDY, max_tokens=40) for ids in batch]
+        it = iter(handles[1])
+        next(it), next(it)  # it is running
+        handles[1].cancel()
+        results = [h.result(timeout=120) for h in handles]
+    assert results[1].finish_reason == "cancelled" and 2 <= len(results[1].tokens) < 40
+    for i in (0, 2, 3):
+        assert results[i].finish_reason == "length"
+        assert_same_greedy(results[i].tokens, alone(model, batch[i], 40))
+
+
+def test_a_failing_request_leaves_the_others_untouched(llama, monkeypatch):
+    """One request's sampler raises at its fifth token: it ends with 'error' and the reason, the
+    others get their tokens."""
+    import mlxinfer.scheduler as scheduler
+
+    class Failing(scheduler.Sampler):
+        calls = 0
+
+        def __call__(self, logits):
+            if self.params.seed == 666:
+                Failing.calls += 1
+                if Failing.calls == 5:
+                    raise RuntimeError("boom")
+            return super().__call__(logits)
+
+    monkeypatch.setattr(scheduler, "Sampler", Failing)
+    model, tokenizer = llama
+    batch = prompts(3, seed=17)
+    bad = SamplingParams(temperature=1.0, seed=666, max_tokens=12, ignore_eos=True)
+    with mlxinfer.Engine(model, tokenizer) as engine:
+        handles = [
+            engine.submit(batch[0], sampling=GREEDY, max_tokens=12),
+            engine.submit(batch[1], sampling=bad),
+            engine.submit(batch[2], sampling=GREEDY, max_tokens=12),
+        ]
+        results = [h.result(timeout=120) for h in handles]
+    assert results[1].finish_reason == "error" and "boom" in results[1].error
+    assert len(results[1].tokens) == 4
+    for i in (0, 2):
+        assert_same_greedy(results[i].tokens, alone(model, batch[i], 12))
+
+
+def test_submit_refuses_what_can_never_run(tmp_path):
+    make_tiny_checkpoint(tmp_path, "llama", max_position_embeddings=1024)
+    model, tokenizer = mlxinfer.load(tmp_path)
+    # KV storage comes in blocks of 256 tokens: room for a short request, not for 700 tokens.
+    per_block = 2**-20 * 512 * 256  # 2 layers x (k, v) x 2 heads x 16 dims x 4 bytes, per token
+    with mlxinfer.Engine(model, tokenizer, kv_budget_mb=3 * per_block) as engine:
+        with pytest.raises(ValueError, match="exceed the model's context of 1024"):
+            engine.submit(list(range(3, 103)), max_tokens=1000)
+        with pytest.raises(ValueError, match="kv_budget_mb"):
+            engine.submit(list(range(3, 103)), max_tokens=600)
+        with pytest.raises(ValueError, match="logit_bias"):
+            engine.submit([5, 6], sampling=SamplingParams(logit_bias={500: 1.0}))
+        with pytest.raises(ValueError, match="logprobs"):
+            engine.submit([5, 6], sampling=SamplingParams(logprobs=1000))
+        with pytest.raises(ValueError, match="empty"):
+            engine.submit("")
+        with pytest.raises(ValueError, match="max_tokens"):
+            engine.submit([5, 6], max_tokens=0)
+        assert engine.submit([5, 6], max_tokens=2).result(timeout=60).finish_reason
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit([5, 6])
+    for bad in (dict(max_batch=0), dict(policy="fastest"), dict(kv_budget_mb=-1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            mlxinfer.Engine(model, tokenizer, **bad)
+
+
+def test_kv_budget_limits_what_runs_at_once(llama):
+    """A budget for about two requests: the others wait (queue_ms), all finish correctly, and the
+    batch never holds more KV than the budget."""
+    from mlxinfer.scheduler import Request, Scheduler
+
+    model, tokenizer = llama
+    probe = Scheduler(model, tokenizer)
+    budget = 2.5 * probe.kv_bytes(1, 60) / 2**20 + 2 * probe.kv_bytes(1, 40) / 2**20
+    scheduler = Scheduler(model, tokenizer, max_batch=8, kv_budget_mb=budget)
+    batch = prompts(6, seed=19, low=30, high=40)
+    requests = [Request(i, ids, GREEDY, 20) for i, ids in enumerate(batch)]
+    for r in requests:
+        scheduler.check(r)
+        scheduler.add(r)
+    most, tokens = 0, {r.id: [] for r in requests}
+    while scheduler.has_work():
+        for request, response in scheduler.step():
+            tokens[request.id].append(response.token)
+        most = max(most, len(scheduler.running) + len(scheduler.prefilling))
+        assert sum(c.nbytes for c in scheduler.batch) <= budget * 2**20
+    assert most == 2
+    compared = sum(
+        assert_same_greedy(tokens[r.id], alone(model, r.prompt_ids, 20)) for r in requests
+    )
+    assert compared >= 6 * 20 // 2
+
+
+def test_close_finishes_or_cancels_what_is_in_flight(llama):
+    model, tokenizer = llama
+    engine = mlxinfer.Engine(model, tokenizer, max_batch=2)
+    handles = [engine.submit(ids, sampling=GREEDY, max_tokens=6) for ids in prompts(4, seed=23)]
+    engine.close()
+    assert [h.result(timeout=0).finish_reason for h in handles] == ["length"] * 4
+    engine = mlxinfer.Engine(model, tokenizer, max_batch=2)
+    handles = [engine.submit(ids, sampling=GREEDY, max_tokens=200) for ids in prompts(4, seed=23)]
+    next(iter(handles[0]))
+    engine.close(cancel=True)
+    reasons = [h.result(timeout=0).finish_reason for h in handles]
+    assert reasons.count("cancelled") == 4
+    assert not engine._thread.is_alive()
+
+
+# -- the prefix cache ----------------------------------------------------------------------------
+
+
+def test_prefix_cache_reuses_a_shared_prefix_with_the_same_results(llama):
+    model, tokenizer = llama
+    rng = np.random.default_rng(29)
+    system = rng.integers(3, 128, 120).tolist()
+    first, second = system + [7, 8, 9], system + [10, 11]
+    with mlxinfer.Engine(model, tokenizer) as engine:
+        a = engine.submit(first, sampling=GREEDY, max_tokens=8).result(timeout=60)
+        b = engine.submit(second, sampling=GREEDY, max_tokens=8).result(timeout=60)
+        again = engine.submit(second, sampling=GREEDY, max_tokens=8).result(timeout=60)
+    assert a.metrics.cached_prompt_tokens == 0
+    assert b.metrics.cached_prompt_tokens == 120
+    assert again.metrics.cached_prompt_tokens == len(second) - 1  # all but the last token
+    assert_same_greedy(b.tokens, alone(model, second, 8))
+    assert again.tokens == b.tokens
+
+
+def test_prefix_cache_hit_gives_the_logits_of_a_cold_prefill(llama):
+    from mlxinfer.prefix_cache import PrefixCache
+
+    model, _ = llama
+    rng = np.random.default_rng(31)
+    shared = rng.integers(3, 128, 70).tolist()
+    cache = model.make_cache()
+    prefill(model, mx.array([shared + [5, 6, 7]]), cache, 32)
+    prefixes = PrefixCache(2**24)
+    prefixes.store(shared + [5, 6, 7], cache)
+    prompt = shared + [9, 10, 11, 12]
+    matched, key = prefixes.lookup(prompt)
+    assert matched == 70
+    warm = model.make_cache()
+    prefixes.restore(key, matched, warm)
+    hit = prefill(model, mx.array([prompt[matched:]]), warm, 32)
+    cold = prefill(model, mx.array([prompt]), model.make_cache(), 32)
+    np.testing.assert_allclose(np.array(hit), np.array(cold), rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_cache_is_bounded_and_evicts_the_least_recently_used(llama):
+    from mlxinfer.prefix_cache import PrefixCache
+
+    model, _ = llama
+    entries = []
+    for seed in range(3):
+        ids = np.random.default_rng(seed).integers(3, 128, 40).tolist()
+        cache = model.make_cache()
+        prefill(model, mx.array([ids]), cache, 64)
+        entries.append((ids, cache))
+    one = PrefixCache(2**30)
+    one.store(*entries[0])
+    prefixes = PrefixCache(int(2.5 * one.nbytes))
+    prefixes.store(*entries[0])
+    prefixes.store(*entries[1])
+    assert prefixes.lookup(entries[0][0] + [1])[0] == 40  # entry 0 is now the most recent
+    prefixes.store(*entries[2])  # no room for three: entry 1 goes
+    assert prefixes.nbytes <= prefixes.max_bytes
+    assert prefixes.lookup(entries[1][0] + [1])[0] == 0
+    assert prefixes.lookup(entries[0][0] + [1])[0] == 40

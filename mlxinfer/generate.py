@@ -195,24 +195,8 @@ def stream_generate(
     mx.reset_peak_memory()
     start = time.perf_counter()
     sampler = Sampler(params, model.config.vocab_size, prompt_ids)
-    detokenizer = tokenizer.detokenizer()
-    stops = StopStrings(params.stop)
-    eos = set() if params.ignore_eos else tokenizer.eos_token_ids
-    token_times: list[float] = []
-
-    def finish(token: int, text: str, logprobs, reason: str) -> GenerationResponse:
-        metrics = request_metrics(
-            start,
-            token_times,
-            prompt_tokens=len(prompt_ids),
-            weight_bytes_per_step=model.decode_weight_bytes,
-            peak_memory_bytes=mx.get_peak_memory(),
-            active_memory_bytes=mx.get_active_memory(),
-            kv_cache_bytes=sum(c.nbytes for c in cache),
-        )
-        return GenerationResponse(text, token, logprobs, reason, metrics)
-
     budget = token_budget(model, prompt_ids, max_tokens)
+    text_stream = TextStream(tokenizer, params, budget)
     loop = _decode_loop(
         model,
         prompt_ids,
@@ -223,21 +207,55 @@ def stream_generate(
         params.logprobs,
         prefill_progress,
     )
-    for n, (token, logprobs) in enumerate(loop, start=1):
-        token_times.append(time.perf_counter())
-        if token in eos:
-            text, stopped = stops.finish(detokenizer.finalize())
-            yield finish(token, text, logprobs, "stop" if stopped else "eos")
+    for token, logprobs in loop:
+        text, reason = text_stream.add(token, time.perf_counter())
+        metrics = None
+        if reason is not None:
+            metrics = request_metrics(
+                start,
+                text_stream.token_times,
+                prompt_tokens=len(prompt_ids),
+                weight_bytes_per_step=model.decode_weight_bytes,
+                peak_memory_bytes=mx.get_peak_memory(),
+                active_memory_bytes=mx.get_active_memory(),
+                kv_cache_bytes=sum(c.nbytes for c in cache),
+            )
+        yield GenerationResponse(text, token, logprobs, reason, metrics)
+        if reason is not None:
             return
-        text, stopped = stops.feed(detokenizer.add_token(token))
+
+
+class TextStream:
+    """The host side of one request, token by token: EOS, detokenizing, stop strings (held back
+    while they may be starting) and the token budget. stream_generate and the Engine's scheduler
+    both use it, so a request ends the same way whichever runs it."""
+
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, max_tokens: int):
+        self.detokenizer = tokenizer.detokenizer()
+        self.stops = StopStrings(params.stop)
+        self.eos = frozenset() if params.ignore_eos else frozenset(tokenizer.eos_token_ids)
+        self.max_tokens = max_tokens
+        self.tokens: list[int] = []
+        self.token_times: list[float] = []  # when each token reached the host
+
+    def add(self, token: int, now: float) -> tuple[str, str | None]:
+        """A new token that reached the host at `now`: (text it completes, finish reason or None)."""
+        self.tokens.append(token)
+        self.token_times.append(now)
+        if token in self.eos:
+            text, stopped = self.stops.finish(self.detokenizer.finalize())
+            return text, "stop" if stopped else "eos"
+        text, stopped = self.stops.feed(self.detokenizer.add_token(token))
         if stopped:
-            yield finish(token, text, logprobs, "stop")
-            return
-        if n == budget:
-            rest, stopped = stops.finish(detokenizer.finalize())
-            yield finish(token, text + rest, logprobs, "stop" if stopped else "length")
-            return
-        yield GenerationResponse(text, token, logprobs)
+            return text, "stop"
+        if len(self.tokens) >= self.max_tokens:
+            rest, stopped = self.stops.finish(self.detokenizer.finalize())
+            return text + rest, "stop" if stopped else "length"
+        return text, None
+
+    def flush(self) -> str:
+        """The request ends early (cancelled): the text still held back."""
+        return self.stops.finish(self.detokenizer.finalize())[0]
 
 
 def token_budget(model: Model, prompt_ids: list[int], max_tokens: int) -> int:
@@ -349,8 +367,8 @@ def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, chat: bool = False) -> l
     if any(isinstance(p, (str, list, tuple, dict)) for p in prompt):
         raise ValueError(
             f"prompt is a list of {len(prompt)} prompts, but generation takes one prompt at a time "
-            "(text, token ids, or a list of chat messages); for many prompts call it once per "
-            "prompt (batched generation, mlxinfer.batch_generate, is not available yet)"
+            "(text, token ids, or a list of chat messages); for many prompts use "
+            "mlxinfer.batch_generate or an mlxinfer.Engine"
         )
     if chat:
         raise ValueError("chat=True needs a text prompt or chat messages, not token ids")

@@ -36,7 +36,7 @@ import mlx.core as mx
 
 from .batch_cache import make_batch_cache
 from .cache import RotatingKVCache
-from .generate import DEFAULT_PREFILL_CHUNK, GenerationResponse, StopStrings, TokenLogprobs
+from .generate import DEFAULT_PREFILL_CHUNK, GenerationResponse, TextStream, TokenLogprobs
 from .metrics import RequestMetrics, request_metrics
 from .model import Model
 from .prefix_cache import PrefixCache
@@ -63,12 +63,8 @@ class Request:
     prefilled: int = 0  # prompt tokens in the cache
     cached_prompt_tokens: int = 0  # of those, reused from the prefix cache
     sampler: Sampler | None = None
-    detokenizer: object = None
-    stops: StopStrings | None = None
-    eos: frozenset = frozenset()
+    stream: TextStream | None = None  # detokenizing, stop strings, EOS, the token budget
     last_token: int = -1
-    token_times: list[float] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
     peak_memory: int = 0
     kv_bytes: int = 0
     finished: bool = False
@@ -218,10 +214,7 @@ class Scheduler:
                 self.prefix_cache.restore(key, matched, request.cache)
                 request.prefilled = request.cached_prompt_tokens = matched
         request.sampler = Sampler(request.params, self.model.config.vocab_size, request.prompt_ids)
-        request.detokenizer = self.tokenizer.detokenizer()
-        request.stops = StopStrings(request.params.stop)
-        eos = () if request.params.ignore_eos else self.tokenizer.eos_token_ids
-        request.eos = frozenset(eos)
+        request.stream = TextStream(self.tokenizer, request.params, request.max_tokens)
 
     def _prefill(self, request: Request, chunk: int) -> list:
         """Up to `chunk` more prompt tokens of `request`; after the last one, its first token."""
@@ -312,22 +305,13 @@ class Scheduler:
 
     def _emit(self, request: Request, token: int, logprobs, now: float):
         """Host-side work for one new token: EOS, detokenizing, stop strings, the token budget."""
-        request.token_times.append(now)
-        request.tokens.append(token)
         request.last_token = token
         try:
-            if token in request.eos:
-                text, stopped = request.stops.finish(request.detokenizer.finalize())
-                return self._finish(request, token, text, logprobs, "stop" if stopped else "eos")
-            text, stopped = request.stops.feed(request.detokenizer.add_token(token))
-            if stopped:
-                return self._finish(request, token, text, logprobs, "stop")
-            if len(request.tokens) == request.max_tokens:
-                rest, stopped = request.stops.finish(request.detokenizer.finalize())
-                reason = "stop" if stopped else "length"
-                return self._finish(request, token, text + rest, logprobs, reason)
+            text, reason = request.stream.add(token, now)
         except Exception as e:
             return self._finish(request, token, "", logprobs, "error", f"detokenizing failed: {e}")
+        if reason is not None:
+            return self._finish(request, token, text, logprobs, reason)
         return request, GenerationResponse(text, token, logprobs)
 
     def _finish(self, request, token, text, logprobs, reason, error=None):
@@ -348,7 +332,7 @@ class Scheduler:
         queue = (request.admitted or time.perf_counter()) - start
         return request_metrics(
             start,
-            request.token_times,
+            request.stream.token_times if request.stream else [],
             prompt_tokens=len(request.prompt_ids),
             cached_prompt_tokens=request.cached_prompt_tokens,
             queue_s=queue,
@@ -360,8 +344,8 @@ class Scheduler:
     def _leave(self, request: Request, reason: str, error: str | None = None):
         """End a request early (cancelled, or failed): whatever text is held back goes with it."""
         text = ""
-        if request.detokenizer is not None and reason == "cancelled":
-            text = request.stops.finish(request.detokenizer.finalize())[0]
+        if request.stream is not None and reason == "cancelled":
+            text = request.stream.flush()
         event = self._finish(request, None, text, None, reason, error)
         if request in self.running:
             self._remove_row(request)

@@ -33,6 +33,7 @@ _CANDIDATES = (
 )
 
 COMPILER_FIX = "apt-get install gcc (Debian/Ubuntu)"
+SHIM_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 
 _status: str | None = None  # what load_fast_blas found; see blas_status()
 _shim_status = "not tried"  # what became of the gemv shim; see gemv_shim_status()
@@ -158,7 +159,8 @@ def _shim_cache_dir() -> Path:
 def _shim_file_name() -> str:
     """The compiled library's name: a new source gets a new file."""
     source = Path(__file__).with_name("gemv_shim.c")
-    return f"gemv_shim-{hashlib.sha256(source.read_bytes()).hexdigest()[:16]}.so"
+    digest = hashlib.sha256(source.read_bytes() + " ".join(SHIM_FLAGS).encode())
+    return f"gemv_shim-{digest.hexdigest()[:16]}.so"
 
 
 def _compile_shim(compiler: str, source: Path, library: Path) -> bool:
@@ -170,7 +172,7 @@ def _compile_shim(compiler: str, source: Path, library: Path) -> bool:
         fd, name = tempfile.mkstemp(prefix=f"{library.stem}.", suffix=".tmp", dir=library.parent)
         os.close(fd)
         partial = Path(name)
-        build = [compiler, "-O2", "-shared", "-fPIC", str(source), "-o", name, "-ldl"]
+        build = [compiler, *SHIM_FLAGS, str(source), "-o", name, "-ldl"]
         subprocess.run(build, check=True, capture_output=True, timeout=60)
         os.chmod(partial, 0o755)  # the linker may recreate the file with the umask's mode
         os.replace(partial, library)

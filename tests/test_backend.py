@@ -71,7 +71,8 @@ def test_gemv_shim_can_be_turned_off():
 @pytest.mark.parametrize(
     "m, k, n",
     [(1, 576, 1536), (1, 1536, 576), (1, 33, 7), (5, 64, 1), (1, 9, 1), (2, 576, 1536), (3, 16, 9),
-     (4, 16, 9)],  # fmt: skip
+     (4, 16, 9), (4, 576, 960), (7, 1536, 576), (16, 576, 3072), (9, 20, 130), (16, 33, 200)],
+    # fmt: skip
 )
 @pytest.mark.parametrize("a_transposed", [False, True])
 @pytest.mark.parametrize("b_transposed", [False, True])

@@ -27,6 +27,7 @@ single-sequence caches (exact, chunked), then copied into a row of the batch cac
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections import deque
@@ -194,7 +195,11 @@ class Scheduler:
             if self.prefilling:
                 events += self._prefill(self.prefilling[0], max(budget, MIN_CHUNK))
         elif self.prefilling:  # prefill-first, or decode-first filling its batch
-            events += self._prefill(self.prefilling[0], self.prefill_chunk)
+            together = self._prefill_together()
+            if together is not None:
+                events += together
+            else:
+                events += self._prefill(self.prefilling[0], self.prefill_chunk)
         elif self.running:
             events += self._decode()
         peak = mx.get_peak_memory()
@@ -228,28 +233,103 @@ class Scheduler:
                 mx.eval([c.state for c in request.cache])
                 return []
             logits = self.model.logits(h[:, -1:, :])[:, -1, :]  # [1, vocab]
-            self.prefilling.remove(request)
-            token = request.sampler(logits)
-            lp = self._logprobs(request, logits, token)
-            bad = mx.isnan(logits).any()
-            mx.eval(token, lp, bad, [c.state for c in request.cache])
         except Exception as e:  # this request fails; the others are untouched
-            if request in self.prefilling:
-                self.prefilling.remove(request)
+            self.prefilling.remove(request)
             return [self._finish(request, None, "", None, "error", f"prefill failed: {e}")]
+        return self._first_tokens([request], logits, [request.cache])
+
+    def _prefill_together(self) -> list | None:
+        """Several fresh prompts in one pass, when they fit in one chunk: rows `[k, T]` padded at
+        the end (causal attention keeps a row's real tokens from seeing its padding, so each row
+        is exact), the last real position's logits of each. None when fewer than two qualify."""
+        group, longest = [], 0
+        for request in self.prefilling:
+            n = len(request.prompt_ids)
+            if request.sampler is not None or n > self.together_limit:
+                continue
+            if (len(group) + 1) * max(longest, n) > self.prefill_chunk:
+                break
+            group.append(request)
+            longest = max(longest, n)
+        if len(group) < 2:
+            return None
+        for request in group:
+            self._start(request)
+        group = [r for r in group if not r.prefilled]  # prefix-cache hits go alone, for their rest
+        if len(group) < 2:
+            return None
+        longest = max(len(r.prompt_ids) for r in group)
+        padded = [r.prompt_ids + [0] * (longest - len(r.prompt_ids)) for r in group]
+        try:
+            cache = self.model.make_cache(**self.cache_options)
+            h = self.model.hidden_states(mx.array(padded), cache)  # [k, T, D]
+            last = mx.array([len(r.prompt_ids) - 1 for r in group])
+            h = mx.take_along_axis(h, last[:, None, None], axis=1)  # [k, 1, D]
+            logits = self.model.logits(h)[:, -1, :]  # [k, vocab]
+        except Exception as e:
+            for request in group:
+                self.prefilling.remove(request)
+            return [self._finish(r, None, "", None, "error", f"prefill failed: {e}") for r in group]
+        caches = [_row_view(cache, row, len(r.prompt_ids)) for row, r in enumerate(group)]
+        return self._first_tokens(group, logits, caches)
+
+    @property
+    def together_limit(self) -> int:
+        """The longest prompt prefilled with others: one chunk, and never more than a rotating
+        cache holds (padding must not evict real tokens)."""
+        limit = self.prefill_chunk // 2
+        for cache in self.template:
+            if isinstance(cache, RotatingKVCache):
+                limit = min(limit, cache.max_size)
+        return limit
+
+    def _first_tokens(self, requests: list[Request], logits: mx.array, caches: list) -> list:
+        """Prefilled requests (row r of `logits` is request r's, `caches[r]` its single caches):
+        sample their first tokens, answer them, and give the unfinished ones a batch row."""
+        tokens, lps = [], []
+        for row, request in enumerate(requests):
+            self.prefilling.remove(request)
+            request.cache = caches[row]
+            try:
+                token = request.sampler(logits[row : row + 1])
+                lps.append(self._logprobs(request, logits[row : row + 1], token))
+            except Exception as e:
+                tokens.append(e)
+                lps.append(None)
+                continue
+            tokens.append(token)
+        bad = mx.isnan(logits).any(axis=-1)
+        states = [c.state for cache in caches for c in cache]
+        try:
+            mx.eval([t for t in tokens if isinstance(t, mx.array)], lps, bad, states)
+        except Exception as e:
+            return [
+                self._finish(r, None, "", None, "error", f"prefill failed: {e}") for r in requests
+            ]
         now = time.perf_counter()
-        if bad.item():
-            return [self._finish(request, None, "", None, "error", "the model produced NaN logits")]
-        if self.prefix_cache is not None:
-            self.prefix_cache.store(request.prompt_ids, request.cache)
-        event = self._emit(request, token.item(), _to_host(lp), now)
-        if not request.finished:
-            self.rows.add(request.cache[0].offset)
-            for batch, single in zip(self.batch, request.cache, strict=True):
-                batch.add_row(single)
-            self.running.append(request)
-        request.cache = None  # the batch holds its keys and values now
-        return [event]
+        bad = bad.tolist()
+        events = []
+        for row, request in enumerate(requests):
+            token = tokens[row]
+            if not isinstance(token, mx.array):
+                events.append(
+                    self._finish(request, None, "", None, "error", f"sampling failed: {token}")
+                )
+            elif bad[row]:
+                events.append(
+                    self._finish(request, None, "", None, "error", "the model produced NaN logits")
+                )
+            else:
+                if self.prefix_cache is not None:
+                    self.prefix_cache.store(request.prompt_ids, request.cache)
+                events.append(self._emit(request, token.item(), _to_host(lps[row]), now))
+                if not request.finished:
+                    self.rows.add(request.cache[0].offset)
+                    for batch, single in zip(self.batch, request.cache, strict=True):
+                        batch.add_row(single)
+                    self.running.append(request)
+            request.cache = None  # the batch holds its keys and values now
+        return events
 
     def _decode(self) -> list:
         """One token for every running request."""
@@ -377,6 +457,23 @@ class Scheduler:
             self.running[row] = last
         if not self.running:  # give the memory back
             self._new_batch()
+
+
+def _row_view(cache: list, row: int, length: int) -> list:
+    """Row `row` of batched single-sequence caches, as the caches of a prompt of `length` tokens
+    (views, no copies)."""
+    views = []
+    for c in cache:
+        view = copy.copy(c)
+        view.keys = tuple(a[row : row + 1] for a in c.keys)
+        view.values = tuple(a[row : row + 1] for a in c.values)
+        view.offset = length
+        if isinstance(c, RotatingKVCache):
+            view.size = length
+            view._idx = length if length < c.max_size else c.keep
+            view._fetched_positions = None
+        views.append(view)
+    return views
 
 
 def _to_host(lp) -> TokenLogprobs | None:

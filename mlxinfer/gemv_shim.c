@@ -19,7 +19,7 @@
 enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
 enum { GEMV_ROWS = 3 };   /* at most this many rows go to one GEMV each */
 enum { SMALL_ROWS = 16 }; /* up to this many rows: small_gemm, which reads B once */
-enum { TILE = 32 };       /* columns of C per tile: 4 rows x 32 columns of accumulators */
+enum { TILE = 64 };       /* columns of C per tile: 4 rows x 64 columns of accumulators */
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *,
                          int, float, float *, int);
@@ -69,22 +69,19 @@ static void small_gemm(int trans_b, int M, int M4, int N, int K, float alpha, co
           for (int j = 0; j < TILE; j++) dst[j] = j < width ? src[j] : 0.0f;
         }
         for (int i0 = 0; i0 < M4; i0 += 4) {
-          v16 acc[4][2] = {{0}};
+          v16 acc[4][4] = {{0}};
           const float *a0 = a + (long)i0 * K;
           for (int k = 0; k < K; k++) {
-            v16 b0, b1;
-            memcpy(&b0, strip + (long)k * TILE, sizeof b0);
-            memcpy(&b1, strip + (long)k * TILE + 16, sizeof b1);
+            v16 b[4];
+            memcpy(b, strip + (long)k * TILE, sizeof b);
             for (int r = 0; r < 4; r++) {
               float x = a0[(long)r * K + k];
-              acc[r][0] += x * b0;
-              acc[r][1] += x * b1;
+              for (int q = 0; q < 4; q++) acc[r][q] += x * b[q];
             }
           }
           for (int r = 0; r < 4 && i0 + r < M; r++) {
             float out[TILE];
-            memcpy(out, &acc[r][0], sizeof acc[r][0]);
-            memcpy(out + 16, &acc[r][1], sizeof acc[r][1]);
+            memcpy(out, acc[r], sizeof out);
             for (int j = 0; j < width; j++)
               store(C + (long)(i0 + r) * ldc + j0 + j, out[j], alpha, beta);
           }

@@ -10,8 +10,10 @@ Each `Scheduler.step()` does one unit of work, chosen by the policy:
                    are prefilled, so their inter-token latency has spikes.
     decode-first   new requests are admitted only when nothing is running; then all admitted are
                    prefilled and decode together until the last one finishes (static batching).
-                   Running requests never stall, so the best inter-token latency; a request that
-                   arrives meanwhile waits for the whole batch, so the worst time to first token.
+                   Once the batch decodes, no prompt interrupts it: the best inter-token latency
+                   (while the batch is being filled, a request whose prompt was prefilled first
+                   waits for the others' before its second token). A request that arrives
+                   meanwhile waits for the whole batch: the worst time to first token.
     chunked        each step is one decode step for the running rows plus one prefill chunk of
                    `step_tokens - rows` prompt tokens (vLLM's chunked prefill, here as two passes
                    in one step). Stalls are bounded by a chunk; prompts take several steps.
@@ -20,9 +22,9 @@ Admission: at most `max_batch` requests prefilling or running, and the KV memory
 batch's storage is padded to its longest row, rows allocated in powers of two) within the budget.
 
 One thread owns a scheduler (MLX streams belong to the thread that made them); the Engine runs it
-on its own thread, batch_generate on the caller's. Prompts are prefilled one at a time into
-single-sequence caches (exact, chunked), then copied into a row of the batch caches
-(batch_cache.py); a decode step runs all rows through the model at once.
+on its own thread, batch_generate on the caller's. Prompts are prefilled into single-sequence
+caches (exact, chunked; several short fresh prompts together in one padded pass), then copied into
+a row of the batch caches (batch_cache.py); a decode step runs all rows through the model at once.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ _EXPORTS = {
     "GenerationResult": "engine",
     "RequestHandle": "engine",
     "batch_generate": "engine",
-    "GenerationResponse": "generate",
+    "GenerationResponse": "responses",
     "KVCache": "cache",
     "Model": "model",
     "ModelConfig": "config",
@@ -37,7 +37,7 @@ _EXPORTS = {
     "generate_tokens": "generate",
     "load": "loading",
     "stream_generate": "generate",
-    "TokenLogprobs": "generate",
+    "TokenLogprobs": "responses",
 }
 
 __all__ = [

@@ -2,7 +2,11 @@
 
     prompt ids -> prefill (chunks, LM head on the last position only) -> logits [1, vocab]
                -> sampler -> token -> decode_step(token, cache) -> logits -> ...
-    tokens -> StreamingDetokenizer -> stop-string check -> GenerationResponse per token
+    tokens -> TextStream (detokenizer, stop strings, EOS, budget) -> GenerationResponse per token
+
+stream_generate drives the scheduler (scheduler.py) with a batch of one: the same prefill, decode
+step and responses as the Engine. generate_tokens is the bare loop, for a sampler and caches of
+the caller's.
 
 On a GPU decoding is pipelined with mx.async_eval: step n+1 is queued before token n is read back
 on the host, so the device never waits for Python between steps. On the CPU it is not: there the
@@ -15,21 +19,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
 from .cache import KVCache
-from .metrics import RequestMetrics, request_metrics
+from .metrics import RequestMetrics
 from .model import Model
-from .sampling import Sampler, SamplingParams, top_logprobs
+from .responses import GenerationResponse, StopStrings, TextStream, TokenLogprobs
+from .sampling import SamplingParams
+from .scheduler import DEFAULT_PREFILL_CHUNK, Request, Scheduler, pipelines_decode
 from .tokenizer import Tokenizer
+
+__all__ = [  # GenerationResponse & co. live in responses.py; importable from here as before
+    "GenerationResponse",
+    "RequestMetrics",
+    "StopStrings",
+    "TextStream",
+    "TokenLogprobs",
+]
 
 TokenSampler = Callable[[mx.array], mx.array]  # logits [B, vocab] -> token ids [B]
 Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages [{"role", "content"}]
-
-DEFAULT_PREFILL_CHUNK = 512
 
 
 def greedy(logits: mx.array) -> mx.array:
@@ -67,15 +78,6 @@ def decode_step(model: Model, tokens: mx.array, cache: list[KVCache]) -> mx.arra
     return model(tokens[:, None], cache)[:, -1, :]
 
 
-@dataclass
-class TokenLogprobs:
-    """The chosen token's log-probability and the n most likely alternatives, from the model's
-    distribution before any penalty or filter."""
-
-    logprob: float
-    top: list[tuple[int, float]]  # (token id, logprob), most likely first
-
-
 def _decode_loop(
     model: Model,
     prompt_ids: list[int],
@@ -83,52 +85,28 @@ def _decode_loop(
     sampler: TokenSampler,
     cache: list[KVCache],
     prefill_chunk: int,
-    n_logprobs: int,
-    progress: PrefillProgress | None = None,
-) -> Iterator[tuple[int, TokenLogprobs | None]]:
+) -> Iterator[int]:
+    """generate_tokens' loop: a sampler of the caller's, caches of the caller's."""
     max_tokens = token_budget(model, prompt_ids, max_tokens)
     pipelined = pipelines_decode()
-
-    def step(logits: mx.array):
-        token = sampler(logits)  # [1]
-        if not n_logprobs:
-            return token, None
-        all_lp, top_ids, top_lp = top_logprobs(logits, n_logprobs)
-        return token, (mx.take_along_axis(all_lp, token[:, None], axis=-1), top_ids, top_lp)
-
-    def to_host(lp) -> TokenLogprobs | None:
-        if lp is None:
-            return None
-        chosen, ids, values = lp
-        return TokenLogprobs(
-            chosen.item(), list(zip(ids[0].tolist(), values[0].tolist(), strict=True))
-        )
-
-    if max_tokens <= 0:
-        return
-    token, lp = step(prefill(model, mx.array([prompt_ids]), cache, prefill_chunk, progress))
-    mx.async_eval(token, lp)
+    token = sampler(prefill(model, mx.array([prompt_ids]), cache, prefill_chunk))
+    mx.async_eval(token)
     try:
         for n in range(max_tokens):
             last = n + 1 == max_tokens
             if pipelined and not last:  # queue step n+1 before reading token n
-                next_token, next_lp = step(decode_step(model, token, cache))
-                mx.async_eval(next_token, next_lp)
-            yield token.item(), to_host(lp)  # the token's arrival time is taken on this return
+                next_token = sampler(decode_step(model, token, cache))
+                mx.async_eval(next_token)
+            yield token.item()
             if not last:
                 if not pipelined:  # step n+1 only after token n is on the host
-                    next_token, next_lp = step(decode_step(model, token, cache))
-                    mx.async_eval(next_token, next_lp)
-                token, lp = next_token, next_lp
+                    next_token = sampler(decode_step(model, token, cache))
+                    mx.async_eval(next_token)
+                token = next_token
     finally:
         # A caller that stops early (EOS, stop string) leaves one step queued; a thread that ends
         # with work still queued on its stream aborts the process at exit (MLX 0.32).
         mx.synchronize()
-
-
-def pipelines_decode() -> bool:
-    """Whether decode steps are queued ahead of the host (on a GPU) or run one at a time (CPU)."""
-    return mx.default_device() != mx.cpu
 
 
 def generate_tokens(
@@ -139,25 +117,10 @@ def generate_tokens(
     cache: list[KVCache] | None = None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ) -> Iterator[int]:
-    """Yield up to `max_tokens` generated token ids (the caller decides when to stop early)."""
+    """The bare token generator: up to `max_tokens` ids from any `sampler` (logits [1, vocab] ->
+    ids [1]) into any `cache` (the caller decides when to stop early)."""
     cache = cache if cache is not None else model.make_cache()
-    for token, _ in _decode_loop(model, prompt_ids, max_tokens, sampler, cache, prefill_chunk, 0):
-        yield token
-
-
-@dataclass
-class GenerationResponse:
-    """One generated token. `text` is the new text it completes (may be empty while a UTF-8
-    character or a possible stop string is incomplete); the last response has `finish_reason`
-    ('eos', 'stop' or 'length'; from the Engine also 'cancelled' or 'error', with `error` saying
-    why) and `metrics`. A last response that brings no token has `token` -1."""
-
-    text: str
-    token: int
-    logprobs: TokenLogprobs | None = None
-    finish_reason: str | None = None
-    metrics: RequestMetrics | None = None
-    error: str | None = None
+    yield from _decode_loop(model, prompt_ids, max_tokens, sampler, cache, prefill_chunk)
 
 
 def stream_generate(
@@ -179,83 +142,35 @@ def stream_generate(
     always rendered with the model's chat template. `max_tokens` overrides
     `sampling.max_tokens`; `chat=True` wraps a text prompt as one user message in the chat
     template. `prefill_progress(done, total)` is called after each prefill chunk but the last.
-    Safe to call from any thread.
+    Runs on the calling thread (any thread), through the same scheduler and decode step as the
+    Engine, with a batch of one.
 
     KV cache: `max_kv_size` bounds it to that many tokens per layer (a rotating cache keeping the
     first `kv_keep` tokens as attention sinks and the latest ones after them); `kv_bits` (8 or 4)
     stores keys and values quantized in groups of `kv_group_size`. See `Model.make_cache`."""
     params = sampling or SamplingParams()
     max_tokens = params.max_tokens if max_tokens is None else max_tokens
-    if max_tokens < 1:
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
     prompt_ids = encode_prompt(tokenizer, prompt, chat)
-
-    cache = model.make_cache(max_kv_size, kv_keep, kv_bits, kv_group_size)  # validates the options
-
+    scheduler = Scheduler(
+        model, tokenizer, max_batch=1, max_kv_size=max_kv_size, kv_keep=kv_keep, kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+    )  # fmt: skip
+    request = Request(0, prompt_ids, params, token_budget(model, prompt_ids, max_tokens))
+    request.progress = prefill_progress
+    scheduler.check(request)
     mx.reset_peak_memory()
-    start = time.perf_counter()
-    sampler = Sampler(params, model.config.vocab_size, prompt_ids)
-    budget = token_budget(model, prompt_ids, max_tokens)
-    text_stream = TextStream(tokenizer, params, budget)
-    loop = _decode_loop(
-        model,
-        prompt_ids,
-        budget,
-        sampler,
-        cache,
-        DEFAULT_PREFILL_CHUNK,
-        params.logprobs,
-        prefill_progress,
-    )
-    for token, logprobs in loop:
-        text, reason = text_stream.add(token, time.perf_counter())
-        metrics = None
-        if reason is not None:
-            metrics = request_metrics(
-                start,
-                text_stream.token_times,
-                prompt_tokens=len(prompt_ids),
-                weight_bytes_per_step=model.decode_weight_bytes,
-                peak_memory_bytes=mx.get_peak_memory(),
-                active_memory_bytes=mx.get_active_memory(),
-                kv_cache_bytes=sum(c.nbytes for c in cache),
-            )
-        yield GenerationResponse(text, token, logprobs, reason, metrics)
-        if reason is not None:
-            return
-
-
-class TextStream:
-    """The host side of one request, token by token: EOS, detokenizing, stop strings (held back
-    while they may be starting) and the token budget. stream_generate and the Engine's scheduler
-    both use it, so a request ends the same way whichever runs it."""
-
-    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, max_tokens: int):
-        self.detokenizer = tokenizer.detokenizer()
-        self.stops = StopStrings(params.stop)
-        self.eos = frozenset() if params.ignore_eos else frozenset(tokenizer.eos_token_ids)
-        self.max_tokens = max_tokens
-        self.tokens: list[int] = []
-        self.token_times: list[float] = []  # when each token reached the host
-
-    def add(self, token: int, now: float) -> tuple[str, str | None]:
-        """A new token that reached the host at `now`: (text it completes, finish reason or None)."""
-        self.tokens.append(token)
-        self.token_times.append(now)
-        if token in self.eos:
-            text, stopped = self.stops.finish(self.detokenizer.finalize())
-            return text, "stop" if stopped else "eos"
-        text, stopped = self.stops.feed(self.detokenizer.add_token(token))
-        if stopped:
-            return text, "stop"
-        if len(self.tokens) >= self.max_tokens:
-            rest, stopped = self.stops.finish(self.detokenizer.finalize())
-            return text + rest, "stop" if stopped else "length"
-        return text, None
-
-    def flush(self) -> str:
-        """The request ends early (cancelled): the text still held back."""
-        return self.stops.finish(self.detokenizer.finalize())[0]
+    request.submitted = time.perf_counter()
+    scheduler.add(request)
+    try:
+        while scheduler.has_work():
+            for _, response in scheduler.step():
+                yield response
+    finally:
+        # A caller that stops early leaves a step queued on a GPU; a thread that ends with work
+        # still queued on its stream aborts the process at exit (MLX 0.32).
+        mx.synchronize()
 
 
 def token_budget(model: Model, prompt_ids: list[int], max_tokens: int) -> int:
@@ -295,34 +210,6 @@ def generate(
     return ("".join(text), metrics) if return_metrics else "".join(text)
 
 
-class StopStrings:
-    """Finds stop strings that span token boundaries: text that could be the start of a stop string
-    is held back until it is known not to be one; a stop string is never emitted."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = stops
-        self.pending = ""
-
-    def feed(self, delta: str) -> tuple[str, bool]:
-        """Add new text; return (text safe to emit, whether a stop string was found)."""
-        self.pending += delta
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            text, self.pending = self.pending[: min(hits)], ""
-            return text, True
-        hold = max((_overlap(self.pending, s) for s in self.stops), default=0)
-        text = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(text) :]
-        return text, False
-
-    def finish(self, delta: str) -> tuple[str, bool]:
-        """The end of generation: add the last `delta`; what is still held back is text after all."""
-        text, stopped = self.feed(delta)
-        if not stopped:
-            text, self.pending = text + self.pending, ""
-        return text, stopped
-
-
 def check_messages(messages: list[dict]) -> list[dict]:
     """A conversation must be `{"role": str, "content": str}` dicts; say which one is not."""
     for i, message in enumerate(messages):
@@ -341,14 +228,6 @@ def check_utf8(text: str, what: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise ValueError(f"{what} is not valid UTF-8 text (at character {e.start})") from None
-
-
-def _overlap(text: str, stop: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
-    for k in range(min(len(stop) - 1, len(text)), 0, -1):
-        if text.endswith(stop[:k]):
-            return k
-    return 0
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, chat: bool = False) -> list[int]:

@@ -74,9 +74,11 @@ class SamplingParams:
 
     @property
     def plain_greedy(self) -> bool:
-        """Greedy with nothing that changes the logits first: a batch argmaxes such rows together."""
+        """Greedy with nothing that changes the logits first and no logprobs asked: a batch
+        argmaxes such rows together."""
         return (
             self.greedy
+            and not self.logprobs
             and self.repetition_penalty == 1.0
             and not self.presence_penalty
             and not self.frequency_penalty

@@ -39,15 +39,23 @@ import mlx.core as mx
 
 from .batch_cache import make_batch_cache
 from .cache import RotatingKVCache
-from .generate import DEFAULT_PREFILL_CHUNK, GenerationResponse, TextStream, TokenLogprobs
 from .metrics import RequestMetrics, request_metrics
 from .model import Model
 from .prefix_cache import PrefixCache
+from .responses import GenerationResponse, TextStream, TokenLogprobs
 from .sampling import Sampler, SamplingParams, top_logprobs
 from .tokenizer import Tokenizer
 
 POLICIES = ("prefill-first", "decode-first", "chunked")
+DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per pass: bounds the attention scores' memory
 MIN_CHUNK = 16  # a chunked step always advances a waiting prompt by at least this many tokens
+
+
+def pipelines_decode() -> bool:
+    """Whether decode steps are queued ahead of the host (on a GPU) or run one at a time (CPU).
+    On the CPU the queued step competes with the host thread for the same cores: token n was read
+    back only once step n+1 was mostly done, and end to end it bought nothing."""
+    return mx.default_device() != mx.cpu
 
 
 @dataclass
@@ -65,6 +73,7 @@ class Request:
     cache: list | None = None  # single-sequence caches while prefilling
     prefilled: int = 0  # prompt tokens in the cache
     cached_prompt_tokens: int = 0  # of those, reused from the prefix cache
+    progress: object = None  # prefill_progress(done, total) after each prefill chunk but the last
     sampler: Sampler | None = None
     stream: TextStream | None = None  # detokenizing, stop strings, EOS, the token budget
     last_token: int = -1
@@ -107,6 +116,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []
         self.running: list[Request] = []  # running[r] owns batch row r
+        self.run_ahead = pipelines_decode()  # queue decode step n+1 before reading step n (GPU)
+        self._ahead: _Step | None = None
         self._new_batch()
 
     # -- admission -------------------------------------------------------------------------------
@@ -233,6 +244,8 @@ class Scheduler:
             request.prefilled += len(ids)
             if request.prefilled < len(request.prompt_ids):
                 mx.eval([c.state for c in request.cache])
+                if request.progress is not None:
+                    request.progress(request.prefilled, len(request.prompt_ids))
                 return []
             logits = self.model.logits(h[:, -1:, :])[:, -1, :]  # [1, vocab]
         except Exception as e:  # this request fails; the others are untouched
@@ -334,10 +347,41 @@ class Scheduler:
         return events
 
     def _decode(self) -> list:
-        """One token for every running request."""
+        """One token for every running request. On a GPU (`run_ahead`) the next step is queued
+        before this one's tokens are read back, so the device never waits for the host; a row
+        that finishes meanwhile has computed one token too many, which is dropped."""
+        try:
+            if self._ahead is not None:
+                step, self._ahead = self._ahead, None
+            else:
+                step = self._queue(mx.array([r.last_token for r in self.running]))
+            if self.run_ahead:
+                self._ahead = self._queue(self._inputs_after(step))
+            values, bad = step.tokens.tolist(), step.bad.tolist()  # waits for the step
+            lps = [_to_host(lp) for lp in step.lps]
+        except Exception as e:  # the whole step failed: every running request ends
+            self._ahead = None
+            return [self._leave(r, "error", f"decode step failed: {e}") for r in list(self.running)]
+        now = time.perf_counter()
+        events = []
+        for row, request in enumerate(step.requests):
+            if request.finished:  # cancelled, or done, after the step was queued
+                continue
+            if row in step.failed or bad[row]:
+                reason = step.failed.get(row, "the model produced NaN logits")
+                events.append(self._leave(request, "error", reason))
+                continue
+            events.append(self._emit(request, values[row], lps[row], now))
+        for request, _ in events:
+            if request.finished and request in self.running:
+                self._remove_row(request)
+        return events
+
+    def _queue(self, inputs: mx.array) -> _Step:
+        """Build (lazily) and start one decode step for the running rows, fed `inputs` `[rows]`."""
         requests = list(self.running)
-        tokens = mx.array([r.last_token for r in requests])
-        logits = self.model(tokens[:, None], self.batch)[:, -1, :]  # [rows, vocab]
+        logits = self.model(inputs[:, None], self.batch)[:, -1, :]  # [rows, vocab]
+        self.rows.advance()
         plain = [r.params.plain_greedy for r in requests]
         argmax = mx.argmax(logits, axis=-1) if any(plain) else None
         failed: dict[int, str] = {}
@@ -354,27 +398,34 @@ class Scheduler:
                 failed[row] = f"sampling failed: {e}"
                 token = mx.zeros((1,), mx.uint32)
                 lps.append(None)
-            picked.append(token)
-        new_tokens = mx.concatenate(picked) if len(picked) > 1 else picked[0]
+            picked.append(token.astype(mx.uint32))
+        tokens = mx.concatenate(picked) if len(picked) > 1 else picked[0]
+        if all(plain):
+            tokens = argmax.astype(mx.uint32)
         bad = mx.isnan(logits).any(axis=-1)
-        try:
-            mx.eval(new_tokens, bad, lps, [c.state for c in self.batch])
-        except Exception as e:  # the whole step failed: every running request ends
-            return [self._leave(r, "error", f"decode step failed: {e}") for r in requests]
-        self.rows.advance()
-        now = time.perf_counter()
-        values, bad = new_tokens.tolist(), bad.tolist()
-        events = []
-        for row, request in enumerate(requests):
-            if row in failed or bad[row]:
-                reason = failed.get(row, "the model produced NaN logits")
-                events.append(self._leave(request, "error", reason))
-                continue
-            events.append(self._emit(request, values[row], _to_host(lps[row]), now))
-        for request, _ in events:
-            if request.finished and request in self.running:
-                self._remove_row(request)
-        return events
+        mx.async_eval(
+            tokens, bad, [lp for lp in lps if lp is not None], [c.state for c in self.batch]
+        )
+        return _Step(requests, tokens, lps, bad, failed)
+
+    def _inputs_after(self, step: _Step) -> mx.array:
+        """The running rows' next inputs: `step`'s tokens (still on the device) for the rows it
+        computed, the last token for rows that joined since."""
+        position = {id(r): i for i, r in enumerate(step.requests)}
+        joined = [r.last_token for r in self.running if id(r) not in position]
+        index, extra = [], len(step.requests)
+        for request in self.running:
+            if id(request) in position:
+                index.append(position[id(request)])
+            else:
+                index.append(extra)
+                extra += 1
+        if not joined and index == list(range(len(step.requests))):
+            return step.tokens
+        tokens = step.tokens
+        if joined:
+            tokens = mx.concatenate([tokens, mx.array(joined, dtype=tokens.dtype)])
+        return tokens[mx.array(index)]
 
     def _logprobs(self, request: Request, logits: mx.array, token: mx.array):
         n = request.params.logprobs
@@ -418,6 +469,8 @@ class Scheduler:
             prompt_tokens=len(request.prompt_ids),
             cached_prompt_tokens=request.cached_prompt_tokens,
             queue_s=queue,
+            # alone, a decode step reads the weights for this request only
+            weight_bytes_per_step=self.model.decode_weight_bytes if self.max_batch == 1 else 0,
             peak_memory_bytes=request.peak_memory,
             active_memory_bytes=mx.get_active_memory(),
             kv_cache_bytes=request.kv_bytes,
@@ -448,6 +501,7 @@ class Scheduler:
 
     def _new_batch(self) -> None:
         self.rows, self.batch = make_batch_cache(self.template, self.max_batch)
+        self._ahead = None  # a step queued for rows that have all gone
 
     def _remove_row(self, request: Request) -> None:
         row = self.running.index(request)
@@ -459,6 +513,17 @@ class Scheduler:
             self.running[row] = last
         if not self.running:  # give the memory back
             self._new_batch()
+
+
+@dataclass
+class _Step:
+    """A decode step, queued on the device: row r's results belong to requests[r]."""
+
+    requests: list[Request]
+    tokens: mx.array  # [rows]
+    lps: list  # per row: (chosen logprob, top ids, top logprobs) arrays, or None
+    bad: mx.array  # [rows] bool: NaN logits
+    failed: dict[int, str]  # rows whose sampler raised, and why
 
 
 def _row_view(cache: list, row: int, length: int) -> list:

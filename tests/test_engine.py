@@ -51,6 +51,16 @@ def tiny(request, tmp_path_factory):
     return mlxinfer.load(path)
 
 
+@pytest.fixture(params=[False, True], ids=["in-step", "run-ahead"])
+def run_ahead(request, monkeypatch):
+    """Both decode loops: read each step's tokens before the next (the CPU's), or queue step n+1
+    before reading step n (a GPU's), which the CPU runs too when told."""
+    import mlxinfer.scheduler
+
+    monkeypatch.setattr(mlxinfer.scheduler, "pipelines_decode", lambda: request.param)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama")
@@ -126,7 +136,7 @@ def test_batch_generate_takes_text_or_ids_and_per_prompt_settings(llama):
     assert mlxinfer.batch_generate(model, tokenizer, []) == []
 
 
-def test_seeded_sampling_is_the_same_alone_and_in_any_batch(llama):
+def test_seeded_sampling_is_the_same_alone_and_in_any_batch(llama, run_ahead):
     """A request's random key is its own: the same seed gives the same tokens alone, in a batch of
     others with other settings, and at another place in the batch."""
     model, tokenizer = llama
@@ -154,7 +164,7 @@ def test_seeded_sampling_is_the_same_alone_and_in_any_batch(llama):
     assert draws[0].tokens != draws[1].tokens  # 20 draws at temperature 1 over 128 tokens
 
 
-def test_penalties_use_each_rows_own_history(llama):
+def test_penalties_use_each_rows_own_history(llama, run_ahead):
     """Repetition penalty in a batch: each row as that request alone (its own window)."""
     model, tokenizer = llama
     params = SamplingParams(repetition_penalty=1.5, max_tokens=12, ignore_eos=True)
@@ -168,7 +178,7 @@ def test_penalties_use_each_rows_own_history(llama):
 # -- the engine ----------------------------------------------------------------------------------
 
 
-def test_requests_from_many_threads_all_finish_with_the_right_tokens(llama):
+def test_requests_from_many_threads_all_finish_with_the_right_tokens(llama, run_ahead):
     """32 requests submitted from 4 threads with random delays, max_batch 4: every one ends with
     the tokens it gets alone."""
     model, tokenizer = llama
@@ -207,7 +217,7 @@ def test_streaming_handle_yields_responses_like_stream_generate(llama):
 
 
 @pytest.mark.parametrize("policy", ["prefill-first", "decode-first", "chunked"])
-def test_every_policy_gives_each_request_its_own_tokens(llama, policy):
+def test_every_policy_gives_each_request_its_own_tokens(llama, policy, run_ahead):
     """Requests arriving while others decode, long prompts prefilled in chunks: same tokens."""
     model, tokenizer = llama
     batch = prompts(6, seed=11, low=20, high=90)
@@ -224,7 +234,7 @@ def test_every_policy_gives_each_request_its_own_tokens(llama, policy):
     assert compared >= 6 * 8 // 2
 
 
-def test_cancel_ends_one_request_and_leaves_the_others(llama):
+def test_cancel_ends_one_request_and_leaves_the_others(llama, run_ahead):
     model, tokenizer = llama
     batch = prompts(4, seed=13)
     with mlxinfer.Engine(model, tokenizer, max_batch=4) as engine:
@@ -239,7 +249,7 @@ def test_cancel_ends_one_request_and_leaves_the_others(llama):
         assert_same_greedy(results[i].tokens, alone(model, batch[i], 40))
 
 
-def test_a_failing_request_leaves_the_others_untouched(llama, monkeypatch):
+def test_a_failing_request_leaves_the_others_untouched(llama, monkeypatch, run_ahead):
     """One request's sampler raises at its fifth token: it ends with 'error' and the reason, the
     others get their tokens."""
     import mlxinfer.scheduler as scheduler
@@ -342,7 +352,7 @@ def test_close_finishes_or_cancels_what_is_in_flight(llama):
 # -- the prefix cache ----------------------------------------------------------------------------
 
 
-def test_prefix_cache_reuses_a_shared_prefix_with_the_same_results(llama):
+def test_prefix_cache_reuses_a_shared_prefix_with_the_same_results(llama, run_ahead):
     model, tokenizer = llama
     rng = np.random.default_rng(29)
     system = rng.integers(3, 128, 120).tolist()

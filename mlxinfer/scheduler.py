@@ -388,7 +388,7 @@ class Scheduler:
         picked, lps = [], []
         for row, request in enumerate(requests):
             if plain[row]:
-                picked.append(argmax[row : row + 1])
+                picked.append(None if all(plain) else argmax[row : row + 1])
                 lps.append(None)
                 continue
             try:  # a sampler that fails stops its own request only
@@ -399,9 +399,10 @@ class Scheduler:
                 token = mx.zeros((1,), mx.uint32)
                 lps.append(None)
             picked.append(token.astype(mx.uint32))
-        tokens = mx.concatenate(picked) if len(picked) > 1 else picked[0]
         if all(plain):
             tokens = argmax.astype(mx.uint32)
+        else:
+            tokens = mx.concatenate(picked) if len(picked) > 1 else picked[0]
         bad = mx.isnan(logits).any(axis=-1)
         mx.async_eval(
             tokens, bad, [lp for lp in lps if lp is not None], [c.state for c in self.batch]

@@ -33,7 +33,7 @@ _CANDIDATES = (
 )
 
 COMPILER_FIX = "apt-get install gcc (Debian/Ubuntu)"
-SHIM_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+SHIM_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # OpenMP: small_gemm's threads
 
 _status: str | None = None  # what load_fast_blas found; see blas_status()
 _shim_status = "not tried"  # what became of the gemv shim; see gemv_shim_status()
@@ -173,7 +173,11 @@ def _compile_shim(compiler: str, source: Path, library: Path) -> bool:
         os.close(fd)
         partial = Path(name)
         build = [compiler, *SHIM_FLAGS, str(source), "-o", name, "-ldl"]
-        subprocess.run(build, check=True, capture_output=True, timeout=60)
+        try:
+            subprocess.run(build, check=True, capture_output=True, timeout=60)
+        except subprocess.CalledProcessError:  # no OpenMP runtime: small_gemm on one thread
+            build.remove("-fopenmp")
+            subprocess.run(build, check=True, capture_output=True, timeout=60)
         os.chmod(partial, 0o755)  # the linker may recreate the file with the umask's mode
         os.replace(partial, library)
         return True

@@ -281,6 +281,37 @@ def test_a_failing_request_leaves_the_others_untouched(llama, monkeypatch, run_a
         assert_same_greedy(results[i].tokens, alone(model, batch[i], 12))
 
 
+def test_nan_logits_end_their_own_request_only(llama, monkeypatch):
+    """NaN logits in one row (injected into the batched forward pass from its fourth token on)
+    end that request with 'error'; the other rows of the same steps go on unchanged."""
+    from mlxinfer.model import Model
+
+    model, tokenizer = llama
+    batch = prompts(3, seed=37)
+    victim = {"id": 1}  # the second request submitted (ids count from 0)
+    real = Model.__call__
+
+    def poisoned(self, tokens, cache=None):
+        out = real(self, tokens, cache)
+        running = engine.scheduler.running
+        rows = [i for i, r in enumerate(running) if r.id == victim.get("id")]
+        if rows and cache is engine.scheduler.batch and len(running[rows[0]].stream.tokens) >= 4:
+            hit = (mx.arange(out.shape[0]) == rows[0])[:, None, None]
+            out = mx.where(hit, mx.array(float("nan"), out.dtype), out)
+        return out
+
+    monkeypatch.setattr(Model, "__call__", poisoned)
+    with mlxinfer.Engine(model, tokenizer) as engine:
+        handles = [engine.submit(ids, sampling=GREEDY, max_tokens=12) for ids in batch]
+        assert handles[1].id == victim["id"]
+        results = [h.result(timeout=120) for h in handles]
+    assert results[1].finish_reason == "error" and "NaN" in results[1].error
+    assert 4 <= len(results[1].tokens) < 12
+    for i in (0, 2):
+        assert results[i].finish_reason == "length"
+        assert_same_greedy(results[i].tokens, alone(model, batch[i], 12))
+
+
 def test_submit_refuses_what_can_never_run(tmp_path):
     make_tiny_checkpoint(tmp_path, "llama", max_position_embeddings=1024)
     model, tokenizer = mlxinfer.load(tmp_path)

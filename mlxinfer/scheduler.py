@@ -218,9 +218,6 @@ class Scheduler:
         peak = mx.get_peak_memory()
         for request in self.running + self.prefilling:
             request.peak_memory = max(request.peak_memory, peak)
-        for request, response in events:
-            if response.finish_reason is not None:
-                request.peak_memory = max(request.peak_memory, peak)
         return events
 
     def _start(self, request: Request) -> None:
@@ -472,7 +469,7 @@ class Scheduler:
             queue_s=queue,
             # alone, a decode step reads the weights for this request only
             weight_bytes_per_step=self.model.decode_weight_bytes if self.max_batch == 1 else 0,
-            peak_memory_bytes=request.peak_memory,
+            peak_memory_bytes=max(request.peak_memory, mx.get_peak_memory()),  # incl. this step
             active_memory_bytes=mx.get_active_memory(),
             kv_cache_bytes=request.kv_bytes,
         )

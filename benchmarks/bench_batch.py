@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +37,7 @@ import mlxinfer  # first: it loads OpenBLAS, which must happen before mlx.core i
 
 # isort: on
 import numpy as np
-from bench_cpu import export_for_mlx_lm
+from bench_cpu import MlxLmWorker, export_for_mlx_lm
 from common import machine_info, save_result, summary
 
 
@@ -58,30 +56,17 @@ def run_mlxinfer(model, tokenizer, prompts: list[list[int]], tokens: int) -> flo
     return len(prompts) * tokens / seconds
 
 
-class MlxLmBatchWorker:
-    """mlx-lm's batch_generate in its own process with its best CPU configuration: OpenBLAS
-    loaded, but without mlxinfer's gemv shim (MLXINFER_GEMV_SHIM=0), which would speed it up too."""
+class MlxLmBatchWorker(MlxLmWorker):
+    """mlx-lm's batch_generate in its own process (bench_cpu.py's worker, this script serving)."""
 
-    def __init__(self, model_dir: Path):
-        env = {**os.environ, "MLXINFER_GEMV_SHIM": "0"}
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, "--serve-mlx-lm", str(model_dir)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-        )  # fmt: skip
-        self.blas = json.loads(self.process.stdout.readline())["blas"]
+    script = __file__
 
     def run(self, prompts: list[list[int]], tokens: int) -> float:
         """Aggregate generated tok/s of one batch_generate call, timed inside the worker."""
-        self.process.stdin.write(json.dumps({"prompts": prompts, "tokens": tokens}) + "\n")
-        self.process.stdin.flush()
-        reply = json.loads(self.process.stdout.readline())
+        reply = self.ask({"prompts": prompts, "tokens": tokens})
         if "error" in reply:
             raise RuntimeError(f"mlx-lm worker: {reply['error']}")
         return reply["tps"]
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(timeout=60)
 
 
 def serve_mlx_lm(model_dir: str) -> None:

@@ -101,16 +101,22 @@ class MlxLmWorker:
     """mlx-lm in its own process with its best CPU configuration: OpenBLAS loaded, but without
     mlxinfer's gemv shim (MLXINFER_GEMV_SHIM=0), which would otherwise speed it up too."""
 
+    script = __file__  # the script whose --serve-mlx-lm answers this worker's requests
+
     def __init__(self, model_dir: Path):
         env = {**os.environ, "MLXINFER_GEMV_SHIM": "0"}
         self.process = subprocess.Popen(
-            [sys.executable, __file__, "--serve-mlx-lm", str(model_dir)],
+            [sys.executable, self.script, "--serve-mlx-lm", str(model_dir)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
         )  # fmt: skip
         self.blas = json.loads(self.process.stdout.readline())["blas"]
 
     def run(self, prompt: list[int], tokens: int) -> dict:
-        self.process.stdin.write(json.dumps({"prompt": prompt, "tokens": tokens}) + "\n")
+        return self.ask({"prompt": prompt, "tokens": tokens})
+
+    def ask(self, request: dict) -> dict:
+        """One JSON request to the worker, its JSON reply."""
+        self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         return json.loads(self.process.stdout.readline())
 

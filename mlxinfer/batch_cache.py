@@ -265,6 +265,13 @@ def _held_in_slot_order(cache: SingleCache, batch: BatchKVCache) -> tuple[Stored
     return tuple(a[..., :n, :] for a in cache.keys), tuple(a[..., :n, :] for a in cache.values)
 
 
+def remove_row(rows: Rows, caches: list[BatchKVCache], row: int) -> None:
+    """Drop `row` from every layer's cache and from `rows`: the last row moves into its place."""
+    for cache in caches:
+        cache.remove_row(row)
+    rows.remove(row)
+
+
 def make_batch_cache(
     template: list[SingleCache], max_rows: int | None = None
 ) -> tuple[Rows, list[BatchKVCache]]:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .batch_cache import make_batch_cache
+from .batch_cache import make_batch_cache, remove_row
 from .cache import RotatingKVCache
 from .metrics import RequestMetrics, request_metrics
 from .model import Model
@@ -503,9 +503,7 @@ class Scheduler:
 
     def _remove_row(self, request: Request) -> None:
         row = self.running.index(request)
-        for cache in self.batch:
-            cache.remove_row(row)
-        self.rows.remove(row)
+        remove_row(self.rows, self.batch, row)
         last = self.running.pop()
         if row < len(self.running):
             self.running[row] = last

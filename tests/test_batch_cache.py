@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import mlxinfer
-from mlxinfer.batch_cache import BatchKVCache, Rows, make_batch_cache
+from mlxinfer.batch_cache import BatchKVCache, Rows, make_batch_cache, remove_row
 from mlxinfer.cache import KVCache, RotatingKVCache
 from mlxinfer.generate import decode_step, prefill
 
@@ -77,9 +77,7 @@ class Batch:
         return logits
 
     def leave(self, row: int) -> None:
-        for cache in self.caches:
-            cache.remove_row(row)
-        self.rows.remove(row)
+        remove_row(self.rows, self.caches, row)
         last = self.seqs.pop()
         if row < len(self.seqs):
             self.seqs[row] = last

@@ -19,7 +19,7 @@
 enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
 enum { GEMV_ROWS = 3 };   /* at most this many rows go to one GEMV each */
 enum { SMALL_ROWS = 16 }; /* up to this many rows: small_gemm, which reads B once */
-enum { TILE = 64 };       /* columns of C per tile: 4 rows x 64 columns of accumulators */
+enum { NC = 512, KC = 64 }; /* B [K, N]: panels of NC columns, blocks of KC rows */
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *,
                          int, float, float *, int);
@@ -41,6 +41,21 @@ int mlxinfer_gemv_shim_init(const char *path) {
 
 typedef float v16 __attribute__((vector_size(64)));
 
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+static inline float hsum(v16 x) { /* halves added as vectors: 2 vector adds, 3 scalar */
+  v8 lo, hi;
+  memcpy(&lo, &x, sizeof lo);
+  memcpy(&hi, (char *)&x + sizeof lo, sizeof hi);
+  v8 s8 = lo + hi;
+  v4 a, b;
+  memcpy(&a, &s8, sizeof a);
+  memcpy(&b, (char *)&s8 + sizeof a, sizeof b);
+  v4 s4 = a + b;
+  return (s4[0] + s4[1]) + (s4[2] + s4[3]);
+}
+
 static inline void store(float *c, float value, float alpha, float beta) {
   *c = alpha * value + (beta == 0.0f ? 0.0f : beta * *c);
 }
@@ -55,39 +70,37 @@ __attribute__((target_clones("avx512f", "arch=haswell", "default")))
 static void small_gemm(int trans_b, int M, int M4, int N, int K, float alpha, const float *a,
                        const float *B, int ldb, float beta, float *C, int ldc) {
   if (trans_b != Trans) {
-    int tiles = (N + TILE - 1) / TILE;
-#pragma omp parallel
-    {
-      float *strip = malloc(sizeof(float) * (size_t)K * TILE); /* the tile's B, [K, TILE] */
-#pragma omp for schedule(static)
-      for (int t = 0; t < tiles; t++) {
-        int j0 = t * TILE, width = N - j0 < TILE ? N - j0 : TILE;
-        if (!strip) continue; /* (only when out of memory: those columns stay unwritten) */
-        for (int k = 0; k < K; k++) {
-          const float *src = B + (long)k * ldb + j0;
-          float *dst = strip + (long)k * TILE;
-          for (int j = 0; j < TILE; j++) dst[j] = j < width ? src[j] : 0.0f;
-        }
-        for (int i0 = 0; i0 < M4; i0 += 4) {
-          v16 acc[4][4] = {{0}};
-          const float *a0 = a + (long)i0 * K;
-          for (int k = 0; k < K; k++) {
-            v16 b[4];
-            memcpy(b, strip + (long)k * TILE, sizeof b);
-            for (int r = 0; r < 4; r++) {
-              float x = a0[(long)r * K + k];
-              for (int q = 0; q < 4; q++) acc[r][q] += x * b[q];
+    /* Panels of NC columns of C, accumulated in `sums` [M4, NC] over blocks of KC rows of B:
+     * a block of B (KC rows x NC columns, each row a contiguous run) comes from memory once and
+     * from cache for each further group of 4 rows; 4 rows x 64 columns stay in registers. */
+    int panels = (N + NC - 1) / NC;
+#pragma omp parallel for schedule(static)
+    for (int p = 0; p < panels; p++) {
+      int n0 = p * NC, nw = N - n0 < NC ? N - n0 : NC, vec_cols = nw / 64 * 64;
+      float sums[SMALL_ROWS][NC];
+      for (int i = 0; i < M4; i++) memset(sums[i], 0, sizeof(float) * nw);
+      for (int k0 = 0; k0 < K; k0 += KC) {
+        int k1 = K - k0 < KC ? K : k0 + KC;
+        for (int j = 0; j < vec_cols; j += 64)
+          for (int i0 = 0; i0 < M4; i0 += 4) {
+            v16 acc[4][4];
+            for (int r = 0; r < 4; r++) memcpy(acc[r], sums[i0 + r] + j, sizeof acc[r]);
+            for (int k = k0; k < k1; k++) {
+              v16 b[4];
+              memcpy(b, B + (long)k * ldb + n0 + j, sizeof b);
+              for (int r = 0; r < 4; r++) {
+                float x = a[(long)(i0 + r) * K + k];
+                for (int q = 0; q < 4; q++) acc[r][q] += x * b[q];
+              }
             }
+            for (int r = 0; r < 4; r++) memcpy(sums[i0 + r] + j, acc[r], sizeof acc[r]);
           }
-          for (int r = 0; r < 4 && i0 + r < M; r++) {
-            float out[TILE];
-            memcpy(out, acc[r], sizeof out);
-            for (int j = 0; j < width; j++)
-              store(C + (long)(i0 + r) * ldc + j0 + j, out[j], alpha, beta);
-          }
-        }
+        for (int j = vec_cols; j < nw; j++) /* the last < 64 columns */
+          for (int i = 0; i < M; i++)
+            for (int k = k0; k < k1; k++) sums[i][j] += a[(long)i * K + k] * B[(long)k * ldb + n0 + j];
       }
-      free(strip);
+      for (int i = 0; i < M; i++)
+        for (int j = 0; j < nw; j++) store(C + (long)i * ldc + n0 + j, sums[i][j], alpha, beta);
     }
     return;
   }
@@ -109,9 +122,7 @@ static void small_gemm(int trans_b, int M, int M4, int N, int K, float alpha, co
       }
       for (int r = 0; r < 4 && i0 + r < M; r++)
         for (int c = 0; c < cols; c++) {
-          float lanes[16], sum = 0.0f;
-          memcpy(lanes, &acc[r][c], sizeof lanes);
-          for (int l = 0; l < 16; l++) sum += lanes[l];
+          float sum = hsum(acc[r][c]);
           for (int k = K16; k < K; k++) sum += a0[(long)r * K + k] * b[c][k];
           store(C + (long)(i0 + r) * ldc + j0 + c, sum, alpha, beta);
         }
@@ -135,7 +146,7 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float
     }
     return;
   }
-  if (order == RowMajor && M <= SMALL_ROWS && N >= 4 * TILE) {
+  if (order == RowMajor && M <= SMALL_ROWS && N >= 256) {
     int M4 = (M + 3) / 4 * 4;
     float *a = calloc((size_t)M4 * K, sizeof(float)); /* A's rows, contiguous, zero-padded */
     if (a) {

@@ -1,7 +1,8 @@
 """Prefix cache: the KV of prompts seen before, so a shared prefix (a system prompt, the earlier
 turns of a chat) is not computed again.
 
-After a prompt is prefilled, its single-sequence caches are stored under its token ids. A new
+After a prompt is prefilled, its single-sequence caches are stored under its token ids; when a
+request finishes, its prompt and reply are stored the same way (the next turn of a chat). A new
 prompt takes the longest common prefix with any stored prompt (at least `MIN_MATCH` tokens, and
 never its last token: that one's logits are needed), starts from those keys and values and
 prefills only the rest. Entries are bounded by bytes; the least recently used go first.

@@ -450,6 +450,8 @@ class Scheduler:
         if request in self.running:  # its share of the batch: the slots its row fills
             row = self.running.index(request)
             request.kv_bytes = sum(c.row_nbytes(self.rows.offsets[row]) for c in self.batch)
+            if self.prefix_cache is not None and reason != "error":
+                self._store_conversation(request, row)
         elif request.cache is not None:
             request.kv_bytes = sum(c.nbytes for c in request.cache)
         metrics = self.metrics(request)
@@ -457,6 +459,24 @@ class Scheduler:
             text, -1 if token is None else token, logprobs, reason, metrics, error
         )
         return request, response
+
+    def _store_conversation(self, request: Request, row: int) -> None:
+        """Keep the KV of a finished request's prompt and reply: the next turn of a chat starts
+        with both. The row holds the first `offset` of prompt + generated tokens (the last one
+        generated, unless a step ran ahead, was never fed to the model)."""
+        n = self.rows.offsets[row]
+        if any(c.max_size is not None and n > c.max_size for c in self.batch):
+            return  # a ring has overwritten the start
+        views = []
+        for batch, template in zip(self.batch, self.template, strict=True):
+            view = copy.copy(template)
+            view.keys = tuple(a[row : row + 1, :, :n] for a in batch.keys)
+            view.values = tuple(a[row : row + 1, :, :n] for a in batch.values)
+            view.offset = n
+            if isinstance(view, RotatingKVCache):
+                view.size = n
+            views.append(view)
+        self.prefix_cache.store((request.prompt_ids + request.stream.tokens)[:n], views)
 
     def metrics(self, request: Request) -> RequestMetrics:
         start = request.submitted

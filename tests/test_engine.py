@@ -439,3 +439,18 @@ def test_prefix_cache_is_bounded_and_evicts_the_least_recently_used(llama):
     assert prefixes.nbytes <= prefixes.max_bytes
     assert prefixes.lookup(entries[1][0] + [1])[0] == 0
     assert prefixes.lookup(entries[0][0] + [1])[0] == 40
+
+
+def test_the_next_turn_reuses_the_previous_reply(llama, run_ahead):
+    """A finished request's prompt and reply stay in the prefix cache: a follow-up that starts
+    with both computes only what is new, with the tokens of a cold run."""
+    model, tokenizer = llama
+    first = np.random.default_rng(41).integers(3, 128, 40).tolist()
+    with mlxinfer.Engine(model, tokenizer) as engine:
+        reply = engine.submit(first, sampling=GREEDY, max_tokens=10).result(timeout=60)
+        follow_up = first + reply.tokens + [7, 8, 9]
+        again = engine.submit(follow_up, sampling=GREEDY, max_tokens=6).result(timeout=60)
+    # everything the first request fed to the model: its prompt and all but its last token
+    # (with a step run ahead, that one too)
+    assert again.metrics.cached_prompt_tokens == len(first) + 10 - (0 if run_ahead else 1)
+    assert_same_greedy(again.tokens, alone(model, follow_up, 6))

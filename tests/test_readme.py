@@ -11,7 +11,12 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_python_api_example_runs():
-    block = re.search(r"## Python API\n\n```python\n(.*?)```", README.read_text(), re.S).group(1)
+    """The API example, then the batching example (which uses its model, tokenizer and params)."""
+    text = README.read_text()
+    block = re.search(r"## Python API\n\n```python\n(.*?)```", text, re.S).group(1)
+    batching = re.search(r"## Many requests at once.*?```python\n(.*?)```", text, re.S).group(1)
+    block += batching + 'print(result.finish_reason, response.finish_reason, end=" ")\n'
+    block += "print(response.finish_reason, response.metrics.decode_tps)\n"
     result = subprocess.run(
         [sys.executable, "-c", block], capture_output=True, text=True, timeout=300
     )

@@ -1,0 +1,243 @@
+"""The runs database: every benchmark measurement, committed to SQLite the moment it exists.
+
+One file, shared with the dashboard: `MLXINFER_DB`, else `$XDG_DATA_HOME/mlxinfer/runs.sqlite`
+(`~/.local/share/mlxinfer/runs.sqlite`). WAL mode, one transaction per measurement: a sweep that
+is killed loses at most the measurement in progress, and `done(run_id)` says what a resumed run
+need not repeat.
+
+    runs            a sweep: its command or sweep file, start, end, status, machine, repetitions
+    machines        the machine and software facts (CPU, memory, OS, backend, BLAS, versions, commit)
+    configurations  one row per grid point of a run: its settings (JSON) and stable key
+    measurements    one row per configuration, engine and repetition: the metrics, or the error
+    token_times     each generated token's arrival time (ms from the request's start)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+DB_ENV = "MLXINFER_DB"
+METRICS = (
+    "ttft_ms",
+    "prefill_tps",
+    "decode_tps",
+    "tpot_ms",
+    "itl_p50_ms",
+    "itl_p90_ms",
+    "itl_p99_ms",
+    "e2e_ms",
+    "peak_memory_mb",
+    "kv_cache_mb",
+    "bandwidth_gbs",
+)
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS machines (
+    id INTEGER PRIMARY KEY,
+    facts TEXT NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    command TEXT NOT NULL,
+    sweep TEXT,
+    started REAL NOT NULL,
+    ended REAL,
+    status TEXT NOT NULL CHECK (status IN ('running', 'done', 'stopped', 'failed')),
+    machine_id INTEGER REFERENCES machines(id),
+    reps INTEGER NOT NULL,
+    baseline TEXT
+);
+CREATE TABLE IF NOT EXISTS configurations (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    position INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    UNIQUE (run_id, key)
+);
+CREATE TABLE IF NOT EXISTS measurements (
+    id INTEGER PRIMARY KEY,
+    configuration_id INTEGER NOT NULL REFERENCES configurations(id),
+    engine TEXT NOT NULL,
+    rep INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
+    error TEXT,
+    {", ".join(f"{m} REAL" for m in METRICS)},
+    tokens TEXT,
+    recorded REAL NOT NULL,
+    UNIQUE (configuration_id, engine, rep)
+);
+CREATE TABLE IF NOT EXISTS token_times (
+    measurement_id INTEGER NOT NULL REFERENCES measurements(id),
+    position INTEGER NOT NULL,
+    t_ms REAL NOT NULL,
+    PRIMARY KEY (measurement_id, position)
+);
+"""
+
+
+def default_db_path() -> Path:
+    """MLXINFER_DB, else the user's data directory."""
+    if os.environ.get(DB_ENV):
+        return Path(os.environ[DB_ENV]).expanduser()
+    data = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data) / "mlxinfer" / "runs.sqlite"
+
+
+class RunsDB:
+    """The runs database at `path` (created with its schema if new)."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else default_db_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise ValueError(
+                    f"{self.path}: runs database schema version {version}; this mlxinfer reads "
+                    f"version {SCHEMA_VERSION}"
+                )
+            self.conn.executescript(_SCHEMA)
+            self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as e:
+            raise ValueError(f"{self.path} is not a usable runs database: {e}") from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def start_run(
+        self,
+        command: str,
+        machine: Mapping,
+        reps: int,
+        sweep: str | None = None,
+        baseline: str | None = None,
+    ) -> int:
+        facts = json.dumps(dict(machine), sort_keys=True)
+        with self.conn:
+            self.conn.execute("INSERT OR IGNORE INTO machines (facts) VALUES (?)", (facts,))
+            machine_id = self.conn.execute(
+                "SELECT id FROM machines WHERE facts = ?", (facts,)
+            ).fetchone()[0]
+            cursor = self.conn.execute(
+                "INSERT INTO runs (command, sweep, started, status, machine_id, reps, baseline) "
+                "VALUES (?, ?, ?, 'running', ?, ?, ?)",
+                (command, sweep, time.time(), machine_id, reps, baseline),
+            )
+        return cursor.lastrowid
+
+    def add_configurations(self, run_id: int, configs: Sequence[tuple[str, Mapping]]) -> list[int]:
+        """(key, settings) pairs in grid order -> their ids; configurations a resumed run already
+        has keep theirs."""
+        with self.conn:
+            for position, (key, settings) in enumerate(configs):
+                self.conn.execute(
+                    "INSERT OR IGNORE INTO configurations (run_id, position, key, settings) "
+                    "VALUES (?, ?, ?, ?)",
+                    (run_id, position, key, json.dumps(dict(settings), sort_keys=True)),
+                )
+            rows = self.conn.execute(
+                "SELECT key, id FROM configurations WHERE run_id = ?", (run_id,)
+            ).fetchall()
+        ids = dict(rows)
+        return [ids[key] for key, _ in configs]
+
+    def record(
+        self,
+        configuration_id: int,
+        engine: str,
+        rep: int,
+        metrics: Mapping | None = None,
+        tokens: Sequence[int] | None = None,
+        token_times_ms: Sequence[float] = (),
+        error: str | None = None,
+    ) -> int:
+        """One measurement (or its failure), committed with its token times in one transaction."""
+        values = [None if metrics is None else metrics.get(m) for m in METRICS]
+        status = "failed" if error is not None else "ok"
+        with self.conn:
+            cursor = self.conn.execute(
+                f"INSERT INTO measurements (configuration_id, engine, rep, status, error, "
+                f"{', '.join(METRICS)}, tokens, recorded) "
+                f"VALUES (?, ?, ?, ?, ?, {', '.join('?' * len(METRICS))}, ?, ?)",
+                (
+                    configuration_id, engine, rep, status, error, *values,
+                    None if tokens is None else json.dumps(list(tokens)), time.time(),
+                ),
+            )  # fmt: skip
+            self.conn.executemany(
+                "INSERT INTO token_times (measurement_id, position, t_ms) VALUES (?, ?, ?)",
+                [(cursor.lastrowid, i, float(t)) for i, t in enumerate(token_times_ms)],
+            )
+        return cursor.lastrowid
+
+    def finish_run(self, run_id: int, status: str) -> None:
+        with self.conn:
+            self.conn.execute(
+                "UPDATE runs SET status = ?, ended = ? WHERE id = ?", (status, time.time(), run_id)
+            )
+
+    def resume_run(self, run_id: int) -> sqlite3.Row:
+        """Mark a stopped or failed run as running again; returns its row."""
+        run = self.run(run_id)
+        if run["status"] == "done":
+            raise ValueError(f"run {run_id} is already done")
+        with self.conn:
+            self.conn.execute("UPDATE runs SET status = 'running', ended = NULL WHERE id = ?",
+                              (run_id,))  # fmt: skip
+        return self.run(run_id)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def run(self, run_id: int) -> sqlite3.Row:
+        row = self.conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise ValueError(f"no run {run_id} in {self.path}")
+        return row
+
+    def runs(self) -> list[sqlite3.Row]:
+        return self.conn.execute("SELECT * FROM runs ORDER BY id").fetchall()
+
+    def done(self, run_id: int) -> set[tuple[str, str, int]]:
+        """(configuration key, engine, repetition) of every measurement a run has, failed or not."""
+        rows = self.conn.execute(
+            "SELECT c.key, m.engine, m.rep FROM measurements m "
+            "JOIN configurations c ON c.id = m.configuration_id WHERE c.run_id = ?",
+            (run_id,),
+        ).fetchall()
+        return {(r[0], r[1], r[2]) for r in rows}
+
+    def measurements(self, run_id: int) -> list[dict]:
+        """Every measurement of a run with its configuration's settings, in grid order."""
+        rows = self.conn.execute(
+            "SELECT c.position, c.settings, m.* FROM measurements m "
+            "JOIN configurations c ON c.id = m.configuration_id WHERE c.run_id = ? "
+            "ORDER BY c.position, m.engine, m.rep",
+            (run_id,),
+        ).fetchall()
+        out = []
+        for row in rows:
+            item = dict(row)
+            item["settings"] = json.loads(item["settings"])
+            item["tokens"] = json.loads(item["tokens"]) if item["tokens"] else None
+            out.append(item)
+        return out
+
+    def token_times(self, measurement_id: int) -> list[float]:
+        rows = self.conn.execute(
+            "SELECT t_ms FROM token_times WHERE measurement_id = ? ORDER BY position",
+            (measurement_id,),
+        ).fetchall()
+        return [r[0] for r in rows]

@@ -1,0 +1,162 @@
+"""The grid of a benchmark sweep: every axis a list of values, every configuration one combination.
+
+    axes = parse_axes({"temperature": "0,0.8", "top_p": "1.0,0.9", "prompt_tokens": "64,512"})
+    for config in expand(axes): ...      # dicts, one value per axis, in a stable order
+
+Axes (the first value of each is its default):
+
+    sampling   temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+               frequency_penalty                         (SamplingParams' own checks)
+    lengths    prompt_tokens, gen_tokens, depth (tokens already in the cache before the prompt)
+    engine     concurrency (requests at once, through the Engine), kv ("full", "rotating:N",
+               "q8", "q4", "q8:rotating:N", ...), compute ("float32" or "native"), model (a path,
+               or "default")
+
+A bad value anywhere is a ValueError naming the axis and the value, raised before anything runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import fields
+
+from ..sampling import SamplingParams
+
+SAMPLING_AXES = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+LENGTH_AXES = ("prompt_tokens", "gen_tokens", "depth")
+ENGINE_AXES = ("concurrency", "kv", "compute", "model")
+AXES = SAMPLING_AXES + LENGTH_AXES + ENGINE_AXES
+
+_SAMPLING_DEFAULTS = {f.name: f.default for f in fields(SamplingParams) if f.name in SAMPLING_AXES}
+DEFAULTS: dict[str, object] = {
+    **_SAMPLING_DEFAULTS,
+    "prompt_tokens": 256,
+    "gen_tokens": 128,
+    "depth": 0,
+    "concurrency": 1,
+    "kv": "full",
+    "compute": "float32",
+    "model": "default",
+}
+_INT_AXES = {"top_k", "prompt_tokens", "gen_tokens", "depth", "concurrency"}
+_POSITIVE = {"prompt_tokens", "gen_tokens", "concurrency"}
+
+
+def parse_axes(raw: Mapping[str, object]) -> dict[str, list]:
+    """Axis name -> list of checked values, from comma lists ("0,0.8"), single values or lists
+    (a TOML table). Axes not given take their default, one value."""
+    unknown = sorted(set(raw) - set(AXES))
+    if unknown:
+        raise ValueError(f"unknown sweep axis {unknown[0]!r}; the axes are: {', '.join(AXES)}")
+    axes = {}
+    for name in AXES:
+        given = raw.get(name)
+        if given is None:
+            axes[name] = [DEFAULTS[name]]
+            continue
+        items = given.split(",") if isinstance(given, str) else given
+        items = items if isinstance(items, (list, tuple)) else [items]
+        if not items:
+            raise ValueError(f"sweep axis {name!r} has no values")
+        values = [check_value(name, item) for item in items]
+        if len(set(map(repr, values))) != len(values):
+            raise ValueError(f"sweep axis {name!r} repeats a value: {given!r}")
+        axes[name] = values
+    return axes
+
+
+def check_value(axis: str, raw: object) -> object:
+    """One value of `axis`, converted and checked."""
+    text = raw.strip() if isinstance(raw, str) else raw
+    if axis in ("model", "kv", "compute"):
+        value = str(text)
+        if axis == "kv":
+            parse_kv(value)
+        if axis == "compute" and value not in ("float32", "native"):
+            raise ValueError(f"sweep axis 'compute': {value!r} is not float32 or native")
+        if not value:
+            raise ValueError(f"sweep axis {axis!r} has an empty value")
+        return value
+    try:
+        if axis in _INT_AXES:
+            if isinstance(text, float) or isinstance(text, bool):
+                raise ValueError
+            value = int(text)
+        else:
+            if isinstance(text, bool):
+                raise ValueError
+            value = float(text)
+    except (TypeError, ValueError):
+        kind = "an integer" if axis in _INT_AXES else "a number"
+        raise ValueError(f"sweep axis {axis!r}: {raw!r} is not {kind}") from None
+    if axis in _POSITIVE and value < 1:
+        raise ValueError(f"sweep axis {axis!r}: {value} must be >= 1")
+    if axis == "depth" and value < 0:
+        raise ValueError(f"sweep axis 'depth': {value} must be >= 0")
+    if axis in SAMPLING_AXES:
+        try:
+            SamplingParams(**{axis: value})
+        except ValueError as e:
+            raise ValueError(f"sweep axis {axis!r}: {e}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"sweep axis {axis!r}: {raw!r} is not finite")
+    return value
+
+
+def parse_kv(text: str) -> dict:
+    """ "full", "rotating:N", "q8", "q4", and a quantization with a size ("q8:rotating:256") ->
+    the cache options of stream_generate (max_kv_size, kv_bits)."""
+    parts = text.split(":")
+    options: dict = {"max_kv_size": None, "kv_bits": None}
+    rest = parts
+    if parts[0] in ("q4", "q8"):
+        options["kv_bits"] = int(parts[0][1])
+        rest = parts[1:]
+    elif parts[0] == "full" and len(parts) == 1:
+        return options
+    if not rest:
+        return options
+    if rest[0] == "rotating" and len(rest) == 2 and rest[1].isdigit() and int(rest[1]) > 4:
+        options["max_kv_size"] = int(rest[1])
+        return options
+    raise ValueError(
+        f"sweep axis 'kv': {text!r} is not one of full, rotating:N (N > 4), q8, q4, "
+        "q8:rotating:N, q4:rotating:N"
+    )
+
+
+def expand(axes: Mapping[str, list]) -> Iterator[dict]:
+    """Every combination, the last axis varying fastest (AXES order)."""
+    names = list(AXES)
+    for values in itertools.product(*(axes[name] for name in names)):
+        yield dict(zip(names, values, strict=True))
+
+
+def config_key(config: Mapping[str, object]) -> str:
+    """A stable text key for a configuration (what a resumed sweep matches on)."""
+    return json.dumps({name: config[name] for name in AXES}, sort_keys=True)
+
+
+def sampling_params(config: Mapping[str, object], seed: int) -> SamplingParams:
+    """The configuration's sampling settings, EOS ignored, exactly gen_tokens tokens."""
+    return SamplingParams(
+        **{name: config[name] for name in SAMPLING_AXES},
+        seed=seed,
+        max_tokens=int(config["gen_tokens"]),
+        ignore_eos=True,
+    )
+
+
+def is_greedy(config: Mapping[str, object]) -> bool:
+    return sampling_params(config, 0).plain_greedy

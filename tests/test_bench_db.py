@@ -1,0 +1,94 @@
+"""The runs database: its schema, one committed row per measurement, crash safety (a writer
+killed mid-sweep loses at most the measurement in progress) and what a resumed run skips."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from mlxinfer.bench.db import METRICS, RunsDB, default_db_path
+
+MACHINE = {"cpu": "test cpu", "backend": "cpu", "mlx": "0.32.4"}
+
+
+def test_schema_and_a_measurement_round_trip(tmp_path):
+    db = RunsDB(tmp_path / "runs.sqlite")
+    tables = {r[0] for r in db.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"runs", "machines", "configurations", "measurements", "token_times"}
+    assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    run = db.start_run("mlxinfer bench --temperature 0,0.8", MACHINE, reps=2)
+    ids = db.add_configurations(run, [("a", {"temperature": 0.0}), ("b", {"temperature": 0.8})])
+    metrics = {m: float(i) for i, m in enumerate(METRICS)}
+    m = db.record(ids[1], "mlxinfer", 0, metrics, tokens=[5, 6, 7], token_times_ms=[10, 20, 30])
+    db.record(ids[0], "mlx-lm", 0, error="worker crashed: boom")
+    rows = db.measurements(run)
+    assert [(r["settings"]["temperature"], r["engine"], r["status"]) for r in rows] == [
+        (0.0, "mlx-lm", "failed"), (0.8, "mlxinfer", "ok"),
+    ]  # fmt: skip
+    assert rows[0]["error"] == "worker crashed: boom" and rows[0]["decode_tps"] is None
+    assert all(rows[1][k] == v for k, v in metrics.items()) and rows[1]["tokens"] == [5, 6, 7]
+    assert db.token_times(m) == [10.0, 20.0, 30.0]
+    assert db.done(run) == {("b", "mlxinfer", 0), ("a", "mlx-lm", 0)}
+    with pytest.raises(sqlite3.IntegrityError):  # one row per configuration, engine, repetition
+        db.record(ids[1], "mlxinfer", 0, metrics)
+    db.finish_run(run, "done")
+    assert db.run(run)["status"] == "done" and db.run(run)["ended"] >= db.run(run)["started"]
+    # the same machine is stored once; a resumed run keeps its configuration ids
+    run2 = db.start_run("again", MACHINE, reps=1)
+    assert db.run(run2)["machine_id"] == db.run(run)["machine_id"]
+    assert db.add_configurations(run, [("a", {}), ("b", {})]) == ids
+
+
+WRITER = """
+import sys, time
+from mlxinfer.bench.db import RunsDB
+db = RunsDB(sys.argv[1])
+run = db.start_run("killed sweep", {"cpu": "x"}, reps=1)
+ids = db.add_configurations(run, [(str(i), {"i": i}) for i in range(1000)])
+for i, cid in enumerate(ids):
+    db.record(cid, "mlxinfer", 0, {"decode_tps": float(i)}, token_times_ms=range(50))
+    print(i, flush=True)
+    time.sleep(0.005)
+"""
+
+
+def test_a_killed_sweep_keeps_every_finished_measurement(tmp_path):
+    path = tmp_path / "runs.sqlite"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    reported = 0
+    while reported < 20:
+        reported = int(writer.stdout.readline()) + 1
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    db = RunsDB(path)
+    (run,) = db.runs()
+    assert run["status"] == "running"  # never finished: a resume finds it
+    rows = db.measurements(run["id"])
+    positions = [r["position"] for r in rows]
+    assert positions == list(range(len(rows)))  # no gap, no half measurement
+    assert len(rows) >= reported
+    assert all(len(db.token_times(r["id"])) == 50 for r in rows)
+    assert len(db.done(run["id"])) == len(rows)
+    db.resume_run(run["id"])
+    assert db.run(run["id"])["status"] == "running"
+
+
+def test_bad_files_and_where_the_database_lives(tmp_path, monkeypatch):
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(ValueError, match="junk.sqlite is not a usable runs database"):
+        RunsDB(junk)
+    monkeypatch.setenv("MLXINFER_DB", str(tmp_path / "mine.sqlite"))
+    assert default_db_path() == tmp_path / "mine.sqlite"
+    monkeypatch.delenv("MLXINFER_DB")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert default_db_path() == tmp_path / "data" / "mlxinfer" / "runs.sqlite"
+    with pytest.raises(ValueError, match="no run 7"):
+        RunsDB(tmp_path / "new.sqlite").run(7)

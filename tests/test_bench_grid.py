@@ -1,0 +1,51 @@
+"""The sweep grid: parsing comma lists and TOML-style lists, every bad value named with its axis
+before anything runs, and the expansion into configurations."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlxinfer.bench.grid import AXES, DEFAULTS, config_key, expand, parse_axes, parse_kv
+
+
+def test_comma_lists_expand_to_every_combination():
+    axes = parse_axes({"temperature": "0,0.8", "top_p": "1.0, 0.9", "prompt_tokens": "64,512"})
+    assert axes["temperature"] == [0.0, 0.8] and axes["prompt_tokens"] == [64, 512]
+    configs = list(expand(axes))
+    assert len(configs) == 8
+    assert {(c["temperature"], c["top_p"], c["prompt_tokens"]) for c in configs} == {
+        (t, p, n) for t in (0.0, 0.8) for p in (1.0, 0.9) for n in (64, 512)
+    }
+    assert all(c["gen_tokens"] == DEFAULTS["gen_tokens"] for c in configs)
+    assert len({config_key(c) for c in configs}) == 8  # keys tell configurations apart
+    assert set(configs[0]) == set(AXES)
+
+
+def test_lists_and_single_values_as_a_toml_table_gives_them():
+    axes = parse_axes({"top_k": [0, 40], "kv": ["full", "q8", "q4:rotating:256"], "depth": 512})
+    assert axes["top_k"] == [0, 40] and axes["depth"] == [512]
+    assert parse_kv("q4:rotating:256") == {"max_kv_size": 256, "kv_bits": 4}
+    assert parse_kv("rotating:64") == {"max_kv_size": 64, "kv_bits": None}
+    assert parse_kv("full") == {"max_kv_size": None, "kv_bits": None}
+
+
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({"temperature": "0,-1"}, "sweep axis 'temperature': temperature must be in"),
+        ({"top_p": "0.9,x"}, "sweep axis 'top_p': 'x' is not a number"),
+        ({"top_k": "1.5"}, "sweep axis 'top_k': '1.5' is not an integer"),
+        ({"prompt_tokens": "0"}, "sweep axis 'prompt_tokens': 0 must be >= 1"),
+        ({"depth": "-5"}, "sweep axis 'depth': -5 must be >= 0"),
+        ({"kv": "q3"}, "sweep axis 'kv': 'q3' is not one of"),
+        ({"kv": "rotating:abc"}, "sweep axis 'kv': 'rotating:abc'"),
+        ({"compute": "fp16"}, "sweep axis 'compute': 'fp16' is not float32 or native"),
+        ({"min_p": "nan"}, "sweep axis 'min_p'"),
+        ({"temprature": "0"}, "unknown sweep axis 'temprature'"),
+        ({"temperature": "0,0"}, "repeats a value"),
+        ({"concurrency": []}, "has no values"),
+    ],
+)
+def test_a_bad_value_names_its_axis(raw, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        parse_axes(raw)

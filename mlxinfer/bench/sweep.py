@@ -1,0 +1,229 @@
+"""Running a sweep: every configuration of the grid, a warm-up then `reps` repetitions, each
+measurement committed to the runs database the moment it exists; a resumed run skips what it has.
+
+    sweep = Sweep(parse_axes({"temperature": "0,0.8"}), reps=5, db=RunsDB())
+    for event in sweep.run(cancel=threading.Event()):   # progress events; the dashboard drives it
+        print(event.kind, event.index, event.total, event.metrics)
+
+Each measurement runs through an Engine (so concurrency is an axis like the others):
+`concurrency` requests of exactly `prompt_tokens` tokens of public-domain text (KJV Genesis,
+repeated as needed) submitted at once, each generating exactly `gen_tokens` tokens (EOS ignored),
+seeded per repetition. With `depth`, a context of that many tokens is computed first (not timed)
+and kept by the prefix cache: the measured prompt follows it, as a new turn follows a long
+conversation. A measurement's metrics are the means over its concurrent requests; its token times
+are the first request's.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .db import RunsDB
+from .grid import config_key, expand, parse_kv, sampling_params
+
+ENGINE = "mlxinfer"
+TEXT = Path(__file__).with_name("kjv_genesis.txt")
+
+
+@dataclass
+class SweepEvent:
+    """What happened: 'measured', 'failed', 'skipped' (a resumed run has it), 'finished' or
+    'stopped' (cancelled; resume with the run id)."""
+
+    kind: str
+    run_id: int
+    index: int  # configuration, 0-based
+    total: int
+    config: dict = field(default_factory=dict)
+    rep: int | None = None
+    metrics: dict | None = None
+    error: str | None = None
+    elapsed_s: float = 0.0
+    eta_s: float | None = None  # time left, from the pace so far
+
+
+class Sweep:
+    """A run of the grid `axes` (parse_axes' output) into `db`; `run_id` resumes a run."""
+
+    def __init__(
+        self,
+        axes: Mapping[str, list],
+        reps: int = 5,
+        db: RunsDB | None = None,
+        command: str = "mlxinfer.bench",
+        sweep_text: str | None = None,
+        run_id: int | None = None,
+        seed: int = 0,
+    ):
+        if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
+            raise ValueError(f"reps must be an integer >= 1, got {reps!r}")
+        self.configs = list(expand(axes))
+        self.reps = reps
+        self.db = db or RunsDB()
+        self.seed = seed
+        if run_id is None:
+            run_id = self.db.start_run(command, machine_facts(), reps, sweep_text)
+        else:
+            self.db.resume_run(run_id)
+        self.run_id = run_id
+        keys = [(config_key(c), c) for c in self.configs]
+        self.config_ids = self.db.add_configurations(run_id, keys)
+        self._models: dict = {}
+
+    def run(self, cancel: threading.Event | None = None) -> Iterator[SweepEvent]:
+        done = self.db.done(self.run_id)
+        total, start, measured = len(self.configs), time.perf_counter(), 0
+        todo = sum(
+            1
+            for c in self.configs
+            for rep in range(self.reps)
+            if (config_key(c), ENGINE, rep) not in done
+        )
+        for index, (config, config_id) in enumerate(
+            zip(self.configs, self.config_ids, strict=True)
+        ):
+            key = config_key(config)
+            reps = [rep for rep in range(self.reps) if (key, ENGINE, rep) not in done]
+            if not reps:
+                yield SweepEvent("skipped", self.run_id, index, total, config)
+                continue
+            try:
+                engine, prompts = self._setup(config)
+            except Exception as e:  # this configuration fails; the sweep goes on
+                for rep in reps:
+                    self.db.record(config_id, ENGINE, rep, error=_reason(e))
+                yield SweepEvent("failed", self.run_id, index, total, config, error=_reason(e))
+                continue
+            try:
+                self._measure(engine, prompts, config, rep=None)  # warm-up, not recorded
+                for rep in reps:
+                    if cancel is not None and cancel.is_set():
+                        self.db.finish_run(self.run_id, "stopped")
+                        yield SweepEvent("stopped", self.run_id, index, total, config)
+                        return
+                    try:
+                        metrics, tokens, times = self._measure(engine, prompts, config, rep)
+                    except Exception as e:
+                        self.db.record(config_id, ENGINE, rep, error=_reason(e))
+                        yield SweepEvent(
+                            "failed", self.run_id, index, total, config, rep, error=_reason(e)
+                        )
+                        continue
+                    self.db.record(config_id, ENGINE, rep, metrics, tokens, times)
+                    measured += 1
+                    elapsed = time.perf_counter() - start
+                    eta = elapsed / measured * (todo - measured)
+                    yield SweepEvent(
+                        "measured", self.run_id, index, total, config, rep, metrics,
+                        elapsed_s=elapsed, eta_s=eta,
+                    )  # fmt: skip
+            finally:
+                engine.close(cancel=True)
+        self.db.finish_run(self.run_id, "done")
+        yield SweepEvent(
+            "finished", self.run_id, total, total, elapsed_s=time.perf_counter() - start
+        )
+
+    # -- one configuration -----------------------------------------------------------------------
+
+    def _setup(self, config: Mapping):
+        from ..engine import Engine
+
+        model, tokenizer = self._model(config["model"], config["compute"])
+        depth, n, gen = config["depth"], config["prompt_tokens"], config["gen_tokens"]
+        context = model.config.max_position_embeddings
+        if depth + n + gen > context:
+            raise ValueError(
+                f"depth {depth} + prompt {n} + gen {gen} tokens exceed the model's context of "
+                f"{context}"
+            )
+        text = exact_tokens(tokenizer, depth + n * config["concurrency"])
+        shared, rest = text[:depth], text[depth:]
+        prompts = [shared + rest[i * n : (i + 1) * n] for i in range(config["concurrency"])]
+        options = parse_kv(config["kv"])
+        engine = Engine(
+            model, tokenizer, max_batch=config["concurrency"],
+            prefix_cache_mb=1024 if depth else 0, **options,
+        )  # fmt: skip
+        if depth:  # the context, computed once and kept by the prefix cache
+            engine.submit(shared + [prompts[0][depth]], max_tokens=1).result()
+        return engine, prompts
+
+    def _measure(self, engine, prompts: list[list[int]], config: Mapping, rep: int | None):
+        seed = self.seed + (0 if rep is None else rep) * 1000
+        handles = [
+            engine.submit(p, sampling=sampling_params(config, seed + i))
+            for i, p in enumerate(prompts)
+        ]
+        results = [h.result() for h in handles]
+        for r in results:
+            if r.finish_reason != "length":
+                raise RuntimeError(f"a request ended with {r.finish_reason}: {r.error}")
+        metrics = {}
+        for name in (
+            "ttft_ms", "prefill_tps", "decode_tps", "tpot_ms", "itl_p50_ms", "itl_p90_ms",
+            "itl_p99_ms", "e2e_ms", "peak_memory_mb", "kv_cache_mb", "bandwidth_gbs",
+        ):  # fmt: skip
+            values = [getattr(r.metrics, name) for r in results]
+            metrics[name] = sum(values) / len(values)
+        first = results[0].metrics
+        times = [first.ttft_ms + sum(first.itl_ms[:i]) for i in range(len(first.itl_ms) + 1)]
+        return metrics, results[0].tokens, times
+
+    def _model(self, name: str, compute: str):
+        key = (name, compute)
+        if key not in self._models:
+            from ..loading import load
+
+            self._models[key] = load(None if name == "default" else name, compute=compute)
+        return self._models[key]
+
+
+def machine_facts() -> dict:
+    """The machine and software a run was measured on."""
+    import os
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import mlx.core as mx
+
+    from .. import __version__
+    from ..backend import blas_status, cpu_name, gemv_shim_status
+
+    def package(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    memory = (
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    )
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "memory_gb": round(memory / 2**30, 1),
+        "os": platform.platform(),
+        "backend": str(mx.default_device()),
+        "blas": blas_status(),
+        "gemv_shim": gemv_shim_status(),
+        "mlx": mx.__version__,
+        "mlx_lm": package("mlx-lm"),
+        "mlxinfer": __version__,
+    }
+
+
+def exact_tokens(tokenizer, n: int) -> list[int]:
+    """Exactly `n` token ids of public-domain text (KJV Genesis, repeated as needed)."""
+    ids = tokenizer.encode(TEXT.read_text())
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"

@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
         "env", help="versions, device, BLAS and the default model, for bug reports"
     )
     env.add_argument("--json", action="store_true", help="as one JSON object")
+
+    from .bench.command import add_parser as add_bench_parser
+
+    add_bench_parser(commands)
     return parser
 
 
@@ -303,6 +307,13 @@ def main(argv: list[str] | None = None) -> int:
             from .chat import run_chat
 
             return run_chat(args)
+        if args.command == "bench":
+            from .bench.command import run as run_bench
+
+            try:
+                return run_bench(args)
+            except ValueError as e:  # a bad flag, value, sweep file or database: nothing ran
+                raise UsageError(str(e)) from None
         return run_generate(args)
     except UsageError as e:
         print(f"mlxinfer {args.command}: error: {e}", file=sys.stderr)

@@ -49,3 +49,13 @@ def test_lists_and_single_values_as_a_toml_table_gives_them():
 def test_a_bad_value_names_its_axis(raw, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         parse_axes(raw)
+
+
+def test_defaults_are_sampling_params_own():
+    from dataclasses import fields
+
+    from mlxinfer.bench.grid import SAMPLING_AXES
+    from mlxinfer.sampling import SamplingParams
+
+    own = {f.name: f.default for f in fields(SamplingParams) if f.name in SAMPLING_AXES}
+    assert own == {a: DEFAULTS[a] for a in SAMPLING_AXES}

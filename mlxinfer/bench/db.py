@@ -210,6 +210,13 @@ class RunsDB:
     def runs(self) -> list[sqlite3.Row]:
         return self.conn.execute("SELECT * FROM runs ORDER BY id").fetchall()
 
+    def configurations(self, run_id: int) -> list[dict]:
+        """A run's configurations' settings, in grid order."""
+        rows = self.conn.execute(
+            "SELECT settings FROM configurations WHERE run_id = ? ORDER BY position", (run_id,)
+        ).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
     def done(self, run_id: int) -> set[tuple[str, str, int]]:
         """(configuration key, engine, repetition) of every measurement a run has, failed or not."""
         rows = self.conn.execute(

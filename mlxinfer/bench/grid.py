@@ -21,9 +21,6 @@ import itertools
 import json
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import fields
-
-from ..sampling import SamplingParams
 
 SAMPLING_AXES = (
     "temperature",
@@ -38,9 +35,15 @@ LENGTH_AXES = ("prompt_tokens", "gen_tokens", "depth")
 ENGINE_AXES = ("concurrency", "kv", "compute", "model")
 AXES = SAMPLING_AXES + LENGTH_AXES + ENGINE_AXES
 
-_SAMPLING_DEFAULTS = {f.name: f.default for f in fields(SamplingParams) if f.name in SAMPLING_AXES}
-DEFAULTS: dict[str, object] = {
-    **_SAMPLING_DEFAULTS,
+# (no MLX import here: `mlxinfer --help` builds the bench parser from these names)
+DEFAULTS: dict[str, object] = {  # SamplingParams' own defaults, then the sweep's
+    "temperature": 0.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
     "prompt_tokens": 256,
     "gen_tokens": 128,
     "depth": 0,
@@ -105,6 +108,8 @@ def check_value(axis: str, raw: object) -> object:
     if axis == "depth" and value < 0:
         raise ValueError(f"sweep axis 'depth': {value} must be >= 0")
     if axis in SAMPLING_AXES:
+        from ..sampling import SamplingParams
+
         try:
             SamplingParams(**{axis: value})
         except ValueError as e:
@@ -148,8 +153,10 @@ def config_key(config: Mapping[str, object]) -> str:
     return json.dumps({name: config[name] for name in AXES}, sort_keys=True)
 
 
-def sampling_params(config: Mapping[str, object], seed: int) -> SamplingParams:
-    """The configuration's sampling settings, EOS ignored, exactly gen_tokens tokens."""
+def sampling_params(config: Mapping[str, object], seed: int):
+    """The configuration's SamplingParams, EOS ignored, exactly gen_tokens tokens."""
+    from ..sampling import SamplingParams
+
     return SamplingParams(
         **{name: config[name] for name in SAMPLING_AXES},
         seed=seed,

@@ -74,6 +74,20 @@ class Sweep:
         self.config_ids = self.db.add_configurations(run_id, keys)
         self._models: dict = {}
 
+    @classmethod
+    def resume(cls, db: RunsDB, run_id: int, seed: int = 0) -> Sweep:
+        """A stopped run of `db`, with its own configurations and repetitions."""
+        sweep = cls.__new__(cls)
+        sweep.configs = db.configurations(run_id)
+        sweep.reps = db.run(run_id)["reps"]
+        sweep.db, sweep.seed, sweep._models = db, seed, {}
+        db.resume_run(run_id)
+        sweep.run_id = run_id
+        sweep.config_ids = db.add_configurations(
+            run_id, [(config_key(c), c) for c in sweep.configs]
+        )
+        return sweep
+
     def run(self, cancel: threading.Event | None = None) -> Iterator[SweepEvent]:
         done = self.db.done(self.run_id)
         total, start, measured = len(self.configs), time.perf_counter(), 0

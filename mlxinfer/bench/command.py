@@ -1,0 +1,149 @@
+"""`mlxinfer bench`: a sweep from the command line, and what the runs database holds.
+
+mlxinfer bench --temperature 0,0.8 --top-p 1.0,0.9 --prompt-tokens 64,512 [--reps 5]
+mlxinfer bench --sweep sweep.toml        # the same axes as a TOML table
+mlxinfer bench --resume RUN_ID           # a stopped run, without repeating what it has
+mlxinfer bench list | export RUN_ID --csv FILE / --json FILE | compare RUN_A RUN_B
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from pathlib import Path
+
+from .grid import AXES
+
+
+class BenchUsageError(ValueError):
+    """A bad flag or value: the command exits 2 before anything runs."""
+
+
+def add_parser(commands) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="benchmark sweeps, kept in a SQLite database",
+        description="Sweep sampling settings, lengths, context depth, concurrency, KV cache kind, "
+        "compute policy and model; every measurement goes to the runs database as it finishes.",
+    )
+    grid = bench.add_argument_group("grid (each a comma list; default: one value)")
+    for axis in AXES:
+        grid.add_argument(f"--{axis.replace('_', '-')}", dest=f"axis_{axis}", metavar="LIST")
+    bench.add_argument("--sweep", metavar="FILE", help="the axes as a TOML table (flags add to it)")
+    bench.add_argument("--reps", type=int, default=5, help="measured repetitions (default 5)")
+    bench.add_argument("--db", metavar="PATH", help="the runs database (default: MLXINFER_DB, "
+                       "else ~/.local/share/mlxinfer/runs.sqlite)")  # fmt: skip
+    bench.add_argument("--resume", type=int, metavar="RUN_ID", help="continue a stopped run")
+    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    actions = bench.add_subparsers(dest="bench_command", metavar="ACTION")
+    # --db after the action too; SUPPRESS keeps one given before it
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS, help="the runs database")
+    actions.add_parser("list", help="the runs in the database", parents=[where])
+    export = actions.add_parser(
+        "export", help="a run's measurements as CSV or JSON", parents=[where]
+    )
+    export.add_argument("run_id", type=int, metavar="RUN_ID")
+    export.add_argument("--csv", metavar="FILE", help="every measurement, one row each")
+    export.add_argument("--json", dest="export_json", metavar="FILE", help="per configuration")
+    compare = actions.add_parser(
+        "compare", help="two runs' shared configurations, with ratios", parents=[where]
+    )
+    compare.add_argument("run_a", type=int, metavar="RUN_A")
+    compare.add_argument("run_b", type=int, metavar="RUN_B")
+    compare.add_argument("--metric", default="decode_tps", help="default decode_tps")
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import report
+    from .db import RunsDB
+
+    db = RunsDB(args.db)
+    if args.bench_command == "list":
+        for r in db.runs():
+            print(f"{r['id']:>4}  {r['status']:<8} {r['command']}")
+        return 0
+    if args.bench_command == "export":
+        db.run(args.run_id)
+        if not args.csv and not args.export_json:
+            raise BenchUsageError("export needs --csv FILE or --json FILE")
+        if args.csv:
+            Path(args.csv).write_text(report.to_csv(db, args.run_id))
+        if args.export_json:
+            Path(args.export_json).write_text(report.to_json(report.summarize(db, args.run_id)))
+        return 0
+    if args.bench_command == "compare":
+        db.run(args.run_a), db.run(args.run_b)
+        for row in report.compare(db, args.run_a, args.run_b, args.metric):
+            interval = row["interval"]
+            ci = f" [{interval['low']:.2f}, {interval['high']:.2f}]" if interval else ""
+            print(f"{row['engine']:<9} {row['settings']}  {row['a']:.2f} -> {row['b']:.2f}  "
+                  f"x{row['ratio']:.2f}{ci}")  # fmt: skip
+        return 0
+    return _sweep(args, db)
+
+
+def _sweep(args: argparse.Namespace, db) -> int:
+    from . import report
+    from .grid import parse_axes
+    from .sweep import Sweep
+
+    if args.resume is not None:
+        sweep = Sweep.resume(db, args.resume)
+    else:
+        raw = _read_sweep_file(args.sweep) if args.sweep else {}
+        for axis in AXES:
+            value = getattr(args, f"axis_{axis}")
+            if value is not None:
+                raw[axis] = value
+        try:
+            axes = parse_axes(raw)
+        except ValueError as e:
+            raise BenchUsageError(str(e)) from None
+        if args.reps < 1:
+            raise BenchUsageError(f"--reps must be >= 1, got {args.reps}")
+        command = "mlxinfer bench " + " ".join(sys.argv[2:])
+        sweep = Sweep(
+            axes, args.reps, db, command, Path(args.sweep).read_text() if args.sweep else None
+        )
+    cancel = threading.Event()
+    try:
+        for event in sweep.run(cancel):
+            _progress(event)
+    except KeyboardInterrupt:
+        db.finish_run(sweep.run_id, "stopped")
+        print(f"\nstopped; resume with: mlxinfer bench --resume {sweep.run_id} --db {db.path}",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    items = report.summarize(db, sweep.run_id)
+    print(report.markdown_table(items))
+    if args.json:
+        Path(args.json).write_text(report.to_json(items))
+    print(f"run {sweep.run_id} in {db.path}", file=sys.stderr)
+    return 0
+
+
+def _progress(event) -> None:
+    if event.kind in ("measured", "failed"):
+        eta = f", ~{event.eta_s:.0f} s left" if event.eta_s is not None else ""
+        what = "failed: " + (event.error or "") if event.kind == "failed" else ""
+        print(f"\r[{event.index + 1}/{event.total}] rep {event.rep} {what}{eta}   ",
+              end="", file=sys.stderr, flush=True)  # fmt: skip
+    elif event.kind in ("finished", "stopped"):
+        print(file=sys.stderr)
+
+
+def _read_sweep_file(path: str) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise BenchUsageError(f"cannot read sweep file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise BenchUsageError(f"sweep file {path} is not valid TOML: {e}") from None
+    return {k.replace("-", "_"): v for k, v in data.items()}

@@ -1,0 +1,126 @@
+"""What a run's measurements say: per configuration and engine, each metric's mean, standard
+deviation and samples; the cost of sampling (decode speed against the greedy configuration of the
+same lengths and engine settings); the markdown table, the JSON and CSV exports, and the comparison
+of two runs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+
+from .db import METRICS, RunsDB
+from .grid import AXES, SAMPLING_AXES
+from .stats import paired_ratio, summary
+
+TABLE_METRICS = ("prefill_tps", "decode_tps", "ttft_ms", "itl_p99_ms", "peak_memory_mb")
+
+
+def summarize(db: RunsDB, run_id: int) -> list[dict]:
+    """One item per configuration and engine, in grid order: `engine`, `settings`, `failed`
+    (repetitions that failed, with the first error) and each metric as {mean, std, samples}."""
+    groups: dict[tuple, dict] = {}
+    for row in db.measurements(run_id):
+        key = (row["position"], row["engine"])
+        item = groups.setdefault(
+            key,
+            {"engine": row["engine"], "settings": row["settings"], "failed": 0, "error": None,
+             "samples": {m: [] for m in METRICS}},
+        )  # fmt: skip
+        if row["status"] != "ok":
+            item["failed"] += 1
+            item["error"] = item["error"] or row["error"]
+            continue
+        for m in METRICS:
+            item["samples"][m].append(row[m])
+    out = []
+    for (_, _), item in sorted(groups.items()):
+        samples = item.pop("samples")
+        for m in METRICS:
+            item[m] = summary(samples[m]) if samples[m] else None
+        out.append(item)
+    _sampling_cost(out)
+    return out
+
+
+def _sampling_cost(items: list[dict]) -> None:
+    """`sampling_cost`: decode speed relative to the greedy configuration that differs only in its
+    sampling settings (same engine), when the run has one."""
+
+    def rest(settings: dict) -> tuple:
+        return tuple(sorted((k, v) for k, v in settings.items() if k not in SAMPLING_AXES))
+
+    greedy = {}
+    for item in items:
+        s = item["settings"]
+        plain = s["temperature"] == 0 and all(
+            s[k] == d for k, d in (("repetition_penalty", 1.0), ("presence_penalty", 0.0),
+                                   ("frequency_penalty", 0.0))
+        )  # fmt: skip
+        if plain and item["decode_tps"]:
+            greedy[(item["engine"], rest(s))] = item["decode_tps"]["mean"]
+    for item in items:
+        base = greedy.get((item["engine"], rest(item["settings"])))
+        ok = base and item["decode_tps"]
+        item["sampling_cost"] = item["decode_tps"]["mean"] / base if ok else None
+
+
+def swept_axes(items: Sequence[dict]) -> list[str]:
+    """The axes whose value differs between configurations."""
+    return [a for a in AXES if len({json.dumps(i["settings"][a]) for i in items}) > 1]
+
+
+def markdown_table(items: Sequence[dict]) -> str:
+    """llama-bench's layout: the swept settings, then mean ± std of the main metrics."""
+    axes = swept_axes(items) or ["prompt_tokens", "gen_tokens"]
+    header = ["engine", *axes, *TABLE_METRICS, "vs greedy"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for item in items:
+        cells = [item["engine"], *(str(item["settings"][a]) for a in axes)]
+        if item["decode_tps"] is None:
+            cells += [f"failed: {item['error']}"] + [""] * len(TABLE_METRICS)
+        else:
+            cells += [f"{item[m]['mean']:.1f} ± {item[m]['std']:.1f}" for m in TABLE_METRICS]
+            cost = item.get("sampling_cost")
+            cells.append("" if cost is None else f"{cost:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def to_json(items: Sequence[dict]) -> str:
+    """A list, one object per configuration and engine: `engine`, the settings, each metric."""
+    return json.dumps([{"engine": i["engine"], **i["settings"],
+                        **{m: i[m] for m in METRICS}, "failed": i["failed"], "error": i["error"],
+                        "sampling_cost": i.get("sampling_cost")} for i in items], indent=1)  # fmt: skip
+
+
+def to_csv(db: RunsDB, run_id: int) -> str:
+    """Every measurement, one row per configuration, engine and repetition."""
+    rows = db.measurements(run_id)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["position", "engine", "rep", *AXES, "status", "error", *METRICS])
+    for r in rows:
+        writer.writerow([r["position"], r["engine"], r["rep"], *(r["settings"][a] for a in AXES),
+                         r["status"], r["error"] or "", *(r[m] for m in METRICS)])  # fmt: skip
+    return out.getvalue()
+
+
+def compare(db: RunsDB, run_a: int, run_b: int, metric: str = "decode_tps") -> list[dict]:
+    """The configurations two runs share (same engine and settings): each run's mean of `metric`
+    and B / A, with an interval when both have the same number of repetitions."""
+    a = {(i["engine"], json.dumps(i["settings"], sort_keys=True)): i for i in summarize(db, run_a)}
+    out = []
+    for item in summarize(db, run_b):
+        key = (item["engine"], json.dumps(item["settings"], sort_keys=True))
+        if key not in a or not item[metric] or not a[key][metric]:
+            continue
+        sa, sb = a[key][metric]["samples"], item[metric]["samples"]
+        ratio = paired_ratio(sb, sa) if len(sa) == len(sb) else None
+        out.append({
+            "engine": item["engine"], "settings": item["settings"],
+            "a": a[key][metric]["mean"], "b": item[metric]["mean"],
+            "ratio": item[metric]["mean"] / a[key][metric]["mean"], "interval": ratio,
+        })  # fmt: skip
+    return out

@@ -1,0 +1,80 @@
+"""`mlxinfer bench` end to end on a tiny random checkpoint: a sweep from flags or a TOML file,
+the table, the JSON and CSV exports, list and compare, and bad input refused before anything runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .reference import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    make_tiny_checkpoint(path, "llama")
+    return str(path)
+
+
+def bench(*args, db):
+    return subprocess.run(
+        [sys.executable, "-m", "mlxinfer", "bench", *args, "--db", str(db)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_a_sweep_from_flags_then_list_export_and_compare(tiny, tmp_path):
+    db, out = tmp_path / "runs.sqlite", tmp_path / "out.json"
+    grid = ["--model", tiny, "--temperature", "0,0.8", "--prompt-tokens", "8", "--gen-tokens", "4"]
+    result = bench(*grid, "--reps", "2", "--json", str(out), db=db)
+    assert result.returncode == 0, result.stderr
+    table = result.stdout.splitlines()
+    assert table[0].startswith("| engine | temperature | prefill_tps | decode_tps")
+    assert len(table) == 4 and "| mlxinfer | 0.8 |" in result.stdout
+    items = json.loads(out.read_text())
+    assert [(i["engine"], i["temperature"]) for i in items] == [
+        ("mlxinfer", 0.0),
+        ("mlxinfer", 0.8),
+    ]
+    assert all(len(i["decode_tps"]["samples"]) == 2 and i["decode_tps"]["mean"] > 0 for i in items)
+    assert items[0]["sampling_cost"] == pytest.approx(1.0)  # the greedy one is its own baseline
+    assert items[1]["sampling_cost"] > 0
+    again = bench(*grid, "--reps", "1", db=db)
+    assert again.returncode == 0, again.stderr
+    listed = bench("list", db=db).stdout.splitlines()
+    assert len(listed) == 2 and all("done" in line for line in listed)
+    csv_path = tmp_path / "run1.csv"
+    assert bench("export", "1", "--csv", str(csv_path), db=db).returncode == 0
+    rows = list(csv.DictReader(csv_path.open()))
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}
+    compared = bench("compare", "1", "2", db=db)
+    assert compared.returncode == 0 and len(compared.stdout.splitlines()) == 2
+
+
+def test_a_sweep_file(tiny, tmp_path):
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(f'model = "{tiny}"\ntop_k = [0, 5]\nprompt_tokens = 8\ngen_tokens = 3\n')
+    result = bench("--sweep", str(sweep), "--reps", "1", db=tmp_path / "runs.sqlite")
+    assert result.returncode == 0, result.stderr
+    assert "| mlxinfer | 5 |" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--temperature", "0,-1"], "sweep axis 'temperature'"),
+        (["--kv", "q3"], "sweep axis 'kv': 'q3'"),
+        (["--reps", "0"], "--reps must be >= 1"),
+        (["--resume", "9"], "no run 9"),
+        (["export", "1"], "no run 1"),
+        (["--sweep", "/nonexistent.toml"], "cannot read sweep file /nonexistent.toml"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_runs(tmp_path, args, message):
+    result = bench(*args, db=tmp_path / "runs.sqlite")
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr

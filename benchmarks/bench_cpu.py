@@ -30,44 +30,11 @@ import mlxinfer  # first: it loads OpenBLAS, which must happen before mlx.core i
 import mlx.core as mx
 import numpy as np
 from common import machine_info, summary
-from mlx.utils import tree_flatten
 
 from mlxinfer.backend import blas_status
+from mlxinfer.bench.baseline import export_for_mlx_lm  # noqa: F401  (bench_batch imports it here)
 
 ROOFLINE_GBS = 21.0  # measured memory read bandwidth of the development machine (BENCHMARKING.md)
-
-
-def export_for_mlx_lm(model, tokenizer, path: Path) -> None:
-    """Our float32 weights under Hugging Face names, a llama config.json and the tokenizer."""
-    c = model.config
-    weights = {}
-    q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    for name, value in tree_flatten(model.parameters()):
-        if name.endswith(".weight_t"):  # the float32 policy's transposed layout
-            name, value = name.removesuffix("_t"), value.T
-        stem = name.rsplit(".", 2)[0]  # model.layers.N.self_attn / .mlp
-        if name.endswith("qkv_proj.weight"):  # our load-time fusion, split back to checkpoint names
-            q, k, v = mx.split(value, [q_out, q_out + kv_out], axis=0)
-            weights.update(
-                {f"{stem}.q_proj.weight": q, f"{stem}.k_proj.weight": k, f"{stem}.v_proj.weight": v}
-            )
-        elif name.endswith("gate_up_proj.weight"):
-            gate, up = mx.split(value, 2, axis=0)
-            weights.update({f"{stem}.gate_proj.weight": gate, f"{stem}.up_proj.weight": up})
-        else:
-            weights[name] = value
-    mx.save_safetensors(str(path / "model.safetensors"), weights)
-    config = {
-        "model_type": "llama", "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
-        "rms_norm_eps": c.rms_norm_eps, "vocab_size": c.vocab_size, "rope_theta": c.rope_theta,
-        "rope_traditional": c.rope_traditional, "tie_word_embeddings": c.tie_word_embeddings,
-        "max_position_embeddings": c.max_position_embeddings, "eos_token_id": sorted(tokenizer.eos_token_ids),
-    }  # fmt: skip
-    (path / "config.json").write_text(json.dumps(config))
-    tokenizer._tokenizer.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": tokenizer.eos_token}))
 
 
 def run_mlxinfer(model, tokenizer, prompt: list[int], tokens: int) -> dict:

@@ -78,3 +78,26 @@ def test_bad_input_is_refused_before_anything_runs(tmp_path, args, message):
     result = bench(*args, db=tmp_path / "runs.sqlite")
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_mlx_lm_runs_beside_with_ratios_and_token_agreement(tiny, tmp_path):
+    """--baseline mlx-lm: every configuration through mlx-lm too (its own process, same weights),
+    a paired ratio with its interval, and for greedy rows whether both gave the same tokens."""
+    out = tmp_path / "out.json"
+    result = bench(
+        "--model", tiny, "--temperature", "0,0.8", "--prompt-tokens", "8", "--gen-tokens", "5",
+        "--reps", "2", "--baseline", "mlx-lm", "--json", str(out), db=tmp_path / "runs.sqlite",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    items = json.loads(out.read_text())
+    assert sorted((i["engine"], i["temperature"]) for i in items) == [
+        ("mlx-lm", 0.0), ("mlx-lm", 0.8), ("mlxinfer", 0.0), ("mlxinfer", 0.8),
+    ]  # fmt: skip
+    assert all(i["failed"] == 0 and len(i["decode_tps"]["samples"]) == 2 for i in items)
+    for ours in (i for i in items if i["engine"] == "mlxinfer"):
+        ratio = ours["vs_mlx_lm"]["decode_tps"]
+        assert ratio["low"] <= ratio["ratio"] <= ratio["high"] and ratio["n"] == 2
+    greedy = next(i for i in items if i["engine"] == "mlxinfer" and i["temperature"] == 0)
+    assert isinstance(greedy["same_tokens"], bool)
+    assert greedy["same_tokens"] or isinstance(greedy["first_difference"], int)
+    assert "decode vs mlx-lm (95% CI)" in result.stdout.splitlines()[0]

@@ -36,6 +36,11 @@ def add_parser(commands) -> None:
                        "else ~/.local/share/mlxinfer/runs.sqlite)")  # fmt: skip
     bench.add_argument("--resume", type=int, metavar="RUN_ID", help="continue a stopped run")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench.add_argument(
+        "--baseline",
+        choices=["mlx-lm"],
+        help="run every configuration through mlx-lm too, alternating with mlxinfer",
+    )
     actions = bench.add_subparsers(dest="bench_command", metavar="ACTION")
     # --db after the action too; SUPPRESS keeps one given before it
     where = argparse.ArgumentParser(add_help=False)
@@ -104,9 +109,8 @@ def _sweep(args: argparse.Namespace, db) -> int:
         if args.reps < 1:
             raise BenchUsageError(f"--reps must be >= 1, got {args.reps}")
         command = "mlxinfer bench " + " ".join(sys.argv[2:])
-        sweep = Sweep(
-            axes, args.reps, db, command, Path(args.sweep).read_text() if args.sweep else None
-        )
+        sweep_text = Path(args.sweep).read_text() if args.sweep else None
+        sweep = Sweep(axes, args.reps, db, command, sweep_text, baseline=args.baseline)
     cancel = threading.Event()
     try:
         for event in sweep.run(cancel):

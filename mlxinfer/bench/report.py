@@ -11,8 +11,8 @@ import json
 from collections.abc import Sequence
 
 from .db import METRICS, RunsDB
-from .grid import AXES, SAMPLING_AXES
-from .stats import paired_ratio, summary
+from .grid import AXES, DEFAULTS, SAMPLING_AXES
+from .stats import first_difference, paired_ratio, summary
 
 TABLE_METRICS = ("prefill_tps", "decode_tps", "ttft_ms", "itl_p99_ms", "peak_memory_mb")
 
@@ -41,7 +41,42 @@ def summarize(db: RunsDB, run_id: int) -> list[dict]:
             item[m] = summary(samples[m]) if samples[m] else None
         out.append(item)
     _sampling_cost(out)
+    _against_baseline(out, db, run_id)
     return out
+
+
+def _against_baseline(items: list[dict], db: RunsDB, run_id: int) -> None:
+    """For mlxinfer's rows when mlx-lm measured the same configuration: `vs_mlx_lm`, the decode
+    and prefill speed ratios with 95% intervals paired by repetition; `same_tokens`, for greedy
+    configurations, whether both produced the same tokens in the first repetition (else
+    `first_difference`, the position where they part)."""
+    by_config = {}
+    for item in items:
+        by_config.setdefault(json.dumps(item["settings"], sort_keys=True), {})[item["engine"]] = (
+            item
+        )
+    tokens = {}
+    for row in db.measurements(run_id):
+        if row["rep"] == 0 and row["tokens"] is not None:
+            tokens[(json.dumps(row["settings"], sort_keys=True), row["engine"])] = row["tokens"]
+    for key, engines in by_config.items():
+        ours, theirs = engines.get("mlxinfer"), engines.get("mlx-lm")
+        if ours is None:
+            continue
+        ours["vs_mlx_lm"] = None
+        if theirs is None or not ours["decode_tps"] or not theirs["decode_tps"]:
+            continue
+        ratios = {}
+        for metric in ("decode_tps", "prefill_tps"):
+            a, b = ours[metric]["samples"], theirs[metric]["samples"]
+            if len(a) == len(b) and all(v > 0 for v in a + b):
+                ratios[metric] = paired_ratio(a, b)
+        ours["vs_mlx_lm"] = ratios
+        mine, other = tokens.get((key, "mlxinfer")), tokens.get((key, "mlx-lm"))
+        if ours["settings"]["temperature"] == 0 and mine is not None and other is not None:
+            position = first_difference(mine, other)
+            ours["same_tokens"] = position is None
+            ours["first_difference"] = position
 
 
 def _sampling_cost(items: list[dict]) -> None:
@@ -51,14 +86,10 @@ def _sampling_cost(items: list[dict]) -> None:
     def rest(settings: dict) -> tuple:
         return tuple(sorted((k, v) for k, v in settings.items() if k not in SAMPLING_AXES))
 
-    greedy = {}
+    greedy = {}  # the configuration with every sampling setting at its default
     for item in items:
         s = item["settings"]
-        plain = s["temperature"] == 0 and all(
-            s[k] == d for k, d in (("repetition_penalty", 1.0), ("presence_penalty", 0.0),
-                                   ("frequency_penalty", 0.0))
-        )  # fmt: skip
-        if plain and item["decode_tps"]:
+        if all(s[k] == DEFAULTS[k] for k in SAMPLING_AXES) and item["decode_tps"]:
             greedy[(item["engine"], rest(s))] = item["decode_tps"]["mean"]
     for item in items:
         base = greedy.get((item["engine"], rest(item["settings"])))
@@ -74,16 +105,33 @@ def swept_axes(items: Sequence[dict]) -> list[str]:
 def markdown_table(items: Sequence[dict]) -> str:
     """llama-bench's layout: the swept settings, then mean ± std of the main metrics."""
     axes = swept_axes(items) or ["prompt_tokens", "gen_tokens"]
-    header = ["engine", *axes, *TABLE_METRICS, "vs greedy"]
+    header = [
+        "engine",
+        *axes,
+        *TABLE_METRICS,
+        "vs greedy",
+        "decode vs mlx-lm (95% CI)",
+        "same tokens",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for item in items:
         cells = [item["engine"], *(str(item["settings"][a]) for a in axes)]
         if item["decode_tps"] is None:
-            cells += [f"failed: {item['error']}"] + [""] * len(TABLE_METRICS)
+            cells += [f"failed: {item['error']}"] + [""] * (len(TABLE_METRICS) + 2)
         else:
             cells += [f"{item[m]['mean']:.1f} ± {item[m]['std']:.1f}" for m in TABLE_METRICS]
             cost = item.get("sampling_cost")
             cells.append("" if cost is None else f"{cost:.2f}")
+            ratio = (item.get("vs_mlx_lm") or {}).get("decode_tps")
+            cells.append(
+                ""
+                if ratio is None
+                else f"{ratio['ratio']:.2f} [{ratio['low']:.2f}, {ratio['high']:.2f}]"
+            )
+            same = item.get("same_tokens")
+            cells.append(
+                "" if same is None else "yes" if same else f"from token {item['first_difference']}"
+            )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -92,7 +140,10 @@ def to_json(items: Sequence[dict]) -> str:
     """A list, one object per configuration and engine: `engine`, the settings, each metric."""
     return json.dumps([{"engine": i["engine"], **i["settings"],
                         **{m: i[m] for m in METRICS}, "failed": i["failed"], "error": i["error"],
-                        "sampling_cost": i.get("sampling_cost")} for i in items], indent=1)  # fmt: skip
+                        "sampling_cost": i.get("sampling_cost"), "vs_mlx_lm": i.get("vs_mlx_lm"),
+                        "same_tokens": i.get("same_tokens"),
+                        "first_difference": i.get("first_difference")} for i in items],
+                      indent=1)  # fmt: skip
 
 
 def to_csv(db: RunsDB, run_id: int) -> str:

@@ -22,10 +22,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .db import METRICS as _METRICS
 from .db import RunsDB
-from .grid import config_key, expand, parse_kv, sampling_params
+from .grid import SAMPLING_AXES, config_key, expand, parse_kv, sampling_params
 
 ENGINE = "mlxinfer"
+BASELINE = "mlx-lm"
 TEXT = Path(__file__).with_name("kjv_genesis.txt")
 
 
@@ -44,6 +46,7 @@ class SweepEvent:
     error: str | None = None
     elapsed_s: float = 0.0
     eta_s: float | None = None  # time left, from the pace so far
+    engine: str = ENGINE
 
 
 class Sweep:
@@ -58,15 +61,20 @@ class Sweep:
         sweep_text: str | None = None,
         run_id: int | None = None,
         seed: int = 0,
+        baseline: str | None = None,
     ):
+        if baseline not in (None, BASELINE):
+            raise ValueError(f"baseline must be {BASELINE} or None, got {baseline!r}")
         if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
             raise ValueError(f"reps must be an integer >= 1, got {reps!r}")
         self.configs = list(expand(axes))
         self.reps = reps
         self.db = db or RunsDB()
         self.seed = seed
+        self.baseline = baseline
+        self._workers: dict = {}
         if run_id is None:
-            run_id = self.db.start_run(command, machine_facts(), reps, sweep_text)
+            run_id = self.db.start_run(command, machine_facts(), reps, sweep_text, baseline)
         else:
             self.db.resume_run(run_id)
         self.run_id = run_id
@@ -80,7 +88,8 @@ class Sweep:
         sweep = cls.__new__(cls)
         sweep.configs = db.configurations(run_id)
         sweep.reps = db.run(run_id)["reps"]
-        sweep.db, sweep.seed, sweep._models = db, seed, {}
+        sweep.db, sweep.seed, sweep._models, sweep._workers = db, seed, {}, {}
+        sweep.baseline = db.run(run_id)["baseline"]
         db.resume_run(run_id)
         sweep.run_id = run_id
         sweep.config_ids = db.add_configurations(
@@ -89,19 +98,31 @@ class Sweep:
         return sweep
 
     def run(self, cancel: threading.Event | None = None) -> Iterator[SweepEvent]:
+        """Measure what the run does not have yet, yielding an event after each measurement."""
+        try:
+            yield from self._run(cancel)
+        finally:
+            self.close()
+
+    def _run(self, cancel: threading.Event | None) -> Iterator[SweepEvent]:
         done = self.db.done(self.run_id)
         total, start, measured = len(self.configs), time.perf_counter(), 0
+        engines = [ENGINE] + ([BASELINE] if self.baseline else [])
         todo = sum(
             1
             for c in self.configs
             for rep in range(self.reps)
-            if (config_key(c), ENGINE, rep) not in done
+            for name in engines
+            if (config_key(c), name, rep) not in done
         )
         for index, (config, config_id) in enumerate(
             zip(self.configs, self.config_ids, strict=True)
         ):
             key = config_key(config)
-            reps = [rep for rep in range(self.reps) if (key, ENGINE, rep) not in done]
+            reps = [
+                rep for rep in range(self.reps)
+                if any((key, name, rep) not in done for name in engines)
+            ]  # fmt: skip
             if not reps:
                 yield SweepEvent("skipped", self.run_id, index, total, config)
                 continue
@@ -109,32 +130,46 @@ class Sweep:
                 engine, prompts = self._setup(config)
             except Exception as e:  # this configuration fails; the sweep goes on
                 for rep in reps:
-                    self.db.record(config_id, ENGINE, rep, error=_reason(e))
+                    for name in engines:
+                        if (key, name, rep) not in done:
+                            self.db.record(config_id, name, rep, error=_reason(e))
                 yield SweepEvent("failed", self.run_id, index, total, config, error=_reason(e))
                 continue
+            engines = [ENGINE] + ([BASELINE] if self.baseline else [])
             try:
-                self._measure(engine, prompts, config, rep=None)  # warm-up, not recorded
+                self._measure(engine, prompts, config, rep=None)  # warm-ups, not recorded
+                if self.baseline:
+                    self._measure_baseline(config, prompts, rep=None)
                 for rep in reps:
-                    if cancel is not None and cancel.is_set():
-                        self.db.finish_run(self.run_id, "stopped")
-                        yield SweepEvent("stopped", self.run_id, index, total, config)
-                        return
-                    try:
-                        metrics, tokens, times = self._measure(engine, prompts, config, rep)
-                    except Exception as e:
-                        self.db.record(config_id, ENGINE, rep, error=_reason(e))
+                    for name in engines:
+                        if (key, name, rep) in done:
+                            continue
+                        if cancel is not None and cancel.is_set():
+                            self.db.finish_run(self.run_id, "stopped")
+                            yield SweepEvent("stopped", self.run_id, index, total, config)
+                            return
+                        try:
+                            if name == ENGINE:
+                                metrics, tokens, times = self._measure(engine, prompts, config, rep)
+                            else:
+                                metrics, tokens, times = self._measure_baseline(
+                                    config, prompts, rep
+                                )
+                        except Exception as e:
+                            self.db.record(config_id, name, rep, error=_reason(e))
+                            yield SweepEvent(
+                                "failed", self.run_id, index, total, config, rep, error=_reason(e),
+                                engine=name,
+                            )  # fmt: skip
+                            continue
+                        self.db.record(config_id, name, rep, metrics, tokens, times)
+                        measured += 1
+                        elapsed = time.perf_counter() - start
+                        eta = elapsed / measured * max(todo - measured, 0)
                         yield SweepEvent(
-                            "failed", self.run_id, index, total, config, rep, error=_reason(e)
-                        )
-                        continue
-                    self.db.record(config_id, ENGINE, rep, metrics, tokens, times)
-                    measured += 1
-                    elapsed = time.perf_counter() - start
-                    eta = elapsed / measured * (todo - measured)
-                    yield SweepEvent(
-                        "measured", self.run_id, index, total, config, rep, metrics,
-                        elapsed_s=elapsed, eta_s=eta,
-                    )  # fmt: skip
+                            "measured", self.run_id, index, total, config, rep, metrics,
+                            elapsed_s=elapsed, eta_s=eta, engine=name,
+                        )  # fmt: skip
             finally:
                 engine.close(cancel=True)
         self.db.finish_run(self.run_id, "done")
@@ -178,15 +213,41 @@ class Sweep:
             if r.finish_reason != "length":
                 raise RuntimeError(f"a request ended with {r.finish_reason}: {r.error}")
         metrics = {}
-        for name in (
-            "ttft_ms", "prefill_tps", "decode_tps", "tpot_ms", "itl_p50_ms", "itl_p90_ms",
-            "itl_p99_ms", "e2e_ms", "peak_memory_mb", "kv_cache_mb", "bandwidth_gbs",
-        ):  # fmt: skip
+        for name in _METRICS:
             values = [getattr(r.metrics, name) for r in results]
             metrics[name] = sum(values) / len(values)
         first = results[0].metrics
         times = [first.ttft_ms + sum(first.itl_ms[:i]) for i in range(len(first.itl_ms) + 1)]
         return metrics, results[0].tokens, times
+
+    def _measure_baseline(self, config: Mapping, prompts: list[list[int]], rep: int | None):
+        worker = self._worker(config["model"], config["compute"])
+        sampling = {name: config[name] for name in SAMPLING_AXES}
+        reply = worker.run({
+            "prompt": prompts[0], "gen": config["gen_tokens"], "sampling": sampling,
+            "seed": self.seed + (0 if rep is None else rep) * 1000, "depth": config["depth"],
+            "kv": parse_kv(config["kv"]), "concurrency": config["concurrency"],
+        })  # fmt: skip
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+        metrics = {name: reply["metrics"][name] for name in _METRICS}
+        return metrics, reply["tokens"], reply["times"]
+
+    def _worker(self, name: str, compute: str):
+        key = (name, compute)
+        if key not in self._workers:
+            from .baseline import MlxLmBaseline
+
+            model, tokenizer = self._model(name, compute)
+            path = None if name == "default" else name
+            self._workers[key] = MlxLmBaseline(path, model, tokenizer)
+        return self._workers[key]
+
+    def close(self) -> None:
+        """Stop the baseline workers."""
+        for worker in self._workers.values():
+            worker.close()
+        self._workers.clear()
 
     def _model(self, name: str, compute: str):
         key = (name, compute)

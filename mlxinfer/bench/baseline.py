@@ -1,0 +1,175 @@
+"""mlx-lm as the baseline of a sweep: the same weights, the same settings, in its own process.
+
+The worker (`python -m mlxinfer.bench.baseline MODEL_DIR`) runs mlx-lm 0.32 in its best
+configuration on this device: on Linux float32 weights with OpenBLAS loaded first, without
+mlxinfer's gemv shim (MLXINFER_GEMV_SHIM=0), which would speed it up too. Requests are JSON
+lines; each is timed inside the worker by mlxinfer's definitions (metrics.py), from the token
+arrival times on the host, with `mx.reset_peak_memory()` before it (mlx-lm never resets it).
+Sampling goes through mlx-lm's own sampler and logits processors. What mlx-lm cannot do (more than
+one request at a time here, a quantized rotating cache) comes back as an error naming it.
+
+mlx-lm cannot read GGUF: a model it cannot load is exported first (`export_for_mlx_lm`: our
+float32 weights under Hugging Face names, a llama config.json and the tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ENGINE = "mlx-lm"
+
+
+def export_for_mlx_lm(model, tokenizer, path: Path) -> None:
+    """Our float32 weights under Hugging Face names, a llama config.json and the tokenizer."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    c = model.config
+    weights = {}
+    q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    for name, value in tree_flatten(model.parameters()):
+        if name.endswith(".weight_t"):  # the float32 policy's transposed layout
+            name, value = name.removesuffix("_t"), value.T
+        stem = name.rsplit(".", 2)[0]  # model.layers.N.self_attn / .mlp
+        if name.endswith("qkv_proj.weight"):  # our load-time fusion, split back to checkpoint names
+            q, k, v = mx.split(value, [q_out, q_out + kv_out], axis=0)
+            weights.update(
+                {f"{stem}.q_proj.weight": q, f"{stem}.k_proj.weight": k, f"{stem}.v_proj.weight": v}
+            )
+        elif name.endswith("gate_up_proj.weight"):
+            gate, up = mx.split(value, 2, axis=0)
+            weights.update({f"{stem}.gate_proj.weight": gate, f"{stem}.up_proj.weight": up})
+        else:
+            weights[name] = value
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    config = {
+        "model_type": "llama", "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
+        "rms_norm_eps": c.rms_norm_eps, "vocab_size": c.vocab_size, "rope_theta": c.rope_theta,
+        "rope_traditional": c.rope_traditional, "tie_word_embeddings": c.tie_word_embeddings,
+        "max_position_embeddings": c.max_position_embeddings,
+        "eos_token_id": sorted(tokenizer.eos_token_ids),
+    }  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config))
+    tokenizer._tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": tokenizer.eos_token}))
+
+
+class MlxLmBaseline:
+    """The worker process for one model. `run(request)` -> {metrics, tokens, times} or {error}."""
+
+    def __init__(self, model_path: str | None, model=None, tokenizer=None):
+        self._tmp = None
+        path = model_path
+        if path is None or not (Path(path) / "config.json").is_file():
+            self._tmp = tempfile.TemporaryDirectory()
+            export_for_mlx_lm(model, tokenizer, Path(self._tmp.name))
+            path = self._tmp.name
+        env = {**os.environ, "MLXINFER_GEMV_SHIM": "0"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlxinfer.bench.baseline", str(path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        ready = self.process.stdout.readline()
+        if not ready:
+            self.close()
+            raise RuntimeError(f"the mlx-lm worker did not start for {path}")
+        self.facts = json.loads(ready)
+
+    def run(self, request: dict) -> dict:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        reply = self.process.stdout.readline()
+        if not reply:
+            raise RuntimeError("the mlx-lm worker exited")
+        return json.loads(reply)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait(timeout=60)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def _serve(model_dir: str) -> None:
+    import mlx.core as mx  # after the mlxinfer package (run as -m): OpenBLAS is loaded first
+    import mlx_lm
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    from ..backend import blas_status
+    from ..metrics import request_metrics
+
+    model, tokenizer = mlx_lm.load(model_dir)
+    if mx.default_device() == mx.cpu:
+        model.set_dtype(mx.float32)  # MLX's CPU matmuls use BLAS in float32 only
+    tokenizer.eos_token_ids = []  # EOS ignored: every request generates exactly what it asks
+    print(json.dumps({"blas": blas_status()}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            reply = _generate(model, tokenizer, request, make_sampler, make_logits_processors)
+        except Exception as e:
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        if "times" in reply:
+            times = reply.pop("times")
+            start = reply.pop("start")
+            metrics = request_metrics(
+                start, times, len(request["prompt"]),
+                cached_prompt_tokens=request.get("depth", 0),  # computed before the clock
+                peak_memory_bytes=mx.get_peak_memory(), active_memory_bytes=mx.get_active_memory(),
+            )  # fmt: skip
+            reply["metrics"] = metrics.to_dict()
+            reply["times"] = [(t - start) * 1e3 for t in times]
+        print(json.dumps(reply), flush=True)
+
+
+def _generate(model, tokenizer, request, make_sampler, make_logits_processors) -> dict:
+    import mlx.core as mx
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.models.cache import make_prompt_cache
+
+    s = request["sampling"]
+    if request.get("concurrency", 1) != 1:
+        return {"error": "mlx-lm baseline: one request at a time only"}
+    kv = request.get("kv", {})
+    if kv.get("kv_bits") and kv.get("max_kv_size"):
+        return {"error": "mlx-lm cannot quantize a rotating cache"}
+    mx.random.seed(request["seed"])
+    sampler = make_sampler(temp=s["temperature"], top_p=s["top_p"], min_p=s["min_p"],
+                           top_k=s["top_k"])  # fmt: skip
+    processors = make_logits_processors(
+        repetition_penalty=s["repetition_penalty"] if s["repetition_penalty"] != 1.0 else None,
+        presence_penalty=s["presence_penalty"] or None,
+        frequency_penalty=s["frequency_penalty"] or None,
+    )
+    cache = make_prompt_cache(model, max_kv_size=kv.get("max_kv_size"))
+    prompt = request["prompt"]
+    depth = request.get("depth", 0)
+    if depth:  # the context, computed first and not timed
+        model(mx.array([prompt[:depth]]), cache=cache)
+        mx.eval([c.state for c in cache])
+        prompt = prompt[depth:]
+    options = {}
+    if kv.get("kv_bits"):
+        options.update(kv_bits=kv["kv_bits"], kv_group_size=64, quantized_kv_start=0)
+    mx.reset_peak_memory()
+    start, times, tokens = time.perf_counter(), [], []
+    for response in stream_generate(
+        model, tokenizer, prompt, max_tokens=request["gen"], sampler=sampler,
+        logits_processors=processors, prompt_cache=cache, **options,
+    ):  # fmt: skip
+        times.append(time.perf_counter())
+        tokens.append(response.token)
+    return {"tokens": tokens, "times": times, "start": start}
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1])

@@ -125,9 +125,11 @@ class BatchKVCache(_Cache):
         have_rows, have_slots = self.n_rows, self.capacity
         if rows <= have_rows and slots <= have_slots:
             return
-        new_rows = max(rows, 2 * have_rows)
-        if self.rows.max_rows is not None:
-            new_rows = max(rows, min(new_rows, self.rows.max_rows))
+        new_rows = have_rows  # only the slots need to grow
+        if rows > have_rows:
+            new_rows = max(rows, 2 * have_rows)
+            if self.rows.max_rows is not None:
+                new_rows = max(rows, min(new_rows, self.rows.max_rows))
         new_slots = max(have_slots, -(-slots // self.step) * self.step)
         if self.max_size is not None:
             new_slots = min(new_slots, self.max_size)
@@ -148,6 +150,9 @@ class BatchKVCache(_Cache):
         self._reserve(row + 1, max(self.held(o) for o in self.rows.offsets), keys, values)
         for dst, src in zip((*self.keys, *self.values), (*keys, *values), strict=True):
             dst[row : row + 1, :, :n] = src
+            # A row's unused slots are masked out, but a masked weight of 0 times a NaN left by a
+            # request that failed there is still NaN: they must hold zeros.
+            dst[row : row + 1, :, n:] = 0
 
     def remove_row(self, row: int) -> None:
         """Drop `row`: the last row moves into it. Call before `rows.remove(row)`."""
@@ -156,6 +161,7 @@ class BatchKVCache(_Cache):
             end = self.held(self.rows.offsets[last])
             for a in (*self.keys, *self.values):
                 a[row : row + 1, :, :end] = a[last : last + 1, :, :end]
+                a[row : row + 1, :, end:] = 0  # what the row held before (see add_row)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """Write one new token per row, `[rows, kv_heads, 1, head_dim]`, at each row's slot; return

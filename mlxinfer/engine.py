@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -80,9 +81,11 @@ class RequestHandle:
     def result(self, timeout: float | None = None) -> GenerationResult:
         """Wait for the request to end (TimeoutError after `timeout` seconds) and return it whole,
         including the responses already iterated."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while not self._done:
-                self._next(timeout)
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                self._next(left)
         except queue.Empty:
             raise TimeoutError(f"request {self.id} did not finish in {timeout} s") from None
         return _result(self._seen)

@@ -8,7 +8,7 @@
  *
  * A batched decode step multiplies a few rows by each weight matrix, and OpenBLAS's GEMM costs
  * about 3x a GEMV for any M from 2 to 16 on the default model's layers (it packs the whole weight
- * matrix first). So 2 or 3 rows go to one GEMV each, and 4 to 16 rows (when N >= 128) to
+ * matrix first). So 2 or 3 rows go to one GEMV each, and 4 to 16 rows (when N >= 256) to
  * small_gemm below, which streams the weights once with all rows in registers: the LM head at
  * M = 8 in 9.5 ms instead of 16-18 ms, the smaller layers 2x faster (2-core Xeon, OpenMP).
  */
@@ -64,7 +64,8 @@ static inline void store(float *c, float value, float alpha, float beta) {
  * its rows padded with zeros to M4, a multiple of 4. OpenBLAS's GEMM packs all of B first (a copy
  * of the weight matrix per call), which costs ~3x a GEMV at these M. Here B is streamed once, 4
  * rows of `a` at a time against it from cache, accumulating in registers:
- *   B stored [K, N]: tiles of 32 columns; each B row segment is loaded once per 4 rows of C.
+ *   B stored [K, N]: panels of 512 columns, blocks of 64 rows; 4 rows x 64 columns of C in
+ *                    registers, each block from memory once, from cache for further rows.
  *   B stored [N, K]: groups of 4 rows of B (4 columns of C), 4 x 4 dot products in 16 lanes. */
 __attribute__((target_clones("avx512f", "arch=haswell", "default")))
 static void small_gemm(int trans_b, int M, int M4, int N, int K, float alpha, const float *a,

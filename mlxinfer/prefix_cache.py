@@ -72,8 +72,9 @@ class PrefixCache:
         if not self.max_bytes or not all(_holds_all(c) for c in caches):
             return
         key = tuple(prompt_ids)
-        if key in self.entries:
-            self.entries.move_to_end(key)
+        covering = [k for k in self.entries if len(k) >= len(key) and k[: len(key)] == key]
+        if covering:  # a stored sequence already starts with all of it: keep that one fresh
+            self.entries.move_to_end(covering[0])
             return
         n = len(prompt_ids)
         stored = []

@@ -58,7 +58,7 @@ def pipelines_decode() -> bool:
     return mx.default_device() != mx.cpu
 
 
-@dataclass
+@dataclass(eq=False)  # identity: `in`, .index() and .remove() find this request, not an equal one
 class Request:
     """One request's state, from submission to its last response. Built on the caller's thread
     (no MLX work); the scheduler's thread does the rest."""
@@ -265,9 +265,21 @@ class Scheduler:
             longest = max(longest, n)
         if len(group) < 2:
             return None
+        started, events = [], []
         for request in group:
-            self._start(request)
-        group = [r for r in group if not r.prefilled]  # prefix-cache hits go alone, for their rest
+            try:
+                self._start(request)
+                started.append(request)
+            except Exception as e:  # this request fails; the others are untouched
+                self.prefilling.remove(request)
+                events.append(
+                    self._finish(request, None, "", None, "error", f"prefill failed: {e}")
+                )
+        if events:
+            return events  # the others go next step
+        group = [
+            r for r in started if not r.prefilled
+        ]  # prefix-cache hits go alone, for their rest
         if len(group) < 2:
             return None
         longest = max(len(r.prompt_ids) for r in group)
@@ -452,8 +464,8 @@ class Scheduler:
             request.kv_bytes = sum(c.row_nbytes(self.rows.offsets[row]) for c in self.batch)
             if self.prefix_cache is not None and reason != "error":
                 self._store_conversation(request, row)
-        elif request.cache is not None:
-            request.kv_bytes = sum(c.nbytes for c in request.cache)
+        elif request.cache is not None:  # finished at its first token: the slots it fills
+            request.kv_bytes = sum(_held_bytes(c) for c in request.cache)
         metrics = self.metrics(request)
         response = GenerationResponse(
             text, -1 if token is None else token, logprobs, reason, metrics, error
@@ -540,6 +552,14 @@ class _Step:
     lps: list  # per row: (chosen logprob, top ids, top logprobs) arrays, or None
     bad: mx.array  # [rows] bool: NaN logits
     failed: dict[int, str]  # rows whose sampler raised, and why
+
+
+def _held_bytes(cache) -> int:
+    """Bytes of a single cache's slots that hold tokens (not the capacity around them)."""
+    if cache.keys is None or not cache.capacity:
+        return 0
+    held = cache.size if isinstance(cache, RotatingKVCache) else cache.offset
+    return cache.nbytes * min(held, cache.capacity) // cache.capacity
 
 
 def _row_view(cache: list, row: int, length: int) -> list:

@@ -233,3 +233,42 @@ def test_rows_leaving_copy_one_row():
     assert rows.offsets == [3, 7]
     assert np.array(batch.keys[0][1, 0, :7, 0]).tolist() == list(range(7))
     assert np.array(batch.keys[0][0, 0, :3, 0]).tolist() == before.tolist()
+
+
+def test_storage_grows_slots_without_adding_rows():
+    """One row decoding past several 256-slot blocks keeps one row of storage (it doubled to the
+    whole max_rows once, holding 8x the memory)."""
+    rows = Rows(max_rows=8)
+    batch = BatchKVCache(rows)
+    rows.add(3)
+    batch.add_row(position_cache(KVCache, 3))
+    for _ in range(600):
+        new = mx.zeros((1, 1, 1, 32))
+        batch.update_and_fetch(new, new)
+        rows.advance()
+    assert batch.keys[0].shape[:3] == (1, 1, 768)
+
+
+def test_a_row_that_held_nan_cannot_reach_the_others(tiny):
+    """Masked slots get weight 0, but 0 x NaN is NaN: what a failed row leaves behind (in the
+    hole it vacates, or in a row given to a new sequence) must not be read as NaN."""
+    _, model = tiny
+    rng = np.random.default_rng(3)
+    batch = Batch(model)
+    for n in (30, 5, 12):
+        batch.join(rng.integers(3, 128, n).tolist())
+
+    def poison(row: int) -> None:
+        for cache in batch.caches:
+            for a in (*cache.keys, *cache.values):
+                a[row : row + 1] = float("nan")
+
+    poison(0)
+    batch.leave(0)  # the last row (12 tokens) moves into the 30-token row's place
+    logits = batch.step(rng.integers(3, 128, len(batch.seqs)).tolist())
+    assert np.isfinite(np.array(logits)).all()
+    poison(1)
+    batch.leave(1)  # the last row leaves: its storage keeps the NaN
+    batch.join(rng.integers(3, 128, 4).tolist())  # a new sequence takes that row
+    logits = batch.step(rng.integers(3, 128, len(batch.seqs)).tolist())
+    assert np.isfinite(np.array(logits)).all()

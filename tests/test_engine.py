@@ -454,3 +454,65 @@ def test_the_next_turn_reuses_the_previous_reply(llama, run_ahead):
     # (with a step run ahead, that one too)
     assert again.metrics.cached_prompt_tokens == len(first) + 10 - (0 if run_ahead else 1)
     assert_same_greedy(again.tokens, alone(model, follow_up, 6))
+
+
+def test_result_timeout_is_a_deadline(llama):
+    model, tokenizer = llama
+    with mlxinfer.Engine(model, tokenizer) as engine:
+        handle = engine.submit([5, 6, 7], sampling=GREEDY, max_tokens=240)
+        with pytest.raises(TimeoutError, match="did not finish in 0.02 s"):
+            handle.result(timeout=0.02)  # tokens keep coming, but not all of them in time
+        assert handle.result(timeout=120).finish_reason == "length"
+
+
+def test_a_request_that_cannot_start_fails_alone_when_prefilled_with_others(llama, monkeypatch):
+    """Short prompts are prefilled together; one whose sampler cannot be built ends with 'error'
+    and the engine goes on."""
+    import mlxinfer.scheduler as scheduler
+
+    class Picky(scheduler.Sampler):
+        def __init__(self, params, *args):
+            if params.seed == 666:
+                raise RuntimeError("no such sampler")
+            super().__init__(params, *args)
+
+    monkeypatch.setattr(scheduler, "Sampler", Picky)
+    model, tokenizer = llama
+    bad = SamplingParams(temperature=1.0, seed=666, max_tokens=4)
+    with mlxinfer.Engine(model, tokenizer) as engine:
+        handles = [
+            engine.submit([5, 6, 7], sampling=GREEDY, max_tokens=4),
+            engine.submit([8, 9, 10], sampling=bad),
+            engine.submit([11, 12], sampling=GREEDY, max_tokens=4),
+        ]
+        results = [h.result(timeout=60) for h in handles]
+        later = engine.submit([5, 6], sampling=GREEDY, max_tokens=2).result(timeout=60)
+    assert results[1].finish_reason == "error" and "no such sampler" in results[1].error
+    assert [results[0].finish_reason, results[2].finish_reason, later.finish_reason] == [
+        "length"
+    ] * 3
+
+
+def test_kv_cache_mb_counts_the_tokens_held(llama):
+    """2 layers x (k, v) x 2 kv heads x 16 dims x 4 bytes = 512 bytes a token, whether the request
+    ends at its first token (its prefill cache) or later (its batch row)."""
+    model, tokenizer = llama
+    prompt = list(range(3, 13))  # 10 tokens
+    with mlxinfer.Engine(model, tokenizer) as engine:
+        one = engine.submit(prompt, sampling=GREEDY, max_tokens=1).result(timeout=60)
+        five = engine.submit(prompt[::-1], sampling=GREEDY, max_tokens=5).result(timeout=60)
+    assert one.metrics.kv_cache_mb * 2**20 == 512 * 10
+    assert five.metrics.kv_cache_mb * 2**20 == 512 * (10 + 5 - 1)
+
+
+def test_prefix_cache_keeps_one_entry_for_a_prompt_and_its_conversation(llama):
+    from mlxinfer.prefix_cache import PrefixCache
+
+    model, _ = llama
+    ids = np.random.default_rng(43).integers(3, 128, 60).tolist()
+    cache = model.make_cache()
+    prefill(model, mx.array([ids]), cache, 64)
+    prefixes = PrefixCache(2**24)
+    prefixes.store(ids, cache)
+    prefixes.store(ids[:40], cache)  # already covered by the longer entry
+    assert len(prefixes.entries) == 1

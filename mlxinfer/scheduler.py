@@ -345,7 +345,7 @@ class Scheduler:
                 )
             else:
                 if self.prefix_cache is not None:
-                    self.prefix_cache.store(request.prompt_ids, request.cache)
+                    self._remember(request.prompt_ids, request.cache)
                 events.append(self._emit(request, token.item(), _to_host(lps[row]), now))
                 if not request.finished:
                     self.rows.add(request.cache[0].offset)
@@ -472,6 +472,14 @@ class Scheduler:
         )
         return request, response
 
+    def _remember(self, token_ids: list[int], caches: list) -> None:
+        """Keep an entry in the prefix cache. It is only a speed-up: if keeping it fails, the
+        request and the engine go on without it."""
+        try:
+            self.prefix_cache.store(token_ids, caches)
+        except Exception:
+            pass
+
     def _store_conversation(self, request: Request, row: int) -> None:
         """Keep the KV of a finished request's prompt and reply: the next turn of a chat starts
         with both. The row holds the first `offset` of prompt + generated tokens (the last one
@@ -488,7 +496,7 @@ class Scheduler:
             if isinstance(view, RotatingKVCache):
                 view.size = n
             views.append(view)
-        self.prefix_cache.store((request.prompt_ids + request.stream.tokens)[:n], views)
+        self._remember((request.prompt_ids + request.stream.tokens)[:n], views)
 
     def metrics(self, request: Request) -> RequestMetrics:
         start = request.submitted

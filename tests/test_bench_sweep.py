@@ -68,3 +68,23 @@ def test_a_cancelled_sweep_resumes_where_it_stopped(tiny, tmp_path):
 def test_bad_settings_are_refused_before_anything_runs(tiny, tmp_path):
     with pytest.raises(ValueError, match="reps must be an integer >= 1"):
         Sweep(parse_axes({"model": tiny}), reps=0, db=RunsDB(tmp_path / "r.sqlite"))
+
+
+def test_memory_is_predicted_and_a_configuration_that_cannot_fit_is_not_run(
+    tiny, tmp_path, monkeypatch
+):
+    import mlxinfer.bench.sweep as sweep_module
+
+    db = RunsDB(tmp_path / "runs.sqlite")
+    axes = parse_axes({"model": tiny, "prompt_tokens": "8", "gen_tokens": "4",
+                       "concurrency": "1,4"})  # fmt: skip
+    events = list(Sweep(axes, reps=1, db=db).run())
+    rows = [r for r in db.measurements(1) if r["status"] == "ok"]
+    # tiny llama: the same weights, and one 256-slot block of 512 bytes a token per row
+    single, four = (r["predicted_memory_mb"] for r in rows)
+    assert (four - single) * 2**20 == pytest.approx(3 * 512 * 256)
+    assert all(r["peak_memory_mb"] > 0 for r in rows)
+    monkeypatch.setattr(sweep_module, "available_memory_mb", lambda: 0.01)
+    events = list(Sweep(axes, reps=1, db=db).run())
+    failed = [e for e in events if e.kind == "failed"]
+    assert len(failed) == 2 and all("MB available: not run" in e.error for e in failed)

@@ -35,6 +35,7 @@ METRICS = (
     "peak_memory_mb",
     "kv_cache_mb",
     "bandwidth_gbs",
+    "predicted_memory_mb",  # weights + the KV cache as allocated, from the architecture
 )
 
 _SCHEMA = f"""

@@ -14,7 +14,9 @@ from .db import METRICS, RunsDB
 from .grid import AXES, DEFAULTS, SAMPLING_AXES
 from .stats import first_difference, paired_ratio, summary
 
-TABLE_METRICS = ("prefill_tps", "decode_tps", "ttft_ms", "itl_p99_ms", "peak_memory_mb")
+TABLE_METRICS = (
+    "prefill_tps", "decode_tps", "ttft_ms", "itl_p99_ms", "peak_memory_mb", "predicted_memory_mb",
+)  # fmt: skip
 
 
 def summarize(db: RunsDB, run_id: int) -> list[dict]:

@@ -198,6 +198,19 @@ class Sweep:
             model, tokenizer, max_batch=config["concurrency"],
             prefix_cache_mb=1024 if depth else 0, **options,
         )  # fmt: skip
+        # What the configuration needs: the weights, and the KV of its rows as the batch
+        # allocates it (plus the prefix cache's copy of the context).
+        tokens = depth + n + gen
+        kv = engine.scheduler.kv_bytes(config["concurrency"], tokens)
+        kv += engine.scheduler.kv_bytes(1, depth) if depth else 0
+        self.predicted_mb = (model.nbytes + kv) / 2**20
+        available = available_memory_mb()
+        if available is not None and self.predicted_mb > available:
+            engine.close()
+            raise MemoryError(
+                f"needs ~{self.predicted_mb:.0f} MB (weights {model.nbytes / 2**20:.0f} MB + KV "
+                f"cache {kv / 2**20:.0f} MB), {available:.0f} MB available: not run"
+            )
         if depth:  # the context, computed once and kept by the prefix cache
             engine.submit(shared + [prompts[0][depth]], max_tokens=1).result()
         return engine, prompts
@@ -214,8 +227,11 @@ class Sweep:
                 raise RuntimeError(f"a request ended with {r.finish_reason}: {r.error}")
         metrics = {}
         for name in _METRICS:
+            if name == "predicted_memory_mb":
+                continue
             values = [getattr(r.metrics, name) for r in results]
             metrics[name] = sum(values) / len(values)
+        metrics["predicted_memory_mb"] = self.predicted_mb
         first = results[0].metrics
         times = [first.ttft_ms + sum(first.itl_ms[:i]) for i in range(len(first.itl_ms) + 1)]
         return metrics, results[0].tokens, times
@@ -230,7 +246,8 @@ class Sweep:
         })  # fmt: skip
         if "error" in reply:
             raise RuntimeError(reply["error"])
-        metrics = {name: reply["metrics"][name] for name in _METRICS}
+        metrics = {name: reply["metrics"][name] for name in _METRICS if name in reply["metrics"]}
+        metrics["predicted_memory_mb"] = self.predicted_mb
         return metrics, reply["tokens"], reply["times"]
 
     def _worker(self, name: str, compute: str):
@@ -290,6 +307,19 @@ def machine_facts() -> dict:
         "mlx_lm": package("mlx-lm"),
         "mlxinfer": __version__,
     }
+
+
+def available_memory_mb() -> float | None:
+    """Memory the system could still give (Linux: MemAvailable), or None where unknown (macOS
+    reports its unified memory differently; MLX's own limit applies there)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
 
 
 def exact_tokens(tokenizer, n: int) -> list[int]:

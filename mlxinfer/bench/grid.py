@@ -58,7 +58,15 @@ _POSITIVE = {"prompt_tokens", "gen_tokens", "concurrency"}
 
 def parse_axes(raw: Mapping[str, object]) -> dict[str, list]:
     """Axis name -> list of checked values, from comma lists ("0,0.8"), single values or lists
-    (a TOML table). Axes not given take their default, one value."""
+    (a TOML table). Axes not given take their default, one value.
+
+    `sampling`, a list of tables (TOML `[[sampling]]`), names chosen combinations of sampling
+    settings instead of their full grid: each table is one value of a "sampling" axis, its
+    settings over the others' defaults (`[[sampling]] temperature = 0.7, top_p = 0.9`)."""
+    raw = dict(raw)
+    combos = raw.pop("sampling", None)
+    if combos is not None:
+        return _with_sampling_combos(raw, combos)
     unknown = sorted(set(raw) - set(AXES))
     if unknown:
         raise ValueError(f"unknown sweep axis {unknown[0]!r}; the axes are: {', '.join(AXES)}")
@@ -76,6 +84,24 @@ def parse_axes(raw: Mapping[str, object]) -> dict[str, list]:
         if len(set(map(repr, values))) != len(values):
             raise ValueError(f"sweep axis {name!r} repeats a value: {given!r}")
         axes[name] = values
+    return axes
+
+
+def _with_sampling_combos(raw: dict, combos: object) -> dict[str, list]:
+    clash = sorted(set(raw) & set(SAMPLING_AXES))
+    if clash:
+        raise ValueError(f"sweep axis {clash[0]!r} is set both alone and in [[sampling]]")
+    if not isinstance(combos, list) or not combos or not all(isinstance(c, dict) for c in combos):
+        raise ValueError("sampling must be a list of tables ([[sampling]] in TOML)")
+    axes = parse_axes(raw)
+    checked = []
+    for i, combo in enumerate(combos):
+        unknown = sorted(set(combo) - set(SAMPLING_AXES))
+        if unknown:
+            raise ValueError(f"[[sampling]] {i + 1}: {unknown[0]!r} is not a sampling setting")
+        checked.append({**{a: DEFAULTS[a] for a in SAMPLING_AXES},
+                        **{k: check_value(k, v) for k, v in combo.items()}})  # fmt: skip
+    axes["sampling"] = checked
     return axes
 
 
@@ -142,10 +168,12 @@ def parse_kv(text: str) -> dict:
 
 
 def expand(axes: Mapping[str, list]) -> Iterator[dict]:
-    """Every combination, the last axis varying fastest (AXES order)."""
+    """Every combination, the last axis varying fastest (AXES order); chosen sampling
+    combinations (`axes["sampling"]`) vary slowest."""
     names = list(AXES)
-    for values in itertools.product(*(axes[name] for name in names)):
-        yield dict(zip(names, values, strict=True))
+    for combo in axes.get("sampling", [{}]):
+        for values in itertools.product(*(axes[name] for name in names)):
+            yield {**dict(zip(names, values, strict=True)), **combo}
 
 
 def config_key(config: Mapping[str, object]) -> str:

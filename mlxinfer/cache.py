@@ -98,6 +98,13 @@ class _Cache:
     def capacity(self) -> int:
         return 0 if self.keys is None else self.keys[0].shape[2]
 
+    @property
+    def held_nbytes(self) -> int:
+        """Bytes of the slots that hold tokens (not the capacity around them)."""
+        if not self.capacity:
+            return 0
+        return self.nbytes * min(self.tokens_held, self.capacity) // self.capacity
+
 
 def _empty_like(stored: Stored, capacity: int) -> Stored:
     return tuple(mx.zeros((*a.shape[:2], capacity, a.shape[3]), a.dtype) for a in stored)
@@ -155,6 +162,15 @@ class KVCache(_Cache):
         self.offset -= n
         return n
 
+    @property
+    def tokens_held(self) -> int:
+        return self.offset
+
+    def fill(self, keys: Stored, values: Stored, n: int) -> None:
+        """Hold exactly positions 0..n-1, given in order as `[1, kv_heads, n, ...]` (views are
+        fine: the first update grows into a buffer of its own)."""
+        self.keys, self.values, self.offset = keys, values, n
+
 
 class RotatingKVCache(_Cache):
     """At most `max_size` tokens: the first `keep` ever seen (attention sinks) and the most recent
@@ -179,6 +195,18 @@ class RotatingKVCache(_Cache):
         self.size = 0  # tokens held
         self._idx = 0  # next slot to write
         self._fetched_positions: mx.array | None = None  # of the keys last returned, if unordered
+
+    @property
+    def tokens_held(self) -> int:
+        return self.size
+
+    def fill(self, keys: Stored, values: Stored, n: int) -> None:
+        """Hold exactly positions 0..n-1 (n <= max_size: nothing evicted), given in order."""
+        if n > self.max_size:
+            raise ValueError(f"a rotating cache of {self.max_size} cannot hold {n} tokens in order")
+        self.keys, self.values, self.offset, self.size = keys, values, n, n
+        self._idx = n if n < self.max_size else self.keep  # the ring's oldest slot, once full
+        self._fetched_positions = None
 
     @property
     def recent(self) -> int:

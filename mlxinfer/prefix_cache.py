@@ -55,17 +55,7 @@ class PrefixCache:
         """Fill fresh single-sequence `caches` with the first `n` tokens of entry `key`."""
         _, stored, _ = self.entries[key]
         for cache, (keys, values) in zip(caches, stored, strict=True):
-            keys = tuple(a[..., :n, :] for a in keys)
-            values = tuple(a[..., :n, :] for a in values)
-            if isinstance(cache, RotatingKVCache):
-                cache.keys, cache.values = keys, values
-                cache.size = n
-                cache._idx = n if n < cache.max_size else cache.keep
-            else:
-                cache._grow(keys, values, n)
-                for dst, src in zip((*cache.keys, *cache.values), (*keys, *values), strict=True):
-                    dst[..., :n, :] = src
-            cache.offset = n
+            cache.fill(_first(keys, n), _first(values, n), n)
 
     def store(self, prompt_ids: list[int], caches: list) -> None:
         """Keep the KV of a just-prefilled prompt (unless a cache evicted some of it)."""
@@ -100,6 +90,10 @@ class PrefixCache:
     def clear(self) -> None:
         self.entries.clear()
         self.nbytes = 0
+
+
+def _first(stored: tuple, n: int) -> tuple:
+    return tuple(a[..., :n, :] for a in stored)
 
 
 def _holds_all(cache) -> bool:

@@ -29,7 +29,6 @@ a row of the batch caches (batch_cache.py); a decode step runs all rows through 
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections import deque
@@ -294,7 +293,7 @@ class Scheduler:
             for request in group:
                 self.prefilling.remove(request)
             return [self._finish(r, None, "", None, "error", f"prefill failed: {e}") for r in group]
-        caches = [_row_view(cache, row, len(r.prompt_ids)) for row, r in enumerate(group)]
+        caches = [self._row_caches(cache, row, len(r.prompt_ids)) for row, r in enumerate(group)]
         return self._first_tokens(group, logits, caches)
 
     @property
@@ -465,7 +464,7 @@ class Scheduler:
             if self.prefix_cache is not None and reason != "error":
                 self._store_conversation(request, row)
         elif request.cache is not None:  # finished at its first token: the slots it fills
-            request.kv_bytes = sum(_held_bytes(c) for c in request.cache)
+            request.kv_bytes = sum(c.held_nbytes for c in request.cache)
         metrics = self.metrics(request)
         response = GenerationResponse(
             text, -1 if token is None else token, logprobs, reason, metrics, error
@@ -480,6 +479,14 @@ class Scheduler:
         except Exception:
             pass
 
+    def _row_caches(self, caches: list, row: int, n: int) -> list:
+        """Single-sequence caches holding the first `n` positions of row `row` of `caches` (a
+        batch's, or a padded group prefill's): views, no copies."""
+        views = self.model.make_cache(**self.cache_options)
+        for view, cache in zip(views, caches, strict=True):
+            view.fill(_row(cache.keys, row, n), _row(cache.values, row, n), n)
+        return views
+
     def _store_conversation(self, request: Request, row: int) -> None:
         """Keep the KV of a finished request's prompt and reply: the next turn of a chat starts
         with both. The row holds the first `offset` of prompt + generated tokens (the last one
@@ -487,15 +494,7 @@ class Scheduler:
         n = self.rows.offsets[row]
         if any(c.max_size is not None and n > c.max_size for c in self.batch):
             return  # a ring has overwritten the start
-        views = []
-        for batch, template in zip(self.batch, self.template, strict=True):
-            view = copy.copy(template)
-            view.keys = tuple(a[row : row + 1, :, :n] for a in batch.keys)
-            view.values = tuple(a[row : row + 1, :, :n] for a in batch.values)
-            view.offset = n
-            if isinstance(view, RotatingKVCache):
-                view.size = n
-            views.append(view)
+        views = self._row_caches(self.batch, row, n)
         self._remember((request.prompt_ids + request.stream.tokens)[:n], views)
 
     def metrics(self, request: Request) -> RequestMetrics:
@@ -562,29 +561,9 @@ class _Step:
     failed: dict[int, str]  # rows whose sampler raised, and why
 
 
-def _held_bytes(cache) -> int:
-    """Bytes of a single cache's slots that hold tokens (not the capacity around them)."""
-    if cache.keys is None or not cache.capacity:
-        return 0
-    held = cache.size if isinstance(cache, RotatingKVCache) else cache.offset
-    return cache.nbytes * min(held, cache.capacity) // cache.capacity
-
-
-def _row_view(cache: list, row: int, length: int) -> list:
-    """Row `row` of batched single-sequence caches, as the caches of a prompt of `length` tokens
-    (views, no copies)."""
-    views = []
-    for c in cache:
-        view = copy.copy(c)
-        view.keys = tuple(a[row : row + 1] for a in c.keys)
-        view.values = tuple(a[row : row + 1] for a in c.values)
-        view.offset = length
-        if isinstance(c, RotatingKVCache):
-            view.size = length
-            view._idx = length if length < c.max_size else c.keep
-            view._fetched_positions = None
-        views.append(view)
-    return views
+def _row(stored: tuple, row: int, n: int) -> tuple:
+    """The first n slots of one row, `[1, kv_heads, n, ...]`."""
+    return tuple(a[row : row + 1, :, :n] for a in stored)
 
 
 def _to_host(lp) -> TokenLogprobs | None:

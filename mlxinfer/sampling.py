@@ -240,21 +240,6 @@ class Sampler:
             self.counts = self.counts.at[0, token].add(1.0)
 
 
-def sample_rows(samplers: Sequence[Sampler], logits: mx.array) -> mx.array:
-    """One token per row of `logits [B, V]`, row r drawn by `samplers[r]` with its own settings,
-    history and random key (so a seeded request draws the same tokens alone or in any batch).
-    Rows that are plain greedy are argmaxed together."""
-    plain = [s.params.plain_greedy for s in samplers]
-    if all(plain):
-        return mx.argmax(logits, axis=-1)
-    argmax = mx.argmax(logits, axis=-1) if any(plain) else None
-    tokens = [
-        argmax[r : r + 1] if plain[r] else sampler(logits[r : r + 1])
-        for r, sampler in enumerate(samplers)
-    ]
-    return mx.concatenate(tokens)
-
-
 def top_logprobs(logits: mx.array, n: int) -> tuple[mx.array, mx.array, mx.array]:
     """Log-probabilities of the model's distribution `[1, V]`: (all logprobs [1, V], the n most
     likely ids [1, n] in descending order, their logprobs [1, n])."""

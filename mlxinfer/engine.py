@@ -25,7 +25,13 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .generate import GenerationResponse, Prompt, encode_prompt
+from .generate import (
+    GenerationResponse,
+    Prompt,
+    check_max_tokens,
+    encode_prompt,
+    token_budget,
+)
 from .metrics import RequestMetrics
 from .model import Model
 from .sampling import SamplingParams
@@ -155,8 +161,7 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {type(params).__name__}")
         max_tokens = params.max_tokens if max_tokens is None else max_tokens
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        check_max_tokens(max_tokens)
         prompt_ids = encode_prompt(self.tokenizer, prompt, chat)
         request = Request(next(self._ids), prompt_ids, params, max_tokens)
         self.scheduler.check(request)  # reads only the model's config and the options
@@ -299,7 +304,8 @@ def batch_generate(
         n = p.max_tokens if max_tokens is None else max_tokens
         try:
             ids = encode_prompt(tokenizer, prompt, chat)
-            request = Request(i, ids, p, _clip(model, ids, n))
+            # as stream_generate: max_tokens clipped to the context left after the prompt
+            request = Request(i, ids, p, token_budget(model, ids, check_max_tokens(n)))
             scheduler.check(request)
         except ValueError as e:
             raise ValueError(f"prompt {i}: {e}") from None
@@ -314,16 +320,3 @@ def batch_generate(
     finally:
         mx.synchronize()
     return [_result(responses[r.id]) for r in requests]
-
-
-def _clip(model: Model, prompt_ids: list[int], max_tokens: int) -> int:
-    """As stream_generate: max_tokens clipped to the context left after the prompt."""
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
-    context = model.config.max_position_embeddings
-    if len(prompt_ids) >= context:
-        raise ValueError(
-            f"prompt has {len(prompt_ids)} tokens, which leaves no room in the model's context of "
-            f"{context} tokens"
-        )
-    return min(max_tokens, context - len(prompt_ids))

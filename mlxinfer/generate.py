@@ -150,8 +150,7 @@ def stream_generate(
     stores keys and values quantized in groups of `kv_group_size`. See `Model.make_cache`."""
     params = sampling or SamplingParams()
     max_tokens = params.max_tokens if max_tokens is None else max_tokens
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    check_max_tokens(max_tokens)
     prompt_ids = encode_prompt(tokenizer, prompt, chat)
     scheduler = Scheduler(
         model, tokenizer, max_batch=1, max_kv_size=max_kv_size, kv_keep=kv_keep, kv_bits=kv_bits,
@@ -171,6 +170,13 @@ def stream_generate(
         # A caller that stops early leaves a step queued on a GPU; a thread that ends with work
         # still queued on its stream aborts the process at exit (MLX 0.32).
         mx.synchronize()
+
+
+def check_max_tokens(max_tokens: object) -> int:
+    """max_tokens must be an integer >= 1: a ValueError saying so otherwise."""
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    return max_tokens
 
 
 def token_budget(model: Model, prompt_ids: list[int], max_tokens: int) -> int:

@@ -37,8 +37,10 @@ import mlxinfer  # first: it loads OpenBLAS, which must happen before mlx.core i
 
 # isort: on
 import numpy as np
-from bench_cpu import MlxLmWorker, export_for_mlx_lm
+from bench_cpu import MlxLmWorker
 from common import machine_info, save_result, summary
+
+from mlxinfer.bench.baseline import export_for_mlx_lm
 
 
 def run_mlxinfer(model, tokenizer, prompts: list[list[int]], tokens: int) -> float:

@@ -32,7 +32,7 @@ import numpy as np
 from common import machine_info, summary
 
 from mlxinfer.backend import blas_status
-from mlxinfer.bench.baseline import export_for_mlx_lm  # noqa: F401  (bench_batch imports it here)
+from mlxinfer.bench.baseline import export_for_mlx_lm
 
 ROOFLINE_GBS = 21.0  # measured memory read bandwidth of the development machine (BENCHMARKING.md)
 

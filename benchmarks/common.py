@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import statistics
 import subprocess
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import mlx.core as mx
 
 import mlxinfer
 from mlxinfer.backend import cpu_name
+from mlxinfer.bench.stats import summary  # noqa: F401  (the benchmarks import it from here)
 from mlxinfer.loading import prepare
 
 RESULTS = Path(__file__).parent / "results"
@@ -67,12 +67,3 @@ def blas_in_use() -> str:
         return "unknown"
     libs = {line.split()[-1] for line in maps.read_text().splitlines() if "blas" in line.lower()}
     return ", ".join(sorted(Path(lib).name for lib in libs)) or "none found"
-
-
-def summary(values: list[float]) -> dict:
-    """Mean and sample standard deviation (0 for one value), plus the raw samples."""
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "samples": values,
-    }

@@ -55,7 +55,7 @@ def test_a_cancelled_sweep_resumes_where_it_stopped(tiny, tmp_path):
                 cancel.set()
     assert event.kind == "stopped" and db.run(sweep.run_id)["status"] == "stopped"
     assert len(db.measurements(sweep.run_id)) == 3
-    resumed = Sweep(axes, reps=2, db=db, run_id=sweep.run_id)
+    resumed = Sweep.resume(db, sweep.run_id)
     events = list(resumed.run())
     assert [e.kind for e in events].count("measured") == 3  # only the missing ones
     rows = db.measurements(sweep.run_id)

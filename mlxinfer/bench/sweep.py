@@ -50,7 +50,7 @@ class SweepEvent:
 
 
 class Sweep:
-    """A run of the grid `axes` (parse_axes' output) into `db`; `run_id` resumes a run."""
+    """A new run of the grid `axes` (parse_axes' output) into `db`; `Sweep.resume` continues one."""
 
     def __init__(
         self,
@@ -59,7 +59,6 @@ class Sweep:
         db: RunsDB | None = None,
         command: str = "mlxinfer.bench",
         sweep_text: str | None = None,
-        run_id: int | None = None,
         seed: int = 0,
         baseline: str | None = None,
     ):
@@ -67,35 +66,24 @@ class Sweep:
             raise ValueError(f"baseline must be {BASELINE} or None, got {baseline!r}")
         if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
             raise ValueError(f"reps must be an integer >= 1, got {reps!r}")
-        self.configs = list(expand(axes))
-        self.reps = reps
-        self.db = db or RunsDB()
-        self.seed = seed
-        self.baseline = baseline
-        self._workers: dict = {}
-        if run_id is None:
-            run_id = self.db.start_run(command, machine_facts(), reps, sweep_text, baseline)
-        else:
-            self.db.resume_run(run_id)
-        self.run_id = run_id
-        keys = [(config_key(c), c) for c in self.configs]
-        self.config_ids = self.db.add_configurations(run_id, keys)
-        self._models: dict = {}
+        db = db or RunsDB()
+        run_id = db.start_run(command, machine_facts(), reps, sweep_text, baseline)
+        self._attach(db, run_id, list(expand(axes)), reps, seed, baseline)
 
     @classmethod
     def resume(cls, db: RunsDB, run_id: int, seed: int = 0) -> Sweep:
-        """A stopped run of `db`, with its own configurations and repetitions."""
+        """A stopped run of `db`, with its own configurations, repetitions and baseline."""
+        run = db.resume_run(run_id)
         sweep = cls.__new__(cls)
-        sweep.configs = db.configurations(run_id)
-        sweep.reps = db.run(run_id)["reps"]
-        sweep.db, sweep.seed, sweep._models, sweep._workers = db, seed, {}, {}
-        sweep.baseline = db.run(run_id)["baseline"]
-        db.resume_run(run_id)
-        sweep.run_id = run_id
-        sweep.config_ids = db.add_configurations(
-            run_id, [(config_key(c), c) for c in sweep.configs]
-        )
+        sweep._attach(db, run_id, db.configurations(run_id), run["reps"], seed, run["baseline"])
         return sweep
+
+    def _attach(self, db, run_id, configs, reps, seed, baseline) -> None:
+        self.db, self.run_id, self.configs = db, run_id, configs
+        self.reps, self.seed, self.baseline = reps, seed, baseline
+        self.config_ids = db.add_configurations(run_id, [(config_key(c), c) for c in configs])
+        self._models: dict = {}
+        self._workers: dict = {}
 
     def run(self, cancel: threading.Event | None = None) -> Iterator[SweepEvent]:
         """Measure what the run does not have yet, yielding an event after each measurement."""

@@ -246,7 +246,7 @@ class Scheduler:
             logits = self.model.logits(h[:, -1:, :])[:, -1, :]  # [1, vocab]
         except Exception as e:  # this request fails; the others are untouched
             self.prefilling.remove(request)
-            return [self._finish(request, None, "", None, "error", f"prefill failed: {e}")]
+            return [self._leave(request, "error", f"prefill failed: {e}")]
         return self._first_tokens([request], logits, [request.cache])
 
     def _prefill_together(self) -> list | None:
@@ -271,14 +271,11 @@ class Scheduler:
                 started.append(request)
             except Exception as e:  # this request fails; the others are untouched
                 self.prefilling.remove(request)
-                events.append(
-                    self._finish(request, None, "", None, "error", f"prefill failed: {e}")
-                )
+                events.append(self._leave(request, "error", f"prefill failed: {e}"))
         if events:
             return events  # the others go next step
-        group = [
-            r for r in started if not r.prefilled
-        ]  # prefix-cache hits go alone, for their rest
+        # prefix-cache hits go alone, for what the cache did not hold
+        group = [r for r in started if not r.prefilled]
         if len(group) < 2:
             return None
         longest = max(len(r.prompt_ids) for r in group)
@@ -292,7 +289,7 @@ class Scheduler:
         except Exception as e:
             for request in group:
                 self.prefilling.remove(request)
-            return [self._finish(r, None, "", None, "error", f"prefill failed: {e}") for r in group]
+            return [self._leave(r, "error", f"prefill failed: {e}") for r in group]
         caches = [self._row_caches(cache, row, len(r.prompt_ids)) for row, r in enumerate(group)]
         return self._first_tokens(group, logits, caches)
 
@@ -326,22 +323,16 @@ class Scheduler:
         try:
             mx.eval([t for t in tokens if isinstance(t, mx.array)], lps, bad, states)
         except Exception as e:
-            return [
-                self._finish(r, None, "", None, "error", f"prefill failed: {e}") for r in requests
-            ]
+            return [self._leave(r, "error", f"prefill failed: {e}") for r in requests]
         now = time.perf_counter()
         bad = bad.tolist()
         events = []
         for row, request in enumerate(requests):
             token = tokens[row]
             if not isinstance(token, mx.array):
-                events.append(
-                    self._finish(request, None, "", None, "error", f"sampling failed: {token}")
-                )
+                events.append(self._leave(request, "error", f"sampling failed: {token}"))
             elif bad[row]:
-                events.append(
-                    self._finish(request, None, "", None, "error", "the model produced NaN logits")
-                )
+                events.append(self._leave(request, "error", "the model produced NaN logits"))
             else:
                 if self.prefix_cache is not None:
                     self._remember(request.prompt_ids, request.cache)
@@ -514,7 +505,8 @@ class Scheduler:
         )
 
     def _leave(self, request: Request, reason: str, error: str | None = None):
-        """End a request early (cancelled, or failed): whatever text is held back goes with it."""
+        """End a request early, cancelled (the text still held back goes with it) or failed
+        (`error` says why), wherever it is: waiting, prefilling or in a batch row."""
         text = ""
         if request.stream is not None and reason == "cancelled":
             text = request.stream.flush()

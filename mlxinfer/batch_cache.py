@@ -187,15 +187,11 @@ class BatchKVCache(_Cache):
         parts = tuple(a[:n, :, :end] for a in stored)
         return parts[0] if self.bits is None else parts
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.state)
-
     def row_nbytes(self, offset: int) -> int:
         """Bytes of the slots one row of `offset` tokens fills (its share, not the padding)."""
         if self.keys is None or not self.capacity:
             return 0
-        per_slot = sum(a.nbytes for a in self.state) / (self.n_rows * self.capacity)
+        per_slot = self.nbytes / (self.n_rows * self.capacity)
         return int(per_slot * self.held(offset))
 
     # -- masks ---------------------------------------------------------------------------------

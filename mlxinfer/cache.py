@@ -100,7 +100,8 @@ class _Cache:
 
     @property
     def held_nbytes(self) -> int:
-        """Bytes of the slots that hold tokens (not the capacity around them)."""
+        """Bytes of the slots that hold tokens (not the capacity around them); single-sequence
+        caches (`tokens_held`), a batch has row_nbytes per row."""
         if not self.capacity:
             return 0
         return self.nbytes * min(self.tokens_held, self.capacity) // self.capacity

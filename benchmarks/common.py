@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import mlx.core as mx
 
 import mlxinfer
-from mlxinfer.backend import cpu_name
+from mlxinfer.bench.machine import machine_facts
 from mlxinfer.bench.stats import summary  # noqa: F401  (the benchmarks import it from here)
 from mlxinfer.loading import prepare
 
@@ -19,23 +17,9 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def machine_info() -> dict:
-    """CPU/chip, backend, BLAS, MLX and mlxinfer versions and the git commit."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, cwd=Path(__file__).parent, check=False,
-        ).stdout.strip()  # fmt: skip
-    except OSError:
-        commit = ""
-    return {
-        "cpu": cpu_name(),
-        "cores": os.cpu_count(),
-        "backend": str(mx.default_device()),
-        "blas": blas_in_use(),
-        "mlx": mx.__version__,
-        "mlxinfer": mlxinfer.__version__,
-        "commit": commit or "unknown",
-    }
+    """The machine and software (mlxinfer.bench.machine.machine_facts: CPU, BLAS, op set, versions,
+    git commit), and the BLAS libraries mapped into this process."""
+    return {**machine_facts(), "blas_libraries": blas_in_use()}
 
 
 def random_model(config: dict, seed: int = 0) -> mlxinfer.Model:

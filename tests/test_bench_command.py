@@ -101,3 +101,45 @@ def test_mlx_lm_runs_beside_with_ratios_and_token_agreement(tiny, tmp_path):
     assert isinstance(greedy["same_tokens"], bool)
     assert greedy["same_tokens"] or isinstance(greedy["first_difference"], int)
     assert "decode vs mlx-lm (95% CI)" in result.stdout.splitlines()[0]
+
+
+def test_ctrl_c_stops_cleanly_and_the_run_resumes(tiny, tmp_path):
+    """SIGINT mid-sweep: exit 130, no traceback, the run marked stopped with the command that
+    resumes it; resuming measures every configuration and repetition exactly once."""
+    import signal
+    import sqlite3
+    import time
+
+    from mlxinfer.bench.db import RunsDB
+
+    db = tmp_path / "runs.sqlite"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlxinfer", "bench", "--model", tiny, "--top-k", "0,2,4,6,8,10",
+         "--prompt-tokens", "8", "--gen-tokens", "200", "--reps", "4", "--db", str(db)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+        try:
+            with sqlite3.connect(db) as connection:
+                if connection.execute("SELECT COUNT(*) FROM measurements").fetchone()[0] >= 2:
+                    break
+        except sqlite3.OperationalError:  # not created yet
+            continue
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert f"resume with: mlxinfer bench --resume 1 --db {db}" in stderr
+    runs = RunsDB(db)
+    assert runs.run(1)["status"] == "stopped"
+    stopped_at = len(runs.measurements(1))
+    assert 2 <= stopped_at < 24
+    resumed = bench("--resume", "1", db=db)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = runs.measurements(1)
+    assert sorted((r["position"], r["rep"]) for r in rows) == [
+        (p, k) for p in range(6) for k in range(4)
+    ]
+    assert all(r["status"] == "ok" for r in rows) and runs.run(1)["status"] == "done"

@@ -26,19 +26,18 @@ def test_every_configuration_and_repetition_is_recorded(tiny, tmp_path):
     db = RunsDB(tmp_path / "runs.sqlite")
     axes = parse_axes({
         "model": tiny, "temperature": "0,0.8", "prompt_tokens": "8", "gen_tokens": "5",
-        "concurrency": "1,2", "depth": "0,16", "kv": "full,q8",
+        "concurrency": "1,2", "depth": "0,16", "kv": "full,rotating:20",
     })  # fmt: skip
     sweep = Sweep(axes, reps=2, db=db)
     events = list(sweep.run())
     measured = [e for e in events if e.kind == "measured"]
-    assert len(measured) == 8 * 2 and events[-1].kind == "finished"  # the 8 without q8
-    failed = [e for e in events if e.kind == "failed"]  # tiny head_dim 16: 8-bit groups of 64
-    assert failed and all("kv_group_size" in e.error for e in failed)
+    assert len(measured) == 16 * 2 and events[-1].kind == "finished"
+    assert [e.step for e in measured] == list(range(1, 33)) and measured[0].steps == 32
+    assert [e.index for e in events if e.kind == "started"] == list(range(16))
     rows = db.measurements(sweep.run_id)
-    assert len(rows) == 16 * 2  # every configuration x rep, failed or measured
-    ok = [r for r in rows if r["status"] == "ok"]
-    assert all(r["decode_tps"] > 0 and r["ttft_ms"] > 0 for r in ok)
-    assert all(len(r["tokens"]) == 5 and len(db.token_times(r["id"])) == 5 for r in ok)
+    assert len(rows) == 16 * 2 and all(r["status"] == "ok" for r in rows)
+    assert all(r["decode_tps"] > 0 and r["ttft_ms"] > 0 for r in rows)
+    assert all(len(r["tokens"]) == 5 and len(db.token_times(r["id"])) == 5 for r in rows)
     assert db.run(sweep.run_id)["status"] == "done"
 
 
@@ -65,15 +64,30 @@ def test_a_cancelled_sweep_resumes_where_it_stopped(tiny, tmp_path):
     assert db.run(sweep.run_id)["status"] == "done"
 
 
-def test_bad_settings_are_refused_before_anything_runs(tiny, tmp_path):
+@pytest.mark.parametrize(
+    "axes,message",
+    [
+        (
+            {"kv": "full,q8"},
+            "sweep axis 'kv': 'q8' on model .*does not divide the model's head_dim",
+        ),
+        ({"gen_tokens": "4,300"}, r"0 \+ 8 \+ 300 tokens exceed the context of model .* \(256\)"),
+        ({"model": "/nonexistent/model"}, "sweep axis 'model': '/nonexistent/model'"),
+    ],
+)
+def test_a_grid_the_model_cannot_run_is_refused_before_anything_runs(tiny, tmp_path, axes, message):
+    db = RunsDB(tmp_path / "r.sqlite")
+    with pytest.raises(ValueError, match=message):
+        Sweep(parse_axes({"model": tiny, "prompt_tokens": "8", **axes}), reps=1, db=db)
+    assert db.runs() == []  # nothing recorded
     with pytest.raises(ValueError, match="reps must be an integer >= 1"):
-        Sweep(parse_axes({"model": tiny}), reps=0, db=RunsDB(tmp_path / "r.sqlite"))
+        Sweep(parse_axes({"model": tiny}), reps=0, db=db)
 
 
 def test_memory_is_predicted_and_a_configuration_that_cannot_fit_is_not_run(
     tiny, tmp_path, monkeypatch
 ):
-    import mlxinfer.bench.sweep as sweep_module
+    from mlxinfer.bench import machine
 
     db = RunsDB(tmp_path / "runs.sqlite")
     axes = parse_axes({"model": tiny, "prompt_tokens": "8", "gen_tokens": "4",
@@ -84,7 +98,24 @@ def test_memory_is_predicted_and_a_configuration_that_cannot_fit_is_not_run(
     single, four = (r["predicted_memory_mb"] for r in rows)
     assert (four - single) * 2**20 == pytest.approx(3 * 512 * 256)
     assert all(r["peak_memory_mb"] > 0 for r in rows)
-    monkeypatch.setattr(sweep_module, "available_memory_mb", lambda: 0.01)
+    monkeypatch.setattr(machine, "available_memory_mb", lambda: 0.01)
     events = list(Sweep(axes, reps=1, db=db).run())
     failed = [e for e in events if e.kind == "failed"]
     assert len(failed) == 2 and all("MB available: not run" in e.error for e in failed)
+
+
+def test_mlx_lm_measures_concurrent_requests_and_says_what_it_cannot_do(tiny, tmp_path):
+    """The baseline at concurrency 2 goes through mlx-lm's BatchGenerator: every request
+    generates exactly gen_tokens, with a growing or a rotating cache, after a context or not."""
+    db = RunsDB(tmp_path / "runs.sqlite")
+    axes = parse_axes({"model": tiny, "prompt_tokens": "8", "gen_tokens": "6",
+                       "concurrency": "2", "depth": "0,16", "kv": "full,rotating:20"})  # fmt: skip
+    sweep = Sweep(axes, reps=1, db=db, baseline="mlx-lm")
+    list(sweep.run())
+    rows = {(r["settings"]["depth"], r["settings"]["kv"], r["engine"]): r
+            for r in db.measurements(sweep.run_id)}  # fmt: skip
+    assert len(rows) == 8
+    for (depth, kv, engine), row in rows.items():
+        assert row["status"] == "ok", (depth, kv, engine, row["error"])
+        assert len(row["tokens"]) == 6 and len(db.token_times(row["id"])) == 6
+        assert row["decode_tps"] > 0 and row["ttft_ms"] > 0

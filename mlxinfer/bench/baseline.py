@@ -6,7 +6,7 @@ mlxinfer's gemv shim (MLXINFER_GEMV_SHIM=0), which would speed it up too. Reques
 lines; each is timed inside the worker by mlxinfer's definitions (metrics.py), from the token
 arrival times on the host, with `mx.reset_peak_memory()` before it (mlx-lm never resets it).
 Sampling goes through mlx-lm's own sampler and logits processors. What mlx-lm cannot do (more than
-one request at a time here, a quantized rotating cache) comes back as an error naming it.
+a quantized rotating cache, a quantized cache in a batch) comes back as an error naming it.
 
 mlx-lm cannot read GGUF: a model it cannot load is exported first (`export_for_mlx_lm`: our
 float32 weights under Hugging Face names, a llama config.json and the tokenizer).
@@ -100,6 +100,9 @@ class MlxLmBaseline:
 
 
 def _serve(model_dir: str) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the sweep's to handle; it closes us
     import mlx.core as mx  # after the mlxinfer package (run as -m): OpenBLAS is loaded first
     import mlx_lm
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
@@ -115,60 +118,105 @@ def _serve(model_dir: str) -> None:
     for line in sys.stdin:
         request = json.loads(line)
         try:
-            reply = _generate(model, tokenizer, request, make_sampler, make_logits_processors)
+            runs = _generate(model, tokenizer, request, make_sampler, make_logits_processors)
         except Exception as e:
-            reply = {"error": f"{type(e).__name__}: {e}"}
-        if "times" in reply:
-            times = reply.pop("times")
-            start = reply.pop("start")
-            metrics = request_metrics(
-                start, times, len(request["prompt"]),
-                cached_prompt_tokens=request.get("depth", 0),  # computed before the clock
-                peak_memory_bytes=mx.get_peak_memory(), active_memory_bytes=mx.get_active_memory(),
-            )  # fmt: skip
-            reply["metrics"] = metrics.to_dict()
-            reply["times"] = [(t - start) * 1e3 for t in times]
+            runs = f"{type(e).__name__}: {e}"
+        if isinstance(runs, str):
+            reply = {"error": runs}
+        else:  # one entry per concurrent request, timed by mlxinfer's definitions
+            peak, active = mx.get_peak_memory(), mx.get_active_memory()
+            reply = {"requests": [{
+                "metrics": request_metrics(
+                    start, times, len(prompt),
+                    cached_prompt_tokens=request.get("depth", 0),  # computed before the clock
+                    peak_memory_bytes=peak, active_memory_bytes=active,
+                ).to_dict(),
+                "tokens": tokens,
+                "times": [(t - start) * 1e3 for t in times],
+            } for prompt, start, times, tokens in runs]}  # fmt: skip
         print(json.dumps(reply), flush=True)
 
 
-def _generate(model, tokenizer, request, make_sampler, make_logits_processors) -> dict:
+def _generate(model, tokenizer, request, make_sampler, make_logits_processors):
+    """[(prompt, start, token times, tokens)] for each of the request's prompts, or an error
+    saying what mlx-lm cannot do. One prompt goes through mlx-lm's stream_generate, several at
+    once through its BatchGenerator (continuous batching), as mlx-lm's own servers do."""
     import mlx.core as mx
-    from mlx_lm.generate import stream_generate
     from mlx_lm.models.cache import make_prompt_cache
 
     s = request["sampling"]
-    if request.get("concurrency", 1) != 1:
-        return {"error": "mlx-lm baseline: one request at a time only"}
-    kv = request.get("kv", {})
+    prompts, depth, kv = request["prompts"], request.get("depth", 0), request.get("kv", {})
+    batched = len(prompts) > 1
     if kv.get("kv_bits") and kv.get("max_kv_size"):
-        return {"error": "mlx-lm cannot quantize a rotating cache"}
+        return "mlx-lm cannot quantize a rotating cache"
+    if kv.get("kv_bits") and batched:
+        return "mlx-lm's BatchGenerator has no quantized KV cache"
     mx.random.seed(request["seed"])
-    sampler = make_sampler(temp=s["temperature"], top_p=s["top_p"], min_p=s["min_p"],
-                           top_k=s["top_k"])  # fmt: skip
-    processors = make_logits_processors(
-        repetition_penalty=s["repetition_penalty"] if s["repetition_penalty"] != 1.0 else None,
-        presence_penalty=s["presence_penalty"] or None,
-        frequency_penalty=s["frequency_penalty"] or None,
-    )
-    cache = make_prompt_cache(model, max_kv_size=kv.get("max_kv_size"))
-    prompt = request["prompt"]
-    depth = request.get("depth", 0)
-    if depth:  # the context, computed first and not timed
-        model(mx.array([prompt[:depth]]), cache=cache)
-        mx.eval([c.state for c in cache])
-        prompt = prompt[depth:]
+
+    def sampler():
+        return make_sampler(temp=s["temperature"], top_p=s["top_p"], min_p=s["min_p"],
+                            top_k=s["top_k"])  # fmt: skip
+
+    def processors():
+        return make_logits_processors(
+            repetition_penalty=s["repetition_penalty"] if s["repetition_penalty"] != 1.0 else None,
+            presence_penalty=s["presence_penalty"] or None,
+            frequency_penalty=s["frequency_penalty"] or None,
+        )
+
+    caches = []
+    for prompt in prompts:  # each row's context, computed first and not timed
+        cache = make_prompt_cache(model, max_kv_size=kv.get("max_kv_size"))
+        if depth:
+            model(mx.array([prompt[:depth]]), cache=cache)
+            mx.eval([c.state for c in cache])
+        caches.append(cache)
+    prompts = [p[depth:] for p in prompts]
+    mx.reset_peak_memory()
+    if not batched:
+        return [_one(model, tokenizer, prompts[0], caches[0], request["gen"], sampler(),
+                     processors(), kv)]  # fmt: skip
+    return _batch(model, prompts, caches, request["gen"], sampler, processors, kv)
+
+
+def _one(model, tokenizer, prompt, cache, gen, sampler, processors, kv):
+
+    from mlx_lm.generate import stream_generate
+
     options = {}
     if kv.get("kv_bits"):
         options.update(kv_bits=kv["kv_bits"], kv_group_size=64, quantized_kv_start=0)
-    mx.reset_peak_memory()
     start, times, tokens = time.perf_counter(), [], []
     for response in stream_generate(
-        model, tokenizer, prompt, max_tokens=request["gen"], sampler=sampler,
+        model, tokenizer, prompt, max_tokens=gen, sampler=sampler,
         logits_processors=processors, prompt_cache=cache, **options,
     ):  # fmt: skip
         times.append(time.perf_counter())
         tokens.append(response.token)
-    return {"tokens": tokens, "times": times, "start": start}
+    return prompt, start, times, tokens
+
+
+def _batch(model, prompts, caches, gen, sampler, processors, kv):
+    from mlx_lm.generate import BatchGenerator
+
+    generator = BatchGenerator(
+        model, max_tokens=gen, completion_batch_size=len(prompts),
+        prefill_batch_size=len(prompts), max_kv_size=kv.get("max_kv_size"),
+    )  # fmt: skip
+    start = time.perf_counter()
+    uids = generator.insert(
+        prompts, [gen] * len(prompts), caches=caches,
+        samplers=[sampler() for _ in prompts], logits_processors=[processors() for _ in prompts],
+    )  # fmt: skip
+    times = {uid: [] for uid in uids}
+    tokens = {uid: [] for uid in uids}
+    while responses := generator.next_generated():
+        now = time.perf_counter()
+        for r in responses:
+            times[r.uid].append(now)
+            tokens[r.uid].append(r.token)
+    generator.close()
+    return [(p, start, times[u], tokens[u]) for p, u in zip(prompts, uids, strict=True)]
 
 
 if __name__ == "__main__":

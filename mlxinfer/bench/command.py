@@ -112,9 +112,10 @@ def _sweep(args: argparse.Namespace, db) -> int:
         sweep_text = Path(args.sweep).read_text() if args.sweep else None
         sweep = Sweep(axes, args.reps, db, command, sweep_text, baseline=args.baseline)
     cancel = threading.Event()
+    show = Progress(sweep.swept, sweep.reps, sys.stderr)
     try:
         for event in sweep.run(cancel):
-            _progress(event)
+            show(event)
     except KeyboardInterrupt:
         db.finish_run(sweep.run_id, "stopped")
         print(f"\nstopped; resume with: mlxinfer bench --resume {sweep.run_id} --db {db.path}",
@@ -125,17 +126,63 @@ def _sweep(args: argparse.Namespace, db) -> int:
     if args.json:
         Path(args.json).write_text(report.to_json(items))
     print(f"run {sweep.run_id} in {db.path}", file=sys.stderr)
-    return 0
+    measured = any(item["decode_tps"] is not None for item in items)
+    return 0 if measured else 1  # some failures are a sweep's result; nothing measured is not
 
 
-def _progress(event) -> None:
-    if event.kind in ("measured", "failed"):
-        eta = f", ~{event.eta_s:.0f} s left" if event.eta_s is not None else ""
-        what = "failed: " + (event.error or "") if event.kind == "failed" else ""
-        print(f"\r[{event.index + 1}/{event.total}] rep {event.rep} {what}{eta}   ",
-              end="", file=sys.stderr, flush=True)  # fmt: skip
-    elif event.kind in ("finished", "stopped"):
-        print(file=sys.stderr)
+class Progress:
+    """The progress line on stderr: a bar of the measurements made, the configuration in hand (its
+    swept settings), the repetition and engine, and the time left at the pace so far. On a
+    terminal the line redraws itself; elsewhere (a CI log) each configuration gets one line.
+    Failures always get their own line."""
+
+    WIDTH = 24
+
+    def __init__(self, swept: list[str], reps: int, stream):
+        self.swept, self.reps, self.stream = swept, reps, stream
+        self.live = stream.isatty()
+        self.failures: set = set()  # a configuration that cannot be set up fails every rep
+
+    def __call__(self, event) -> None:
+        if event.kind in ("finished", "stopped"):
+            if self.live:
+                print(file=self.stream)
+            return
+        if event.kind == "skipped":
+            return
+        settings = " ".join(f"{k}={event.config[k]}" for k in self.swept) or "the configuration"
+        where = f"config {event.index + 1}/{event.total} {settings}"
+        if event.kind == "failed":
+            if (event.index, event.engine, event.error) not in self.failures:
+                self.failures.add((event.index, event.engine, event.error))
+                self._line(f"{where} {event.engine} failed: {event.error}", final=True)
+            return
+        if event.kind == "started":
+            doing = "loading and warming up"
+        else:
+            doing = f"rep {event.rep + 1}/{self.reps} {event.engine}"
+        done = event.step / event.steps if event.steps else 1.0
+        bar = "#" * round(done * self.WIDTH)
+        left = "" if event.eta_s is None else f" ~{_duration(event.eta_s)} left"
+        text = f"[{bar:<{self.WIDTH}}] {event.step}/{event.steps} {where}: {doing}{left}"
+        if self.live or event.kind == "started":
+            self._line(text)
+
+    def _line(self, text: str, final: bool = False) -> None:
+        if self.live:
+            end = "\n" if final else ""
+            print(f"\r\033[K{text}", end=end, file=self.stream, flush=True)
+        else:
+            print(text, file=self.stream, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _read_sweep_file(path: str) -> dict:

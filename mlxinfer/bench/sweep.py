@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import machine
 from .db import METRICS as _METRICS
 from .db import RunsDB
 from .grid import SAMPLING_AXES, config_key, expand, parse_kv, sampling_params
@@ -33,8 +34,9 @@ TEXT = Path(__file__).with_name("kjv_genesis.txt")
 
 @dataclass
 class SweepEvent:
-    """What happened: 'measured', 'failed', 'skipped' (a resumed run has it), 'finished' or
-    'stopped' (cancelled; resume with the run id)."""
+    """What happened: 'started' (a configuration is being set up: model, warm-up), 'measured',
+    'failed', 'skipped' (a resumed run has it), 'finished' or 'stopped' (cancelled; resume with
+    the run id). `step` of `steps` counts the measurements this call of run() makes."""
 
     kind: str
     run_id: int
@@ -47,6 +49,8 @@ class SweepEvent:
     elapsed_s: float = 0.0
     eta_s: float | None = None  # time left, from the pace so far
     engine: str = ENGINE
+    step: int = 0
+    steps: int = 0
 
 
 class Sweep:
@@ -66,9 +70,12 @@ class Sweep:
             raise ValueError(f"baseline must be {BASELINE} or None, got {baseline!r}")
         if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
             raise ValueError(f"reps must be an integer >= 1, got {reps!r}")
+        configs = list(expand(axes))
+        self._models: dict = {}
+        self._check(configs)
         db = db or RunsDB()
-        run_id = db.start_run(command, machine_facts(), reps, sweep_text, baseline)
-        self._attach(db, run_id, list(expand(axes)), reps, seed, baseline)
+        run_id = db.start_run(command, machine.machine_facts(), reps, sweep_text, baseline)
+        self._attach(db, run_id, configs, reps, seed, baseline)
 
     @classmethod
     def resume(cls, db: RunsDB, run_id: int, seed: int = 0) -> Sweep:
@@ -82,8 +89,13 @@ class Sweep:
         self.db, self.run_id, self.configs = db, run_id, configs
         self.reps, self.seed, self.baseline = reps, seed, baseline
         self.config_ids = db.add_configurations(run_id, [(config_key(c), c) for c in configs])
-        self._models: dict = {}
+        self._models = getattr(self, "_models", {})
         self._workers: dict = {}
+
+    @property
+    def swept(self) -> list[str]:
+        """The settings that differ between configurations (what a progress line shows)."""
+        return [k for k in self.configs[0] if len({repr(c[k]) for c in self.configs}) > 1]
 
     def run(self, cancel: threading.Event | None = None) -> Iterator[SweepEvent]:
         """Measure what the run does not have yet, yielding an event after each measurement."""
@@ -94,76 +106,103 @@ class Sweep:
 
     def _run(self, cancel: threading.Event | None) -> Iterator[SweepEvent]:
         done = self.db.done(self.run_id)
-        total, start, measured = len(self.configs), time.perf_counter(), 0
         engines = [ENGINE] + ([BASELINE] if self.baseline else [])
-        todo = sum(
-            1
-            for c in self.configs
-            for rep in range(self.reps)
-            for name in engines
-            if (config_key(c), name, rep) not in done
-        )
+        total, start = len(self.configs), time.perf_counter()
+        progress = {"step": 0, "steps": sum(
+            (config_key(c), name, rep) not in done
+            for c in self.configs for rep in range(self.reps) for name in engines
+        )}  # fmt: skip
+
+        def event(kind, index, config=None, rep=None, metrics=None, error=None, engine=ENGINE):
+            step, steps = progress["step"], progress["steps"]
+            elapsed = time.perf_counter() - start
+            eta = elapsed / step * (steps - step) if step else None
+            return SweepEvent(
+                kind, self.run_id, index, total, dict(config or {}), rep, metrics, error,
+                elapsed, eta, engine, step, steps,
+            )  # fmt: skip
+
         for index, (config, config_id) in enumerate(
             zip(self.configs, self.config_ids, strict=True)
         ):
             key = config_key(config)
-            reps = [
-                rep for rep in range(self.reps)
-                if any((key, name, rep) not in done for name in engines)
+            missing = [
+                (rep, name) for rep in range(self.reps) for name in engines
+                if (key, name, rep) not in done
             ]  # fmt: skip
-            if not reps:
-                yield SweepEvent("skipped", self.run_id, index, total, config)
+            if not missing:
+                yield event("skipped", index, config)
                 continue
+            yield event("started", index, config)
+            broken: dict[str, str] = {}  # engine -> why it cannot run this configuration
+            engine = None
             try:
                 engine, prompts = self._setup(config)
             except Exception as e:  # this configuration fails; the sweep goes on
-                for rep in reps:
-                    for name in engines:
-                        if (key, name, rep) not in done:
-                            self.db.record(config_id, name, rep, error=_reason(e))
-                yield SweepEvent("failed", self.run_id, index, total, config, error=_reason(e))
-                continue
-            engines = [ENGINE] + ([BASELINE] if self.baseline else [])
+                broken = dict.fromkeys(engines, _reason(e))
             try:
-                self._measure(engine, prompts, config, rep=None)  # warm-ups, not recorded
-                if self.baseline:
-                    self._measure_baseline(config, prompts, rep=None)
-                for rep in reps:
-                    for name in engines:
-                        if (key, name, rep) in done:
-                            continue
-                        if cancel is not None and cancel.is_set():
-                            self.db.finish_run(self.run_id, "stopped")
-                            yield SweepEvent("stopped", self.run_id, index, total, config)
-                            return
+                for name in engines:  # warm-ups, not recorded
+                    if name in broken:
+                        continue
+                    try:
+                        self._measure_with(name, engine, prompts, config, rep=None)
+                    except Exception as e:
+                        broken[name] = _reason(e)
+                for rep, name in missing:
+                    if cancel is not None and cancel.is_set():
+                        self.db.finish_run(self.run_id, "stopped")
+                        yield event("stopped", index, config)
+                        return
+                    progress["step"] += 1
+                    error = broken.get(name)
+                    if error is None:
                         try:
-                            if name == ENGINE:
-                                metrics, tokens, times = self._measure(engine, prompts, config, rep)
-                            else:
-                                metrics, tokens, times = self._measure_baseline(
-                                    config, prompts, rep
-                                )
+                            metrics, tokens, times = self._measure_with(
+                                name, engine, prompts, config, rep
+                            )
                         except Exception as e:
-                            self.db.record(config_id, name, rep, error=_reason(e))
-                            yield SweepEvent(
-                                "failed", self.run_id, index, total, config, rep, error=_reason(e),
-                                engine=name,
-                            )  # fmt: skip
-                            continue
-                        self.db.record(config_id, name, rep, metrics, tokens, times)
-                        measured += 1
-                        elapsed = time.perf_counter() - start
-                        eta = elapsed / measured * max(todo - measured, 0)
-                        yield SweepEvent(
-                            "measured", self.run_id, index, total, config, rep, metrics,
-                            elapsed_s=elapsed, eta_s=eta, engine=name,
-                        )  # fmt: skip
+                            error = _reason(e)
+                    if error is not None:
+                        self.db.record(config_id, name, rep, error=error)
+                        yield event("failed", index, config, rep, error=error, engine=name)
+                        continue
+                    self.db.record(config_id, name, rep, metrics, tokens, times)
+                    yield event("measured", index, config, rep, metrics, engine=name)
             finally:
-                engine.close(cancel=True)
+                if engine is not None:
+                    engine.close(cancel=True)
         self.db.finish_run(self.run_id, "done")
-        yield SweepEvent(
-            "finished", self.run_id, total, total, elapsed_s=time.perf_counter() - start
-        )
+        yield event("finished", total)
+
+    def _check(self, configs: list[dict]) -> None:
+        """What the grid asks of each model, refused before anything runs: a model that does not
+        load, lengths beyond its context, a KV cache kind it cannot have."""
+        from ..cache import make_cache
+
+        for config in configs:
+            try:
+                model, _ = self._model(config["model"], config["compute"])
+            except Exception as e:
+                raise ValueError(f"sweep axis 'model': {config['model']!r}: {e}") from None
+            context = model.config.max_position_embeddings
+            tokens = config["depth"] + config["prompt_tokens"] + config["gen_tokens"]
+            if tokens > context:
+                raise ValueError(
+                    f"sweep axes depth + prompt_tokens + gen_tokens: {config['depth']} + "
+                    f"{config['prompt_tokens']} + {config['gen_tokens']} tokens exceed the context "
+                    f"of model {config['model']!r} ({context})"
+                )
+            try:
+                make_cache(model.config, **parse_kv(config["kv"]))
+            except ValueError as e:
+                raise ValueError(
+                    f"sweep axis 'kv': {config['kv']!r} on model {config['model']!r}: {e}"
+                ) from None
+
+    def _measure_with(self, name: str, engine, prompts, config: Mapping, rep: int | None):
+        if name == ENGINE:
+            return self._measure(engine, prompts, config, rep)
+        return self._measure_baseline(config, prompts, rep)
 
     # -- one configuration -----------------------------------------------------------------------
 
@@ -172,12 +211,6 @@ class Sweep:
 
         model, tokenizer = self._model(config["model"], config["compute"])
         depth, n, gen = config["depth"], config["prompt_tokens"], config["gen_tokens"]
-        context = model.config.max_position_embeddings
-        if depth + n + gen > context:
-            raise ValueError(
-                f"depth {depth} + prompt {n} + gen {gen} tokens exceed the model's context of "
-                f"{context}"
-            )
         text = exact_tokens(tokenizer, depth + n * config["concurrency"])
         shared, rest = text[:depth], text[depth:]
         prompts = [shared + rest[i * n : (i + 1) * n] for i in range(config["concurrency"])]
@@ -192,7 +225,7 @@ class Sweep:
         kv = engine.scheduler.kv_bytes(config["concurrency"], tokens)
         kv += engine.scheduler.kv_bytes(1, depth) if depth else 0
         self.predicted_mb = (model.nbytes + kv) / 2**20
-        available = available_memory_mb()
+        available = machine.available_memory_mb()
         if available is not None and self.predicted_mb > available:
             engine.close()
             raise MemoryError(
@@ -228,15 +261,20 @@ class Sweep:
         worker = self._worker(config["model"], config["compute"])
         sampling = {name: config[name] for name in SAMPLING_AXES}
         reply = worker.run({
-            "prompt": prompts[0], "gen": config["gen_tokens"], "sampling": sampling,
+            "prompts": prompts, "gen": config["gen_tokens"], "sampling": sampling,
             "seed": self.seed + (0 if rep is None else rep) * 1000, "depth": config["depth"],
-            "kv": parse_kv(config["kv"]), "concurrency": config["concurrency"],
+            "kv": parse_kv(config["kv"]),
         })  # fmt: skip
         if "error" in reply:
             raise RuntimeError(reply["error"])
-        metrics = {name: reply["metrics"][name] for name in _METRICS if name in reply["metrics"]}
+        requests = reply["requests"]
+        metrics = {
+            name: sum(r["metrics"][name] for r in requests) / len(requests)
+            for name in _METRICS
+            if name in requests[0]["metrics"]
+        }
         metrics["predicted_memory_mb"] = self.predicted_mb
-        return metrics, reply["tokens"], reply["times"]
+        return metrics, requests[0]["tokens"], requests[0]["times"]
 
     def _worker(self, name: str, compute: str):
         key = (name, compute)
@@ -261,53 +299,6 @@ class Sweep:
 
             self._models[key] = load(None if name == "default" else name, compute=compute)
         return self._models[key]
-
-
-def machine_facts() -> dict:
-    """The machine and software a run was measured on."""
-    import os
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    import mlx.core as mx
-
-    from .. import __version__
-    from ..backend import blas_status, cpu_name, gemv_shim_status
-
-    def package(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
-
-    memory = (
-        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    )
-    return {
-        "cpu": cpu_name(),
-        "cores": os.cpu_count(),
-        "memory_gb": round(memory / 2**30, 1),
-        "os": platform.platform(),
-        "backend": str(mx.default_device()),
-        "blas": blas_status(),
-        "gemv_shim": gemv_shim_status(),
-        "mlx": mx.__version__,
-        "mlx_lm": package("mlx-lm"),
-        "mlxinfer": __version__,
-    }
-
-
-def available_memory_mb() -> float | None:
-    """Memory the system could still give (Linux: MemAvailable), or None where unknown (macOS
-    reports its unified memory differently; MLX's own limit applies there)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def exact_tokens(tokenizer, n: int) -> list[int]:

@@ -1,0 +1,83 @@
+"""The machine and software a measurement was taken on, and the memory it still has.
+
+`machine_facts()` is what every run in the database and every benchmark result records: CPU or
+chip, cores, memory, OS, MLX device, BLAS, the gemv shim, the op set and compute policy "auto"
+picks, the versions of MLX, mlx-lm and mlxinfer, and the git commit of the checkout (with
+"-dirty" when tracked files have changes), so that two runs can be told apart by what changed.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+
+def machine_facts() -> dict:
+    import mlx.core as mx
+
+    from .. import __version__
+    from ..backend import blas_status, cpu_name, gemv_shim_status, resolve_compute_policy
+    from ..ops import resolve_kernels
+
+    memory = (
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    )
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "memory_gb": round(memory / 2**30, 1),
+        "os": platform.platform(),
+        "python": sys.version.split()[0],
+        "backend": str(mx.default_device()),
+        "blas": blas_status(),
+        "gemv_shim": gemv_shim_status(),
+        "op_set": resolve_kernels("auto"),
+        "compute_policy": resolve_compute_policy("auto"),
+        "mlx": mx.__version__,
+        "mlx_lm": _package("mlx-lm"),
+        "mlxinfer": __version__,
+        "commit": git_commit(),
+    }
+
+
+def git_commit(where: Path = Path(__file__).parent) -> str:
+    """The short commit of the checkout mlxinfer runs from, "-dirty" when tracked files changed;
+    "unknown" for an installed copy that is not a checkout, or without git."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True, text=True,
+            timeout=10, check=False,
+        ).stdout.strip()  # fmt: skip
+        if not commit:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+            capture_output=True, text=True, timeout=10, check=False,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+def available_memory_mb() -> float | None:
+    """Memory the system could still give (Linux: MemAvailable), or None where unknown (macOS
+    reports its unified memory differently; MLX's own limit applies there)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _package(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"

@@ -51,6 +51,9 @@ def test_a_sweep_from_flags_then_list_export_and_compare(tiny, tmp_path):
     assert bench("export", "1", "--csv", str(csv_path), db=db).returncode == 0
     rows = list(csv.DictReader(csv_path.open()))
     assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}
+    positions = bench("positions", "1", "--buckets", "2", db=db)
+    assert positions.returncode == 0, positions.stderr
+    assert positions.stdout.splitlines()[0] == "| engine | temperature | first (ms) | 1-2 | 3-3 |"
     compared = bench("compare", "1", "2", db=db)
     assert compared.returncode == 0 and len(compared.stdout.splitlines()) == 2
 

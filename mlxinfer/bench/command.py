@@ -4,6 +4,7 @@ mlxinfer bench --temperature 0,0.8 --top-p 1.0,0.9 --prompt-tokens 64,512 [--rep
 mlxinfer bench --sweep sweep.toml        # the same axes as a TOML table
 mlxinfer bench --resume RUN_ID           # a stopped run, without repeating what it has
 mlxinfer bench list | export RUN_ID --csv FILE / --json FILE | compare RUN_A RUN_B
+mlxinfer bench positions RUN_ID          # latency by token position
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ def add_parser(commands) -> None:
     export.add_argument("run_id", type=int, metavar="RUN_ID")
     export.add_argument("--csv", metavar="FILE", help="every measurement, one row each")
     export.add_argument("--json", dest="export_json", metavar="FILE", help="per configuration")
+    positions = actions.add_parser(
+        "positions",
+        help="latency by token position: the first token, then the median gap per stretch",
+        parents=[where],
+    )
+    positions.add_argument("run_id", type=int, metavar="RUN_ID")
+    positions.add_argument("--buckets", type=int, default=8, help="stretches of the generation")
+    positions.add_argument("--csv", metavar="FILE", help="every position's p50 and p90 gap")
     compare = actions.add_parser(
         "compare", help="two runs' shared configurations, with ratios", parents=[where]
     )
@@ -77,6 +86,15 @@ def run(args: argparse.Namespace) -> int:
             Path(args.csv).write_text(report.to_csv(db, args.run_id))
         if args.export_json:
             Path(args.export_json).write_text(report.to_json(report.summarize(db, args.run_id)))
+        return 0
+    if args.bench_command == "positions":
+        db.run(args.run_id)
+        if args.buckets < 1:
+            raise BenchUsageError(f"--buckets must be >= 1, got {args.buckets}")
+        items = report.latency_by_position(db, args.run_id)
+        print(report.position_table(items, args.buckets))
+        if args.csv:
+            Path(args.csv).write_text(report.positions_csv(items))
         return 0
     if args.bench_command == "compare":
         db.run(args.run_a), db.run(args.run_b)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import statistics
 from collections.abc import Sequence
 
 from .db import METRICS, RunsDB
@@ -157,6 +158,63 @@ def to_csv(db: RunsDB, run_id: int) -> str:
     for r in rows:
         writer.writerow([r["position"], r["engine"], r["rep"], *(r["settings"][a] for a in AXES),
                          r["status"], r["error"] or "", *(r[m] for m in METRICS)])  # fmt: skip
+    return out.getvalue()
+
+
+def latency_by_position(db: RunsDB, run_id: int) -> list[dict]:
+    """Latency by token position within a request: for each configuration and engine, each
+    position's latency (position 0: the time to the first token; then the gap since the previous
+    token), its median and 90th percentile over the repetitions, in ms. What a mean ITL hides:
+    latency that grows with the context, periodic stalls, a slow first steps after prefill."""
+    import numpy as np
+
+    groups: dict[tuple, dict] = {}
+    for row in db.measurements(run_id):
+        if row["status"] != "ok":
+            continue
+        times = db.token_times(row["id"])
+        gaps = [times[0], *(b - a for a, b in zip(times, times[1:], strict=False))]
+        item = groups.setdefault(
+            (row["position"], row["engine"]),
+            {"engine": row["engine"], "settings": row["settings"], "reps": []},
+        )
+        item["reps"].append(gaps)
+    out = []
+    for _, item in sorted(groups.items()):
+        n = min(len(g) for g in item["reps"])
+        gaps = np.array([g[:n] for g in item.pop("reps")])
+        item["p50_ms"] = np.median(gaps, axis=0).tolist()
+        item["p90_ms"] = np.percentile(gaps, 90, axis=0).tolist()
+        out.append(item)
+    return out
+
+
+def position_table(items: Sequence[dict], buckets: int = 8) -> str:
+    """Latency by position as a markdown table: the first token, then the median gap over
+    `buckets` equal stretches of the generation (e.g. tokens 1-16, 17-32, ...)."""
+    axes = swept_axes(items) or []
+    longest = max((len(i["p50_ms"]) for i in items), default=0)
+    size = max(1, -(-(longest - 1) // buckets))
+    spans = [(a, min(a + size, longest)) for a in range(1, longest, size)]
+    header = ["engine", *axes, "first (ms)", *(f"{a}-{b - 1}" for a, b in spans)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for item in items:
+        p50 = item["p50_ms"]
+        cells = [item["engine"], *(str(item["settings"][a]) for a in axes), f"{p50[0]:.1f}"]
+        for a, b in spans:
+            cells.append(f"{statistics.median(p50[a:b]):.1f}" if p50[a:b] else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def positions_csv(items: Sequence[dict]) -> str:
+    """Latency by position, one row per configuration, engine and token position."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["engine", *AXES, "token", "p50_ms", "p90_ms"])
+    for item in items:
+        for k, (p50, p90) in enumerate(zip(item["p50_ms"], item["p90_ms"], strict=True)):
+            writer.writerow([item["engine"], *(item["settings"][a] for a in AXES), k, p50, p90])
     return out.getvalue()
 
 

@@ -404,3 +404,31 @@ def make_cache(
         else:
             caches.append(KVCache(kv_bits, kv_group_size))
     return caches
+
+
+def kv_cache_bytes(
+    config,
+    tokens: int,
+    batch: int = 1,
+    max_kv_size: int | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    itemsize: int = 4,
+) -> int:
+    """Bytes of KV storage `batch` sequences of `tokens` tokens take, as the caches allocate it
+    once decoding has begun (and the Engine's batch caches always): keys and values of every
+    layer, in slots that grow 256 at a time, capped by each layer's window (sliding-window layers)
+    or `max_kv_size`; quantized ones hold `kv_bits`-bit values plus a scale and a bias (of
+    `itemsize` bytes) per group of `kv_group_size`. (A rotating cache that has only been
+    prefilled holds just its tokens until its first decoded one.)"""
+    slots = -(-tokens // KVCache.step) * KVCache.step
+    per_token = config.num_key_value_heads * (
+        config.head_dim * itemsize
+        if kv_bits is None
+        else config.head_dim * kv_bits // 8 + 2 * itemsize * config.head_dim // kv_group_size
+    )
+    total = 0
+    for window in config.layer_windows:
+        cap = window if window is not None else max_kv_size
+        total += 2 * per_token * (slots if cap is None else min(slots, cap))
+    return batch * total

@@ -132,6 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.command import add_parser as add_bench_parser
 
     add_bench_parser(commands)
+
+    dashboard = commands.add_parser(
+        "dashboard", help="the web dashboard: chat, sweeps, results, metrics",
+        description="Start the Streamlit dashboard on this machine and print its address.",
+    )  # fmt: skip
+    dashboard.add_argument("--model", metavar="PATH",
+                           help="the model preselected (default: the default model)")  # fmt: skip
+    dashboard.add_argument("--port", type=int, default=8501, metavar="N", help="default 8501")
+    dashboard.add_argument("--host", default="localhost", metavar="ADDRESS",
+                           help="address to listen on (default localhost; 0.0.0.0 for all)")  # fmt: skip
+    dashboard.add_argument("--db", metavar="PATH", help="the runs database (default: "
+                           "MLXINFER_DB, else ~/.local/share/mlxinfer/runs.sqlite)")  # fmt: skip
     return parser
 
 
@@ -307,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             from .chat import run_chat
 
             return run_chat(args)
+        if args.command == "dashboard":
+            return run_dashboard(args)
         if args.command == "bench":
             from .bench.command import run as run_bench
 
@@ -320,6 +334,48 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+DASHBOARD_APP = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+
+
+def run_dashboard(args: argparse.Namespace) -> int:
+    """`streamlit run dashboard/app.py` with the model and database chosen, in the foreground."""
+    import subprocess
+
+    from .bench.db import DB_ENV, RunsDB
+
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.model is not None and not Path(args.model).expanduser().exists():
+        raise UsageError(f"--model {args.model}: no such file or directory")
+    if not DASHBOARD_APP.is_file():
+        raise UsageError(
+            f"the dashboard is not installed ({DASHBOARD_APP} is missing): it comes with the "
+            "source checkout; install mlxinfer with `pip install -e .` from a clone"
+        )
+    env = dict(os.environ)
+    if args.db is not None:
+        env[DB_ENV] = str(Path(args.db).expanduser().resolve())
+    try:
+        RunsDB(env.get(DB_ENV)).close()  # a path that cannot hold the database fails here
+    except (ValueError, OSError) as e:
+        raise UsageError(f"runs database: {e}") from None
+    if args.model is not None:
+        env["MLXINFER_MODEL"] = str(Path(args.model).expanduser().resolve())
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(DASHBOARD_APP),
+        "--server.port", str(args.port), "--server.address", args.host,
+        "--server.headless", "true", "--browser.gatherUsageStats", "false",
+        "--server.fileWatcherType", "none",
+    ]  # fmt: skip
+    print(f"mlxinfer dashboard: http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    process = subprocess.Popen(command, env=env)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:  # the child got the Ctrl-C too
+        process.wait()
         return EXIT_INTERRUPTED
 
 

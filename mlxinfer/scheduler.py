@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .batch_cache import make_batch_cache, remove_row
-from .cache import RotatingKVCache
+from .cache import RotatingKVCache, kv_cache_bytes
 from .metrics import RequestMetrics, request_metrics
 from .model import Model
 from .prefix_cache import PrefixCache
@@ -143,19 +143,11 @@ class Scheduler:
 
     def kv_bytes(self, rows: int, length: int) -> int:
         """Bytes of KV storage for `rows` rows of `length` tokens, as the caches allocate it."""
-        c, per_layer = self.model.config, 0
-        slots = -(-length // 256) * 256
-        itemsize = self.model.compute_dtype.size
-        bits, group = self.cache_options["kv_bits"], self.cache_options["kv_group_size"]
-        per_token = c.num_key_value_heads * (
-            c.head_dim * itemsize
-            if bits is None
-            else c.head_dim * bits // 8 + 2 * itemsize * c.head_dim // group
-        )
-        for cache in self.template:
-            cap = cache.max_size if isinstance(cache, RotatingKVCache) else math.inf
-            per_layer += 2 * per_token * min(slots, cap)
-        return rows * per_layer
+        options = self.cache_options
+        return kv_cache_bytes(
+            self.model.config, length, rows, options["max_kv_size"], options["kv_bits"],
+            options["kv_group_size"], self.model.compute_dtype.size,
+        )  # fmt: skip
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)

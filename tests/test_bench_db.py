@@ -92,3 +92,23 @@ def test_bad_files_and_where_the_database_lives(tmp_path, monkeypatch):
     assert default_db_path() == tmp_path / "data" / "mlxinfer" / "runs.sqlite"
     with pytest.raises(ValueError, match="no run 7"):
         RunsDB(tmp_path / "new.sqlite").run(7)
+
+
+def test_a_version_1_database_is_migrated_in_place(tmp_path):
+    """Runs gained the pid of the process measuring them (schema 2); a database written by the
+    first version keeps its runs and gains the column."""
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as old:
+        old.executescript(
+            "CREATE TABLE runs (id INTEGER PRIMARY KEY, command TEXT NOT NULL, sweep TEXT, "
+            "started REAL NOT NULL, ended REAL, status TEXT NOT NULL, machine_id INTEGER, "
+            "reps INTEGER NOT NULL, baseline TEXT);"
+            "INSERT INTO runs (command, started, status, reps) VALUES ('old', 1.0, 'done', 5);"
+            "PRAGMA user_version=1;"
+        )
+    db = RunsDB(path)
+    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    (run,) = db.runs()
+    assert run["command"] == "old" and run["pid"] is None
+    new = db.start_run("new", MACHINE, reps=1)
+    assert db.run(new)["pid"] == os.getpid()

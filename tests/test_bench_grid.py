@@ -77,3 +77,10 @@ def test_chosen_sampling_combinations_instead_of_their_grid():
         parse_axes({"sampling": [{}], "top_p": "0.9"})
     with pytest.raises(ValueError, match="sweep axis 'min_p'"):
         parse_axes({"sampling": [{"min_p": 2.0}]})
+
+
+def test_sampling_label_names_what_differs_from_greedy():
+    from mlxinfer.bench.grid import DEFAULTS, sampling_label
+
+    assert sampling_label(DEFAULTS) == "greedy"
+    assert sampling_label({**DEFAULTS, "temperature": 0.7, "top_p": 0.9}) == "T 0.7, top-p 0.9"

@@ -373,3 +373,35 @@ def test_quantized_attention_equals_attention_over_dequantized(layout, mask_kind
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     expected = np.einsum("bhts,bhsd->bhtd", weights / weights.sum(-1, keepdims=True), values)
     assert rel_err(ours, expected) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "family,overrides,options",
+    [
+        ("llama", {}, {}),
+        ("llama", {}, {"max_kv_size": 40}),
+        ("llama", {"head_dim": 64, "num_attention_heads": 2}, {"kv_bits": 8}),
+        ("llama", {"head_dim": 64, "num_attention_heads": 2}, {"kv_bits": 4, "max_kv_size": 40}),
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 24, "max_window_layers": 1}, {}),
+    ],
+)
+@pytest.mark.parametrize("tokens", [30, 300])
+def test_kv_cache_bytes_is_what_a_real_cache_holds(tmp_path, family, overrides, options, tokens):
+    """The prediction (from the config alone) against the bytes real caches allocate once
+    `tokens` tokens are in: a prefill of all but one, then one decoded token. Growing, rotating,
+    quantized and sliding-window layers."""
+    from mlxinfer.cache import kv_cache_bytes
+
+    make_tiny_checkpoint(tmp_path, family, **overrides)
+    model, _ = mlxinfer.load(tmp_path)
+    caches = model.make_cache(**options)
+    ids = mx.array(np.random.default_rng(0).integers(0, 128, (1, tokens)))
+    for start in range(0, tokens - 1, 64):  # chunks, as prefill runs: a rotating cache wraps
+        model(ids[:, start : min(start + 64, tokens - 1)], cache=caches)
+    model(ids[:, tokens - 1 :], cache=caches)
+    mx.eval([c.state for c in caches])
+    held = sum(c.nbytes for c in caches)
+    assert (
+        held == kv_cache_bytes(model.config, tokens, **options, itemsize=model.compute_dtype.size)
+        and held > 0
+    )

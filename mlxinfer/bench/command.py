@@ -10,11 +10,12 @@ mlxinfer bench positions RUN_ID          # latency by token position
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import threading
 from pathlib import Path
 
-from .grid import AXES
+from .grid import AXES, SAMPLING_AXES, sampling_label
 
 
 class BenchUsageError(ValueError):
@@ -129,6 +130,7 @@ def _sweep(args: argparse.Namespace, db) -> int:
         command = "mlxinfer bench " + " ".join(sys.argv[2:])
         sweep_text = Path(args.sweep).read_text() if args.sweep else None
         sweep = Sweep(axes, args.reps, db, command, sweep_text, baseline=args.baseline)
+    _interrupt_on(signal.SIGINT, signal.SIGTERM)  # also when started from the dashboard
     cancel = threading.Event()
     show = Progress(sweep.swept, sweep.reps, sys.stderr)
     try:
@@ -146,6 +148,16 @@ def _sweep(args: argparse.Namespace, db) -> int:
     print(f"run {sweep.run_id} in {db.path}", file=sys.stderr)
     measured = any(item["decode_tps"] is not None for item in items)
     return 0 if measured else 1  # some failures are a sweep's result; nothing measured is not
+
+
+def _interrupt_on(*signals) -> None:
+    """Stop cleanly on these signals (KeyboardInterrupt), whatever the parent process left."""
+
+    def interrupt(number, frame):
+        raise KeyboardInterrupt
+
+    for number in signals:
+        signal.signal(number, interrupt)
 
 
 class Progress:
@@ -168,7 +180,11 @@ class Progress:
             return
         if event.kind == "skipped":
             return
-        settings = " ".join(f"{k}={event.config[k]}" for k in self.swept) or "the configuration"
+        sampling = [k for k in self.swept if k in SAMPLING_AXES]
+        settings = " ".join(
+            [sampling_label(event.config)] * bool(sampling)
+            + [f"{k}={event.config[k]}" for k in self.swept if k not in SAMPLING_AXES]
+        )
         where = f"config {event.index + 1}/{event.total} {settings}"
         if event.kind == "failed":
             if (event.index, event.engine, event.error) not in self.failures:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: runs.pid
 DB_ENV = "MLXINFER_DB"
 METRICS = (
     "ttft_ms",
@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS runs (
     status TEXT NOT NULL CHECK (status IN ('running', 'done', 'stopped', 'failed')),
     machine_id INTEGER REFERENCES machines(id),
     reps INTEGER NOT NULL,
-    baseline TEXT
+    baseline TEXT,
+    pid INTEGER  -- the process measuring it while it runs
 );
 CREATE TABLE IF NOT EXISTS configurations (
     id INTEGER PRIMARY KEY,
@@ -103,6 +104,9 @@ class RunsDB:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA foreign_keys=ON")
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 1:  # runs gained the pid of the process measuring them
+                self.conn.execute("ALTER TABLE runs ADD COLUMN pid INTEGER")
+                version = 2
             if version not in (0, SCHEMA_VERSION):
                 raise ValueError(
                     f"{self.path}: runs database schema version {version}; this mlxinfer reads "
@@ -133,9 +137,9 @@ class RunsDB:
                 "SELECT id FROM machines WHERE facts = ?", (facts,)
             ).fetchone()[0]
             cursor = self.conn.execute(
-                "INSERT INTO runs (command, sweep, started, status, machine_id, reps, baseline) "
-                "VALUES (?, ?, ?, 'running', ?, ?, ?)",
-                (command, sweep, time.time(), machine_id, reps, baseline),
+                "INSERT INTO runs (command, sweep, started, status, machine_id, reps, baseline, pid) "
+                "VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
+                (command, sweep, time.time(), machine_id, reps, baseline, os.getpid()),
             )
         return cursor.lastrowid
 
@@ -196,8 +200,10 @@ class RunsDB:
         if run["status"] == "done":
             raise ValueError(f"run {run_id} is already done")
         with self.conn:
-            self.conn.execute("UPDATE runs SET status = 'running', ended = NULL WHERE id = ?",
-                              (run_id,))  # fmt: skip
+            self.conn.execute(
+                "UPDATE runs SET status = 'running', ended = NULL, pid = ? WHERE id = ?",
+                (os.getpid(), run_id),
+            )
         return self.run(run_id)
 
     # -- reading -----------------------------------------------------------------------------

@@ -145,6 +145,18 @@ def check_value(axis: str, raw: object) -> object:
     return value
 
 
+SHORT = {"temperature": "T", "top_k": "top-k", "top_p": "top-p", "min_p": "min-p",
+         "repetition_penalty": "repetition", "presence_penalty": "presence",
+         "frequency_penalty": "frequency"}  # fmt: skip
+
+
+def sampling_label(config: Mapping) -> str:
+    """The sampling settings that differ from the defaults, short ("T 0.7, top-p 0.9"), or
+    "greedy"."""
+    changed = [f"{SHORT[a]} {config[a]}" for a in SAMPLING_AXES if config[a] != DEFAULTS[a]]
+    return ", ".join(changed) or "greedy"
+
+
 def parse_kv(text: str) -> dict:
     """ "full", "rotating:N", "q8", "q4", and a quantization with a size ("q8:rotating:256") ->
     the cache options of stream_generate (max_kv_size, kv_bits)."""

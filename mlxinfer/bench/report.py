@@ -12,7 +12,7 @@ import statistics
 from collections.abc import Sequence
 
 from .db import METRICS, RunsDB
-from .grid import AXES, DEFAULTS, SAMPLING_AXES
+from .grid import AXES, DEFAULTS, SAMPLING_AXES, sampling_label
 from .stats import first_difference, paired_ratio, summary
 
 TABLE_METRICS = (
@@ -36,7 +36,8 @@ def summarize(db: RunsDB, run_id: int) -> list[dict]:
             item["error"] = item["error"] or row["error"]
             continue
         for m in METRICS:
-            item["samples"][m].append(row[m])
+            if row[m] is not None:  # a metric an engine does not report
+                item["samples"][m].append(row[m])
     out = []
     for (_, _), item in sorted(groups.items()):
         samples = item.pop("samples")
@@ -105,12 +106,26 @@ def swept_axes(items: Sequence[dict]) -> list[str]:
     return [a for a in AXES if len({json.dumps(i["settings"][a]) for i in items}) > 1]
 
 
+def setting_columns(axes: Sequence[str]) -> dict:
+    """Column name -> how to show a configuration's value: one column per swept axis, except that
+    more than two swept sampling settings become one "sampling" column ("T 0.7, top-p 0.9")."""
+    sampling = [a for a in axes if a in SAMPLING_AXES]
+    columns = {}
+    if len(sampling) > 2:
+        columns["sampling"] = sampling_label
+    for a in axes:
+        if a not in columns and not (a in sampling and "sampling" in columns):
+            columns[a] = lambda settings, a=a: str(settings[a])
+    return columns
+
+
 def markdown_table(items: Sequence[dict]) -> str:
     """llama-bench's layout: the swept settings, then mean ± std of the main metrics."""
     axes = swept_axes(items) or ["prompt_tokens", "gen_tokens"]
+    columns = setting_columns(axes)
     header = [
         "engine",
-        *axes,
+        *columns,
         *TABLE_METRICS,
         "vs greedy",
         "decode vs mlx-lm (95% CI)",
@@ -118,7 +133,7 @@ def markdown_table(items: Sequence[dict]) -> str:
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for item in items:
-        cells = [item["engine"], *(str(item["settings"][a]) for a in axes)]
+        cells = [item["engine"], *(show(item["settings"]) for show in columns.values())]
         if item["decode_tps"] is None:
             cells += [f"failed: {item['error']}"] + [""] * (len(TABLE_METRICS) + 2)
         else:
@@ -192,15 +207,16 @@ def latency_by_position(db: RunsDB, run_id: int) -> list[dict]:
 def position_table(items: Sequence[dict], buckets: int = 8) -> str:
     """Latency by position as a markdown table: the first token, then the median gap over
     `buckets` equal stretches of the generation (e.g. tokens 1-16, 17-32, ...)."""
-    axes = swept_axes(items) or []
+    columns = setting_columns(swept_axes(items))
     longest = max((len(i["p50_ms"]) for i in items), default=0)
     size = max(1, -(-(longest - 1) // buckets))
     spans = [(a, min(a + size, longest)) for a in range(1, longest, size)]
-    header = ["engine", *axes, "first (ms)", *(f"{a}-{b - 1}" for a, b in spans)]
+    header = ["engine", *columns, "first (ms)", *(f"{a}-{b - 1}" for a, b in spans)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for item in items:
         p50 = item["p50_ms"]
-        cells = [item["engine"], *(str(item["settings"][a]) for a in axes), f"{p50[0]:.1f}"]
+        cells = [item["engine"], *(show(item["settings"]) for show in columns.values())]
+        cells.append(f"{p50[0]:.1f}")
         for a, b in spans:
             cells.append(f"{statistics.median(p50[a:b]):.1f}" if p50[a:b] else "")
         lines.append("| " + " | ".join(cells) + " |")

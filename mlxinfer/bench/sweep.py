@@ -16,6 +16,8 @@ are the first request's.
 
 from __future__ import annotations
 
+import json
+import statistics
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -175,29 +177,7 @@ class Sweep:
         yield event("finished", total)
 
     def _check(self, configs: list[dict]) -> None:
-        """What the grid asks of each model, refused before anything runs: a model that does not
-        load, lengths beyond its context, a KV cache kind it cannot have."""
-        from ..cache import make_cache
-
-        for config in configs:
-            try:
-                model, _ = self._model(config["model"], config["compute"])
-            except Exception as e:
-                raise ValueError(f"sweep axis 'model': {config['model']!r}: {e}") from None
-            context = model.config.max_position_embeddings
-            tokens = config["depth"] + config["prompt_tokens"] + config["gen_tokens"]
-            if tokens > context:
-                raise ValueError(
-                    f"sweep axes depth + prompt_tokens + gen_tokens: {config['depth']} + "
-                    f"{config['prompt_tokens']} + {config['gen_tokens']} tokens exceed the context "
-                    f"of model {config['model']!r} ({context})"
-                )
-            try:
-                make_cache(model.config, **parse_kv(config["kv"]))
-            except ValueError as e:
-                raise ValueError(
-                    f"sweep axis 'kv': {config['kv']!r} on model {config['model']!r}: {e}"
-                ) from None
+        check_grid(configs, self._model)
 
     def _measure_with(self, name: str, engine, prompts, config: Mapping, rep: int | None):
         if name == ENGINE:
@@ -210,7 +190,7 @@ class Sweep:
         from ..engine import Engine
 
         model, tokenizer = self._model(config["model"], config["compute"])
-        depth, n, gen = config["depth"], config["prompt_tokens"], config["gen_tokens"]
+        depth, n = config["depth"], config["prompt_tokens"]
         text = exact_tokens(tokenizer, depth + n * config["concurrency"])
         shared, rest = text[:depth], text[depth:]
         prompts = [shared + rest[i * n : (i + 1) * n] for i in range(config["concurrency"])]
@@ -219,17 +199,13 @@ class Sweep:
             model, tokenizer, max_batch=config["concurrency"],
             prefix_cache_mb=1024 if depth else 0, **options,
         )  # fmt: skip
-        # What the configuration needs: the weights, and the KV of its rows as the batch
-        # allocates it (plus the prefix cache's copy of the context).
-        tokens = depth + n + gen
-        kv = engine.scheduler.kv_bytes(config["concurrency"], tokens)
-        kv += engine.scheduler.kv_bytes(1, depth) if depth else 0
-        self.predicted_mb = (model.nbytes + kv) / 2**20
+        weights, kv = predicted_memory(model, config)
+        self.predicted_mb = (weights + kv) / 2**20
         available = machine.available_memory_mb()
         if available is not None and self.predicted_mb > available:
             engine.close()
             raise MemoryError(
-                f"needs ~{self.predicted_mb:.0f} MB (weights {model.nbytes / 2**20:.0f} MB + KV "
+                f"needs ~{self.predicted_mb:.0f} MB (weights {weights / 2**20:.0f} MB + KV "
                 f"cache {kv / 2**20:.0f} MB), {available:.0f} MB available: not run"
             )
         if depth:  # the context, computed once and kept by the prefix cache
@@ -299,6 +275,110 @@ class Sweep:
 
             self._models[key] = load(None if name == "default" else name, compute=compute)
         return self._models[key]
+
+
+def check_grid(configs: list[dict], load) -> None:
+    """What the grid asks of each model, refused (ValueError naming the axis and value) before
+    anything runs: a model that does not load, lengths beyond its context, a KV cache kind it
+    cannot have. `load(name, compute)` gives (model, tokenizer)."""
+    from ..cache import make_cache
+
+    for config in configs:
+        try:
+            model, _ = load(config["model"], config["compute"])
+        except Exception as e:
+            raise ValueError(f"sweep axis 'model': {config['model']!r}: {e}") from None
+        context = model.config.max_position_embeddings
+        tokens = config["depth"] + config["prompt_tokens"] + config["gen_tokens"]
+        if tokens > context:
+            raise ValueError(
+                f"sweep axes depth + prompt_tokens + gen_tokens: {config['depth']} + "
+                f"{config['prompt_tokens']} + {config['gen_tokens']} tokens exceed the context "
+                f"of model {config['model']!r} ({context})"
+            )
+        try:
+            make_cache(model.config, **parse_kv(config["kv"]))
+        except ValueError as e:
+            raise ValueError(
+                f"sweep axis 'kv': {config['kv']!r} on model {config['model']!r}: {e}"
+            ) from None
+
+
+def predicted_memory(model, config: Mapping) -> tuple[int, int]:
+    """(weight bytes, KV cache bytes) a configuration needs: the KV of its `concurrency` rows as
+    the batch allocates it, plus the prefix cache's copy of the context with `depth`."""
+    from ..cache import kv_cache_bytes
+
+    options = parse_kv(config["kv"])
+    itemsize = model.compute_dtype.size
+    tokens = config["depth"] + config["prompt_tokens"] + config["gen_tokens"]
+    kv = kv_cache_bytes(model.config, tokens, config["concurrency"], **options, itemsize=itemsize)
+    if config["depth"]:
+        kv += kv_cache_bytes(model.config, config["depth"], 1, **options, itemsize=itemsize)
+    return model.nbytes, kv
+
+
+def plan(
+    axes: Mapping[str, list],
+    reps: int,
+    baseline: str | None = None,
+    db: RunsDB | None = None,
+    load=None,
+) -> dict:
+    """What a sweep would do, before it runs (the dashboard shows it): `configurations`,
+    `measurements`, each configuration's `predicted_mb` (weights + KV cache), the memory
+    `available_mb`, and `seconds`, an estimate from this database's past measurements of the same
+    model, compute policy and concurrency (None where it has none: `unknown` lists those).
+    `load(name, compute)` gives (model, tokenizer); default: mlxinfer.load. A grid that cannot
+    run raises ValueError as the sweep itself would (check_grid)."""
+    from ..loading import load as load_model
+
+    load = load or (lambda name, compute: load_model(None if name == "default" else name,
+                                                     compute=compute))  # fmt: skip
+    configs = list(expand(axes))
+    check_grid(configs, load)
+    engines = [ENGINE] + ([BASELINE] if baseline else [])
+    history = _speeds(db) if db is not None else {}
+    predicted, seconds, unknown = [], 0.0, []
+    for config in configs:
+        model, _ = load(config["model"], config["compute"])
+        weights, kv = predicted_memory(model, config)
+        predicted.append((weights + kv) / 2**20)
+        for name in engines:
+            speed = history.get((name, config["model"], config["compute"], config["concurrency"]))
+            if speed is None:
+                unknown.append((name, config["model"], config["concurrency"]))
+                continue
+            prefill, decode = speed
+            one = config["prompt_tokens"] / prefill + config["gen_tokens"] / decode
+            seconds += config["depth"] / prefill + (reps + 1) * one
+    return {
+        "configurations": len(configs),
+        "measurements": len(configs) * reps * len(engines),
+        "predicted_mb": predicted,
+        "available_mb": machine.available_memory_mb(),
+        "seconds": None if unknown else seconds,
+        "unknown": sorted(set(unknown)),
+    }
+
+
+def _speeds(db: RunsDB) -> dict:
+    """(engine, model, compute, concurrency) -> median (prefill_tps, decode_tps) of the
+    database's successful measurements."""
+    samples: dict[tuple, list] = {}
+    rows = db.conn.execute(
+        "SELECT m.engine, c.settings, m.prefill_tps, m.decode_tps FROM measurements m "
+        "JOIN configurations c ON c.id = m.configuration_id "
+        "WHERE m.status = 'ok' AND m.prefill_tps > 0 AND m.decode_tps > 0"
+    ).fetchall()
+    for engine, settings, prefill, decode in rows:
+        s = json.loads(settings)
+        key = (engine, s.get("model"), s.get("compute"), s.get("concurrency"))
+        samples.setdefault(key, []).append((prefill, decode))
+    return {
+        key: (statistics.median(p for p, _ in v), statistics.median(d for _, d in v))
+        for key, v in samples.items()
+    }
 
 
 def exact_tokens(tokenizer, n: int) -> list[int]:

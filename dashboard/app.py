@@ -1,0 +1,27 @@
+"""The mlxinfer dashboard: `mlxinfer dashboard [--model PATH] [--port N] [--db PATH]`, or
+`streamlit run dashboard/app.py`.
+
+Pages: Chat (the engine, streamed, with each reply's metrics), Sweep (a benchmark grid run in a
+worker process, its charts filling as measurements land), Results (every run in the database,
+compared), Metrics (what each number means). They call the same Python API as everyone else:
+mlxinfer.Engine, mlxinfer.bench, the runs database.
+"""
+
+import streamlit as st
+
+import mlxinfer  # noqa: F401  (first: OpenBLAS must be loaded before MLX on Linux)
+
+st.set_page_config(page_title="mlxinfer", page_icon=":material/memory:", layout="wide")
+
+PAGES = {
+    "Use": [st.Page("pages/chat.py", title="Chat", icon=":material/chat:", default=True)],
+    "Measure": [
+        st.Page("pages/sweep.py", title="Sweep", icon=":material/speed:"),
+        st.Page("pages/results.py", title="Results", icon=":material/table_chart:"),
+    ],
+    "Learn": [  # "Inside the model" joins here
+        st.Page("pages/metrics.py", title="Metrics", icon=":material/menu_book:"),
+    ],
+}
+
+st.navigation(PAGES).run()

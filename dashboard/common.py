@@ -1,0 +1,210 @@
+"""What every page shares: the process's one model and engine, the runs database, the settings
+widgets, and the way a fault is shown (a message saying what and what to do, never a traceback).
+
+Streamlit reruns a page's script on a worker thread at every click. Nothing here does MLX work on
+that thread: the Engine's own thread runs every generation (the page only reads its handles), and
+sweeps run in a worker process (mlxinfer.bench.jobs). `st.cache_resource` keeps one loaded model
+and one engine per setting for the whole process, shared by every browser tab, so two tabs
+chatting at once are two rows of one continuous batch.
+
+Set by `mlxinfer dashboard`: MLXINFER_MODEL (the model preselected; unset: the default model) and
+MLXINFER_DB (the runs database).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import streamlit as st
+
+import mlxinfer  # noqa: F401  (first: OpenBLAS must be loaded before MLX on Linux)
+from mlxinfer.bench.db import RunsDB, default_db_path
+from mlxinfer.sampling import SamplingParams
+
+DEFAULT = "default"  # the embedded default model (SmolLM2-135M-Instruct)
+MODEL_ENV = "MLXINFER_MODEL"
+MAX_BATCH = 8  # rows of the dashboard's engine: browser tabs chatting at once
+
+
+def db_path() -> Path:
+    return default_db_path()
+
+
+@st.cache_resource(show_spinner=False)
+def _db(path: str) -> RunsDB:
+    return RunsDB(path)
+
+
+def runs_db() -> RunsDB:
+    """The runs database (one connection per process; SQLite in WAL mode lets the sweep worker
+    write while pages read)."""
+    return _db(str(db_path()))
+
+
+# -- the model and the engine ----------------------------------------------------------------------
+
+
+def model_label(name: str) -> str:
+    return "default model (SmolLM2-135M-Instruct)" if name == DEFAULT else name
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=3)
+def _load(name: str, compute: str = "auto"):
+    from mlxinfer.loading import load
+
+    return load(None if name == DEFAULT else name, compute=compute)
+
+
+def load_for_plan(name: str, compute: str):
+    """mlxinfer.bench.sweep.plan's loader: the process's cached models."""
+    return _load(name, compute)
+
+
+def load_model(name: str):
+    """(model, tokenizer), or None after showing why it could not load."""
+    try:
+        return _load(name)
+    except Exception as e:  # a bad path, a broken or unsupported checkpoint
+        st.error(
+            f"Could not load {model_label(name)}: {e}\n\nChoose another model in the sidebar: a "
+            "local Hugging Face directory (config.json + safetensors + tokenizer.json) or a .gguf "
+            "file. mlxinfer does not download models."
+        )
+        return None
+
+
+def _close(engine) -> None:
+    engine.close(cancel=True)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4, on_release=_close)
+def _engine(name: str, max_kv_size: int | None, kv_bits: int | None):
+    from mlxinfer.engine import Engine
+
+    model, tokenizer = _load(name)
+    return Engine(
+        model, tokenizer, max_batch=MAX_BATCH, prefix_cache_mb=256, max_kv_size=max_kv_size,
+        kv_bits=kv_bits,
+    )  # fmt: skip
+
+
+def engine(name: str, cache: dict):
+    """The process's engine for this model and cache kind, or None after showing why not."""
+    try:
+        return _engine(name, cache.get("max_kv_size"), cache.get("kv_bits"))
+    except Exception as e:
+        st.error(f"Could not start the engine with this KV cache setting: {e}")
+        return None
+
+
+# -- the model picker ----------------------------------------------------------------------------
+
+
+def _recent_file() -> Path:
+    return db_path().parent / "recent-models.json"
+
+
+def recent_models() -> list[str]:
+    try:
+        names = json.loads(_recent_file().read_text())
+    except (OSError, ValueError):
+        return []
+    return [n for n in names if isinstance(n, str)][:8]
+
+
+def remember_model(name: str) -> None:
+    if name == DEFAULT:
+        return
+    names = [name] + [n for n in recent_models() if n != name]
+    try:
+        _recent_file().parent.mkdir(parents=True, exist_ok=True)
+        _recent_file().write_text(json.dumps(names[:8]))
+    except OSError:
+        pass  # the list is a convenience
+
+
+def model_picker() -> str:
+    """The sidebar's model choice: the default or a recently used model, or a path typed in.
+    Returns the model in use (kept in the session); a model that fails to load leaves it as it
+    was, with the reason shown."""
+    state = st.session_state
+    if "model" not in state:
+        state.model = os.environ.get(MODEL_ENV) or DEFAULT
+    wanted = state.pop("model_wanted", None)
+    if wanted and wanted != state.model and load_model(wanted) is not None:
+        state.model = wanted
+        remember_model(wanted)
+    choices = list(dict.fromkeys([DEFAULT, state.model, *recent_models()]))
+    state.model_pick = state.model  # before the widget exists: allowed
+    st.selectbox("Model", choices, format_func=model_label, key="model_pick",
+                 on_change=lambda: state.update(model_wanted=state.model_pick))  # fmt: skip
+    st.text_input(
+        "Another model", placeholder="/path/to/model-dir or file.gguf", key="model_path",
+        help="A local Hugging Face directory (safetensors) or a GGUF file; press Enter to load.",
+        on_change=lambda: state.update(model_wanted=state.model_path.strip()),
+    )  # fmt: skip
+    return state.model
+
+
+# -- settings widgets ----------------------------------------------------------------------------
+
+
+def sampling_controls(prefix: str = "") -> tuple[SamplingParams | None, int]:
+    """Every sampling setting; returns (params, max_tokens), params None after showing what is
+    wrong with them."""
+    temperature = st.slider("Temperature", 0.0, 2.0, 0.0, 0.05, key=prefix + "temperature",
+                            help="0 is greedy: always the most likely token.")  # fmt: skip
+    top_k = st.number_input("Top-k", 0, 100_000, 0, key=prefix + "top_k", help="0: off")
+    top_p = st.slider("Top-p", 0.0, 1.0, 1.0, 0.01, key=prefix + "top_p", help="1: off")
+    min_p = st.slider("Min-p", 0.0, 1.0, 0.0, 0.01, key=prefix + "min_p", help="0: off")
+    repetition = st.number_input("Repetition penalty", 0.1, 10.0, 1.0, 0.05,
+                                 key=prefix + "repetition_penalty", help="1: off")  # fmt: skip
+    presence = st.number_input("Presence penalty", -10.0, 10.0, 0.0, 0.1,
+                               key=prefix + "presence_penalty")  # fmt: skip
+    frequency = st.number_input("Frequency penalty", -10.0, 10.0, 0.0, 0.1,
+                                key=prefix + "frequency_penalty")  # fmt: skip
+    seed = st.number_input("Seed", 0, 2**31 - 1, 0, key=prefix + "seed")
+    max_tokens = st.number_input("Max tokens", 1, 8192, 256, key=prefix + "max_tokens")
+    try:
+        params = SamplingParams(
+            temperature=temperature, top_k=int(top_k), top_p=top_p, min_p=min_p,
+            repetition_penalty=repetition, presence_penalty=presence,
+            frequency_penalty=frequency, seed=int(seed),
+        )  # fmt: skip
+    except ValueError as e:
+        st.error(f"Sampling settings: {e}")
+        return None, int(max_tokens)
+    return params, int(max_tokens)
+
+
+CACHE_KINDS = {
+    "full": "growing (full context)",
+    "rotating": "rotating (the last N tokens)",
+    "q8": "8-bit quantized",
+    "q4": "4-bit quantized",
+}
+
+
+def cache_controls(prefix: str = "") -> dict:
+    """The KV cache kind: {"max_kv_size", "kv_bits"}."""
+    kind = st.selectbox("KV cache", list(CACHE_KINDS), format_func=CACHE_KINDS.get,
+                        key=prefix + "cache")  # fmt: skip
+    options = {"max_kv_size": None, "kv_bits": None}
+    if kind == "rotating":
+        options["max_kv_size"] = int(
+            st.number_input("Tokens kept", 16, 1 << 20, 512, key=prefix + "max_kv_size")
+        )
+    elif kind in ("q8", "q4"):
+        options["kv_bits"] = int(kind[1])
+    return options
+
+
+def metric_row(metrics: dict) -> None:
+    """A reply's or a measurement's headline numbers."""
+    ttft, decode, peak, kv = st.columns(4)
+    ttft.metric("TTFT", f"{metrics['ttft_ms']:.0f} ms")
+    decode.metric("Decode", f"{metrics['decode_tps']:.1f} tok/s")
+    peak.metric("Peak memory", f"{metrics['peak_memory_mb']:.0f} MB")
+    kv.metric("KV cache", f"{metrics['kv_cache_mb']:.1f} MB")

@@ -1,0 +1,148 @@
+"""The runs database as pandas frames for the pages' tables and charts (mlxinfer.bench.report does
+the statistics; this only reshapes). No Streamlit here."""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import pandas as pd
+
+from mlxinfer.bench import jobs, report
+from mlxinfer.bench.db import METRICS, RunsDB
+from mlxinfer.bench.grid import SAMPLING_AXES, sampling_label
+
+
+def summary_frame(items: list[dict]) -> pd.DataFrame:
+    """One row per configuration and engine (report.summarize's items): the settings, `label`
+    (the swept settings in words), `<metric>_mean` / `<metric>_std` and `n` (repetitions)."""
+    swept = report.swept_axes(items)
+    rows = []
+    for item in items:
+        row = {"engine": item["engine"], **item["settings"], "failed": item["failed"],
+               "error": item["error"], "sampling": sampling_label(item["settings"]),
+               "label": configuration_label(item["settings"], swept)}  # fmt: skip
+        row["n"] = len(item["decode_tps"]["samples"]) if item["decode_tps"] else 0
+        for m in METRICS:
+            row[f"{m}_mean"] = item[m]["mean"] if item[m] else None
+            row[f"{m}_std"] = item[m]["std"] if item[m] else None
+        ratio = (item.get("vs_mlx_lm") or {}).get("decode_tps")
+        row["decode_vs_mlx_lm"] = ratio["ratio"] if ratio else None
+        row["sampling_cost"] = item.get("sampling_cost")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def configuration_label(settings: dict, swept: list[str]) -> str:
+    """The swept settings of a configuration, short: "T 0.7, top-p 0.9 · prompt 256"."""
+    parts = []
+    if any(a in swept for a in SAMPLING_AXES):
+        parts.append(sampling_label(settings))
+    for axis in swept:
+        if axis in SAMPLING_AXES:
+            continue
+        parts.append(f"{axis.replace('_tokens', '').replace('_', ' ')} {settings[axis]}")
+    return " · ".join(parts) or "the configuration"
+
+
+def x_axis_choices(items: list[dict]) -> list[str]:
+    """What a chart's x axis can be: each swept setting, `sampling` when sampling settings were
+    swept, and `label` (every swept setting together) when several were."""
+    swept = report.swept_axes(items)
+    sampling = [a for a in swept if a in SAMPLING_AXES]
+    rest = [a for a in swept if a not in SAMPLING_AXES]
+    choices = (["sampling"] if sampling else []) + rest
+    if len(choices) != 1:
+        choices = ["label"] + choices
+    return choices
+
+
+def runs_frame(db: RunsDB) -> pd.DataFrame:
+    """Every run: id, when, status (a run whose process is gone is 'interrupted'), its models,
+    configurations and measurements, the machine, mlxinfer version and commit, the command."""
+    counts = dict(db.conn.execute(
+        "SELECT c.run_id, COUNT(m.id) FROM configurations c "
+        "LEFT JOIN measurements m ON m.configuration_id = c.id GROUP BY c.run_id"
+    ).fetchall())  # fmt: skip
+    rows = []
+    for run in db.runs():
+        facts = {}
+        if run["machine_id"] is not None:
+            found = db.conn.execute(
+                "SELECT facts FROM machines WHERE id = ?", (run["machine_id"],)
+            ).fetchone()
+            facts = json.loads(found[0]) if found else {}
+        configs = db.configurations(run["id"])
+        models = sorted({c.get("model", "?") for c in configs})
+        rows.append({
+            "run": run["id"],
+            "started": datetime.datetime.fromtimestamp(run["started"]),
+            "status": jobs.status(run),
+            "model": ", ".join(models),
+            "configurations": len(configs),
+            "measurements": counts.get(run["id"], 0),
+            "planned": len(configs) * run["reps"] * (2 if run["baseline"] else 1),
+            "baseline": run["baseline"] or "",
+            "machine": f"{facts.get('cpu', '?')} ({facts.get('backend', '?')})",
+            "version": f"{facts.get('mlxinfer', '?')} · {facts.get('commit', '?')}",
+            "command": run["command"],
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def positions_frame(db: RunsDB, run_id: int) -> pd.DataFrame:
+    """Latency by token position for every configuration and engine of a run: token, p50_ms,
+    p90_ms, engine, label, series ("engine · label")."""
+    items = report.latency_by_position(db, run_id)
+    swept = report.swept_axes(items)
+    frames = []
+    for item in items:
+        label = configuration_label(item["settings"], swept)
+        frames.append(pd.DataFrame({
+            "token": range(len(item["p50_ms"])), "p50_ms": item["p50_ms"],
+            "p90_ms": item["p90_ms"], "engine": item["engine"], "label": label,
+            "series": f"{item['engine']} · {label}",
+        }))  # fmt: skip
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def compare_frame(db: RunsDB, run_a: int, run_b: int, metric: str) -> pd.DataFrame:
+    """The configurations two runs share: A's and B's mean of `metric`, B/A and its 95% interval
+    (paired by repetition when both have as many)."""
+    rows = []
+    items = report.compare(db, run_a, run_b, metric)
+    swept = report.swept_axes(items) if items else []
+    for row in items:
+        interval = row["interval"]
+        rows.append({
+            "engine": row["engine"], "configuration": configuration_label(row["settings"], swept),
+            f"run {run_a}": row["a"], f"run {run_b}": row["b"], "B / A": row["ratio"],
+            "95% CI": f"[{interval['low']:.2f}, {interval['high']:.2f}]" if interval else "",
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def across_runs_frame(db: RunsDB, run_ids: list[int], metric: str) -> pd.DataFrame:
+    """A metric's mean per run for each configuration (engine and settings) found in at least
+    two of the runs, runs in time order labelled "#id version · commit"."""
+    versions = runs_frame(db).set_index("run")["version"].to_dict() if run_ids else {}
+    rows = []
+    for run_id in sorted(run_ids):
+        for item in report.summarize(db, run_id):
+            if item[metric] is None:
+                continue
+            key = json.dumps(item["settings"], sort_keys=True)
+            rows.append({"run": run_id, "run_label": f"#{run_id} {versions.get(run_id, '')}",
+                         "key": key, "engine": item["engine"], "settings": item["settings"],
+                         "mean": item[metric]["mean"]})  # fmt: skip
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    shared = frame.groupby(["key", "engine"])["run"].transform("nunique") >= 2
+    frame = frame[shared].copy()
+    swept = report.swept_axes([{"settings": s} for s in frame["settings"]]) if len(frame) else []
+    frame["series"] = [
+        f"{e} · {configuration_label(s, swept)}"
+        for e, s in zip(frame["engine"], frame["settings"], strict=True)
+    ]
+    return frame.drop(columns=["settings", "key"])

@@ -1,0 +1,85 @@
+"""Chat: the loaded model through the process's Engine, replies streamed, each with its metrics
+(TTFT, decode speed, memory) and its inter-token latency by position."""
+
+import charts
+import common
+import streamlit as st
+
+state = st.session_state
+state.setdefault("messages", [])  # {"role", "content", "metrics"}
+
+with st.sidebar:
+    name = common.model_picker()
+    loaded = common.load_model(name)
+    templated = loaded is not None and bool(loaded[1].chat_template)
+    modes = ["chat", "raw completion"] if templated else ["raw completion"]
+    mode = st.radio("Mode", modes, horizontal=True, key=f"chat_mode_{templated}",
+                    help="Chat wraps the conversation in the model's chat template; raw "
+                    "completion continues the text as it is.")  # fmt: skip
+    if not templated and loaded is not None:
+        st.caption("This model has no chat template: raw completion only.")
+    system = st.text_area("System prompt", key="system", disabled=mode != "chat",
+                          placeholder="the template's default")  # fmt: skip
+    with st.expander("Sampling", expanded=False):
+        sampling, max_tokens = common.sampling_controls("chat_")
+    with st.expander("KV cache", expanded=False):
+        cache = common.cache_controls("chat_")
+    if st.button("New conversation", icon=":material/restart_alt:"):
+        state.messages = []
+
+st.title("Chat")
+st.caption(f"{common.model_label(name)} · replies stream from the engine; under each one its "
+           "metrics (the Metrics page defines them).")  # fmt: skip
+
+
+def show_reply_metrics(metrics: dict) -> None:
+    common.metric_row(metrics)
+    if len(metrics.get("itl_ms") or []) > 1:
+        st.altair_chart(charts.itl_by_position(metrics["itl_ms"]), width="stretch")
+
+
+for message in state.messages:
+    with st.chat_message(message["role"]):
+        st.markdown(message["content"])
+        if message.get("metrics"):
+            show_reply_metrics(message["metrics"])
+
+prompt = st.chat_input("Ask something" if mode == "chat" else "Text to continue")
+if prompt and loaded is not None and sampling is not None:
+    engine = common.engine(name, cache)
+    state.messages.append({"role": "user", "content": prompt})
+    with st.chat_message("user"):
+        st.markdown(prompt)
+    if mode == "chat":
+        conversation = [{"role": "system", "content": system}] if system.strip() else []
+        conversation += [{"role": m["role"], "content": m["content"]} for m in state.messages]
+    else:
+        conversation = prompt
+    with st.chat_message("assistant"):
+        try:
+            handle = engine.submit(conversation, sampling, max_tokens, chat=mode == "chat")
+        except ValueError as e:  # too long for the context, a bad setting
+            state.messages.pop()
+            st.error(f"Not sent: {e}")
+            st.stop()
+        end = {}
+
+        def pieces():
+            try:
+                for response in handle:
+                    if response.text:
+                        yield response.text
+                    if response.finish_reason is not None:
+                        end["response"] = response
+            finally:  # the page reran (a click) mid-reply: stop generating it
+                if "response" not in end:
+                    handle.cancel()
+
+        text = st.write_stream(pieces())
+        last = end.get("response")
+        if last is not None and last.finish_reason == "error":
+            st.error(f"The reply failed: {last.error}")
+        metrics = last.metrics.to_dict() if last is not None and last.metrics else None
+        if metrics:
+            show_reply_metrics(metrics)
+        state.messages.append({"role": "assistant", "content": text or "", "metrics": metrics})

@@ -1,0 +1,189 @@
+"""Sweep: build a grid over `mlxinfer bench`'s axes, see what it will cost before running it, run
+it in a worker process, and watch the charts fill as measurements land in the database.
+
+The sweep never runs on this script's thread (a click reruns the script): `mlxinfer bench` runs in
+its own process (mlxinfer.bench.jobs) and commits every measurement; this page follows the run
+through the database with a fragment that refreshes itself, so a reload, another tab or a closed
+browser loses nothing, and a running sweep is found again."""
+
+import charts
+import common
+import data
+import streamlit as st
+
+from mlxinfer.bench import jobs, report
+from mlxinfer.bench.grid import DEFAULTS, parse_axes
+from mlxinfer.bench.sweep import plan
+
+state = st.session_state
+db = common.runs_db()
+
+GROUPS = {
+    "Sampling": [
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+    ],  # fmt: skip
+    "Lengths": ["prompt_tokens", "gen_tokens", "depth"],
+    "Engine": ["concurrency", "kv", "compute"],
+}
+HELP = {
+    "depth": "tokens already in the cache before the prompt (a long conversation)",
+    "concurrency": "requests at once, batched by the engine",
+    "kv": "full, rotating:N, q8, q4, q8:rotating:N",
+    "compute": "auto, float32 or native weights",
+}
+
+with st.sidebar:
+    name = common.model_picker()
+
+st.title("Sweep")
+st.caption("Each box is a comma list; the grid is every combination. Every configuration gets a "
+           "warm-up, then the repetitions; every measurement is saved as it is made.")  # fmt: skip
+
+raw = {}
+for group, axes in GROUPS.items():
+    st.markdown(f"**{group}**")
+    columns = st.columns(len(axes) if len(axes) < 5 else 4)
+    for i, axis in enumerate(axes):
+        with columns[i % len(columns)]:
+            value = st.text_input(axis.replace("_", " "), str(DEFAULTS[axis]), key=f"axis_{axis}",
+                                  help=HELP.get(axis))  # fmt: skip
+            raw[axis] = value.strip()
+raw["model"] = name
+left, right = st.columns(2)
+reps = left.number_input("Repetitions", 1, 50, 3, key="sweep_reps")
+baseline = right.checkbox("mlx-lm beside (its own process, alternating)", key="sweep_baseline")
+
+try:
+    axes = parse_axes(raw)
+except ValueError as e:
+    st.error(f"{e}. Fix that box; nothing has run.")
+    axes = None
+
+if axes is not None:
+    try:
+        preview = plan(axes, int(reps), "mlx-lm" if baseline else None, db,
+                       load=common.load_for_plan)  # fmt: skip
+    except Exception as e:  # a model that does not load, lengths beyond its context, ...
+        st.error(f"This grid cannot run: {e}. Nothing has run.")
+        preview = None
+    if preview is not None:
+        peak = max(preview["predicted_mb"])
+        available = preview["available_mb"]
+        a, b, c = st.columns(3)
+        a.metric("Configurations", preview["configurations"],
+                 help=f"{preview['measurements']} measurements")  # fmt: skip
+        seconds = preview["seconds"]
+        b.metric("Estimated duration",
+                 "unknown" if seconds is None else f"{seconds / 60:.1f} min",
+                 help="From this database's past measurements of the same model, compute "
+                 "policy and concurrency; unknown until there are some (the progress then "
+                 "shows the time left).")  # fmt: skip
+        c.metric("Predicted memory (largest)", f"{peak:,.1f} MB",
+                 help="weights + KV cache as allocated, for the largest configuration"
+                 + ("" if available is None else f"; {available:.0f} MB available"))  # fmt: skip
+        too_big = available is not None and peak > available
+        if too_big:
+            st.error(f"The largest configuration needs ~{peak:.0f} MB and {available:.0f} MB "
+                     "are available: make it smaller (shorter lengths, less concurrency, a "
+                     "quantized or rotating cache).")  # fmt: skip
+        busy = [r for r in db.runs() if jobs.status(r) == "running"]
+        if st.button(
+            "Run the sweep",
+            type="primary",
+            disabled=too_big or bool(busy),
+            help="One sweep at a time: they would slow each other." if busy else None,
+        ):
+            flags = {k: v for k, v in raw.items() if v != str(DEFAULTS[k])}
+            state.job = jobs.start_sweep(flags, int(reps), common.db_path(),
+                                         "mlx-lm" if baseline else None)  # fmt: skip
+            state.following = None
+
+
+def following() -> int | None:
+    """The run this page shows: the one it started, else one that is running, else the last
+    one it followed."""
+    job = state.get("job")
+    if job is not None:
+        run_id = job.run_id(db)
+        if run_id is not None:
+            state.following, state.job = run_id, None
+        elif job.exit_code() is not None:  # it ended without making a run: refused
+            state.job = None
+            state.job_error = job.output()
+    if state.get("following") is None:
+        running = [r["id"] for r in db.runs() if jobs.status(r) == "running"]
+        state.following = running[-1] if running else None
+    return state.get("following")
+
+
+def show_run(run_id: int) -> None:
+    run = db.run(run_id)
+    status = jobs.status(run)
+    frame = data.runs_frame(db).set_index("run").loc[run_id]
+    done, planned = int(frame["measurements"]), int(frame["planned"])
+    st.subheader(f"Run {run_id}: {status}")
+    st.progress(min(done / planned, 1.0) if planned else 0.0,
+                text=f"{done} of {planned} measurements")  # fmt: skip
+    if status == "running":
+        if st.button("Stop", icon=":material/stop:", key=f"stop_{run_id}"):
+            jobs.stop(run)
+            st.toast("Stopping after the measurement in progress.")
+    elif status in ("stopped", "interrupted", "failed"):
+        st.info(f"The run is {status}; what it measured is kept.")
+        if st.button("Resume", icon=":material/play_arrow:", key=f"resume_{run_id}"):
+            state.job = jobs.start_sweep({}, run["reps"], common.db_path(), resume=run_id)
+            state.following = None
+            st.rerun()
+    items = report.summarize(db, run_id)
+    if not any(i["decode_tps"] for i in items):
+        st.caption("Charts appear with the first measurement (after the model loads and warms up).")
+        return
+    summary = data.summary_frame(items)
+    failed = summary[summary["n"] == 0]
+    for _, row in failed.iterrows():
+        st.warning(f"{row['engine']} · {row['label']}: failed: {row['error']}")
+    choices = data.x_axis_choices(items)
+    x = st.selectbox("Chart against", choices, key=f"x_{run_id}",
+                     format_func=lambda c: "configuration" if c == "label" else c)  # fmt: skip
+    left, right = st.columns(2)
+    left.altair_chart(charts.metric_by_setting(summary, "decode_tps", x), width="stretch")
+    right.altair_chart(charts.metric_by_setting(summary, "ttft_ms", x), width="stretch")
+    left.altair_chart(charts.metric_by_setting(summary, "peak_memory_mb", x), width="stretch")
+    right.altair_chart(charts.memory_predicted_vs_measured(summary, x), width="stretch")
+    with st.expander("Table"):
+        st.markdown(report.markdown_table(items))
+
+
+if state.get("job_error"):
+    st.error("The sweep did not start:\n\n```\n" + state.pop("job_error") + "\n```")
+
+run_id = following()
+if run_id is not None:
+    live = jobs.status(db.run(run_id)) == "running" or state.get("job") is not None
+
+    @st.fragment(run_every=2 if live else None)
+    def follow():
+        current = following()
+        if current is None:
+            return
+        show_run(current)
+        still = jobs.status(db.run(current)) == "running" or state.get("job") is not None
+        if live and not still:
+            st.rerun()  # the whole page once more: stop refreshing
+
+    follow()
+elif state.get("job") is not None:
+
+    @st.fragment(run_every=1)
+    def starting():
+        st.info("Starting the sweep: loading the model…")
+        if following() is not None or state.get("job") is None:
+            st.rerun()
+
+    starting()

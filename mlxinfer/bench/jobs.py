@@ -1,0 +1,128 @@
+"""Sweeps in a worker process, for the dashboard (whose scripts rerun on every click and must not
+hold long work): start one, find its run in the database, follow it, stop it, and find it again
+after a page reload or from another browser tab.
+
+The worker is `mlxinfer bench` itself (`python -m mlxinfer bench ... --db DB`), so a sweep from the
+dashboard is the same as one from the command line: every measurement committed as it is made, the
+run resumable. Its output goes to a log file next to the database; the run row records its pid.
+
+    job = start_sweep({"temperature": "0,0.7", "gen_tokens": "64"}, reps=3, db_path=path)
+    run_id = job.run_id(db)        # None while the worker loads the model
+    status(db.run(run_id))         # 'running', 'done', 'stopped', 'failed' or 'interrupted'
+    stop(db.run(run_id))           # Ctrl-C: the worker marks the run stopped and exits
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .grid import AXES
+
+
+@dataclass
+class Job:
+    """A worker process started by `start_sweep`."""
+
+    pid: int
+    log: Path
+    started: float
+    process: subprocess.Popen | None = None  # only in the process that started it
+
+    def run_id(self, db) -> int | None:
+        """The run the worker is measuring, once it has made it."""
+        row = db.conn.execute(
+            "SELECT id FROM runs WHERE pid = ? AND started >= ? ORDER BY id DESC LIMIT 1",
+            (self.pid, self.started - 1),
+        ).fetchone()
+        return None if row is None else row[0]
+
+    def exit_code(self) -> int | None:
+        """The worker's exit status, or None while it runs."""
+        if self.process is not None:
+            return self.process.poll()
+        return None if alive(self.pid) else -1
+
+    def output(self, last: int = 4000) -> str:
+        """The end of the worker's log (the error of a sweep refused before it ran)."""
+        try:
+            return self.log.read_text(errors="replace")[-last:]
+        except OSError:
+            return ""
+
+
+def start_sweep(
+    axes: dict[str, str],
+    reps: int,
+    db_path: str | Path,
+    baseline: str | None = None,
+    resume: int | None = None,
+) -> Job:
+    """Start `mlxinfer bench` on `axes` (axis -> comma list, as the flags take them) in a new
+    process writing to `db_path`; or, with `resume`, continue that run."""
+    unknown = sorted(set(axes) - set(AXES))
+    if unknown:
+        raise ValueError(f"not a sweep axis: {unknown[0]!r}")
+    db_path = Path(db_path)
+    argv = [sys.executable, "-m", "mlxinfer", "bench", "--db", str(db_path)]
+    if resume is not None:
+        argv += ["--resume", str(resume)]
+    else:
+        for axis, value in axes.items():
+            argv += [f"--{axis.replace('_', '-')}", str(value)]
+        argv += ["--reps", str(reps)] + (["--baseline", baseline] if baseline else [])
+    logs = db_path.parent / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    log = (
+        logs
+        / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{int(started * 1e3) % 1000}.log"
+    )
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # the dashboard's own Ctrl-C does not reach it
+        )  # fmt: skip
+    return Job(process.pid, log, started, process)
+
+
+def alive(pid: int | None) -> bool:
+    """Whether process `pid` exists (on this machine)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) has finished
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def status(run) -> str:
+    """A run's status as the database has it, except that a 'running' run whose process is gone
+    (killed, crashed, the machine restarted) is 'interrupted': resume it."""
+    if run["status"] == "running" and not alive(run["pid"]):
+        return "interrupted"
+    return run["status"]
+
+
+def stop(run) -> bool:
+    """Ask the process measuring `run` to stop as Ctrl-C does (it records the run as stopped and
+    exits); False if it is not running."""
+    if status(run) != "running":
+        return False
+    try:
+        os.kill(run["pid"], signal.SIGINT)
+    except ProcessLookupError:
+        return False
+    return True

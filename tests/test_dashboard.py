@@ -1,0 +1,243 @@
+"""The dashboard's pages through Streamlit's AppTest (the scripts run, nothing is rendered): chat
+on a tiny random checkpoint and on the default model, a sweep started from the page and followed
+to its end, results compared, bad input shown as a message and never as a traceback. The charts'
+data is checked as plain functions. The real browser test is test_dashboard_browser.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("streamlit")
+import streamlit as st  # noqa: E402
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from .reference import make_tiny_checkpoint  # noqa: E402
+
+APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
+TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    make_tiny_checkpoint(path, "llama")
+    return str(path)
+
+
+@pytest.fixture
+def dashboard(tmp_path, monkeypatch, tiny):
+    """The app on a fresh database with the tiny model preselected; the process-wide caches
+    (the model, the engine) cleared after, which closes the engine."""
+    monkeypatch.setenv("MLXINFER_DB", str(tmp_path / "runs.sqlite"))
+    monkeypatch.setenv("MLXINFER_MODEL", tiny)
+    st.cache_resource.clear()
+    yield tmp_path / "runs.sqlite"
+    st.cache_resource.clear()
+
+
+def app(page: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    if page is not None:
+        at.switch_page(page).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def sidebar_input(at, label):
+    return next(w for w in at.sidebar.text_input if w.label == label)
+
+
+def max_tokens(at, n):
+    next(w for w in at.sidebar.number_input if w.label == "Max tokens").set_value(n).run()
+
+
+def test_chat_streams_a_reply_with_its_metrics(dashboard):
+    at = app()
+    assert at.title[0].value == "Chat"
+    max_tokens(at, 24)  # the tiny model's context is 256 tokens
+    at.chat_input[0].set_value("Hello there").run()
+    assert not at.exception, at.exception
+    messages = at.chat_message
+    assert [m.name for m in messages] == ["user", "assistant"]
+    assert messages[0].markdown[0].value == "Hello there"
+    labels = [m.label for m in messages[1].metric]
+    assert labels == ["TTFT", "Decode", "Peak memory", "KV cache"]
+    assert float(messages[1].metric[0].value.removesuffix(" ms")) > 0
+    assert at.session_state["messages"][1]["metrics"]["generated_tokens"] > 0
+    # a second turn keeps the conversation (both turns shown again, then the new reply)
+    at.chat_input[0].set_value("And again").run()
+    assert [m.name for m in at.chat_message] == ["user", "assistant"] * 2
+
+
+def test_a_model_that_does_not_load_is_a_message_and_the_page_stays_usable(dashboard):
+    at = app()
+    sidebar_input(at, "Another model").set_value("/nonexistent/model").run()
+    assert not at.exception
+    assert any("Could not load /nonexistent/model" in e.value for e in at.error)
+    assert at.session_state["model"] != "/nonexistent/model"  # the working model stays
+    max_tokens(at, 24)
+    at.chat_input[0].set_value("Still there?").run()
+    assert [m.name for m in at.chat_message] == ["user", "assistant"]
+
+
+def test_a_reply_too_long_for_the_context_is_refused_with_the_reason(dashboard):
+    at = app()
+    max_tokens(at, 8000)
+    at.chat_input[0].set_value("Hi").run()
+    assert not at.exception
+    assert any("Not sent" in e.value and "context" in e.value for e in at.error)
+
+
+def test_the_default_model_answers_in_the_chat(tmp_path, monkeypatch):
+    """The real model's known answer (greedy): 'Paris', with its metrics under the reply."""
+    monkeypatch.setenv("MLXINFER_DB", str(tmp_path / "runs.sqlite"))
+    monkeypatch.delenv("MLXINFER_MODEL", raising=False)
+    st.cache_resource.clear()
+    try:
+        at = app()
+        at.chat_input[0].set_value("What is the capital of France?").run()
+        assert not at.exception, at.exception
+        reply = at.chat_message[1]
+        assert "Paris" in reply.markdown[0].value
+        assert len(reply.metric) == 4
+    finally:
+        st.cache_resource.clear()
+
+
+def chart_data(chart):
+    """The frame a chart draws, as Streamlit sent it to the browser (Arrow)."""
+    import pyarrow as pa
+
+    (dataset,) = chart.proto.datasets
+    return pa.ipc.open_stream(dataset.data.data).read_all().to_pandas()
+
+
+def wait_for_run(at, db_path, timeout=TIMEOUT):
+    """Rerun the page (as its fragment would) until the run it follows is over."""
+    from mlxinfer.bench import jobs
+    from mlxinfer.bench.db import RunsDB
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        at.run()
+        runs = RunsDB(db_path).runs()
+        if (
+            runs
+            and all(jobs.status(r) != "running" for r in runs)
+            and ("job" not in at.session_state or at.session_state["job"] is None)
+        ):
+            return at.run()
+    raise AssertionError("the sweep did not finish")
+
+
+def test_a_sweep_runs_from_the_page_and_its_charts_have_the_data(dashboard):
+    at = app("pages/sweep.py")
+    assert at.title[0].value == "Sweep"
+    inputs = {w.label: w for w in at.text_input}
+    inputs["temperature"].set_value("0,0.8")
+    inputs["prompt tokens"].set_value("8")
+    inputs["gen tokens"].set_value("6").run()
+    assert not at.exception, at.exception
+    assert next(m for m in at.metric if m.label == "Configurations").value == "2"
+    assert next(m for m in at.metric if m.label == "Estimated duration").value == "unknown"
+    predicted = next(m for m in at.metric if m.label == "Predicted memory (largest)").value
+    assert float(predicted.removesuffix(" MB").replace(",", "")) > 0
+    next(b for b in at.button if b.label == "Run the sweep").click().run()
+    at = wait_for_run(at, dashboard)
+    assert not at.exception, at.exception
+    assert any(s.value.startswith("Run 1: done") for s in at.subheader)
+    from mlxinfer.bench import report
+    from mlxinfer.bench.db import RunsDB
+
+    rows = RunsDB(dashboard).measurements(1)
+    assert len(rows) == 2 * 3 and all(r["status"] == "ok" for r in rows)  # 2 configs x 3 reps
+    charts_shown = at.get("vega_lite_chart")
+    assert len(charts_shown) == 4  # decode, TTFT, peak memory, predicted vs measured
+    assert "decode speed (tokens/s)" in charts_shown[0].proto.spec  # the axis title
+    measured = sorted(chart_data(charts_shown[0])["decode_tps_mean"])
+    summary = sorted(i["decode_tps"]["mean"] for i in report.summarize(RunsDB(dashboard), 1))
+    assert measured == pytest.approx(summary)  # the chart draws the run's numbers
+    # the next sweep of these lengths has an estimate from this one's measurements
+    at = app("pages/sweep.py")
+    inputs = {w.label: w for w in at.text_input}
+    inputs["prompt tokens"].set_value("8")
+    inputs["gen tokens"].set_value("6").run()
+    assert next(m for m in at.metric if m.label == "Estimated duration").value.endswith("min")
+
+
+def test_a_bad_sweep_value_names_the_axis_and_nothing_runs(dashboard):
+    at = app("pages/sweep.py")
+    next(w for w in at.text_input if w.label == "top p").set_value("0.9,2").run()
+    assert not at.exception
+    assert any("sweep axis 'top_p'" in e.value for e in at.error)
+    assert not [b for b in at.button if b.label == "Run the sweep"]
+    next(w for w in at.text_input if w.label == "top p").set_value("1.0").run()
+    next(w for w in at.text_input if w.label == "gen tokens").set_value("1000").run()
+    assert any("exceed the context" in e.value for e in at.error)
+
+
+def test_results_list_compare_and_follow_a_metric_across_runs(dashboard, tiny):
+    for _ in range(2):  # two runs of the same grid, from the command line
+        subprocess.run(
+            [sys.executable, "-m", "mlxinfer", "bench", "--model", tiny, "--top-k", "0,5",
+             "--prompt-tokens", "8", "--gen-tokens", "5", "--reps", "2", "--db", str(dashboard)],
+            check=True, capture_output=True, timeout=TIMEOUT,
+        )  # fmt: skip
+    at = app("pages/results.py")
+    assert at.title[0].value == "Results"
+    table = at.dataframe[0].value
+    assert list(table["run"]) == [1, 2] and set(table["status"]) == {"done"}
+    at.multiselect(key="runs_by_id").set_value([1]).run()
+    assert not at.exception, at.exception
+    assert [b.label for b in at.get("download_button")] == ["Measurements (CSV)", "Summary (JSON)"]
+    at.multiselect(key="runs_by_id").set_value([1, 2]).run()
+    assert not at.exception, at.exception
+    compared = at.dataframe[1].value
+    assert len(compared) == 2 and set(compared["engine"]) == {"mlxinfer"}
+    assert all(compared["B / A"] > 0)
+
+
+def test_the_metrics_page_defines_every_recorded_metric(dashboard):
+    from mlxinfer.bench.db import METRICS
+
+    at = app("pages/metrics.py")
+    shown = set(at.dataframe[0].value["metric"])
+    percentiles = {m for m in METRICS if m.startswith("itl_p")}  # itl_ms defines them
+    assert set(METRICS) - percentiles <= shown and "itl_ms" in shown
+
+
+def test_charts_carry_the_summary_statistics(tiny, tmp_path):
+    """The sweep charts' data: each configuration and engine's mean and mean ± std."""
+    sys.path.insert(0, str(Path(APP).parent))
+    try:
+        import charts
+        import data
+    finally:
+        sys.path.pop(0)
+    from mlxinfer.bench import report
+    from mlxinfer.bench.db import METRICS, RunsDB
+    from mlxinfer.bench.grid import config_key, expand, parse_axes
+
+    db = RunsDB(tmp_path / "runs.sqlite")
+    run = db.start_run("test", {"cpu": "test"}, reps=2)
+    configs = list(expand(parse_axes({"temperature": "0,0.8"})))
+    ids = db.add_configurations(run, [(config_key(c), c) for c in configs])
+    for config_id, speeds in zip(ids, ([10.0, 14.0], [20.0, 20.0]), strict=True):
+        for rep, speed in enumerate(speeds):
+            metrics = {m: 1.0 for m in METRICS} | {"decode_tps": speed}
+            db.record(config_id, "mlxinfer", rep, metrics)
+    summary = data.summary_frame(report.summarize(db, run))
+    assert data.x_axis_choices(report.summarize(db, run)) == ["sampling"]
+    spec = charts.metric_by_setting(summary, "decode_tps", "sampling").to_dict()
+    rows = next(iter(spec["datasets"].values()))
+    by_label = {r["sampling"]: r for r in rows}
+    assert by_label["greedy"]["decode_tps_mean"] == pytest.approx(12.0)
+    assert by_label["greedy"]["low"] == pytest.approx(12.0 - 2**1.5)  # std of (10, 14)
+    assert by_label["T 0.8"]["high"] == pytest.approx(20.0)
+    assert spec["layer"][0]["encoding"]["y"]["title"] == "decode speed (tokens/s)"

@@ -14,13 +14,13 @@ import mlxinfer  # noqa: F401  (first: OpenBLAS must be loaded before MLX on Lin
 st.set_page_config(page_title="mlxinfer", page_icon=":material/memory:", layout="wide")
 
 PAGES = {
-    "Use": [st.Page("pages/chat.py", title="Chat", icon=":material/chat:", default=True)],
+    "Use": [st.Page("views/chat.py", title="Chat", icon=":material/chat:", default=True)],
     "Measure": [
-        st.Page("pages/sweep.py", title="Sweep", icon=":material/speed:"),
-        st.Page("pages/results.py", title="Results", icon=":material/table_chart:"),
+        st.Page("views/sweep.py", title="Sweep", icon=":material/speed:"),
+        st.Page("views/results.py", title="Results", icon=":material/table_chart:"),
     ],
     "Learn": [  # "Inside the model" joins here
-        st.Page("pages/metrics.py", title="Metrics", icon=":material/menu_book:"),
+        st.Page("views/metrics.py", title="Metrics", icon=":material/menu_book:"),
     ],
 }
 

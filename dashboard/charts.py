@@ -13,15 +13,15 @@ LABELS.update({f"itl_p{q}_ms": f"inter-token latency p{q} (ms)" for q in (50, 90
 
 
 def itl_by_position(itl_ms: list[float]) -> alt.Chart:
-    """Inter-token latency of one reply, token by token."""
+    """Inter-token latency of one reply, token by token (token i's gap since token i - 1)."""
     frame = pd.DataFrame({"token": range(2, len(itl_ms) + 2), "itl_ms": itl_ms})
     return (
-        alt.Chart(frame, height=140)
-        .mark_line(point=False)
+        alt.Chart(frame, height=180)
+        .mark_line(point=len(itl_ms) <= 40)
         .encode(
-            x=alt.X("token:Q", title="token position"),
-            y=alt.Y("itl_ms:Q", title=LABELS["itl_ms"]),
-            tooltip=["token", alt.Tooltip("itl_ms:Q", format=".1f")],
+            x=alt.X("token:Q", title="token position", axis=alt.Axis(format="d", tickMinStep=1)),
+            y=alt.Y("itl_ms:Q", title="token gap (ms)"),
+            tooltip=["token", alt.Tooltip("itl_ms:Q", format=".1f", title="ms")],
         )
     )
 

@@ -368,7 +368,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
         sys.executable, "-m", "streamlit", "run", str(DASHBOARD_APP),
         "--server.port", str(args.port), "--server.address", args.host,
         "--server.headless", "true", "--browser.gatherUsageStats", "false",
-        "--server.fileWatcherType", "none",
+        "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer",
     ]  # fmt: skip
     print(f"mlxinfer dashboard: http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     process = subprocess.Popen(command, env=env)

@@ -137,7 +137,7 @@ def wait_for_run(at, db_path, timeout=TIMEOUT):
 
 
 def test_a_sweep_runs_from_the_page_and_its_charts_have_the_data(dashboard):
-    at = app("pages/sweep.py")
+    at = app("views/sweep.py")
     assert at.title[0].value == "Sweep"
     inputs = {w.label: w for w in at.text_input}
     inputs["temperature"].set_value("0,0.8")
@@ -164,7 +164,7 @@ def test_a_sweep_runs_from_the_page_and_its_charts_have_the_data(dashboard):
     summary = sorted(i["decode_tps"]["mean"] for i in report.summarize(RunsDB(dashboard), 1))
     assert measured == pytest.approx(summary)  # the chart draws the run's numbers
     # the next sweep of these lengths has an estimate from this one's measurements
-    at = app("pages/sweep.py")
+    at = app("views/sweep.py")
     inputs = {w.label: w for w in at.text_input}
     inputs["prompt tokens"].set_value("8")
     inputs["gen tokens"].set_value("6").run()
@@ -172,7 +172,7 @@ def test_a_sweep_runs_from_the_page_and_its_charts_have_the_data(dashboard):
 
 
 def test_a_bad_sweep_value_names_the_axis_and_nothing_runs(dashboard):
-    at = app("pages/sweep.py")
+    at = app("views/sweep.py")
     next(w for w in at.text_input if w.label == "top p").set_value("0.9,2").run()
     assert not at.exception
     assert any("sweep axis 'top_p'" in e.value for e in at.error)
@@ -189,7 +189,7 @@ def test_results_list_compare_and_follow_a_metric_across_runs(dashboard, tiny):
              "--prompt-tokens", "8", "--gen-tokens", "5", "--reps", "2", "--db", str(dashboard)],
             check=True, capture_output=True, timeout=TIMEOUT,
         )  # fmt: skip
-    at = app("pages/results.py")
+    at = app("views/results.py")
     assert at.title[0].value == "Results"
     table = at.dataframe[0].value
     assert list(table["run"]) == [1, 2] and set(table["status"]) == {"done"}
@@ -206,7 +206,7 @@ def test_results_list_compare_and_follow_a_metric_across_runs(dashboard, tiny):
 def test_the_metrics_page_defines_every_recorded_metric(dashboard):
     from mlxinfer.bench.db import METRICS
 
-    at = app("pages/metrics.py")
+    at = app("views/metrics.py")
     shown = set(at.dataframe[0].value["metric"])
     percentiles = {m for m in METRICS if m.startswith("itl_p")}  # itl_ms defines them
     assert set(METRICS) - percentiles <= shown and "itl_ms" in shown
@@ -241,3 +241,20 @@ def test_charts_carry_the_summary_statistics(tiny, tmp_path):
     assert by_label["greedy"]["low"] == pytest.approx(12.0 - 2**1.5)  # std of (10, 14)
     assert by_label["T 0.8"]["high"] == pytest.approx(20.0)
     assert spec["layer"][0]["encoding"]["y"]["title"] == "decode speed (tokens/s)"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--port", "0"], "--port must be between 1 and 65535, got 0"),
+        (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such file"),
+        (["--db", "/proc/no/runs.sqlite"], "runs database"),
+    ],
+)
+def test_mlxinfer_dashboard_refuses_bad_flags_before_starting(args, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "mlxinfer", "dashboard", *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr

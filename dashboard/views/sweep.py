@@ -106,8 +106,8 @@ if axes is not None:
 
 
 def following() -> int | None:
-    """The run this page shows: the one it started, else one that is running, else the last
-    one it followed."""
+    """The run this page shows: the one it started, else the one it followed, else one that is
+    running, else the database's last run."""
     job = state.get("job")
     if job is not None:
         run_id = job.run_id(db)
@@ -116,9 +116,10 @@ def following() -> int | None:
         elif job.exit_code() is not None:  # it ended without making a run: refused
             state.job = None
             state.job_error = job.output()
-    if state.get("following") is None:
-        running = [r["id"] for r in db.runs() if jobs.status(r) == "running"]
-        state.following = running[-1] if running else None
+    if state.get("following") is None:  # a reload, another tab: the running sweep, or the last
+        runs = db.runs()
+        running = [r["id"] for r in runs if jobs.status(r) == "running"]
+        state.following = running[-1] if running else runs[-1]["id"] if runs else None
     return state.get("following")
 
 

@@ -1,0 +1,199 @@
+"""The dashboard in a real browser: Chromium (Debian's, no browser download) driven by Playwright
+against `mlxinfer dashboard` on localhost with the default model. Ask the chat a question and see
+the answer stream in with its metrics; run a two-configuration sweep and see its charts drawn
+with the run's numbers; compare two runs on Results. Screenshots are kept as test artifacts
+(test-artifacts/, or MLXINFER_TEST_ARTIFACTS)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .reference import make_tiny_checkpoint
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = Path(os.environ.get("MLXINFER_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+CHROMIUM = (
+    os.environ.get("MLXINFER_CHROMIUM")
+    or shutil.which("chromium")
+    or shutil.which("chromium-browser")
+    or shutil.which("google-chrome")
+    or next(
+        (
+            p
+            for p in (
+                "/Applications/Chromium.app/Contents/MacOS/Chromium",
+                "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome",
+            )
+            if Path(p).is_file()
+        ),
+        "/usr/bin/chromium",
+    )  # fmt: skip
+)
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]  # fmt: skip
+WAIT_MS = 120_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`mlxinfer dashboard` on a database holding two runs of the same small grid (made with
+    `mlxinfer bench` on a tiny checkpoint), the default model preselected."""
+    tmp = tmp_path_factory.mktemp("dashboard")
+    db, tiny = tmp / "runs.sqlite", tmp / "tiny"
+    make_tiny_checkpoint(tiny, "llama")
+    for _ in range(2):
+        subprocess.run(
+            [sys.executable, "-m", "mlxinfer", "bench", "--model", str(tiny), "--top-k", "0,5",
+             "--prompt-tokens", "8", "--gen-tokens", "5", "--reps", "2", "--db", str(db)],
+            check=True, capture_output=True, timeout=300,
+        )  # fmt: skip
+    port = free_port()
+    log = open(tmp / "server.log", "w")  # noqa: SIM115  (open while the server runs)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlxinfer", "dashboard", "--port", str(port), "--db", str(db)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://localhost:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=5) as response:
+                if response.read() == b"ok":
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            log.close()
+            pytest.fail("the dashboard did not start:\n" + (tmp / "server.log").read_text())
+        time.sleep(0.5)
+    yield url, db
+    process.terminate()
+    process.wait(timeout=60)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install -y chromium (the README's test "
+                    "command does), or set MLXINFER_CHROMIUM to a Chromium or Chrome")  # fmt: skip
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 2000})
+    page.set_default_timeout(WAIT_MS)
+    yield page
+    page.close()
+
+
+def screenshot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.wait_for_timeout(1000)  # charts finish drawing
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+def bars(page, chart: int) -> list[str]:
+    """The aria labels of a chart's bars (Vega's SVG names each bar with its data)."""
+    selector = f"[data-testid=stVegaLiteChart] >> nth={chart}"
+    page.locator(selector).locator("[aria-roledescription=bar]").first.wait_for()
+    return (
+        page.locator(selector)
+        .locator("[aria-roledescription=bar]")
+        .evaluate_all("marks => marks.map(m => m.getAttribute('aria-label'))")
+    )
+
+
+def test_the_chat_answers_with_its_metrics(server, page):
+    url, _ = server
+    page.goto(url)
+    box = page.get_by_test_id("stChatInputTextArea")
+    box.fill("What is the capital of France?")
+    box.press("Enter")
+    reply = page.get_by_test_id("stChatMessage").nth(1)
+    reply.get_by_text("Paris").first.wait_for()
+    for label in ("TTFT", "Decode", "Peak memory", "KV cache"):
+        reply.get_by_text(label, exact=True).wait_for()
+    ttft = reply.get_by_test_id("stMetricValue").first.inner_text()
+    assert re.fullmatch(r"\d+ ms", ttft) and int(ttft.split()[0]) > 0
+    reply.locator("[data-testid=stVegaLiteChart] [aria-roledescription='line mark']").wait_for(
+        state="attached"
+    )  # the inter-token latency chart
+    screenshot(page, "chat")
+
+
+def test_a_sweep_runs_and_its_charts_draw_the_measurements(server, page):
+    from mlxinfer.bench import report
+    from mlxinfer.bench.db import RunsDB
+
+    url, db = server
+    run_id = len(RunsDB(db).runs()) + 1  # the run this sweep will make
+    page.goto(f"{url}/sweep")
+    for label, value in (("temperature", "0,0.8"), ("prompt tokens", "16"), ("gen tokens", "8")):
+        box = page.get_by_label(label, exact=True)
+        box.fill(value)
+        box.press("Enter")
+        page.wait_for_timeout(500)
+    page.get_by_test_id("stMetricValue").first.filter(has_text="2").wait_for()  # 2 configurations
+    page.get_by_role("button", name="Run the sweep").click()
+    page.get_by_text(f"Run {run_id}: done").wait_for()
+    assert RunsDB(db).run(run_id)["command"].startswith("mlxinfer bench")
+    labels = bars(page, 0)  # decode speed, one bar per configuration
+    assert len(labels) == 2
+    drawn = sorted(float(re.search(r"mean: ([\d.]+)", label).group(1)) for label in labels)
+    means = sorted(i["decode_tps"]["mean"] for i in report.summarize(RunsDB(db), run_id))
+    assert drawn == pytest.approx(means, abs=0.06)  # the labels round to one decimal
+    assert "decode speed (tokens/s)" in page.locator("[data-testid=stVegaLiteChart]").first.locator(
+        "[aria-roledescription=axis]"
+    ).nth(1).get_attribute("aria-label")
+    assert len(bars(page, 1)) == 2 and len(bars(page, 2)) == 2  # TTFT, peak memory
+    screenshot(page, "sweep")
+
+
+def test_results_compare_two_runs(server, page):
+    url, _ = server
+    page.goto(f"{url}/results")
+    page.get_by_text("Pick one run").wait_for()
+    picker = page.get_by_test_id("stMultiSelect").filter(has_text="…or by id")
+    for run in ("1", "2"):
+        picker.locator("input").click()
+        page.get_by_role("option", name=run, exact=True).click()
+        page.keyboard.press("Escape")
+    page.get_by_text("Run 2 against run 1").wait_for()
+    points = page.locator("[data-testid=stVegaLiteChart] [aria-roledescription=point]")
+    points.first.wait_for()
+    assert points.count() == 4  # two configurations, each in both runs
+    screenshot(page, "results")
+
+
+def test_the_metrics_page(server, page):
+    url, _ = server
+    page.goto(f"{url}/metrics")
+    page.get_by_text("How a sweep measures").wait_for()
+    screenshot(page, "metrics")

@@ -7,6 +7,8 @@ compared), Metrics (what each number means). They call the same Python API as ev
 mlxinfer.Engine, mlxinfer.bench, the runs database.
 """
 
+import logging
+
 import streamlit as st
 
 import mlxinfer  # noqa: F401  (first: OpenBLAS must be loaded before MLX on Linux)
@@ -24,4 +26,13 @@ PAGES = {
     ],
 }
 
-st.navigation(PAGES).run()
+page = st.navigation(PAGES)
+try:
+    page.run()
+except Exception as e:  # a bug: a message, not a traceback page; the other pages still work
+    logging.getLogger("mlxinfer.dashboard").exception("page %s failed", page.title)
+    st.error(
+        f"Unexpected error on this page: {type(e).__name__}: {e}\n\nThe other pages still work. "
+        "This is a bug in mlxinfer; the server's log has the traceback, and `mlxinfer env` "
+        "prints what a report needs."
+    )

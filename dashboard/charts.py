@@ -94,6 +94,19 @@ def latency_by_position(frame: pd.DataFrame) -> alt.Chart:
     )
 
 
+def measurement_gaps(frame: pd.DataFrame) -> alt.Chart:
+    """One measurement's latency of each token (token 0: time to first token), log scale."""
+    return (
+        alt.Chart(frame, height=220)
+        .mark_line(point=len(frame) <= 64)
+        .encode(
+            x=alt.X("token:Q", title="token position", axis=alt.Axis(format="d", tickMinStep=1)),
+            y=alt.Y("ms:Q", title="latency (ms)", scale=alt.Scale(type="log")),
+            tooltip=["token", alt.Tooltip("ms:Q", format=".2f")],
+        )
+    )
+
+
 def metric_across_runs(frame: pd.DataFrame, metric: str) -> alt.Chart:
     """A metric's mean per run (ordered by time, labelled with version and commit) for each
     configuration the runs share: a regression shows as a step down."""

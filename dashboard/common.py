@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import streamlit as st
@@ -32,15 +33,17 @@ def db_path() -> Path:
     return default_db_path()
 
 
-@st.cache_resource(show_spinner=False)
-def _db(path: str) -> RunsDB:
-    return RunsDB(path)
+_local = threading.local()
 
 
 def runs_db() -> RunsDB:
-    """The runs database (one connection per process; SQLite in WAL mode lets the sweep worker
-    write while pages read)."""
-    return _db(str(db_path()))
+    """The runs database, one connection per script thread (a connection is not for concurrent
+    use; SQLite in WAL mode lets the sweep worker write while pages read)."""
+    path = db_path()
+    db = getattr(_local, "db", None)
+    if db is None or db.path != path:
+        db = _local.db = RunsDB(path)
+    return db
 
 
 # -- the model and the engine ----------------------------------------------------------------------

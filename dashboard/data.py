@@ -146,3 +146,21 @@ def across_runs_frame(db: RunsDB, run_ids: list[int], metric: str) -> pd.DataFra
         for e, s in zip(frame["engine"], frame["settings"], strict=True)
     ]
     return frame.drop(columns=["settings", "key"])
+
+
+def measurements_frame(db: RunsDB, run_id: int) -> pd.DataFrame:
+    """A run's successful measurements: id, engine, label, rep (from 1), for choosing one."""
+    rows = [r for r in db.measurements(run_id) if r["status"] == "ok"]
+    swept = report.swept_axes([{"settings": r["settings"]} for r in rows]) if rows else []
+    return pd.DataFrame([
+        {"id": r["id"], "engine": r["engine"], "rep": r["rep"] + 1,
+         "label": configuration_label(r["settings"], swept)}
+        for r in rows
+    ])  # fmt: skip
+
+
+def gaps_frame(db: RunsDB, measurement_id: int) -> pd.DataFrame:
+    """One measurement's latency by position: token 0's is its TTFT, then each gap (ms)."""
+    times = db.token_times(measurement_id)
+    gaps = [times[0], *(b - a for a, b in zip(times, times[1:], strict=False))] if times else []
+    return pd.DataFrame({"token": range(len(gaps)), "ms": gaps})

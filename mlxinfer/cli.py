@@ -369,6 +369,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
         "--server.port", str(args.port), "--server.address", args.host,
         "--server.headless", "true", "--browser.gatherUsageStats", "false",
         "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer",
+        "--client.showErrorDetails", "type",
     ]  # fmt: skip
     print(f"mlxinfer dashboard: http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     process = subprocess.Popen(command, env=env)

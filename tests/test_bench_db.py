@@ -112,3 +112,5 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
     assert run["command"] == "old" and run["pid"] is None
     new = db.start_run("new", MACHINE, reps=1)
     assert db.run(new)["pid"] == os.getpid()
+    again = RunsDB(path)  # opened again: already version 2
+    assert [r["command"] for r in again.runs()] == ["old", "new"]

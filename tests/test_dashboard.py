@@ -44,8 +44,14 @@ def app(page: str | None = None) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     if page is not None:
         at.switch_page(page).run()
-    assert not at.exception, at.exception
+    healthy(at)
     return at
+
+
+def healthy(at) -> None:
+    """No exception, and no bug caught by the app's last resort."""
+    assert not at.exception, at.exception
+    assert not [e.value for e in at.error if e.value.startswith("Unexpected error")]
 
 
 def sidebar_input(at, label):
@@ -61,7 +67,7 @@ def test_chat_streams_a_reply_with_its_metrics(dashboard):
     assert at.title[0].value == "Chat"
     max_tokens(at, 24)  # the tiny model's context is 256 tokens
     at.chat_input[0].set_value("Hello there").run()
-    assert not at.exception, at.exception
+    healthy(at)
     messages = at.chat_message
     assert [m.name for m in messages] == ["user", "assistant"]
     assert messages[0].markdown[0].value == "Hello there"
@@ -77,7 +83,7 @@ def test_chat_streams_a_reply_with_its_metrics(dashboard):
 def test_a_model_that_does_not_load_is_a_message_and_the_page_stays_usable(dashboard):
     at = app()
     sidebar_input(at, "Another model").set_value("/nonexistent/model").run()
-    assert not at.exception
+    healthy(at)
     assert any("Could not load /nonexistent/model" in e.value for e in at.error)
     assert at.session_state["model"] != "/nonexistent/model"  # the working model stays
     max_tokens(at, 24)
@@ -89,7 +95,7 @@ def test_a_reply_too_long_for_the_context_is_refused_with_the_reason(dashboard):
     at = app()
     max_tokens(at, 8000)
     at.chat_input[0].set_value("Hi").run()
-    assert not at.exception
+    healthy(at)
     assert any("Not sent" in e.value and "context" in e.value for e in at.error)
 
 
@@ -101,7 +107,7 @@ def test_the_default_model_answers_in_the_chat(tmp_path, monkeypatch):
     try:
         at = app()
         at.chat_input[0].set_value("What is the capital of France?").run()
-        assert not at.exception, at.exception
+        healthy(at)
         reply = at.chat_message[1]
         assert "Paris" in reply.markdown[0].value
         assert len(reply.metric) == 4
@@ -143,14 +149,14 @@ def test_a_sweep_runs_from_the_page_and_its_charts_have_the_data(dashboard):
     inputs["temperature"].set_value("0,0.8")
     inputs["prompt tokens"].set_value("8")
     inputs["gen tokens"].set_value("6").run()
-    assert not at.exception, at.exception
+    healthy(at)
     assert next(m for m in at.metric if m.label == "Configurations").value == "2"
     assert next(m for m in at.metric if m.label == "Estimated duration").value == "unknown"
     predicted = next(m for m in at.metric if m.label == "Predicted memory (largest)").value
     assert float(predicted.removesuffix(" MB").replace(",", "")) > 0
     next(b for b in at.button if b.label == "Run the sweep").click().run()
     at = wait_for_run(at, dashboard)
-    assert not at.exception, at.exception
+    healthy(at)
     assert any(s.value.startswith("Run 1: done") for s in at.subheader)
     from mlxinfer.bench import report
     from mlxinfer.bench.db import RunsDB
@@ -174,7 +180,7 @@ def test_a_sweep_runs_from_the_page_and_its_charts_have_the_data(dashboard):
 def test_a_bad_sweep_value_names_the_axis_and_nothing_runs(dashboard):
     at = app("views/sweep.py")
     next(w for w in at.text_input if w.label == "top p").set_value("0.9,2").run()
-    assert not at.exception
+    healthy(at)
     assert any("sweep axis 'top_p'" in e.value for e in at.error)
     assert not [b for b in at.button if b.label == "Run the sweep"]
     next(w for w in at.text_input if w.label == "top p").set_value("1.0").run()
@@ -194,10 +200,13 @@ def test_results_list_compare_and_follow_a_metric_across_runs(dashboard, tiny):
     table = at.dataframe[0].value
     assert list(table["run"]) == [1, 2] and set(table["status"]) == {"done"}
     at.multiselect(key="runs_by_id").set_value([1]).run()
-    assert not at.exception, at.exception
+    healthy(at)
     assert [b.label for b in at.get("download_button")] == ["Measurements (CSV)", "Summary (JSON)"]
+    by_position, one = at.get("vega_lite_chart")  # p50/p90 by position, one measurement's
+    gaps = chart_data(one)
+    assert list(gaps["token"]) == list(range(5)) and (gaps["ms"] > 0).all()
     at.multiselect(key="runs_by_id").set_value([1, 2]).run()
-    assert not at.exception, at.exception
+    healthy(at)
     compared = at.dataframe[1].value
     assert len(compared) == 2 and set(compared["engine"]) == {"mlxinfer"}
     assert all(compared["B / A"] > 0)
@@ -258,3 +267,70 @@ def test_mlxinfer_dashboard_refuses_bad_flags_before_starting(args, message):
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_worker_that_died_shows_as_interrupted_and_resumes(dashboard, tiny):
+    """The sweep's process killed mid-run: the page says the run is interrupted, keeps what it
+    measured, and Resume finishes it without repeating a measurement."""
+    import os
+    import signal
+
+    from mlxinfer.bench import jobs
+    from mlxinfer.bench.db import RunsDB
+
+    db = RunsDB(dashboard)
+    axes = {"model": tiny, "top_k": "0,2,4", "prompt_tokens": "8", "gen_tokens": "200"}
+    job = jobs.start_sweep(axes, reps=3, db_path=dashboard)
+    deadline = time.monotonic() + TIMEOUT
+    while (job.run_id(db) is None or len(db.measurements(job.run_id(db))) < 2) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    run_id = job.run_id(db)
+    os.kill(job.pid, signal.SIGKILL)
+    job.process.wait()
+    kept = len(db.measurements(run_id))
+    assert 2 <= kept < 9
+    at = app("views/sweep.py")
+    assert any(s.value == f"Run {run_id}: interrupted" for s in at.subheader)
+    next(b for b in at.button if b.label == "Resume").click().run()
+    at = wait_for_run(at, dashboard)
+    assert any(s.value == f"Run {run_id}: done" for s in at.subheader)
+    rows = db.measurements(run_id)
+    assert sorted((r["position"], r["rep"]) for r in rows) == [
+        (p, k) for p in range(3) for k in range(3)
+    ]
+
+
+def test_a_model_typed_in_is_loaded_and_remembered(dashboard, tiny, monkeypatch):
+    monkeypatch.delenv("MLXINFER_MODEL")
+    at = app()
+    assert at.session_state["model"] == "default"
+    sidebar_input(at, "Another model").set_value(tiny).run()
+    healthy(at)
+    assert at.session_state["model"] == tiny
+    assert tiny in at.sidebar.selectbox[0].options  # and among the recent ones next time
+    at = app()
+    assert tiny in at.sidebar.selectbox[0].options
+
+
+def test_a_cache_kind_the_model_cannot_have_is_a_message(dashboard):
+    at = app()
+    max_tokens(at, 24)
+    next(w for w in at.sidebar.selectbox if w.label == "KV cache").set_value("q8").run()
+    at.chat_input[0].set_value("Hi").run()
+    healthy(at)
+    assert any("Could not start the engine" in e.value and "head_dim" in e.value for e in at.error)
+
+
+def test_a_sweep_too_large_for_memory_is_not_offered(dashboard, monkeypatch):
+    from mlxinfer.bench import machine
+
+    monkeypatch.setattr(machine, "available_memory_mb", lambda: 0.1)
+    at = app("views/sweep.py")
+    inputs = {w.label: w for w in at.text_input}
+    inputs["prompt tokens"].set_value("8")
+    inputs["gen tokens"].set_value("6").run()
+    healthy(at)
+    assert any("are available: make it smaller" in e.value for e in at.error)
+    assert next(b for b in at.button if b.label == "Run the sweep").disabled

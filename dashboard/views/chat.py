@@ -45,8 +45,8 @@ for message in state.messages:
             show_reply_metrics(message["metrics"])
 
 prompt = st.chat_input("Ask something" if mode == "chat" else "Text to continue")
-if prompt and loaded is not None and sampling is not None:
-    engine = common.engine(name, cache)
+engine = common.engine(name, cache) if prompt and loaded is not None else None
+if prompt and engine is not None and sampling is not None:
     state.messages.append({"role": "user", "content": prompt})
     with st.chat_message("user"):
         st.markdown(prompt)

@@ -76,6 +76,14 @@ if len(chosen) == 1:
                 charts.latency_by_position(positions[positions["series"].isin(series)]),
                 width="stretch",
             )
+        chosen_measurements = data.measurements_frame(db, run_id)
+        one = st.selectbox(
+            "One measurement", list(chosen_measurements.itertuples(index=False)),
+            format_func=lambda m: f"{m.engine} · {m.label} · repetition {m.rep}",
+            key=f"measurement_{run_id}",
+        )  # fmt: skip
+        if one is not None:
+            st.altair_chart(charts.measurement_gaps(data.gaps_frame(db, one.id)), width="stretch")
 elif len(chosen) == 2:
     a, b = sorted(chosen)
     metric = st.selectbox("Metric", numeric, format_func=metric_names.get, key="compare_metric")

@@ -104,16 +104,17 @@ class RunsDB:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA foreign_keys=ON")
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-            if version == 1:  # runs gained the pid of the process measuring them
-                self.conn.execute("ALTER TABLE runs ADD COLUMN pid INTEGER")
-                version = 2
-            if version not in (0, SCHEMA_VERSION):
+            if version not in (0, 1, SCHEMA_VERSION):
                 raise ValueError(
                     f"{self.path}: runs database schema version {version}; this mlxinfer reads "
                     f"version {SCHEMA_VERSION}"
                 )
-            self.conn.executescript(_SCHEMA)
-            self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if version != SCHEMA_VERSION:  # new, or older (no write on every open)
+                with self.conn:
+                    if version == 1:  # runs gained the pid of the process measuring them
+                        self.conn.execute("ALTER TABLE runs ADD COLUMN pid INTEGER")
+                    self.conn.executescript(_SCHEMA)
+                    self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as e:
             raise ValueError(f"{self.path} is not a usable runs database: {e}") from None
 

@@ -33,13 +33,16 @@ def metric_by_setting(summary: pd.DataFrame, metric: str, setting: str) -> alt.C
     frame["low"] = frame[f"{metric}_mean"] - frame[f"{metric}_std"]
     frame["high"] = frame[f"{metric}_mean"] + frame[f"{metric}_std"]
     frame[setting] = frame[setting].astype(str)
+    # One bar per configuration and engine: configurations that share the x value (another
+    # setting was swept too) stand side by side, never stacked.
+    frame["bar"] = frame["engine"] + " · " + frame["label"]
     base = alt.Chart(frame, height=260).encode(
         x=alt.X(f"{setting}:N", title=setting.replace("_", " "), sort=None),
-        xOffset="engine:N",
+        xOffset=alt.XOffset("bar:N", sort=None),
         color=alt.Color("engine:N", title="engine"),
     )
     bars = base.mark_bar().encode(
-        y=alt.Y(f"{metric}_mean:Q", title=LABELS.get(metric, metric)),
+        y=alt.Y(f"{metric}_mean:Q", title=LABELS.get(metric, metric), stack=None),
         tooltip=[
             "engine",
             setting,
@@ -58,15 +61,17 @@ def memory_predicted_vs_measured(summary: pd.DataFrame, setting: str) -> alt.Cha
     """Measured peak memory (bars) against the prediction (black ticks) per configuration."""
     frame = summary.dropna(subset=["peak_memory_mb_mean"]).copy()
     frame[setting] = frame[setting].astype(str)
+    frame["bar"] = frame["engine"] + " · " + frame["label"]
     base = alt.Chart(frame, height=260).encode(
-        x=alt.X(f"{setting}:N", title=setting.replace("_", " "), sort=None), xOffset="engine:N"
+        x=alt.X(f"{setting}:N", title=setting.replace("_", " "), sort=None),
+        xOffset=alt.XOffset("bar:N", sort=None),
     )
     measured = base.mark_bar(opacity=0.8).encode(
-        y=alt.Y("peak_memory_mb_mean:Q", title="memory (MB)"),
+        y=alt.Y("peak_memory_mb_mean:Q", title="memory (MB)", stack=None),
         color=alt.Color("engine:N", title="measured peak"),
         tooltip=[
             "engine",
-            setting,
+            "label",
             alt.Tooltip("peak_memory_mb_mean:Q", format=".1f"),
             alt.Tooltip("predicted_memory_mb_mean:Q", format=".1f"),
         ],  # fmt: skip

@@ -342,6 +342,7 @@ DASHBOARD_APP = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
 
 def run_dashboard(args: argparse.Namespace) -> int:
     """`streamlit run dashboard/app.py` with the model and database chosen, in the foreground."""
+    import signal
     import subprocess
 
     from .bench.db import DB_ENV, RunsDB
@@ -373,6 +374,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     print(f"mlxinfer dashboard: http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     process = subprocess.Popen(command, env=env)
+    signal.signal(signal.SIGTERM, lambda number, frame: process.terminate())  # pass it on
     try:
         return process.wait()
     except KeyboardInterrupt:  # the child got the Ctrl-C too

@@ -114,3 +114,16 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
     assert db.run(new)["pid"] == os.getpid()
     again = RunsDB(path)  # opened again: already version 2
     assert [r["command"] for r in again.runs()] == ["old", "new"]
+
+
+def test_a_measurement_is_recorded_whole_or_not_at_all(tmp_path):
+    """The measurement row and its token times are one transaction: a failure between them (here
+    a bad token time; in life a signal) leaves nothing, so a resumed run measures it again."""
+    db = RunsDB(tmp_path / "runs.sqlite")
+    run = db.start_run("test", MACHINE, reps=1)
+    (config,) = db.add_configurations(run, [("a", {"temperature": 0.0})])
+    with pytest.raises(ValueError):
+        db.record(config, "mlxinfer", 0, {"decode_tps": 1.0}, [1, 2], ["10.0", "not a time"])
+    assert db.measurements(run) == [] and db.done(run) == set()
+    db.record(config, "mlxinfer", 0, {"decode_tps": 1.0}, [1, 2], [10.0, 20.0])
+    assert len(db.measurements(run)) == 1

@@ -118,4 +118,6 @@ def test_mlx_lm_measures_concurrent_requests_and_says_what_it_cannot_do(tiny, tm
     for (depth, kv, engine), row in rows.items():
         assert row["status"] == "ok", (depth, kv, engine, row["error"])
         assert len(row["tokens"]) == 6 and len(db.token_times(row["id"])) == 6
-        assert row["decode_tps"] > 0 and row["ttft_ms"] > 0
+        assert row["decode_tps"] > 0 and row["ttft_ms"] > 0 and row["prefill_tps"] > 0
+    theirs = [r for r in rows.values() if r["engine"] == "mlx-lm"]
+    assert all(r["kv_cache_mb"] is None for r in theirs)  # not measured, not 0

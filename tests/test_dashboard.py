@@ -132,7 +132,9 @@ def wait_for_run(at, db_path, timeout=TIMEOUT):
     while time.monotonic() < deadline:
         time.sleep(1)
         at.run()
-        runs = RunsDB(db_path).runs()
+        db = RunsDB(db_path)
+        runs = db.runs()
+        db.close()
         if (
             runs
             and all(jobs.status(r) != "running" for r in runs)
@@ -295,6 +297,8 @@ def test_a_worker_that_died_shows_as_interrupted_and_resumes(dashboard, tiny):
     assert any(s.value == f"Run {run_id}: interrupted" for s in at.subheader)
     next(b for b in at.button if b.label == "Resume").click().run()
     at = wait_for_run(at, dashboard)
+    healthy(at)
+    assert not [e for e in at.error if "did not start" in e.value]  # the resumed run was found
     assert any(s.value == f"Run {run_id}: done" for s in at.subheader)
     rows = db.measurements(run_id)
     assert sorted((r["position"], r["rep"]) for r in rows) == [

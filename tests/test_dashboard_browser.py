@@ -83,6 +83,8 @@ def server(tmp_path_factory):
         except OSError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
+            process.terminate()
+            process.wait(timeout=60)
             log.close()
             pytest.fail("the dashboard did not start:\n" + (tmp / "server.log").read_text())
         time.sleep(0.5)
@@ -163,6 +165,7 @@ def test_a_sweep_runs_and_its_charts_draw_the_measurements(server, page):
     page.get_by_test_id("stMetricValue").first.filter(has_text="2").wait_for()  # 2 configurations
     page.get_by_role("button", name="Run the sweep").click()
     page.get_by_text(f"Run {run_id}: done").wait_for()
+    page.wait_for_timeout(3000)  # the page's last refresh after the run ends
     assert RunsDB(db).run(run_id)["command"].startswith("mlxinfer bench")
     labels = bars(page, 0)  # decode speed, one bar per configuration
     assert len(labels) == 2

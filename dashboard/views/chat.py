@@ -41,6 +41,8 @@ def show_reply_metrics(metrics: dict) -> None:
 for message in state.messages:
     with st.chat_message(message["role"]):
         st.markdown(message["content"])
+        if message.get("stopped"):
+            st.caption("stopped before the end")
         if message.get("metrics"):
             show_reply_metrics(message["metrics"])
 
@@ -58,28 +60,32 @@ if prompt and engine is not None and sampling is not None:
     with st.chat_message("assistant"):
         try:
             handle = engine.submit(conversation, sampling, max_tokens, chat=mode == "chat")
-        except ValueError as e:  # too long for the context, a bad setting
+        except Exception as e:  # too long for the context, a template that refuses the turns
             state.messages.pop()
             st.error(f"Not sent: {e}")
             st.stop()
-        end = {}
+        # In the history before it streams: a click mid-reply (which stops this script) leaves
+        # the part received, marked stopped, and the conversation keeps its turns in order.
+        reply = {"role": "assistant", "content": "", "metrics": None, "stopped": True}
+        state.messages.append(reply)
 
         def pieces():
             try:
                 for response in handle:
                     if response.text:
+                        reply["content"] += response.text
                         yield response.text
                     if response.finish_reason is not None:
-                        end["response"] = response
-            finally:  # the page reran (a click) mid-reply: stop generating it
-                if "response" not in end:
+                        reply["stopped"] = False
+                        reply["finish"] = response
+            finally:  # the page reran mid-reply: stop generating it
+                if reply["stopped"]:
                     handle.cancel()
 
-        text = st.write_stream(pieces())
-        last = end.get("response")
+        st.write_stream(pieces())
+        last = reply.pop("finish", None)
         if last is not None and last.finish_reason == "error":
             st.error(f"The reply failed: {last.error}")
-        metrics = last.metrics.to_dict() if last is not None and last.metrics else None
-        if metrics:
-            show_reply_metrics(metrics)
-        state.messages.append({"role": "assistant", "content": text or "", "metrics": metrics})
+        if last is not None and last.metrics:
+            reply["metrics"] = last.metrics.to_dict()
+            show_reply_metrics(reply["metrics"])

@@ -46,7 +46,8 @@ picked = st.dataframe(
     shown, hide_index=True, on_select="rerun", selection_mode="multi-row", key="runs_table",
     column_config={"started": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm")},
 )  # fmt: skip
-chosen = [int(shown.iloc[i]["run"]) for i in picked.selection.rows]
+# (rows of the table as shown: a filter changed since leaves indices that may not exist)
+chosen = [int(shown.iloc[i]["run"]) for i in picked.selection.rows if i < len(shown)]
 manual = st.multiselect("…or by id", list(runs["run"]), key="runs_by_id")
 chosen = list(dict.fromkeys(chosen + [int(r) for r in manual]))
 if not chosen:

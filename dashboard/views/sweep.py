@@ -92,7 +92,7 @@ if axes is not None:
             st.error(f"The largest configuration needs ~{peak:.0f} MB and {available:.0f} MB "
                      "are available: make it smaller (shorter lengths, less concurrency, a "
                      "quantized or rotating cache).")  # fmt: skip
-        busy = [r for r in db.runs() if jobs.status(r) == "running"]
+        busy = [r for r in db.runs() if jobs.status(r) == "running"] or state.get("job")
         if st.button(
             "Run the sweep",
             type="primary",
@@ -116,6 +116,8 @@ def following() -> int | None:
         elif job.exit_code() is not None:  # it ended without making a run: refused
             state.job = None
             state.job_error = job.output()
+        else:
+            return None  # still loading the model: not the previous run's charts meanwhile
     if state.get("following") is None:  # a reload, another tab: the running sweep, or the last
         runs = db.runs()
         running = [r["id"] for r in runs if jobs.status(r) == "running"]
@@ -173,7 +175,10 @@ if run_id is not None:
         current = following()
         if current is None:
             return
-        show_run(current)
+        try:
+            show_run(current)
+        except Exception as e:  # a fragment's error would skip app.py's message
+            st.error(f"Unexpected error showing run {current}: {type(e).__name__}: {e}")
         still = jobs.status(db.run(current)) == "running" or state.get("job") is not None
         if live and not still:
             st.rerun()  # the whole page once more: stop refreshing

@@ -94,7 +94,11 @@ class MlxLmBaseline:
     def close(self) -> None:
         if self.process.poll() is None:
             self.process.stdin.close()
-            self.process.wait(timeout=60)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # busy in a long request: stop it
+                self.process.kill()
+                self.process.wait()
         if self._tmp is not None:
             self._tmp.cleanup()
 
@@ -126,15 +130,21 @@ def _serve(model_dir: str) -> None:
         else:  # one entry per concurrent request, timed by mlxinfer's definitions
             peak, active = mx.get_peak_memory(), mx.get_active_memory()
             reply = {"requests": [{
-                "metrics": request_metrics(
-                    start, times, len(prompt),
+                "metrics": _measured(request_metrics(
+                    start, times, request.get("depth", 0) + len(prompt),
                     cached_prompt_tokens=request.get("depth", 0),  # computed before the clock
                     peak_memory_bytes=peak, active_memory_bytes=active,
-                ).to_dict(),
+                ).to_dict()),
                 "tokens": tokens,
                 "times": [(t - start) * 1e3 for t in times],
             } for prompt, start, times, tokens in runs]}  # fmt: skip
         print(json.dumps(reply), flush=True)
+
+
+def _measured(metrics: dict) -> dict:
+    """What the worker measures: not the KV cache's size or the bandwidth (mlx-lm does not say
+    which bytes it reads or holds), which would otherwise read as 0."""
+    return {k: v for k, v in metrics.items() if k not in ("kv_cache_mb", "bandwidth_gbs")}
 
 
 def _generate(model, tokenizer, request, make_sampler, make_logits_processors):
@@ -210,12 +220,14 @@ def _batch(model, prompts, caches, gen, sampler, processors, kv):
     )  # fmt: skip
     times = {uid: [] for uid in uids}
     tokens = {uid: [] for uid in uids}
-    while responses := generator.next_generated():
-        now = time.perf_counter()
-        for r in responses:
-            times[r.uid].append(now)
-            tokens[r.uid].append(r.token)
-    generator.close()
+    try:
+        while responses := generator.next_generated():
+            now = time.perf_counter()
+            for r in responses:
+                times[r.uid].append(now)
+                tokens[r.uid].append(r.token)
+    finally:
+        generator.close()
     return [(p, start, times[u], tokens[u]) for p, u in zip(prompts, uids, strict=True)]
 
 

@@ -14,6 +14,7 @@ need not repeat.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -110,16 +111,31 @@ class RunsDB:
                     f"version {SCHEMA_VERSION}"
                 )
             if version != SCHEMA_VERSION:  # new, or older (no write on every open)
-                with self.conn:
+                with self._transaction():  # another process may be doing the same: read again
+                    version = self.conn.execute("PRAGMA user_version").fetchone()[0]
                     if version == 1:  # runs gained the pid of the process measuring them
                         self.conn.execute("ALTER TABLE runs ADD COLUMN pid INTEGER")
-                    self.conn.executescript(_SCHEMA)
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            self.conn.execute(statement)
                     self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as e:
             raise ValueError(f"{self.path} is not a usable runs database: {e}") from None
 
     def close(self) -> None:
         self.conn.close()
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        """One transaction (the connection is in autocommit mode, where `with conn` is not one):
+        all of it is committed, or none."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -132,7 +148,7 @@ class RunsDB:
         baseline: str | None = None,
     ) -> int:
         facts = json.dumps(dict(machine), sort_keys=True)
-        with self.conn:
+        with self._transaction():
             self.conn.execute("INSERT OR IGNORE INTO machines (facts) VALUES (?)", (facts,))
             machine_id = self.conn.execute(
                 "SELECT id FROM machines WHERE facts = ?", (facts,)
@@ -147,7 +163,7 @@ class RunsDB:
     def add_configurations(self, run_id: int, configs: Sequence[tuple[str, Mapping]]) -> list[int]:
         """(key, settings) pairs in grid order -> their ids; configurations a resumed run already
         has keep theirs."""
-        with self.conn:
+        with self._transaction():
             for position, (key, settings) in enumerate(configs):
                 self.conn.execute(
                     "INSERT OR IGNORE INTO configurations (run_id, position, key, settings) "
@@ -173,7 +189,7 @@ class RunsDB:
         """One measurement (or its failure), committed with its token times in one transaction."""
         values = [None if metrics is None else metrics.get(m) for m in METRICS]
         status = "failed" if error is not None else "ok"
-        with self.conn:
+        with self._transaction():
             cursor = self.conn.execute(
                 f"INSERT INTO measurements (configuration_id, engine, rep, status, error, "
                 f"{', '.join(METRICS)}, tokens, recorded) "
@@ -190,7 +206,7 @@ class RunsDB:
         return cursor.lastrowid
 
     def finish_run(self, run_id: int, status: str) -> None:
-        with self.conn:
+        with self._transaction():
             self.conn.execute(
                 "UPDATE runs SET status = ?, ended = ? WHERE id = ?", (status, time.time(), run_id)
             )
@@ -200,7 +216,7 @@ class RunsDB:
         run = self.run(run_id)
         if run["status"] == "done":
             raise ValueError(f"run {run_id} is already done")
-        with self.conn:
+        with self._transaction():
             self.conn.execute(
                 "UPDATE runs SET status = 'running', ended = NULL, pid = ? WHERE id = ?",
                 (os.getpid(), run_id),

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from .grid import AXES
 
+_children: list[subprocess.Popen] = []  # workers this process started, reaped as they end
+
 
 @dataclass
 class Job:
@@ -33,13 +35,19 @@ class Job:
     log: Path
     started: float
     process: subprocess.Popen | None = None  # only in the process that started it
+    resume: int | None = None  # the run it continues
 
     def run_id(self, db) -> int | None:
-        """The run the worker is measuring, once it has made it."""
-        row = db.conn.execute(
-            "SELECT id FROM runs WHERE pid = ? AND started >= ? ORDER BY id DESC LIMIT 1",
-            (self.pid, self.started - 1),
-        ).fetchone()
+        """The run the worker is measuring, once it has made (or taken up) it."""
+        if self.resume is not None:
+            row = db.conn.execute(
+                "SELECT id FROM runs WHERE id = ? AND pid = ?", (self.resume, self.pid)
+            ).fetchone()
+        else:
+            row = db.conn.execute(
+                "SELECT id FROM runs WHERE pid = ? AND started >= ? ORDER BY id DESC LIMIT 1",
+                (self.pid, self.started - 1),
+            ).fetchone()
         return None if row is None else row[0]
 
     def exit_code(self) -> int | None:
@@ -88,24 +96,45 @@ def start_sweep(
             argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # the dashboard's own Ctrl-C does not reach it
         )  # fmt: skip
-    return Job(process.pid, log, started, process)
+    _children.append(process)
+    return Job(process.pid, log, started, process, resume)
 
 
 def alive(pid: int | None) -> bool:
-    """Whether process `pid` exists (on this machine)."""
+    """Whether process `pid` exists on this machine and has not exited (a zombie has)."""
+    for child in list(_children):  # reap the workers this process started
+        if child.poll() is not None:
+            _children.remove(child)
     if not pid:
         return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process
+    except PermissionError:  # exists, someone else's
         return True
-    try:  # a zombie (exited, not yet reaped by its parent) has finished
+    return _command_line(pid) != ""
+
+
+def _command_line(pid: int) -> str | None:
+    """The command line of a live process, None if unknown; "" for a zombie."""
+    try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return ""
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
-        return True
+        pass
+    try:  # macOS, BSD: no /proc
+        out = subprocess.run(["ps", "-o", "stat=,command=", "-p", str(pid)], capture_output=True,
+                             text=True, timeout=5, check=False).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if not out:
+        return ""
+    state, _, command = out.partition(" ")
+    return "" if state.startswith("Z") else command
 
 
 def status(run) -> str:
@@ -118,11 +147,15 @@ def status(run) -> str:
 
 def stop(run) -> bool:
     """Ask the process measuring `run` to stop as Ctrl-C does (it records the run as stopped and
-    exits); False if it is not running."""
+    exits). False if it is not running, or if that pid is no longer an mlxinfer process (the
+    pid was given to another program): nothing is signalled then."""
     if status(run) != "running":
+        return False
+    command = _command_line(run["pid"])
+    if command is not None and "mlxinfer" not in command:
         return False
     try:
         os.kill(run["pid"], signal.SIGINT)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         return False
     return True

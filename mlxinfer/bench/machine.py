@@ -44,23 +44,28 @@ def machine_facts() -> dict:
     }
 
 
-def git_commit(where: Path = Path(__file__).parent) -> str:
+PACKAGE = Path(__file__).resolve().parent.parent  # mlxinfer/
+
+
+def git_commit(package: Path = PACKAGE) -> str:
     """The short commit of the checkout mlxinfer runs from, "-dirty" when tracked files changed;
-    "unknown" for an installed copy that is not a checkout, or without git."""
+    "unknown" for an installed copy that is not its own checkout (not the commit of some other
+    repository around it), or without git."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=package, capture_output=True, text=True, timeout=10, check=False,
+        ).stdout.strip()  # fmt: skip
+
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True, text=True,
-            timeout=10, check=False,
-        ).stdout.strip()  # fmt: skip
-        if not commit:
+        top = git("rev-parse", "--show-toplevel")
+        if not top or Path(top).resolve() != package.parent:
             return "unknown"
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
-            capture_output=True, text=True, timeout=10, check=False,
-        ).stdout.strip()  # fmt: skip
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
-    return commit + ("-dirty" if dirty else "")
+    return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
 
 
 def available_memory_mb() -> float | None:

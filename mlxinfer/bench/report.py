@@ -188,6 +188,8 @@ def latency_by_position(db: RunsDB, run_id: int) -> list[dict]:
         if row["status"] != "ok":
             continue
         times = db.token_times(row["id"])
+        if not times:  # nothing was generated
+            continue
         gaps = [times[0], *(b - a for a, b in zip(times, times[1:], strict=False))]
         item = groups.setdefault(
             (row["position"], row["engine"]),
@@ -244,7 +246,10 @@ def compare(db: RunsDB, run_a: int, run_b: int, metric: str = "decode_tps") -> l
         if key not in a or not item[metric] or not a[key][metric]:
             continue
         sa, sb = a[key][metric]["samples"], item[metric]["samples"]
-        ratio = paired_ratio(sb, sa) if len(sa) == len(sb) else None
+        if a[key][metric]["mean"] <= 0:  # nothing to divide by (a metric that is 0 here)
+            continue
+        positive = all(v > 0 for v in sa + sb)
+        ratio = paired_ratio(sb, sa) if len(sa) == len(sb) and positive else None
         out.append({
             "engine": item["engine"], "settings": item["settings"],
             "a": a[key][metric]["mean"], "b": item[metric]["mean"],

@@ -194,22 +194,24 @@ class Sweep:
         text = exact_tokens(tokenizer, depth + n * config["concurrency"])
         shared, rest = text[:depth], text[depth:]
         prompts = [shared + rest[i * n : (i + 1) * n] for i in range(config["concurrency"])]
-        options = parse_kv(config["kv"])
-        engine = Engine(
-            model, tokenizer, max_batch=config["concurrency"],
-            prefix_cache_mb=1024 if depth else 0, **options,
-        )  # fmt: skip
         weights, kv = predicted_memory(model, config)
         self.predicted_mb = (weights + kv) / 2**20
         available = machine.available_memory_mb()
         if available is not None and self.predicted_mb > available:
-            engine.close()
             raise MemoryError(
                 f"needs ~{self.predicted_mb:.0f} MB (weights {weights / 2**20:.0f} MB + KV "
                 f"cache {kv / 2**20:.0f} MB), {available:.0f} MB available: not run"
             )
+        engine = Engine(
+            model, tokenizer, max_batch=config["concurrency"],
+            prefix_cache_mb=1024 if depth else 0, **parse_kv(config["kv"]),
+        )  # fmt: skip
         if depth:  # the context, computed once and kept by the prefix cache
-            engine.submit(shared + [prompts[0][depth]], max_tokens=1).result()
+            try:
+                engine.submit(shared + [prompts[0][depth]], max_tokens=1).result()
+            except BaseException:
+                engine.close(cancel=True)
+                raise
         return engine, prompts
 
     def _measure(self, engine, prompts: list[list[int]], config: Mapping, rep: int | None):

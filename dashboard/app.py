@@ -21,7 +21,8 @@ PAGES = {
         st.Page("views/sweep.py", title="Sweep", icon=":material/speed:"),
         st.Page("views/results.py", title="Results", icon=":material/table_chart:"),
     ],
-    "Learn": [  # "Inside the model" joins here
+    "Learn": [
+        st.Page("views/inside.py", title="Inside the model", icon=":material/neurology:"),
         st.Page("views/metrics.py", title="Metrics", icon=":material/menu_book:"),
     ],
 }

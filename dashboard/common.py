@@ -54,10 +54,18 @@ def model_label(name: str) -> str:
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=3)
-def _load(name: str, compute: str = "auto"):
+def _cached(name: str, compute: str):
     from mlxinfer.loading import load
 
     return load(None if name == DEFAULT else name, compute=compute)
+
+
+def _load(name: str, compute: str = "auto"):
+    """One copy per model and resolved policy ("auto" is float32 on the CPU: the chat's model
+    and a float32 sweep's plan share it)."""
+    from mlxinfer.backend import resolve_compute_policy
+
+    return _cached(name, resolve_compute_policy(compute))
 
 
 def load_for_plan(name: str, compute: str):

@@ -52,23 +52,8 @@ class Attention(nn.Module):
     ) -> mx.array:
         """`masks` is shared by the layers of one forward pass, so each distinct mask is built once."""
         B, T, _ = x.shape  # x: [B, T, D]
-        if self.fused:
-            q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-            q, k, v = mx.split(self.qkv_proj(x), [q_out, q_out + kv_out], axis=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.reshape(B, T, self.n_heads, self.head_dim)
-        k = k.reshape(B, T, self.n_kv_heads, self.head_dim)
-        v = v.reshape(B, T, self.n_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q.transpose(0, 2, 1, 3)  # [B, H, T, hd]
-        k = k.transpose(0, 2, 1, 3)  # [B, KV, T, hd]
-        v = v.transpose(0, 2, 1, 3)
-
         offset = cache.offset if cache is not None else 0
-        q = self.rope(q, offset)
-        k = self.rope(k, offset)
+        q, k, v = self.project(x, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # [B, KV, S, hd], or quantized tuples
             mask = _shared(masks, cache.mask_key(T, self.window), cache.make_mask, T, self.window)
@@ -83,6 +68,42 @@ class Attention(nn.Module):
             out = self.ops.attention(q, k, v, self.scale, mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)  # [B, T, H * hd]
         return self.o_proj(out)
+
+    def project(self, x: mx.array, offset) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries `[B, H, T, hd]`, keys and values `[B, KV, T, hd]` of `x` `[B, T, D]` at
+        positions offset.., normed (q/k norm) and rotated."""
+        B, T, _ = x.shape
+        if self.fused:
+            q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = mx.split(self.qkv_proj(x), [q_out, q_out + kv_out], axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, T, self.n_heads, self.head_dim)
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.transpose(0, 2, 1, 3)  # [B, H, T, hd]
+        k = k.transpose(0, 2, 1, 3)  # [B, KV, T, hd]
+        v = v.transpose(0, 2, 1, 3)
+        return self.rope(q, offset), self.rope(k, offset), v
+
+    def probabilities(self, x: mx.array) -> mx.array:
+        """The attention probabilities of a whole sequence `x` `[B, T, D]` (positions 0..T-1, no
+        cache): `[B, H, T, T]` float32, each row softmaxed over the keys the model lets that query
+        see (causal, and this layer's sliding window). For looking inside the model; generation
+        never calls it (the fused kernels never form these)."""
+        T = x.shape[1]
+        q, k, _ = self.project(x, 0)
+        groups = self.n_heads // self.n_kv_heads  # GQA / MQA: each KV head serves a group
+        k = mx.repeat(k, groups, axis=1) if groups > 1 else k
+        scores = (q.astype(mx.float32) * self.scale) @ k.astype(mx.float32).transpose(0, 1, 3, 2)
+        positions = mx.arange(T)
+        visible = positions[None, :] <= positions[:, None]
+        if self.window is not None:
+            visible = visible & (positions[:, None] - positions[None, :] < self.window)
+        scores = mx.where(visible, scores, -mx.inf)
+        return mx.softmax(scores, axis=-1, precise=True)
 
 
 def _shared(masks: dict | None, key: tuple, build, *args) -> Mask:

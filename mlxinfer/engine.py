@@ -16,6 +16,7 @@ are messages too.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import queue
 import threading
@@ -191,6 +192,17 @@ class Engine:
     def _send(self, message: tuple) -> None:
         self._inbox.put(message)
 
+    def call(self, function, *args, timeout: float | None = None, **kwargs):
+        """Run `function(*args, **kwargs)` on the engine's thread, between two generation steps,
+        and return its result (or raise its exception): other MLX work on the model (a trace, a
+        forward pass to look inside) without a second thread using MLX."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self._inbox.put(("call", (lambda: function(*args, **kwargs), future)))
+        return future.result(timeout)
+
     @property
     def stats(self) -> dict:
         """A snapshot: requests waiting, prefilling and running, and the prefix cache's use."""
@@ -219,6 +231,13 @@ class Engine:
                         scheduler.add(arg)
                     elif kind == "cancel":
                         self._deliver(scheduler.cancel(arg))
+                    elif kind == "call":  # other work on the model, between two steps
+                        function, future = arg
+                        if future.set_running_or_notify_cancel():
+                            try:
+                                future.set_result(function())
+                            except Exception as e:
+                                future.set_exception(e)
                     elif kind == "close":
                         closing = True
                         if arg:

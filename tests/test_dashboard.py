@@ -115,12 +115,16 @@ def test_the_default_model_answers_in_the_chat(tmp_path, monkeypatch):
         st.cache_resource.clear()
 
 
-def chart_data(chart):
-    """The frame a chart draws, as Streamlit sent it to the browser (Arrow)."""
+def chart_data(chart, column: str | None = None):
+    """The frame a chart draws, as Streamlit sent it to the browser (Arrow); of a layered chart,
+    the one that has `column`."""
     import pyarrow as pa
 
-    (dataset,) = chart.proto.datasets
-    return pa.ipc.open_stream(dataset.data.data).read_all().to_pandas()
+    frames = [pa.ipc.open_stream(d.data.data).read_all().to_pandas() for d in chart.proto.datasets]
+    if column is not None:
+        frames = [f for f in frames if column in f.columns]
+    (frame,) = frames
+    return frame
 
 
 def wait_for_run(at, db_path, timeout=TIMEOUT):
@@ -338,3 +342,49 @@ def test_a_sweep_too_large_for_memory_is_not_offered(dashboard, monkeypatch):
     healthy(at)
     assert any("are available: make it smaller" in e.value for e in at.error)
     assert next(b for b in at.button if b.label == "Run the sweep").disabled
+
+
+def test_inside_the_model_shows_the_trace_of_the_prompt(dashboard):
+    """The page on the tiny model: its tokens, the next-token chart through the sampler's
+    stages, attention of a chosen layer and head, the logit lens, the architecture, and the KV
+    cache calculator's prediction checked against a real cache."""
+    at = app("views/inside.py")
+    assert at.title[0].value == "Inside the model"
+    at.text_area(key="inside_prompt").set_value("w5 w9 w17 w33 w64").run()
+    healthy(at)
+    tokens = at.dataframe[0].value
+    assert list(tokens["id"]) == [5, 9, 17, 33, 64]
+    assert [t.label for t in at.tabs][:3] == ["Tokens", "Next token", "Attention"]
+    charts_drawn = at.get("vega_lite_chart")
+    next_token = chart_data(charts_drawn[0], "probability")
+    assert len(next_token) == 20 and next_token["probability"].is_monotonic_decreasing
+    attention = chart_data(charts_drawn[1])
+    assert len(attention) == 15  # the causal half of 5 x 5
+    assert attention.groupby("q")["weight"].sum().round(5).eq(1).all()
+    assert next(m for m in at.metric if m.label == "Layers").value == "2"
+    next(b for b in at.button if b.label == "Check against a real cache").click().run()
+    healthy(at)
+    predicted = next(m for m in at.metric if m.label == "Predicted KV cache").value
+    measured = next(m for m in at.metric if m.label == "Measured")
+    assert measured.value == predicted and measured.delta == "+0.00 MB"
+    next(b for b in at.button if b.label == "Sample 200 times").click().run()
+    healthy(at)
+
+
+def test_inside_a_mixture_of_experts_shows_the_routing(tmp_path, monkeypatch):
+    path = tmp_path / "moe"
+    make_tiny_checkpoint(path, "mixtral", num_local_experts=4, num_experts_per_tok=2)
+    monkeypatch.setenv("MLXINFER_DB", str(tmp_path / "runs.sqlite"))
+    monkeypatch.setenv("MLXINFER_MODEL", str(path))
+    st.cache_resource.clear()
+    try:
+        at = app("views/inside.py")
+        at.text_area(key="inside_prompt").set_value("w5 w9 w17 w33").run()
+        healthy(at)
+        routing = next(d.value for d in at.dataframe if "experts" in d.value.columns)
+        assert len(routing) == 4  # one row per token
+        assert all(len(e.split(", ")) == 2 for e in routing["experts"])  # top-2 of 4
+        usage = next(chart_data(c) for c in at.get("vega_lite_chart") if "expert" in c.proto.spec)
+        assert usage.groupby("layer")["tokens"].sum().eq(4 * 2).all()  # 4 tokens x 2 experts
+    finally:
+        st.cache_resource.clear()

@@ -195,6 +195,23 @@ def test_results_compare_two_runs(server, page):
     screenshot(page, "results")
 
 
+def test_inside_the_model_walks_to_paris(server, page):
+    """The default model's trace of "The capital of France is": its tokens, the step-by-step
+    walk ending on ' Paris' (77% here; the runner-up is ' the' at 6%), and the attention map."""
+    url, _ = server
+    page.goto(f"{url}/inside")
+    page.get_by_text("The tokenizer cuts the prompt into 5 tokens").wait_for()
+    page.get_by_role("tab", name="Step by step").click()
+    page.get_by_text("greedy takes the largest: ' Paris'").wait_for()
+    page.get_by_role("tab", name="Attention").click()
+    cells = page.locator("[data-testid=stVegaLiteChart] g.mark-rect path[aria-label^='attends to']")
+    cells.first.wait_for()
+    assert cells.count() == 15  # the causal half of 5 x 5
+    first = cells.first.get_attribute("aria-label")
+    assert "token (query): 0:'The'" in first and "weight: 1" in first  # token 0 sees only itself
+    screenshot(page, "inside")
+
+
 def test_the_metrics_page(server, page):
     url, _ = server
     page.goto(f"{url}/metrics")

@@ -516,3 +516,20 @@ def test_prefix_cache_keeps_one_entry_for_a_prompt_and_its_conversation(llama):
     prefixes.store(ids, cache)
     prefixes.store(ids[:40], cache)  # already covered by the longer entry
     assert len(prefixes.entries) == 1
+
+
+def test_call_runs_work_on_the_engine_thread_between_steps(llama):
+    """Engine.call: a function runs on the engine's own thread (where the model's MLX work
+    belongs), its result or exception returned, while requests keep being served."""
+    model, tokenizer = llama
+    with mlxinfer.Engine(model, tokenizer, max_batch=2) as engine:
+        handle = engine.submit([5, 6, 7], max_tokens=20, sampling=SamplingParams(ignore_eos=True))
+        thread = engine.call(lambda: threading.current_thread().name)
+        assert thread == "mlxinfer-engine"
+        logits = engine.call(lambda: np.array(model(mx.array([[5, 6, 7]]))[0, -1]))
+        assert logits.shape == (model.config.vocab_size,)
+        with pytest.raises(ZeroDivisionError):
+            engine.call(lambda: 1 / 0)
+        assert handle.result(timeout=60).finish_reason == "length"
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.call(lambda: None)

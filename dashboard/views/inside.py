@@ -1,0 +1,353 @@
+"""Inside the model: the loaded model's own tokens, next-token distribution through our sampler's
+stages, attention maps, logit lens, expert routing, a step-by-step walk through one prediction,
+and the architecture with a KV cache calculator checked against a real cache.
+
+Every forward pass runs on the engine's thread (`Engine.call`): this script only sends it work and
+draws what comes back (mlxinfer.inspect does the computing)."""
+
+import html
+
+import altair as alt
+import common
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from mlxinfer import inspect
+from mlxinfer.cache import kv_cache_bytes
+from mlxinfer.sampling import SamplingParams
+
+MAX_TOKENS = 256  # attention maps are heads x T x T per layer: keep the page fast
+STAGE_NAMES = {"penalties": "penalties", "top-k": "top-k", "top-p": "top-p", "min-p": "min-p"}
+
+state = st.session_state
+with st.sidebar:
+    name = common.model_picker()
+
+st.title("Inside the model")
+loaded = common.load_model(name)
+if loaded is None:
+    st.stop()
+model, tokenizer = loaded
+engine = common.engine(name, {})
+if engine is None:
+    st.stop()
+
+templated = bool(tokenizer.chat_template)
+left, right = st.columns([4, 1])
+prompt = left.text_area("Prompt", "The capital of France is", key="inside_prompt", height=80)
+chat = right.checkbox("Chat template", value=False, disabled=not templated, key="inside_chat",
+                      help="Wrap the prompt as a user message, as the chat does.")  # fmt: skip
+
+if not prompt.strip():
+    st.info("Type a prompt to look at what the model does with it.")
+    st.stop()
+key = (name, prompt, chat)
+if state.get("inside_key") != key:
+    try:
+        t = engine.call(inspect.trace, model, tokenizer, prompt, chat=chat)
+    except Exception as e:
+        st.error(f"Could not run the prompt: {e}")
+        st.stop()
+    if len(t.token_ids) > MAX_TOKENS:
+        st.error(f"The prompt is {len(t.token_ids)} tokens; this page shows up to {MAX_TOKENS}.")
+        st.stop()
+    state.inside_key, state.inside_trace = key, t
+t = state.inside_trace
+T = len(t.token_ids)
+labels = [f"{i}:{p!r}"[:24] for i, p in enumerate(t.pieces)]
+
+tabs = st.tabs(["Tokens", "Next token", "Attention", "Logit lens", "Experts", "Step by step",
+                "Architecture & memory"])  # fmt: skip
+
+# -- tokens ------------------------------------------------------------------------------------
+with tabs[0]:
+    st.markdown(f"The tokenizer cuts the prompt into **{T} tokens**; the model only ever sees "
+                "their ids. Hover a piece for its id and position.")  # fmt: skip
+    colours = ["#fde2e4", "#e2ece9", "#dfe7fd", "#fff1e6", "#e8e8e4", "#f0efeb", "#d8e2dc"]
+    spans = "".join(
+        f'<span title="id {i} · position {pos}" style="background:{colours[pos % len(colours)]};'
+        f'padding:2px 1px;margin:1px;border-radius:3px;font-family:monospace;white-space:pre">'
+        f"{html.escape(piece) or '∅'}</span>"
+        for pos, (i, piece) in enumerate(zip(t.token_ids, t.pieces, strict=True))
+    )
+    st.html(f'<div style="line-height:2.2">{spans}</div>')
+    st.dataframe(pd.DataFrame({"position": range(T), "id": t.token_ids, "piece": t.pieces}),
+                 hide_index=True, height=220)  # fmt: skip
+
+# -- next token --------------------------------------------------------------------------------
+with tabs[1]:
+    position = st.slider("After position", 0, T - 1, T - 1, key="inside_position",
+                         help="The distribution the model gives for the token after this one.")  # fmt: skip
+    a, b, c, d, e = st.columns(5)
+    params = SamplingParams(
+        temperature=a.slider("Temperature", 0.0, 2.0, 0.7, 0.05, key="inside_t"),
+        top_k=int(b.number_input("Top-k", 0, 1000, 40, key="inside_k")),
+        top_p=c.slider("Top-p", 0.05, 1.0, 0.9, 0.01, key="inside_p"),
+        min_p=d.slider("Min-p", 0.0, 0.5, 0.05, 0.01, key="inside_min_p"),
+        repetition_penalty=e.slider("Repetition", 1.0, 2.0, 1.0, 0.05, key="inside_rep"),
+    )
+    history = t.token_ids[: position + 1]
+    stages = dict(inspect.sampling_stages(t.logits[position], params, history))
+    before = stages["penalties"]
+    top = np.argsort(-before)[:20]
+    removed_by = []
+    for token in top:
+        why = "kept"
+        for stage in ("top-k", "top-p", "min-p"):
+            if stages[stage][token] == 0:
+                why = f"removed by {stage}"
+                break
+        removed_by.append(why)
+    frame = pd.DataFrame({
+        "token": [f"{inspect._piece(tokenizer, int(i))!r}" for i in top],
+        "rank": range(1, len(top) + 1),
+        "probability": before[top], "final": stages["temperature"][top], "fate": removed_by,
+        "cumulative": np.cumsum(before[top]),
+    })  # fmt: skip
+    bars = (
+        alt.Chart(frame, height=320)
+        .mark_bar()
+        .encode(
+            x=alt.X("token:N", sort=None, title="the 20 most likely next tokens"),
+            y=alt.Y("probability:Q", title="probability (after penalties)"),
+            color=alt.Color(
+                "fate:N",
+                title="",
+                scale=alt.Scale(
+                    domain=["kept", "removed by top-k", "removed by top-p", "removed by min-p"],
+                    range=["#1f77b4", "#bbbbbb", "#ff9f80", "#ffd27f"],
+                ),
+            ),  # fmt: skip
+            tooltip=[
+                "rank",
+                "token",
+                alt.Tooltip("probability:Q", format=".4f"),
+                alt.Tooltip("final:Q", format=".4f", title="after the chain"),
+                "fate",
+            ],  # fmt: skip
+        )
+    )
+    line = (
+        alt.Chart(frame)
+        .mark_line(color="black", point=True)
+        .encode(
+            x=alt.X("token:N", sort=None), y=alt.Y("cumulative:Q", title="cumulative probability")
+        )
+    )
+    rule = (
+        alt.Chart(pd.DataFrame({"p": [params.top_p]})).mark_rule(strokeDash=[4, 4]).encode(y="p:Q")
+    )
+    st.altair_chart(alt.layer(bars, line + rule).resolve_scale(y="independent"), width="stretch")
+    kept = int((stages["temperature"] > 0).sum())
+    st.caption(f"{kept} token(s) can be drawn after the chain (penalties → top-k → top-p → "
+               "min-p → temperature); the dashed line is top-p, the black line the cumulative "
+               "probability of the tokens so far.")  # fmt: skip
+    if st.button("Sample 200 times", key="inside_sample"):
+        draws = engine.call(inspect.draw, t.logits[position], params, history, 200,
+                            seed=int(np.random.default_rng().integers(1 << 30)))  # fmt: skip
+        counts = pd.Series(draws).value_counts()
+        shown = sorted(set(counts.index[:15]) | set(top[:5].tolist()),
+                       key=lambda i: -stages["temperature"][i])  # fmt: skip
+        compare = pd.DataFrame(
+            [{"token": f"{inspect._piece(tokenizer, int(i))!r}", "share": counts.get(i, 0) / 200,
+              "what": "drawn (200)"} for i in shown]
+            + [{"token": f"{inspect._piece(tokenizer, int(i))!r}",
+                "share": float(stages["temperature"][i]), "what": "computed"} for i in shown]
+        )  # fmt: skip
+        st.altair_chart(
+            alt.Chart(compare, height=260).mark_bar().encode(
+                x=alt.X("token:N", sort=None), xOffset="what:N",
+                y=alt.Y("share:Q", title="probability / frequency"), color="what:N",
+            ),
+            width="stretch",
+        )  # fmt: skip
+
+# -- attention ---------------------------------------------------------------------------------
+with tabs[2]:
+    layers, heads = len(t.attentions), model.config.num_attention_heads
+    a, b = st.columns(2)
+    layer = a.number_input("Layer", 0, layers - 1, 0, key="inside_layer")
+    head = b.number_input("Head", 0, heads - 1, 0, key="inside_head")
+    weights = t.attentions[int(layer)][int(head)]
+    grid = pd.DataFrame(
+        [
+            (labels[q], labels[k], float(weights[q, k]), q, k)
+            for q in range(T)
+            for k in range(q + 1)
+        ],  # a query never sees later keys: left blank
+        columns=["query", "key", "weight", "q", "k"],
+    )
+    side = min(760, 200 + 22 * T)  # (Streamlit fits labels and legend inside this too)
+    heatmap = (
+        alt.Chart(grid)
+        .mark_rect()
+        .encode(
+            x=alt.X("key:N", sort=labels, title="attends to (key)"),
+            y=alt.Y("query:N", sort=labels, title="token (query)"),
+            color=alt.Color("weight:Q", scale=alt.Scale(scheme="blues"), title="weight"),
+            tooltip=["query", "key", alt.Tooltip("weight:Q", format=".3f")],
+        )
+        .properties(width=side, height=side)
+    )
+    st.altair_chart(heatmap, width="content")
+    st.caption("Each row is one token's attention, softmaxed over the tokens it may see (causal; "
+               "a sliding-window layer sees only its window), so every row sums to 1.")  # fmt: skip
+    st.markdown("**Every layer and head** (rows: layers; columns: heads; long prompts averaged "
+                "down to 32 positions)")  # fmt: skip
+    size = min(T, 32)
+    edges = np.linspace(0, T, size + 1).astype(int)
+
+    def shrink(m):
+        return np.array([[m[edges[i]:edges[i + 1], edges[j]:edges[j + 1]].mean()
+                          for j in range(size)] for i in range(size)])  # fmt: skip
+
+    tiles = np.ones((layers * (size + 2), heads * (size + 2)))
+    for li in range(layers):
+        for hi in range(heads):
+            m = shrink(t.attentions[li][hi]) if size < T else t.attentions[li][hi]
+            m = m / max(m.max(), 1e-9)
+            y, x = li * (size + 2), hi * (size + 2)
+            tiles[y : y + size, x : x + size] = 1 - m
+    scale = max(1, 600 // tiles.shape[1])
+    image = np.kron(tiles, np.ones((scale, scale)))
+    st.image((image * 255).astype(np.uint8), clamp=True)
+
+# -- logit lens --------------------------------------------------------------------------------
+with tabs[3]:
+    st.markdown("Each layer's hidden state sent straight through the final norm and the LM head, "
+                "as if the model stopped there: what it would predict next, layer by layer. "
+                "The last row is the model's own prediction.")  # fmt: skip
+    lens = inspect.logit_lens(t, top=1) if state.get("lens_key") != key else state.lens
+    state.lens_key, state.lens = key, lens
+    shown = list(range(max(0, T - 16), T))  # the last 16 positions
+    rows = [
+        {"layer": "embeddings" if i == 0 else f"layer {i - 1}", "position": labels[pos],
+         "token": repr(lens[i][pos][0][1])[:12], "probability": lens[i][pos][0][2]}
+        for i in range(len(lens)) for pos in shown
+    ]  # fmt: skip
+    frame = pd.DataFrame(rows)
+    order = list(dict.fromkeys(frame["layer"]))[::-1]
+    base = alt.Chart(frame, height=max(240, 22 * len(lens))).encode(
+        x=alt.X("position:N", sort=[labels[p] for p in shown], title="position (token)"),
+        y=alt.Y("layer:N", sort=order, title=""),
+    )
+    st.altair_chart(
+        base.mark_rect().encode(
+            color=alt.Color("probability:Q", scale=alt.Scale(scheme="greens", domain=[0, 1])),
+            tooltip=["layer", "position", "token", alt.Tooltip("probability:Q", format=".3f")],
+        ) + base.mark_text(fontSize=9).encode(text="token:N"),
+        width="stretch",
+    )  # fmt: skip
+
+# -- experts -----------------------------------------------------------------------------------
+with tabs[4]:
+    if not t.routing:
+        st.info("This model has no mixture-of-experts layers: every token goes through the same "
+                "MLP in every layer.")  # fmt: skip
+    else:
+        n_experts = model.config.num_experts
+        use = pd.DataFrame(
+            [{"layer": li, "expert": int(e), "tokens": int((experts == e).any(axis=1).sum())}
+             for li, (experts, _) in t.routing.items() for e in range(n_experts)]
+        )  # fmt: skip
+        st.markdown("How many of the prompt's tokens each expert took, layer by layer (even use "
+                    "is what the router's load balancing aims at).")  # fmt: skip
+        st.altair_chart(
+            alt.Chart(use).mark_rect().encode(
+                x="expert:O", y="layer:O", color=alt.Color("tokens:Q", scale=alt.Scale(
+                    scheme="oranges")), tooltip=["layer", "expert", "tokens"]),
+            width="stretch",
+        )  # fmt: skip
+        chosen_layer = st.selectbox("Layer", list(t.routing), key="inside_moe_layer")
+        experts, weights = t.routing[chosen_layer]
+        st.dataframe(pd.DataFrame({
+            "token": labels,
+            "experts": [", ".join(str(int(e)) for e in row) for row in experts],
+            "weights": [", ".join(f"{w:.2f}" for w in row) for row in weights],
+        }), hide_index=True)  # fmt: skip
+
+# -- step by step ------------------------------------------------------------------------------
+with tabs[5]:
+    c = model.config
+    last = t.logits[-1]
+    probs = np.exp(last - last.max())
+    probs /= probs.sum()
+    best = np.argsort(-probs)[:5]
+    chosen = inspect._piece(tokenizer, int(best[0]))
+    steps = [
+        ("Tokens", f"the prompt → {T} token ids `{t.token_ids[:12]}{' …' if T > 12 else ''}`",
+         f"[1, {T}]"),
+        ("Embeddings", "each id picks one row of the embedding table", f"[1, {T}, {c.hidden_size}]"),
+        (f"{c.num_hidden_layers} blocks", "each: RMSNorm → attention (every token looks at the "
+         "earlier ones) → add; RMSNorm → MLP → add", f"[1, {T}, {c.hidden_size}]"),
+        ("Final norm", "RMSNorm of the last block's output", f"[1, {T}, {c.hidden_size}]"),
+        ("LM head", "one score (logit) per vocabulary entry, for every position",
+         f"[1, {T}, {c.vocab_size}]"),
+        ("Last position", "only the last position's scores predict the next token",
+         f"[{c.vocab_size}]"),
+        ("Softmax → pick", "probabilities; greedy takes the largest: "
+         f"{chosen!r} ({probs[best[0]]:.1%})", "1 token"),
+    ]  # fmt: skip
+    st.table(pd.DataFrame(steps, columns=["step", "what happens", "shape"]))
+    st.markdown("**The last position's top candidates**")
+    st.table(pd.DataFrame({
+        "token": [repr(inspect._piece(tokenizer, int(i))) for i in best],
+        "id": [int(i) for i in best], "logit": [float(last[i]) for i in best],
+        "probability": [f"{probs[i]:.2%}" for i in best],
+    }))  # fmt: skip
+    kv_now = kv_cache_bytes(c, T, itemsize=model.compute_dtype.size)
+    st.markdown(
+        f"**The next step** feeds only the new token, `[1, 1]`: the KV cache already holds the "
+        f"keys and values of all {T} tokens in every layer ({kv_now / 2**20:.2f} MB as "
+        "allocated), so each new token costs one pass over the weights instead of re-reading the "
+        "whole prompt."
+    )
+
+# -- architecture and memory -------------------------------------------------------------------
+with tabs[6]:
+    card = inspect.architecture(model)
+    a, b, c_, d = st.columns(4)
+    a.metric("Layers", card["layers"])
+    b.metric("Attention", card["attention"],
+             help=f"{card['heads']} query heads sharing {card['kv_heads']} key/value heads")  # fmt: skip
+    c_.metric("Parameters", f"{card['total_parameters'] / 1e6:.1f} M")
+    d.metric("Weights", f"{card['total_weight_bytes'] / 2**20:.0f} MB")
+    st.dataframe(pd.DataFrame(
+        [{"": k, "value": str(v)} for k, v in card.items()
+         if k not in ("parameters", "weight_bytes")]
+        + [{"": f"parameters: {k}", "value": f"{v:,}"} for k, v in card["parameters"].items()]
+        + [{"": f"weight bytes: {k}", "value": f"{v:,}"} for k, v in card["weight_bytes"].items()]
+    ), hide_index=True)  # fmt: skip
+    st.subheader("KV cache calculator")
+    a, b, c_ = st.columns(3)
+    context = int(a.number_input("Context (tokens)", 1, model.config.max_position_embeddings,
+                                 min(1024, model.config.max_position_embeddings),
+                                 key="kv_context"))  # fmt: skip
+    batch = int(b.number_input("Batch (sequences)", 1, 256, 1, key="kv_batch"))
+    kind = c_.selectbox("Cache", list(common.CACHE_KINDS), format_func=common.CACHE_KINDS.get,
+                        key="kv_kind")  # fmt: skip
+    options = {"max_kv_size": None, "kv_bits": None}
+    if kind == "rotating":
+        options["max_kv_size"] = int(st.number_input("Tokens kept", 16, 1 << 20, 512,
+                                                     key="kv_max"))  # fmt: skip
+    elif kind in ("q8", "q4"):
+        options["kv_bits"] = int(kind[1])
+    try:
+        predicted = kv_cache_bytes(model.config, context, batch, **options,
+                                   itemsize=model.compute_dtype.size)  # fmt: skip
+    except ValueError as e:
+        st.error(str(e))
+        st.stop()
+    st.metric("Predicted KV cache", f"{predicted / 2**20:,.2f} MB",
+              help="keys and values of every layer, in slots that grow 256 at a time")  # fmt: skip
+    if st.button("Check against a real cache", key="kv_check",
+                 help="Fills a real cache with one sequence of that many tokens (then "
+                 "multiplies by the batch) and measures its bytes."):  # fmt: skip
+        try:
+            held = engine.call(inspect.measured_kv_bytes, model, context, **options)
+        except Exception as e:
+            st.error(f"Could not measure: {e}")
+        else:
+            st.metric("Measured", f"{held * batch / 2**20:,.2f} MB",
+                      delta=f"{(held * batch - predicted) / 2**20:+.2f} MB")  # fmt: skip

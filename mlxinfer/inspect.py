@@ -1,0 +1,309 @@
+"""Looking inside the model: one forward pass with everything kept, the logit lens, the sampler's
+chain stage by stage, and the architecture in numbers.
+
+    t = trace(model, tokenizer, "The capital of France is")
+    t.tokens            # [(id, piece, (start, end) in the prompt text)]
+    t.attentions[l]     # [heads, T, T]: rows sum to 1, causal, the layer's window applied
+    t.hidden_states     # L + 1 of [T, D]: the embeddings, each block's output, the last normed
+    t.logits            # [T, vocab]
+    t.routing[l]        # MoE layers: (experts [T, k], weights [T, k]) chosen for each token
+    logit_lens(t, top=5)
+    sampling_stages(t.logits[-1], SamplingParams(temperature=0.7, top_p=0.9))
+    architecture(model)
+
+Conventions are transformers' (`output_attentions`, `output_hidden_states` with eager
+attention), so the tests compare with it directly. Everything comes back as numpy arrays.
+Generation never calls any of this: the model's forward pass is unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .cache import kv_cache_bytes
+from .moe import SparseMoE
+from .sampling import (
+    SamplingParams,
+    apply_min_p,
+    apply_presence_frequency,
+    apply_repetition_penalty,
+    apply_temperature,
+    apply_top_k,
+    apply_top_p,
+)
+
+
+@dataclass
+class Trace:
+    """What one forward pass over a prompt computed (see the module docstring)."""
+
+    token_ids: list[int]
+    pieces: list[str]  # each token's text as the tokenizer maps it back
+    offsets: list[tuple[int, int]]  # each token's (start, end) in `text`
+    text: str  # the prompt as the model read it (after the chat template, if any)
+    layers: list[int]  # the layers whose attention (and routing) were kept
+    attentions: dict[int, np.ndarray]  # layer -> [heads, T, T]
+    hidden_states: list[np.ndarray]  # L + 1 of [T, D]
+    logits: np.ndarray  # [T, vocab]
+    routing: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    model: object = field(default=None, repr=False)
+    tokenizer: object = field(default=None, repr=False)
+
+    @property
+    def tokens(self) -> list[tuple[int, str, tuple[int, int]]]:
+        return list(zip(self.token_ids, self.pieces, self.offsets, strict=True))
+
+
+def trace(
+    model,
+    tokenizer,
+    prompt: str | Sequence[dict],
+    chat: bool = False,
+    layers: Sequence[int] | None = None,
+) -> Trace:
+    """One forward pass over `prompt` (text, or chat messages with `chat=True`), keeping the
+    attention probabilities of `layers` (default: all; fewer bound the memory on long prompts,
+    which is heads x T x T floats per layer), every hidden state, the logits and MoE routing."""
+    if chat or not isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False)
+        ids, offsets = _encode(tokenizer, text, special=False)  # the template writes its own BOS
+    else:
+        text = prompt
+        ids, offsets = _encode(tokenizer, text, special=True)  # as generation encodes it
+    if not ids:
+        raise ValueError("the prompt has no tokens")
+    n_layers = model.config.num_hidden_layers
+    keep = list(range(n_layers)) if layers is None else sorted(set(layers))
+    bad = [i for i in keep if not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(f"layers: {bad[0]} is not a layer of this model (0..{n_layers - 1})")
+
+    x = mx.array([ids])
+    h = model.model.embed_tokens(x).astype(model.compute_dtype)  # [1, T, D]
+    hidden = [h]
+    attentions, routing = {}, {}
+    masks: dict = {}
+    for i, block in enumerate(model.model.layers):
+        normed = block.input_layernorm(h)
+        if i in keep:
+            attentions[i] = block.self_attn.probabilities(normed)[0]
+        h = h + block.self_attn(normed, None, masks)
+        mlp_in = block.post_attention_layernorm(h)
+        if isinstance(block.mlp, SparseMoE) and i in keep:
+            experts, weights = block.mlp.route(mlp_in.reshape(-1, mlp_in.shape[-1]))
+            routing[i] = (experts, weights)
+        h = h + block.mlp(mlp_in)
+        hidden.append(h)
+        mx.eval(h, *attentions.values(), *[a for r in routing.values() for a in r])
+    hidden[-1] = model.model.norm(hidden[-1])  # transformers: the last one after the final norm
+    logits = model.logits(hidden[-1])
+    mx.eval(logits, hidden[-1])
+    return Trace(
+        token_ids=ids,
+        pieces=[tokenizer._tokenizer.decode([t], skip_special_tokens=False) for t in ids],
+        offsets=offsets,
+        text=text,
+        layers=keep,
+        attentions={i: np.array(a.astype(mx.float32)) for i, a in attentions.items()},
+        hidden_states=[np.array(s[0].astype(mx.float32)) for s in hidden],
+        logits=np.array(logits[0].astype(mx.float32)),
+        routing={i: (np.array(e), np.array(w)) for i, (e, w) in routing.items()},
+        model=model,
+        tokenizer=tokenizer,
+    )
+
+
+def logit_lens(t: Trace, top: int = 5) -> list[list[list[tuple[int, str, float]]]]:
+    """For each hidden state (embeddings, each layer's output) and position, the `top` most likely
+    tokens as (id, piece, probability) when that state goes through the final norm and the LM
+    head, as if the model stopped there. `[L + 1][T][top]`; the last row is the model's own."""
+    model, out = t.model, []
+    for index, state in enumerate(t.hidden_states):
+        h = mx.array(state)[None].astype(model.compute_dtype)
+        if index < len(t.hidden_states) - 1:  # the last state is already normed
+            h = model.model.norm(h)
+        probs = mx.softmax(model.logits(h)[0].astype(mx.float32), axis=-1, precise=True)
+        order = mx.argsort(-probs, axis=-1)[:, :top]
+        chosen = mx.take_along_axis(probs, order, axis=-1)
+        order, chosen = np.array(order), np.array(chosen)
+        out.append([
+            [(int(i), _piece(t.tokenizer, int(i)), float(p))
+             for i, p in zip(order[pos], chosen[pos], strict=True)]
+            for pos in range(order.shape[0])
+        ])  # fmt: skip
+    return out
+
+
+def sampling_stages(
+    logits: np.ndarray | mx.array,
+    params: SamplingParams,
+    history: Sequence[int] = (),
+) -> list[tuple[str, np.ndarray]]:
+    """The next-token distribution after each stage of the sampler's chain, in its order: raw,
+    penalties (repetition over the last `repetition_context_size` of `history`, presence and
+    frequency over `history`'s counts) and logit bias, top-k, top-p, min-p, temperature.
+    [(stage, probabilities [vocab])]; a filtered-out token has probability 0. The stages call the
+    sampler's own filter functions one at a time (the sampler's fused top-k shortcut gives the
+    same distribution)."""
+    x = mx.array(np.asarray(logits, dtype=np.float32))[None]  # [1, V]
+    V = x.shape[-1]
+    history = [int(t) for t in history]
+    stages = [("raw", x)]
+    if params.repetition_penalty != 1.0 and len(history):
+        recent = mx.array([list(history)[-params.repetition_context_size :]], mx.int32)
+        x = apply_repetition_penalty(x, recent, params.repetition_penalty)
+    if params.presence_penalty or params.frequency_penalty:
+        counts = np.zeros((1, V), np.float32)
+        np.add.at(counts[0], np.asarray(list(history), dtype=np.int64), 1.0)
+        x = apply_presence_frequency(
+            x, mx.array(counts), params.presence_penalty, params.frequency_penalty
+        )
+    if params.logit_bias:
+        bias = np.zeros((V,), np.float32)
+        for token, value in params.logit_bias.items():
+            bias[token] += value
+        x = x + mx.array(bias)
+    stages.append(("penalties", x))
+    x = apply_top_k(x, params.top_k)
+    stages.append(("top-k", x))
+    x = apply_top_p(x, params.top_p)
+    stages.append(("top-p", x))
+    x = apply_min_p(x, params.min_p)
+    stages.append(("min-p", x))
+    if params.greedy:  # temperature 0: all the mass on the most likely survivor
+        top = mx.argmax(x, axis=-1)
+        stages.append(("temperature", np.eye(V, dtype=np.float32)[np.array(top)[0]]))
+    else:
+        stages.append(("temperature", apply_temperature(x, params.temperature)))
+    out = []
+    for name, value in stages:
+        if isinstance(value, np.ndarray):
+            out.append((name, value))
+        else:
+            out.append((name, np.array(mx.softmax(value, axis=-1, precise=True)[0])))
+    return out
+
+
+def draw(
+    logits: np.ndarray | mx.array,
+    params: SamplingParams,
+    history: Sequence[int] = (),
+    n: int = 200,
+    seed: int = 0,
+) -> np.ndarray:
+    """`n` independent draws from the distribution the real sampler would draw from at this step
+    (its penalty stage, then its filter chain), as token ids; the empirical side of
+    sampling_stages. Greedy settings give the argmax n times."""
+    from .sampling import Sampler, filter_logits
+
+    x = mx.array(np.asarray(logits, dtype=np.float32))[None]
+    sampler = Sampler(params, x.shape[-1], [int(t) for t in history])
+    x = sampler.process(x)
+    if params.greedy:
+        return np.full(n, int(mx.argmax(x, axis=-1).item()))
+    filtered = filter_logits(x, params)
+    tokens = mx.random.categorical(filtered, num_samples=n, key=mx.random.key(seed))
+    return np.array(tokens[0])
+
+
+def architecture(model) -> dict:
+    """The model in numbers: layers, heads, KV heads and so the attention kind (MHA, GQA, MQA),
+    head dim, hidden and FFN sizes, experts, sliding windows, parameters by component, and weight
+    bytes by dtype (or quantization)."""
+    c = model.config
+    kind = (
+        "MHA" if c.num_key_value_heads == c.num_attention_heads
+        else "MQA" if c.num_key_value_heads == 1 else "GQA"
+    )  # fmt: skip
+    parameters: dict[str, int] = {}
+    bytes_by_kind: dict[str, int] = {}
+    quantized = {
+        name.rsplit(".", 1)[0]: (module.bits, module.group_size)
+        for name, module in model.named_modules()
+        if hasattr(module, "bits") and hasattr(module, "group_size") and "scales" in module
+    }
+    for name, value in tree_flatten(model.parameters()):
+        component = _component(name)
+        owner = name.rsplit(".", 1)[0]
+        if owner in quantized:
+            bits, group = quantized[owner]
+            kind_name = f"{bits}-bit (groups of {group})"
+            if name.endswith(".weight"):  # packed: 32 // bits values per uint32
+                parameters[component] = parameters.get(component, 0) + value.size * 32 // bits
+        else:
+            kind_name = str(value.dtype).removeprefix("mlx.core.")
+            parameters[component] = parameters.get(component, 0) + value.size
+        bytes_by_kind[kind_name] = bytes_by_kind.get(kind_name, 0) + value.nbytes
+    windows = sorted({w for w in c.layer_windows if w is not None})
+    return {
+        "layers": c.num_hidden_layers,
+        "attention": kind,
+        "heads": c.num_attention_heads,
+        "kv_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "experts": c.num_experts if any(c.layer_moe) else 0,
+        "experts_per_token": c.num_experts_per_tok if any(c.layer_moe) else 0,
+        "sliding_windows": windows,
+        "vocab_size": c.vocab_size,
+        "context": c.max_position_embeddings,
+        "parameters": parameters,
+        "total_parameters": sum(parameters.values()),
+        "weight_bytes": bytes_by_kind,
+        "total_weight_bytes": model.nbytes,
+        "kv_bytes_per_token": kv_cache_bytes(c, 256, itemsize=model.compute_dtype.size) // 256,
+    }
+
+
+def measured_kv_bytes(
+    model, tokens: int, max_kv_size: int | None = None, kv_bits: int | None = None, seed: int = 0
+) -> int:
+    """Bytes a real cache holds once `tokens` tokens are in (a prefill of all but one in chunks of
+    512, then one decoded token), for checking kv_cache_bytes' prediction on the loaded model."""
+    caches = model.make_cache(max_kv_size=max_kv_size, kv_bits=kv_bits)
+    ids = mx.array(np.random.default_rng(seed).integers(0, model.config.vocab_size, (1, tokens)))
+    for start in range(0, tokens - 1, 512):
+        model.hidden_states(ids[:, start : min(start + 512, tokens - 1)], caches)
+        mx.eval([c.state for c in caches])
+    model(ids[:, tokens - 1 :], caches)
+    mx.eval([c.state for c in caches])
+    return sum(c.nbytes for c in caches)
+
+
+def _component(name: str) -> str:
+    """A parameter's part of the model: embeddings, attention, MLP / experts / router, norms, LM
+    head."""
+    if "embed_tokens" in name:
+        return "embeddings"
+    if name.startswith("lm_head"):
+        return "LM head"
+    if "self_attn" in name:
+        return "norms" if "norm" in name.rsplit(".", 2)[-2] else "attention"
+    if ".mlp.gate." in name or "shared_expert_gate" in name:
+        return "router"
+    if "switch_mlp" in name:
+        return "experts"
+    if ".mlp." in name:
+        return "MLP"
+    return "norms"
+
+
+def _encode(tokenizer, text: str, special: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids as Tokenizer.encode gives them, with each one's (start, end) in `text`."""
+    encoding = tokenizer._tokenizer.encode(text, add_special_tokens=special)
+    ids, offsets = list(encoding.ids), [tuple(o) for o in encoding.offsets]
+    bos = tokenizer.bos_token_id
+    if special and tokenizer.add_bos_token and bos is not None and ids[:1] != [bos]:
+        ids, offsets = [bos, *ids], [(0, 0), *offsets]
+    return ids, offsets
+
+
+def _piece(tokenizer, token: int) -> str:
+    return tokenizer._tokenizer.decode([token], skip_special_tokens=False)

@@ -224,7 +224,7 @@ def architecture(model) -> dict:
     parameters: dict[str, int] = {}
     bytes_by_kind: dict[str, int] = {}
     quantized = {
-        name.rsplit(".", 1)[0]: (module.bits, module.group_size)
+        name: (module.bits, module.group_size)
         for name, module in model.named_modules()
         if hasattr(module, "bits") and hasattr(module, "group_size") and "scales" in module
     }

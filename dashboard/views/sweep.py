@@ -12,24 +12,16 @@ import data
 import streamlit as st
 
 from mlxinfer.bench import jobs, report
-from mlxinfer.bench.grid import DEFAULTS, parse_axes
+from mlxinfer.bench.grid import DEFAULTS, ENGINE_AXES, LENGTH_AXES, SAMPLING_AXES, parse_axes
 from mlxinfer.bench.sweep import plan
 
 state = st.session_state
 db = common.runs_db()
 
-GROUPS = {
-    "Sampling": [
-        "temperature",
-        "top_k",
-        "top_p",
-        "min_p",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-    ],  # fmt: skip
-    "Lengths": ["prompt_tokens", "gen_tokens", "depth"],
-    "Engine": ["concurrency", "kv", "compute"],
+GROUPS = {  # the model is the sidebar's
+    "Sampling": SAMPLING_AXES,
+    "Lengths": LENGTH_AXES,
+    "Engine": tuple(a for a in ENGINE_AXES if a != "model"),
 }
 HELP = {
     "depth": "tokens already in the cache before the prompt (a long conversation)",

@@ -81,13 +81,23 @@ def runs_frame(db: RunsDB) -> pd.DataFrame:
             "model": ", ".join(models),
             "configurations": len(configs),
             "measurements": counts.get(run["id"], 0),
-            "planned": len(configs) * run["reps"] * (2 if run["baseline"] else 1),
+            "planned": planned(run, len(configs)),
             "baseline": run["baseline"] or "",
             "machine": f"{facts.get('cpu', '?')} ({facts.get('backend', '?')})",
             "version": f"{facts.get('mlxinfer', '?')} · {facts.get('commit', '?')}",
             "command": run["command"],
         })  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def planned(run, configurations: int) -> int:
+    """The measurements a run makes: every configuration, repetition and engine."""
+    return configurations * run["reps"] * (2 if run["baseline"] else 1)
+
+
+def run_progress(db: RunsDB, run) -> tuple[int, int]:
+    """(measurements made, measurements planned) of one run."""
+    return len(db.done(run["id"])), planned(run, len(db.configurations(run["id"])))
 
 
 def positions_frame(db: RunsDB, run_id: int) -> pd.DataFrame:
@@ -161,6 +171,5 @@ def measurements_frame(db: RunsDB, run_id: int) -> pd.DataFrame:
 
 def gaps_frame(db: RunsDB, measurement_id: int) -> pd.DataFrame:
     """One measurement's latency by position: token 0's is its TTFT, then each gap (ms)."""
-    times = db.token_times(measurement_id)
-    gaps = [times[0], *(b - a for a, b in zip(times, times[1:], strict=False))] if times else []
+    gaps = report.position_latencies(db.token_times(measurement_id))
     return pd.DataFrame({"token": range(len(gaps)), "ms": gaps})

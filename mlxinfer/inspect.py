@@ -106,7 +106,7 @@ def trace(
     mx.eval(logits, hidden[-1])
     return Trace(
         token_ids=ids,
-        pieces=[tokenizer._tokenizer.decode([t], skip_special_tokens=False) for t in ids],
+        pieces=[tokenizer.decode([t]) for t in ids],
         offsets=offsets,
         text=text,
         layers=keep,
@@ -133,7 +133,7 @@ def logit_lens(t: Trace, top: int = 5) -> list[list[list[tuple[int, str, float]]
         chosen = mx.take_along_axis(probs, order, axis=-1)
         order, chosen = np.array(order), np.array(chosen)
         out.append([
-            [(int(i), _piece(t.tokenizer, int(i)), float(p))
+            [(int(i), t.tokenizer.decode([int(i)]), float(p))
              for i, p in zip(order[pos], chosen[pos], strict=True)]
             for pos in range(order.shape[0])
         ])  # fmt: skip
@@ -303,7 +303,3 @@ def _encode(tokenizer, text: str, special: bool) -> tuple[list[int], list[tuple[
     if special and tokenizer.add_bos_token and bos is not None and ids[:1] != [bos]:
         ids, offsets = [bos, *ids], [(0, 0), *offsets]
     return ids, offsets
-
-
-def _piece(tokenizer, token: int) -> str:
-    return tokenizer._tokenizer.decode([token], skip_special_tokens=False)

@@ -88,7 +88,7 @@ with tabs[1]:
         repetition_penalty=e.slider("Repetition", 1.0, 2.0, 1.0, 0.05, key="inside_rep"),
     )
     history = t.token_ids[: position + 1]
-    stages = dict(inspect.sampling_stages(t.logits[position], params, history))
+    stages = dict(engine.call(inspect.sampling_stages, t.logits[position], params, history))
     before = stages["penalties"]
     top = np.argsort(-before)[:20]
     removed_by = []
@@ -100,7 +100,7 @@ with tabs[1]:
                 break
         removed_by.append(why)
     frame = pd.DataFrame({
-        "token": [f"{inspect._piece(tokenizer, int(i))!r}" for i in top],
+        "token": [f"{tokenizer.decode([int(i)])!r}" for i in top],
         "rank": range(1, len(top) + 1),
         "probability": before[top], "final": stages["temperature"][top], "fate": removed_by,
         "cumulative": np.cumsum(before[top]),
@@ -150,9 +150,9 @@ with tabs[1]:
         shown = sorted(set(counts.index[:15]) | set(top[:5].tolist()),
                        key=lambda i: -stages["temperature"][i])  # fmt: skip
         compare = pd.DataFrame(
-            [{"token": f"{inspect._piece(tokenizer, int(i))!r}", "share": counts.get(i, 0) / 200,
+            [{"token": f"{tokenizer.decode([int(i)])!r}", "share": counts.get(i, 0) / 200,
               "what": "drawn (200)"} for i in shown]
-            + [{"token": f"{inspect._piece(tokenizer, int(i))!r}",
+            + [{"token": f"{tokenizer.decode([int(i)])!r}",
                 "share": float(stages["temperature"][i]), "what": "computed"} for i in shown]
         )  # fmt: skip
         st.altair_chart(
@@ -218,8 +218,10 @@ with tabs[3]:
     st.markdown("Each layer's hidden state sent straight through the final norm and the LM head, "
                 "as if the model stopped there: what it would predict next, layer by layer. "
                 "The last row is the model's own prediction.")  # fmt: skip
-    lens = inspect.logit_lens(t, top=1) if state.get("lens_key") != key else state.lens
-    state.lens_key, state.lens = key, lens
+    if state.get("lens_key") != key:
+        state.lens = engine.call(inspect.logit_lens, t, top=1)
+    lens = state.lens
+    state.lens_key = key
     shown = list(range(max(0, T - 16), T))  # the last 16 positions
     rows = [
         {"layer": "embeddings" if i == 0 else f"layer {i - 1}", "position": labels[pos],
@@ -274,7 +276,7 @@ with tabs[5]:
     probs = np.exp(last - last.max())
     probs /= probs.sum()
     best = np.argsort(-probs)[:5]
-    chosen = inspect._piece(tokenizer, int(best[0]))
+    chosen = tokenizer.decode([int(best[0])])
     steps = [
         ("Tokens", f"the prompt → {T} token ids `{t.token_ids[:12]}{' …' if T > 12 else ''}`",
          f"[1, {T}]"),
@@ -292,7 +294,7 @@ with tabs[5]:
     st.table(pd.DataFrame(steps, columns=["step", "what happens", "shape"]))
     st.markdown("**The last position's top candidates**")
     st.table(pd.DataFrame({
-        "token": [repr(inspect._piece(tokenizer, int(i))) for i in best],
+        "token": [repr(tokenizer.decode([int(i)])) for i in best],
         "id": [int(i) for i in best], "logit": [float(last[i]) for i in best],
         "probability": [f"{probs[i]:.2%}" for i in best],
     }))  # fmt: skip

@@ -120,8 +120,7 @@ def following() -> int | None:
 def show_run(run_id: int) -> None:
     run = db.run(run_id)
     status = jobs.status(run)
-    frame = data.runs_frame(db).set_index("run").loc[run_id]
-    done, planned = int(frame["measurements"]), int(frame["planned"])
+    done, planned = data.run_progress(db, run)
     st.subheader(f"Run {run_id}: {status}")
     st.progress(min(done / planned, 1.0) if planned else 0.0,
                 text=f"{done} of {planned} measurements")  # fmt: skip

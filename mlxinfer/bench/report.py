@@ -187,10 +187,9 @@ def latency_by_position(db: RunsDB, run_id: int) -> list[dict]:
     for row in db.measurements(run_id):
         if row["status"] != "ok":
             continue
-        times = db.token_times(row["id"])
-        if not times:  # nothing was generated
+        gaps = position_latencies(db.token_times(row["id"]))
+        if not gaps:  # nothing was generated
             continue
-        gaps = [times[0], *(b - a for a, b in zip(times, times[1:], strict=False))]
         item = groups.setdefault(
             (row["position"], row["engine"]),
             {"engine": row["engine"], "settings": row["settings"], "reps": []},
@@ -204,6 +203,14 @@ def latency_by_position(db: RunsDB, run_id: int) -> list[dict]:
         item["p90_ms"] = np.percentile(gaps, 90, axis=0).tolist()
         out.append(item)
     return out
+
+
+def position_latencies(times_ms: Sequence[float]) -> list[float]:
+    """Each token's latency from its arrival times (ms from the request's start): the first
+    token's is its time, each later one's the gap since the token before."""
+    if not times_ms:
+        return []
+    return [times_ms[0], *(b - a for a, b in zip(times_ms, times_ms[1:], strict=False))]
 
 
 def position_table(items: Sequence[dict], buckets: int = 8) -> str:

@@ -33,10 +33,14 @@ _CANDIDATES = (
 )
 
 COMPILER_FIX = "apt-get install gcc (Debian/Ubuntu)"
+KERNEL_ENV = "MLXINFER_GEMV_KERNEL"  # force the shim's few-row kernel: avx512, avx2, generic, openblas
+CHECK_ENV = "MLXINFER_GEMV_CHECK"  # 1: time even a forced kernel against OpenBLAS; 0: never
+SHIM_SOURCES = ("gemv_shim.c", "small_gemm.h")  # the second is included by the first, per ISA
 SHIM_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # OpenMP: small_gemm's threads
 
 _status: str | None = None  # what load_fast_blas found; see blas_status()
 _shim_status = "not tried"  # what became of the gemv shim; see gemv_shim_status()
+_shim: ctypes.CDLL | None = None  # the loaded shim, for gemv_kernel()
 
 
 def load_fast_blas() -> str:
@@ -88,8 +92,19 @@ def _load_gemv_shim(openblas: str) -> bool:
     if prepared is None:
         return False
     shim, library = prepared
+    kernel = os.environ.get(KERNEL_ENV, "")
+    check = {"0": 0, "1": 1}.get(os.environ.get(CHECK_ENV, ""), -1)
     try:
-        if shim.mlxinfer_gemv_shim_init(openblas.encode()) != 0:
+        shim.mlxinfer_gemv_shim_init.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int]
+        code = shim.mlxinfer_gemv_shim_init(openblas.encode(), kernel.encode(), check)
+        if code == 2:  # a forced kernel this CPU cannot run (or no such kernel): choose by features
+            _warn(
+                f"{KERNEL_ENV}={kernel} is not one of the kernels this CPU can run "
+                f"({_shim_text(shim.mlxinfer_gemv_shim_kernels, 1)}, openblas); "
+                "choosing by the CPU's features"
+            )
+            code = shim.mlxinfer_gemv_shim_init(openblas.encode(), b"", check)
+        if code != 0:
             _shim_status = "skipped: OpenBLAS has no sgemv"
             return False  # stays local: MLX never sees it
         # Global scope order decides which cblas_sgemm MLX binds: the shim first, OpenBLAS after.
@@ -99,6 +114,8 @@ def _load_gemv_shim(openblas: str) -> bool:
         _shim_status = f"skipped: loading {library} failed ({_reason(e)})"
         return False
     _shim_status = f"loaded from {library}"
+    global _shim
+    _shim = shim
     return True
 
 
@@ -158,8 +175,8 @@ def _shim_cache_dir() -> Path:
 
 def _shim_file_name() -> str:
     """The compiled library's name: a new source gets a new file."""
-    source = Path(__file__).with_name("gemv_shim.c")
-    digest = hashlib.sha256(source.read_bytes() + " ".join(SHIM_FLAGS).encode())
+    sources = [Path(__file__).with_name(name) for name in SHIM_SOURCES]
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in sources) + " ".join(SHIM_FLAGS).encode())
     return f"gemv_shim-{digest.hexdigest()[:16]}.so"
 
 
@@ -172,7 +189,7 @@ def _compile_shim(compiler: str, source: Path, library: Path) -> bool:
         fd, name = tempfile.mkstemp(prefix=f"{library.stem}.", suffix=".tmp", dir=library.parent)
         os.close(fd)
         partial = Path(name)
-        build = [compiler, *SHIM_FLAGS, str(source), "-o", name, "-ldl"]
+        build = [compiler, *SHIM_FLAGS, str(source), "-o", name, "-ldl", "-lpthread"]
         try:
             subprocess.run(build, check=True, capture_output=True, timeout=60)
         except subprocess.CalledProcessError:  # no OpenMP runtime: small_gemm on one thread
@@ -238,12 +255,55 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+SIMD_FLAGS = ("avx512f", "avx2", "fma", "asimd", "sve")  # what decides the shim's kernel
+
+
+def cpu_features() -> str:
+    """The SIMD features that matter here, from /proc/cpuinfo's flags (x86) or Features
+    (AArch64): e.g. "avx512f avx2 fma"; "" where unknown."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return ""
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            present = set(line.split(":", 1)[1].split())
+            return " ".join(flag for flag in SIMD_FLAGS if flag in present)
+    return ""
+
+
+def gemv_kernel_summary() -> str:
+    """One line for reports: the few-row kernel in use (see gemv_kernel), or why there is none."""
+    kernel = gemv_kernel()
+    return kernel["in_use"] if kernel else f"none (gemv shim {gemv_shim_status()})"
+
+
 def gemv_shim_status() -> str:
     """What became of the gemv shim: 'loaded from PATH', 'off (...)', 'skipped: why' (no compiler,
     a failed compile, a cache directory or library file it refused and why), or 'not tried' (not
     Linux, no OpenBLAS, or OpenBLAS preloaded by the user)."""
     blas_status()
     return _shim_status
+
+
+def gemv_kernel() -> dict[str, str] | None:
+    """The shim's few-row kernel (batched decoding's matmuls), or None without the shim:
+    `selected` is what the CPU's features choose (avx512, avx2, generic; neon on AArch64);
+    `runnable` the kernels this CPU can run; `in_use` what runs and why, after the one-time check
+    against OpenBLAS's GEMM (a kernel slower than OpenBLAS is not used), or forced by
+    MLXINFER_GEMV_KERNEL. Asking for `in_use` runs that check (~20 ms) if no batch has yet."""
+    blas_status()
+    if _shim is None:
+        return None
+    return {
+        "selected": _shim_text(_shim.mlxinfer_gemv_shim_feature_kernel),
+        "runnable": _shim_text(_shim.mlxinfer_gemv_shim_kernels, 1),
+        "in_use": _shim_text(_shim.mlxinfer_gemv_shim_kernel_status),
+    }
+
+
+def _shim_text(function, *args) -> str:
+    function.restype = ctypes.c_char_p
+    return function(*args).decode()
 
 
 def blas_status() -> str:

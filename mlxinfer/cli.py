@@ -548,7 +548,15 @@ def environment() -> dict:
 
     import mlx.core as mx
 
-    from .backend import blas_status, c_compiler, cpu_name, gemv_shim_status, resolve_compute_policy
+    from .backend import (
+        blas_status,
+        c_compiler,
+        cpu_features,
+        cpu_name,
+        gemv_kernel_summary,
+        gemv_shim_status,
+        resolve_compute_policy,
+    )
     from .loading import DEFAULT_MODEL_INSTALL, default_model_path
 
     try:
@@ -562,12 +570,14 @@ def environment() -> dict:
         "python": f"{sys.version.split()[0]} ({sys.executable})",
         "platform": platform.platform(),
         "cpu": f"{cpu_name()}, {os.cpu_count()} cores",
+        "cpu features": cpu_features() or "unknown",
         "device": str(mx.default_device()),
         "metal": mx.metal.is_available(),
         "compute policy (auto)": resolve_compute_policy("auto"),
         "kernels (auto)": _auto_kernels(),
         "blas": blas_status(),
         "gemv shim": gemv_shim_status(),
+        "gemv kernel": gemv_kernel_summary(),
         "c compiler": c_compiler() or "none found",
         "default model": default_model,
     }

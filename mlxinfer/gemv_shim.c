@@ -11,10 +11,23 @@
  * matrix first). So 2 or 3 rows go to one GEMV each, and 4 to 16 rows (when N >= 256) to
  * small_gemm below, which streams the weights once with all rows in registers: the LM head at
  * M = 8 in 9.5 ms instead of 16-18 ms, the smaller layers 2x faster (2-core Xeon, OpenMP).
+ *
+ * small_gemm is compiled once per instruction set (avx512, avx2 with FMA, and generic: SSE2 on
+ * x86-64, NEON on AArch64) and chosen by the CPU's features, never by its model name: GCC's
+ * target_clones("arch=haswell") resolver, used before, tests for a Haswell model and so ran the
+ * SSE2 clone on every AMD CPU. At the first few-row product, the chosen kernel is timed against
+ * OpenBLAS's GEMM on the same shapes (see `check_kernel`); where it is slower, OpenBLAS runs.
+ * MLXINFER_GEMV_KERNEL (read by backend.py) forces one variant, or "openblas", without that check.
  */
 #include <dlfcn.h>
+#include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
 enum { GEMV_ROWS = 3 };   /* at most this many rows go to one GEMV each */
@@ -29,106 +42,279 @@ typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const fl
 static sgemm_fn real_sgemm;
 static sgemv_fn real_sgemv;
 
-/* Returns 0 when OpenBLAS at `path` provides both functions. backend.py makes this library global
- * (so MLX binds its cblas_sgemm) only after this succeeded. */
-int mlxinfer_gemv_shim_init(const char *path) {
+static inline __attribute__((always_inline)) void store(float *c, float value, float alpha,
+                                                        float beta) {
+  *c = alpha * value + (beta == 0.0f ? 0.0f : beta * *c);
+}
+
+/* One product, in work items that threads share: panels of NC columns of C when B is stored
+ * [K, N], groups of 4 columns of C when B is stored [N, K]. */
+typedef struct {
+  int trans_b, M, M4, N, K;
+  float alpha, beta;
+  const float *a; /* A's rows, contiguous [M4, K], zero-padded from M to M4 */
+  const float *B;
+  int ldb;
+  float *C;
+  int ldc;
+} product;
+
+/* The kernels, one per instruction set (small_gemm.h has the code and says how the block sizes
+ * were chosen). A variant's code is compiled for its target whatever the compiler's flags; which
+ * runs is decided at run time by the CPU's features (`cpu_can_run`). */
+#if defined(__x86_64__) || defined(__i386__)
+#define KERNEL small_gemm_avx512
+#define TARGET __attribute__((target("avx512f")))
+#define VW 16
+#define COLS 4
+#define VECS 4
+#include "small_gemm.h"
+
+#define KERNEL small_gemm_avx2
+#define TARGET __attribute__((target("avx2,fma")))
+#define VW 8
+#define COLS 2
+#define VECS 2
+#include "small_gemm.h"
+
+#define KERNEL small_gemm_generic /* SSE2, part of every x86-64 CPU: 16 registers of 4 floats */
+#define TARGET
+#define VW 4
+#define COLS 2
+#define VECS 2
+#include "small_gemm.h"
+#define GENERIC_NAME "generic"
+#elif defined(__aarch64__)
+#define KERNEL small_gemm_generic /* NEON, part of every AArch64 CPU: 32 registers of 4 floats */
+#define TARGET
+#define VW 4
+#define COLS 4
+#define VECS 4
+#include "small_gemm.h"
+#define GENERIC_NAME "neon"
+#else
+#define KERNEL small_gemm_generic
+#define TARGET
+#define VW 4
+#define COLS 2
+#define VECS 2
+#include "small_gemm.h"
+#define GENERIC_NAME "generic"
+#endif
+
+typedef void (*kernel_fn)(const product *, int, int);
+
+static const struct {
+  const char *name;
+  kernel_fn fn;
+  int cols; /* columns of C per work item when B is stored [N, K] */
+} KERNELS[] = {
+#if defined(__x86_64__) || defined(__i386__)
+    {"avx512", small_gemm_avx512, 4},
+    {"avx2", small_gemm_avx2, 2},
+    {GENERIC_NAME, small_gemm_generic, 2},
+#elif defined(__aarch64__)
+    {GENERIC_NAME, small_gemm_generic, 4},
+#else
+    {GENERIC_NAME, small_gemm_generic, 2},
+#endif
+};
+enum { N_KERNELS = sizeof KERNELS / sizeof KERNELS[0] };
+
+/* The work items split evenly over the OpenMP threads (as schedule(static) would); each thread
+ * runs the chosen kernel on its share. The parallel region is here, in plain code, so that the
+ * kernels are ordinary functions of one instruction set each. */
+static void run_kernel(int kernel_index, const product *p) {
+  kernel_fn kernel = KERNELS[kernel_index].fn;
+  int cols = KERNELS[kernel_index].cols;
+  int items = p->trans_b == Trans ? (p->N + cols - 1) / cols : (p->N + NC - 1) / NC;
+#ifdef _OPENMP
+#pragma omp parallel
+  {
+    int t = omp_get_thread_num(), n = omp_get_num_threads();
+    kernel(p, (int)((long)items * t / n), (int)((long)items * (t + 1) / n));
+  }
+#else
+  kernel(p, 0, items);
+#endif
+}
+
+/* -- which kernel runs --------------------------------------------------------------------------- */
+
+static int cpu_can_run(int index) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init(); /* libgcc checks the OS saves the wider registers (XGETBV) too */
+  if (!strcmp(KERNELS[index].name, "avx512")) return __builtin_cpu_supports("avx512f");
+  if (!strcmp(KERNELS[index].name, "avx2"))
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  (void)index;
+  return 1;
+}
+
+static int feature_kernel = -1; /* the first of KERNELS this CPU can run */
+static int chosen = -1;         /* the kernel in use: an index of KERNELS, or -1 for OpenBLAS */
+static int checked_rows = 0;    /* small_gemm takes products of 4..checked_rows rows */
+static int forced = 0;          /* a kernel forced by MLXINFER_GEMV_KERNEL is not checked... */
+static int skip_check = 0;      /* ...nor any with MLXINFER_GEMV_CHECK=0 */
+static char status[256] = "not checked yet";
+static pthread_once_t check_once = PTHREAD_ONCE_INIT;
+
+static double now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void small_gemm(int kernel, int trans_a, int trans_b, int M, int N, int K,
+                       float alpha, const float *A, int lda, const float *B, int ldb, float beta,
+                       float *C, int ldc, float *a) {
+  int M4 = (M + 3) / 4 * 4;
+  memset(a, 0, sizeof(float) * (size_t)M4 * K);
+  for (int i = 0; i < M; i++)
+    for (int k = 0; k < K; k++)
+      a[(long)i * K + k] = trans_a == NoTrans ? A[(long)i * lda + k] : A[(long)k * lda + i];
+  product p = {trans_b, M, M4, N, K, alpha, beta, a, B, ldb, C, ldc};
+  run_kernel(kernel, &p);
+}
+
+/* One call: small_gemm with KERNELS[kernel], or OpenBLAS's GEMM when kernel is -1, on
+ * C[M, N] = A[M, K] @ W^T with W stored [N, K], as a model's narrow layers are; in seconds. */
+static double time_product(int kernel, int M, int N, int K, const float *A, const float *W,
+                           float *C, float *scratch) {
+  double start = now();
+  if (kernel >= 0)
+    small_gemm(kernel, NoTrans, Trans, M, N, K, 1.0f, A, K, W, K, 0.0f, C, N, scratch);
+  else
+    real_sgemm(RowMajor, NoTrans, Trans, M, N, K, 1.0f, A, K, W, K, 0.0f, C, N);
+  return now() - start;
+}
+
+/* The best times (ms) of small_gemm and of OpenBLAS at M rows: rounds of 3 calls of one then 3
+ * of the other (the first call of each three not counted: each library's threads are then
+ * awake, as in a run of decode steps), at least 2 rounds, up to 6 until small_gemm wins by 20%.
+ * A process's first parallel regions can run several times slower for some milliseconds (a new
+ * OpenMP thread starting on its parent's core, spinning at a barrier until the scheduler moves
+ * it; seen here after a subprocess had run), so more rounds keep that from deciding. */
+static void best_times(int M, int N, int K, const float *A, const float *W, float *C,
+                       float *scratch, double *small_ms, double *blas_ms) {
+  *small_ms = *blas_ms = 1e30;
+  for (int round = 0; round < 6; round++) {
+    for (int call = 0; call < 3; call++) {
+      double ms = 1e3 * time_product(chosen, M, N, K, A, W, C, scratch);
+      if (call > 0 && ms < *small_ms) *small_ms = ms;
+    }
+    for (int call = 0; call < 3; call++) {
+      double ms = 1e3 * time_product(-1, M, N, K, A, W, C, scratch);
+      if (call > 0 && ms < *blas_ms) *blas_ms = ms;
+    }
+    if (round >= 1 && *small_ms < 0.8 * *blas_ms) break;
+  }
+}
+
+/* The guard: small_gemm must not be slower than OpenBLAS's GEMM. Timed once per process, at the
+ * first few-row product, on a weight matrix of 8 MB (larger than any L2 cache) at 16 rows (the
+ * most small_gemm takes, where GEMM's packing costs it least) and at 8; small_gemm keeps the
+ * row counts where it won, OpenBLAS takes the rest. About 10 ms. */
+static void check_kernel(void) {
+  if (forced || chosen < 0) return;
+  if (skip_check) {
+    snprintf(status, sizeof status, "%s (unchecked: MLXINFER_GEMV_CHECK=0)", KERNELS[chosen].name);
+    checked_rows = SMALL_ROWS;
+    return;
+  }
+  enum { N = 2048, K = 1024 };
+  float *W = malloc(sizeof(float) * N * K), *A = malloc(sizeof(float) * SMALL_ROWS * K);
+  float *C = malloc(sizeof(float) * SMALL_ROWS * N), *scratch = malloc(sizeof(float) * SMALL_ROWS * K);
+  if (!W || !A || !C || !scratch) {
+    snprintf(status, sizeof status, "%s (unchecked: no memory for the check)", KERNELS[chosen].name);
+    checked_rows = SMALL_ROWS;
+  } else {
+    for (long i = 0; i < (long)N * K; i++) W[i] = (float)((i * 7919) % 255) / 255.0f - 0.5f;
+    for (long i = 0; i < (long)SMALL_ROWS * K; i++) A[i] = (float)((i * 104729) % 251) / 251.0f;
+    double ms[2][2]; /* [16 rows, 8 rows][small_gemm, OpenBLAS] */
+    const int rows[2] = {SMALL_ROWS, 8};
+    for (int r = 0; r < 2; r++) {
+      best_times(rows[r], N, K, A, W, C, scratch, &ms[r][0], &ms[r][1]);
+      if (ms[r][0] > ms[r][1]) { /* lost: once more, to tell a slow kernel from a slow start */
+        double small, blas;
+        best_times(rows[r], N, K, A, W, C, scratch, &small, &blas);
+        ms[r][0] = small < ms[r][0] ? small : ms[r][0];
+        ms[r][1] = blas < ms[r][1] ? blas : ms[r][1];
+      }
+    }
+    checked_rows = ms[0][0] <= ms[0][1] ? SMALL_ROWS : ms[1][0] <= ms[1][1] ? 8 : 0;
+    const char *name = KERNELS[chosen].name;
+    if (checked_rows == 0) {
+      snprintf(status, sizeof status,
+               "openblas (%s small_gemm was slower at 8 rows: %.2f ms vs %.2f ms)", name,
+               ms[1][0], ms[1][1]);
+      chosen = -1;
+    } else {
+      snprintf(status, sizeof status,
+               "%s, 4-%d rows (16 rows: %.2f ms vs OpenBLAS %.2f ms; 8 rows: %.2f vs %.2f)", name,
+               checked_rows, ms[0][0], ms[0][1], ms[1][0], ms[1][1]);
+    }
+  }
+  free(W), free(A), free(C), free(scratch);
+}
+
+/* Returns 0 when OpenBLAS at `path` provides both functions, and chooses the kernel: `kernel` is
+ * NULL or "" (by the CPU's features, then checked against OpenBLAS at first use), or a name of
+ * KERNELS or "openblas" to force one; 2 when this CPU cannot run the forced kernel (or there is
+ * no such name). `check`: -1 checks a kernel chosen by features but not a forced one, 1 checks
+ * either, 0 neither (MLXINFER_GEMV_CHECK). backend.py makes this library global (so MLX binds its cblas_sgemm) only after
+ * this succeeded. */
+int mlxinfer_gemv_shim_init(const char *path, const char *kernel, int check) {
   void *handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
   if (!handle) return 1;
   real_sgemm = (sgemm_fn)dlsym(handle, "cblas_sgemm");
   real_sgemv = (sgemv_fn)dlsym(handle, "cblas_sgemv");
-  return !(real_sgemm && real_sgemv);
-}
-
-typedef float v16 __attribute__((vector_size(64)));
-
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-
-static inline float hsum(v16 x) { /* halves added as vectors: 2 vector adds, 3 scalar */
-  v8 lo, hi;
-  memcpy(&lo, &x, sizeof lo);
-  memcpy(&hi, (char *)&x + sizeof lo, sizeof hi);
-  v8 s8 = lo + hi;
-  v4 a, b;
-  memcpy(&a, &s8, sizeof a);
-  memcpy(&b, (char *)&s8 + sizeof a, sizeof b);
-  v4 s4 = a + b;
-  return (s4[0] + s4[1]) + (s4[2] + s4[3]);
-}
-
-static inline void store(float *c, float value, float alpha, float beta) {
-  *c = alpha * value + (beta == 0.0f ? 0.0f : beta * *c);
-}
-
-/* C[M, N] = alpha * a[M4, K] @ op(B) + beta * C for 4 <= M <= 16 rows; `a` is contiguous with
- * its rows padded with zeros to M4, a multiple of 4. OpenBLAS's GEMM packs all of B first (a copy
- * of the weight matrix per call), which costs ~3x a GEMV at these M. Here B is streamed once, 4
- * rows of `a` at a time against it from cache, accumulating in registers:
- *   B stored [K, N]: panels of 512 columns, blocks of 64 rows; 4 rows x 64 columns of C in
- *                    registers, each block from memory once, from cache for further rows.
- *   B stored [N, K]: groups of 4 rows of B (4 columns of C), 4 x 4 dot products in 16 lanes. */
-__attribute__((target_clones("avx512f", "arch=haswell", "default")))
-static void small_gemm(int trans_b, int M, int M4, int N, int K, float alpha, const float *a,
-                       const float *B, int ldb, float beta, float *C, int ldc) {
-  if (trans_b != Trans) {
-    /* Panels of NC columns of C, accumulated in `sums` [M4, NC] over blocks of KC rows of B:
-     * a block of B (KC rows x NC columns, each row a contiguous run) comes from memory once and
-     * from cache for each further group of 4 rows; 4 rows x 64 columns stay in registers. */
-    int panels = (N + NC - 1) / NC;
-#pragma omp parallel for schedule(static)
-    for (int p = 0; p < panels; p++) {
-      int n0 = p * NC, nw = N - n0 < NC ? N - n0 : NC, vec_cols = nw / 64 * 64;
-      float sums[SMALL_ROWS][NC];
-      for (int i = 0; i < M4; i++) memset(sums[i], 0, sizeof(float) * nw);
-      for (int k0 = 0; k0 < K; k0 += KC) {
-        int k1 = K - k0 < KC ? K : k0 + KC;
-        for (int j = 0; j < vec_cols; j += 64)
-          for (int i0 = 0; i0 < M4; i0 += 4) {
-            v16 acc[4][4];
-            for (int r = 0; r < 4; r++) memcpy(acc[r], sums[i0 + r] + j, sizeof acc[r]);
-            for (int k = k0; k < k1; k++) {
-              v16 b[4];
-              memcpy(b, B + (long)k * ldb + n0 + j, sizeof b);
-              for (int r = 0; r < 4; r++) {
-                float x = a[(long)(i0 + r) * K + k];
-                for (int q = 0; q < 4; q++) acc[r][q] += x * b[q];
-              }
-            }
-            for (int r = 0; r < 4; r++) memcpy(sums[i0 + r] + j, acc[r], sizeof acc[r]);
-          }
-        for (int j = vec_cols; j < nw; j++) /* the last < 64 columns */
-          for (int i = 0; i < M; i++)
-            for (int k = k0; k < k1; k++) sums[i][j] += a[(long)i * K + k] * B[(long)k * ldb + n0 + j];
-      }
-      for (int i = 0; i < M; i++)
-        for (int j = 0; j < nw; j++) store(C + (long)i * ldc + n0 + j, sums[i][j], alpha, beta);
+  if (!(real_sgemm && real_sgemv)) return 1;
+  forced = 0, checked_rows = 0, feature_kernel = -1, skip_check = check == 0;
+  snprintf(status, sizeof status, "not checked yet");
+  for (int i = 0; i < N_KERNELS && feature_kernel < 0; i++)
+    if (cpu_can_run(i)) feature_kernel = i;
+  chosen = feature_kernel;
+  if (kernel && *kernel) {
+    forced = check != 1;
+    checked_rows = SMALL_ROWS;
+    if (!strcmp(kernel, "openblas")) {
+      chosen = -1;
+      snprintf(status, sizeof status, "openblas (forced by MLXINFER_GEMV_KERNEL)");
+      return 0;
     }
-    return;
+    chosen = -2;
+    for (int i = 0; i < N_KERNELS; i++)
+      if (!strcmp(kernel, KERNELS[i].name) && cpu_can_run(i)) chosen = i;
+    if (chosen == -2) return 2;
+    snprintf(status, sizeof status, "%s (forced by MLXINFER_GEMV_KERNEL)", KERNELS[chosen].name);
   }
-  int groups = (N + 3) / 4, K16 = K / 16 * 16;
-#pragma omp parallel for schedule(static)
-  for (int g = 0; g < groups; g++) {
-    int j0 = g * 4, cols = N - j0 < 4 ? N - j0 : 4;
-    const float *b[4];
-    for (int c = 0; c < 4; c++) b[c] = B + (long)(j0 + (c < cols ? c : 0)) * ldb;
-    for (int i0 = 0; i0 < M4; i0 += 4) {
-      v16 acc[4][4] = {{0}};
-      const float *a0 = a + (long)i0 * K;
-      for (int k = 0; k < K16; k += 16) {
-        v16 x[4], y[4];
-        for (int r = 0; r < 4; r++) memcpy(&x[r], a0 + (long)r * K + k, sizeof x[r]);
-        for (int c = 0; c < 4; c++) memcpy(&y[c], b[c] + k, sizeof y[c]);
-        for (int r = 0; r < 4; r++)
-          for (int c = 0; c < 4; c++) acc[r][c] += x[r] * y[c];
-      }
-      for (int r = 0; r < 4 && i0 + r < M; r++)
-        for (int c = 0; c < cols; c++) {
-          float sum = hsum(acc[r][c]);
-          for (int k = K16; k < K; k++) sum += a0[(long)r * K + k] * b[c][k];
-          store(C + (long)(i0 + r) * ldc + j0 + c, sum, alpha, beta);
-        }
+  return 0;
+}
+
+/* The kernel this CPU's features select (before the check against OpenBLAS). */
+const char *mlxinfer_gemv_shim_feature_kernel(void) {
+  return feature_kernel >= 0 ? KERNELS[feature_kernel].name : "none";
+}
+
+/* The kernels this build has, comma-separated, and those this CPU can run. */
+const char *mlxinfer_gemv_shim_kernels(int runnable) {
+  static char names[2][128];
+  char *out = names[runnable != 0];
+  out[0] = 0;
+  for (int i = 0; i < N_KERNELS; i++)
+    if (!runnable || cpu_can_run(i)) {
+      if (out[0]) strcat(out, ", ");
+      strcat(out, KERNELS[i].name);
     }
-  }
+  return out;
+}
+
+/* What runs few-row products, and why: runs the check first if it has not run. */
+const char *mlxinfer_gemv_shim_kernel_status(void) {
+  pthread_once(&check_once, check_kernel);
+  return status;
 }
 
 void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float alpha,
@@ -147,16 +333,16 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float
     }
     return;
   }
-  if (order == RowMajor && M <= SMALL_ROWS && N >= 256) {
-    int M4 = (M + 3) / 4 * 4;
-    float *a = calloc((size_t)M4 * K, sizeof(float)); /* A's rows, contiguous, zero-padded */
-    if (a) {
-      for (int i = 0; i < M; i++)
-        for (int k = 0; k < K; k++)
-          a[(long)i * K + k] = trans_a == NoTrans ? A[(long)i * lda + k] : A[(long)k * lda + i];
-      small_gemm(trans_b, M, M4, N, K, alpha, a, B, ldb, beta, C, ldc);
-      free(a);
-      return;
+  if (order == RowMajor && M <= SMALL_ROWS && N >= 256 && chosen >= 0) {
+    pthread_once(&check_once, check_kernel);
+    if (chosen >= 0 && M <= checked_rows) {
+      float *a = malloc(sizeof(float) * (size_t)((M + 3) / 4 * 4) * K); /* A's rows, contiguous */
+      if (a) {
+        small_gemm(chosen, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C,
+                   ldc, a);
+        free(a);
+        return;
+      }
     }
   }
   if (order == RowMajor && N == 1 && M > 1) {

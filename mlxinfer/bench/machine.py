@@ -20,7 +20,14 @@ def machine_facts() -> dict:
     import mlx.core as mx
 
     from .. import __version__
-    from ..backend import blas_status, cpu_name, gemv_shim_status, resolve_compute_policy
+    from ..backend import (
+        blas_status,
+        cpu_features,
+        cpu_name,
+        gemv_kernel_summary,
+        gemv_shim_status,
+        resolve_compute_policy,
+    )
     from ..ops import resolve_kernels
 
     memory = (
@@ -28,6 +35,7 @@ def machine_facts() -> dict:
     )
     return {
         "cpu": cpu_name(),
+        "cpu_features": cpu_features(),
         "cores": os.cpu_count(),
         "memory_gb": round(memory / 2**30, 1),
         "os": platform.platform(),
@@ -35,6 +43,7 @@ def machine_facts() -> dict:
         "backend": str(mx.default_device()),
         "blas": blas_status(),
         "gemv_shim": gemv_shim_status(),
+        "gemv_kernel": gemv_kernel_summary(),
         "op_set": resolve_kernels("auto"),
         "compute_policy": resolve_compute_policy("auto"),
         "mlx": mx.__version__,

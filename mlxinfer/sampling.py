@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from . import cpu_kernels
+
 NEG_INF = float("-inf")
 
 
@@ -138,15 +140,48 @@ def apply_top_k(logits: mx.array, k: int) -> mx.array:
 
 
 def apply_top_p(logits: mx.array, p: float) -> mx.array:
-    """Keep the most likely tokens until their probability mass reaches p (at least one)."""
+    """Keep the most likely tokens until their probability mass reaches p (at least one).
+
+    On the CPU the 1,024 most likely tokens are found first (a partial selection, O(V)) and only
+    they are sorted; when they hold at least p of the mass (read back: the CPU does not run steps
+    ahead, so waiting costs nothing) the kept set lies among them and is the same as a full sort's.
+    Otherwise, and on a GPU (whose sort is fast and which must not wait), the whole vocabulary is
+    sorted. Sorting SmolLM2's 49k vocabulary took 7-9 ms of a ~60 ms CPU decode step."""
     if p >= 1.0:
         return logits
+    if mx.default_device() == mx.cpu and logits.shape[-1] > 2 * TOP_P_CANDIDATES:
+        kept = _top_p_among_candidates(logits, p)
+        if kept is not None:
+            return kept
     order = mx.argsort(-logits, axis=-1)  # descending
     sorted_probs = mx.take_along_axis(mx.softmax(logits, axis=-1), order, axis=-1)
     mass_before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs
     drop_sorted = mass_before >= p
     drop = mx.put_along_axis(mx.zeros(drop_sorted.shape, mx.bool_), order, drop_sorted, axis=-1)
     return mx.where(drop, NEG_INF, logits)
+
+
+TOP_P_CANDIDATES = 1024
+
+
+def _top_p_among_candidates(logits: mx.array, p: float) -> mx.array | None:
+    """Top-p over the TOP_P_CANDIDATES largest logits of each row, or None when some row's
+    candidates hold less than p (then the cut lies beyond them)."""
+    k = TOP_P_CANDIDATES
+    shifted = logits.astype(mx.float32)
+    shifted = shifted - shifted.max(axis=-1, keepdims=True)
+    total = cpu_kernels.exp(shifted).sum(axis=-1, keepdims=True)  # MLX's CPU exp is scalar
+    candidates = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]  # [B, k], unordered
+    order = mx.argsort(-mx.take_along_axis(logits, candidates, axis=-1), axis=-1)
+    candidates = mx.take_along_axis(candidates, order, axis=-1)  # [B, k], descending
+    probs = cpu_kernels.exp(mx.take_along_axis(shifted, candidates, axis=-1)) / total
+    mass = mx.cumsum(probs, axis=-1)
+    if not mx.all(mass[..., -1] >= p).item():
+        return None
+    kept_sorted = (mass - probs) < p  # the mass before each candidate
+    kept_logits = mx.where(kept_sorted, mx.take_along_axis(logits, candidates, axis=-1), NEG_INF)
+    out = mx.full(logits.shape, NEG_INF, logits.dtype)
+    return mx.put_along_axis(out, candidates, kept_logits, axis=-1)
 
 
 def apply_min_p(logits: mx.array, min_p: float) -> mx.array:

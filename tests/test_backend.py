@@ -3,7 +3,10 @@ policy."""
 
 from __future__ import annotations
 
+import json
 import os
+import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -348,3 +351,104 @@ def test_every_public_name_resolves():
     assert len(set(mlxinfer.__all__)) == len(mlxinfer.__all__) == 20
     with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
         mlxinfer.no_such_name  # noqa: B018
+
+
+# -- the few-row kernel: chosen by the CPU's features, checked against OpenBLAS -----------------
+
+KERNEL_REPORT = (
+    "import json, mlxinfer; from mlxinfer.backend import gemv_kernel; print(json.dumps(gemv_kernel()))"
+)
+
+
+def kernel_report(**env: str) -> tuple[dict, list[str]]:
+    """gemv_kernel() of a fresh process, and its warning lines."""
+    result = python(KERNEL_REPORT, **env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout), [line for line in result.stderr.splitlines() if line]
+
+
+def cpu_flags() -> set[str]:
+    for line in open("/proc/cpuinfo").read().splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@needs_shim
+def test_kernel_chosen_by_features_not_by_cpu_model():
+    """GCC's target_clones("arch=haswell") resolver compared the CPU model with Haswell's, so every
+    AMD CPU (and every Intel one that is not a Haswell without AVX-512) ran the SSE2 clone: 0.45x
+    mlx-lm's batched decoding on a Zen 3. A CPU with AVX2 and FMA must get a wider kernel."""
+    report, warnings = kernel_report()
+    assert not warnings
+    flags = cpu_flags()
+    runnable = report["runnable"].split(", ")
+    if platform.machine() in ("x86_64", "AMD64"):
+        if {"avx2", "fma"} <= flags:
+            assert report["selected"] in ("avx2", "avx512")
+            assert "avx2" in runnable
+        if "avx512f" in flags:
+            assert report["selected"] == "avx512"
+        if not {"avx2", "fma"} <= flags:
+            assert report["selected"] == "generic"
+        assert runnable[-1] == "generic"
+    elif platform.machine() == "aarch64":
+        assert report["selected"] == "neon" and runnable == ["neon"]
+
+
+@needs_shim
+def test_kernel_in_use_follows_its_own_check():
+    """The check against OpenBLAS's GEMM decides: the kernel keeps the row counts where its time
+    was not worse, OpenBLAS takes the rest (or everything)."""
+    report, _ = kernel_report()
+    in_use = report["in_use"]
+    numbers = [float(x) for x in re.findall(r"(\d+\.\d+)", in_use)]
+    if in_use.startswith("openblas"):
+        small, blas = numbers
+        assert small > blas and report["selected"] in in_use
+        return
+    assert in_use.startswith(report["selected"] + ", 4-")
+    small16, blas16, small8, blas8 = numbers
+    rows = int(re.search(r"4-(\d+) rows", in_use).group(1))
+    assert rows == (16 if small16 <= blas16 else 8)
+    assert small8 <= blas8
+
+
+@needs_shim
+@pytest.mark.parametrize("kernel", ["avx512", "avx2", "generic", "neon", "openblas"])
+def test_every_kernel_exact(kernel):
+    """Each variant the CPU can run, forced, gives the products of numpy's float64 on every
+    layout and row count the shim takes (4-16 rows, B stored either way, alpha and beta)."""
+    report, _ = kernel_report()
+    if kernel != "openblas" and kernel not in report["runnable"].split(", "):
+        pytest.skip(f"this CPU cannot run {kernel} ({report['runnable']})")
+    code = (
+        "import mlxinfer, mlx.core as mx, numpy as np\n"
+        "from mlxinfer.backend import gemv_kernel\n"
+        "assert gemv_kernel()['in_use'].startswith(" + repr(kernel) + "), gemv_kernel()\n"
+        "rng = np.random.default_rng(0)\n"
+        "worst = 0.0\n"
+        "for m, k, n in [(4, 576, 960), (5, 64, 300), (8, 576, 1536), (11, 100, 257), (16, 1536, 576), (16, 33, 1000)]:\n"
+        "    for tb in (False, True):\n"
+        "        a_np, b_np = rng.normal(size=(m, k)), rng.normal(size=(k, n))\n"
+        "        a = mx.array(a_np.astype(np.float32))\n"
+        "        b = mx.array(b_np.T.astype(np.float32)).T if tb else mx.array(b_np.astype(np.float32))\n"
+        "        c = mx.array(rng.normal(size=(m, n)).astype(np.float32))\n"
+        "        expected = a_np @ b_np\n"
+        "        scale = np.abs(expected).max()\n"
+        "        worst = max(worst, np.abs(np.array(a @ b) - expected).max() / scale)\n"
+        "        fused = np.array(mx.addmm(c, a, b, alpha=2.0, beta=0.5))\n"
+        "        worst = max(worst, np.abs(fused - (2 * expected + 0.5 * np.array(c))).max() / scale)\n"
+        "print(worst)\n"
+    )
+    result = python(code, MLXINFER_GEMV_KERNEL=kernel)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) <= 1e-5
+
+
+@needs_shim
+def test_a_kernel_this_cpu_cannot_run_is_refused_in_one_line():
+    report, warnings = kernel_report(MLXINFER_GEMV_KERNEL="sse9")
+    assert len(warnings) == 1 and "MLXINFER_GEMV_KERNEL=sse9" in warnings[0]
+    assert report["runnable"] in warnings[0]
+    assert report["in_use"].split(",")[0].split(" ")[0] in (report["selected"], "openblas")

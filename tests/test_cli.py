@@ -357,7 +357,8 @@ def test_version():
 
 
 ENV_KEYS = [
-    "mlxinfer", "mlx", "mlx-lm", "python", "device", "blas", "gemv shim", "c compiler",
+    "mlxinfer", "mlx", "mlx-lm", "python", "device", "blas", "gemv shim", "gemv kernel", "c compiler",
+    "cpu features",
     "default model",
 ]  # fmt: skip
 

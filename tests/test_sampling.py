@@ -234,3 +234,35 @@ def test_invalid_parameters_name_field_and_range(kwargs, field):
 
 def test_stop_accepts_single_string():
     assert SamplingParams(stop="\n").stop == ("\n",)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0, 6.0, 12.0])
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.99])
+def test_top_p_over_a_real_vocabulary_keeps_what_a_full_sort_keeps(scale, top_p):
+    """A 49k vocabulary: on the CPU the cut is found among the 1,024 most likely tokens when they
+    hold the mass (peaked rows), else by a full sort (flat rows). Either way the kept set and the
+    kept logits are the sort's, computed here in float64 numpy, but for tokens whose mass before
+    them lies within float32 rounding of top_p (5e-5: the float32 running sum over ~40k terms is
+    off by up to 2e-5 here, in the full sort as in the candidates)."""
+    from mlxinfer.sampling import TOP_P_CANDIDATES, _top_p_among_candidates
+
+    rng = np.random.default_rng(int(scale * 100 + top_p * 10))
+    logits = (rng.normal(size=(3, 49152)) * scale).astype(np.float32)
+    out = np.array(apply_top_p(mx.array(logits), top_p))
+    for row, original in zip(out, logits, strict=True):
+        probs = softmax(original.astype(np.float64))
+        order = np.argsort(-probs, kind="stable")
+        before = np.cumsum(probs[order]) - probs[order]
+        expected = np.zeros(len(probs), bool)
+        expected[order[before < top_p]] = True
+        near = np.zeros(len(probs), bool)
+        near[order[np.abs(before - top_p) < 5e-5]] = True
+        assert near.sum() <= 100
+        kept = np.isfinite(row)
+        np.testing.assert_array_equal(kept[~near], expected[~near])
+        np.testing.assert_array_equal(row[kept], original[kept])
+    # which way it went: the candidates hold the mass exactly when their float64 mass does
+    top_mass = np.sort(softmax(logits[0].astype(np.float64)))[::-1][:TOP_P_CANDIDATES].sum()
+    if abs(top_mass - top_p) > 1e-4:
+        took_candidates = _top_p_among_candidates(mx.array(logits[:1]), top_p) is not None
+        assert took_candidates == (top_mass >= top_p)

@@ -33,7 +33,8 @@ _CANDIDATES = (
 )
 
 COMPILER_FIX = "apt-get install gcc (Debian/Ubuntu)"
-KERNEL_ENV = "MLXINFER_GEMV_KERNEL"  # force the shim's few-row kernel: avx512, avx2, generic, openblas
+# Force the shim's few-row kernel: avx512, avx2, generic (neon on AArch64), or openblas.
+KERNEL_ENV = "MLXINFER_GEMV_KERNEL"
 CHECK_ENV = "MLXINFER_GEMV_CHECK"  # 1: time even a forced kernel against OpenBLAS; 0: never
 SHIM_SOURCES = ("gemv_shim.c", "small_gemm.h")  # the second is included by the first, per ISA
 SHIM_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # OpenMP: small_gemm's threads
@@ -176,7 +177,9 @@ def _shim_cache_dir() -> Path:
 def _shim_file_name() -> str:
     """The compiled library's name: a new source gets a new file."""
     sources = [Path(__file__).with_name(name) for name in SHIM_SOURCES]
-    digest = hashlib.sha256(b"".join(s.read_bytes() for s in sources) + " ".join(SHIM_FLAGS).encode())
+    digest = hashlib.sha256(
+        b"".join(s.read_bytes() for s in sources) + " ".join(SHIM_FLAGS).encode()
+    )
     return f"gemv_shim-{digest.hexdigest()[:16]}.so"
 
 

@@ -356,7 +356,8 @@ def test_every_public_name_resolves():
 # -- the few-row kernel: chosen by the CPU's features, checked against OpenBLAS -----------------
 
 KERNEL_REPORT = (
-    "import json, mlxinfer; from mlxinfer.backend import gemv_kernel; print(json.dumps(gemv_kernel()))"
+    "import json, mlxinfer; from mlxinfer.backend import gemv_kernel;"
+    "print(json.dumps(gemv_kernel()))"
 )
 
 

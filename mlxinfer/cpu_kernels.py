@@ -51,6 +51,8 @@ _shifted_exp = mx.compile(lambda scores, row_max: _exp(scores - row_max))
 
 
 QUERY_BLOCK = 128
+KEY_BLOCK = 512  # keys per block of the online softmax: [KV, G*128, 512] float32 scores, ~2 MB
+LONG_CONTEXT = 2 * KEY_BLOCK  # causal attention over more keys than this goes key block by block
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
@@ -60,12 +62,21 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.a
 
     Queries go in blocks of 128. A causal block is computed against only the keys it can see:
     that skips the masked upper triangle and keeps each score block in cache (a 512-token chunk:
-    50 -> 13 ms a layer)."""
+    50 -> 13 ms a layer). Over a long context (more than LONG_CONTEXT keys) a causal block goes
+    through its keys KEY_BLOCK at a time with an online softmax (`_online_attention_block`), so
+    no score row longer than a key block is ever held: with 8k keys a query block's scores
+    would be 38 MB, read and written six times from memory instead of cache."""
     T, S = q.shape[2], k.shape[2]
     causal = isinstance(mask, str)
     blocks = []
     for start in range(0, T, QUERY_BLOCK):
         end = min(T, start + QUERY_BLOCK)
+        q_block = q[:, :, start:end]
+        if blocks:  # one block at a time: its scores are freed before the next block's exist
+            q_block = mx.depends(q_block, blocks[-1])
+        if causal and S - T + end > LONG_CONTEXT:
+            blocks.append(_online_attention_block(q_block, k, v, scale, S - T + start))
+            continue
         if causal:
             visible = S - T + end  # keys up to this block's last query
             keys, values = k[:, :, :visible], v[:, :, :visible]
@@ -73,11 +84,99 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.a
             block_mask = window_mask(rows, mx.arange(visible)) if end - start > 1 else None
         else:
             keys, values, block_mask = k, v, mask[start:end]
-        q_block = q[:, :, start:end]
-        if blocks:  # one block at a time: its scores are freed before the next block's exist
-            q_block = mx.depends(q_block, blocks[-1])
         blocks.append(_attention_block(q_block, keys, values, scale, block_mask))
     return blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=2)
+
+
+def _online_attention_block(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, first: int
+) -> mx.array:
+    """Causal attention of t queries `[B, H, t, hd]` at positions first.. over the keys before
+    and at them, KEY_BLOCK keys at a time (flash attention's online softmax): a running row max
+    m, the running sum `denom` of exp(score - m) and the running output acc = sum exp(score - m) v,
+    rescaled by exp(m_old - m_new) whenever the max grows. Only the key blocks that reach past
+    `first` are masked."""
+    B, H, t, hd = q.shape
+    kv_heads = k.shape[1]
+    groups = H // kv_heads
+    q = (q * scale).reshape(B, kv_heads, groups * t, hd)  # [B, KV, G*t, hd]
+    visible = first + t
+    rows = mx.arange(first, visible)
+    m = denom = acc = None
+    for j0 in range(0, visible, KEY_BLOCK):
+        j1 = min(visible, j0 + KEY_BLOCK)
+        keys, values = k[:, :, j0:j1], v[:, :, j0:j1]
+        mask = window_mask(rows, mx.arange(j0, j1)) if j1 - 1 > first else None
+        if m is None:
+            m, denom, acc = _online_first(q, keys, values, mask, groups)
+        else:
+            m, denom, acc = _online_next(q, keys, values, mask, groups, m, denom, acc)
+    return (acc / denom).reshape(B, H, t, hd)
+
+
+def _block_scores(q, keys, mask, groups):
+    """Scores `[B, KV, G*t, kb]` of one key block, the mask `[t, kb]` applied over the groups."""
+    scores = q @ keys.swapaxes(-1, -2)
+    if mask is not None:
+        B, kv_heads, rows, kb = scores.shape
+        scores = scores.reshape(B, kv_heads, groups, rows // groups, kb)
+        scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
+        scores = scores.reshape(B, kv_heads, rows, kb)
+    return scores
+
+
+def _online_first_impl(q, keys, values, mask, groups):
+    scores = _block_scores(q, keys, mask, groups)
+    m = scores.max(axis=-1, keepdims=True)  # finite: every query sees key 0, in the first block
+    weights = _exp(scores - m)
+    return m, weights.sum(axis=-1, keepdims=True), weights @ values
+
+
+def _online_next_impl(q, keys, values, mask, groups, m, denom, acc):
+    scores = _block_scores(q, keys, mask, groups)
+    m_new = mx.maximum(m, scores.max(axis=-1, keepdims=True))
+    weights = _exp(scores - m_new)
+    rescale = _exp(m - m_new)
+    return (
+        m_new,
+        denom * rescale + weights.sum(axis=-1, keepdims=True),
+        acc * rescale + weights @ values,
+    )
+
+
+# Compiled (shape-specialised, like exp): the elementwise steps fuse around the two products.
+# `mask` may be None and `groups` is a number, so each combination is its own compiled function.
+_online_compiled: dict = {}
+
+
+def _online_first(q, keys, values, mask, groups):
+    key = ("first", mask is None, groups)
+    if key not in _online_compiled:
+        fn = (
+            (lambda q, k, v: _online_first_impl(q, k, v, None, groups))
+            if mask is None
+            else (lambda q, k, v, mask: _online_first_impl(q, k, v, mask, groups))
+        )
+        _online_compiled[key] = mx.compile(fn)
+    args = (q, keys, values) if mask is None else (q, keys, values, mask)
+    return _online_compiled[key](*args)
+
+
+def _online_next(q, keys, values, mask, groups, m, denom, acc):
+    key = ("next", mask is None, groups)
+    if key not in _online_compiled:
+        fn = (
+            (lambda q, k, v, m, denom, acc: _online_next_impl(q, k, v, None, groups, m, denom, acc))
+            if mask is None
+            else (
+                lambda q, k, v, m, denom, acc, mask: _online_next_impl(
+                    q, k, v, mask, groups, m, denom, acc
+                )
+            )
+        )
+        _online_compiled[key] = mx.compile(fn)
+    args = (q, keys, values, m, denom, acc) + (() if mask is None else (mask,))
+    return _online_compiled[key](*args)
 
 
 def _attention_block(

@@ -7,7 +7,8 @@ The chain, in this order, each step a pure function `logits [B, V] -> logits [B,
 
 Filters act on the untempered distribution; temperature then reshapes what survives. With
 temperature 0 the draw is an argmax (the filters cannot change the most likely token, so they are
-skipped). Nothing here reads a value back to the host: a decode step stays one lazy graph.
+skipped). On a GPU nothing here reads a value back to the host: a decode step stays one lazy
+graph. On the CPU, which runs steps one at a time, top-p reads back one number (see apply_top_p).
 """
 
 from __future__ import annotations

@@ -48,11 +48,16 @@ def test_swiglu_matches_silu_times_up():
         (6, 2, 1, 12),
         (3, 1, 300, 300),
         (2, 2, 200, 450),
+        (9, 3, 512, 2048),  # long contexts: key blocks with the online softmax
+        (4, 1, 129, 1100),  # a query block that straddles LONG_CONTEXT
+        (6, 2, 1, 1700),  # one decode-like query over a long context
+        (3, 3, 1200, 1200),  # a whole long prompt at once
     ],
 )
 def test_causal_attention_matches_fast_sdpa(heads, kv_heads, new, total):
     """`new` queries at the end of `total` positions (a chunk after a cached prefix), MHA/GQA/MQA;
-    more than 128 new queries go through the blocked path."""
+    more than 128 new queries go through the blocked path, more than LONG_CONTEXT keys through
+    key blocks with an online softmax."""
     rng = np.random.default_rng(heads * 100 + total)
     q = mx.array(rng.normal(size=(2, heads, new, 16)).astype(np.float32))
     k = mx.array(rng.normal(size=(2, kv_heads, total, 16)).astype(np.float32))

@@ -4,6 +4,7 @@ batch_generate on the same float32 weights, same run.
     python benchmarks/bench_batch.py [--levels 1,2,4,8,16] [--reps 3]
     python benchmarks/bench_batch.py --prompt-tokens 64 --tokens 64 --out FILE
     python benchmarks/bench_batch.py --quick     # levels 1,2, one repetition: a smoke test
+    python benchmarks/bench_batch.py --ragged [--reps 3]   # batched vs one at a time, ours only
 
 At concurrency B, B prompts (random token ids of exactly --prompt-tokens tokens, fixed seed; the
 same prompts for both engines, level B taking the first B of them) each generate exactly --tokens
@@ -98,6 +99,57 @@ def serve_mlx_lm(model_dir: str) -> None:
         print(json.dumps(reply), flush=True)
 
 
+RAGGED_LENGTHS = [23, 41, 64, 77, 96, 110, 128, 150]  # prompt tokens of the 8 requests
+RAGGED_TOKENS = 32
+
+
+def ragged(reps: int) -> None:
+    """Eight prompts of different lengths (RAGGED_LENGTHS, random ids), RAGGED_TOKENS tokens each,
+    EOS ignored: one batch_generate call against the same eight generated one after another
+    (mlxinfer.generate), alternating, after a warm-up of each. Reported: wall times and the
+    speed-up batched / one at a time (prefill included in both)."""
+    model, tokenizer = mlxinfer.load(compute="float32")
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(100, tokenizer.vocab_size - 100, n).tolist() for n in RAGGED_LENGTHS]
+    params = mlxinfer.SamplingParams(ignore_eos=True, max_tokens=RAGGED_TOKENS)
+
+    def batched() -> float:
+        start = time.perf_counter()
+        results = mlxinfer.batch_generate(
+            model, tokenizer, prompts, max_tokens=RAGGED_TOKENS, sampling=params
+        )
+        assert all(len(r.tokens) == RAGGED_TOKENS for r in results)
+        return time.perf_counter() - start
+
+    def alone() -> float:
+        start = time.perf_counter()
+        for prompt in prompts:
+            mlxinfer.generate(model, tokenizer, prompt, max_tokens=RAGGED_TOKENS, sampling=params)
+        return time.perf_counter() - start
+
+    batched(), alone()  # warm-up
+    together, apart = [], []
+    for _ in range(reps):
+        together.append(batched())
+        apart.append(alone())
+    speedup = float(np.mean(apart) / np.mean(together))
+    print(
+        f"8 ragged prompts ({min(RAGGED_LENGTHS)}-{max(RAGGED_LENGTHS)} tokens), "
+        f"{RAGGED_TOKENS} tokens each: batched {np.mean(together):.2f} s, one at a time "
+        f"{np.mean(apart):.2f} s: {speedup:.2f}x"
+    )
+    result = {
+        "machine": machine_info(),
+        "prompt_tokens": RAGGED_LENGTHS,
+        "tokens": RAGGED_TOKENS,
+        "reps": reps,
+        "batched_s": summary(together),
+        "one_at_a_time_s": summary(apart),
+        "speedup": speedup,
+    }
+    save_result(result, "batch-ragged", None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--levels", default="1,2,4,8,16", help="comma-separated batch sizes")
@@ -106,10 +158,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="levels 1,2 and one repetition")
     parser.add_argument("--out", default=None, help="result file (default: benchmarks/results/)")
+    parser.add_argument("--ragged", action="store_true", help="8 ragged prompts: batched vs alone")
     parser.add_argument("--serve-mlx-lm", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_mlx_lm:
         serve_mlx_lm(args.serve_mlx_lm)
+        return
+    if args.ragged:
+        ragged(args.reps)
         return
     if args.quick:
         args.levels, args.reps = "1,2", 1

@@ -1,0 +1,117 @@
+"""Long prompts: prefill speed against what the machine's GEMM rate allows, and peak memory against
+weights + KV cache, for one or more checkouts of mlxinfer, each in its own process.
+
+    python benchmarks/bench_long_prompt.py [--lengths 1024,4096,8000] [--checkout PATH ...]
+
+For each prompt length T (KJV Genesis text, encoded and cut to exactly T tokens) the default
+model prefills the prompt and generates one token (float32 policy, "cpu" op set: each checkout's
+defaults), after one warm-up at the shortest length. Reported per checkout and length:
+  prefill_tps     T / time to the first token
+  gemm_fraction   (the prefill's FLOPs / the GEMM rate) / the time taken: how close to the bound.
+                  FLOPs: 2 x (matmul parameters of the blocks) x T + 4 x layers x heads x head_dim x
+                  T^2 / 2 (causal QK^T and PV) + the LM head once. The rate: the best of 5 float32
+                  [1024, 1024] @ [1024, 1024] products through MLX in the same process.
+  peak_ratio      mx.get_peak_memory() over the request / (weights + the KV cache it ends with)
+Checkouts run one after another, alternating per length (A B A B), so drift is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+WORKER = r"""
+import json, sys, time
+import mlxinfer
+import mlx.core as mx
+from mlxinfer import SamplingParams
+from mlxinfer.cache import kv_cache_bytes
+model, tokenizer = mlxinfer.load()
+text = (mlxinfer.__path__[0] + "/bench/kjv_genesis.txt")
+ids = tokenizer.encode(open(text).read())
+config = model.config
+weights = sum(v.nbytes for _, v in __import__("mlx.utils", fromlist=["tree_flatten"]).tree_flatten(model.parameters()))
+D, F, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+H, KV, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+block_params = L * (D * H * hd * 2 + D * KV * hd * 2 + 3 * D * F)
+a, b = mx.random.normal((1024, 1024)), mx.random.normal((1024, 1024))
+rate = 0
+for _ in range(6):
+    mx.eval(a, b); start = time.perf_counter(); mx.eval(a @ b)
+    rate = max(rate, 2 * 1024**3 / (time.perf_counter() - start))
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    T = json.loads(line)["length"]
+    prompt = (ids * (T // len(ids) + 1))[:T]
+    mx.clear_cache(); mx.reset_peak_memory()
+    params = SamplingParams(ignore_eos=True, max_tokens=1)
+    start = time.perf_counter()
+    for r in mlxinfer.stream_generate(model, tokenizer, prompt, sampling=params):
+        first = time.perf_counter()
+    peak = mx.get_peak_memory()
+    seconds = first - start
+    kv = kv_cache_bytes(config, T + 1)
+    flops = 2 * block_params * T + 4 * L * H * hd * T * T / 2 + 2 * D * config.vocab_size
+    print(json.dumps({
+        "prefill_tps": T / seconds, "seconds": seconds, "gemm_gflops": rate / 1e9,
+        "gemm_fraction": flops / rate / seconds, "tflop": flops / 1e12,
+        "peak_mb": peak / 2**20, "weights_mb": weights / 2**20, "kv_mb": kv / 2**20,
+        "peak_ratio": peak / (weights + kv),
+    }), flush=True)
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="1024,4096,8000")
+    parser.add_argument("--checkout", action="append", type=Path, help="default: this one")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    checkouts = args.checkout or [Path(__file__).resolve().parent.parent]
+    workers = {}
+    for checkout in checkouts:
+        process = subprocess.Popen(
+            [sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, cwd=checkout, env={"PYTHONPATH": str(checkout), **_env()},
+        )  # fmt: skip
+        json.loads(process.stdout.readline())
+        workers[str(checkout)] = process
+
+    def ask(process, length):
+        process.stdin.write(json.dumps({"length": length}) + "\n")
+        process.stdin.flush()
+        return json.loads(process.stdout.readline())
+
+    for process in workers.values():
+        ask(process, min(lengths))  # warm-up
+    results = {name: {} for name in workers}
+    for length in lengths:
+        for name, process in workers.items():
+            r = ask(process, length)
+            results[name][length] = r
+            print(
+                f"{name}  T={length}: prefill {r['prefill_tps']:.0f} tok/s ({r['seconds']:.1f} s, "
+                f"{r['tflop']:.2f} TFLOP, {r['gemm_fraction']:.0%} of GEMM at "
+                f"{r['gemm_gflops']:.0f} GFLOP/s); peak {r['peak_mb']:.0f} MB = "
+                f"{r['peak_ratio']:.2f} x (weights {r['weights_mb']:.0f} + KV {r['kv_mb']:.0f} MB)",
+                flush=True,
+            )
+    for process in workers.values():
+        process.stdin.close()
+        process.wait(timeout=60)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+def _env() -> dict:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+if __name__ == "__main__":
+    main()

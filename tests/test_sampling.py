@@ -266,3 +266,28 @@ def test_top_p_over_a_real_vocabulary_keeps_what_a_full_sort_keeps(scale, top_p)
     if abs(top_mass - top_p) > 1e-4:
         took_candidates = _top_p_among_candidates(mx.array(logits[:1]), top_p) is not None
         assert took_candidates == (top_mass >= top_p)
+
+
+def test_draws_among_top_p_candidates_follow_the_filtered_distribution():
+    """Over a 49k vocabulary a top-p draw happens among the candidates only (on the CPU): the
+    tokens drawn are the kept ones, at the frequencies of the filtered, tempered distribution
+    (chi-square at alpha = 0.001), computed in numpy over the whole vocabulary."""
+    rng = np.random.default_rng(11)
+    logits = rng.normal(size=49152)
+    logits[[7, 1000, 30000, 49151, 123]] = [14.0, 13.6, 13.3, 13.0, 12.9]  # ~97% of the mass
+    params = SamplingParams(temperature=0.8, top_p=0.6, seed=3)
+    probs = softmax(logits)
+    order = np.argsort(-probs, kind="stable")
+    keep = np.zeros(len(probs), bool)
+    keep[order[(np.cumsum(probs[order]) - probs[order]) < params.top_p]] = True
+    expected = softmax(np.where(keep, logits / params.temperature, -np.inf))
+    sampler = Sampler(params, vocab_size=len(logits))
+    row = mx.array(logits[None], mx.float32)
+    drawn = np.array(mx.concatenate([sampler(row) for _ in range(4000)]))
+    counts = np.bincount(drawn, minlength=len(logits))
+    assert set(np.flatnonzero(counts)) <= set(np.flatnonzero(keep))
+    support = expected > 0
+    assert support.sum() == 3  # top-p 0.6 keeps the first three (0.34, 0.23, 0.17)
+    stat = (((counts - 4000 * expected) ** 2)[support] / (4000 * expected[support])).sum()
+    dof = int(support.sum()) - 1
+    assert stat < CHI2_CRITICAL[dof], f"chi-square {stat:.1f} with {dof} dof"

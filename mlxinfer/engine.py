@@ -37,6 +37,7 @@ from .metrics import RequestMetrics
 from .model import Model
 from .sampling import SamplingParams
 from .scheduler import Request, Scheduler
+from .streams import own_streams, track_engine
 from .tokenizer import Tokenizer
 
 
@@ -146,6 +147,7 @@ class Engine:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="mlxinfer-engine", daemon=True)
         self._thread.start()
+        track_engine(self)  # closed at exit if still open: its thread must end before MLX's
 
     # -- the callers' side -----------------------------------------------------------------------
 
@@ -301,6 +303,7 @@ def batch_generate(
     is text, token ids or chat messages as in stream_generate. At most `max_batch` run together
     (default: all). `cache_options` are stream_generate's max_kv_size, kv_keep, kv_bits,
     kv_group_size."""
+    own_streams()  # this thread's MLX streams are cleared as it ends (streams.py)
     if isinstance(prompts, (str, dict)):
         raise ValueError("prompts must be a list of prompts; for one prompt use generate()")
     prompts = list(prompts)

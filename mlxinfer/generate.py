@@ -29,6 +29,7 @@ from .model import Model
 from .responses import GenerationResponse, StopStrings, TextStream, TokenLogprobs
 from .sampling import SamplingParams
 from .scheduler import DEFAULT_PREFILL_CHUNK, Request, Scheduler, pipelines_decode
+from .streams import own_streams
 from .tokenizer import Tokenizer
 
 __all__ = [  # GenerationResponse & co. live in responses.py; importable from here as before
@@ -148,6 +149,7 @@ def stream_generate(
     KV cache: `max_kv_size` bounds it to that many tokens per layer (a rotating cache keeping the
     first `kv_keep` tokens as attention sinks and the latest ones after them); `kv_bits` (8 or 4)
     stores keys and values quantized in groups of `kv_group_size`. See `Model.make_cache`."""
+    own_streams()  # this thread's MLX streams are cleared as it ends (streams.py)
     params = sampling or SamplingParams()
     max_tokens = params.max_tokens if max_tokens is None else max_tokens
     check_max_tokens(max_tokens)

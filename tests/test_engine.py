@@ -533,3 +533,22 @@ def test_call_runs_work_on_the_engine_thread_between_steps(llama):
         assert handle.result(timeout=60).finish_reason == "length"
     with pytest.raises(RuntimeError, match="closed"):
         engine.call(lambda: None)
+
+
+@pytest.mark.parametrize("exception", [SystemExit(3), KeyboardInterrupt(), GeneratorExit()])
+def test_call_that_raises_any_base_exception_reaches_its_caller(llama, exception):
+    """A called function that raises SystemExit (or any BaseException) used to kill the engine's
+    thread, and its caller waited for ever: now the caller gets it, and the engine serves on."""
+    model, tokenizer = llama
+
+    def raise_it():
+        raise exception
+
+    with mlxinfer.Engine(model, tokenizer, max_batch=2) as engine:
+        handle = engine.submit([5, 6, 7], max_tokens=20, sampling=SamplingParams(ignore_eos=True))
+        with pytest.raises(type(exception)):
+            engine.call(raise_it, timeout=60)
+        assert engine.call(lambda: threading.current_thread().name, timeout=60) == "mlxinfer-engine"
+        assert handle.result(timeout=60).finish_reason == "length"
+        after = engine.submit([8, 9], max_tokens=5, sampling=SamplingParams(ignore_eos=True))
+        assert len(after.result(timeout=60).tokens) == 5

@@ -462,6 +462,10 @@ def run_generate(args: argparse.Namespace) -> int:
         _print_result(args, model, cache, pieces, responses, True, blas_status())
         return EXIT_INTERRUPTED
     _print_result(args, model, cache, pieces, responses, False, blas_status())
+    last = responses[-1] if responses else None
+    if last is not None and last.finish_reason == "error":  # never reported as success
+        print(f"mlxinfer generate: error: {last.error}", file=sys.stderr)
+        return EXIT_LOAD
     return 0
 
 
@@ -487,6 +491,7 @@ def _print_result(args, model, cache, pieces, responses, interrupted: bool, blas
     result = {
         "text": text,
         "finish_reason": "interrupted" if interrupted else (last.finish_reason if last else None),
+        "error": last.error if last else None,
         "token_ids": [r.token for r in responses],
         "metrics": last.metrics.to_dict() if last and last.metrics else None,
         "compute_policy": model.compute_policy,

@@ -70,6 +70,8 @@ class SamplingParams:
             raise ValueError(f"stop: stop strings must be non-empty strings, got {self.stop!r}")
         if self.seed is not None:
             _check_int("seed", self.seed, 0)
+            if self.seed >= 2**64:  # MLX's random keys are 64-bit
+                raise ValueError(f"seed must be an integer in [0, 2^64), got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pty
@@ -415,3 +416,39 @@ def test_a_model_with_a_bad_config_exits_1_naming_the_file(tmp_path):
     assert lines[0].startswith(
         f"mlxinfer generate: error: {tmp_path / 'config.json'}: invalid config"
     )
+
+
+def test_seed_beyond_64_bits_is_a_usage_error():
+    """MLX's random keys are 64-bit: 2^64 used to end the request in error, printed as an empty
+    line with exit 0."""
+    result = run_cli("generate", "--prompt", "hi", "--temperature", "0.7", "--seed", str(2**64))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().endswith(
+        "--seed must be an integer in [0, 2^64), got 18446744073709551616"
+    )
+
+
+@pytest.mark.parametrize("json_output", [False, True])
+def test_request_that_ends_in_error_exits_non_zero_with_the_reason(
+    default_model, monkeypatch, capsys, json_output
+):
+    """Whatever ends a request in error (sampling, NaN logits, detokenizing) is never reported as
+    success: exit 1, the reason on stderr, and in --json the reason beside finish_reason."""
+    from mlxinfer import cli
+    from mlxinfer.responses import GenerationResponse
+
+    generate = importlib.import_module("mlxinfer.generate")  # the module, not the function
+
+    def failing(*args, **kwargs):
+        yield GenerationResponse("Hi", 17)
+        yield GenerationResponse("", -1, finish_reason="error", error="sampling failed: boom")
+
+    monkeypatch.setattr(generate, "stream_generate", failing)
+    monkeypatch.setattr(cli, "load_model", lambda args: default_model)
+    code = cli.main(["generate", "--prompt", "hi"] + (["--json"] if json_output else []))
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert err.strip().splitlines()[-1] == "mlxinfer generate: error: sampling failed: boom"
+    if json_output:
+        result = json.loads(out)
+        assert result["finish_reason"] == "error" and result["error"] == "sampling failed: boom"

@@ -291,3 +291,11 @@ def test_draws_among_top_p_candidates_follow_the_filtered_distribution():
     stat = (((counts - 4000 * expected) ** 2)[support] / (4000 * expected[support])).sum()
     dof = int(support.sum()) - 1
     assert stat < CHI2_CRITICAL[dof], f"chi-square {stat:.1f} with {dof} dof"
+
+
+def test_seed_must_fit_64_bits():
+    SamplingParams(temperature=1.0, seed=2**64 - 1)
+    with pytest.raises(
+        ValueError, match=r"seed must be an integer in \[0, 2\^64\), got 18446744073709551616"
+    ):
+        SamplingParams(temperature=1.0, seed=2**64)

@@ -45,12 +45,13 @@ class SamplingParams:
     logprobs: int = 0  # return the n most likely alternatives of each token; 0 = off
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(
-            self, "logit_bias", {int(k): float(v) for k, v in self.logit_bias.items()}
-        )
+        stop = () if self.stop is None else self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        if not isinstance(stop, (list, tuple)):
+            raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))
+        object.__setattr__(self, "logit_bias", _check_logit_bias(self.logit_bias))
         _check_range("temperature", self.temperature, 0.0, math.inf, low_open=False)
         _check_int("top_k", self.top_k, 0)
         _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
@@ -110,6 +111,26 @@ def _check_range(name: str, value: float, low: float, high: float, low_open: boo
     ok = ok and (value > low if low_open else value >= low) and value <= high
     if not ok or (math.isinf(value)):
         raise ValueError(f"{name} must be in {allowed}, got {value!r}")
+
+
+def _check_logit_bias(bias) -> dict[int, float]:
+    """{token id: bias} with ids as ints and biases as floats; None is no bias."""
+    if bias is None:
+        return {}
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must be a dict of token id -> bias, got {bias!r}")
+    checked = {}
+    for token, value in bias.items():
+        try:
+            if isinstance(token, (bool, float)) or isinstance(value, bool):
+                raise TypeError
+            checked[int(token)] = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"logit_bias: token ids must be integers and biases numbers, got {token!r}: "
+                f"{value!r}"
+            ) from None
+    return checked
 
 
 def _check_int(name: str, value: int, minimum: int) -> None:

@@ -563,12 +563,19 @@ def check_engine_options(max_batch, policy, kv_budget_mb, prefill_chunk, prefix_
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     if kv_budget_mb is not None and not (
-        isinstance(kv_budget_mb, (int, float)) and kv_budget_mb > 0 and math.isfinite(kv_budget_mb)
+        isinstance(kv_budget_mb, (int, float))
+        and not isinstance(kv_budget_mb, bool)
+        and kv_budget_mb > 0
+        and math.isfinite(kv_budget_mb)
     ):
         raise ValueError(f"kv_budget_mb must be a positive number or None, got {kv_budget_mb!r}")
     if prefill_chunk is not None and (
         not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1
     ):
         raise ValueError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
-    if not (isinstance(prefix_cache_mb, (int, float)) and prefix_cache_mb >= 0):
+    if not (
+        isinstance(prefix_cache_mb, (int, float))
+        and not isinstance(prefix_cache_mb, bool)
+        and prefix_cache_mb >= 0
+    ):
         raise ValueError(f"prefix_cache_mb must be a number >= 0, got {prefix_cache_mb!r}")

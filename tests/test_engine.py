@@ -333,7 +333,13 @@ def test_submit_refuses_what_can_never_run(tmp_path):
         assert engine.submit([5, 6], max_tokens=2).result(timeout=60).finish_reason
     with pytest.raises(RuntimeError, match="closed"):
         engine.submit([5, 6])
-    for bad in (dict(max_batch=0), dict(policy="fastest"), dict(kv_budget_mb=-1)):
+    for bad in (
+        dict(max_batch=0),
+        dict(policy="fastest"),
+        dict(kv_budget_mb=-1),
+        dict(kv_budget_mb=True),  # a bool is not a size
+        dict(prefix_cache_mb=False),
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             mlxinfer.Engine(model, tokenizer, **bad)
 

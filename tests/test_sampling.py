@@ -4,6 +4,7 @@ sampled frequencies, penalties by their formulas, and seeds."""
 from __future__ import annotations
 
 import math
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -299,3 +300,25 @@ def test_seed_must_fit_64_bits():
         ValueError, match=r"seed must be an integer in \[0, 2\^64\), got 18446744073709551616"
     ):
         SamplingParams(temperature=1.0, seed=2**64)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(stop=None), None),  # None: no stop strings
+        (dict(logit_bias=None), None),  # None: no bias
+        (dict(stop=5), "stop must be a string or a list of strings, got 5"),
+        (dict(logit_bias={"abc": 1}), "logit_bias: token ids must be integers"),
+        (dict(logit_bias={3: "x"}), "logit_bias: token ids must be integers and biases numbers"),
+        (dict(logit_bias=[1, 2]), "logit_bias must be a dict"),
+    ],
+)
+def test_api_edges_give_value_errors_naming_the_field(kwargs, message):
+    """None for stop and logit_bias means none; anything else wrong is a ValueError naming the
+    field (these raised TypeError or AttributeError, or did not name it)."""
+    if message is None:
+        params = SamplingParams(**kwargs)
+        assert params.stop == () and params.logit_bias == {}
+    else:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            SamplingParams(**kwargs)

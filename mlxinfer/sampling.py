@@ -23,13 +23,14 @@ import mlx.core as mx
 from . import cpu_kernels
 
 NEG_INF = float("-inf")
+GREEDY_BELOW = 1e-6  # temperatures below this are greedy (|logits| / T stays far from overflow)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request picks its tokens. Validated when constructed (ValueError names the field)."""
 
-    temperature: float = 0.0  # 0 = greedy; otherwise logits / temperature
+    temperature: float = 0.0  # 0 (or below 1e-6) = greedy; otherwise logits / temperature
     top_k: int = 0  # keep the k most likely tokens; 0 = off
     top_p: float = 1.0  # keep the smallest set of tokens whose mass reaches top_p; 1 = off
     min_p: float = 0.0  # keep tokens with probability >= min_p * max probability; 0 = off
@@ -76,7 +77,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0, or below GREEDY_BELOW: logits / T would overflow float32 there (1e-38
+        gave NaN probabilities and garbage text), and the draw is the argmax anyway."""
+        return self.temperature < GREEDY_BELOW
 
     @property
     def plain_greedy(self) -> bool:

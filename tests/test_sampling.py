@@ -322,3 +322,17 @@ def test_api_edges_give_value_errors_naming_the_field(kwargs, message):
     else:
         with pytest.raises(ValueError, match=re.escape(message)):
             SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-12, 9.9e-7])
+def test_a_tiny_temperature_is_greedy_not_garbage(temperature):
+    """logits / 1e-38 overflowed float32: NaN probabilities, garbage tokens. Below 1e-6 the
+    request is greedy: the argmax, every time, with logits large enough to have overflowed."""
+    rng = np.random.default_rng(5)
+    logits = mx.array((rng.normal(size=(1, 1000)) * 30).astype(np.float32))
+    params = SamplingParams(temperature=temperature, top_p=0.9, seed=1)
+    assert params.greedy
+    sampler = Sampler(params, 1000)
+    expected = int(np.argmax(np.array(logits)))
+    assert [sampler(logits).item() for _ in range(20)] == [expected] * 20
+    assert not SamplingParams(temperature=1e-6).greedy

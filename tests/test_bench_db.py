@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -127,3 +128,31 @@ def test_a_measurement_is_recorded_whole_or_not_at_all(tmp_path):
     assert db.measurements(run) == [] and db.done(run) == set()
     db.record(config, "mlxinfer", 0, {"decode_tps": 1.0}, [1, 2], [10.0, 20.0])
     assert len(db.measurements(run)) == 1
+
+
+ROUNDS, OPENERS = 100, 6
+
+
+def test_processes_creating_one_database_at_once_all_open_it(tmp_path):
+    """Switching a new database to WAL takes a lock SQLite's busy timeout does not wait for:
+    openers racing to create it failed "database is locked" in some rounds (RunsDB before the
+    retry: 3 of 40 rounds of 4 openers; this test, 100 rounds of 6, failed 6 of 7 times). Each opener here is a thread with its own connection, as a process
+    would be."""
+    failures = []
+    for round_ in range(ROUNDS):
+        path = tmp_path / f"runs-{round_}.sqlite"
+        barrier = threading.Barrier(OPENERS)
+
+        def open_it(path=path, barrier=barrier, round_=round_):
+            barrier.wait()
+            try:
+                RunsDB(path).close()
+            except Exception as e:
+                failures.append(f"round {round_}: {e}")
+
+        openers = [threading.Thread(target=open_it) for _ in range(OPENERS)]
+        for opener in openers:
+            opener.start()
+        for opener in openers:
+            opener.join(timeout=60)
+    assert failures == []

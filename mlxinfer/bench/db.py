@@ -93,34 +93,61 @@ def default_db_path() -> Path:
     return Path(data) / "mlxinfer" / "runs.sqlite"
 
 
+LOCKED_WAIT_S = 10.0  # how long opening waits for another process creating the database
+
+
 class RunsDB:
     """The runs database at `path` (created with its schema if new)."""
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path is not None else default_db_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self.conn.row_factory = sqlite3.Row
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA foreign_keys=ON")
-            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, 1, SCHEMA_VERSION):
-                raise ValueError(
-                    f"{self.path}: runs database schema version {version}; this mlxinfer reads "
-                    f"version {SCHEMA_VERSION}"
-                )
-            if version != SCHEMA_VERSION:  # new, or older (no write on every open)
-                with self._transaction():  # another process may be doing the same: read again
-                    version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-                    if version == 1:  # runs gained the pid of the process measuring them
-                        self.conn.execute("ALTER TABLE runs ADD COLUMN pid INTEGER")
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            self.conn.execute(statement)
-                    self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as e:
-            raise ValueError(f"{self.path} is not a usable runs database: {e}") from None
+        deadline = time.monotonic() + LOCKED_WAIT_S
+        self.conn: sqlite3.Connection | None = None
+        while True:
+            try:
+                self._open()
+                return
+            except sqlite3.OperationalError as e:
+                # Two processes creating the database at once: switching it to WAL takes a lock
+                # that SQLite's busy timeout does not wait for ("database is locked", 1 open in
+                # 10 under that race), so the whole opening is tried again, for a while.
+                self._discard()
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise ValueError(f"{self.path} is not a usable runs database: {e}") from None
+                time.sleep(0.02)
+            except sqlite3.DatabaseError as e:
+                self._discard()
+                raise ValueError(f"{self.path} is not a usable runs database: {e}") from None
+
+    def _discard(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def _open(self) -> None:
+        """Connect, and create or migrate the schema."""
+        self.conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=LOCKED_WAIT_S
+        )
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, 1, SCHEMA_VERSION):
+            raise ValueError(
+                f"{self.path}: runs database schema version {version}; this mlxinfer reads "
+                f"version {SCHEMA_VERSION}"
+            )
+        if version != SCHEMA_VERSION:  # new, or older (no write on every open)
+            with self._transaction():  # another process may be doing the same: read again
+                version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+                if version == 1:  # runs gained the pid of the process measuring them
+                    self.conn.execute("ALTER TABLE runs ADD COLUMN pid INTEGER")
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         self.conn.close()

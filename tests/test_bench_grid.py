@@ -79,6 +79,25 @@ def test_chosen_sampling_combinations_instead_of_their_grid():
         parse_axes({"sampling": [{"min_p": 2.0}]})
 
 
+@pytest.mark.parametrize(
+    "tables, message",
+    [
+        ([{}, {}], r"\[\[sampling\]\] 1 and 2 are the same settings \(greedy\)"),
+        ([{}, {"temperature": 0.0}], r"1 and 2 are the same settings \(greedy\)"),
+        (
+            [{"temperature": 0.7}, {"top_k": 5}, {"temperature": "0.7"}],
+            r"1 and 3 are the same settings \(T 0.7\)",
+        ),
+    ],
+)
+def test_repeated_sampling_tables_are_refused_before_running(tables, message):
+    """Two equal [[sampling]] tables (the defaults spelled out count) crashed a sweep after
+    measuring (sqlite3.IntegrityError, the run left "running"): refused as a repeated value on
+    an axis is."""
+    with pytest.raises(ValueError, match=message):
+        parse_axes({"sampling": tables})
+
+
 def test_sampling_label_names_what_differs_from_greedy():
     from mlxinfer.bench.grid import DEFAULTS, sampling_label
 

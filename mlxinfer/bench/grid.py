@@ -99,8 +99,15 @@ def _with_sampling_combos(raw: dict, combos: object) -> dict[str, list]:
         unknown = sorted(set(combo) - set(SAMPLING_AXES))
         if unknown:
             raise ValueError(f"[[sampling]] {i + 1}: {unknown[0]!r} is not a sampling setting")
-        checked.append({**{a: DEFAULTS[a] for a in SAMPLING_AXES},
-                        **{k: check_value(k, v) for k, v in combo.items()}})  # fmt: skip
+        settings = {**{a: DEFAULTS[a] for a in SAMPLING_AXES},
+                    **{k: check_value(k, v) for k, v in combo.items()}}  # fmt: skip
+        if settings in checked:  # would be measured twice, and stored under one key
+            first = checked.index(settings) + 1
+            raise ValueError(
+                f"[[sampling]] {first} and {i + 1} are the same settings "
+                f"({sampling_label(settings)}); each table must differ"
+            )
+        checked.append(settings)
     axes["sampling"] = checked
     return axes
 

@@ -274,10 +274,14 @@ def cpu_features() -> str:
     return ""
 
 
-def gemv_kernel_summary() -> str:
-    """One line for reports: the few-row kernel in use (see gemv_kernel), or why there is none."""
+def gemv_kernel_summary(timings: bool = True) -> str:
+    """One line for reports: the few-row kernel in use (see gemv_kernel), or why there is none.
+    `timings=False` drops the check's figures, which differ from process to process ("avx512,
+    4-16 rows"): for the machine facts runs are grouped by."""
     kernel = gemv_kernel()
-    return kernel["in_use"] if kernel else f"none (gemv shim {gemv_shim_status()})"
+    if kernel is None:
+        return f"none (gemv shim {gemv_shim_status()})"
+    return kernel["in_use"] if timings else kernel["in_use"].split(" (")[0]
 
 
 def gemv_shim_status() -> str:

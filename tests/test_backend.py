@@ -454,3 +454,20 @@ def test_a_kernel_this_cpu_cannot_run_is_refused_in_one_line():
     assert len(warnings) == 1 and "MLXINFER_GEMV_KERNEL=sse9" in warnings[0]
     assert report["runnable"] in warnings[0]
     assert report["in_use"].split(",")[0].split(" ")[0] in (report["selected"], "openblas")
+
+
+def test_machine_facts_name_the_kernel_without_the_checks_timings():
+    """Runs are grouped by their machine facts: the check's figures change from process to
+    process, so the facts keep the kernel and its rows only."""
+    from mlxinfer.backend import gemv_kernel
+    from mlxinfer.bench.machine import machine_facts
+
+    facts = machine_facts()
+    assert "ms" not in facts["gemv_kernel"]
+    kernel = gemv_kernel()
+    if kernel is not None:
+        assert kernel["in_use"].startswith(facts["gemv_kernel"])
+        assert facts["cpu_features"] in (
+            "",
+            *[" ".join(f for f in ("avx512f", "avx2", "fma", "asimd", "sve") if f in cpu_flags())],
+        )

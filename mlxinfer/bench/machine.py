@@ -43,7 +43,7 @@ def machine_facts() -> dict:
         "backend": str(mx.default_device()),
         "blas": blas_status(),
         "gemv_shim": gemv_shim_status(),
-        "gemv_kernel": gemv_kernel_summary(),
+        "gemv_kernel": gemv_kernel_summary(timings=False),  # stable: runs group by these facts
         "op_set": resolve_kernels("auto"),
         "compute_policy": resolve_compute_policy("auto"),
         "mlx": mx.__version__,

@@ -48,7 +48,7 @@ static inline __attribute__((always_inline)) void store(float *c, float value, f
 }
 
 /* One product, in work items that threads share: panels of NC columns of C when B is stored
- * [K, N], groups of 4 columns of C when B is stored [N, K]. */
+ * [K, N], groups of a kernel's COLS columns of C when B is stored [N, K]. */
 typedef struct {
   int trans_b, M, M4, N, K;
   float alpha, beta;
@@ -107,17 +107,13 @@ typedef void (*kernel_fn)(const product *, int, int);
 static const struct {
   const char *name;
   kernel_fn fn;
-  int cols; /* columns of C per work item when B is stored [N, K] */
+  int cols; /* columns of C per work item when B is stored [N, K]: the kernel's COLS */
 } KERNELS[] = {
 #if defined(__x86_64__) || defined(__i386__)
-    {"avx512", small_gemm_avx512, 4},
-    {"avx2", small_gemm_avx2, 2},
-    {GENERIC_NAME, small_gemm_generic, 2},
-#elif defined(__aarch64__)
-    {GENERIC_NAME, small_gemm_generic, 4},
-#else
-    {GENERIC_NAME, small_gemm_generic, 2},
+    {"avx512", small_gemm_avx512, small_gemm_avx512_COLS},
+    {"avx2", small_gemm_avx2, small_gemm_avx2_COLS},
 #endif
+    {GENERIC_NAME, small_gemm_generic, small_gemm_generic_COLS},
 };
 enum { N_KERNELS = sizeof KERNELS / sizeof KERNELS[0] };
 
@@ -155,8 +151,7 @@ static int cpu_can_run(int index) {
 static int feature_kernel = -1; /* the first of KERNELS this CPU can run */
 static int chosen = -1;         /* the kernel in use: an index of KERNELS, or -1 for OpenBLAS */
 static int checked_rows = 0;    /* small_gemm takes products of 4..checked_rows rows */
-static int forced = 0;          /* a kernel forced by MLXINFER_GEMV_KERNEL is not checked... */
-static int skip_check = 0;      /* ...nor any with MLXINFER_GEMV_CHECK=0 */
+static int unchecked = 0; /* forced by MLXINFER_GEMV_KERNEL, or MLXINFER_GEMV_CHECK=0 */
 static char status[256] = "not checked yet";
 static pthread_once_t check_once = PTHREAD_ONCE_INIT;
 
@@ -217,12 +212,7 @@ static void best_times(int M, int N, int K, const float *A, const float *W, floa
  * most small_gemm takes, where GEMM's packing costs it least) and at 8; small_gemm keeps the
  * row counts where it won, OpenBLAS takes the rest. About 10 ms. */
 static void check_kernel(void) {
-  if (forced || chosen < 0) return;
-  if (skip_check) {
-    snprintf(status, sizeof status, "%s (unchecked: MLXINFER_GEMV_CHECK=0)", KERNELS[chosen].name);
-    checked_rows = SMALL_ROWS;
-    return;
-  }
+  if (unchecked || chosen < 0) return;
   enum { N = 2048, K = 1024 };
   float *W = malloc(sizeof(float) * N * K), *A = malloc(sizeof(float) * SMALL_ROWS * K);
   float *C = malloc(sizeof(float) * SMALL_ROWS * N), *scratch = malloc(sizeof(float) * SMALL_ROWS * K);
@@ -271,13 +261,18 @@ int mlxinfer_gemv_shim_init(const char *path, const char *kernel, int check) {
   real_sgemm = (sgemm_fn)dlsym(handle, "cblas_sgemm");
   real_sgemv = (sgemv_fn)dlsym(handle, "cblas_sgemv");
   if (!(real_sgemm && real_sgemv)) return 1;
-  forced = 0, checked_rows = 0, feature_kernel = -1, skip_check = check == 0;
+  unchecked = 0, checked_rows = 0, feature_kernel = -1;
   snprintf(status, sizeof status, "not checked yet");
   for (int i = 0; i < N_KERNELS && feature_kernel < 0; i++)
     if (cpu_can_run(i)) feature_kernel = i;
   chosen = feature_kernel;
-  if (kernel && *kernel) {
-    forced = check != 1;
+  if (!(kernel && *kernel)) {
+    if (check == 0) {
+      unchecked = 1, checked_rows = SMALL_ROWS;
+      snprintf(status, sizeof status, "%s (unchecked: MLXINFER_GEMV_CHECK=0)", KERNELS[chosen].name);
+    }
+  } else {
+    unchecked = check != 1;
     checked_rows = SMALL_ROWS;
     if (!strcmp(kernel, "openblas")) {
       chosen = -1;

@@ -20,6 +20,7 @@
 #define VEC PASTE(KERNEL, _vec)
 #define VEC_U PASTE(KERNEL, _vec_unaligned)
 
+enum { PASTE(KERNEL, _COLS) = COLS }; /* for the table of kernels */
 typedef float VEC __attribute__((vector_size(VW * 4)));
 /* Loads and stores at any float's address: plain vector expressions keep the accumulators in
  * registers (memcpy into vectors made GCC copy them through the stack at every step). */

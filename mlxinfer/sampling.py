@@ -176,18 +176,25 @@ def apply_top_p(logits: mx.array, p: float) -> mx.array:
     sorted. Sorting SmolLM2's 49k vocabulary took 7-9 ms of a ~60 ms CPU decode step."""
     if p >= 1.0:
         return logits
+    ids, kept = _top_p(logits, p)
+    if ids is None:
+        return kept
+    return mx.put_along_axis(mx.full(logits.shape, NEG_INF, logits.dtype), ids, kept, axis=-1)
+
+
+def _top_p(logits: mx.array, p: float) -> tuple[mx.array | None, mx.array]:
+    """Top-p as (candidate ids `[B, C]`, their kept logits) when the candidates hold the mass
+    (see apply_top_p), else (None, the kept logits `[B, V]`) by a full sort."""
     if _top_p_uses_candidates(logits):
         found = _top_p_among_candidates(logits, p)
         if found is not None:
-            ids, kept = found
-            out = mx.full(logits.shape, NEG_INF, logits.dtype)
-            return mx.put_along_axis(out, ids, kept, axis=-1)
+            return found
     order = mx.argsort(-logits, axis=-1)  # descending
     sorted_probs = mx.take_along_axis(mx.softmax(logits, axis=-1), order, axis=-1)
     mass_before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs
     drop_sorted = mass_before >= p
     drop = mx.put_along_axis(mx.zeros(drop_sorted.shape, mx.bool_), order, drop_sorted, axis=-1)
-    return mx.where(drop, NEG_INF, logits)
+    return None, mx.where(drop, NEG_INF, logits)
 
 
 TOP_P_CANDIDATES = 1024
@@ -206,15 +213,16 @@ def _top_p_among_candidates(logits: mx.array, p: float) -> tuple[mx.array, mx.ar
     shifted = shifted - shifted.max(axis=-1, keepdims=True)
     total = cpu_kernels.exp(shifted).sum(axis=-1, keepdims=True)  # MLX's CPU exp is scalar
     candidates = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]  # [B, k], unordered
-    order = mx.argsort(-mx.take_along_axis(logits, candidates, axis=-1), axis=-1)
-    candidates = mx.take_along_axis(candidates, order, axis=-1)  # [B, k], descending
+    chosen = mx.take_along_axis(logits, candidates, axis=-1)
+    order = mx.argsort(-chosen, axis=-1)  # descending
+    candidates = mx.take_along_axis(candidates, order, axis=-1)
+    chosen = mx.take_along_axis(chosen, order, axis=-1)
     probs = cpu_kernels.exp(mx.take_along_axis(shifted, candidates, axis=-1)) / total
     mass = mx.cumsum(probs, axis=-1)
     if not mx.all(mass[..., -1] >= p).item():
         return None
     kept_sorted = (mass - probs) < p  # the mass before each candidate
-    kept_logits = mx.where(kept_sorted, mx.take_along_axis(logits, candidates, axis=-1), NEG_INF)
-    return candidates, kept_logits
+    return candidates, mx.where(kept_sorted, chosen, NEG_INF)
 
 
 def apply_min_p(logits: mx.array, min_p: float) -> mx.array:
@@ -252,15 +260,11 @@ def filter_candidates(logits: mx.array, params: SamplingParams) -> tuple[mx.arra
         survivors = mx.take_along_axis(logits, kept, axis=-1)
         survivors = apply_min_p(apply_top_p(survivors, params.top_p), params.min_p)
         return apply_temperature(survivors, params.temperature), kept
-    if params.top_p < 1.0 and _top_p_uses_candidates(logits):
-        found = _top_p_among_candidates(logits, params.top_p)
-        if found is not None:
-            # min-p's threshold is relative to the top token, which is always a candidate.
-            ids, kept = found
-            return apply_temperature(apply_min_p(kept, params.min_p), params.temperature), ids
-    logits = apply_top_p(logits, params.top_p)
-    logits = apply_min_p(logits, params.min_p)
-    return apply_temperature(logits, params.temperature), None
+    ids = None
+    if params.top_p < 1.0:
+        # Among candidates, min-p's threshold is still the top token's: it is always one.
+        ids, logits = _top_p(logits, params.top_p)
+    return apply_temperature(apply_min_p(logits, params.min_p), params.temperature), ids
 
 
 # -- the per-request sampler ----------------------------------------------------------------------

@@ -106,34 +106,37 @@ def _online_attention_block(
     for j0 in range(0, visible, KEY_BLOCK):
         j1 = min(visible, j0 + KEY_BLOCK)
         keys, values = k[:, :, j0:j1], v[:, :, j0:j1]
-        mask = window_mask(rows, mx.arange(j0, j1)) if j1 - 1 > first else None
+        # the causal mask, for a block that reaches past the first query
+        masked = (window_mask(rows, mx.arange(j0, j1)),) if j1 - 1 > first else ()
         if m is None:
-            m, denom, acc = _online_first(q, keys, values, mask, groups)
+            m, denom, acc = _online_first(q, keys, values, *masked)
         else:
-            m, denom, acc = _online_next(q, keys, values, mask, groups, m, denom, acc)
+            m, denom, acc = _online_next(q, keys, values, m, denom, acc, *masked)
     return (acc / denom).reshape(B, H, t, hd)
 
 
-def _block_scores(q, keys, mask, groups):
-    """Scores `[B, KV, G*t, kb]` of one key block, the mask `[t, kb]` applied over the groups."""
+def _block_scores(q, keys, mask=None):
+    """Scores `[B, KV, G*t, kb]` of one key block, the mask `[t, kb]` applied over the G query
+    groups."""
     scores = q @ keys.swapaxes(-1, -2)
     if mask is not None:
         B, kv_heads, rows, kb = scores.shape
-        scores = scores.reshape(B, kv_heads, groups, rows // groups, kb)
+        t = mask.shape[0]
+        scores = scores.reshape(B, kv_heads, rows // t, t, kb)
         scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
         scores = scores.reshape(B, kv_heads, rows, kb)
     return scores
 
 
-def _online_first_impl(q, keys, values, mask, groups):
-    scores = _block_scores(q, keys, mask, groups)
+def _online_first_impl(q, keys, values, mask=None):
+    scores = _block_scores(q, keys, mask)
     m = scores.max(axis=-1, keepdims=True)  # finite: every query sees key 0, in the first block
     weights = _exp(scores - m)
     return m, weights.sum(axis=-1, keepdims=True), weights @ values
 
 
-def _online_next_impl(q, keys, values, mask, groups, m, denom, acc):
-    scores = _block_scores(q, keys, mask, groups)
+def _online_next_impl(q, keys, values, m, denom, acc, mask=None):
+    scores = _block_scores(q, keys, mask)
     m_new = mx.maximum(m, scores.max(axis=-1, keepdims=True))
     weights = _exp(scores - m_new)
     rescale = _exp(m - m_new)
@@ -144,39 +147,10 @@ def _online_next_impl(q, keys, values, mask, groups, m, denom, acc):
     )
 
 
-# Compiled (shape-specialised, like exp): the elementwise steps fuse around the two products.
-# `mask` may be None and `groups` is a number, so each combination is its own compiled function.
-_online_compiled: dict = {}
-
-
-def _online_first(q, keys, values, mask, groups):
-    key = ("first", mask is None, groups)
-    if key not in _online_compiled:
-        fn = (
-            (lambda q, k, v: _online_first_impl(q, k, v, None, groups))
-            if mask is None
-            else (lambda q, k, v, mask: _online_first_impl(q, k, v, mask, groups))
-        )
-        _online_compiled[key] = mx.compile(fn)
-    args = (q, keys, values) if mask is None else (q, keys, values, mask)
-    return _online_compiled[key](*args)
-
-
-def _online_next(q, keys, values, mask, groups, m, denom, acc):
-    key = ("next", mask is None, groups)
-    if key not in _online_compiled:
-        fn = (
-            (lambda q, k, v, m, denom, acc: _online_next_impl(q, k, v, None, groups, m, denom, acc))
-            if mask is None
-            else (
-                lambda q, k, v, m, denom, acc, mask: _online_next_impl(
-                    q, k, v, mask, groups, m, denom, acc
-                )
-            )
-        )
-        _online_compiled[key] = mx.compile(fn)
-    args = (q, keys, values, m, denom, acc) + (() if mask is None else (mask,))
-    return _online_compiled[key](*args)
+# Compiled (shape-specialised, like exp; with and without the mask, traced apart): the
+# elementwise steps fuse around the two products.
+_online_first = mx.compile(_online_first_impl)
+_online_next = mx.compile(_online_next_impl)
 
 
 def _attention_block(

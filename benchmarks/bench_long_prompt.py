@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,13 +28,14 @@ WORKER = r"""
 import json, sys, time
 import mlxinfer
 import mlx.core as mx
+from mlx.utils import tree_flatten
 from mlxinfer import SamplingParams
 from mlxinfer.cache import kv_cache_bytes
 model, tokenizer = mlxinfer.load()
 text = (mlxinfer.__path__[0] + "/bench/kjv_genesis.txt")
 ids = tokenizer.encode(open(text).read())
 config = model.config
-weights = sum(v.nbytes for _, v in __import__("mlx.utils", fromlist=["tree_flatten"]).tree_flatten(model.parameters()))
+weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 D, F, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
 H, KV, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
 block_params = L * (D * H * hd * 2 + D * KV * hd * 2 + 3 * D * F)
@@ -76,7 +78,7 @@ def main() -> None:
     for checkout in checkouts:
         process = subprocess.Popen(
             [sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True, cwd=checkout, env={"PYTHONPATH": str(checkout), **_env()},
+            text=True, cwd=checkout, env={**os.environ, "PYTHONPATH": str(checkout)},
         )  # fmt: skip
         json.loads(process.stdout.readline())
         workers[str(checkout)] = process
@@ -105,12 +107,6 @@ def main() -> None:
         process.wait(timeout=60)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
-
-
-def _env() -> dict:
-    import os
-
-    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def write_model(path: Path, shape: dict) -> None:
     rng = np.random.default_rng(0)
 
     def weight(*dims):
-        return (rng.standard_normal(dims, dtype=np.float32) / np.sqrt(dims[-1])).astype(np.float32)
+        return rng.standard_normal(dims, dtype=np.float32) / np.float32(np.sqrt(dims[-1]))
 
     tensors = {
         "model.embed_tokens.weight": weight(V, D),

@@ -297,7 +297,7 @@ def gemv_kernel() -> dict[str, str] | None:
     `selected` is what the CPU's features choose (avx512, avx2, generic; neon on AArch64);
     `runnable` the kernels this CPU can run; `in_use` what runs and why, after the one-time check
     against OpenBLAS's GEMM (a kernel slower than OpenBLAS is not used), or forced by
-    MLXINFER_GEMV_KERNEL. Asking for `in_use` runs that check (~20 ms) if no batch has yet."""
+    MLXINFER_GEMV_KERNEL. Asking for `in_use` runs that check (~10 ms) if no batch has yet."""
     blas_status()
     if _shim is None:
         return None

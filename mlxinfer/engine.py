@@ -21,6 +21,7 @@ import itertools
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -118,7 +119,11 @@ class Engine:
     wait is `queue_ms`); `policy` is "prefill-first", "decode-first" or "chunked" (scheduler.py
     says what each trades); `prefill_chunk` is the prompt tokens per prefill pass (the per-step
     token budget under "chunked"); `prefix_cache_mb` bounds the cache of prompt prefixes
-    (0 turns it off). The cache options are stream_generate's."""
+    (0 turns it off). The cache options are stream_generate's.
+
+    The engine's thread holds only its `_Worker` (never the Engine), so an engine dropped without
+    `close()` is collected like any object: its finalizer closes it, cancelling what it ran (its
+    handles keep it alive while anyone iterates one), and the thread ends."""
 
     def __init__(
         self,
@@ -140,14 +145,12 @@ class Engine:
             model, tokenizer, max_batch, policy, kv_budget_mb, prefill_chunk, prefix_cache_mb,
             max_kv_size, kv_keep, kv_bits, kv_group_size,
         )  # fmt: skip
-        self._inbox: queue.Queue = queue.Queue()
-        self._handles: dict[int, RequestHandle] = {}
         self._ids = itertools.count()
-        self._lock = threading.Lock()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="mlxinfer-engine", daemon=True)
-        self._thread.start()
-        track_engine(self)  # closed at exit if still open: its thread must end before MLX's
+        self._worker = _Worker(self.scheduler)
+        # dropped unclosed: cancel and stop the thread, without waiting (this may run in any
+        # thread's garbage collection); at exit, track_engine waits for it
+        weakref.finalize(self, self._worker.close, True, 0).atexit = False
+        track_engine(self._worker)  # closed at exit if still open: its thread must end before MLX's
 
     # -- the callers' side -----------------------------------------------------------------------
 
@@ -169,21 +172,13 @@ class Engine:
         request = Request(next(self._ids), prompt_ids, params, max_tokens)
         self.scheduler.check(request)  # reads only the model's config and the options
         handle = RequestHandle(self, request)
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the engine is closed")
-            self._handles[request.id] = handle
-            self._inbox.put(("submit", request))
+        self._worker.submit(request, handle)
         return handle
 
     def close(self, cancel: bool = False, timeout: float | None = None) -> None:
         """Stop taking requests; finish those accepted (or with `cancel=True` cancel them), then
-        stop the engine's thread."""
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._inbox.put(("close", cancel))
-        self._thread.join(timeout)
+        stop the engine's thread and free the prefix cache."""
+        self._worker.close(cancel, timeout)
 
     def __enter__(self) -> Engine:
         return self
@@ -192,17 +187,14 @@ class Engine:
         self.close(cancel=exc[0] is not None)
 
     def _send(self, message: tuple) -> None:
-        self._inbox.put(message)
+        self._worker.inbox.put(message)
 
     def call(self, function, *args, timeout: float | None = None, **kwargs):
         """Run `function(*args, **kwargs)` on the engine's thread, between two generation steps,
         and return its result (or raise its exception): other MLX work on the model (a trace, a
         forward pass to look inside) without a second thread using MLX."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the engine is closed")
-            self._inbox.put(("call", (lambda: function(*args, **kwargs), future)))
+        self._worker.post(("call", (lambda: function(*args, **kwargs), future)))
         return future.result(timeout)
 
     @property
@@ -218,7 +210,40 @@ class Engine:
             "prefix_cache_hits": prefix.hits if prefix else 0,
         }
 
-    # -- the engine's thread ---------------------------------------------------------------------
+
+class _Worker:
+    """The engine's thread and what it shares with the callers: the inbox of messages, the handles
+    of requests in flight, and the scheduler it alone steps."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self.inbox: queue.Queue = queue.Queue()
+        self.handles: dict[int, RequestHandle] = {}
+        self.lock = threading.RLock()  # a finalizer's close may run on a thread that holds it
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="mlxinfer-engine", daemon=True)
+        self.thread.start()
+
+    def post(self, message: tuple) -> None:
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("the engine is closed")
+            self.inbox.put(message)
+
+    def submit(self, request: Request, handle: RequestHandle) -> None:
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("the engine is closed")
+            self.handles[request.id] = handle
+            self.inbox.put(("submit", request))
+
+    def close(self, cancel: bool, timeout: float | None = None) -> None:
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                self.inbox.put(("close", cancel))
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout)
 
     def _run(self) -> None:
         scheduler, closing = self.scheduler, False
@@ -251,6 +276,8 @@ class Engine:
             self._fail_all(f"engine stopped: {type(e).__name__}: {e}")
             raise
         finally:
+            if scheduler.prefix_cache is not None:  # nothing can use it once the thread ends
+                scheduler.prefix_cache.clear()
             # MLX 0.32 aborts the process at exit if a thread ends with work queued or with its
             # streams alive ("terminate called without an active exception"): MLX's advice is to
             # clear a thread's streams at its end.
@@ -258,27 +285,27 @@ class Engine:
             mx.clear_streams()
 
     def _messages(self, block: bool) -> list[tuple]:
-        messages = [self._inbox.get()] if block else []
+        messages = [self.inbox.get()] if block else []
         while True:
             try:
-                messages.append(self._inbox.get_nowait())
+                messages.append(self.inbox.get_nowait())
             except queue.Empty:
                 return messages
 
     def _deliver(self, events) -> None:
         for request, response in events:
-            handle = self._handles.get(request.id)
+            handle = self.handles.get(request.id)
             if handle is None:
                 continue
             handle._responses.put(response)
             if response.finish_reason is not None:
-                del self._handles[request.id]
+                del self.handles[request.id]
 
     def _fail_all(self, reason: str) -> None:
-        with self._lock:
-            self._closed = True
-            handles = list(self._handles.values())
-            self._handles.clear()
+        with self.lock:
+            self.closed = True
+            handles = list(self.handles.values())
+            self.handles.clear()
         for handle in handles:
             handle._responses.put(GenerationResponse("", -1, None, "error", None, reason))
 

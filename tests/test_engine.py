@@ -9,6 +9,7 @@ rounding of a different batch shape may rightly pick the other token."""
 
 from __future__ import annotations
 
+import gc
 import random
 import threading
 import time
@@ -383,7 +384,37 @@ def test_close_finishes_or_cancels_what_is_in_flight(llama):
     engine.close(cancel=True)
     reasons = [h.result(timeout=0).finish_reason for h in handles]
     assert reasons.count("cancelled") == 4
-    assert not engine._thread.is_alive()
+    assert not engine._worker.thread.is_alive()
+
+
+def engine_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "mlxinfer-engine"]
+
+
+def test_a_dropped_engine_stops_its_thread(llama):
+    model, tokenizer = llama
+    before = len(engine_threads())
+    for _ in range(10):
+        engine = mlxinfer.Engine(model, tokenizer)
+        engine.submit([5, 6, 7], sampling=GREEDY, max_tokens=2).result(timeout=60)
+    running = mlxinfer.Engine(model, tokenizer)  # dropped mid-request: cancelled, then stopped
+    next(iter(running.submit([5, 6, 7], sampling=GREEDY, max_tokens=200)))
+    del engine, running
+    gc.collect()
+    deadline = time.monotonic() + 30
+    while len(engine_threads()) > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(engine_threads()) == before
+
+
+def test_close_frees_the_prefix_cache(llama):
+    model, tokenizer = llama
+    engine = mlxinfer.Engine(model, tokenizer)
+    engine.submit(list(range(3, 100)), sampling=GREEDY, max_tokens=2).result(timeout=60)
+    assert engine.stats["prefix_cache_mb"] > 0
+    engine.close()
+    assert engine.stats["prefix_cache_mb"] == 0
+    assert engine.scheduler.prefix_cache.entries == {}
 
 
 # -- the prefix cache ----------------------------------------------------------------------------

@@ -1,0 +1,66 @@
+"""`streamlit run dashboard/app.py`, the README's other way in, listens on this machine only
+(dashboard/.streamlit/config.toml), from whatever directory it is started in."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+APP = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def other_addresses() -> list[str]:
+    """This machine's IPv4 addresses that are not loopback (none on some sandboxes)."""
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+    except OSError:
+        infos = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing address
+            infos.append((None, None, None, None, s.getsockname()))
+        except OSError:
+            pass
+    return sorted({info[4][0] for info in infos} - {"0.0.0.0"})
+
+
+def connects(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex((host, port)) == 0
+
+
+def test_streamlit_run_listens_on_localhost_only(tmp_path):
+    port = free_port()
+    home = tmp_path / "home"
+    home.mkdir()  # no user config: the dashboard's own must do it
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
+         "--server.headless", "true"],
+        cwd=tmp_path, env={**os.environ, "HOME": str(home)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not connects("127.0.0.1", port) and time.monotonic() < deadline:
+            assert process.poll() is None, process.stdout.read()
+            time.sleep(0.2)
+        assert connects("127.0.0.1", port)
+        for address in other_addresses():
+            if not address.startswith("127."):
+                assert not connects(address, port), f"the dashboard answers on {address}"
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert "Network URL" not in output
+    assert f"http://127.0.0.1:{port}" in output

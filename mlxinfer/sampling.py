@@ -285,6 +285,7 @@ class Sampler:
         self.recent = mx.array([window], mx.int32) if window else None  # [1, <=W]
         self.counts = mx.zeros((1, vocab_size), mx.float32)  # generated-token counts
         self.bias = None
+        self.invalid: mx.array | None = None  # set by each call: see __call__
         if params.logit_bias:
             bias = mx.zeros((vocab_size,), mx.float32)
             ids = mx.array(list(params.logit_bias))
@@ -305,14 +306,17 @@ class Sampler:
         return logits
 
     def __call__(self, logits: mx.array) -> mx.array:
-        """logits [1, V] -> token [1]; records the token for the penalties of the next step."""
+        """logits [1, V] -> token [1]; records the token for the penalties of the next step, and
+        in `invalid` ([1] bool, lazy) whether the logits it drew from were NaN or infinite."""
         logits = self.process(logits)
         if self.params.greedy:
             token = mx.argmax(logits, axis=-1)
+            self.invalid = invalid_logits(logits)
         else:
             self.key, step_key = mx.random.split(self.key)
             filtered, ids = filter_candidates(logits, self.params)
             token = mx.random.categorical(filtered, key=step_key)  # [1]
+            self.invalid = invalid_logits(filtered)
             if ids is not None:  # an index among the candidates
                 token = mx.take_along_axis(ids, token[:, None], axis=-1)[:, 0]
         self._record(token)
@@ -328,6 +332,14 @@ class Sampler:
             self.recent = recent[:, -p.repetition_context_size :]
         if p.presence_penalty or p.frequency_penalty:
             self.counts = self.counts.at[0, token].add(1.0)
+
+
+def invalid_logits(logits: mx.array) -> mx.array:
+    """Per row `[B]` bool: logits no token can be drawn from: a NaN or +inf anywhere, or every
+    token at -inf. (-inf alone is how the filters drop a token.)"""
+    # `x < inf` is false for NaN and +inf alike: two reductions, not three (each costs ~0.35 ms
+    # over [8, 49152] on a CPU, a step's 0.4%)
+    return ~(logits < math.inf).all(axis=-1) | (logits == -math.inf).all(axis=-1)
 
 
 def top_logprobs(logits: mx.array, n: int) -> tuple[mx.array, mx.array, mx.array]:

@@ -42,7 +42,7 @@ from .metrics import RequestMetrics, request_metrics
 from .model import Model
 from .prefix_cache import PrefixCache
 from .responses import GenerationResponse, TextStream, TokenLogprobs
-from .sampling import Sampler, SamplingParams, top_logprobs
+from .sampling import Sampler, SamplingParams, invalid_logits, top_logprobs
 from .tokenizer import Tokenizer
 
 POLICIES = ("prefill-first", "decode-first", "chunked")
@@ -298,7 +298,7 @@ class Scheduler:
     def _first_tokens(self, requests: list[Request], logits: mx.array, caches: list) -> list:
         """Prefilled requests (row r of `logits` is request r's, `caches[r]` its single caches):
         sample their first tokens, answer them, and give the unfinished ones a batch row."""
-        tokens, lps = [], []
+        tokens, lps, checks = [], [], []
         for row, request in enumerate(requests):
             self.prefilling.remove(request)
             request.cache = caches[row]
@@ -308,9 +308,11 @@ class Scheduler:
             except Exception as e:
                 tokens.append(e)
                 lps.append(None)
+                checks.append(None)
                 continue
             tokens.append(token)
-        bad = mx.isnan(logits).any(axis=-1)
+            checks.append(request.sampler.invalid)
+        bad = _bad_logits(logits, checks)
         states = [c.state for cache in caches for c in cache]
         try:
             mx.eval([t for t in tokens if isinstance(t, mx.array)], lps, bad, states)
@@ -324,7 +326,7 @@ class Scheduler:
             if not isinstance(token, mx.array):
                 events.append(self._leave(request, "error", f"sampling failed: {token}"))
             elif bad[row]:
-                events.append(self._leave(request, "error", "the model produced NaN logits"))
+                events.append(self._leave(request, "error", BAD_LOGITS[bad[row]]))
             else:
                 if self.prefix_cache is not None:
                     self._remember(request.prompt_ids, request.cache)
@@ -359,7 +361,7 @@ class Scheduler:
             if request.finished:  # cancelled, or done, after the step was queued
                 continue
             if row in step.failed or bad[row]:
-                reason = step.failed.get(row, "the model produced NaN logits")
+                reason = step.failed.get(row) or BAD_LOGITS[bad[row]]
                 events.append(self._leave(request, "error", reason))
                 continue
             events.append(self._emit(request, values[row], lps[row], now))
@@ -376,25 +378,28 @@ class Scheduler:
         plain = [r.params.plain_greedy for r in requests]
         argmax = mx.argmax(logits, axis=-1) if any(plain) else None
         failed: dict[int, str] = {}
-        picked, lps = [], []
+        picked, lps, checks = [], [], []
         for row, request in enumerate(requests):
             if plain[row]:
                 picked.append(None if all(plain) else argmax[row : row + 1])
                 lps.append(None)
+                checks.append(None)
                 continue
             try:  # a sampler that fails stops its own request only
                 token = request.sampler(logits[row : row + 1])
                 lps.append(self._logprobs(request, logits[row : row + 1], token))
+                checks.append(request.sampler.invalid)
             except Exception as e:
                 failed[row] = f"sampling failed: {e}"
                 token = mx.zeros((1,), mx.uint32)
                 lps.append(None)
+                checks.append(None)
             picked.append(token.astype(mx.uint32))
         if all(plain):
             tokens = argmax.astype(mx.uint32)
         else:
             tokens = mx.concatenate(picked) if len(picked) > 1 else picked[0]
-        bad = mx.isnan(logits).any(axis=-1)
+        bad = _bad_logits(logits, checks)
         mx.async_eval(
             tokens, bad, [lp for lp in lps if lp is not None], [c.state for c in self.batch]
         )
@@ -541,8 +546,26 @@ class _Step:
     requests: list[Request]
     tokens: mx.array  # [rows]
     lps: list  # per row: (chosen logprob, top ids, top logprobs) arrays, or None
-    bad: mx.array  # [rows] bool: NaN logits
+    bad: mx.array  # [rows] uint8: 0, or the key in BAD_LOGITS of what went wrong
     failed: dict[int, str]  # rows whose sampler raised, and why
+
+
+BAD_LOGITS = {
+    1: "the model produced NaN or infinite logits",
+    2: "sampling produced NaN or infinite logits (after the penalties, filters and temperature)",
+}
+
+
+def _bad_logits(logits: mx.array, checks: list) -> mx.array:
+    """Per row `[rows]` uint8: 1 if the model's logits cannot be sampled from (NaN, +inf, or
+    every token -inf), 2 if a sampling stage made them so (`checks[r]` is row r's sampler's own
+    check, `[1]` bool, or None where no sampler ran), else 0. Either ends the request with an
+    error: the draw would be garbage."""
+    model_bad = invalid_logits(logits)
+    if all(c is None for c in checks):
+        return model_bad.astype(mx.uint8)
+    stage_bad = mx.concatenate([mx.zeros((1,), mx.bool_) if c is None else c for c in checks])
+    return mx.where(model_bad, 1, mx.where(stage_bad, 2, 0)).astype(mx.uint8)
 
 
 def _row(stored: tuple, row: int, n: int) -> tuple:

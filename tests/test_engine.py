@@ -282,9 +282,21 @@ def test_a_failing_request_leaves_the_others_untouched(llama, monkeypatch, run_a
         assert_same_greedy(results[i].tokens, alone(model, batch[i], 12))
 
 
-def test_nan_logits_end_their_own_request_only(llama, monkeypatch):
-    """NaN logits in one row (injected into the batched forward pass from its fourth token on)
-    end that request with 'error'; the other rows of the same steps go on unchanged."""
+@pytest.mark.parametrize(
+    "value, sampling, reason",
+    [
+        ("nan", GREEDY, "the model produced NaN"),
+        ("inf", SamplingParams(temperature=0.7, seed=3, ignore_eos=True), "the model produced"),
+        # finite logits that a temperature of 0.5 takes past float32's largest, 3.4e38
+        ("3e38", SamplingParams(temperature=0.5, seed=3, ignore_eos=True), "sampling produced"),
+    ],
+)
+def test_logits_that_cannot_be_sampled_end_their_own_request_only(
+    llama, monkeypatch, value, sampling, reason
+):
+    """NaN or infinite logits in one row (injected into the batched forward pass at token 7 from
+    the row's fourth token on), from the model or from a sampling stage, end that request with
+    'error'; the other rows of the same steps go on unchanged."""
     from mlxinfer.model import Model
 
     model, tokenizer = llama
@@ -298,15 +310,19 @@ def test_nan_logits_end_their_own_request_only(llama, monkeypatch):
         rows = [i for i, r in enumerate(running) if r.id == victim.get("id")]
         if rows and cache is engine.scheduler.batch and len(running[rows[0]].stream.tokens) >= 4:
             hit = (mx.arange(out.shape[0]) == rows[0])[:, None, None]
-            out = mx.where(hit, mx.array(float("nan"), out.dtype), out)
+            hit = hit & (mx.arange(out.shape[-1]) == 7)[None, None, :]
+            out = mx.where(hit, mx.array(float(value), out.dtype), out)
         return out
 
     monkeypatch.setattr(Model, "__call__", poisoned)
     with mlxinfer.Engine(model, tokenizer) as engine:
-        handles = [engine.submit(ids, sampling=GREEDY, max_tokens=12) for ids in batch]
+        handles = [
+            engine.submit(ids, sampling=sampling if i == 1 else GREEDY, max_tokens=12)
+            for i, ids in enumerate(batch)
+        ]
         assert handles[1].id == victim["id"]
         results = [h.result(timeout=120) for h in handles]
-    assert results[1].finish_reason == "error" and "NaN" in results[1].error
+    assert results[1].finish_reason == "error" and reason in results[1].error
     assert 4 <= len(results[1].tokens) < 12
     for i in (0, 2):
         assert results[i].finish_reason == "length"

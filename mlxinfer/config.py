@@ -4,6 +4,9 @@ Families are data: `FAMILIES` maps a Hugging Face `model_type` to the architectu
 distinguish it (biases, q/k norm, fused projections, which layers slide, how MoE routing
 normalises). Everything else comes from config.json. Per-layer choices (sliding-window or full
 attention; MoE or dense MLP) are resolved here once, as transformers resolves them.
+
+Every file of a model directory is reached through `model_file` (no symlink out of the directory)
+and every JSON file read with `read_json` (any malformed file is a ModelLoadError naming it).
 """
 
 from __future__ import annotations
@@ -280,9 +283,42 @@ def read_json(path: str | Path, what: str) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path}: invalid JSON ({e})") from None
+    except RecursionError:  # '[' * 100000: Python's parser recurses once per level
+        raise ModelLoadError(f"{path}: invalid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def model_file(directory: Path, name: str) -> Path:
+    """`directory / name`, checked before it is read: a model from the internet may link its
+    `config.json` or `chat_template.jinja` to any file on this machine, so a symlink leading out
+    of the directory is refused (see `inside_model_dir`). A missing file is the caller's to report."""
+    file = directory / name
+    if not inside_model_dir(file, directory):
+        raise ModelLoadError(f"{file}: a symlink leading outside the model directory")
+    return file
+
+
+def inside_model_dir(file: Path, directory: Path) -> bool:
+    """Whether `file` (symlinks resolved) lies inside `directory` — or, when `directory` is a
+    snapshot of the Hugging Face cache (`models--org--name/snapshots/<revision>`, whose files are
+    symlinks to `../../blobs/<hash>`), inside that repository's own `blobs` folder."""
+    target, root = _resolved(file), _resolved(directory)
+    if target is None or root is None:
+        return False
+    if target.is_relative_to(root):
+        return True
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        return target.parent == root.parent.parent / "blobs"
+    return False
+
+
+def _resolved(file: Path) -> Path | None:
+    try:
+        return file.resolve()
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a symlink loop
+        return None
 
 
 def _as_id_list(value: Any) -> list[int]:

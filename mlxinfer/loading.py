@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import cpu_kernels, gguf
 from .backend import resolve_compute_policy
-from .config import ModelConfig, ModelLoadError, read_json
+from .config import ModelConfig, ModelLoadError, inside_model_dir, model_file, read_json
 from .mlp import SwiGLU
 from .model import Model
 from .moe import QuantizedSwitchLinear
@@ -104,7 +104,7 @@ def _load_as_stored(path: str | Path | None, dtype: mx.Dtype | None) -> tuple[Mo
         return load_hf(path, dtype)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return load_gguf(ggufs[0], dtype)
+        return load_gguf(model_file(path, ggufs[0].name), dtype)
     raise ModelLoadError(
         f"{path}: no config.json (Hugging Face or MLX model) and no single .gguf file"
     )
@@ -112,7 +112,9 @@ def _load_as_stored(path: str | Path | None, dtype: mx.Dtype | None) -> tuple[Mo
 
 def load_hf(path: Path, dtype: mx.Dtype | None = None) -> tuple[Model, Tokenizer]:
     """A Hugging Face or mlx-community directory: config.json + safetensors (+ tokenizer files)."""
-    config = ModelConfig.from_file(path / "config.json")
+    config = ModelConfig.from_file(model_file(path, "config.json"))
+    tokenizer = Tokenizer.from_dir(path, eos_token_ids=config.eos_token_ids)
+    check_vocabulary(config, tokenizer, path / "tokenizer.json", path / "config.json")
     weights = read_safetensors_dir(path)
     weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
     if config.tie_word_embeddings:
@@ -120,7 +122,6 @@ def load_hf(path: Path, dtype: mx.Dtype | None = None) -> tuple[Model, Tokenizer
     if config.num_experts:
         weights = stack_experts(weights, config.num_experts, source=str(path))
     model = build_model(config, weights, source=str(path), dtype=dtype)
-    tokenizer = Tokenizer.from_dir(path, eos_token_ids=config.eos_token_ids)
     return model, tokenizer
 
 
@@ -139,9 +140,27 @@ def load_gguf(path: Path, dtype: mx.Dtype | None = None) -> tuple[Model, Tokeniz
         config_dict["rope_freqs"] = weights.pop("rope_freqs.weight").tolist()
     config_dict["tie_word_embeddings"] = "lm_head.weight" not in weights
     config = ModelConfig.from_dict(config_dict, source=source)
-    model = build_model(config, weights, source=source, dtype=dtype or mx.float32)
     tokenizer = Tokenizer.from_gguf(metadata, source)
+    check_vocabulary(config, tokenizer, source, "its metadata")
+    model = build_model(config, weights, source=source, dtype=dtype or mx.float32)
     return model, tokenizer
+
+
+def check_vocabulary(
+    config: ModelConfig,
+    tokenizer: Tokenizer,
+    tokenizer_source: str | Path,
+    config_source: str | Path,
+) -> None:
+    """Every token id the tokenizer can produce needs a row of the embedding: MLX reads an id past
+    `vocab_size` as zeros, silently. A larger `vocab_size` is normal (embeddings are often padded
+    to a multiple of 64 or 128); checked before any weight is read."""
+    tokens, rows = tokenizer.vocab_size, config.vocab_size
+    if tokens > rows:
+        raise ModelLoadError(
+            f"{tokenizer_source}: the tokenizer has {tokens} tokens (added tokens included), but "
+            f"{config_source} says vocab_size = {rows}: ids {rows}..{tokens - 1} have no embedding"
+        )
 
 
 _MIXTRAL_EXPERT_NAMES = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
@@ -374,7 +393,7 @@ def read_safetensors_dir(path: Path) -> dict[str, mx.array]:
     """All tensors of a directory: the shards listed by model.safetensors.index.json, else every
     *.safetensors file. Every file must lie inside the directory, symlinks resolved (an index
     from the internet may name `/abs/path` or `../elsewhere`): checked before any is read."""
-    index = path / "model.safetensors.index.json"
+    index = model_file(path, "model.safetensors.index.json")
     if index.is_file():
         weight_map = read_json(index, "safetensors index").get("weight_map")
         if not isinstance(weight_map, dict):
@@ -384,7 +403,7 @@ def read_safetensors_dir(path: Path) -> dict[str, mx.array]:
                 raise ModelLoadError(f"{index}: weight_map lists shard {name!r}, not a file name")
         names = sorted(set(weight_map.values()))
         for name in names:
-            if not _inside_model_dir(path / name, path):
+            if not inside_model_dir(path / name, path):
                 raise ModelLoadError(
                     f"{index}: weight_map lists shard {name!r}, which is outside the model "
                     f"directory {path}"
@@ -397,34 +416,11 @@ def read_safetensors_dir(path: Path) -> dict[str, mx.array]:
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise ModelLoadError(f"{path}: no *.safetensors weight files")
-        for file in files:
-            if not _inside_model_dir(file, path):
-                raise ModelLoadError(f"{file}: a symlink leading outside the model directory")
+        files = [model_file(path, file.name) for file in files]
     weights: dict[str, mx.array] = {}
     for file in files:
         weights.update(read_safetensors(file))
     return weights
-
-
-def _resolved(file: Path) -> Path | None:
-    try:
-        return file.resolve()
-    except (OSError, ValueError, RuntimeError):  # a NUL byte, a symlink loop
-        return None
-
-
-def _inside_model_dir(file: Path, directory: Path) -> bool:
-    """Whether `file` (symlinks resolved) lies inside `directory` — or, when `directory` is a
-    snapshot of the Hugging Face cache (`models--org--name/snapshots/<revision>`, whose files are
-    symlinks to `../../blobs/<hash>`), inside that repository's own `blobs` folder."""
-    target, root = _resolved(file), _resolved(directory)
-    if target is None or root is None:
-        return False
-    if target.is_relative_to(root):
-        return True
-    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
-        return target.parent == root.parent.parent / "blobs"
-    return False
 
 
 def read_safetensors(file: Path) -> dict[str, mx.array]:
@@ -439,7 +435,7 @@ def read_safetensors(file: Path) -> dict[str, mx.array]:
             raise ModelLoadError(f"{file}: truncated or corrupt safetensors header")
         try:
             header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise ModelLoadError(f"{file}: corrupt safetensors header (not JSON)") from None
     data_end = max(
         (t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0

@@ -16,7 +16,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from .config import ModelLoadError, read_json
+from .config import ModelLoadError, model_file, read_json
 
 # GGUF token types (llama.cpp's llama_token_type).
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
@@ -78,9 +78,11 @@ class Tokenizer:
             ids.append(eos_id)
         self.eos_token_ids: set[int] = set(ids)
 
-    @property
+    @functools.cached_property
     def vocab_size(self) -> int:
-        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+        """One more than the largest token id, added tokens included: ids lie in [0, vocab_size).
+        (A tokenizer.json may leave gaps, so this can exceed the number of tokens.)"""
+        return max(self._tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     @property
     def bos_token_id(self) -> int | None:
@@ -142,7 +144,7 @@ class Tokenizer:
     def from_dir(cls, path: str | Path, eos_token_ids: Iterable[int] = ()) -> Tokenizer:
         """Load tokenizer.json, tokenizer_config.json and any chat template file from a model dir."""
         path = Path(path)
-        tokenizer_file = path / "tokenizer.json"
+        tokenizer_file = model_file(path, "tokenizer.json")
         if not tokenizer_file.is_file():
             raise ModelLoadError(f"{tokenizer_file}: tokenizer file not found")
         try:
@@ -150,10 +152,10 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise ModelLoadError(f"{tokenizer_file}: invalid tokenizer ({e})") from None
         config = {}
-        if (path / "tokenizer_config.json").is_file():
-            config = read_json(path / "tokenizer_config.json", "tokenizer config")
+        if (config_file := model_file(path, "tokenizer_config.json")).is_file():
+            config = read_json(config_file, "tokenizer config")
         ids = list(eos_token_ids)
-        generation_config = path / "generation_config.json"
+        generation_config = model_file(path, "generation_config.json")
         if generation_config.is_file():
             ids += _id_list(read_json(generation_config, "generation config").get("eos_token_id"))
         return cls(
@@ -304,11 +306,11 @@ def _chat_environment() -> ImmutableSandboxedEnvironment:
 def _find_chat_template(path: Path, config: dict[str, Any]) -> str | None:
     """transformers >= 4.43 writes chat_template.jinja; older files keep it in tokenizer_config.json
     (a string, or a list of named templates) or chat_template.json."""
-    if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text(encoding="utf-8")
+    if (jinja_file := model_file(path, "chat_template.jinja")).is_file():
+        return jinja_file.read_text(encoding="utf-8")
     template = config.get("chat_template")
-    if template is None and (path / "chat_template.json").is_file():
-        template = read_json(path / "chat_template.json", "chat template").get("chat_template")
+    if template is None and (json_file := model_file(path, "chat_template.json")).is_file():
+        template = read_json(json_file, "chat template").get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template}
         template = named.get("default") or next(iter(named.values()), None)

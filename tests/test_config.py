@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from mlxinfer.config import FAMILIES, ModelConfig, ModelLoadError
+from mlxinfer.config import FAMILIES, ModelConfig, ModelLoadError, model_file
 
 from .reference import FAMILY_CLASSES, TINY
 from .test_model import LLAMA3_ROPE
@@ -558,3 +558,39 @@ def test_untrusted_values_are_model_load_errors(change, message):
     with pytest.raises(ModelLoadError) as err:
         ModelConfig.from_dict({**base, **change}, source="dir/config.json")
     assert str(err.value).startswith("dir/config.json: ") and message in str(err.value)
+
+
+def test_deeply_nested_json_names_the_file(tmp_path):
+    """'[' * 100000 used to escape as a RecursionError traceback from Python's JSON parser."""
+    path = tmp_path / "config.json"
+    path.write_text("[" * 100_000)
+    with pytest.raises(ModelLoadError, match=r"config\.json: invalid JSON \(nested too deeply\)$"):
+        ModelConfig.from_file(path)
+
+
+def test_model_file_refuses_symlinks_leading_outside(tmp_path):
+    """Files inside the directory (links among them included) are returned, missing ones too (the
+    caller reports them); a link leading outside is refused, unless the directory is a snapshot
+    of the Hugging Face cache linking into its own repository's blobs."""
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "sub" / "real.json").write_text("{}")
+    (model / "inside.json").symlink_to("sub/real.json")
+    (tmp_path / "secret").write_text("{}")
+    (model / "outside.json").symlink_to("../secret")
+    (model / "absolute.json").symlink_to(tmp_path / "secret")
+    (model / "outside_dir").symlink_to(tmp_path)
+    for name in ("sub/real.json", "inside.json", "missing.json"):
+        assert model_file(model, name) == model / name
+    for name in ("outside.json", "absolute.json", "outside_dir/secret", "sub/../../secret"):
+        with pytest.raises(ModelLoadError, match="a symlink leading outside the model directory"):
+            model_file(model, name)
+    snapshot = tmp_path / "models--org--name" / "snapshots" / "0123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "blobs").mkdir()
+    (snapshot.parent.parent / "blobs" / "abc").write_text("{}")
+    (snapshot / "config.json").symlink_to("../../blobs/abc")
+    (snapshot / "stray.json").symlink_to("../../refs")
+    assert model_file(snapshot, "config.json") == snapshot / "config.json"
+    with pytest.raises(ModelLoadError, match="stray.json: a symlink leading outside"):
+        model_file(snapshot, "stray.json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import mlx.core as mx
@@ -15,7 +16,7 @@ import pytest
 import mlxinfer
 from mlxinfer import ModelLoadError
 
-from .reference import make_tiny_checkpoint, rel_err, torch_logits
+from .reference import make_tiny_checkpoint, rel_err, torch_logits, write_tiny_tokenizer
 
 pytestmark = pytest.mark.exactness  # CI runs these under each op set
 
@@ -99,11 +100,11 @@ GGUF_TYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"]
 
 
 def write_gguf(
-    path, torch_model, qtype: str, arch: str = "llama", extra=None, linear_rope=None
+    path, torch_model, qtype: str, arch: str = "llama", extra=None, linear_rope=None, tokens=None
 ) -> None:
     """Write a GGUF the way llama.cpp's convert_hf_to_gguf.py does: for llama, q/k rows permuted to
     the interleaved RoPE layout (qwen2/qwen3 keep the half-split layout); 1-D tensors (norms,
-    biases) in F32, matrices in `qtype`."""
+    biases) in F32, matrices in `qtype`. `tokens`: the tokenizer's size, if not vocab_size."""
     import gguf
 
     cfg = torch_model.config
@@ -126,9 +127,9 @@ def write_gguf(
         writer.add_rope_scaling_factor(linear_rope)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
-    byte_chars = [chr(c) for c in range(33, 33 + cfg.vocab_size)]
-    writer.add_token_list(byte_chars)
-    writer.add_token_types([1] * cfg.vocab_size)
+    tokens = tokens or cfg.vocab_size
+    writer.add_token_list([chr(c) for c in range(33, 33 + tokens)])
+    writer.add_token_types([1] * tokens)
     writer.add_token_merges([])
     writer.add_eos_token_id(2)
 
@@ -546,17 +547,20 @@ def test_shards_inside_the_model_dir_still_load(sharded_dir, tmp_path):
 @pytest.mark.parametrize("which", ["single-file", "sharded"])
 def test_hugging_face_cache_snapshot_still_loads(llama_dir, sharded_dir, tmp_path, which):
     """The hub cache keeps a repository's files in `models--org--name/blobs` and links each
-    `snapshots/<revision>/<file>` to `../../blobs/<hash>`: those links are the repository's own."""
+    `snapshots/<revision>/<file>` to `../../blobs/<hash>`: those links are the repository's own,
+    for the weights and every other file (config, tokenizer, chat template)."""
     src, ref = llama_dir if which == "single-file" else sharded_dir
     repo = tmp_path / "hub" / "models--org--tiny"
     snapshot = repo / "snapshots" / "0123abcd"
     (repo / "blobs").mkdir(parents=True)
     snapshot.mkdir(parents=True)
-    for i, file in enumerate(sorted(src.iterdir())):
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    for i, file in enumerate(sorted([*src.iterdir(), tmp_path / "chat_template.jinja"])):
         shutil.copy(file, repo / "blobs" / f"{i:040x}")
         (snapshot / file.name).symlink_to(f"../../blobs/{i:040x}")
-    model, _ = mlxinfer.load(snapshot)
+    model, tokenizer = mlxinfer.load(snapshot)
     assert rel_err(np.array(model(mx.array(IDS))), torch_logits(ref, IDS)) <= 1e-4
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "w5"}]) == [5]
     # ...but not a link from the snapshot to anywhere else.
     other = tmp_path / "elsewhere"
     other.mkdir()
@@ -596,3 +600,128 @@ def test_layer_count_is_checked_before_the_model_is_built(llama_dir, tmp_path, l
         assert f"num_hidden_layers must be between 1 and 1024, got {layers}" in message
     else:
         assert f"num_hidden_layers = {layers}" in message and "layers 0..1" in message
+
+
+# -- untrusted directories: every file read from the model directory stays inside it -------------
+
+# Every file a model directory is read for; chat_template.json is read when there is no
+# chat_template.jinja and tokenizer_config.json holds no template (as in the tiny checkpoints).
+MODEL_FILES = {
+    "config.json": None,
+    "tokenizer.json": None,
+    "tokenizer_config.json": None,
+    "generation_config.json": None,
+    "chat_template.jinja": "{{ messages }}",
+    "chat_template.json": json.dumps({"chat_template": "{{ messages }}"}),
+    "model.safetensors.index.json": None,  # of the sharded checkpoint
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_FILES))
+def test_every_model_file_symlinked_outside_is_refused(llama_dir, sharded_dir, tmp_path, name):
+    """The weights' rule for every file: a model from the internet linking its
+    chat_template.jinja to /etc/passwd used to have that file rendered into every prompt, and its
+    config.json or tokenizer files to any file here used to have them read."""
+    src = sharded_dir if name == "model.safetensors.index.json" else llama_dir
+    model = copy_of(src[0], tmp_path)
+    outside = tmp_path / "elsewhere" / name
+    outside.parent.mkdir()
+    if MODEL_FILES[name] is None:
+        shutil.move(model / name, outside)
+    else:
+        outside.write_text(MODEL_FILES[name])
+    (model / name).symlink_to(outside)
+    expected = f"{model / name}: a symlink leading outside the model directory"
+    with pytest.raises(ModelLoadError, match=f"^{re.escape(expected)}$"):
+        mlxinfer.load(model)
+
+
+def test_gguf_symlinked_outside_a_directory_is_refused(llama_dir, tmp_path):
+    """A directory holding one .gguf is loaded from that file: the same rule applies. (A .gguf
+    path given directly is the caller's own choice.)"""
+    model = tmp_path / "model"
+    model.mkdir()
+    write_gguf(tmp_path / "elsewhere.gguf", llama_dir[1], "F32")
+    (model / "only.gguf").symlink_to(tmp_path / "elsewhere.gguf")
+    with pytest.raises(ModelLoadError, match=r"only\.gguf: a symlink leading outside the model"):
+        mlxinfer.load(model)
+    assert mlxinfer.load(model / "only.gguf")[0].config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "config.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "chat_template.json",
+        "model.safetensors.index.json",
+    ],
+)
+def test_deeply_nested_json_names_the_file(llama_dir, sharded_dir, tmp_path, name):
+    """'[' * 100000 used to be a RecursionError traceback from Python's JSON parser."""
+    src = sharded_dir if name == "model.safetensors.index.json" else llama_dir
+    model = copy_of(src[0], tmp_path)
+    (model / name).write_text("[" * 100_000)
+    expected = f"{model / name}: invalid JSON (nested too deeply)"
+    with pytest.raises(ModelLoadError, match=f"^{re.escape(expected)}$"):
+        mlxinfer.load(model)
+
+
+def test_deeply_nested_tokenizer_json_and_safetensors_header(llama_dir, tmp_path):
+    """tokenizer.json is parsed by the tokenizers library (its own depth limit), a safetensors
+    header by Python's json: both are ModelLoadErrors naming the file."""
+    model = copy_of(llama_dir[0], tmp_path)
+    (model / "tokenizer.json").write_text('{"model": ' + '{"a": ' * 100_000)
+    with pytest.raises(ModelLoadError, match=r"tokenizer\.json: invalid tokenizer \(recursion"):
+        mlxinfer.load(model)
+    write_tiny_tokenizer(model)
+    header = b"[" * 100_000
+    (model / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors: corrupt safetensors header"):
+        mlxinfer.load(model)
+
+
+# -- the tokenizer must fit the model ------------------------------------------------------------
+
+
+def test_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
+    """A config with vocab_size = 16 and a 128-token tokenizer used to load: prompt ids 16..127
+    read embedding rows that do not exist (zeros). Named: both files and both sizes."""
+    make_tiny_checkpoint(tmp_path, "llama", vocab_size=16)
+    write_tiny_tokenizer(tmp_path, vocab_size=128)
+    expected = (
+        f"{tmp_path / 'tokenizer.json'}: the tokenizer has 128 tokens (added tokens included), "
+        f"but {tmp_path / 'config.json'} says vocab_size = 16: ids 16..127 have no embedding"
+    )
+    with pytest.raises(ModelLoadError, match=f"^{re.escape(expected)}$"):
+        mlxinfer.load(tmp_path)
+
+
+def test_added_tokens_count_and_a_padded_embedding_is_fine(tmp_path):
+    """Added tokens take ids past the base vocabulary; an embedding larger than the tokenizer
+    (padded to a multiple of 64, as Qwen's 151,936 rows for 151,665 tokens) is normal."""
+    make_tiny_checkpoint(tmp_path, "llama", vocab_size=16)
+    write_tiny_tokenizer(tmp_path, vocab_size=14)
+    _, tokenizer = mlxinfer.load(tmp_path)  # 14 tokens, 16 rows
+    assert tokenizer.vocab_size == 14
+    tokenizer_json = json.loads((tmp_path / "tokenizer.json").read_text())
+    tokenizer_json["added_tokens"] = [
+        {"id": 14 + i, "content": f"<extra{i}>", "single_word": False, "lstrip": False,
+         "rstrip": False, "normalized": False, "special": True}
+        for i in range(3)
+    ]  # fmt: skip
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    with pytest.raises(ModelLoadError, match=r"the tokenizer has 17 tokens .* vocab_size = 16"):
+        mlxinfer.load(tmp_path)
+
+
+def test_gguf_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
+    ref = make_tiny_checkpoint(tmp_path / "hf", "llama", vocab_size=16)
+    write_gguf(tmp_path / "m.gguf", ref, "F32", tokens=128)
+    expected = (
+        f"{tmp_path / 'm.gguf'}: the tokenizer has 128 tokens (added tokens included), but its "
+        "metadata says vocab_size = 16: ids 16..127 have no embedding"
+    )
+    with pytest.raises(ModelLoadError, match=f"^{re.escape(expected)}$"):
+        mlxinfer.load(tmp_path / "m.gguf")

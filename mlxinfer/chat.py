@@ -107,7 +107,12 @@ def run_chat(args: argparse.Namespace) -> int:
         except UsageError as e:
             print(f"mlxinfer chat: error: {e}", file=sys.stderr)
             continue
-        messages, dropped = conversation.ask(text, min(sampling.max_tokens, 256))
+        try:
+            messages, dropped = conversation.ask(text, min(sampling.max_tokens, 256))
+        except ValueError as e:  # the chat template fails on this history (or runs past its bounds)
+            conversation.turns.pop()
+            report_failed_turn(args, e, interactive)
+            continue
         if dropped:
             print(f"mlxinfer chat: the conversation outgrew the context; the {dropped} oldest "
                   "messages were dropped", file=sys.stderr)  # fmt: skip
@@ -129,18 +134,24 @@ def run_chat(args: argparse.Namespace) -> int:
             finish(args, reply, None, " [stopped]")
             if not interactive:
                 return EXIT_INTERRUPTED
-        except ValueError as e:  # a single message longer than the context
+        except ValueError as e:  # a single message longer than the context, a failing template
             progress.clear()
             conversation.turns.pop()
-            print(f"mlxinfer chat: error: {e}", file=sys.stderr)
-            if args.json:  # one line per turn, always: a script stays in step
-                print(json.dumps({"text": "", "finish_reason": "error", "error": str(e)}))
-            elif not interactive:
-                print(flush=True)
+            report_failed_turn(args, e, interactive)
             continue
         else:
             finish(args, reply, last, "")
         conversation.answer("".join(reply))
+
+
+def report_failed_turn(args: argparse.Namespace, error: ValueError, interactive: bool) -> None:
+    """The error on stderr; with --json an error line too, as every turn has its line (a script
+    stays in step); piped, the empty line a reply would end with."""
+    print(f"mlxinfer chat: error: {error}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"text": "", "finish_reason": "error", "error": str(error)}))
+    elif not interactive:
+        print(flush=True)
 
 
 def finish(args: argparse.Namespace, reply: list[str], last, stopped_mark: str) -> None:

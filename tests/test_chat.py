@@ -3,6 +3,7 @@ each reply ends with a newline (with --json, each reply is one JSON line)."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -115,3 +116,24 @@ def test_a_message_longer_than_the_context_still_gets_its_line():
     assert first["finish_reason"] == "error" and "no room in the model's context" in first["error"]
     assert second["text"] and second["finish_reason"] in ("eos", "length")
     assert "no room in the model's context" in result.stderr
+
+
+def test_a_chat_template_failing_on_the_history_is_a_turn_error(tmp_path):
+    """The history is rendered to trim it before the reply; a template failing there (on the second
+    turn here, or past its time and size bounds) used to end the chat with a traceback."""
+    make_tiny_checkpoint(tmp_path, "llama")
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% if messages | length > 1 %}{{ raise_exception('one message only') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    result = chat("w5", "w6", "w7", args=("--model", str(tmp_path), "--max-tokens", "2", "--json"))
+    assert result.returncode == 0, result.stderr
+    first, second, third = (json.loads(line) for line in result.stdout.splitlines())
+    assert first["finish_reason"] in ("length", "eos")
+    for turn in (second, third):  # the failed turn left the history as it was
+        assert turn == {
+            "text": "",
+            "finish_reason": "error",
+            "error": "chat template error: one message only",
+        }
+    assert result.stderr.count("mlxinfer chat: error: chat template error: one message only") == 2

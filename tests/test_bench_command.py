@@ -146,3 +146,83 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tiny, tmp_path):
         (p, k) for p in range(6) for k in range(4)
     ]
     assert all(r["status"] == "ok" for r in rows) and runs.run(1)["status"] == "done"
+
+
+def one_line(result, code=2) -> str:
+    """The single stderr line of a command that failed with `code`, no traceback."""
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def limited_memory():
+    """The child may have 4 GB of address space (MLX imported: ~0.4 GB): a sweep that expands a
+    huge grid fails there quickly instead of filling the machine."""
+    import resource
+
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+    except (ValueError, OSError):  # not enforced everywhere (macOS)
+        pass
+
+
+def test_a_huge_grid_is_refused_at_once_with_its_size(tmp_path):
+    """Four axes of 100 values (100 million configurations): refused before anything runs, with
+    the count and how to shrink it (before: expanded into a list, 3 GB in 18 s, silently)."""
+    from .test_bench_grid import HUGE
+
+    flags = [
+        item for axis, values in HUGE.items() for item in (f"--{axis.replace('_', '-')}", values)
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "mlxinfer", "bench", *flags, "--db", str(tmp_path / "runs.sqlite")],
+        capture_output=True, text=True, timeout=120, preexec_fn=limited_memory,
+    )  # fmt: skip
+    line = one_line(result)
+    assert "the grid has 100,000,000 configurations" in line and "fewer values" in line
+
+
+def test_a_sweep_estimated_past_an_hour_is_said_so_before_it_starts(tiny, tmp_path):
+    """The database's past measurements of this model say the sweep takes hours: a warning
+    with the estimate and how to stop and resume, then the sweep runs."""
+    from mlxinfer.bench.db import METRICS, RunsDB
+    from mlxinfer.bench.grid import DEFAULTS
+
+    db = RunsDB(tmp_path / "runs.sqlite")
+    past = db.start_run("earlier", {"cpu": "test"}, reps=1)
+    (config,) = db.add_configurations(past, [("k", {**DEFAULTS, "model": tiny})])
+    slow = {m: 1.0 for m in METRICS} | {"prefill_tps": 1.0, "decode_tps": 0.001}
+    db.record(config, "mlxinfer", 0, slow)  # 4 tokens at 0.001 tok/s: over an hour a rep
+    db.finish_run(past, "done")
+    result = bench("--model", tiny, "--prompt-tokens", "8", "--gen-tokens", "4", "--reps", "1",
+                   db=tmp_path / "runs.sqlite")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    warning = result.stderr.splitlines()[0]
+    assert warning.startswith("mlxinfer bench: warning: this sweep takes ~2h13m at the speeds")
+    assert warning.endswith("Ctrl-C stops it, and --resume 2 continues it")
+
+
+def test_the_progress_warns_once_when_the_pace_says_more_than_an_hour():
+    """No past measurements to estimate from: once a configuration is measured, a time left of
+    more than an hour gets a warning line of its own, once."""
+    import io
+
+    from mlxinfer.bench.command import Progress
+    from mlxinfer.bench.grid import DEFAULTS
+    from mlxinfer.bench.sweep import SweepEvent
+
+    def measured(index, eta_s):
+        return SweepEvent("measured", 3, index, 1000, dict(DEFAULTS), 0, {}, eta_s=eta_s,
+                          step=index + 1, steps=1000)  # fmt: skip
+
+    out = io.StringIO()
+    show = Progress(["temperature"], 1, out)
+    for event in [measured(0, 9e5), measured(1, 3000), measured(2, 205200), measured(3, 9e5)]:
+        show(event)
+    warnings = [line for line in out.getvalue().splitlines() if "warning" in line]
+    assert warnings == [
+        "mlxinfer bench: warning: ~57h00m left at this pace; Ctrl-C stops it, and --resume 3 "
+        "continues it"
+    ]

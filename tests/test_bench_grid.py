@@ -103,3 +103,39 @@ def test_sampling_label_names_what_differs_from_greedy():
 
     assert sampling_label(DEFAULTS) == "greedy"
     assert sampling_label({**DEFAULTS, "temperature": 0.7, "top_p": 0.9}) == "T 0.7, top-p 0.9"
+
+
+def hundred(axis_values):
+    return ",".join(str(v) for v in axis_values)
+
+
+HUGE = {  # four axes of 100 values: 100 million configurations
+    "temperature": hundred(i / 50 for i in range(100)),
+    "top_k": hundred(range(100)),
+    "top_p": hundred(1 - i / 200 for i in range(100)),
+    "min_p": hundred(i / 200 for i in range(100)),
+}
+
+
+def test_a_grid_past_the_limit_is_refused_by_its_count_before_it_is_expanded():
+    """Four axes of 100 values: `mlxinfer bench` grew to 3 GB in 18 s expanding them, saying
+    nothing. The count is the product of the axes' lengths, and past MAX_CONFIGURATIONS the
+    grid is refused with it and how to shrink it; expand() refuses it before the first one."""
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as refused:
+        parse_axes(HUGE)
+    assert time.perf_counter() - start < 5  # counted, not expanded
+    message = str(refused.value)
+    assert message.startswith("the grid has 100,000,000 configurations (temperature 100 x top_k ")
+    from mlxinfer.bench.grid import MAX_CONFIGURATIONS, count
+
+    assert f"more than the {MAX_CONFIGURATIONS:,}" in message and "fewer values" in message
+    by_hand = {name: [DEFAULTS[name]] for name in AXES} | {"top_k": list(range(10_001))}
+    with pytest.raises(ValueError, match="10,001 configurations"):
+        next(expand(by_hand))
+    sampling = parse_axes({"sampling": [{}, {"temperature": 0.7}], "prompt_tokens": "8,16,32"})
+    assert count(sampling) == len(list(expand(sampling))) == 6
+    edge = ",".join(str(n) for n in range(1, 101))  # 100 x 100 = the limit exactly: allowed
+    assert count(parse_axes({"prompt_tokens": edge, "gen_tokens": edge})) == MAX_CONFIGURATIONS

@@ -194,6 +194,54 @@ def test_a_bad_sweep_value_names_the_axis_and_nothing_runs(dashboard):
     assert any("exceed the context" in e.value for e in at.error)
 
 
+def test_a_grid_past_the_limit_is_an_error_and_is_never_expanded(dashboard, monkeypatch):
+    """11 values in each of four boxes: 14,641 configurations, past the limit. Before: expanded
+    into a list and checked one by one on every rerun (four boxes of 100: gigabytes, no
+    word), then offered to run."""
+    from mlxinfer.bench import grid, sweep
+
+    def expanded(axes):
+        raise AssertionError("the grid was expanded")
+
+    monkeypatch.setattr(grid, "expand", expanded)
+    monkeypatch.setattr(sweep, "expand", expanded)
+    at = app("views/sweep.py")
+    eleven = ",".join(str(n) for n in range(1, 12))
+    inputs = {w.label: w for w in at.text_input}
+    inputs["top k"].set_value(eleven)
+    inputs["prompt tokens"].set_value(eleven)
+    inputs["gen tokens"].set_value(eleven)
+    inputs["depth"].set_value(eleven).run()
+    healthy(at)
+    assert any("the grid has 14,641 configurations" in e.value for e in at.error)
+    assert not [b for b in at.button if b.label == "Run the sweep"]
+
+
+def test_a_sweep_estimated_past_an_hour_is_warned(dashboard, tiny):
+    """The database has measured this model slowly: the page says the sweep would take hours."""
+    from mlxinfer.bench.db import METRICS, RunsDB
+    from mlxinfer.bench.grid import DEFAULTS
+
+    db = RunsDB(dashboard)
+    past = db.start_run("earlier", {"cpu": "test"}, reps=1)
+    (config,) = db.add_configurations(past, [("k", {**DEFAULTS, "model": tiny})])
+    db.record(config, "mlxinfer", 0, {m: 1.0 for m in METRICS} | {"decode_tps": 0.01})
+    db.finish_run(past, "done")
+    at = app("views/sweep.py")
+    inputs = {w.label: w for w in at.text_input}
+    inputs["prompt tokens"].set_value("8")
+    inputs["gen tokens"].set_value("6").run()
+    healthy(at)
+    # (8 / 1 + 6 / 0.01) s a repetition, 4 of them (a warm-up, 3 repetitions): 0.7 hours
+    assert not at.warning
+    inputs["gen tokens"].set_value("60").run()  # (8 / 1 + 60 / 0.01) x 4 s: 6.7 hours
+    assert [w.value for w in at.warning] == [
+        "This sweep would take about 6.7 hours at the speeds this database has measured: fewer "
+        "values make it shorter. Stop ends it whenever you like, keeping what it measured; "
+        "Resume continues it."
+    ]
+
+
 def test_results_list_compare_and_follow_a_metric_across_runs(dashboard, tiny):
     for _ in range(2):  # two runs of the same grid, from the command line
         subprocess.run(

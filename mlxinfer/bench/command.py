@@ -111,10 +111,11 @@ def run(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace, db) -> int:
     from . import report
     from .grid import parse_axes
-    from .sweep import Sweep
+    from .sweep import LONG_SWEEP_S, Sweep
 
     if args.resume is not None:
         sweep = Sweep.resume(db, args.resume)
+        seconds = None  # its pace says (the estimate would count what it has)
     else:
         raw = _read_sweep_file(args.sweep) if args.sweep else {}
         for axis in AXES:
@@ -130,9 +131,14 @@ def _sweep(args: argparse.Namespace, db) -> int:
         command = "mlxinfer bench " + " ".join(sys.argv[2:])
         sweep_text = Path(args.sweep).read_text() if args.sweep else None
         sweep = Sweep(axes, args.reps, db, command, sweep_text, baseline=args.baseline)
+        seconds = sweep.estimated_seconds()
+    if seconds is not None and seconds > LONG_SWEEP_S:
+        print(f"mlxinfer bench: warning: this sweep takes ~{_duration(seconds)} at the speeds "
+              f"this database has measured; {_stopping(sweep.run_id)}", file=sys.stderr,
+              flush=True)  # fmt: skip
     _interrupt_on(signal.SIGINT, signal.SIGTERM)  # also when started from the dashboard
     cancel = threading.Event()
-    show = Progress(sweep.swept, sweep.reps, sys.stderr)
+    show = Progress(sweep.swept, sweep.reps, sys.stderr, warned=seconds is not None)
     try:
         for event in sweep.run(cancel):
             show(event)
@@ -148,6 +154,10 @@ def _sweep(args: argparse.Namespace, db) -> int:
     print(f"run {sweep.run_id} in {db.path}", file=sys.stderr)
     measured = any(item["decode_tps"] is not None for item in items)
     return 0 if measured else 1  # some failures are a sweep's result; nothing measured is not
+
+
+def _stopping(run_id: int) -> str:
+    return f"Ctrl-C stops it, and --resume {run_id} continues it"
 
 
 def _interrupt_on(*signals) -> None:
@@ -168,10 +178,22 @@ class Progress:
 
     WIDTH = 24
 
-    def __init__(self, swept: list[str], reps: int, stream):
+    def __init__(self, swept: list[str], reps: int, stream, warned: bool = False):
         self.swept, self.reps, self.stream = swept, reps, stream
         self.live = stream.isatty()
         self.failures: set = set()  # a configuration that cannot be set up fails every rep
+        self.warned = warned  # about a long sweep: once, here or before it started
+
+    def _warn_if_long(self, event) -> None:
+        """Once the first configuration is measured (its pace includes loading the model), a
+        sweep with more than LONG_SWEEP_S left is said so on a line of its own."""
+        from .sweep import LONG_SWEEP_S
+
+        if self.warned or event.index < 1 or event.eta_s is None or event.eta_s <= LONG_SWEEP_S:
+            return
+        self.warned = True
+        self._line(f"mlxinfer bench: warning: ~{_duration(event.eta_s)} left at this pace; "
+                   f"{_stopping(event.run_id)}", final=True)  # fmt: skip
 
     def __call__(self, event) -> None:
         if event.kind in ("finished", "stopped"):
@@ -180,6 +202,8 @@ class Progress:
             return
         if event.kind == "skipped":
             return
+        if event.kind == "measured":
+            self._warn_if_long(event)
         sampling = [k for k in self.swept if k in SAMPLING_AXES]
         settings = " ".join(
             [sampling_label(event.config)] * bool(sampling)

@@ -12,7 +12,8 @@ Axes (the first value of each is its default):
                "q8", "q4", "q8:rotating:N", ...), compute ("float32" or "native"), model (a path,
                or "default")
 
-A bad value anywhere is a ValueError naming the axis and the value, raised before anything runs.
+A bad value anywhere is a ValueError naming the axis and the value, raised before anything runs;
+so is a grid of more than MAX_CONFIGURATIONS configurations (counted, never expanded, to say so).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ DEFAULTS: dict[str, object] = {  # SamplingParams' own defaults, then the sweep'
     "compute": "float32",
     "model": "default",
 }
+MAX_CONFIGURATIONS = 10_000  # a grid past this is a typo or a week of measuring, not a sweep
 _INT_AXES = {"top_k", "prompt_tokens", "gen_tokens", "depth", "concurrency"}
 _POSITIVE = {"prompt_tokens", "gen_tokens", "concurrency"}
 
@@ -65,8 +67,12 @@ def parse_axes(raw: Mapping[str, object]) -> dict[str, list]:
     settings over the others' defaults (`[[sampling]] temperature = 0.7, top_p = 0.9`)."""
     raw = dict(raw)
     combos = raw.pop("sampling", None)
-    if combos is not None:
-        return _with_sampling_combos(raw, combos)
+    axes = _parse(raw) if combos is None else _with_sampling_combos(raw, combos)
+    check_size(axes)
+    return axes
+
+
+def _parse(raw: dict) -> dict[str, list]:
     unknown = sorted(set(raw) - set(AXES))
     if unknown:
         raise ValueError(f"unknown sweep axis {unknown[0]!r}; the axes are: {', '.join(AXES)}")
@@ -93,7 +99,7 @@ def _with_sampling_combos(raw: dict, combos: object) -> dict[str, list]:
         raise ValueError(f"sweep axis {clash[0]!r} is set both alone and in [[sampling]]")
     if not isinstance(combos, list) or not combos or not all(isinstance(c, dict) for c in combos):
         raise ValueError("sampling must be a list of tables ([[sampling]] in TOML)")
-    axes = parse_axes(raw)
+    axes = _parse(raw)
     checked = []
     for i, combo in enumerate(combos):
         unknown = sorted(set(combo) - set(SAMPLING_AXES))
@@ -186,9 +192,32 @@ def parse_kv(text: str) -> dict:
     )
 
 
+def count(axes: Mapping[str, list]) -> int:
+    """How many configurations `expand(axes)` gives: the product of the axes' lengths."""
+    return len(axes.get("sampling", [{}])) * math.prod(len(axes[name]) for name in AXES)
+
+
+def check_size(axes: Mapping[str, list]) -> None:
+    """A ValueError with the count and how to shrink it when the grid has more than
+    MAX_CONFIGURATIONS configurations (four axes of 100 values are 100 million)."""
+    total = count(axes)
+    if total <= MAX_CONFIGURATIONS:
+        return
+    sizes = [("sampling", len(axes["sampling"]))] if "sampling" in axes else []
+    sizes += [(name, len(axes[name])) for name in AXES if len(axes[name]) > 1]
+    factors = " x ".join(f"{name} {n}" for name, n in sizes)
+    raise ValueError(
+        f"the grid has {total:,} configurations ({factors}), more than the {MAX_CONFIGURATIONS:,} "
+        "a sweep may have: give the axes fewer values, or name chosen combinations of sampling "
+        "settings as [[sampling]] tables in a sweep file"
+    )
+
+
 def expand(axes: Mapping[str, list]) -> Iterator[dict]:
     """Every combination, the last axis varying fastest (AXES order); chosen sampling
-    combinations (`axes["sampling"]`) vary slowest."""
+    combinations (`axes["sampling"]`) vary slowest. A grid past MAX_CONFIGURATIONS is refused
+    (check_size) before the first one."""
+    check_size(axes)
     names = list(AXES)
     for combo in axes.get("sampling", [{}]):
         for values in itertools.product(*(axes[name] for name in names)):

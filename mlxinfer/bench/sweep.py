@@ -31,6 +31,7 @@ from .grid import SAMPLING_AXES, config_key, expand, parse_kv, sampling_params
 
 ENGINE = "mlxinfer"
 BASELINE = "mlx-lm"
+LONG_SWEEP_S = 3600.0  # a sweep estimated to take longer is warned of (CLI and dashboard)
 TEXT = Path(__file__).with_name("kjv_genesis.txt")
 
 
@@ -93,6 +94,12 @@ class Sweep:
         self.config_ids = db.add_configurations(run_id, [(config_key(c), c) for c in configs])
         self._models = getattr(self, "_models", {})
         self._workers: dict = {}
+
+    def estimated_seconds(self) -> float | None:
+        """How long the run takes, from the database's past measurements (estimate()); None
+        when it has none of some configuration's kind."""
+        engines = [ENGINE] + ([BASELINE] if self.baseline else [])
+        return estimate(self.configs, self.reps, engines, self.db)[0]
 
     @property
     def swept(self) -> list[str]:
@@ -340,12 +347,31 @@ def plan(
     configs = list(expand(axes))
     check_grid(configs, load)
     engines = [ENGINE] + ([BASELINE] if baseline else [])
-    history = _speeds(db) if db is not None else {}
-    predicted, seconds, unknown = [], 0.0, []
+    predicted = []
     for config in configs:
         model, _ = load(config["model"], config["compute"])
         weights, kv = predicted_memory(model, config)
         predicted.append((weights + kv) / 2**20)
+    seconds, unknown = estimate(configs, reps, engines, db)
+    return {
+        "configurations": len(configs),
+        "measurements": len(configs) * reps * len(engines),
+        "predicted_mb": predicted,
+        "available_mb": machine.available_memory_mb(),
+        "seconds": seconds,
+        "unknown": unknown,
+    }
+
+
+def estimate(
+    configs: list[dict], reps: int, engines: list[str], db: RunsDB | None
+) -> tuple[float | None, list[tuple]]:
+    """(seconds, unknown): how long measuring `configs` takes (a warm-up and `reps` repetitions
+    on each engine), from `db`'s past measurements of the same engine, model, compute policy and
+    concurrency; None when some have none (`unknown` lists those)."""
+    history = _speeds(db) if db is not None else {}
+    seconds, unknown = 0.0, []
+    for config in configs:
         for name in engines:
             speed = history.get((name, config["model"], config["compute"], config["concurrency"]))
             if speed is None:
@@ -354,14 +380,7 @@ def plan(
             prefill, decode = speed
             one = config["prompt_tokens"] / prefill + config["gen_tokens"] / decode
             seconds += config["depth"] / prefill + (reps + 1) * one
-    return {
-        "configurations": len(configs),
-        "measurements": len(configs) * reps * len(engines),
-        "predicted_mb": predicted,
-        "available_mb": machine.available_memory_mb(),
-        "seconds": None if unknown else seconds,
-        "unknown": sorted(set(unknown)),
-    }
+    return (None if unknown else seconds), sorted(set(unknown))
 
 
 def _speeds(db: RunsDB) -> dict:

@@ -226,3 +226,45 @@ def test_the_progress_warns_once_when_the_pace_says_more_than_an_hour():
         "mlxinfer bench: warning: ~57h00m left at this pace; Ctrl-C stops it, and --resume 3 "
         "continues it"
     ]
+
+
+def test_resuming_a_run_another_process_is_measuring_is_refused(tiny, tmp_path):
+    """A second `--resume` of a run whose process is alive and measuring: refused in one line
+    naming the run and the process (before: taken, the owner's pid overwritten, so the
+    dashboard's Stop signalled the wrong process); the owner goes on and the run resumes once
+    it has stopped."""
+    import signal
+    import time
+
+    from mlxinfer.bench.db import RunsDB
+
+    db_path = tmp_path / "runs.sqlite"
+    owner = subprocess.Popen(
+        [sys.executable, "-m", "mlxinfer", "bench", "--model", tiny, "--top-k", "0,2,4,6",
+         "--prompt-tokens", "8", "--gen-tokens", "200", "--reps", "4", "--db", str(db_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and owner.poll() is None:
+            time.sleep(0.05)
+            if db_path.exists() and RunsDB(db_path).measurements(1):
+                break
+        db = RunsDB(db_path)
+        assert db.run(1)["pid"] == owner.pid and db.run(1)["status"] == "running"
+        second = bench("--resume", "1", db=db_path)
+        line = one_line(second)
+        assert line == (
+            f"mlxinfer bench: error: run 1 is still being measured by process {owner.pid}: stop "
+            "that one first (Ctrl-C there, or Stop on the dashboard), or let it finish"
+        )
+        assert db.run(1)["pid"] == owner.pid and owner.poll() is None  # untouched
+        owner.send_signal(signal.SIGINT)
+        _, stderr = owner.communicate(timeout=120)
+    finally:
+        owner.kill()
+    assert owner.returncode == 130, stderr
+    resumed = bench("--resume", "1", db=db_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(db.measurements(1)) == 16 and db.run(1)["status"] == "done"

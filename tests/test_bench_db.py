@@ -95,6 +95,28 @@ def test_bad_files_and_where_the_database_lives(tmp_path, monkeypatch):
         RunsDB(tmp_path / "new.sqlite").run(7)
 
 
+def test_a_run_whose_process_is_alive_is_not_taken_by_a_resume(tmp_path):
+    """A 'running' run whose recorded process lives (here a sleeping child) is refused, naming
+    the run and the pid; once that process has ended, the run is taken, with this pid."""
+    db = RunsDB(tmp_path / "runs.sqlite")
+    run = db.start_run("test", MACHINE, reps=1)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        db.conn.execute("UPDATE runs SET pid = ? WHERE id = ?", (child.pid, run))
+        with pytest.raises(ValueError, match=f"run {run} is still being measured by process "
+                           f"{child.pid}"):  # fmt: skip
+            db.resume_run(run)
+        assert db.run(run)["pid"] == child.pid
+    finally:
+        child.kill()
+        child.wait()
+    assert db.resume_run(run)["pid"] == os.getpid()
+    assert db.resume_run(run)["status"] == "running"  # this process's own run: taken again
+    db.finish_run(run, "stopped")
+    db.conn.execute("UPDATE runs SET pid = 1 WHERE id = ?", (run,))  # stopped: whoever has pid 1
+    assert db.resume_run(run)["pid"] == os.getpid()
+
+
 def test_a_version_1_database_is_migrated_in_place(tmp_path):
     """Runs gained the pid of the process measuring them (schema 2); a database written by the
     first version keeps its runs and gains the column."""

@@ -239,11 +239,22 @@ class RunsDB:
             )
 
     def resume_run(self, run_id: int) -> sqlite3.Row:
-        """Mark a stopped or failed run as running again; returns its row."""
-        run = self.run(run_id)
-        if run["status"] == "done":
-            raise ValueError(f"run {run_id} is already done")
-        with self._transaction():
+        """Mark a stopped, failed or interrupted run as running again, by this process; returns
+        its row. Refused (ValueError) when it is done, or while another process that is alive
+        still measures it: both would measure it, and its pid, the one Stop signals, would be
+        this process's."""
+        from .jobs import alive
+
+        with self._transaction():  # read and taken at once: of two resumes, one takes it
+            run = self.run(run_id)
+            if run["status"] == "done":
+                raise ValueError(f"run {run_id} is already done")
+            owner = run["pid"]
+            if run["status"] == "running" and owner != os.getpid() and alive(owner):
+                raise ValueError(
+                    f"run {run_id} is still being measured by process {owner}: stop that one "
+                    "first (Ctrl-C there, or Stop on the dashboard), or let it finish"
+                )
             self.conn.execute(
                 "UPDATE runs SET status = 'running', ended = NULL, pid = ? WHERE id = ?",
                 (os.getpid(), run_id),

@@ -4,12 +4,38 @@ model, tokenizer = mlxinfer.load()          # the default model, SmolLM2-135M-In
 text = mlxinfer.generate(model, tokenizer, "What is the capital of France?", chat=True)
 """
 
+import os
+import signal as _signal
+import sys
+
+
+def _exit_on_ctrl_c(number, frame):
+    """Ctrl-C while the `mlxinfer` command starts up (this import, the arguments, importing MLX):
+    exit 130 at once, as the running command does, with nothing done yet to keep. An exception
+    raised here would be unsafe: inside a module's import it is a traceback, in MLX's
+    extension an ImportError or an abort, in a weakref callback ignored. cli.main makes Ctrl-C
+    a KeyboardInterrupt again when the command begins."""
+    os.write(2, b"\n")  # the shell's prompt on a line of its own, after ^C
+    os._exit(130)
+
+
+def _started_as_the_command() -> bool:
+    """`mlxinfer ...` or `python -m mlxinfer ...`, not a program that imports the package."""
+    if sys.argv[:1] == ["-m"]:  # python -m X, X being found: which, the interpreter's argv says
+        argv = sys.orig_argv
+        return "-m" in argv and argv[argv.index("-m") + 1 :][:1] == ["mlxinfer"]
+    script = sys.argv[0] if sys.argv else ""  # the console script: .../bin/mlxinfer
+    return os.path.splitext(os.path.basename(script))[0] == "mlxinfer"
+
+
+if _started_as_the_command() and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+    _signal.signal(_signal.SIGINT, _exit_on_ctrl_c)  # (not where the shell left Ctrl-C ignored)
+
 from .backend import load_fast_blas
 
 load_fast_blas()  # before anything imports mlx.core: OpenBLAS must claim the BLAS symbols first
 
 import importlib
-import sys
 import types
 from typing import TYPE_CHECKING, Any
 

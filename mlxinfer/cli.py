@@ -13,8 +13,10 @@ what was generated.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
+import signal
 import sys
 import time
 from importlib import metadata
@@ -43,11 +45,58 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line naming the flag, not a usage block."""
+    """argparse, but a usage error is one line naming the flag, not a usage block; and a flag it
+    does not know is reported as that, with the closest one it knows, whatever argparse made of
+    the words around it (`bench --repeats 2` was "argument ACTION: invalid choice: '2'")."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._given = list(sys.argv[1:] if args is None else args)
+        namespace, extras = super().parse_known_args(self._given, namespace)
+        unknown = self._unknown_flag(extras)
+        if unknown:
+            self.error(unknown)
+        return namespace, extras
 
     def error(self, message: str):
+        message = self._unknown_flag(getattr(self, "_given", [])) or message
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+    def _unknown_flag(self, words: list[str]) -> str | None:
+        """The first of `words` (before a subcommand) that looks like a flag and is none of this
+        parser's, nor the start of one (argparse takes abbreviations), as "unknown flag --x (did
+        you mean --y?)"; None when there is none. A flag's value is not taken for a flag."""
+        options = self._option_string_actions
+        commands = {
+            name
+            for action in self._actions
+            if isinstance(action, argparse._SubParsersAction)
+            for name in action.choices
+        }
+        value_next = False
+        for word in words:
+            if word == "--" or (word in commands and not value_next):
+                break
+            if value_next or not word.startswith("-") or word == "-" or _is_number(word):
+                value_next = False
+                continue
+            name, has_value, _ = word.partition("=")
+            matches = [name] if name in options else [o for o in options if o.startswith(name)]
+            if matches:  # known, or an abbreviation (argparse says if it is ambiguous)
+                action = options[matches[0]]
+                value_next = len(matches) == 1 and action.nargs != 0 and not has_value
+                continue
+            close = difflib.get_close_matches(name, [o for o in options if o.startswith("--")], 1)
+            return f"unknown flag {name}" + (f" (did you mean {close[0]}?)" if close else "")
+        return None
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
 
 
 def version_string() -> str:
@@ -313,6 +362,35 @@ def check_text(text: str, what: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _begin(args)
+        return run_command(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _begin(args: argparse.Namespace) -> None:
+    """The end of the command's start-up: the modules a command that runs a model needs are
+    imported (MLX, the model, the tokenizer), then Ctrl-C is made a KeyboardInterrupt, which each
+    command handles (generate keeps the text so far, a sweep marks its run stopped). Until here
+    Ctrl-C exits 130 at once (mlxinfer/__init__.py): an exception raised inside an import can
+    turn into another (MLX's extension: an ImportError, or an abort; a class being made: a
+    RuntimeError) or be lost (in a weakref callback)."""
+    if args.command in ("generate", "chat") or (
+        args.command == "bench" and args.bench_command is None
+    ):
+        from . import engine, loading  # noqa: F401
+    elif args.command == "env":
+        import mlx.core  # noqa: F401
+    from . import _exit_on_ctrl_c
+
+    if signal.getsignal(signal.SIGINT) is _exit_on_ctrl_c:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """The command `args` names; a UsageError is one line on stderr and exit status 2."""
+    try:
         if args.command == "env":
             return run_env(args)
         if args.command == "chat":
@@ -332,9 +410,6 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"mlxinfer {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return EXIT_INTERRUPTED
 
 
 DASHBOARD_APP = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"

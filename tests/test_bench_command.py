@@ -7,6 +7,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -268,3 +269,85 @@ def test_resuming_a_run_another_process_is_measuring_is_refused(tiny, tmp_path):
     resumed = bench("--resume", "1", db=db_path)
     assert resumed.returncode == 0, resumed.stderr
     assert len(db.measurements(1)) == 16 and db.run(1)["status"] == "done"
+
+
+def unwritable_directory(tmp_path) -> Path:
+    """A directory this process cannot create a file in: a read-only one, or for root (whom
+    permissions do not stop) sysfs."""
+    import os
+
+    if os.geteuid() != 0:
+        directory = tmp_path / "read-only"
+        directory.mkdir()
+        directory.chmod(0o500)
+        return directory
+    if Path("/sys/kernel").is_dir():
+        return Path("/sys")
+    pytest.skip("root, and no sysfs to be refused by")
+
+
+@pytest.mark.parametrize("where", ["missing directory", "a file as directory", "unwritable",
+                                   "a directory"])  # fmt: skip
+def test_output_files_that_cannot_be_written_are_refused_before_any_work(tiny, tmp_path, where):
+    """--json of a sweep, export's --csv and --json, positions' --csv: one line naming the flag
+    and the file, exit 2 (before: a traceback; a sweep's --json only after the whole sweep)."""
+    (tmp_path / "a-file").write_text("")
+    target = {
+        "missing directory": tmp_path / "missing" / "out",
+        "a file as directory": tmp_path / "a-file" / "out",
+        "unwritable": unwritable_directory(tmp_path) / "out",
+        "a directory": tmp_path,
+    }[where]
+    db_path = tmp_path / "runs.sqlite"
+    grid = ["--model", tiny, "--prompt-tokens", "8", "--gen-tokens", "2", "--reps", "1"]
+    line = one_line(bench(*grid, "--json", str(target), db=db_path))
+    assert line.startswith(f"mlxinfer bench: error: --json {target}: cannot write there: ")
+    from mlxinfer.bench.db import RunsDB
+
+    assert RunsDB(db_path).runs() == []  # refused before measuring
+    assert bench(*grid, db=db_path).returncode == 0  # run 1, to export
+    for args, flag in [
+        (["export", "1", "--csv", str(target)], "--csv"),
+        (["export", "1", "--json", str(target)], "--json"),
+        (["positions", "1", "--csv", str(target)], "--csv"),
+    ]:
+        line = one_line(bench(*args, db=db_path))
+        assert line.startswith(f"mlxinfer bench: error: {flag} {target}: cannot write there: ")
+
+
+@pytest.mark.parametrize("kind", ["another program's SQLite", "not SQLite", "a parent that is a "
+                                  "file", "an unwritable parent"])  # fmt: skip
+def test_a_database_that_cannot_be_the_runs_database_is_one_line_naming_it(tmp_path, kind):
+    import sqlite3
+
+    if kind == "another program's SQLite":
+        path = tmp_path / "theirs.sqlite"
+        with sqlite3.connect(path) as theirs:
+            theirs.execute("CREATE TABLE runs (lap INTEGER, seconds REAL)")
+    elif kind == "not SQLite":
+        path = tmp_path / "notes.txt"
+        path.write_text("not a database\n" * 100)
+    elif kind == "a parent that is a file":
+        (tmp_path / "file").write_text("")
+        path = tmp_path / "file" / "runs.sqlite"
+    else:
+        path = unwritable_directory(tmp_path) / "mlxinfer" / "runs.sqlite"
+    for args in (["list"], ["--resume", "1"], ["compare", "1", "2"]):
+        line = one_line(bench(*args, db=path))
+        assert str(path.parent if "parent" in kind else path) in line, line
+
+
+def test_compare_with_an_unknown_metric_lists_the_metrics(tmp_path):
+    """Before: a KeyError traceback once both runs existed."""
+    from mlxinfer.bench.db import METRICS, RunsDB
+    from mlxinfer.bench.grid import DEFAULTS
+
+    db = RunsDB(tmp_path / "runs.sqlite")
+    for _ in range(2):
+        run = db.start_run("test", {"cpu": "test"}, reps=1)
+        (config,) = db.add_configurations(run, [("k", dict(DEFAULTS))])
+        db.record(config, "mlxinfer", 0, {m: 1.0 for m in METRICS})
+        db.finish_run(run, "done")
+    line = one_line(bench("compare", "1", "2", "--metric", "bogus", db=tmp_path / "runs.sqlite"))
+    assert "--metric" in line and "'bogus'" in line
+    assert all(f"'{m}'" in line for m in METRICS)

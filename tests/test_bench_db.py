@@ -95,6 +95,27 @@ def test_bad_files_and_where_the_database_lives(tmp_path, monkeypatch):
         RunsDB(tmp_path / "new.sqlite").run(7)
 
 
+def test_a_database_of_another_program_is_refused_and_left_as_it_was(tmp_path):
+    """An SQLite file with a `runs` table of its own: refused naming the file (before: our
+    tables were added to it, its version set, and the first query failed on a missing column)."""
+    path = tmp_path / "laps.sqlite"
+    with sqlite3.connect(path) as theirs:
+        theirs.execute("CREATE TABLE runs (lap INTEGER, seconds REAL)")
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=f"{path} is not a runs database: it has tables of its"):
+        RunsDB(path)
+    assert path.read_bytes() == before  # not switched to WAL, no table added
+    with sqlite3.connect(path) as theirs:  # one with our version number and a table unlike ours
+        theirs.execute("PRAGMA user_version=2")
+    with pytest.raises(ValueError, match="its table 'runs' has no baseline, command, ended, id"):
+        RunsDB(path)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(
+        ValueError, match="cannot create the directory .*file: a file is in the way"
+    ):
+        RunsDB(tmp_path / "file" / "runs.sqlite")
+
+
 def test_a_run_whose_process_is_alive_is_not_taken_by_a_resume(tmp_path):
     """A 'running' run whose recorded process lives (here a sleeping child) is refused, naming
     the run and the pid; once that process has ended, the run is taken, with this pid."""

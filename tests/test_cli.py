@@ -38,11 +38,12 @@ def run_json(*args: str, input: str | None = None) -> dict:
     return json.loads(result.stdout)
 
 
-def start_cli(*args: str, **kwargs) -> subprocess.Popen:
+def start_cli(*args: str, python: tuple[str, ...] = (), **kwargs) -> subprocess.Popen:
     """The command in the background, with Ctrl-C (SIGINT) handled as in a terminal even when the
-    test runner ignores it (a background job inherits SIGINT ignored, and Python keeps that)."""
+    test runner ignores it (a background job inherits SIGINT ignored, and Python keeps that);
+    `python`: the interpreter's own options."""
     return subprocess.Popen(
-        [sys.executable, "-m", "mlxinfer", *args],
+        [sys.executable, *python, "-m", "mlxinfer", *args],
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         **kwargs,
     )
@@ -218,6 +219,60 @@ def test_bad_arguments_exit_2_before_loading(tmp_path, case):
     # the same arguments with a model that cannot load: the argument is still what is reported
     missing = run_cli("generate", "--model", str(tmp_path / "no-model"), *args)
     assert missing.returncode == 2 and missing.stderr.strip() == line
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["bench", "--repeats", "2"], "mlxinfer bench: error: unknown flag --repeats (did you mean "
+         "--reps?) (see mlxinfer bench --help)"),
+        (["bench", "--repeats=2", "list"], "unknown flag --repeats (did you mean --reps?)"),
+        (["bench", "export", "--cvs", "out.csv", "1"], "mlxinfer bench export: error: unknown "
+         "flag --cvs (did you mean --csv?)"),
+        (["generate", "--prompt", "hi", "--temprature", "0.5"], "unknown flag --temprature (did "
+         "you mean --temperature?)"),
+        (["--verison"], "mlxinfer: error: unknown flag --verison (did you mean --version?)"),
+        # a flag's value that looks like a flag is still argparse's to explain
+        (["generate", "--prompt", "--hello"], "argument --prompt: expected one argument"),
+    ],
+)  # fmt: skip
+def test_an_unknown_flag_is_named_with_the_closest_known_one(args, line):
+    """`bench --repeats 2` said "argument ACTION: invalid choice: '2'": the unknown flag was
+    dropped and its value taken for the subcommand."""
+    assert line in one_line_error(run_cli(*args))
+
+
+def test_ctrl_c_while_the_command_starts_up_exits_130_without_a_traceback():
+    """SIGINT at 20 moments of the start-up, each 30 ms after the last, from when `import
+    mlxinfer` has begun (the interpreter's own start-up is Python's: its site module reports a
+    KeyboardInterrupt as a fatal error): importing the package, MLX and the engine, reading the
+    arguments, loading the model. Before: tracebacks, an ImportError from MLX's extension,
+    aborts, an interrupt lost in a weakref callback (the command then ran to the end)."""
+    failures = []
+    for moment in range(20):
+        process = start_cli_with_import_times(
+            "generate", "--prompt", "hi", "--max-tokens", "200", "--ignore-eos"
+        )
+        for line in process.stderr:  # "import time: self | cumulative | name", as each ends
+            if line.rsplit("|", 1)[-1].strip() == "mlxinfer.backend":  # the package's first
+                break
+        time.sleep(moment * 0.030)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+        stderr = "".join(line for line in stderr.splitlines(True) if "import time:" not in line)
+        if process.returncode != 130 or "Traceback" in stderr or "error" in stderr.lower():
+            failures.append((moment * 30, process.returncode, stderr[-600:]))
+    assert failures == []
+
+
+def start_cli_with_import_times(*args: str) -> subprocess.Popen:
+    return start_cli(
+        *args,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        python=["-X", "importtime"],
+    )
 
 
 # -- output ---------------------------------------------------------------------------------------

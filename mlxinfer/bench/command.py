@@ -10,11 +10,15 @@ mlxinfer bench positions RUN_ID          # latency by token position
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
+from .db import METRICS
 from .grid import AXES, SAMPLING_AXES, sampling_label
 
 
@@ -67,7 +71,8 @@ def add_parser(commands) -> None:
     )
     compare.add_argument("run_a", type=int, metavar="RUN_A")
     compare.add_argument("run_b", type=int, metavar="RUN_B")
-    compare.add_argument("--metric", default="decode_tps", help="default decode_tps")
+    compare.add_argument("--metric", default="decode_tps", choices=METRICS, metavar="METRIC",
+                         help=f"one of {', '.join(METRICS)} (default decode_tps)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,19 +88,22 @@ def run(args: argparse.Namespace) -> int:
         db.run(args.run_id)
         if not args.csv and not args.export_json:
             raise BenchUsageError("export needs --csv FILE or --json FILE")
+        check_writable("--csv", args.csv)
+        check_writable("--json", args.export_json)
         if args.csv:
-            Path(args.csv).write_text(report.to_csv(db, args.run_id))
+            write("--csv", args.csv, report.to_csv(db, args.run_id))
         if args.export_json:
-            Path(args.export_json).write_text(report.to_json(report.summarize(db, args.run_id)))
+            write("--json", args.export_json, report.to_json(report.summarize(db, args.run_id)))
         return 0
     if args.bench_command == "positions":
         db.run(args.run_id)
         if args.buckets < 1:
             raise BenchUsageError(f"--buckets must be >= 1, got {args.buckets}")
+        check_writable("--csv", args.csv)
         items = report.latency_by_position(db, args.run_id)
         print(report.position_table(items, args.buckets))
         if args.csv:
-            Path(args.csv).write_text(report.positions_csv(items))
+            write("--csv", args.csv, report.positions_csv(items))
         return 0
     if args.bench_command == "compare":
         db.run(args.run_a), db.run(args.run_b)
@@ -113,6 +121,7 @@ def _sweep(args: argparse.Namespace, db) -> int:
     from .grid import parse_axes
     from .sweep import LONG_SWEEP_S, Sweep
 
+    check_writable("--json", args.json)  # before measuring, not after
     if args.resume is not None:
         sweep = Sweep.resume(db, args.resume)
         seconds = None  # its pace says (the estimate would count what it has)
@@ -149,15 +158,47 @@ def _sweep(args: argparse.Namespace, db) -> int:
         return 130
     items = report.summarize(db, sweep.run_id)
     print(report.markdown_table(items))
-    if args.json:
-        Path(args.json).write_text(report.to_json(items))
     print(f"run {sweep.run_id} in {db.path}", file=sys.stderr)
+    if args.json:
+        try:
+            write("--json", args.json, report.to_json(items))
+        except BenchUsageError as e:  # it could be written when the sweep started
+            print(f"mlxinfer bench: error: {e}; the run is kept (mlxinfer bench export "
+                  f"{sweep.run_id} --json FILE)", file=sys.stderr)  # fmt: skip
+            return 1
     measured = any(item["decode_tps"] is not None for item in items)
     return 0 if measured else 1  # some failures are a sweep's result; nothing measured is not
 
 
 def _stopping(run_id: int) -> str:
     return f"Ctrl-C stops it, and --resume {run_id} continues it"
+
+
+def check_writable(flag: str, path: str | None) -> None:
+    """An output file, checked before any work: a file that exists can be written, or its
+    directory takes a new one (nothing is left there); else a BenchUsageError naming the flag."""
+    if path is None:
+        return
+    target = Path(path)
+    try:
+        if target.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if target.exists():
+            with open(target, "a"):  # opened for writing, not changed
+                pass
+        else:
+            with tempfile.TemporaryFile(dir=target.parent):
+                pass
+    except OSError as e:
+        raise BenchUsageError(f"{flag} {path}: cannot write there: {e.strerror or e}") from None
+
+
+def write(flag: str, path: str, text: str) -> None:
+    """`text` into the file of `flag`; a failure is a BenchUsageError naming both."""
+    try:
+        Path(path).write_text(text)
+    except OSError as e:
+        raise BenchUsageError(f"{flag} {path}: cannot write there: {e.strerror or e}") from None
 
 
 def _interrupt_on(*signals) -> None:

@@ -15,6 +15,7 @@ need not repeat.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sqlite3
@@ -85,6 +86,20 @@ CREATE TABLE IF NOT EXISTS token_times (
 """
 
 
+@functools.cache
+def _columns() -> dict[str, frozenset[str]]:
+    """Each table of the schema -> its columns."""
+    schema = sqlite3.connect(":memory:")
+    schema.executescript(_SCHEMA)
+    names = [r[0] for r in schema.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    columns = {
+        n: frozenset(c[0] for c in schema.execute("SELECT name FROM pragma_table_info(?)", (n,)))
+        for n in names
+    }
+    schema.close()
+    return columns
+
+
 def default_db_path() -> Path:
     """MLXINFER_DB, else the user's data directory."""
     if os.environ.get(DB_ENV):
@@ -101,7 +116,14 @@ class RunsDB:
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path is not None else default_db_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file where a directory should be, no permission
+            reason = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror
+            raise ValueError(
+                f"runs database {self.path}: cannot create the directory "
+                f"{e.filename or self.path.parent}: {reason}"
+            ) from None
         deadline = time.monotonic() + LOCKED_WAIT_S
         self.conn: sqlite3.Connection | None = None
         while True:
@@ -119,6 +141,9 @@ class RunsDB:
             except sqlite3.DatabaseError as e:
                 self._discard()
                 raise ValueError(f"{self.path} is not a usable runs database: {e}") from None
+            except ValueError:  # another program's database, or a newer schema
+                self._discard()
+                raise
 
     def _discard(self) -> None:
         if self.conn is not None:
@@ -131,14 +156,9 @@ class RunsDB:
             self.path, isolation_level=None, check_same_thread=False, timeout=LOCKED_WAIT_S
         )
         self.conn.row_factory = sqlite3.Row
+        version = self._check_schema()  # before anything is written: it may be someone else's
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA foreign_keys=ON")
-        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, 1, SCHEMA_VERSION):
-            raise ValueError(
-                f"{self.path}: runs database schema version {version}; this mlxinfer reads "
-                f"version {SCHEMA_VERSION}"
-            )
         if version != SCHEMA_VERSION:  # new, or older (no write on every open)
             with self._transaction():  # another process may be doing the same: read again
                 version = self.conn.execute("PRAGMA user_version").fetchone()[0]
@@ -148,6 +168,45 @@ class RunsDB:
                     if statement.strip():
                         self.conn.execute(statement)
                 self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _check_schema(self) -> int:
+        """The database's schema version, after refusing (ValueError naming the file) one that
+        is not a runs database: a newer version, tables of another program in a file that has
+        no version, tables of our names with other columns."""
+        self.conn.execute("BEGIN")  # one snapshot: another process may be creating it
+        try:
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            names = self.conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+            ).fetchall()
+            tables = {
+                n: {c[0] for c in self.conn.execute("SELECT name FROM pragma_table_info(?)", (n,))}
+                for (n,) in names
+            }
+        finally:
+            if self.conn.in_transaction:  # (a file that is not SQLite fails before it begins)
+                self.conn.execute("ROLLBACK")
+        if version not in (0, 1, SCHEMA_VERSION):
+            raise ValueError(
+                f"{self.path}: runs database schema version {version}; this mlxinfer reads "
+                f"version {SCHEMA_VERSION}"
+            )
+        not_ours = f"{self.path} is not a runs database"
+        if version == 0 and tables:  # ours get their version in the transaction that makes them
+            raise ValueError(f"{not_ours}: it has tables of its own ({', '.join(sorted(tables))})")
+        expected = {name: set(columns) for name, columns in _columns().items()}
+        if version == 1:
+            expected["runs"] -= {"pid"}  # added by the migration to version 2
+        for name, columns in tables.items():
+            lacking = expected.get(name, set()) - columns
+            if lacking:
+                raise ValueError(
+                    f"{not_ours}: its table {name!r} has no {', '.join(sorted(lacking))}"
+                )
+        missing = set(expected) - set(tables)
+        if version == SCHEMA_VERSION and missing:
+            raise ValueError(f"{not_ours}: it has no {', '.join(sorted(missing))} table")
+        return version
 
     def close(self) -> None:
         self.conn.close()

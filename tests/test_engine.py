@@ -472,6 +472,35 @@ def test_prefix_cache_hit_gives_the_logits_of_a_cold_prefill(llama):
     np.testing.assert_allclose(np.array(hit), np.array(cold), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_quantized_prefix_cache_hit_is_as_close_to_exact_as_a_cold_prefill(bits, tmp_path):
+    """With 8- or 4-bit caches a hit is not bit-identical to a cold prefill: the prefix's keys,
+    computed in passes of other shapes, can round across a quantization step (on the default model
+    the first logits differed by up to 0.086 at 8 bits; benchmarks/prefix_cache_fidelity.py). What
+    holds: the hit is as close to the unquantized answer as a cold quantized prefill is."""
+    from mlxinfer.prefix_cache import PrefixCache
+
+    make_tiny_checkpoint(tmp_path, "llama", head_dim=32)
+    model, _ = mlxinfer.load(tmp_path)
+    options = dict(kv_bits=bits, kv_group_size=32)
+    for seed in range(3):
+        shared = np.random.default_rng(seed).integers(3, 128, 70).tolist()
+        cache = model.make_cache(**options)
+        prefill(model, mx.array([shared + [5, 6, 7]]), cache, 32)
+        prefixes = PrefixCache(2**24)
+        prefixes.store(shared + [5, 6, 7], cache)
+        prompt = shared + [9, 10, 11, 12]
+        matched, key = prefixes.lookup(prompt)
+        warm = model.make_cache(**options)
+        prefixes.restore(key, matched, warm)
+        hit = np.array(prefill(model, mx.array([prompt[matched:]]), warm, 32))
+        cold = np.array(prefill(model, mx.array([prompt]), model.make_cache(**options), 32))
+        exact = np.array(prefill(model, mx.array([prompt]), model.make_cache(), 32))
+        cold_error = np.abs(cold - exact).max()  # measured 0.014-0.022 (8-bit), 0.18-0.34 (4-bit)
+        assert cold_error > 0  # the cache is quantized
+        assert np.abs(hit - exact).max() <= 1.5 * cold_error
+
+
 def test_prefix_cache_is_bounded_and_evicts_the_least_recently_used(llama):
     from mlxinfer.prefix_cache import PrefixCache
 

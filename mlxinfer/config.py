@@ -6,12 +6,15 @@ normalises). Everything else comes from config.json. Per-layer choices (sliding-
 attention; MoE or dense MLP) are resolved here once, as transformers resolves them.
 
 Every file of a model directory is reached through `model_file` (no symlink out of the directory)
-and every JSON file read with `read_json` (any malformed file is a ModelLoadError naming it).
+and every JSON file read with `read_json` (any malformed file is a ModelLoadError naming it); each
+config.json value is checked to be of its kind (`_KINDS`, `kind_problem`) before it is used.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +52,97 @@ _ZERO_MEANS_NONE = {  # 0: no experts / no shared expert
 }
 
 
-def _check_sizes(config: dict[str, Any], source: str) -> None:
+# What each key an untrusted config.json may set must hold (a null counts as unset). Checked before
+# any value is used: a list for model_type was a TypeError traceback, "false" for
+# tie_word_embeddings silently meant true, and a string inside rope_scaling failed deep in rope.py.
+_KINDS: dict[str, str] = {
+    "model_type": "a string",
+    "hidden_act": "a string",
+    "hidden_activation": "a string",
+    "torch_dtype": "a string",
+    "dtype": "a string",
+    "rms_norm_eps": "a number",
+    "rope_theta": "a number",
+    "partial_rotary_factor": "a number",
+    "num_hidden_layers": "an integer",
+    "sliding_window": "an integer",
+    "max_window_layers": "an integer",
+    "num_experts_per_tok": "an integer",
+    "decoder_sparse_step": "an integer",
+    "original_max_position_embeddings": "an integer",
+    "bos_token_id": "an integer",
+    "eos_token_id": "a token id or a list of them",
+    "tie_word_embeddings": "a boolean",
+    "attention_bias": "a boolean",
+    "mlp_bias": "a boolean",
+    "rope_traditional": "a boolean",
+    "use_sliding_window": "a boolean",
+    "norm_topk_prob": "a boolean",
+    "layer_types": "a list of strings",
+    "mlp_only_layers": "a list of integers",
+    "rope_freqs": "a list of numbers",
+    "rope_scaling": "an object",
+    "rope_parameters": "an object",
+    "quantization": "an object",
+    "quantization_config": "an object",
+}
+# Inside rope_scaling / rope_parameters and quantization (a per-layer-type rope_parameters, which
+# holds objects, is refused by _parse_rope).
+_NESTED_KINDS: dict[str, dict[str, str]] = {
+    "rope": {
+        "rope_type": "a string",
+        "type": "a string",
+        "rope_theta": "a number",
+        "partial_rotary_factor": "a number",
+        "factor": "a number",
+        "low_freq_factor": "a number",
+        "high_freq_factor": "a number",
+        "original_max_position_embeddings": "an integer",
+        "attention_factor": "a number",
+        "mscale": "a number",
+        "mscale_all_dim": "a number",
+        "beta_fast": "a number",
+        "beta_slow": "a number",
+        "truncate": "a boolean",
+    },
+    "quantization": {"group_size": "an integer", "bits": "an integer", "mode": "a string"},
+}
+_NESTED = {
+    "rope_scaling": "rope",
+    "rope_parameters": "rope",
+    "quantization": "quantization",
+    "quantization_config": "quantization",
+}
+
+
+def _is_integer(value: Any) -> bool:
+    """An int, or a float with an integral value (some writers save 4096.0); never a bool."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_IS_KIND: dict[str, Callable[[Any], bool]] = {
+    "a string": lambda v: isinstance(v, str),
+    "a boolean": lambda v: isinstance(v, bool),
+    "an integer": _is_integer,
+    "a number": _is_number,
+    "an object": lambda v: isinstance(v, dict),
+    "a list of strings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "a list of integers": lambda v: isinstance(v, list) and all(map(_is_integer, v)),
+    "a list of numbers": lambda v: isinstance(v, list) and all(map(_is_number, v)),
+    "a token id or a list of them": lambda v: (
+        _is_integer(v) or (isinstance(v, list) and all(map(_is_integer, v)))
+    ),
+}
+
+
+def _check_values(config: dict[str, Any], source: str) -> None:
+    """Every key that is set holds the kind _KINDS names, and every size is within _SIZE_LIMITS."""
     if not isinstance(config, dict):
         raise ModelLoadError(
             f"{source}: a config must be a JSON object, got {type(config).__name__}"
@@ -58,16 +151,33 @@ def _check_sizes(config: dict[str, Any], source: str) -> None:
         value = config.get(key)
         if value is None or (value == 0 and key in _ZERO_MEANS_NONE):
             continue
-        integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-        if isinstance(value, bool) or not integral or not 1 <= value <= limit:
+        if not _is_integer(value) or not 1 <= value <= limit:
             raise ModelLoadError(
-                f"{source}: {key} must be an integer between 1 and {limit}, got {value!r}"
+                f"{source}: {key} must be an integer between 1 and {limit}, got {brief(value)}"
             )
-    for key in ("rope_scaling", "rope_parameters", "quantization", "quantization_config"):
-        if config.get(key) is not None and not isinstance(config[key], dict):
-            raise ModelLoadError(
-                f"{source}: {key} must be an object, got {type(config[key]).__name__}"
-            )
+    for key, kind in _KINDS.items():
+        if problem := kind_problem(config.get(key), kind, key):
+            raise ModelLoadError(f"{source}: invalid config ({problem})")
+    for key, table in _NESTED.items():
+        inside = config.get(key) or {}  # an object: checked above
+        for inner, kind in _NESTED_KINDS[table].items():
+            if problem := kind_problem(inside.get(inner), kind, f"{key}.{inner}"):
+                raise ModelLoadError(f"{source}: invalid config ({problem})")
+
+
+def kind_problem(value: Any, kind: str, key: str) -> str | None:
+    """What is wrong with `value`, read from a model file under `key`, unless it is None (unset) or
+    of `kind`, one of "a string", "a boolean", "an integer", "a number", "an object", "a list of
+    strings" (of integers, of numbers), "a token id or a list of them"."""
+    if value is None or _IS_KIND[kind](value):
+        return None
+    return f"{key} must be {kind}, got {brief(value)}"
+
+
+def brief(value: Any, limit: int = 60) -> str:
+    """repr() of a value from a model file for a message, shortened (a file may hold megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # model_type -> options that differ between families. Keys not listed take the defaults in ModelConfig.
@@ -190,7 +300,8 @@ class ModelConfig:
     def from_dict(cls, config: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Build a config from a Hugging Face config.json dict; unknown keys are ignored. Anything
         wrong with it is a ModelLoadError naming `source`."""
-        _check_sizes(config, source)
+        _check_values(config, source)
+        config = {key: value for key, value in config.items() if value is not None}  # null: unset
         try:
             return cls._from_dict(config, source)
         except ModelLoadError:
@@ -227,6 +338,7 @@ class ModelConfig:
             )
         head_dim = config.get("head_dim") or int(config["hidden_size"]) // heads
         rope_theta, rope_scaling, partial = _parse_rope(config, source)
+        _check_rope_freqs(config.get("rope_freqs"), int(head_dim * partial) // 2, source)
         attention_bias = bool(config.get("attention_bias", False))
         n_layers = int(config["num_hidden_layers"])
         if not 1 <= n_layers <= MAX_LAYERS:  # per-layer lists are built from it: bound it first
@@ -264,7 +376,7 @@ class ModelConfig:
             **moe,
             quantization=config.get("quantization") or config.get("quantization_config"),
             bos_token_id=config.get("bos_token_id"),
-            eos_token_ids=_as_id_list(config.get("eos_token_id")),
+            eos_token_ids=token_ids(config.get("eos_token_id")),
             torch_dtype=config.get("torch_dtype") or config.get("dtype"),
         )
 
@@ -321,12 +433,12 @@ def _resolved(file: Path) -> Path | None:
         return None
 
 
-def _as_id_list(value: Any) -> list[int]:
+def token_ids(value: int | list[int] | None) -> list[int]:
+    """`eos_token_id` as config files write it (one id, a list or null: "a token id or a list of
+    them" to `kind_problem`), as a list of ints."""
     if value is None:
         return []
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value]
+    return [int(value)] if _is_integer(value) else [int(v) for v in value]
 
 
 def _parse_sliding(
@@ -403,6 +515,8 @@ def _parse_rope(config: dict[str, Any], source: str) -> tuple[float, dict | None
     merged = {**scaling, **params}
     theta = float(merged.pop("rope_theta", config.get("rope_theta", 10000.0)))
     partial = float(merged.pop("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)))
+    if not 0 <= partial <= 1:  # the fraction of each head's dims rotated (0: none)
+        raise ModelLoadError(f"{source}: partial_rotary_factor must be in [0, 1], got {partial}")
     rope_type = merged.pop("rope_type", None) or merged.pop("type", None) or "default"
     merged.pop("type", None)
     if rope_type not in ROPE_TYPES:
@@ -423,3 +537,12 @@ def _parse_rope(config: dict[str, Any], source: str) -> tuple[float, dict | None
             raise ModelLoadError(f"{source}: rope type {rope_type!r} needs key {key!r}")
     merged["rope_type"] = rope_type
     return theta, merged, partial
+
+
+def _check_rope_freqs(freqs: list[float] | None, pairs: int, source: str) -> None:
+    """GGUF `rope_freqs` divide the default frequencies: one positive number per rotated pair."""
+    if freqs is not None and (len(freqs) != pairs or not all(f > 0 for f in freqs)):
+        raise ModelLoadError(
+            f"{source}: rope_freqs must hold {pairs} positive numbers (one per rotated pair of "
+            f"dimensions), got {len(freqs)}: {brief(freqs)}"
+        )

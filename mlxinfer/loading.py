@@ -17,7 +17,14 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import cpu_kernels, gguf
 from .backend import resolve_compute_policy
-from .config import ModelConfig, ModelLoadError, inside_model_dir, model_file, read_json
+from .config import (
+    ModelConfig,
+    ModelLoadError,
+    brief,
+    inside_model_dir,
+    model_file,
+    read_json,
+)
 from .mlp import SwiGLU
 from .model import Model
 from .moe import QuantizedSwitchLinear
@@ -437,9 +444,7 @@ def read_safetensors(file: Path) -> dict[str, mx.array]:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise ModelLoadError(f"{file}: corrupt safetensors header (not JSON)") from None
-    data_end = max(
-        (t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0
-    )
+    data_end = _check_safetensors_header(header, file)
     if 8 + header_len + data_end > size:
         raise ModelLoadError(
             f"{file}: truncated safetensors file ({size} bytes, header describes "
@@ -449,6 +454,56 @@ def read_safetensors(file: Path) -> dict[str, mx.array]:
         return mx.load(str(file))
     except Exception as e:
         raise ModelLoadError(f"{file}: cannot read safetensors file ({e})") from None
+
+
+def _check_safetensors_header(header: Any, file: Path) -> int:
+    """The header's shape, as the safetensors format defines it: an object mapping each tensor name
+    to {"dtype": str, "shape": [int >= 0, ...], "data_offsets": [begin, end], 0 <= begin <= end},
+    and an optional "__metadata__" object of strings. Returns where the data ends. (A list, or an entry
+    that is not such an object, was an AttributeError or TypeError traceback; MLX checks that each
+    tensor's bytes match its shape and dtype.)"""
+    if not isinstance(header, dict):
+        raise ModelLoadError(
+            f"{file}: corrupt safetensors header (a JSON object expected, got {brief(header)})"
+        )
+    data_end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":  # null (as mx.save_safetensors writes it) or strings
+            strings = isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())
+            if entry is not None and not strings:
+                raise ModelLoadError(
+                    f"{file}: corrupt safetensors header (__metadata__ must map names to "
+                    f"strings, got {brief(entry)})"
+                )
+            continue
+        if not _is_tensor_entry(entry):
+            raise ModelLoadError(
+                f"{file}: corrupt safetensors header (tensor {brief(name)} must be an object with "
+                "a string 'dtype', a 'shape' of integers >= 0 and 'data_offsets' [begin, end], "
+                f"got {brief(entry)})"
+            )
+        data_end = max(data_end, entry["data_offsets"][1])
+    return data_end
+
+
+def _is_tensor_entry(entry: Any) -> bool:
+    """{"dtype": str, "shape": [n >= 0, ...], "data_offsets": [begin, end]}, 0 <= begin <= end."""
+    if not isinstance(entry, dict):
+        return False
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    return (
+        isinstance(entry.get("dtype"), str)
+        and isinstance(shape, list)
+        and all(map(_is_count, shape))
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(map(_is_count, offsets))
+        and offsets[0] <= offsets[1]
+    )
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def looks_like_hub_id(name: str) -> bool:

@@ -14,7 +14,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from .chat_template import compile_chat_template, render_chat_template
-from .config import ModelLoadError, model_file, read_json
+from .config import ModelLoadError, brief, kind_problem, model_file, read_json, token_ids
 
 # GGUF token types (llama.cpp's llama_token_type).
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
@@ -49,6 +49,41 @@ def _gguf_pre_tokenizer(pre: str, source: str):
         f"{source}: GGUF pre-tokenizer {pre!r} is not supported; supported: "
         "default, gpt2, smollm, llama-bpe, qwen2"
     )
+
+
+# What the tokenizer's GGUF metadata must hold, when set: a GGUF file types its values, but
+# nothing stops it from typing them otherwise (an int for the tokens was a TypeError traceback).
+_GGUF_KINDS = {
+    "tokenizer.ggml.tokens": "a list of strings",
+    "tokenizer.ggml.merges": "a list of strings",
+    "tokenizer.ggml.token_type": "a list of integers",
+    "tokenizer.ggml.pre": "a string",
+    "tokenizer.ggml.bos_token_id": "an integer",
+    "tokenizer.ggml.eos_token_id": "an integer",
+    "tokenizer.ggml.eot_token_id": "an integer",
+    "tokenizer.ggml.add_bos_token": "a boolean",
+    "tokenizer.chat_template": "a string",
+}
+
+
+def _check_gguf_metadata(metadata: dict[str, Any], source: str) -> None:
+    """The `tokenizer.*` metadata `from_gguf` reads is there and of the kinds it needs."""
+    if "tokenizer.ggml.tokens" not in metadata:
+        raise ModelLoadError(f"{source}: GGUF metadata lacks 'tokenizer.ggml.tokens'")
+    for key, kind in _GGUF_KINDS.items():
+        if problem := kind_problem(metadata.get(key), kind, key):
+            raise ModelLoadError(f"{source}: GGUF metadata {problem}")
+    if any(" " not in merge for merge in metadata.get("tokenizer.ggml.merges", [])):
+        raise ModelLoadError(
+            f"{source}: GGUF metadata tokenizer.ggml.merges must be pairs of tokens separated by "
+            "a space"
+        )
+    tokens, types = metadata["tokenizer.ggml.tokens"], metadata.get("tokenizer.ggml.token_type")
+    if types is not None and len(types) != len(tokens):
+        raise ModelLoadError(
+            f"{source}: GGUF metadata tokenizer.ggml.token_type has {len(types)} entries for "
+            f"{len(tokens)} tokens"
+        )
 
 
 class Tokenizer:
@@ -153,16 +188,19 @@ class Tokenizer:
         if (config_file := model_file(path, "tokenizer_config.json")).is_file():
             config = read_json(config_file, "tokenizer config")
         ids = list(eos_token_ids)
-        generation_config = model_file(path, "generation_config.json")
-        if generation_config.is_file():
-            ids += _id_list(read_json(generation_config, "generation config").get("eos_token_id"))
+        if (generation_file := model_file(path, "generation_config.json")).is_file():
+            eos = read_json(generation_file, "generation config").get("eos_token_id")
+            ids += token_ids(
+                _checked(eos, "a token id or a list of them", "eos_token_id", generation_file)
+            )
+        add_bos = _checked(config.get("add_bos_token"), "a boolean", "add_bos_token", config_file)
         return cls(
             tokenizer,
             eos_token_ids=ids,
-            bos_token=_token_content(config.get("bos_token")),
-            eos_token=_token_content(config.get("eos_token")),
-            chat_template=_find_chat_template(path, config),
-            add_bos_token=bool(config.get("add_bos_token", False)),
+            bos_token=_special_token(config, "bos_token", config_file),
+            eos_token=_special_token(config, "eos_token", config_file),
+            chat_template=_find_chat_template(path, config, config_file),
+            add_bos_token=bool(add_bos),
         )
 
     @classmethod
@@ -174,14 +212,15 @@ class Tokenizer:
                 f"{source}: GGUF tokenizer model {kind!r} is not supported (supported: 'gpt2', "
                 "byte-level BPE)"
             )
-        try:
-            tokens: list[str] = metadata["tokenizer.ggml.tokens"]
-            merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
-        except KeyError as e:
-            raise ModelLoadError(f"{source}: GGUF metadata lacks {e.args[0]!r}") from None
+        _check_gguf_metadata(metadata, source)
+        tokens: list[str] = metadata["tokenizer.ggml.tokens"]
+        merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
         types = metadata.get("tokenizer.ggml.token_type")
         vocab = {token: i for i, token in enumerate(tokens)}
-        tokenizer = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+        try:
+            tokenizer = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+        except Exception as e:  # a merge of tokens not in the vocabulary: a bare Exception
+            raise ModelLoadError(f"{source}: invalid GGUF tokenizer ({e})") from None
         tokenizer.pre_tokenizer = _gguf_pre_tokenizer(
             metadata.get("tokenizer.ggml.pre", "default"), source
         )
@@ -196,10 +235,10 @@ class Tokenizer:
 
         def token(key: str) -> str | None:
             i = metadata.get(key)
-            return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+            return tokens[int(i)] if i is not None and 0 <= i < len(tokens) else None
 
         eos_ids = [
-            metadata[k]
+            int(metadata[k])
             for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
             if k in metadata
         ]
@@ -250,25 +289,59 @@ class StreamingDetokenizer:
         return rest
 
 
-def _find_chat_template(path: Path, config: dict[str, Any]) -> str | None:
+# The files of a model directory come from the internet: each value read is checked to be of the
+# kind its use needs, else a ModelLoadError naming the file and key (an int for eos_token was a
+# TypeError traceback, "x" for eos_token_id silently the id "x").
+
+
+def _find_chat_template(path: Path, config: dict[str, Any], config_file: Path) -> str | None:
     """transformers >= 4.43 writes chat_template.jinja; older files keep it in tokenizer_config.json
     (a string, or a list of named templates) or chat_template.json."""
     if (jinja_file := model_file(path, "chat_template.jinja")).is_file():
-        return jinja_file.read_text(encoding="utf-8")
-    template = config.get("chat_template")
+        try:
+            return jinja_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ModelLoadError(f"{jinja_file}: not UTF-8 text ({e})") from None
+    template, source = config.get("chat_template"), config_file
     if template is None and (json_file := model_file(path, "chat_template.json")).is_file():
         template = read_json(json_file, "chat template").get("chat_template")
-    if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template}
-        template = named.get("default") or next(iter(named.values()), None)
-    return template
+        source = json_file
+    return _chosen_template(template, source)
 
 
-def _token_content(token: Any) -> str | None:
-    return token.get("content") if isinstance(token, dict) else token
+def _chosen_template(template: Any, source: Path) -> str | None:
+    """A `chat_template` value: a string, or a list of `{"name": ..., "template": ...}` of which
+    transformers uses the one named "default", else the first."""
+    if template is None or isinstance(template, str):
+        return template
+    if isinstance(template, list) and all(
+        isinstance(t, dict)
+        and isinstance(t.get("name"), str)
+        and isinstance(t.get("template"), str)
+        for t in template
+    ):
+        named = {t["name"]: t["template"] for t in template}
+        return named.get("default") or next(iter(named.values()), None)
+    raise ModelLoadError(
+        f"{source}: chat_template must be a string or a list of objects with string 'name' and "
+        f"'template', got {brief(template)}"
+    )
 
 
-def _id_list(value: Any) -> list[int]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, int) else list(value)
+def _special_token(config: dict[str, Any], key: str, source: Path) -> str | None:
+    """`bos_token` or `eos_token`: a string, or an AddedToken object holding it as `content`."""
+    token = config.get(key)
+    if isinstance(token, dict) and isinstance(token.get("content"), str):
+        return token["content"]
+    if token is None or isinstance(token, str):
+        return token
+    raise ModelLoadError(
+        f"{source}: {key} must be a string or an object with a string 'content', got {brief(token)}"
+    )
+
+
+def _checked(value: Any, kind: str, key: str, source: Path) -> Any:
+    """`value` if it is unset or of `kind` (see config.kind_problem), else a ModelLoadError."""
+    if problem := kind_problem(value, kind, key):
+        raise ModelLoadError(f"{source}: {problem}")
+    return value

@@ -543,10 +543,10 @@ def test_shared_expert_only_where_the_family_has_one():
         ({"num_attention_heads": 0}, "num_attention_heads must be an integer between 1"),
         ({"head_dim": 10**9}, "head_dim must be an integer between 1 and 1024"),
         ({"vocab_size": "x"}, "vocab_size must be an integer"),
-        ({"rope_scaling": [1]}, "rope_scaling must be an object, got list"),
-        ({"quantization": "x"}, "quantization must be an object, got str"),
-        ({"rms_norm_eps": "x"}, "invalid config (ValueError"),
-        ({"eos_token_id": "x"}, "invalid config"),
+        ({"rope_scaling": [1]}, "invalid config (rope_scaling must be an object, got [1])"),
+        ({"quantization": "x"}, "invalid config (quantization must be an object, got 'x')"),
+        ({"rms_norm_eps": "x"}, "invalid config (rms_norm_eps must be a number, got 'x')"),
+        ({"eos_token_id": "x"}, "(eos_token_id must be a token id or a list of them, got 'x')"),
     ],
 )
 def test_untrusted_values_are_model_load_errors(change, message):
@@ -558,6 +558,100 @@ def test_untrusted_values_are_model_load_errors(change, message):
     with pytest.raises(ModelLoadError) as err:
         ModelConfig.from_dict({**base, **change}, source="dir/config.json")
     assert str(err.value).startswith("dir/config.json: ") and message in str(err.value)
+
+
+# Each value of the wrong kind, with what it did before it was checked: a traceback, an error that
+# named no key, or silently something else.
+WRONG_KINDS = {
+    "model_type list": (  # invalid config (TypeError: unhashable type: 'list')
+        {"model_type": ["llama"]},
+        "model_type must be a string, got ['llama']",
+    ),
+    "tie_word_embeddings 'false'": (  # bool('false'): tied, the model's own head dropped
+        {"tie_word_embeddings": "false"},
+        "tie_word_embeddings must be a boolean, got 'false'",
+    ),
+    "attention_bias 'no'": ({"attention_bias": "no"}, "attention_bias must be a boolean, got 'no'"),
+    "bos_token_id 'x'": ({"bos_token_id": "x"}, "bos_token_id must be an integer, got 'x'"),
+    "eos_token_id true": (  # [True]: token 1 ended every reply
+        {"eos_token_id": True},
+        "eos_token_id must be a token id or a list of them, got True",
+    ),
+    "eos_token_id [[2]]": (
+        {"eos_token_id": [[2]]},
+        "eos_token_id must be a token id or a list of them, got [[2]]",
+    ),
+    "sliding_window 'x'": (
+        {"model_type": "mistral", "sliding_window": "x"},
+        "sliding_window must be an integer, got 'x'",
+    ),
+    "layer_types 5": (  # TypeError: object of type 'int' has no len()
+        {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4, "layer_types": 5},
+        "layer_types must be a list of strings, got 5",
+    ),
+    "mlp_only_layers 5": (
+        {
+            "model_type": "qwen2_moe",
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "mlp_only_layers": 5,
+        },
+        "mlp_only_layers must be a list of integers, got 5",
+    ),
+    "rope_scaling factor 'x'": (  # accepted; a TypeError traceback from rope.py at load
+        {"rope_scaling": {"rope_type": "linear", "factor": "x"}},
+        "rope_scaling.factor must be a number, got 'x'",
+    ),
+    "rope_parameters low_freq_factor": (
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": [1],
+                "high_freq_factor": 4.0,
+            }
+        },
+        "rope_parameters.low_freq_factor must be a number, got [1]",
+    ),
+    "rope_theta list": ({"rope_theta": [1e4]}, "rope_theta must be a number, got [10000.0]"),
+    "rope_freqs 'abc'": ({"rope_freqs": "abc"}, "rope_freqs must be a list of numbers, got 'abc'"),
+    "quantization mode 5": ({"quantization": {"mode": 5}}, "quantization.mode must be a string"),
+}
+
+
+@pytest.mark.parametrize("change, message", WRONG_KINDS.values(), ids=list(WRONG_KINDS))
+def test_values_of_the_wrong_kind_name_the_key(change, message):
+    """A config.json value of the wrong kind is a ModelLoadError naming the file and the key (see
+    WRONG_KINDS for what each did before)."""
+    with pytest.raises(ModelLoadError) as err:
+        ModelConfig.from_dict(raw_dict("llama") | change, source="dir/config.json")
+    assert str(err.value).startswith(f"dir/config.json: invalid config ({message}")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"rope_freqs": [1.0, 2.0]}, "rope_freqs must hold 8 positive numbers"),
+        ({"rope_freqs": [1.0] * 7 + [0.0]}, "rope_freqs must hold 8 positive numbers"),
+        ({"partial_rotary_factor": 5}, "partial_rotary_factor must be in [0, 1], got 5.0"),
+        ({"partial_rotary_factor": -0.5}, "partial_rotary_factor must be in [0, 1], got -0.5"),
+    ],
+)
+def test_rope_values_out_of_range(change, message):
+    """rope_freqs of the wrong length was a broadcasting ValueError traceback when the model was
+    built; a partial_rotary_factor of 5 was accepted."""
+    with pytest.raises(ModelLoadError) as err:
+        ModelConfig.from_dict(raw_dict("llama") | change, source="dir/config.json")
+    assert str(err.value).startswith(f"dir/config.json: {message}")
+
+
+def test_null_values_are_unset():
+    """A key set to null means its default, as an absent key does (a null rms_norm_eps was an
+    'invalid config (TypeError ...)')."""
+    keys = ["rms_norm_eps", "rope_theta", "tie_word_embeddings", "head_dim", "num_key_value_heads",
+            "rope_scaling", "eos_token_id", "torch_dtype"]  # fmt: skip
+    absent = {k: v for k, v in raw_dict("llama").items() if k not in keys}
+    assert ModelConfig.from_dict(absent | dict.fromkeys(keys)) == ModelConfig.from_dict(absent)
 
 
 def test_deeply_nested_json_names_the_file(tmp_path):

@@ -351,6 +351,52 @@ def test_corrupt_safetensors_header(llama_dir, tmp_path):
         mlxinfer.load(path)
 
 
+TENSOR = "tensor 'model.norm.weight' must be an object with a string 'dtype', a 'shape' of"
+# Headers that are JSON but not what the format defines, each with what it gave before: an
+# AttributeError, TypeError, KeyError or IndexError traceback, or MLX's message naming no tensor.
+HEADERS = {
+    "a list": ([1, 2], "a JSON object expected, got [1, 2]"),
+    "a number": (5, "a JSON object expected, got 5"),
+    "a tensor that is a number": ({"model.norm.weight": 5}, TENSOR),
+    "no data_offsets": ({"model.norm.weight": {"dtype": "F32", "shape": [64]}}, TENSOR),
+    "one offset": (
+        {"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": [0]}},
+        TENSOR,
+    ),
+    "string offsets": (
+        {"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": ["0", "256"]}},
+        TENSOR,
+    ),
+    "offsets reversed": (
+        {"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": [256, 0]}},
+        TENSOR,
+    ),
+    "a number for dtype": (  # MLX: [json.exception.type_error.302] type must be string, ...
+        {"model.norm.weight": {"dtype": 5, "shape": [64], "data_offsets": [0, 256]}},
+        TENSOR,
+    ),
+    "a negative dimension": (
+        {"model.norm.weight": {"dtype": "F32", "shape": [-64], "data_offsets": [0, 256]}},
+        TENSOR,
+    ),
+    "metadata not strings": (
+        {"__metadata__": {"format": 5}},
+        "__metadata__ must map names to strings, got {'format': 5}",
+    ),
+}
+
+
+@pytest.mark.parametrize("header, message", HEADERS.values(), ids=list(HEADERS))
+def test_safetensors_header_of_the_wrong_shape_names_the_file(llama_dir, tmp_path, header, message):
+    path = copy_of(llama_dir[0], tmp_path)
+    weights = path / "model.safetensors"
+    data = json.dumps(header).encode()
+    weights.write_bytes(len(data).to_bytes(8, "little") + data + bytes(256))
+    with pytest.raises(ModelLoadError) as err:
+        mlxinfer.load(path)
+    assert str(err.value).startswith(f"{weights}: corrupt safetensors header ({message}")
+
+
 def _rewrite_weights(path, edit):
     weights = mx.load(str(path / "model.safetensors"))
     edit(weights)

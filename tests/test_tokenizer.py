@@ -4,10 +4,12 @@ templates against transformers' rendering; the streaming detokenizer against a w
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 import mlxinfer
+from mlxinfer import ModelLoadError
 from mlxinfer.tokenizer import Tokenizer
 
 TEXTS = [
@@ -134,6 +136,103 @@ def test_named_chat_templates_pick_default(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     tokenizer = Tokenizer.from_dir(tmp_path)
     assert tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False) == "x"
+
+
+def test_special_tokens_as_added_token_objects(tmp_path):
+    """tokenizer_config.json may write a special token as an AddedToken object: its `content`."""
+    from .reference import write_tiny_tokenizer
+
+    write_tiny_tokenizer(tmp_path)
+    added = {"__type": "AddedToken", "content": "</s>", "lstrip": False, "special": True}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": added}))
+    tokenizer = Tokenizer.from_dir(tmp_path)
+    assert tokenizer.eos_token == "</s>" and tokenizer.eos_token_ids == {2}
+
+
+def test_chat_template_file_not_utf8_names_the_file(tmp_path):
+    """A Latin-1 chat_template.jinja was a UnicodeDecodeError traceback."""
+    from .reference import write_tiny_tokenizer
+
+    write_tiny_tokenizer(tmp_path)
+    (tmp_path / "chat_template.jinja").write_bytes(b"{{ 'caf\xe9' }}")
+    expected = (
+        f"{tmp_path / 'chat_template.jinja'}: not UTF-8 text ('utf-8' codec can't decode byte "
+        "0xe9 in position 7: invalid continuation byte)"
+    )
+    with pytest.raises(ModelLoadError, match=f"^{re.escape(expected)}$"):
+        Tokenizer.from_dir(tmp_path)
+
+
+TEMPLATE_KIND = "a string or a list of objects with string 'name' and 'template'"
+TOKEN_KIND = "a string or an object with a string 'content'"
+# (file, key, value, what it must be): each value was a traceback (AttributeError, TypeError) when
+# loaded or at the first chat, or silently something else ('false' as true, 'x' as an EOS id).
+WRONG_KINDS = [
+    ("tokenizer_config.json", "chat_template", [1], TEMPLATE_KIND),
+    ("tokenizer_config.json", "chat_template", [{"name": "default"}], TEMPLATE_KIND),
+    ("tokenizer_config.json", "chat_template", [{"name": "default", "template": 5}], TEMPLATE_KIND),
+    ("tokenizer_config.json", "chat_template", 5, TEMPLATE_KIND),
+    ("chat_template.json", "chat_template", ["{{ messages }}"], TEMPLATE_KIND),
+    ("tokenizer_config.json", "eos_token", 5, TOKEN_KIND),
+    ("tokenizer_config.json", "bos_token", {"content": 5}, TOKEN_KIND),
+    ("tokenizer_config.json", "add_bos_token", "false", "a boolean"),
+    ("generation_config.json", "eos_token_id", "x", "a token id or a list of them"),
+    ("generation_config.json", "eos_token_id", 1.5, "a token id or a list of them"),
+    ("generation_config.json", "eos_token_id", [[2]], "a token id or a list of them"),
+]
+
+
+@pytest.mark.parametrize("name, key, value, kind", WRONG_KINDS)
+def test_values_of_the_wrong_kind_name_the_file_and_key(tmp_path, name, key, value, kind):
+    from .reference import write_tiny_tokenizer
+
+    write_tiny_tokenizer(tmp_path)
+    file = tmp_path / name
+    content = json.loads(file.read_text()) if file.exists() else {}
+    file.write_text(json.dumps({**content, key: value}))
+    expected = f"{file}: {key} must be {kind}, got {value!r}"
+    with pytest.raises(ModelLoadError, match=f"^{re.escape(expected)}$"):
+        Tokenizer.from_dir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def gguf_metadata():
+    """The default model's tokenizer metadata."""
+    import mlx.core as mx
+
+    from mlxinfer.gguf import metadata_to_python
+
+    metadata = mx.load(str(mlxinfer.default_model_path()), return_metadata=True)[1]
+    return {k: v for k, v in metadata_to_python(metadata).items() if k.startswith("tokenizer.")}
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("tokenizer.ggml.tokens", 5, "tokenizer.ggml.tokens must be a list of strings, got 5"),
+        ("tokenizer.ggml.merges", [1, 2], "must be a list of strings, got [1, 2]"),
+        ("tokenizer.ggml.merges", ["abc"], "merges must be pairs of tokens separated by a space"),
+        ("tokenizer.ggml.bos_token_id", "x", "bos_token_id must be an integer, got 'x'"),
+        ("tokenizer.ggml.eot_token_id", "x", "eot_token_id must be an integer, got 'x'"),
+        ("tokenizer.ggml.token_type", [3], "token_type has 1 entries for 49152 tokens"),
+        ("tokenizer.chat_template", 5, "tokenizer.chat_template must be a string, got 5"),
+        ("tokenizer.ggml.add_bos_token", "false", "add_bos_token must be a boolean"),
+    ],
+)
+def test_gguf_metadata_of_the_wrong_kind_names_the_key(gguf_metadata, key, value, message):
+    """A GGUF types its values, but can type them otherwise: tokens as an int, a merge without
+    its space, a bos id as a string were TypeError or AttributeError tracebacks; an eot id 'x' or
+    one token type for 49,152 tokens loaded silently."""
+    with pytest.raises(ModelLoadError) as err:
+        Tokenizer.from_gguf({**gguf_metadata, key: value}, "m.gguf")
+    assert str(err.value).startswith("m.gguf: GGUF metadata ") and message in str(err.value)
+
+
+def test_gguf_merge_of_unknown_tokens_names_the_file(gguf_metadata):
+    """tokenizers raises a bare Exception for a merge of tokens it does not have."""
+    metadata = {**gguf_metadata, "tokenizer.ggml.merges": ["nosuch token"]}
+    with pytest.raises(ModelLoadError, match=r"^m\.gguf: invalid GGUF tokenizer \(.*nosuch"):
+        Tokenizer.from_gguf(metadata, "m.gguf")
 
 
 @pytest.mark.parametrize("arch, pre", [("llama", "llama-bpe"), ("qwen2", "qwen2")])

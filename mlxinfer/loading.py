@@ -159,13 +159,17 @@ def check_vocabulary(
     tokenizer_source: str | Path,
     config_source: str | Path,
 ) -> None:
-    """Every token id the tokenizer can produce needs a row of the embedding: MLX reads an id past
-    `vocab_size` as zeros, silently. A larger `vocab_size` is normal (embeddings are often padded
-    to a multiple of 64 or 128); checked before any weight is read."""
-    tokens, rows = tokenizer.vocab_size, config.vocab_size
+    """Every token id of the tokenizer's vocabulary needs a row of the embedding: MLX reads an id
+    past `vocab_size` as zeros, silently. A larger `vocab_size` is normal (embeddings are often
+    padded to a multiple of 64 or 128); checked before any weight is read.
+
+    Added tokens past the embedding (a pad token a conversion added, as mlx_lm.convert's
+    re-saved Qwen2 tokenizer does) do not stop the load: a prompt that holds one is refused
+    instead (Scheduler.check), naming it."""
+    tokens, rows = tokenizer.base_vocab_size, config.vocab_size
     if tokens > rows:
         raise ModelLoadError(
-            f"{tokenizer_source}: the tokenizer has {tokens} tokens (added tokens included), but "
+            f"{tokenizer_source}: the tokenizer's vocabulary has {tokens} tokens, but "
             f"{config_source} says vocab_size = {rows}: ids {rows}..{tokens - 1} have no embedding"
         )
 

@@ -128,6 +128,12 @@ class Scheduler:
         need = len(request.prompt_ids) + request.max_tokens
         if not request.prompt_ids:
             raise ValueError("prompt is empty")
+        rows = self.model.config.vocab_size
+        if past := [t for t in request.prompt_ids if t >= rows]:
+            raise ValueError(
+                f"prompt holds token {past[0]} ({self.tokenizer.decode([past[0]])!r}), an added "
+                f"token of the tokenizer past the model's {rows} embedding rows"
+            )
         if need > context:
             raise ValueError(
                 f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) "

@@ -117,6 +117,11 @@ class Tokenizer:
         (A tokenizer.json may leave gaps, so this can exceed the number of tokens.)"""
         return max(self._tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
+    @functools.cached_property
+    def base_vocab_size(self) -> int:
+        """vocab_size without the added tokens: the model's own vocabulary."""
+        return max(self._tokenizer.get_vocab(with_added_tokens=False).values(), default=-1) + 1
+
     @property
     def bos_token_id(self) -> int | None:
         return None if self.bos_token is None else self._tokenizer.token_to_id(self.bos_token)

@@ -737,16 +737,18 @@ def test_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
     make_tiny_checkpoint(tmp_path, "llama", vocab_size=16)
     write_tiny_tokenizer(tmp_path, vocab_size=128)
     expected = (
-        f"{tmp_path / 'tokenizer.json'}: the tokenizer has 128 tokens (added tokens included), "
+        f"{tmp_path / 'tokenizer.json'}: the tokenizer's vocabulary has 128 tokens, "
         f"but {tmp_path / 'config.json'} says vocab_size = 16: ids 16..127 have no embedding"
     )
     with pytest.raises(ModelLoadError, match=f"^{re.escape(expected)}$"):
         mlxinfer.load(tmp_path)
 
 
-def test_added_tokens_count_and_a_padded_embedding_is_fine(tmp_path):
-    """Added tokens take ids past the base vocabulary; an embedding larger than the tokenizer
-    (padded to a multiple of 64, as Qwen's 151,936 rows for 151,665 tokens) is normal."""
+def test_added_tokens_past_the_embedding_are_refused_in_prompts_and_padding_is_fine(tmp_path):
+    """An embedding larger than the tokenizer (padded to a multiple of 64, as Qwen's 151,936 rows
+    for 151,665 tokens) is normal. Added tokens past the embedding (a pad token a conversion
+    added: mlx_lm.convert's re-saved Qwen2 tokenizer has one) load, and a prompt that holds one is
+    refused naming it (its embedding would read zeros)."""
     make_tiny_checkpoint(tmp_path, "llama", vocab_size=16)
     write_tiny_tokenizer(tmp_path, vocab_size=14)
     _, tokenizer = mlxinfer.load(tmp_path)  # 14 tokens, 16 rows
@@ -758,15 +760,22 @@ def test_added_tokens_count_and_a_padded_embedding_is_fine(tmp_path):
         for i in range(3)
     ]  # fmt: skip
     (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer_json))
-    with pytest.raises(ModelLoadError, match=r"the tokenizer has 17 tokens .* vocab_size = 16"):
-        mlxinfer.load(tmp_path)
+    model, tokenizer = mlxinfer.load(tmp_path)
+    assert tokenizer.vocab_size == 17
+    with pytest.raises(
+        ValueError, match=r"prompt holds token 16 \('<extra2>'\), an added token .* 16"
+    ):
+        mlxinfer.generate(model, tokenizer, [3, 4, 16], max_tokens=2)
+    with pytest.raises(ValueError, match=r"token 16 \('<extra2>'\)"):  # in text: a special token
+        mlxinfer.generate(model, tokenizer, "<extra2>", max_tokens=2)
+    assert mlxinfer.generate(model, tokenizer, [3, 4, 15], max_tokens=2) is not None  # 15 < 16
 
 
 def test_gguf_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
     ref = make_tiny_checkpoint(tmp_path / "hf", "llama", vocab_size=16)
     write_gguf(tmp_path / "m.gguf", ref, "F32", tokens=128)
     expected = (
-        f"{tmp_path / 'm.gguf'}: the tokenizer has 128 tokens (added tokens included), but its "
+        f"{tmp_path / 'm.gguf'}: the tokenizer's vocabulary has 128 tokens, but its "
         "metadata says vocab_size = 16: ids 16..127 have no embedding"
     )
     with pytest.raises(ModelLoadError, match=f"^{re.escape(expected)}$"):

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,13 +48,19 @@ def test_streamlit_run_listens_on_localhost_only(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
          "--server.headless", "true"],
-        cwd=tmp_path, env={**os.environ, "HOME": str(home)},
+        cwd=tmp_path, env={**os.environ, "HOME": str(home), "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 60
-        while not connects("127.0.0.1", port) and time.monotonic() < deadline:
-            assert process.poll() is None, process.stdout.read()
+        # the address it prints comes after it listens: wait for both
+        while time.monotonic() < deadline and not (
+            connects("127.0.0.1", port) and any("URL" in line for line in lines)
+        ):
+            assert process.poll() is None, "".join(lines)
             time.sleep(0.2)
         assert connects("127.0.0.1", port)
         for address in other_addresses():
@@ -61,6 +68,8 @@ def test_streamlit_run_listens_on_localhost_only(tmp_path):
                 assert not connects(address, port), f"the dashboard answers on {address}"
     finally:
         process.terminate()
-        output = process.communicate(timeout=30)[0]
+        process.wait(timeout=30)
+        reader.join(timeout=10)
+    output = "".join(lines)
     assert "Network URL" not in output
     assert f"http://127.0.0.1:{port}" in output

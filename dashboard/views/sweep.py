@@ -13,7 +13,7 @@ import streamlit as st
 
 from mlxinfer.bench import jobs, report
 from mlxinfer.bench.grid import DEFAULTS, ENGINE_AXES, LENGTH_AXES, SAMPLING_AXES, parse_axes
-from mlxinfer.bench.sweep import LONG_SWEEP_S, plan
+from mlxinfer.bench.sweep import plan, too_long
 
 state = st.session_state
 db = common.runs_db()
@@ -79,7 +79,7 @@ if axes is not None:
         c.metric("Predicted memory (largest)", f"{peak:,.1f} MB",
                  help="weights + KV cache as allocated, for the largest configuration"
                  + ("" if available is None else f"; {available:.0f} MB available"))  # fmt: skip
-        if seconds is not None and seconds > LONG_SWEEP_S:
+        if too_long(seconds):
             st.warning(f"This sweep would take about {seconds / 3600:.1f} hours at the speeds "
                        "this database has measured: fewer values make it shorter. Stop ends it "
                        "whenever you like, keeping what it measured; Resume continues it.")  # fmt: skip

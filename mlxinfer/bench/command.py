@@ -10,8 +10,6 @@ mlxinfer bench positions RUN_ID          # latency by token position
 from __future__ import annotations
 
 import argparse
-import errno
-import os
 import signal
 import sys
 import tempfile
@@ -119,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace, db) -> int:
     from . import report
     from .grid import parse_axes
-    from .sweep import LONG_SWEEP_S, Sweep
+    from .sweep import Sweep, too_long
 
     check_writable("--json", args.json)  # before measuring, not after
     if args.resume is not None:
@@ -141,7 +139,7 @@ def _sweep(args: argparse.Namespace, db) -> int:
         sweep_text = Path(args.sweep).read_text() if args.sweep else None
         sweep = Sweep(axes, args.reps, db, command, sweep_text, baseline=args.baseline)
         seconds = sweep.estimated_seconds()
-    if seconds is not None and seconds > LONG_SWEEP_S:
+    if too_long(seconds):
         print(f"mlxinfer bench: warning: this sweep takes ~{_duration(seconds)} at the speeds "
               f"this database has measured; {_stopping(sweep.run_id)}", file=sys.stderr,
               flush=True)  # fmt: skip
@@ -181,16 +179,14 @@ def check_writable(flag: str, path: str | None) -> None:
         return
     target = Path(path)
     try:
-        if target.is_dir():
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
         if target.exists():
-            with open(target, "a"):  # opened for writing, not changed
+            with open(target, "a"):  # opened for writing, not changed (a directory: EISDIR)
                 pass
         else:
             with tempfile.TemporaryFile(dir=target.parent):
                 pass
     except OSError as e:
-        raise BenchUsageError(f"{flag} {path}: cannot write there: {e.strerror or e}") from None
+        raise _cannot_write(flag, path, e) from None
 
 
 def write(flag: str, path: str, text: str) -> None:
@@ -198,7 +194,11 @@ def write(flag: str, path: str, text: str) -> None:
     try:
         Path(path).write_text(text)
     except OSError as e:
-        raise BenchUsageError(f"{flag} {path}: cannot write there: {e.strerror or e}") from None
+        raise _cannot_write(flag, path, e) from None
+
+
+def _cannot_write(flag: str, path: str, error: OSError) -> BenchUsageError:
+    return BenchUsageError(f"{flag} {path}: cannot write there: {error.strerror or error}")
 
 
 def _interrupt_on(*signals) -> None:
@@ -228,9 +228,9 @@ class Progress:
     def _warn_if_long(self, event) -> None:
         """Once the first configuration is measured (its pace includes loading the model), a
         sweep with more than LONG_SWEEP_S left is said so on a line of its own."""
-        from .sweep import LONG_SWEEP_S
+        from .sweep import too_long
 
-        if self.warned or event.index < 1 or event.eta_s is None or event.eta_s <= LONG_SWEEP_S:
+        if self.warned or event.index < 1 or not too_long(event.eta_s):
             return
         self.warned = True
         self._line(f"mlxinfer bench: warning: ~{_duration(event.eta_s)} left at this pace; "

@@ -86,16 +86,23 @@ CREATE TABLE IF NOT EXISTS token_times (
 """
 
 
+def _tables(conn: sqlite3.Connection) -> dict[str, frozenset[str]]:
+    """Each table of a database (SQLite's own aside) -> its columns."""
+    names = conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+    ).fetchall()
+    return {
+        n: frozenset(c[0] for c in conn.execute("SELECT name FROM pragma_table_info(?)", (n,)))
+        for (n,) in names
+    }
+
+
 @functools.cache
 def _columns() -> dict[str, frozenset[str]]:
     """Each table of the schema -> its columns."""
     schema = sqlite3.connect(":memory:")
     schema.executescript(_SCHEMA)
-    names = [r[0] for r in schema.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-    columns = {
-        n: frozenset(c[0] for c in schema.execute("SELECT name FROM pragma_table_info(?)", (n,)))
-        for n in names
-    }
+    columns = _tables(schema)
     schema.close()
     return columns
 
@@ -176,13 +183,7 @@ class RunsDB:
         self.conn.execute("BEGIN")  # one snapshot: another process may be creating it
         try:
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-            names = self.conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
-            ).fetchall()
-            tables = {
-                n: {c[0] for c in self.conn.execute("SELECT name FROM pragma_table_info(?)", (n,))}
-                for (n,) in names
-            }
+            tables = _tables(self.conn)
         finally:
             if self.conn.in_transaction:  # (a file that is not SQLite fails before it begins)
                 self.conn.execute("ROLLBACK")
@@ -302,16 +303,15 @@ class RunsDB:
         its row. Refused (ValueError) when it is done, or while another process that is alive
         still measures it: both would measure it, and its pid, the one Stop signals, would be
         this process's."""
-        from .jobs import alive
+        from . import jobs
 
         with self._transaction():  # read and taken at once: of two resumes, one takes it
             run = self.run(run_id)
             if run["status"] == "done":
                 raise ValueError(f"run {run_id} is already done")
-            owner = run["pid"]
-            if run["status"] == "running" and owner != os.getpid() and alive(owner):
+            if run["pid"] != os.getpid() and jobs.status(run) == "running":  # its owner lives
                 raise ValueError(
-                    f"run {run_id} is still being measured by process {owner}: stop that one "
+                    f"run {run_id} is still being measured by process {run['pid']}: stop that one "
                     "first (Ctrl-C there, or Stop on the dashboard), or let it finish"
                 )
             self.conn.execute(

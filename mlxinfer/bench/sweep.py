@@ -32,6 +32,18 @@ from .grid import SAMPLING_AXES, config_key, expand, parse_kv, sampling_params
 ENGINE = "mlxinfer"
 BASELINE = "mlx-lm"
 LONG_SWEEP_S = 3600.0  # a sweep estimated to take longer is warned of (CLI and dashboard)
+
+
+def too_long(seconds: float | None) -> bool:
+    """Whether a sweep estimated to take `seconds` (None: unknown) is to be warned of."""
+    return seconds is not None and seconds > LONG_SWEEP_S
+
+
+def engine_names(baseline: str | None) -> list[str]:
+    """The engines a run measures: ours, and mlx-lm's when a baseline is asked for."""
+    return [ENGINE] + ([BASELINE] if baseline else [])
+
+
 TEXT = Path(__file__).with_name("kjv_genesis.txt")
 
 
@@ -98,8 +110,7 @@ class Sweep:
     def estimated_seconds(self) -> float | None:
         """How long the run takes, from the database's past measurements (estimate()); None
         when it has none of some configuration's kind."""
-        engines = [ENGINE] + ([BASELINE] if self.baseline else [])
-        return estimate(self.configs, self.reps, engines, self.db)[0]
+        return estimate(self.configs, self.reps, engine_names(self.baseline), self.db)[0]
 
     @property
     def swept(self) -> list[str]:
@@ -115,7 +126,7 @@ class Sweep:
 
     def _run(self, cancel: threading.Event | None) -> Iterator[SweepEvent]:
         done = self.db.done(self.run_id)
-        engines = [ENGINE] + ([BASELINE] if self.baseline else [])
+        engines = engine_names(self.baseline)
         total, start = len(self.configs), time.perf_counter()
         progress = {"step": 0, "steps": sum(
             (config_key(c), name, rep) not in done
@@ -346,7 +357,7 @@ def plan(
                                                      compute=compute))  # fmt: skip
     configs = list(expand(axes))
     check_grid(configs, load)
-    engines = [ENGINE] + ([BASELINE] if baseline else [])
+    engines = engine_names(baseline)
     predicted = []
     for config in configs:
         model, _ = load(config["model"], config["compute"])

@@ -17,7 +17,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from .config import ModelLoadError
+from .config import ModelLoadError, kind_problem
 
 # general.architecture -> (Hugging Face model_type, rope interleaved as llama.cpp's LLAMA rope type)
 ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
@@ -42,6 +42,42 @@ _PER_LAYER = {
 }
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias|scales|biases)$")
 _TOP_NAME = re.compile(r"([a-z_]+)\.(weight|bias|scales|biases)$")
+
+
+# What the tokenizer's GGUF metadata must hold, when set: a GGUF file types its values, but
+# nothing stops it from typing them otherwise (an int for the tokens was a TypeError traceback).
+_TOKENIZER_KINDS = {
+    "tokenizer.ggml.tokens": "a list of strings",
+    "tokenizer.ggml.merges": "a list of strings",
+    "tokenizer.ggml.token_type": "a list of integers",
+    "tokenizer.ggml.pre": "a string",
+    "tokenizer.ggml.bos_token_id": "an integer",
+    "tokenizer.ggml.eos_token_id": "an integer",
+    "tokenizer.ggml.eot_token_id": "an integer",
+    "tokenizer.ggml.add_bos_token": "a boolean",
+    "tokenizer.chat_template": "a string",
+}
+
+
+def check_tokenizer_metadata(metadata: dict[str, Any], source: str) -> None:
+    """The `tokenizer.*` metadata is there and of the kinds that config_from_metadata and
+    Tokenizer.from_gguf need: a ModelLoadError naming the key otherwise."""
+    if "tokenizer.ggml.tokens" not in metadata:
+        raise ModelLoadError(f"{source}: GGUF metadata lacks 'tokenizer.ggml.tokens'")
+    for key, kind in _TOKENIZER_KINDS.items():
+        if problem := kind_problem(metadata.get(key), kind, key):
+            raise ModelLoadError(f"{source}: GGUF metadata {problem}")
+    if any(" " not in merge for merge in metadata.get("tokenizer.ggml.merges", [])):
+        raise ModelLoadError(
+            f"{source}: GGUF metadata tokenizer.ggml.merges must be pairs of tokens separated by "
+            "a space"
+        )
+    tokens, types = metadata["tokenizer.ggml.tokens"], metadata.get("tokenizer.ggml.token_type")
+    if types is not None and len(types) != len(tokens):
+        raise ModelLoadError(
+            f"{source}: GGUF metadata tokenizer.ggml.token_type has {len(types)} entries for "
+            f"{len(tokens)} tokens"
+        )
 
 
 def config_from_metadata(metadata: dict[str, Any], source: str) -> dict[str, Any]:

@@ -141,6 +141,7 @@ def load_gguf(path: Path, dtype: mx.Dtype | None = None) -> tuple[Model, Tokeniz
     except Exception as e:  # MLX raises RuntimeError/ValueError with its own wording
         raise ModelLoadError(f"{source}: cannot read GGUF file ({e})") from None
     metadata = gguf.metadata_to_python(metadata)
+    gguf.check_tokenizer_metadata(metadata, source)  # the config reads the token count and ids
     config_dict = gguf.config_from_metadata(metadata, source)
     weights = gguf.rename_tensors(tensors, source)
     if "rope_freqs.weight" in weights:

@@ -51,41 +51,6 @@ def _gguf_pre_tokenizer(pre: str, source: str):
     )
 
 
-# What the tokenizer's GGUF metadata must hold, when set: a GGUF file types its values, but
-# nothing stops it from typing them otherwise (an int for the tokens was a TypeError traceback).
-_GGUF_KINDS = {
-    "tokenizer.ggml.tokens": "a list of strings",
-    "tokenizer.ggml.merges": "a list of strings",
-    "tokenizer.ggml.token_type": "a list of integers",
-    "tokenizer.ggml.pre": "a string",
-    "tokenizer.ggml.bos_token_id": "an integer",
-    "tokenizer.ggml.eos_token_id": "an integer",
-    "tokenizer.ggml.eot_token_id": "an integer",
-    "tokenizer.ggml.add_bos_token": "a boolean",
-    "tokenizer.chat_template": "a string",
-}
-
-
-def _check_gguf_metadata(metadata: dict[str, Any], source: str) -> None:
-    """The `tokenizer.*` metadata `from_gguf` reads is there and of the kinds it needs."""
-    if "tokenizer.ggml.tokens" not in metadata:
-        raise ModelLoadError(f"{source}: GGUF metadata lacks 'tokenizer.ggml.tokens'")
-    for key, kind in _GGUF_KINDS.items():
-        if problem := kind_problem(metadata.get(key), kind, key):
-            raise ModelLoadError(f"{source}: GGUF metadata {problem}")
-    if any(" " not in merge for merge in metadata.get("tokenizer.ggml.merges", [])):
-        raise ModelLoadError(
-            f"{source}: GGUF metadata tokenizer.ggml.merges must be pairs of tokens separated by "
-            "a space"
-        )
-    tokens, types = metadata["tokenizer.ggml.tokens"], metadata.get("tokenizer.ggml.token_type")
-    if types is not None and len(types) != len(tokens):
-        raise ModelLoadError(
-            f"{source}: GGUF metadata tokenizer.ggml.token_type has {len(types)} entries for "
-            f"{len(tokens)} tokens"
-        )
-
-
 class Tokenizer:
     """Text <-> token ids, special tokens, EOS ids and the chat template of one model."""
 
@@ -210,14 +175,14 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, metadata: dict[str, Any], source: str) -> Tokenizer:
-        """Rebuild the tokenizer stored in GGUF metadata (`tokenizer.ggml.*`)."""
+        """Rebuild the tokenizer stored in GGUF metadata (`tokenizer.ggml.*`), which
+        gguf.check_tokenizer_metadata has checked (loading does, before the config reads it)."""
         kind = metadata.get("tokenizer.ggml.model")
         if kind != "gpt2":
             raise ModelLoadError(
                 f"{source}: GGUF tokenizer model {kind!r} is not supported (supported: 'gpt2', "
                 "byte-level BPE)"
             )
-        _check_gguf_metadata(metadata, source)
         tokens: list[str] = metadata["tokenizer.ggml.tokens"]
         merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
         types = metadata.get("tokenizer.ggml.token_type")

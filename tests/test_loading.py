@@ -771,6 +771,26 @@ def test_added_tokens_past_the_embedding_are_refused_in_prompts_and_padding_is_f
     assert mlxinfer.generate(model, tokenizer, [3, 4, 15], max_tokens=2) is not None  # 15 < 16
 
 
+def test_gguf_tokenizer_metadata_is_checked_before_the_config_reads_it(tmp_path, monkeypatch):
+    """The config takes the vocabulary size and the bos/eos ids from `tokenizer.ggml.*`: an int
+    for the tokens was a TypeError traceback there, before the tokenizer's own check ran."""
+    from mlxinfer import gguf
+
+    ref = make_tiny_checkpoint(tmp_path / "hf", "llama")
+    write_gguf(tmp_path / "m.gguf", ref, "F32")
+    real = gguf.metadata_to_python
+
+    def broken(metadata):
+        out = {k: v for k, v in real(metadata).items() if not k.endswith(".vocab_size")}
+        return {**out, "tokenizer.ggml.tokens": 7}
+
+    monkeypatch.setattr(gguf, "metadata_to_python", broken)
+    with pytest.raises(
+        ModelLoadError, match=r"GGUF metadata tokenizer\.ggml\.tokens must be a list"
+    ):
+        mlxinfer.load(tmp_path / "m.gguf")
+
+
 def test_gguf_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
     ref = make_tiny_checkpoint(tmp_path / "hf", "llama", vocab_size=16)
     write_gguf(tmp_path / "m.gguf", ref, "F32", tokens=128)

@@ -54,7 +54,8 @@ EXIT_CLOSE_TIMEOUT_S = 60.0  # an engine's step in flight finishes first
 
 
 def track_engine(engine) -> None:
-    """Close `engine` at exit if it is still open (its thread stops and clears its streams)."""
+    """Close `engine` at exit if it is still open (its thread stops and clears its streams):
+    anything with `close(cancel, timeout)` whose thread uses MLX (the Engine's _Worker)."""
     _engines.add(engine)
 
 

@@ -35,8 +35,9 @@ _CANDIDATES = (
 COMPILER_FIX = "apt-get install gcc (Debian/Ubuntu)"
 # Force the shim's few-row kernel: avx512, avx2, generic (neon on AArch64), or openblas.
 KERNEL_ENV = "MLXINFER_GEMV_KERNEL"
+NATIVE_ATTENTION_ENV = "MLXINFER_NATIVE_ATTENTION"  # 0: prefill attention through MLX's ops
 CHECK_ENV = "MLXINFER_GEMV_CHECK"  # 1: time even a forced kernel against OpenBLAS; 0: never
-SHIM_SOURCES = ("gemv_shim.c", "small_gemm.h")  # the second is included by the first, per ISA
+SHIM_SOURCES = ("gemv_shim.c", "small_gemm.h", "flash_attention.h")  # headers: included per ISA
 SHIM_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # OpenMP: small_gemm's threads
 
 _status: str | None = None  # what load_fast_blas found; see blas_status()
@@ -306,6 +307,52 @@ def gemv_kernel() -> dict[str, str] | None:
         "runnable": _shim_text(_shim.mlxinfer_gemv_shim_kernels, 1),
         "in_use": _shim_text(_shim.mlxinfer_gemv_shim_kernel_status),
     }
+
+
+class AttentionJob(ctypes.Structure):
+    """gemv_shim.c's attention_job: q `[B, H, T, hd]` over k, v `[B, KV, S, hd]` (strides in
+    floats for the first three axes), out `[B, H, T, hd]` contiguous."""
+
+    _fields_ = [
+        *((name, ctypes.c_int) for name in ("B", "H", "KV", "T", "S", "hd")),
+        ("scale", ctypes.c_float),
+        *((name, ctypes.c_void_p) for name in ("q", "k", "v")),
+        *((name, ctypes.c_long * 3) for name in ("q_strides", "k_strides", "v_strides")),
+        ("out", ctypes.c_void_p),
+        ("query_block", ctypes.c_int),
+    ]
+
+
+def native_attention() -> ctypes.CDLL | None:
+    """The shim's causal attention for prefill chunks (`mlxinfer_attention`, taking an
+    AttentionJob), or None without the shim or with MLXINFER_NATIVE_ATTENTION=0."""
+    blas_status()
+    if _shim is None or os.environ.get(NATIVE_ATTENTION_ENV, "1") == "0":
+        return None
+    function = _shim.mlxinfer_attention
+    function.argtypes = [ctypes.POINTER(AttentionJob), ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+def attention_kernel_summary() -> str:
+    """The variant of the native prefill attention ("avx512", "avx2", "generic", "neon"), or why
+    there is none."""
+    if native_attention() is None:
+        if _shim is None:
+            return f"none (gemv shim {gemv_shim_status()})"
+        return f"off ({NATIVE_ATTENTION_ENV}=0)"
+    return _shim_text(_shim.mlxinfer_attention_kernel)
+
+
+def kernel_index(name: str) -> int:
+    """The shim's index of a kernel variant by name (avx512, avx2, generic, neon), for forcing one
+    in a call (`mlxinfer_attention`'s variant); ValueError for a name this build lacks."""
+    blas_status()
+    names = _shim_text(_shim.mlxinfer_gemv_shim_kernels, 0).split(", ") if _shim else []
+    if name not in names:
+        raise ValueError(f"no kernel {name!r} in the gemv shim (it has: {', '.join(names)})")
+    return names.index(name)
 
 
 def _shim_text(function, *args) -> str:

@@ -629,6 +629,7 @@ def environment() -> dict:
     import mlx.core as mx
 
     from .backend import (
+        attention_kernel_summary,
         blas_status,
         c_compiler,
         cpu_features,
@@ -658,6 +659,7 @@ def environment() -> dict:
         "blas": blas_status(),
         "gemv shim": gemv_shim_status(),
         "gemv kernel": gemv_kernel_summary(),
+        "prefill attention": attention_kernel_summary(),
         "c compiler": c_compiler() or "none found",
         "default model": default_model,
     }

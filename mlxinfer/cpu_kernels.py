@@ -11,12 +11,15 @@ own fast ops are fast and are kept.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import threading
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
+from . import backend
 from .cache import window_mask
 
 _LOG2E = 1.4426950408889634
@@ -68,6 +71,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.a
     would be 38 MB, read and written six times from memory instead of cache."""
     T, S = q.shape[2], k.shape[2]
     causal = isinstance(mask, str)
+    if causal and (out := native_attention(q, k, v, scale)) is not None:
+        return out
     blocks = []
     for start in range(0, T, QUERY_BLOCK):
         end = min(T, start + QUERY_BLOCK)
@@ -86,6 +91,40 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.a
             keys, values, block_mask = k, v, mask[start:end]
         blocks.append(_attention_block(q_block, keys, values, scale, block_mask))
     return blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=2)
+
+
+def native_attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, kernel: str | None = None
+) -> mx.array | None:
+    """Causal attention of q `[B, H, T, hd]` (the last T of S positions) over k, v `[B, KV, S, hd]`
+    by the shim's C kernel (flash_attention.h: vectorised exp, threads, no score row longer than
+    256 keys held), or None where it does not apply: no shim, not float32, a head dim that is not
+    a multiple of the vector width. MLX cannot call it inside a graph, so q, k and v are evaluated
+    here and the result is a new array: one synchronisation per layer, which a prefill chunk's
+    attention outweighs. `kernel` forces a variant (avx512, avx2, generic, neon), for tests;
+    ValueError where this CPU cannot run it."""
+    run = backend.native_attention()
+    if run is None or any(a.dtype != mx.float32 for a in (q, k, v)):
+        return None
+    mx.eval(q, k, v)
+    arrays = []
+    for a in (q, k, v):
+        view = np.asarray(a)  # no copy: MLX's buffer, with its strides
+        if view.strides[-1] != view.itemsize:
+            view = np.ascontiguousarray(view)
+        arrays.append(view)
+    (B, H, T, hd), (_, KV, S, _) = q.shape, k.shape
+    out = np.empty((B, H, T, hd), dtype=np.float32)
+    job = backend.AttentionJob(B, H, KV, T, S, hd, scale, *(a.ctypes.data for a in arrays))
+    for name, a in zip(("q_strides", "k_strides", "v_strides"), arrays, strict=True):
+        getattr(job, name)[:] = [stride // a.itemsize for stride in a.strides[:3]]
+    job.out = out.ctypes.data
+    code = run(ctypes.byref(job), -1 if kernel is None else backend.kernel_index(kernel))
+    if code == 2:
+        raise ValueError(f"this CPU cannot run the {kernel} kernel")
+    if code == 3:
+        raise MemoryError("the native attention kernel could not allocate its scratch memory")
+    return mx.array(out) if code == 0 else None
 
 
 def _online_attention_block(

@@ -20,6 +20,7 @@
  * MLXINFER_GEMV_KERNEL (read by backend.py) forces one variant, or "openblas", without that check.
  */
 #include <dlfcn.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,6 +60,23 @@ typedef struct {
   int ldc;
 } product;
 
+/* A causal attention over a prefill chunk (flash_attention.h): q [B, H, T, hd] over the keys and
+ * values [B, KV, S, hd] of positions 0..S-1, the queries being the last T positions; any strides
+ * (in floats) for the first three axes, head dims contiguous; out [B, H, T, hd] contiguous. */
+typedef struct {
+  int B, H, KV, T, S, hd;
+  float scale;
+  const float *q, *k, *v;
+  long q_strides[3], k_strides[3], v_strides[3];
+  float *out;
+  int query_block; /* queries per work item, set by mlxinfer_attention */
+} attention_job;
+/* Keys per block and query rows per work item (a KV head's query groups together), measured on
+ * 512 queries over 4k keys (2-core Xeon, AVX-512; GFLOP/s of the two products): 256 keys x 64
+ * rows 66, 128 x 64 114, 64 x 256 122-138, 128 x 128 123-152 (AVX2: 54 -> 78). The block's
+ * scores, [128, 128] floats, and its transposed keys stay in L1/L2. */
+enum { ATTENTION_KEY_BLOCK = 128, ATTENTION_ROWS = 128 };
+
 /* The kernels, one per instruction set (small_gemm.h has the code and says how the block sizes
  * were chosen). A variant's code is compiled for its target whatever the compiler's flags; which
  * runs is decided at run time by the CPU's features (`cpu_can_run`). */
@@ -68,6 +86,8 @@ typedef struct {
 #define VW 16
 #define COLS 4
 #define VECS 4
+#define ATTENTION attention_avx512
+#include "flash_attention.h"
 #include "small_gemm.h"
 
 #define KERNEL small_gemm_avx2
@@ -75,6 +95,8 @@ typedef struct {
 #define VW 8
 #define COLS 2
 #define VECS 2
+#define ATTENTION attention_avx2
+#include "flash_attention.h"
 #include "small_gemm.h"
 
 #define KERNEL small_gemm_generic /* SSE2, part of every x86-64 CPU: 16 registers of 4 floats */
@@ -82,6 +104,8 @@ typedef struct {
 #define VW 4
 #define COLS 2
 #define VECS 2
+#define ATTENTION attention_generic
+#include "flash_attention.h"
 #include "small_gemm.h"
 #define GENERIC_NAME "generic"
 #elif defined(__aarch64__)
@@ -90,6 +114,8 @@ typedef struct {
 #define VW 4
 #define COLS 4
 #define VECS 4
+#define ATTENTION attention_generic
+#include "flash_attention.h"
 #include "small_gemm.h"
 #define GENERIC_NAME "neon"
 #else
@@ -98,22 +124,27 @@ typedef struct {
 #define VW 4
 #define COLS 2
 #define VECS 2
+#define ATTENTION attention_generic
+#include "flash_attention.h"
 #include "small_gemm.h"
 #define GENERIC_NAME "generic"
 #endif
 
 typedef void (*kernel_fn)(const product *, int, int);
+typedef void (*attention_fn)(const attention_job *, int, float *);
 
 static const struct {
   const char *name;
   kernel_fn fn;
   int cols; /* columns of C per work item when B is stored [N, K]: the kernel's COLS */
+  attention_fn attention;
+  int width; /* floats per vector: the head dim must be a multiple */
 } KERNELS[] = {
 #if defined(__x86_64__) || defined(__i386__)
-    {"avx512", small_gemm_avx512, small_gemm_avx512_COLS},
-    {"avx2", small_gemm_avx2, small_gemm_avx2_COLS},
+    {"avx512", small_gemm_avx512, small_gemm_avx512_COLS, attention_avx512, 16},
+    {"avx2", small_gemm_avx2, small_gemm_avx2_COLS, attention_avx2, 8},
 #endif
-    {GENERIC_NAME, small_gemm_generic, small_gemm_generic_COLS},
+    {GENERIC_NAME, small_gemm_generic, small_gemm_generic_COLS, attention_generic, 4},
 };
 enum { N_KERNELS = sizeof KERNELS / sizeof KERNELS[0] };
 
@@ -150,6 +181,7 @@ static int cpu_can_run(int index) {
 
 static int feature_kernel = -1; /* the first of KERNELS this CPU can run */
 static int chosen = -1;         /* the kernel in use: an index of KERNELS, or -1 for OpenBLAS */
+static int attention_kernel = -1; /* KERNELS' variant for attention: by features, or forced */
 static int checked_rows = 0;    /* small_gemm takes products of 4..checked_rows rows */
 static int unchecked = 0; /* forced by MLXINFER_GEMV_KERNEL, or MLXINFER_GEMV_CHECK=0 */
 static char status[256] = "not checked yet";
@@ -265,7 +297,7 @@ int mlxinfer_gemv_shim_init(const char *path, const char *kernel, int check) {
   snprintf(status, sizeof status, "not checked yet");
   for (int i = 0; i < N_KERNELS && feature_kernel < 0; i++)
     if (cpu_can_run(i)) feature_kernel = i;
-  chosen = feature_kernel;
+  chosen = attention_kernel = feature_kernel;
   if (!(kernel && *kernel)) {
     if (check == 0) {
       unchecked = 1, checked_rows = SMALL_ROWS;
@@ -283,9 +315,57 @@ int mlxinfer_gemv_shim_init(const char *path, const char *kernel, int check) {
     for (int i = 0; i < N_KERNELS; i++)
       if (!strcmp(kernel, KERNELS[i].name) && cpu_can_run(i)) chosen = i;
     if (chosen == -2) return 2;
+    attention_kernel = chosen;
     snprintf(status, sizeof status, "%s (forced by MLXINFER_GEMV_KERNEL)", KERNELS[chosen].name);
   }
   return 0;
+}
+
+/* -- attention ------------------------------------------------------------------------------------ */
+
+/* Causal attention of a prefill chunk (see attention_job): the work items (a block of queries of
+ * one KV head, all its query groups: about ATTENTION_ROWS rows) shared by the OpenMP threads, the
+ * costliest (the last query blocks, which see the most keys) first. `variant` is an index of
+ * KERNELS, or -1 for the one chosen at init. Returns 0, or 1 for a shape the kernels do not take (head dim not a
+ * multiple of the vector width, or over 512; H not a multiple of KV), 2 for a variant this CPU
+ * cannot run, 3 when out of memory. */
+int mlxinfer_attention(attention_job *job, int variant) {
+  int index = variant >= 0 ? variant : attention_kernel;
+  if (index < 0 || index >= N_KERNELS || !cpu_can_run(index)) return 2;
+  const int width = KERNELS[index].width, groups = job->KV > 0 ? job->H / job->KV : 0;
+  if (job->hd <= 0 || job->hd % width || job->hd > 512 || groups <= 0 || job->H % job->KV)
+    return 1;
+  if (job->T <= 0 || job->B <= 0) return 0;
+  job->query_block = (ATTENTION_ROWS + groups - 1) / groups;
+  const int blocks = (job->T + job->query_block - 1) / job->query_block, heads = job->B * job->KV;
+  const int items = heads * blocks;
+  const int rows4 = (groups * job->query_block + 3) / 4 * 4;
+  const size_t floats = (size_t)rows4 * job->hd * 2 + (size_t)job->hd * ATTENTION_KEY_BLOCK +
+                        (size_t)rows4 * ATTENTION_KEY_BLOCK + 2 * (size_t)rows4;
+  attention_fn attention = KERNELS[index].attention;
+  int next = 0, workers = 0; /* threads that had memory for their scratch: they share all items */
+#ifdef _OPENMP
+#pragma omp parallel
+#endif
+  {
+    float *scratch = malloc(sizeof(float) * floats);
+    if (scratch) {
+      __atomic_fetch_add(&workers, 1, __ATOMIC_RELAXED);
+      for (;;) {
+        int i = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
+        if (i >= items) break;
+        int block = blocks - 1 - i / heads, head = i % heads; /* heads of the last block first */
+        attention(job, head * blocks + block, scratch);
+      }
+      free(scratch);
+    }
+  }
+  return workers ? 0 : 3;
+}
+
+/* The variant mlxinfer_attention runs by default. */
+const char *mlxinfer_attention_kernel(void) {
+  return attention_kernel >= 0 ? KERNELS[attention_kernel].name : "none";
 }
 
 /* The kernel this CPU's features select (before the check against OpenBLAS). */

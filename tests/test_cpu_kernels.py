@@ -54,15 +54,116 @@ def test_swiglu_matches_silu_times_up():
         (3, 3, 1200, 1200),  # a whole long prompt at once
     ],
 )
-def test_causal_attention_matches_fast_sdpa(heads, kv_heads, new, total):
+@pytest.mark.parametrize("native", ["1", "0"], ids=["native", "mlx-ops"])
+def test_causal_attention_matches_float64(heads, kv_heads, new, total, native, monkeypatch):
     """`new` queries at the end of `total` positions (a chunk after a cached prefix), MHA/GQA/MQA;
-    more than 128 new queries go through the blocked path, more than LONG_CONTEXT keys through
-    key blocks with an online softmax."""
+    through the shim's C kernel, and with it off through MLX's ops: there more than 128 new
+    queries go through the blocked path, more than LONG_CONTEXT keys through key blocks with an
+    online softmax."""
+    monkeypatch.setenv("MLXINFER_NATIVE_ATTENTION", native)
     rng = np.random.default_rng(heads * 100 + total)
     q = mx.array(rng.normal(size=(2, heads, new, 16)).astype(np.float32))
     k = mx.array(rng.normal(size=(2, kv_heads, total, 16)).astype(np.float32))
     v = mx.array(rng.normal(size=(2, kv_heads, total, 16)).astype(np.float32))
-    mask = "causal" if new > 1 else None
-    expected = np.array(mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask))
+    expected = _reference_attention(np.array(q), np.array(k), np.array(v), 0.25)
     ours = np.array(cpu_kernels.attention(q, k, v, 0.25, "causal"))
-    assert np.linalg.norm(ours - expected) / np.linalg.norm(expected) < 1e-6
+    # MLX's own fast sdpa is 3e-7 - 7.3e-7 from float64 on these shapes; ours 3e-7 - 7.5e-7
+    assert np.linalg.norm(ours - expected) / np.linalg.norm(expected) < 2e-6
+
+
+# -- the shim's C attention (flash_attention.h), each variant this CPU can run --------------------
+
+
+def _runnable_kernels() -> list[str]:
+    from mlxinfer import backend
+
+    kernel = backend.gemv_kernel()
+    return kernel["runnable"].split(", ") if kernel else []
+
+
+def _reference_attention(q, k, v, scale):
+    """Causal softmax attention in float64 numpy: q [B, H, T, hd], k, v [B, KV, S, hd], the
+    queries being the last T of the S positions."""
+    q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, groups, axis=1), np.repeat(v, groups, axis=1)
+    T, S = q.shape[2], k.shape[2]
+    scores = q @ k.swapaxes(-1, -2) * scale
+    visible = np.arange(S)[None, :] <= np.arange(S - T, S)[:, None]
+    scores = np.where(visible, scores, -np.inf)
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return (weights / weights.sum(axis=-1, keepdims=True)) @ v
+
+
+NATIVE_SHAPES = [  # B, H, KV, T, S, hd
+    (1, 9, 3, 7, 7, 64),  # SmolLM2's heads, a short prompt
+    (2, 4, 4, 33, 33, 32),  # MHA, two rows
+    (1, 8, 1, 130, 700, 128),  # MQA, a chunk after a cached prefix, two query blocks
+    (1, 6, 2, 5, 600, 80),  # a head dim that is not a multiple of 64
+    (1, 3, 3, 300, 300, 16),  # query blocks of 128 rows, key blocks of 128, remainders
+    (1, 2, 1, 1, 257, 64),  # one query over a key block and a bit
+    (1, 2, 1, 9, 40, 20),  # a head dim only the 4-wide variants take (the others decline)
+]
+
+
+@pytest.mark.parametrize("shape", NATIVE_SHAPES, ids=str)
+def test_native_attention_matches_float64_in_every_variant(shape):
+    """Every variant this CPU can run (AVX-512, AVX2+FMA, SSE2/NEON), against float64 numpy."""
+    kernels = _runnable_kernels()
+    if not kernels:
+        pytest.skip("no gemv shim on this machine")
+    B, H, KV, T, S, hd = shape
+    rng = np.random.default_rng(sum(shape))
+    q, k, v = (
+        rng.normal(size=(B, n, t, hd)).astype(np.float32) for n, t in ((H, T), (KV, S), (KV, S))
+    )
+    expected = _reference_attention(q, k, v, hd**-0.5)
+    for kernel in kernels:
+        if hd % {"avx512": 16, "avx2": 8}.get(kernel, 4):
+            assert cpu_kernels.native_attention(*map(mx.array, (q, k, v)), hd**-0.5, kernel) is None
+            continue
+        ours = np.array(cpu_kernels.native_attention(*map(mx.array, (q, k, v)), hd**-0.5, kernel))
+        assert np.abs(ours - expected).max() < 1e-5, kernel  # measured: ~1e-6
+
+
+def test_native_attention_reads_a_cache_buffer_through_its_strides():
+    """Keys and values as a cache returns them: the first S positions of a larger buffer, and
+    queries transposed from [B, T, H, hd] (not contiguous): read in place, same result."""
+    if not _runnable_kernels():
+        pytest.skip("no gemv shim on this machine")
+    rng = np.random.default_rng(5)
+    buffer_k, buffer_v = (
+        mx.array(rng.normal(size=(1, 2, 512, 64)).astype(np.float32)) for _ in "kv"
+    )
+    q = mx.array(rng.normal(size=(1, 40, 6, 64)).astype(np.float32)).transpose(0, 2, 1, 3)
+    k, v = buffer_k[:, :, :300], buffer_v[:, :, :300]
+    expected = _reference_attention(np.array(q), np.array(k), np.array(v), 0.125)
+    ours = np.array(cpu_kernels.native_attention(q, k, v, 0.125))
+    assert np.abs(ours - expected).max() < 1e-5
+
+
+def test_native_attention_keeps_extreme_scores_finite():
+    """Scores of +-3000 (no float32 exp of them exists): the running max keeps every exponent
+    <= 0, and a query's first key block may hold nothing but masked keys for other rows."""
+    if not _runnable_kernels():
+        pytest.skip("no gemv shim on this machine")
+    rng = np.random.default_rng(6)
+    q = rng.normal(size=(1, 2, 200, 64)).astype(np.float32) * 30
+    k = rng.normal(size=(1, 1, 400, 64)).astype(np.float32) * 30
+    v = rng.normal(size=(1, 1, 400, 64)).astype(np.float32)
+    expected = _reference_attention(q, k, v, 0.125)
+    ours = np.array(cpu_kernels.native_attention(*map(mx.array, (q, k, v)), 0.125))
+    assert np.isfinite(ours).all()
+    # float32 scores of ~3000 carry ~2e-4 of rounding: MLX's fast sdpa is 8.5e-4 from float64
+    # here, ours 1.5e-4
+    assert np.abs(ours - expected).max() < 1e-3
+
+
+def test_native_attention_declines_what_it_does_not_take(monkeypatch):
+    """bfloat16 inputs, or the kernel turned off: None, so the caller runs MLX's ops."""
+    if not _runnable_kernels():
+        pytest.skip("no gemv shim on this machine")
+    q = mx.random.normal((1, 2, 8, 64))
+    assert cpu_kernels.native_attention(q.astype(mx.bfloat16), q, q, 0.125) is None
+    monkeypatch.setenv("MLXINFER_NATIVE_ATTENTION", "0")
+    assert cpu_kernels.native_attention(q, q, q, 0.125) is None

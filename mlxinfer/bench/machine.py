@@ -21,6 +21,7 @@ def machine_facts() -> dict:
 
     from .. import __version__
     from ..backend import (
+        attention_kernel_summary,
         blas_status,
         cpu_features,
         cpu_name,
@@ -44,6 +45,7 @@ def machine_facts() -> dict:
         "blas": blas_status(),
         "gemv_shim": gemv_shim_status(),
         "gemv_kernel": gemv_kernel_summary(timings=False),  # stable: runs group by these facts
+        "attention_kernel": attention_kernel_summary(),
         "op_set": resolve_kernels("auto"),
         "compute_policy": resolve_compute_policy("auto"),
         "mlx": mx.__version__,

@@ -35,7 +35,7 @@ _CANDIDATES = (
 COMPILER_FIX = "apt-get install gcc (Debian/Ubuntu)"
 # Force the shim's few-row kernel: avx512, avx2, generic (neon on AArch64), or openblas.
 KERNEL_ENV = "MLXINFER_GEMV_KERNEL"
-NATIVE_ATTENTION_ENV = "MLXINFER_NATIVE_ATTENTION"  # 0: prefill attention through MLX's ops
+NATIVE_PREFILL_ENV = "MLXINFER_NATIVE_PREFILL"  # 0: prefill attention and SwiGLU by MLX's ops
 CHECK_ENV = "MLXINFER_GEMV_CHECK"  # 1: time even a forced kernel against OpenBLAS; 0: never
 SHIM_SOURCES = ("gemv_shim.c", "small_gemm.h", "flash_attention.h")  # headers: included per ISA
 SHIM_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # OpenMP: small_gemm's threads
@@ -323,25 +323,39 @@ class AttentionJob(ctypes.Structure):
     ]
 
 
-def native_attention() -> ctypes.CDLL | None:
-    """The shim's causal attention for prefill chunks (`mlxinfer_attention`, taking an
-    AttentionJob), or None without the shim or with MLXINFER_NATIVE_ATTENTION=0."""
+_NATIVE_SIGNATURES = {
+    "mlxinfer_attention": [ctypes.POINTER(AttentionJob), ctypes.c_int],
+    # gate, up, out, n, variant
+    "mlxinfer_swiglu": [
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_long,
+        ctypes.c_int,
+    ],
+}
+
+
+def native_prefill_kernel(name: str):
+    """One of the shim's prefill kernels, `mlxinfer_attention` (causal attention of a chunk, taking
+    an AttentionJob) or `mlxinfer_swiglu`, ready to call (returns 0 when done); None without the
+    shim or with MLXINFER_NATIVE_PREFILL=0."""
     blas_status()
-    if _shim is None or os.environ.get(NATIVE_ATTENTION_ENV, "1") == "0":
+    if _shim is None or os.environ.get(NATIVE_PREFILL_ENV, "1") == "0":
         return None
-    function = _shim.mlxinfer_attention
-    function.argtypes = [ctypes.POINTER(AttentionJob), ctypes.c_int]
+    function = getattr(_shim, name)
+    function.argtypes = _NATIVE_SIGNATURES[name]
     function.restype = ctypes.c_int
     return function
 
 
-def attention_kernel_summary() -> str:
-    """The variant of the native prefill attention ("avx512", "avx2", "generic", "neon"), or why
+def prefill_kernel_summary() -> str:
+    """The variant of the native prefill kernels ("avx512", "avx2", "generic", "neon"), or why
     there is none."""
-    if native_attention() is None:
+    if native_prefill_kernel("mlxinfer_attention") is None:
         if _shim is None:
             return f"none (gemv shim {gemv_shim_status()})"
-        return f"off ({NATIVE_ATTENTION_ENV}=0)"
+        return f"off ({NATIVE_PREFILL_ENV}=0)"
     return _shim_text(_shim.mlxinfer_attention_kernel)
 
 

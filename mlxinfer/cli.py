@@ -629,13 +629,13 @@ def environment() -> dict:
     import mlx.core as mx
 
     from .backend import (
-        attention_kernel_summary,
         blas_status,
         c_compiler,
         cpu_features,
         cpu_name,
         gemv_kernel_summary,
         gemv_shim_status,
+        prefill_kernel_summary,
         resolve_compute_policy,
     )
     from .loading import DEFAULT_MODEL_INSTALL, default_model_path
@@ -659,7 +659,7 @@ def environment() -> dict:
         "blas": blas_status(),
         "gemv shim": gemv_shim_status(),
         "gemv kernel": gemv_kernel_summary(),
-        "prefill attention": attention_kernel_summary(),
+        "prefill kernels": prefill_kernel_summary(),
         "c compiler": c_compiler() or "none found",
         "default model": default_model,
     }

@@ -103,7 +103,7 @@ def native_attention(
     here and the result is a new array: one synchronisation per layer, which a prefill chunk's
     attention outweighs. `kernel` forces a variant (avx512, avx2, generic, neon), for tests;
     ValueError where this CPU cannot run it."""
-    run = backend.native_attention()
+    run = backend.native_prefill_kernel("mlxinfer_attention")
     if run is None or any(a.dtype != mx.float32 for a in (q, k, v)):
         return None
     mx.eval(q, k, v)
@@ -125,6 +125,25 @@ def native_attention(
     if code == 3:
         raise MemoryError("the native attention kernel could not allocate its scratch memory")
     return mx.array(out) if code == 0 else None
+
+
+NATIVE_SWIGLU_MIN = 1 << 16  # floats; fewer (decode steps) stay in MLX's graph, unsynchronised
+
+
+def native_swiglu(gate: mx.array, up: mx.array, kernel: str | None = None) -> mx.array | None:
+    """silu(gate) * up by the shim's C kernel (vectorised exp, threads), or None where it does not
+    apply (no shim, not float32, shapes that differ). Like native_attention, it evaluates its
+    inputs: for prefill chunks, where MLX's scalar kernel costs ~8 ns a float."""
+    run = backend.native_prefill_kernel("mlxinfer_swiglu")
+    if run is None or gate.dtype != mx.float32 or up.dtype != mx.float32 or gate.shape != up.shape:
+        return None
+    mx.eval(gate, up)
+    gate_view, up_view = (np.ascontiguousarray(a) for a in (gate, up))  # no copy when contiguous
+    out = np.empty(gate_view.shape, dtype=np.float32)
+    variant = -1 if kernel is None else backend.kernel_index(kernel)
+    if run(gate_view.ctypes.data, up_view.ctypes.data, out.ctypes.data, out.size, variant) == 2:
+        raise ValueError(f"this CPU cannot run the {kernel} kernel")
+    return mx.array(out)
 
 
 def _online_attention_block(

@@ -1,6 +1,7 @@
 /* One instruction set's causal attention for prefill chunks (flash attention's online softmax):
  * out = softmax(q k^T * scale, causal) v for one work item, a block of queries of one KV head
- * with all of that head's query groups. Included by gemv_shim.c once per variant, with
+ * with all of that head's query groups. Included by gemv_shim.c once per variant, after
+ * vector_math.h (its vector types and EXP2), with
  *   ATTENTION the function's name   TARGET its target attribute (or nothing)
  *   VW  floats per vector register  VECS   vectors per row in a register block
  *
@@ -13,40 +14,6 @@
  *   o += exp2(S - m) v 4 rows x VECS vectors of head dims in registers
  * Keys past a query's position are never exponentiated (each row stops at its last visible key),
  * so masked keys contribute exactly 0, as in a softmax over -inf. */
-
-#define PASTE_(a, b) a##b
-#define PASTE(a, b) PASTE_(a, b)
-#define AVEC PASTE(ATTENTION, _vec)
-#define AIVEC PASTE(ATTENTION, _ivec)
-#define AVEC_U PASTE(ATTENTION, _vec_unaligned)
-#define EXP2 PASTE(ATTENTION, _exp2)
-#define ALOAD(address) (*(const AVEC_U *)(address))
-#define ASTORE(address, value) (*(AVEC_U *)(address) = (value))
-
-typedef float AVEC __attribute__((vector_size(VW * 4)));
-typedef int AIVEC __attribute__((vector_size(VW * 4)));
-typedef float AVEC_U __attribute__((vector_size(VW * 4), aligned(4), may_alias));
-
-/* 2^x for x <= 0: 2^n in the exponent bits, 2^f (f in [-0.5, 0.5]) a degree-7 Taylor polynomial
- * (relative error < 2e-8, below float32 rounding); x below -126 gives 2^-126 (~1e-38), which a
- * row's sum of at least one 1.0 absorbs. */
-TARGET static inline AVEC EXP2(AVEC x) {
-  const AVEC low = (AVEC){0} - 126.0f, magic = (AVEC){0} + 12582912.0f; /* 1.5 * 2^23 */
-  AIVEC below = x < low;
-  x = (AVEC)(((AIVEC)x & ~below) | ((AIVEC)low & below));
-  AVEC n = (x + magic) - magic; /* round to nearest */
-  AVEC f = x - n;
-  AVEC p = (AVEC){0} + 1.5252733804059841e-05f;
-  p = p * f + 1.5403530393381608e-04f;
-  p = p * f + 1.3333558146428443e-03f;
-  p = p * f + 9.6181291076284772e-03f;
-  p = p * f + 5.5504108664821580e-02f;
-  p = p * f + 2.4022650695910071e-01f;
-  p = p * f + 6.9314718055994531e-01f;
-  p = p * f + 1.0f;
-  AIVEC bits = (__builtin_convertvector(n, AIVEC) + 127) << 23;
-  return p * (AVEC)bits;
-}
 
 TARGET static void ATTENTION(const attention_job *job, int item, float *scratch) {
   enum { BLOCK = VW * VECS, KB = ATTENTION_KEY_BLOCK };
@@ -197,3 +164,4 @@ TARGET static void ATTENTION(const attention_job *job, int item, float *scratch)
 #undef ALOAD
 #undef ASTORE
 #undef ATTENTION
+#undef PREFIX

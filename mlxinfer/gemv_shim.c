@@ -86,6 +86,8 @@ enum { ATTENTION_KEY_BLOCK = 128, ATTENTION_ROWS = 128 };
 #define VW 16
 #define COLS 4
 #define VECS 4
+#define PREFIX avx512
+#include "vector_math.h"
 #define ATTENTION attention_avx512
 #include "flash_attention.h"
 #include "small_gemm.h"
@@ -95,6 +97,8 @@ enum { ATTENTION_KEY_BLOCK = 128, ATTENTION_ROWS = 128 };
 #define VW 8
 #define COLS 2
 #define VECS 2
+#define PREFIX avx2
+#include "vector_math.h"
 #define ATTENTION attention_avx2
 #include "flash_attention.h"
 #include "small_gemm.h"
@@ -104,6 +108,8 @@ enum { ATTENTION_KEY_BLOCK = 128, ATTENTION_ROWS = 128 };
 #define VW 4
 #define COLS 2
 #define VECS 2
+#define PREFIX generic
+#include "vector_math.h"
 #define ATTENTION attention_generic
 #include "flash_attention.h"
 #include "small_gemm.h"
@@ -114,6 +120,8 @@ enum { ATTENTION_KEY_BLOCK = 128, ATTENTION_ROWS = 128 };
 #define VW 4
 #define COLS 4
 #define VECS 4
+#define PREFIX generic
+#include "vector_math.h"
 #define ATTENTION attention_generic
 #include "flash_attention.h"
 #include "small_gemm.h"
@@ -124,6 +132,8 @@ enum { ATTENTION_KEY_BLOCK = 128, ATTENTION_ROWS = 128 };
 #define VW 4
 #define COLS 2
 #define VECS 2
+#define PREFIX generic
+#include "vector_math.h"
 #define ATTENTION attention_generic
 #include "flash_attention.h"
 #include "small_gemm.h"
@@ -132,6 +142,7 @@ enum { ATTENTION_KEY_BLOCK = 128, ATTENTION_ROWS = 128 };
 
 typedef void (*kernel_fn)(const product *, int, int);
 typedef void (*attention_fn)(const attention_job *, int, float *);
+typedef void (*swiglu_fn)(const float *, const float *, float *, long, long);
 
 static const struct {
   const char *name;
@@ -139,12 +150,13 @@ static const struct {
   int cols; /* columns of C per work item when B is stored [N, K]: the kernel's COLS */
   attention_fn attention;
   int width; /* floats per vector: the head dim must be a multiple */
+  swiglu_fn swiglu;
 } KERNELS[] = {
 #if defined(__x86_64__) || defined(__i386__)
-    {"avx512", small_gemm_avx512, small_gemm_avx512_COLS, attention_avx512, 16},
-    {"avx2", small_gemm_avx2, small_gemm_avx2_COLS, attention_avx2, 8},
+    {"avx512", small_gemm_avx512, small_gemm_avx512_COLS, attention_avx512, 16, avx512_swiglu},
+    {"avx2", small_gemm_avx2, small_gemm_avx2_COLS, attention_avx2, 8, avx2_swiglu},
 #endif
-    {GENERIC_NAME, small_gemm_generic, small_gemm_generic_COLS, attention_generic, 4},
+    {GENERIC_NAME, small_gemm_generic, small_gemm_generic_COLS, attention_generic, 4, generic_swiglu},
 };
 enum { N_KERNELS = sizeof KERNELS / sizeof KERNELS[0] };
 
@@ -361,6 +373,25 @@ int mlxinfer_attention(attention_job *job, int variant) {
     }
   }
   return workers ? 0 : 3;
+}
+
+/* out[i] = silu(gate[i]) * up[i] for n floats, split evenly over the OpenMP threads; `variant` as
+ * for mlxinfer_attention. Returns 0, or 2 for a variant this CPU cannot run. */
+int mlxinfer_swiglu(const float *gate, const float *up, float *out, long n, int variant) {
+  int index = variant >= 0 ? variant : attention_kernel;
+  if (index < 0 || index >= N_KERNELS || !cpu_can_run(index)) return 2;
+  swiglu_fn swiglu = KERNELS[index].swiglu;
+#ifdef _OPENMP
+#pragma omp parallel
+  {
+    long t = omp_get_thread_num(), threads = omp_get_num_threads();
+    long lo = n * t / threads / 64 * 64, hi = t + 1 == threads ? n : n * (t + 1) / threads / 64 * 64;
+    swiglu(gate, up, out, lo, hi);
+  }
+#else
+  swiglu(gate, up, out, 0, n);
+#endif
+  return 0;
 }
 
 /* The variant mlxinfer_attention runs by default. */

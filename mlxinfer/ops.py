@@ -68,6 +68,9 @@ class CPUOps(MLXOps):
     name = "cpu"
 
     def swiglu(self, gate: mx.array, up: mx.array) -> mx.array:
+        if gate.size >= cpu_kernels.NATIVE_SWIGLU_MIN:  # a prefill chunk: the shim's C kernel
+            if (out := cpu_kernels.native_swiglu(gate, up)) is not None:
+                return out
         return cpu_kernels.swiglu(gate, up)  # MLX's CPU sigmoid is scalar
 
     def rope(self, rope, x: mx.array, offset: int | mx.array) -> mx.array:

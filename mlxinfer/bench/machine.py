@@ -21,12 +21,12 @@ def machine_facts() -> dict:
 
     from .. import __version__
     from ..backend import (
-        attention_kernel_summary,
         blas_status,
         cpu_features,
         cpu_name,
         gemv_kernel_summary,
         gemv_shim_status,
+        prefill_kernel_summary,
         resolve_compute_policy,
     )
     from ..ops import resolve_kernels
@@ -45,7 +45,7 @@ def machine_facts() -> dict:
         "blas": blas_status(),
         "gemv_shim": gemv_shim_status(),
         "gemv_kernel": gemv_kernel_summary(timings=False),  # stable: runs group by these facts
-        "attention_kernel": attention_kernel_summary(),
+        "prefill_kernel": prefill_kernel_summary(),
         "op_set": resolve_kernels("auto"),
         "compute_policy": resolve_compute_policy("auto"),
         "mlx": mx.__version__,

@@ -456,6 +456,30 @@ def test_a_kernel_this_cpu_cannot_run_is_refused_in_one_line():
     assert report["in_use"].split(",")[0].split(" ")[0] in (report["selected"], "openblas")
 
 
+PREFILL_REPORT = (
+    "import json, mlxinfer; from mlxinfer.backend import gemv_kernel, prefill_kernel_summary;"
+    "print(json.dumps([gemv_kernel()['selected'], prefill_kernel_summary()]))"
+)
+
+
+@needs_shim
+@pytest.mark.parametrize(
+    "env, expected",
+    [({}, "selected"), ({"MLXINFER_GEMV_KERNEL": "generic"}, "generic")]
+    + [({"MLXINFER_NATIVE_PREFILL": "0"}, "off (MLXINFER_NATIVE_PREFILL=0)")],
+)
+def test_prefill_kernels_follow_the_features_or_the_forced_variant(env, expected):
+    """The C prefill kernels (attention, SwiGLU) run the variant the CPU's features select, the
+    one MLXINFER_GEMV_KERNEL forces, or none with MLXINFER_NATIVE_PREFILL=0; never the generic one
+    on a CPU with AVX2 and FMA unless forced."""
+    result = python(PREFILL_REPORT, **env)
+    assert result.returncode == 0, result.stderr
+    selected, prefill = json.loads(result.stdout)
+    assert prefill == (selected if expected == "selected" else expected)
+    if not env and {"avx2", "fma"} <= cpu_flags():
+        assert prefill in ("avx2", "avx512")
+
+
 def test_machine_facts_name_the_kernel_without_the_checks_timings():
     """Runs are grouped by their machine facts: the check's figures change from process to
     process, so the facts keep the kernel and its rows only."""

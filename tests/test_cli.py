@@ -414,7 +414,7 @@ def test_version():
 
 ENV_KEYS = [
     "mlxinfer", "mlx", "mlx-lm", "python", "device", "blas", "gemv shim", "gemv kernel", "c compiler",
-    "cpu features",
+    "cpu features", "prefill kernels",
     "default model",
 ]  # fmt: skip
 

@@ -1,7 +1,8 @@
 """Kernels for MLX's CPU backend, where transcendental functions are scalar: `mx.exp` costs ~12 ns
-a float (30x a multiply) and `mx.sigmoid` more, so SwiGLU's sigmoid and attention's softmax take
-about 40% of a 256-token prefill. Here exp is rebuilt from multiplies and adds (exact to float32
-rounding, like mx.exp) and compiled into one fused kernel.
+a float (30x a multiply) and `mx.sigmoid` more, so SwiGLU's sigmoid and attention's softmax took
+about 40% of a 256-token prefill. Prefill chunks go to C kernels in the gemv shim's library
+(`native_attention`, `native_swiglu`: vectorised, threaded); elsewhere exp is rebuilt from
+multiplies and adds (exact to float32 rounding, like mx.exp) and compiled.
 
 Here: exp, swiglu, attention (prefill chunks, in causal query blocks, or under a window mask),
 quantized decode attention with folded query groups, RoPE from a cos/sin table, and the transposed
@@ -104,7 +105,11 @@ def native_attention(
     attention outweighs. `kernel` forces a variant (avx512, avx2, generic, neon), for tests;
     ValueError where this CPU cannot run it."""
     run = backend.native_prefill_kernel("mlxinfer_attention")
-    if run is None or any(a.dtype != mx.float32 for a in (q, k, v)):
+    if (
+        run is None
+        or mx.default_device() != mx.cpu
+        or any(a.dtype != mx.float32 for a in (q, k, v))
+    ):
         return None
     mx.eval(q, k, v)
     arrays = []
@@ -135,7 +140,9 @@ def native_swiglu(gate: mx.array, up: mx.array, kernel: str | None = None) -> mx
     apply (no shim, not float32, shapes that differ). Like native_attention, it evaluates its
     inputs: for prefill chunks, where MLX's scalar kernel costs ~8 ns a float."""
     run = backend.native_prefill_kernel("mlxinfer_swiglu")
-    if run is None or gate.dtype != mx.float32 or up.dtype != mx.float32 or gate.shape != up.shape:
+    if run is None or mx.default_device() != mx.cpu:
+        return None
+    if gate.dtype != mx.float32 or up.dtype != mx.float32 or gate.shape != up.shape:
         return None
     mx.eval(gate, up)
     gate_view, up_view = (np.ascontiguousarray(a) for a in (gate, up))  # no copy when contiguous

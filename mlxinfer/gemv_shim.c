@@ -338,14 +338,15 @@ int mlxinfer_gemv_shim_init(const char *path, const char *kernel, int check) {
 /* Causal attention of a prefill chunk (see attention_job): the work items (a block of queries of
  * one KV head, all its query groups: about ATTENTION_ROWS rows) shared by the OpenMP threads, the
  * costliest (the last query blocks, which see the most keys) first. `variant` is an index of
- * KERNELS, or -1 for the one chosen at init. Returns 0, or 1 for a shape the kernels do not take (head dim not a
- * multiple of the vector width, or over 512; H not a multiple of KV), 2 for a variant this CPU
- * cannot run, 3 when out of memory. */
+ * KERNELS, or -1 for the one chosen at init. Returns 0; 1 for a shape the kernels do not take
+ * (a head dim that is not a multiple of the vector width or is over 512, H not a multiple of KV,
+ * fewer keys than queries); 2 for a variant this CPU cannot run; 3 when out of memory. */
 int mlxinfer_attention(attention_job *job, int variant) {
   int index = variant >= 0 ? variant : attention_kernel;
   if (index < 0 || index >= N_KERNELS || !cpu_can_run(index)) return 2;
   const int width = KERNELS[index].width, groups = job->KV > 0 ? job->H / job->KV : 0;
-  if (job->hd <= 0 || job->hd % width || job->hd > 512 || groups <= 0 || job->H % job->KV)
+  if (job->hd <= 0 || job->hd % width || job->hd > 512 || groups <= 0 || job->H % job->KV ||
+      job->S < job->T)
     return 1;
   if (job->T <= 0 || job->B <= 0) return 0;
   job->query_block = (ATTENTION_ROWS + groups - 1) / groups;

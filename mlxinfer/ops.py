@@ -3,10 +3,11 @@
     "mlx"  MLX's own fast ops (mx.fast.scaled_dot_product_attention, mx.fast.rope, nn.silu,
            mx.quantized_matmul in mlx-lm's layout): exactly the code a Mac runs on Metal. MLX's
            CPU backend implements them too, so this path is tested on every machine.
-    "cpu"  the CPU-tuned kernels of cpu_kernels.py: a polynomial exp for SwiGLU and softmax
-           (MLX's CPU transcendentals are scalar), prefill attention in causal query blocks
+    "cpu"  the CPU-tuned kernels of cpu_kernels.py: causal attention and SwiGLU of prefill
+           chunks in C (the gemv shim's library), elsewhere a polynomial exp for SwiGLU and
+           softmax (MLX's CPU transcendentals are scalar) and attention in causal query blocks
            through BLAS, one cos/sin table per forward pass for RoPE, and quantized caches read
-           through dequantize + BLAS for prefill chunks and with folded query groups for decode.
+           through dequantize for prefill chunks and with folded query groups for decode.
 
 `load(..., kernels="auto")` picks "cpu" on the CPU device and "mlx" elsewhere; MLXINFER_KERNELS
 overrides "auto" (for the test suite, and for users). The model carries its op set

@@ -74,10 +74,17 @@ def test_op_sets_agree(tiny_model):
         assert rel_err(b, a) <= AGREE, path
 
 
-def test_op_sets_agree_on_the_default_model(default_model):
-    """SmolLM2-135M: a 300-token prefill of KJV Genesis in chunks, then 20 decode steps."""
+def test_op_sets_agree_on_the_default_model(default_model, monkeypatch):
+    """SmolLM2-135M: a 300-token prefill of KJV Genesis in chunks, then 20 decode steps. With the
+    gemv shim, the cpu op set's prefill chunks run the C attention and SwiGLU (every layer of
+    every chunk), its decode steps never do."""
     from pathlib import Path
 
+    from mlxinfer import backend, cpu_kernels
+
+    ran = []  # the C kernels' calls that returned a result
+    for name in ("native_attention", "native_swiglu"):
+        monkeypatch.setattr(cpu_kernels, name, _counting(getattr(cpu_kernels, name), ran))
     model, tokenizer = default_model
     text = (Path(__file__).parent / "data" / "kjv_genesis_1.txt").read_text()
     ids = tokenizer.encode(text)[:320]
@@ -90,6 +97,19 @@ def test_op_sets_agree_on_the_default_model(default_model):
         results[kernels] = np.concatenate(logits)
     model.set_kernels("auto")
     assert rel_err(results["mlx"], results["cpu"]) <= AGREE
+    if backend.native_prefill_kernel("mlxinfer_attention") is not None:
+        chunks = 3 * model.config.num_hidden_layers  # 128 + 128 + 44 tokens (44 x 1536 >= 64k)
+        assert sorted(ran) == ["native_attention"] * chunks + ["native_swiglu"] * chunks
+
+
+def _counting(function, calls: list):
+    def counted(*args):
+        out = function(*args)
+        if out is not None:
+            calls.append(function.__name__)
+        return out
+
+    return counted
 
 
 def test_the_op_set_is_chosen_at_load_and_reported(tmp_path, monkeypatch):

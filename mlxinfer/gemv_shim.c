@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -335,12 +336,107 @@ int mlxinfer_gemv_shim_init(const char *path, const char *kernel, int check) {
 
 /* -- attention ------------------------------------------------------------------------------------ */
 
-/* Causal attention of a prefill chunk (see attention_job): the work items (a block of queries of
- * one KV head, all its query groups: about ATTENTION_ROWS rows) shared by the OpenMP threads, the
- * costliest (the last query blocks, which see the most keys) first. `variant` is an index of
- * KERNELS, or -1 for the one chosen at init. Returns 0; 1 for a shape the kernels do not take
- * (a head dim that is not a multiple of the vector width or is over 512, H not a multiple of KV,
- * fewer keys than queries); 2 for a variant this CPU cannot run; 3 when out of memory. */
+/* The prefill kernels' threads: a pool that sleeps between calls. OpenMP's threads spin for a
+ * while after a parallel region (libgomp's default), and a prefill chunk's next step is
+ * OpenBLAS's GEMM on the same cores: a 64-token prefill of the default model took 478 ms with the
+ * kernels on OpenMP against 233 ms without them (228 ms with OMP_WAIT_POLICY=PASSIVE, which would
+ * also slow small_gemm's back-to-back decode products). Here the workers wait on a condition
+ * variable; a call wakes them (tens of microseconds), every thread including the caller runs
+ * `task(arg)`, which takes its work items from a shared counter, and the caller returns when
+ * all are done. As many threads as OpenMP would use (OMP_NUM_THREADS, else the CPUs). One call at
+ * a time; a child process after fork() (which has no workers) runs calls on its own thread. */
+typedef void (*pool_task)(void *);
+static struct {
+  pthread_mutex_t lock, caller; /* caller: one call at a time */
+  pthread_cond_t start, done;
+  pid_t pid;                    /* the process whose workers these are */
+  int threads;                  /* workers + the caller */
+  int busy;                     /* workers still running the current call */
+  long generation;              /* calls so far: a worker runs each new one once */
+  pool_task task;
+  void *arg;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
+          PTHREAD_COND_INITIALIZER, 0, 1, 0, 0, NULL, NULL};
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+
+static void *pool_worker(void *unused) {
+  (void)unused;
+  long seen = 0;
+  pthread_mutex_lock(&pool.lock);
+  for (;;) {
+    while (pool.generation == seen) pthread_cond_wait(&pool.start, &pool.lock);
+    seen = pool.generation;
+    pool_task task = pool.task;
+    void *arg = pool.arg;
+    pthread_mutex_unlock(&pool.lock);
+    task(arg);
+    pthread_mutex_lock(&pool.lock);
+    if (--pool.busy == 0) pthread_cond_signal(&pool.done);
+  }
+  return NULL;
+}
+
+static void pool_start(void) {
+#ifdef _OPENMP
+  int wanted = omp_get_max_threads();
+#else
+  int wanted = (int)sysconf(_SC_NPROCESSORS_ONLN);
+#endif
+  pool.pid = getpid();
+  for (int i = 1; i < wanted; i++) {
+    pthread_t thread;
+    if (pthread_create(&thread, NULL, pool_worker, NULL) != 0) break;
+    pthread_detach(thread);
+    pool.threads++;
+  }
+}
+
+static void pool_run(pool_task task, void *arg) {
+  pthread_once(&pool_once, pool_start);
+  if (pool.threads == 1 || getpid() != pool.pid) {
+    task(arg);
+    return;
+  }
+  pthread_mutex_lock(&pool.caller);
+  pthread_mutex_lock(&pool.lock);
+  pool.task = task, pool.arg = arg, pool.busy = pool.threads - 1, pool.generation++;
+  pthread_cond_broadcast(&pool.start);
+  pthread_mutex_unlock(&pool.lock);
+  task(arg);
+  pthread_mutex_lock(&pool.lock);
+  while (pool.busy) pthread_cond_wait(&pool.done, &pool.lock);
+  pthread_mutex_unlock(&pool.lock);
+  pthread_mutex_unlock(&pool.caller);
+}
+
+typedef struct {
+  const attention_job *job;
+  attention_fn attention;
+  size_t floats; /* scratch per thread */
+  int items, blocks, heads, next, workers;
+} attention_call;
+
+static void attention_task(void *arg) {
+  attention_call *call = arg;
+  float *scratch = malloc(sizeof(float) * call->floats);
+  if (!scratch) return; /* the other threads take this one's items */
+  __atomic_fetch_add(&call->workers, 1, __ATOMIC_RELAXED);
+  for (;;) {
+    int i = __atomic_fetch_add(&call->next, 1, __ATOMIC_RELAXED);
+    if (i >= call->items) break;
+    /* the costliest first: the last query block (it sees the most keys) of every head */
+    int block = call->blocks - 1 - i / call->heads, head = i % call->heads;
+    call->attention(call->job, head * call->blocks + block, scratch);
+  }
+  free(scratch);
+}
+
+/* Causal attention of a prefill chunk (see attention_job), in work items (a block of queries of
+ * one KV head with all its query groups: about ATTENTION_ROWS rows) shared by the pool's threads.
+ * `variant` is an index of KERNELS, or -1 for the one chosen at init. Returns 0; 1 for a shape
+ * the kernels do not take (a head dim that is not a multiple of the vector width or is over 512,
+ * H not a multiple of KV, fewer keys than queries); 2 for a variant this CPU cannot run; 3 when
+ * out of memory. */
 int mlxinfer_attention(attention_job *job, int variant) {
   int index = variant >= 0 ? variant : attention_kernel;
   if (index < 0 || index >= N_KERNELS || !cpu_can_run(index)) return 2;
@@ -351,47 +447,42 @@ int mlxinfer_attention(attention_job *job, int variant) {
   if (job->T <= 0 || job->B <= 0) return 0;
   job->query_block = (ATTENTION_ROWS + groups - 1) / groups;
   const int blocks = (job->T + job->query_block - 1) / job->query_block, heads = job->B * job->KV;
-  const int items = heads * blocks;
   const int rows4 = (groups * job->query_block + 3) / 4 * 4;
-  const size_t floats = (size_t)rows4 * job->hd * 2 + (size_t)job->hd * ATTENTION_KEY_BLOCK +
-                        (size_t)rows4 * ATTENTION_KEY_BLOCK + 2 * (size_t)rows4;
-  attention_fn attention = KERNELS[index].attention;
-  int next = 0, workers = 0; /* threads that had memory for their scratch: they share all items */
-#ifdef _OPENMP
-#pragma omp parallel
-#endif
-  {
-    float *scratch = malloc(sizeof(float) * floats);
-    if (scratch) {
-      __atomic_fetch_add(&workers, 1, __ATOMIC_RELAXED);
-      for (;;) {
-        int i = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
-        if (i >= items) break;
-        int block = blocks - 1 - i / heads, head = i % heads; /* heads of the last block first */
-        attention(job, head * blocks + block, scratch);
-      }
-      free(scratch);
-    }
-  }
-  return workers ? 0 : 3;
+  attention_call call = {job, KERNELS[index].attention,
+                         (size_t)rows4 * job->hd * 2 + (size_t)job->hd * ATTENTION_KEY_BLOCK +
+                             (size_t)rows4 * ATTENTION_KEY_BLOCK + 2 * (size_t)rows4,
+                         heads * blocks, blocks, heads, 0, 0};
+  pool_run(attention_task, &call);
+  return call.workers ? 0 : 3;
 }
 
-/* out[i] = silu(gate[i]) * up[i] for n floats, split evenly over the OpenMP threads; `variant` as
- * for mlxinfer_attention. Returns 0, or 2 for a variant this CPU cannot run. */
+enum { SWIGLU_ITEM = 1 << 14 }; /* floats per work item */
+
+typedef struct {
+  const float *gate, *up;
+  float *out;
+  long n, next;
+  swiglu_fn swiglu;
+} swiglu_call;
+
+static void swiglu_task(void *arg) {
+  swiglu_call *call = arg;
+  for (;;) {
+    long lo = __atomic_fetch_add(&call->next, SWIGLU_ITEM, __ATOMIC_RELAXED);
+    if (lo >= call->n) break;
+    long hi = lo + SWIGLU_ITEM < call->n ? lo + SWIGLU_ITEM : call->n;
+    call->swiglu(call->gate, call->up, call->out, lo, hi);
+  }
+}
+
+/* out[i] = silu(gate[i]) * up[i] for n floats, in items of SWIGLU_ITEM shared by the pool's
+ * threads; `variant` as for mlxinfer_attention. Returns 0, or 2 for a variant this CPU cannot
+ * run. */
 int mlxinfer_swiglu(const float *gate, const float *up, float *out, long n, int variant) {
   int index = variant >= 0 ? variant : attention_kernel;
   if (index < 0 || index >= N_KERNELS || !cpu_can_run(index)) return 2;
-  swiglu_fn swiglu = KERNELS[index].swiglu;
-#ifdef _OPENMP
-#pragma omp parallel
-  {
-    long t = omp_get_thread_num(), threads = omp_get_num_threads();
-    long lo = n * t / threads / 64 * 64, hi = t + 1 == threads ? n : n * (t + 1) / threads / 64 * 64;
-    swiglu(gate, up, out, lo, hi);
-  }
-#else
-  swiglu(gate, up, out, 0, n);
-#endif
+  swiglu_call call = {gate, up, out, n, 0, KERNELS[index].swiglu};
+  pool_run(swiglu_task, &call);
   return 0;
 }
 

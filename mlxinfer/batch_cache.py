@@ -24,7 +24,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from .cache import KVCache, Mask, RotatingKVCache, Stored, _Cache, check_quantization
+from .cache import KVCache, Mask, RotatingKVCache, Stored, StoredKV, check_quantization
 
 SingleCache = KVCache | RotatingKVCache
 
@@ -66,7 +66,7 @@ class Rows:
         self._positions = None
 
 
-class BatchKVCache(_Cache):
+class BatchKVCache(StoredKV):
     """One layer's keys and values for all rows of a batch. `max_size=None` grows; otherwise a
     ring of `max_size` slots keeping `keep` sinks (like RotatingKVCache, which a sliding-window
     layer uses with keep=0 and max_size = its window)."""
@@ -186,6 +186,11 @@ class BatchKVCache(_Cache):
     def _fetch_rows(self, stored: Stored, n: int, end: int):
         parts = tuple(a[:n, :, :end] for a in stored)
         return parts[0] if self.bits is None else parts
+
+    @property
+    def held_nbytes(self) -> int:
+        """Bytes of the slots the rows fill (each row's share, not the padding around it)."""
+        return sum(self.row_nbytes(offset) for offset in self.rows.offsets)
 
     def row_nbytes(self, offset: int) -> int:
         """Bytes of the slots one row of `offset` tokens fills (its share, not the padding)."""

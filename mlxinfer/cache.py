@@ -60,8 +60,10 @@ def check_quantization(bits: int | None, group_size: int) -> None:
         raise ValueError(f"kv_group_size must be one of {KV_GROUP_SIZES}, got {group_size!r}")
 
 
-class _Cache:
-    """Shared storage helpers. Subclasses keep `keys`/`values` as tuples of arrays `[B, H, S, ...]`."""
+class StoredKV:
+    """Keys and values as stored, plain or quantized, and their sizes: what the single-sequence
+    caches here and the batch cache (batch_cache.py) share. Subclasses keep `keys`/`values` as
+    tuples of arrays `[B, H, S, ...]` and say how many slots hold tokens (`held_nbytes`)."""
 
     def __init__(self, bits: int | None = None, group_size: int = 64):
         check_quantization(bits, group_size)
@@ -100,8 +102,17 @@ class _Cache:
 
     @property
     def held_nbytes(self) -> int:
-        """Bytes of the slots that hold tokens (not the capacity around them); single-sequence
-        caches (`tokens_held`), a batch has row_nbytes per row."""
+        """Bytes of the slots that hold tokens (not the capacity around them)."""
+        raise NotImplementedError
+
+
+class _SingleSequence(StoredKV):
+    """What KVCache and RotatingKVCache share: one sequence, `tokens_held` of its slots in use."""
+
+    tokens_held: int
+
+    @property
+    def held_nbytes(self) -> int:
         if not self.capacity:
             return 0
         return self.nbytes * min(self.tokens_held, self.capacity) // self.capacity
@@ -124,7 +135,7 @@ def _slice(stored: Stored, start: int, end: int | None = None) -> Stored:
     return tuple(a[..., start:end, :] for a in stored)
 
 
-class KVCache(_Cache):
+class KVCache(_SingleSequence):
     """Keys and values `[B, kv_heads, capacity, head_dim]`, grown `step` tokens at a time."""
 
     step = 256
@@ -158,7 +169,7 @@ class KVCache(_Cache):
         return causal_mask(T, self.offset, window)
 
     def trim(self, n: int) -> int:
-        """Forget the last `n` tokens (e.g. rejected draft tokens); returns how many were dropped."""
+        """Forget the last `n` tokens; returns how many were dropped."""
         n = min(self.offset, n)
         self.offset -= n
         return n
@@ -173,7 +184,7 @@ class KVCache(_Cache):
         self.keys, self.values, self.offset = keys, values, n
 
 
-class RotatingKVCache(_Cache):
+class RotatingKVCache(_SingleSequence):
     """At most `max_size` tokens: the first `keep` ever seen (attention sinks) and the most recent
     `max_size - keep`. Query q sees key k iff k <= q and (k < keep or q - k < max_size - keep).
 

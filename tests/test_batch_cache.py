@@ -249,6 +249,24 @@ def test_storage_grows_slots_without_adding_rows():
     assert batch.keys[0].shape[:3] == (1, 1, 768)
 
 
+@pytest.mark.parametrize("max_size", [None, 5])
+def test_held_bytes_are_the_rows_filled_slots(max_size):
+    """held_nbytes (which request metrics read for single caches) on a batch cache: the slots its
+    rows fill, not its capacity. It was inherited from the single-sequence caches and read a
+    `tokens_held` the batch cache does not have: AttributeError."""
+    rows = Rows()
+    batch = BatchKVCache(rows, max_size)
+    for offset in (3, 7):
+        rows.add(offset)
+        if max_size is None:
+            batch.add_row(position_cache(KVCache, offset))
+        else:
+            batch.add_row(position_cache(RotatingKVCache, offset, max_size=max_size))
+    per_slot = 2 * 1 * 32 * 4  # keys and values, 1 head of 32 float32 dims
+    held = [offset if max_size is None else min(offset, max_size) for offset in (3, 7)]
+    assert batch.held_nbytes == per_slot * sum(held) < batch.nbytes
+
+
 def test_a_row_that_held_nan_cannot_reach_the_others(tiny):
     """Masked slots get weight 0, but 0 x NaN is NaN: what a failed row leaves behind (in the
     hole it vacates, or in a row given to a new sequence) must not be read as NaN."""

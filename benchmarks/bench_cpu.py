@@ -34,7 +34,7 @@ from common import machine_info, summary
 from mlxinfer.backend import blas_status
 from mlxinfer.bench.baseline import export_for_mlx_lm
 
-ROOFLINE_GBS = 21.0  # measured memory read bandwidth of the development machine (BENCHMARKING.md)
+ROOFLINE_GBS = 21.0  # the development machine's measured memory read bandwidth (BENCHMARKS.md)
 
 
 def run_mlxinfer(model, tokenizer, prompt: list[int], tokens: int) -> dict:

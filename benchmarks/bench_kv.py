@@ -16,7 +16,7 @@ L + --tokens must fit the context: 8192 for the default model, hence 8000 rather
 For every repetition, lengths and configurations alternate (A B A B at each length) after one
 warm-up of each configuration at the shortest length. A bounded configuration's spread over lengths
 is max/min - 1 of its per-length means. peak_memory_mb is the process peak during the request (the
-resident weights included, as BENCHMARKING.md defines it); request_peak_memory_mb is that peak less
+resident weights included, as BENCHMARKS.md's protocol defines it); request_peak_memory_mb is that peak less
 what was allocated when the request started: the KV cache and activations alone.
 """
 

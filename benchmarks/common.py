@@ -1,4 +1,4 @@
-"""What every benchmark records: the machine, and repetition statistics (BENCHMARKING.md protocol)."""
+"""What every benchmark records: the machine, and repetition statistics (the protocol in BENCHMARKS.md)."""
 
 from __future__ import annotations
 

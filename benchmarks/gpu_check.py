@@ -11,7 +11,7 @@ uses a model of SmolLM2-135M's shape (llama: 30 layers, hidden 576, 9 heads / 3 
 both engines load: speed does not depend on what the weights say. Both run MLX's default device
 with the weights as stored (mlxinfer's "native" compute policy on a GPU), in one process each,
 alternating A B A B after a warm-up; prompts are random ids of exact length, EOS ignored:
-  single  a 256-token prompt, 128 tokens: prefill_tps and decode_tps (BENCHMARKING.md's formulas)
+  single  a 256-token prompt, 128 tokens: prefill_tps and decode_tps (BENCHMARKS.md's formulas)
   batch   8 prompts of 64 tokens, 64 tokens each: aggregate tok/s of batch_generate
   long    a 4096-token prompt, 16 tokens: prefill_tps and peak memory
 Files written under --out: env.txt (mlxinfer env), exactness.log (pytest's output), speed.json

@@ -172,9 +172,9 @@ def sampling_controls(prefix: str = "") -> tuple[SamplingParams | None, int]:
     min_p = st.slider("Min-p", 0.0, 1.0, 0.0, 0.01, key=prefix + "min_p", help="0: off")
     repetition = st.number_input("Repetition penalty", 0.1, 10.0, 1.0, 0.05,
                                  key=prefix + "repetition_penalty", help="1: off")  # fmt: skip
-    presence = st.number_input("Presence penalty", -10.0, 10.0, 0.0, 0.1,
+    presence = st.number_input("Presence penalty", -2.0, 2.0, 0.0, 0.1,
                                key=prefix + "presence_penalty")  # fmt: skip
-    frequency = st.number_input("Frequency penalty", -10.0, 10.0, 0.0, 0.1,
+    frequency = st.number_input("Frequency penalty", -2.0, 2.0, 0.0, 0.1,
                                 key=prefix + "frequency_penalty")  # fmt: skip
     seed = st.number_input("Seed", 0, 2**31 - 1, 0, key=prefix + "seed")
     max_tokens = st.number_input("Max tokens", 1, 8192, 256, key=prefix + "max_tokens")

@@ -1,6 +1,6 @@
 """Per-request metrics, computed by pure functions from timestamps (seconds, any monotonic clock).
 
-Definitions (../shared/BENCHMARKING.md; the README repeats them):
+Definitions (BENCHMARKS.md, Protocol; the README repeats them):
 
     ttft_ms        request start (prompt tokens in hand) -> first generated token on the host
     queue_ms       request start -> admitted to run (the Engine; 0 for a lone request)

@@ -490,6 +490,7 @@ def test_request_that_ends_in_error_exits_non_zero_with_the_reason(
     """Whatever ends a request in error (sampling, NaN logits, detokenizing) is never reported as
     success: exit 1, the reason on stderr, and in --json the reason beside finish_reason."""
     from mlxinfer import cli
+    from mlxinfer.cli import generate as generate_command
     from mlxinfer.responses import GenerationResponse
 
     generate = importlib.import_module("mlxinfer.generate")  # the module, not the function
@@ -499,7 +500,7 @@ def test_request_that_ends_in_error_exits_non_zero_with_the_reason(
         yield GenerationResponse("", -1, finish_reason="error", error="sampling failed: boom")
 
     monkeypatch.setattr(generate, "stream_generate", failing)
-    monkeypatch.setattr(cli, "load_model", lambda args: default_model)
+    monkeypatch.setattr(generate_command, "load_model", lambda args: default_model)
     code = cli.main(["generate", "--prompt", "hi"] + (["--json"] if json_output else []))
     out, err = capsys.readouterr()
     assert code == 1

@@ -80,6 +80,18 @@ def test_chat_streams_a_reply_with_its_metrics(dashboard):
     assert [m.name for m in at.chat_message] == ["user", "assistant"] * 2
 
 
+def test_the_penalty_boxes_offer_exactly_what_sampling_takes(dashboard):
+    """Presence and frequency penalties: SamplingParams takes -2..2 (as OpenAI's API does); the
+    boxes offered -10..10, so most of their range was an error message."""
+    at = app()
+    for label in ("Presence penalty", "Frequency penalty"):
+        box = next(w for w in at.sidebar.number_input if w.label == label)
+        assert (box.proto.min, box.proto.max) == (-2.0, 2.0)
+        box.set_value(2.0).run()
+        healthy(at)
+        assert not at.error, [e.value for e in at.error]
+
+
 def test_a_model_that_does_not_load_is_a_message_and_the_page_stays_usable(dashboard):
     at = app()
     sidebar_input(at, "Another model").set_value("/nonexistent/model").run()

@@ -1,4 +1,4 @@
-"""Metrics from hand-made timestamps, by the definitions in BENCHMARKING.md."""
+"""Metrics from hand-made timestamps, by the definitions in BENCHMARKS.md (Protocol)."""
 
 from __future__ import annotations
 

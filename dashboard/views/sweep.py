@@ -27,7 +27,7 @@ HELP = {
     "depth": "tokens already in the cache before the prompt (a long conversation)",
     "concurrency": "requests at once, batched by the engine",
     "kv": "full, rotating:N, q8, q4, q8:rotating:N",
-    "compute": "auto, float32 or native weights",
+    "compute": "float32 or native weights",
 }
 
 with st.sidebar:

@@ -1,3 +1,4 @@
-"""Benchmark sweeps (issue 12, in progress): the grid of settings (grid.py), the statistics of
-repeated measurements (stats.py) and the runs database (db.py). The sweep runner, the mlx-lm
-baseline worker and the `mlxinfer bench` command build on these."""
+"""Benchmark sweeps: the grid of settings (grid.py), the statistics of repeated measurements
+(stats.py), the runs database (db.py), the machine facts every run records (machine.py), the
+sweep runner (sweep.py), background sweeps (jobs.py), the mlx-lm baseline worker (baseline.py),
+reports (report.py) and the `mlxinfer bench` command (command.py)."""

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from .cli import (
+from .options import (
     EXIT_INTERRUPTED,
     EXIT_LOAD,
     PrefillProgress,
@@ -72,7 +72,7 @@ def run_chat(args: argparse.Namespace) -> int:
         raise UsageError(
             "this model has no chat template; use `mlxinfer generate --raw` to complete text"
         )
-    from .generate import stream_generate
+    from ..generate import stream_generate
 
     interactive = sys.stdin.isatty()
     conversation = Conversation(tokenizer, model.config.max_position_embeddings, args.system)

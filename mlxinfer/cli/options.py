@@ -1,0 +1,282 @@
+"""What the commands share: the parser (one-line usage errors naming the flag), the model,
+sampling and cache flags and their checks, loading a model, and the prefill progress line."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+import time
+from importlib import metadata
+
+MAX_CLI_LOGPROBS = 20  # OpenAI's and vLLM's default cap; the Python API allows up to the vocabulary
+EXIT_USAGE, EXIT_LOAD, EXIT_INTERRUPTED = 2, 1, 130
+
+SAMPLING_FLAGS = {  # SamplingParams field -> the flag that sets it (for error messages)
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "min_p": "--min-p",
+    "repetition_penalty": "--repetition-penalty",
+    "presence_penalty": "--presence-penalty",
+    "frequency_penalty": "--frequency-penalty",
+    "seed": "--seed",
+    "stop": "--stop",
+    "max_tokens": "--max-tokens",
+    "logprobs": "--logprobs",
+}
+
+
+class UsageError(Exception):
+    """A bad argument: one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the flag, not a usage block; and a flag it
+    does not know is reported as that, with the closest one it knows, whatever argparse made of
+    the words around it (`bench --repeats 2` was "argument ACTION: invalid choice: '2'")."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._given = list(sys.argv[1:] if args is None else args)
+        namespace, extras = super().parse_known_args(self._given, namespace)
+        unknown = self._unknown_flag(extras)
+        if unknown:
+            self.error(unknown)
+        return namespace, extras
+
+    def error(self, message: str):
+        message = self._unknown_flag(getattr(self, "_given", [])) or message
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+    def _unknown_flag(self, words: list[str]) -> str | None:
+        """The first of `words` (before a subcommand) that looks like a flag and is none of this
+        parser's, nor the start of one (argparse takes abbreviations), as "unknown flag --x (did
+        you mean --y?)"; None when there is none. A flag's value is not taken for a flag."""
+        options = self._option_string_actions
+        commands = {
+            name
+            for action in self._actions
+            if isinstance(action, argparse._SubParsersAction)
+            for name in action.choices
+        }
+        value_next = False
+        for word in words:
+            if word == "--" or (word in commands and not value_next):
+                break
+            if value_next or not word.startswith("-") or word == "-" or _is_number(word):
+                value_next = False
+                continue
+            name, has_value, _ = word.partition("=")
+            matches = [name] if name in options else [o for o in options if o.startswith(name)]
+            if matches:  # known, or an abbreviation (argparse says if it is ambiguous)
+                action = options[matches[0]]
+                value_next = len(matches) == 1 and action.nargs != 0 and not has_value
+                continue
+            close = difflib.get_close_matches(name, [o for o in options if o.startswith("--")], 1)
+            return f"unknown flag {name}" + (f" (did you mean {close[0]}?)" if close else "")
+        return None
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
+def version_string() -> str:
+    return f"mlxinfer {package_version('mlxinfer')} (MLX {package_version('mlx')}, Python {sys.version.split()[0]})"
+
+
+def package_version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH",
+        help="a Hugging Face / MLX model directory or a .gguf file (default: SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument(
+        "--compute",
+        choices=["auto", "float32", "native"],
+        default="auto",
+        help="weights as stored (native) or float32; auto: float32 on the CPU, native on a GPU",
+    )
+    parser.add_argument(
+        "--kernels",
+        choices=["auto", "cpu", "mlx"],
+        default="auto",
+        help="op set: MLX's fast ops (mlx, what a Mac runs) or CPU-tuned kernels (cpu); "
+        "auto: $MLXINFER_KERNELS, else cpu on the CPU and mlx on a GPU",
+    )
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    sampling = parser.add_argument_group("sampling (default: greedy)")
+    sampling.add_argument(
+        "--max-tokens", type=int, default=256, metavar="N", help="most tokens to generate (256)"
+    )
+    sampling.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy")
+    sampling.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
+    sampling.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 = off")
+    sampling.add_argument("--min-p", type=float, default=0.0, metavar="P", help="0 = off")
+    sampling.add_argument(
+        "--repetition-penalty", type=float, default=1.0, metavar="R", help="1 = off"
+    )
+    sampling.add_argument("--presence-penalty", type=float, default=0.0, metavar="X")
+    sampling.add_argument("--frequency-penalty", type=float, default=0.0, metavar="X")
+    sampling.add_argument("--seed", type=int, default=None, metavar="S")
+    sampling.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="STR",
+        help="a stop string (repeat for several)",
+    )
+    sampling.add_argument("--ignore-eos", action="store_true", help="generate exactly max tokens")
+
+
+def add_cache_options(parser: argparse.ArgumentParser) -> None:
+    kv = parser.add_argument_group("KV cache (default: growing, float)")
+    kv.add_argument(
+        "--max-kv-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="bound the cache to N tokens per layer (rotating; keeps --kv-keep sink tokens)",
+    )
+    kv.add_argument(
+        "--kv-keep",
+        type=int,
+        default=None,
+        metavar="K",
+        help="sink tokens a bounded cache keeps (4)",
+    )
+    kv.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantize the cache")
+    kv.add_argument(
+        "--kv-group-size",
+        type=int,
+        choices=[32, 64, 128],
+        default=None,
+        help="quantization group (64)",
+    )
+
+
+def sampling_params(args: argparse.Namespace, logprobs: int = 0):
+    """SamplingParams from the flags; a bad value is a UsageError naming the flag."""
+    from ..sampling import SamplingParams
+
+    try:
+        return SamplingParams(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty,
+            seed=args.seed,
+            stop=tuple(args.stop),
+            max_tokens=args.max_tokens,
+            ignore_eos=args.ignore_eos,
+            logprobs=logprobs,
+        )
+    except ValueError as e:
+        message = str(e)
+        for field, flag in SAMPLING_FLAGS.items():
+            if message.startswith(field):
+                message = flag + message[len(field) :]
+                break
+        raise UsageError(message) from None
+
+
+def cache_options(args: argparse.Namespace) -> dict:
+    """The KV cache keyword arguments of stream_generate, checked flag by flag."""
+    if args.max_kv_size is not None and args.max_kv_size < 1:
+        raise UsageError(f"--max-kv-size must be a positive integer, got {args.max_kv_size}")
+    if args.kv_keep is not None:
+        if args.max_kv_size is None:
+            raise UsageError(
+                "--kv-keep needs --max-kv-size (it is the bounded cache's sink tokens)"
+            )
+        if args.kv_keep < 0:
+            raise UsageError(f"--kv-keep must be >= 0, got {args.kv_keep}")
+    keep = 4 if args.kv_keep is None else args.kv_keep
+    if args.max_kv_size is not None and args.max_kv_size <= keep:
+        raise UsageError(
+            f"--max-kv-size ({args.max_kv_size}) must be larger than --kv-keep ({keep}), the sink "
+            "tokens it always keeps"
+        )
+    if args.kv_group_size is not None and args.kv_bits is None:
+        raise UsageError("--kv-group-size needs --kv-bits (it is the quantization group)")
+    return {
+        "max_kv_size": args.max_kv_size,
+        "kv_keep": keep,
+        "kv_bits": args.kv_bits,
+        "kv_group_size": args.kv_group_size or 64,
+    }
+
+
+def check_text(text: str, what: str) -> None:
+    """generate.check_utf8, as a usage error: checked before the model loads."""
+    from ..generate import check_utf8
+
+    try:
+        check_utf8(text, what)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def load_model(args: argparse.Namespace):
+    """(model, tokenizer), or None after printing one line for a model that cannot be loaded."""
+    from ..loading import load
+    from ..ops import resolve_kernels
+
+    try:
+        resolve_kernels(args.kernels)
+    except ValueError as e:  # MLXINFER_KERNELS set to something else than cpu or mlx
+        raise UsageError(str(e)) from None
+    try:
+        return load(args.model, compute=args.compute, kernels=args.kernels)
+    except (FileNotFoundError, ValueError) as e:  # ModelLoadError is a ValueError
+        print(f"mlxinfer {args.command}: error: {e}", file=sys.stderr)
+        return None
+
+
+class PrefillProgress:
+    """Shows how far a long prefill has got on stderr, when stderr is a terminal and the prefill
+    has taken more than `after_s` seconds; `clear()` erases the line when the first token comes."""
+
+    def __init__(self, after_s: float = 1.0, stream=None):
+        self.stream = stream or sys.stderr
+        self.start = time.perf_counter()
+        self.after_s = after_s
+        self.shown = False
+        self.enabled = self.stream.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        elapsed = time.perf_counter() - self.start
+        if not self.enabled or elapsed < self.after_s:
+            return
+        rate = done / elapsed
+        left = (total - done) / rate if rate > 0 else 0.0
+        self.stream.write(
+            f"\r\x1b[Kprefill: {done}/{total} prompt tokens ({100 * done // total}%), "
+            f"{rate:.0f} tok/s, ~{left:.0f} s left"
+        )
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False

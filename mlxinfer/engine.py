@@ -70,6 +70,11 @@ class RequestHandle:
         return self._request.id
 
     @property
+    def max_tokens(self) -> int:
+        """The most tokens this request generates: max_tokens, clipped to the context."""
+        return self._request.max_tokens
+
+    @property
     def prompt_tokens(self) -> int:
         return len(self._request.prompt_ids)
 
@@ -162,13 +167,17 @@ class Engine:
         chat: bool = False,
     ) -> RequestHandle:
         """Queue a request (text, token ids or chat messages, as stream_generate takes) and return
-        its handle. A request that can never run is refused here with a ValueError."""
+        its handle. `max_tokens` (else the sampling's) is clipped to the context the prompt leaves,
+        as stream_generate and batch_generate clip it: the reply then ends with finish_reason
+        "length". A request that can never run (a prompt that leaves no room, a KV budget it
+        cannot fit, parameters the model cannot take) is refused here with a ValueError."""
         params = sampling or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {type(params).__name__}")
         max_tokens = params.max_tokens if max_tokens is None else max_tokens
         check_max_tokens(max_tokens)
         prompt_ids = encode_prompt(self.tokenizer, prompt, chat)
+        max_tokens = token_budget(self.model, prompt_ids, max_tokens)
         request = Request(next(self._ids), prompt_ids, params, max_tokens)
         self.scheduler.check(request)  # reads only the model's config and the options
         handle = RequestHandle(self, request)

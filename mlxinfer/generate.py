@@ -18,7 +18,7 @@ pipelining bought nothing. Timing lives here, never in the model.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -136,7 +136,7 @@ def stream_generate(
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     prefill_progress: PrefillProgress | None = None,
-) -> Iterator[GenerationResponse]:
+) -> Generator[GenerationResponse, None, None]:
     """Generate from `prompt`, yielding one GenerationResponse per token.
 
     `prompt` is text, token ids, or a conversation: a list of `{"role", "content"}` messages,

@@ -74,10 +74,11 @@ def trace(
     if chat or not isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         text = tokenizer.apply_chat_template(list(messages), tokenize=False)
-        ids, offsets = _encode(tokenizer, text, special=False)  # the template writes its own BOS
+        # the template writes its own BOS
+        ids, offsets = tokenizer.encode_with_offsets(text, add_special_tokens=False)
     else:
         text = prompt
-        ids, offsets = _encode(tokenizer, text, special=True)  # as generation encodes it
+        ids, offsets = tokenizer.encode_with_offsets(text)  # as generation encodes it
     if not ids:
         raise ValueError("the prompt has no tokens")
     n_layers = model.config.num_hidden_layers
@@ -299,13 +300,3 @@ def _component(name: str) -> str:
     if ".mlp." in name:
         return "MLP"
     return "norms"
-
-
-def _encode(tokenizer, text: str, special: bool) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids as Tokenizer.encode gives them, with each one's (start, end) in `text`."""
-    encoding = tokenizer._tokenizer.encode(text, add_special_tokens=special)
-    ids, offsets = list(encoding.ids), [tuple(o) for o in encoding.offsets]
-    bos = tokenizer.bos_token_id
-    if special and tokenizer.add_bos_token and bos is not None and ids[:1] != [bos]:
-        ids, offsets = [bos, *ids], [(0, 0), *offsets]
-    return ids, offsets

@@ -93,11 +93,23 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; `add_special_tokens` adds BOS where the model expects it."""
-        ids = self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        return self.encode_with_offsets(text, add_special_tokens)[0]
+
+    def encode_with_offsets(
+        self, text: str, add_special_tokens: bool = True
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids as `encode` gives them, with each one's (start, end) character span in
+        `text` ((0, 0) for an added BOS)."""
+        encoding = self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        ids, offsets = list(encoding.ids), [tuple(o) for o in encoding.offsets]
         bos = self.bos_token_id
         if add_special_tokens and self.add_bos_token and bos is not None and ids[:1] != [bos]:
-            ids = [bos, *ids]
-        return ids
+            ids, offsets = [bos, *ids], [(0, 0), *offsets]
+        return ids, offsets
+
+    def save_tokenizer_json(self, path: str | Path) -> None:
+        """Write the tokenizer as a Hugging Face tokenizer.json (for another engine to load)."""
+        self._tokenizer.save(str(path))
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -30,6 +30,17 @@ def default_model():
 
 
 @pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> str:
+    """The path of a tiny random llama checkpoint (tests/reference.py), shared by the session.
+    Test modules that need every family override `tiny` with their own parametrized fixture."""
+    from .reference import make_tiny_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny")
+    make_tiny_checkpoint(path, "llama")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def smollm_reference(tmp_path_factory):
     """transformers' own GGUF loader on the same file (it dequantizes with gguf-py and un-permutes
     q/k itself), plus its weights exported as a Hugging Face safetensors directory."""

@@ -11,15 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from .reference import make_tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    make_tiny_checkpoint(path, "llama")
-    return str(path)
-
 
 def bench(*args, db):
     return subprocess.run(

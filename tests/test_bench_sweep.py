@@ -12,15 +12,6 @@ from mlxinfer.bench.db import RunsDB
 from mlxinfer.bench.grid import parse_axes
 from mlxinfer.bench.sweep import Sweep
 
-from .reference import make_tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    make_tiny_checkpoint(path, "llama")
-    return str(path)
-
 
 def test_every_configuration_and_repetition_is_recorded(tiny, tmp_path):
     db = RunsDB(tmp_path / "runs.sqlite")

@@ -5,6 +5,7 @@ data is checked as plain functions. The real browser test is test_dashboard_brow
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -20,13 +21,6 @@ from .reference import make_tiny_checkpoint  # noqa: E402
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 TIMEOUT = 120
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    make_tiny_checkpoint(path, "llama")
-    return str(path)
 
 
 @pytest.fixture
@@ -103,12 +97,44 @@ def test_a_model_that_does_not_load_is_a_message_and_the_page_stays_usable(dashb
     assert [m.name for m in at.chat_message] == ["user", "assistant"]
 
 
-def test_a_reply_too_long_for_the_context_is_refused_with_the_reason(dashboard):
+def test_max_tokens_past_the_context_is_clipped_as_everywhere(dashboard):
+    """The Engine refused prompt + max_tokens past the context, which generate() clips: now the
+    same rule everywhere, the reply ends at the context (the tiny model's is 256 tokens)."""
     at = app()
     max_tokens(at, 8000)
     at.chat_input[0].set_value("Hi").run()
     healthy(at)
-    assert any("Not sent" in e.value and "context" in e.value for e in at.error)
+    assert not at.error, [e.value for e in at.error]
+    assert [m.name for m in at.chat_message] == ["user", "assistant"]
+
+
+def test_a_conversation_past_the_context_leaves_its_oldest_turns_out(
+    dashboard, tmp_path, monkeypatch
+):
+    """As `mlxinfer chat` does: once the history outgrows the context, the oldest exchanges are
+    left out of what the model sees, with a notice; the page keeps showing them."""
+    chatty = tmp_path / "chatty"
+    make_tiny_checkpoint(chatty, "llama")  # the tiny tokenizer has no chat template: give it one
+    config = json.loads((chatty / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    )
+    (chatty / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.setenv("MLXINFER_MODEL", str(chatty))
+    at = app()
+    max_tokens(at, 8)
+    long_turn = "word " * 60  # ~60 tokens a turn against a 256-token context
+    at.session_state["messages"] = [
+        {"role": role, "content": long_turn, "metrics": None}
+        for _ in range(3)
+        for role in ("user", "assistant")
+    ]
+    at.chat_input[0].set_value("And now?").run()
+    healthy(at)
+    assert not at.error, [e.value for e in at.error]
+    notices = [i.value for i in at.info if "outgrew the model's context" in i.value]
+    assert notices and "oldest messages are left out" in notices[0]
+    assert len(at.chat_message) == 8  # 6 earlier messages, the question, its reply
 
 
 def test_the_default_model_answers_in_the_chat(tmp_path, monkeypatch):

@@ -329,14 +329,31 @@ def test_logits_that_cannot_be_sampled_end_their_own_request_only(
         assert_same_greedy(results[i].tokens, alone(model, batch[i], 12))
 
 
+def test_submit_clips_max_tokens_to_the_context(tmp_path):
+    """One rule at every entry point (stream_generate, batch_generate, the Engine): max_tokens past
+    the context the prompt leaves is clipped, and the reply ends there with "length". (The Engine
+    refused such a request, so a long conversation worked through the API but not in the
+    dashboard's chat.)"""
+    make_tiny_checkpoint(tmp_path, "llama", max_position_embeddings=64)
+    model, tokenizer = mlxinfer.load(tmp_path)
+    params = SamplingParams(ignore_eos=True)
+    with mlxinfer.Engine(model, tokenizer) as engine:
+        handle = engine.submit(list(range(3, 53)), params, max_tokens=100)
+        assert handle.max_tokens == 14
+        result = handle.result(timeout=60)
+    assert result.finish_reason == "length" and len(result.tokens) == 14
+    alone = list(mlxinfer.stream_generate(model, tokenizer, list(range(3, 53)), 100, params))
+    assert alone[-1].finish_reason == "length" and len(alone) == 14
+
+
 def test_submit_refuses_what_can_never_run(tmp_path):
     make_tiny_checkpoint(tmp_path, "llama", max_position_embeddings=1024)
     model, tokenizer = mlxinfer.load(tmp_path)
     # KV storage comes in blocks of 256 tokens: room for a short request, not for 700 tokens.
     per_block = 2**-20 * 512 * 256  # 2 layers x (k, v) x 2 heads x 16 dims x 4 bytes, per token
     with mlxinfer.Engine(model, tokenizer, kv_budget_mb=3 * per_block) as engine:
-        with pytest.raises(ValueError, match="exceed the model's context of 1024"):
-            engine.submit(list(range(3, 103)), max_tokens=1000)
+        with pytest.raises(ValueError, match="1024 tokens, which leaves no room in the model's"):
+            engine.submit([5] * 1024)
         with pytest.raises(ValueError, match="kv_budget_mb"):
             engine.submit(list(range(3, 103)), max_tokens=600)
         with pytest.raises(ValueError, match="logit_bias"):

@@ -4,6 +4,7 @@ source checkout."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import site
 import subprocess
@@ -18,6 +19,8 @@ import pytest
 from .test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS, WAIT_MS, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+# the installed copy only: no PYTHONPATH pointing back at a checkout
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 def tracked_copy(destination: Path) -> Path:
@@ -46,14 +49,14 @@ def installed(tmp_path_factory) -> Path:
     python = venv / "bin" / "python"
     purelib = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, env=CLEAN_ENV,
     ).stdout.strip()  # fmt: skip
     ours = {sysconfig.get_paths()["purelib"], *site.getsitepackages()}
     (Path(purelib) / "dependencies.pth").write_text("\n".join(sorted(ours)) + "\n")
     result = subprocess.run(
         [python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
          "--quiet", str(source)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=CLEAN_ENV,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     shutil.rmtree(source)  # nothing of the checkout is left to fall back on
@@ -70,7 +73,7 @@ def test_the_installed_package_has_its_sources_and_the_dashboard(installed):
     )
     result = subprocess.run(
         [installed / "bin" / "python", "-c", code], capture_output=True, text=True, timeout=120,
-        cwd=installed,
+        cwd=installed, env=CLEAN_ENV,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     package, app, sources = result.stdout.split()
@@ -90,7 +93,7 @@ def test_mlxinfer_dashboard_from_a_non_editable_install_serves_the_chat(installe
     process = subprocess.Popen(
         [installed / "bin" / "mlxinfer", "dashboard", "--port", str(port),
          "--db", str(tmp_path / "runs.sqlite")],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=CLEAN_ENV,
     )  # fmt: skip
     url = f"http://localhost:{port}"
     try:

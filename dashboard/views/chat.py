@@ -5,6 +5,8 @@ import charts
 import common
 import streamlit as st
 
+from mlxinfer.conversation import REPLY_ROOM, Conversation
+
 state = st.session_state
 state.setdefault("messages", [])  # {"role", "content", "metrics"}
 
@@ -52,15 +54,27 @@ if prompt and engine is not None and sampling is not None:
     state.messages.append({"role": "user", "content": prompt})
     with st.chat_message("user"):
         st.markdown(prompt)
-    if mode == "chat":
-        conversation = [{"role": "system", "content": system}] if system.strip() else []
-        conversation += [{"role": m["role"], "content": m["content"]} for m in state.messages]
+    if mode == "chat":  # as `mlxinfer chat` does: the oldest exchanges leave once it outgrows
+        model, tokenizer = loaded
+        turns = Conversation(tokenizer, model.config.max_position_embeddings,
+                             system if system.strip() else None)  # fmt: skip
+        turns.turns = [{"role": m["role"], "content": m["content"]} for m in state.messages[:-1]]
+        try:
+            conversation, dropped = turns.ask(prompt, min(max_tokens, REPLY_ROOM))
+        except ValueError as e:  # the chat template fails on this history
+            state.messages.pop()
+            st.error(f"Not sent: {e}")
+            st.stop()
+        if dropped:
+            st.info(f"The conversation outgrew the model's context of "
+                    f"{model.config.max_position_embeddings} tokens: the {dropped} oldest "
+                    "messages are left out of what the model sees.")  # fmt: skip
     else:
         conversation = prompt
     with st.chat_message("assistant"):
         try:
             handle = engine.submit(conversation, sampling, max_tokens, chat=mode == "chat")
-        except Exception as e:  # too long for the context, a template that refuses the turns
+        except Exception as e:  # a message longer than the context, a template that refuses it
             state.messages.pop()
             st.error(f"Not sent: {e}")
             st.stop()

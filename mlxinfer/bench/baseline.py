@@ -58,7 +58,7 @@ def export_for_mlx_lm(model, tokenizer, path: Path) -> None:
         "eos_token_id": sorted(tokenizer.eos_token_ids),
     }  # fmt: skip
     (path / "config.json").write_text(json.dumps(config))
-    tokenizer._tokenizer.save(str(path / "tokenizer.json"))
+    tokenizer.save_tokenizer_json(path / "tokenizer.json")
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": tokenizer.eos_token}))
 
 

@@ -48,7 +48,7 @@ def machine_facts() -> dict:
         "prefill_kernel": prefill_kernel_summary(),
         "op_set": resolve_kernels("auto"),
         "compute_policy": resolve_compute_policy("auto"),
-        "mlx": mx.__version__,
+        "mlx": mx.__version__,  # type: ignore[attr-defined]
         "mlx_lm": _package("mlx-lm"),
         "mlxinfer": __version__,
         "commit": git_commit(),

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 
+from ..conversation import REPLY_ROOM, Conversation
 from .options import (
     EXIT_INTERRUPTED,
     EXIT_LOAD,
@@ -26,39 +27,6 @@ from .options import (
 )
 
 COMMANDS = {"/reset": "clear the conversation", "/exit": "quit (also /quit, Ctrl-D)"}
-
-
-class Conversation:
-    """The messages so far, trimmed from the oldest exchange when they outgrow the context."""
-
-    def __init__(self, tokenizer, context: int, system: str | None = None):
-        self.tokenizer = tokenizer
-        self.context = context
-        self.system = [{"role": "system", "content": system}] if system is not None else []
-        self.turns: list[dict] = []
-
-    @property
-    def messages(self) -> list[dict]:
-        return self.system + self.turns
-
-    def reset(self) -> None:
-        self.turns = []
-
-    def ask(self, text: str, reply_tokens: int) -> tuple[list[dict], int]:
-        """Add a user turn; return (messages to send, how many earlier messages were dropped so
-        that the prompt leaves `reply_tokens` of context for the reply)."""
-        self.turns.append({"role": "user", "content": text})
-        dropped = 0
-        while len(self.turns) > 1 and self._prompt_tokens() + reply_tokens > self.context:
-            del self.turns[:2]  # the oldest user turn and its reply
-            dropped += 2
-        return self.messages, dropped
-
-    def answer(self, text: str) -> None:
-        self.turns.append({"role": "assistant", "content": text})
-
-    def _prompt_tokens(self) -> int:
-        return len(self.tokenizer.apply_chat_template(self.messages))
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -108,7 +76,7 @@ def run_chat(args: argparse.Namespace) -> int:
             print(f"mlxinfer chat: error: {e}", file=sys.stderr)
             continue
         try:
-            messages, dropped = conversation.ask(text, min(sampling.max_tokens, 256))
+            messages, dropped = conversation.ask(text, min(sampling.max_tokens, REPLY_ROOM))
         except ValueError as e:  # the chat template fails on this history (or runs past its bounds)
             conversation.turns.pop()
             report_failed_turn(args, e, interactive)

@@ -35,7 +35,7 @@ def environment() -> dict:
         default_model = f"not installed ({DEFAULT_MODEL_INSTALL})"
     return {
         "mlxinfer": package_version("mlxinfer"),
-        "mlx": mx.__version__,
+        "mlx": mx.__version__,  # type: ignore[attr-defined]
         "mlx-lm": package_version("mlx-lm"),
         "python": f"{sys.version.split()[0]} ({sys.executable})",
         "platform": platform.platform(),

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .options import (
     EXIT_INTERRUPTED,
@@ -18,6 +19,9 @@ from .options import (
     load_model,
     sampling_params,
 )
+
+if TYPE_CHECKING:
+    from ..sampling import SamplingParams
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -42,7 +46,7 @@ def read_prompt(args: argparse.Namespace) -> str:
     return text
 
 
-def check_generate_args(args: argparse.Namespace) -> tuple[str, object, dict]:
+def check_generate_args(args: argparse.Namespace) -> tuple[str, SamplingParams, dict]:
     """Everything `generate` can check before loading: (prompt, SamplingParams, cache options)."""
     if args.raw and (args.chat or args.system is not None):
         raise UsageError(

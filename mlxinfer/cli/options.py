@@ -8,6 +8,10 @@ import difflib
 import sys
 import time
 from importlib import metadata
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..sampling import SamplingParams
 
 MAX_CLI_LOGPROBS = 20  # OpenAI's and vLLM's default cap; the Python API allows up to the vocabulary
 EXIT_USAGE, EXIT_LOAD, EXIT_INTERRUPTED = 2, 1, 130
@@ -170,7 +174,7 @@ def add_cache_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def sampling_params(args: argparse.Namespace, logprobs: int = 0):
+def sampling_params(args: argparse.Namespace, logprobs: int = 0) -> SamplingParams:
     """SamplingParams from the flags; a bad value is a UsageError naming the flag."""
     from ..sampling import SamplingParams
 

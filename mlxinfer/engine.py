@@ -113,7 +113,8 @@ def _result(responses: Sequence[GenerationResponse]) -> GenerationResult:
     last = responses[-1]
     tokens = [r.token for r in responses if r.token >= 0]
     text = "".join(r.text for r in responses)
-    return GenerationResult(text, tokens, last.finish_reason, last.metrics, last.error)
+    reason = last.finish_reason or "error"  # a last response always has one
+    return GenerationResult(text, tokens, reason, last.metrics, last.error)
 
 
 class Engine:

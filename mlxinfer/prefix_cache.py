@@ -47,7 +47,7 @@ class PrefixCache:
             match = int(differ[0]) if differ.size else n
             if match > best:
                 best, best_key = match, key
-        if best < MIN_MATCH:
+        if best < MIN_MATCH or best_key is None:
             self.misses += 1
             return 0, None
         self.hits += 1

@@ -101,7 +101,7 @@ class Tokenizer:
         """Token ids as `encode` gives them, with each one's (start, end) character span in
         `text` ((0, 0) for an added BOS)."""
         encoding = self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        ids, offsets = list(encoding.ids), [tuple(o) for o in encoding.offsets]
+        ids, offsets = list(encoding.ids), [(start, end) for start, end in encoding.offsets]
         bos = self.bos_token_id
         if add_special_tokens and self.add_bos_token and bos is not None and ids[:1] != [bos]:
             ids, offsets = [bos, *ids], [(0, 0), *offsets]
@@ -144,9 +144,12 @@ class Tokenizer:
     def _chat_template(self) -> Template:
         """The chat template compiled once (compiling costs far more than rendering), again only
         if `chat_template` is assigned a new string."""
+        template = self.chat_template
+        if template is None:
+            raise ValueError("this model has no chat template")
         cached = self._compiled_chat_template
-        if cached is None or cached[0] != self.chat_template:
-            cached = (self.chat_template, compile_chat_template(self.chat_template))
+        if cached is None or cached[0] != template:
+            cached = (template, compile_chat_template(template))
             self._compiled_chat_template = cached
         return cached[1]
 

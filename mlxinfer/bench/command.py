@@ -139,7 +139,7 @@ def _sweep(args: argparse.Namespace, db) -> int:
         sweep_text = Path(args.sweep).read_text() if args.sweep else None
         sweep = Sweep(axes, args.reps, db, command, sweep_text, baseline=args.baseline)
         seconds = sweep.estimated_seconds()
-    if too_long(seconds):
+    if seconds is not None and too_long(seconds):
         print(f"mlxinfer bench: warning: this sweep takes ~{_duration(seconds)} at the speeds "
               f"this database has measured; {_stopping(sweep.run_id)}", file=sys.stderr,
               flush=True)  # fmt: skip

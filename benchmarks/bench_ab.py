@@ -45,9 +45,13 @@ class Worker:
     def __init__(self, checkout: Path):
         env = {**os.environ, "PYTHONPATH": str(checkout.resolve())}
         self.process = subprocess.Popen(
-            [sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True, env=env, cwd=checkout,
-        )  # fmt: skip
+            [sys.executable, "-c", WORKER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=checkout,
+        )
         ready = json.loads(self.process.stdout.readline())["ready"]
         if not ready.startswith(str(checkout.resolve())):
             raise SystemExit(f"{checkout}: the worker imported mlxinfer from {ready}")

@@ -74,8 +74,11 @@ class MlxLmWorker:
         env = {**os.environ, "MLXINFER_GEMV_SHIM": "0"}
         self.process = subprocess.Popen(
             [sys.executable, self.script, "--serve-mlx-lm", str(model_dir)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-        )  # fmt: skip
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         self.blas = json.loads(self.process.stdout.readline())["blas"]
 
     def run(self, prompt: list[int], tokens: int) -> dict:

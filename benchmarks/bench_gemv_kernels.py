@@ -58,8 +58,11 @@ def measure(kernel: str, rows: list[int], reps: int) -> dict:
     env = {**os.environ, "MLXINFER_GEMV_KERNEL": kernel}
     result = subprocess.run(
         [sys.executable, "-c", WORKER, json.dumps([rows, reps, SHAPES])],
-        capture_output=True, text=True, env=env, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     return json.loads(result.stdout)
 
 
@@ -89,8 +92,10 @@ def main() -> None:
         print(f"{key:<28}" + "".join(f"{results[k]['ms'][key]:>10.3f}" for k in kernels))
     print()
     for m in rows:
-        total = {k: sum(v for key, v in results[k]["ms"].items() if key.endswith(f"M={m}"))
-                 for k in kernels}  # fmt: skip
+        total = {
+            k: sum(v for key, v in results[k]["ms"].items() if key.endswith(f"M={m}"))
+            for k in kernels
+        }
         ratios = "  ".join(f"{k} {total[k] / total['openblas']:.2f}" for k in kernels)
         print(f"all layers, M={m}: time / OpenBLAS's: {ratios}")
     payload = {"machine": facts, "selected": kernel["selected"], "rows": rows, "results": results}

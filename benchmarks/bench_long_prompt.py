@@ -82,9 +82,13 @@ def main() -> None:
     workers = {}
     for checkout in checkouts:
         process = subprocess.Popen(
-            [sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True, cwd=checkout, env={**os.environ, "PYTHONPATH": str(checkout)},
-        )  # fmt: skip
+            [sys.executable, "-c", WORKER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=checkout,
+            env={**os.environ, "PYTHONPATH": str(checkout)},
+        )
         json.loads(process.stdout.readline())
         workers[str(checkout)] = process
 

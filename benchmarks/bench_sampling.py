@@ -24,9 +24,15 @@ from common import machine_info, summary
 from mlxinfer.sampling import Sampler
 
 FULL_CHAIN = dict(
-    temperature=0.8, top_k=50, top_p=0.9, min_p=0.05,
-    repetition_penalty=1.1, presence_penalty=0.2, frequency_penalty=0.2, seed=0,
-)  # fmt: skip
+    temperature=0.8,
+    top_k=50,
+    top_p=0.9,
+    min_p=0.05,
+    repetition_penalty=1.1,
+    presence_penalty=0.2,
+    frequency_penalty=0.2,
+    seed=0,
+)
 TOP_P_ONLY = dict(temperature=0.7, top_p=0.9, seed=0)  # no top-k: top-p sorts the whole vocabulary
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 

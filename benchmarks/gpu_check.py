@@ -31,13 +31,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = dict(  # SmolLM2-135M's
-    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
-)  # fmt: skip
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    max_position_embeddings=8192,
+)
 QUICK_SHAPE = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=256, max_position_embeddings=1024,
-)  # fmt: skip
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=1024,
+)
 
 
 def write_model(path: Path, shape: dict) -> None:
@@ -46,10 +56,17 @@ def write_model(path: Path, shape: dict) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     config = {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "rms_norm_eps": 1e-5,
-        "rope_theta": 100000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
-        "hidden_act": "silu", "bos_token_id": 0, "eos_token_id": 1, **shape,
-    }  # fmt: skip
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "hidden_act": "silu",
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        **shape,
+    }
     D, F, V = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
     hd = D // shape["num_attention_heads"]
     kv = shape["num_key_value_heads"] * hd
@@ -65,13 +82,16 @@ def write_model(path: Path, shape: dict) -> None:
     for i in range(shape["num_hidden_layers"]):
         p = f"model.layers.{i}."
         tensors |= {
-            p + "self_attn.q_proj.weight": weight(D, D), p + "self_attn.k_proj.weight": weight(kv, D),
-            p + "self_attn.v_proj.weight": weight(kv, D), p + "self_attn.o_proj.weight": weight(D, D),
-            p + "mlp.gate_proj.weight": weight(F, D), p + "mlp.up_proj.weight": weight(F, D),
+            p + "self_attn.q_proj.weight": weight(D, D),
+            p + "self_attn.k_proj.weight": weight(kv, D),
+            p + "self_attn.v_proj.weight": weight(kv, D),
+            p + "self_attn.o_proj.weight": weight(D, D),
+            p + "mlp.gate_proj.weight": weight(F, D),
+            p + "mlp.up_proj.weight": weight(F, D),
             p + "mlp.down_proj.weight": weight(D, F),
             p + "input_layernorm.weight": np.ones(D, np.float32),
             p + "post_attention_layernorm.weight": np.ones(D, np.float32),
-        }  # fmt: skip
+        }
     import mlx.core as mx  # bfloat16: numpy has none; MLX writes it
 
     mx.save_safetensors(
@@ -143,8 +163,11 @@ class Worker:
     def __init__(self, engine: str, model_dir: Path):
         self.process = subprocess.Popen(
             [sys.executable, "-c", WORKER, engine, str(model_dir)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
-        )  # fmt: skip
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
         self.device = json.loads(self.process.stdout.readline())["device"]
 
     def ask(self, job: dict) -> dict:
@@ -171,9 +194,13 @@ def speed(model_dir: Path, vocab: int, quick: bool, reps: int) -> dict:
     scale = 8 if quick else 1
     jobs = {
         "single": {"kind": "single", "prompts": [ids(256 // scale)], "tokens": 128 // scale},
-        "batch": {"kind": "batch", "prompts": [ids(64 // scale) for _ in range(8)], "tokens": 64 // scale},
+        "batch": {
+            "kind": "batch",
+            "prompts": [ids(64 // scale) for _ in range(8)],
+            "tokens": 64 // scale,
+        },
         "long": {"kind": "single", "prompts": [ids(4096 // scale)], "tokens": 16},
-    }  # fmt: skip
+    }
     workers = {name: Worker(name, model_dir) for name in ("mlxinfer", "mlx-lm")}
     results = {"device": workers["mlxinfer"].device}
     try:
@@ -216,9 +243,22 @@ def main() -> None:
             "MLXINFER_TESTS_WITHOUT_DEFAULT_MODEL": "1",
         }
         tests = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-m", "exactness and not browser", "-p", "no:cacheprovider"],
-            capture_output=True, text=True, cwd=ROOT, env=test_env, timeout=300,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-m",
+                "exactness and not browser",
+                "-p",
+                "no:cacheprovider",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=test_env,
+            timeout=300,
+        )
         (out / "exactness.log").write_text(tests.stdout + tests.stderr)
         last = (tests.stdout.strip().splitlines() or ["no output"])[-1]
         summary.append(f"exactness under MLXINFER_KERNELS=mlx: exit {tests.returncode}: {last}")

@@ -88,8 +88,9 @@ def main() -> int:
         }
         print(kind, json.dumps(report[kind]), flush=True)
     if args.out:
-        args.out.write_text(json.dumps({"prompts": len(prompts), "tokens": args.tokens,
-                                        "kinds": report}, indent=1))  # fmt: skip
+        args.out.write_text(
+            json.dumps({"prompts": len(prompts), "tokens": args.tokens, "kinds": report}, indent=1)
+        )
     return 0
 
 

@@ -49,7 +49,7 @@ def metric_by_setting(summary: pd.DataFrame, metric: str, setting: str) -> alt.C
             alt.Tooltip(f"{metric}_mean:Q", format=".1f", title="mean"),
             alt.Tooltip(f"{metric}_std:Q", format=".2f", title="std"),
             "n",
-        ],  # fmt: skip
+        ],
     )
     errors = base.mark_errorbar(ticks=True).encode(
         y=alt.Y("low:Q", title=LABELS.get(metric, metric)), y2="high:Q"
@@ -74,7 +74,7 @@ def memory_predicted_vs_measured(summary: pd.DataFrame, setting: str) -> alt.Cha
             "label",
             alt.Tooltip("peak_memory_mb_mean:Q", format=".1f"),
             alt.Tooltip("predicted_memory_mb_mean:Q", format=".1f"),
-        ],  # fmt: skip
+        ],
     )
     predicted = base.mark_tick(color="black", thickness=2, size=18).encode(
         y="predicted_memory_mb_mean:Q"

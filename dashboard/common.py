@@ -96,9 +96,13 @@ def _engine(name: str, max_kv_size: int | None, kv_bits: int | None):
 
     model, tokenizer = _load(name)
     return Engine(
-        model, tokenizer, max_batch=MAX_BATCH, prefix_cache_mb=256, max_kv_size=max_kv_size,
+        model,
+        tokenizer,
+        max_batch=MAX_BATCH,
+        prefix_cache_mb=256,
+        max_kv_size=max_kv_size,
         kv_bits=kv_bits,
-    )  # fmt: skip
+    )
 
 
 def engine(name: str, cache: dict):
@@ -149,13 +153,20 @@ def model_picker() -> str:
         remember_model(wanted)
     choices = list(dict.fromkeys([DEFAULT, state.model, *recent_models()]))
     state.model_pick = state.model  # before the widget exists: allowed
-    st.selectbox("Model", choices, format_func=model_label, key="model_pick",
-                 on_change=lambda: state.update(model_wanted=state.model_pick))  # fmt: skip
+    st.selectbox(
+        "Model",
+        choices,
+        format_func=model_label,
+        key="model_pick",
+        on_change=lambda: state.update(model_wanted=state.model_pick),
+    )
     st.text_input(
-        "Another model", placeholder="/path/to/model-dir or file.gguf", key="model_path",
+        "Another model",
+        placeholder="/path/to/model-dir or file.gguf",
+        key="model_path",
         help="A local Hugging Face directory (safetensors) or a GGUF file; press Enter to load.",
         on_change=lambda: state.update(model_wanted=state.model_path.strip()),
-    )  # fmt: skip
+    )
     return state.model
 
 
@@ -165,25 +176,40 @@ def model_picker() -> str:
 def sampling_controls(prefix: str = "") -> tuple[SamplingParams | None, int]:
     """Every sampling setting; returns (params, max_tokens), params None after showing what is
     wrong with them."""
-    temperature = st.slider("Temperature", 0.0, 2.0, 0.0, 0.05, key=prefix + "temperature",
-                            help="0 is greedy: always the most likely token.")  # fmt: skip
+    temperature = st.slider(
+        "Temperature",
+        0.0,
+        2.0,
+        0.0,
+        0.05,
+        key=prefix + "temperature",
+        help="0 is greedy: always the most likely token.",
+    )
     top_k = st.number_input("Top-k", 0, 100_000, 0, key=prefix + "top_k", help="0: off")
     top_p = st.slider("Top-p", 0.0, 1.0, 1.0, 0.01, key=prefix + "top_p", help="1: off")
     min_p = st.slider("Min-p", 0.0, 1.0, 0.0, 0.01, key=prefix + "min_p", help="0: off")
-    repetition = st.number_input("Repetition penalty", 0.1, 10.0, 1.0, 0.05,
-                                 key=prefix + "repetition_penalty", help="1: off")  # fmt: skip
-    presence = st.number_input("Presence penalty", -2.0, 2.0, 0.0, 0.1,
-                               key=prefix + "presence_penalty")  # fmt: skip
-    frequency = st.number_input("Frequency penalty", -2.0, 2.0, 0.0, 0.1,
-                                key=prefix + "frequency_penalty")  # fmt: skip
+    repetition = st.number_input(
+        "Repetition penalty", 0.1, 10.0, 1.0, 0.05, key=prefix + "repetition_penalty", help="1: off"
+    )
+    presence = st.number_input(
+        "Presence penalty", -2.0, 2.0, 0.0, 0.1, key=prefix + "presence_penalty"
+    )
+    frequency = st.number_input(
+        "Frequency penalty", -2.0, 2.0, 0.0, 0.1, key=prefix + "frequency_penalty"
+    )
     seed = st.number_input("Seed", 0, 2**31 - 1, 0, key=prefix + "seed")
     max_tokens = st.number_input("Max tokens", 1, 8192, 256, key=prefix + "max_tokens")
     try:
         params = SamplingParams(
-            temperature=temperature, top_k=int(top_k), top_p=top_p, min_p=min_p,
-            repetition_penalty=repetition, presence_penalty=presence,
-            frequency_penalty=frequency, seed=int(seed),
-        )  # fmt: skip
+            temperature=temperature,
+            top_k=int(top_k),
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition,
+            presence_penalty=presence,
+            frequency_penalty=frequency,
+            seed=int(seed),
+        )
     except ValueError as e:
         st.error(f"Sampling settings: {e}")
         return None, int(max_tokens)
@@ -200,8 +226,9 @@ CACHE_KINDS = {
 
 def cache_controls(prefix: str = "") -> dict:
     """The KV cache kind: {"max_kv_size", "kv_bits"}."""
-    kind = st.selectbox("KV cache", list(CACHE_KINDS), format_func=CACHE_KINDS.get,
-                        key=prefix + "cache")  # fmt: skip
+    kind = st.selectbox(
+        "KV cache", list(CACHE_KINDS), format_func=CACHE_KINDS.get, key=prefix + "cache"
+    )
     options = {"max_kv_size": None, "kv_bits": None}
     if kind == "rotating":
         options["max_kv_size"] = int(

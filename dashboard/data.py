@@ -19,9 +19,14 @@ def summary_frame(items: list[dict]) -> pd.DataFrame:
     swept = report.swept_axes(items)
     rows = []
     for item in items:
-        row = {"engine": item["engine"], **item["settings"], "failed": item["failed"],
-               "error": item["error"], "sampling": sampling_label(item["settings"]),
-               "label": configuration_label(item["settings"], swept)}  # fmt: skip
+        row = {
+            "engine": item["engine"],
+            **item["settings"],
+            "failed": item["failed"],
+            "error": item["error"],
+            "sampling": sampling_label(item["settings"]),
+            "label": configuration_label(item["settings"], swept),
+        }
         row["n"] = len(item["decode_tps"]["samples"]) if item["decode_tps"] else 0
         for m in METRICS:
             row[f"{m}_mean"] = item[m]["mean"] if item[m] else None
@@ -60,10 +65,12 @@ def x_axis_choices(items: list[dict]) -> list[str]:
 def runs_frame(db: RunsDB) -> pd.DataFrame:
     """Every run: id, when, status (a run whose process is gone is 'interrupted'), its models,
     configurations and measurements, the machine, mlxinfer version and commit, the command."""
-    counts = dict(db.conn.execute(
-        "SELECT c.run_id, COUNT(m.id) FROM configurations c "
-        "LEFT JOIN measurements m ON m.configuration_id = c.id GROUP BY c.run_id"
-    ).fetchall())  # fmt: skip
+    counts = dict(
+        db.conn.execute(
+            "SELECT c.run_id, COUNT(m.id) FROM configurations c "
+            "LEFT JOIN measurements m ON m.configuration_id = c.id GROUP BY c.run_id"
+        ).fetchall()
+    )
     rows = []
     for run in db.runs():
         facts = {}
@@ -74,19 +81,21 @@ def runs_frame(db: RunsDB) -> pd.DataFrame:
             facts = json.loads(found[0]) if found else {}
         configs = db.configurations(run["id"])
         models = sorted({c.get("model", "?") for c in configs})
-        rows.append({
-            "run": run["id"],
-            "started": datetime.datetime.fromtimestamp(run["started"]),
-            "status": jobs.status(run),
-            "model": ", ".join(models),
-            "configurations": len(configs),
-            "measurements": counts.get(run["id"], 0),
-            "planned": planned(run, len(configs)),
-            "baseline": run["baseline"] or "",
-            "machine": f"{facts.get('cpu', '?')} ({facts.get('backend', '?')})",
-            "version": f"{facts.get('mlxinfer', '?')} · {facts.get('commit', '?')}",
-            "command": run["command"],
-        })  # fmt: skip
+        rows.append(
+            {
+                "run": run["id"],
+                "started": datetime.datetime.fromtimestamp(run["started"]),
+                "status": jobs.status(run),
+                "model": ", ".join(models),
+                "configurations": len(configs),
+                "measurements": counts.get(run["id"], 0),
+                "planned": planned(run, len(configs)),
+                "baseline": run["baseline"] or "",
+                "machine": f"{facts.get('cpu', '?')} ({facts.get('backend', '?')})",
+                "version": f"{facts.get('mlxinfer', '?')} · {facts.get('commit', '?')}",
+                "command": run["command"],
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -108,11 +117,18 @@ def positions_frame(db: RunsDB, run_id: int) -> pd.DataFrame:
     frames = []
     for item in items:
         label = configuration_label(item["settings"], swept)
-        frames.append(pd.DataFrame({
-            "token": range(len(item["p50_ms"])), "p50_ms": item["p50_ms"],
-            "p90_ms": item["p90_ms"], "engine": item["engine"], "label": label,
-            "series": f"{item['engine']} · {label}",
-        }))  # fmt: skip
+        frames.append(
+            pd.DataFrame(
+                {
+                    "token": range(len(item["p50_ms"])),
+                    "p50_ms": item["p50_ms"],
+                    "p90_ms": item["p90_ms"],
+                    "engine": item["engine"],
+                    "label": label,
+                    "series": f"{item['engine']} · {label}",
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -124,11 +140,16 @@ def compare_frame(db: RunsDB, run_a: int, run_b: int, metric: str) -> pd.DataFra
     swept = report.swept_axes(items) if items else []
     for row in items:
         interval = row["interval"]
-        rows.append({
-            "engine": row["engine"], "configuration": configuration_label(row["settings"], swept),
-            f"run {run_a}": row["a"], f"run {run_b}": row["b"], "B / A": row["ratio"],
-            "95% CI": f"[{interval['low']:.2f}, {interval['high']:.2f}]" if interval else "",
-        })  # fmt: skip
+        rows.append(
+            {
+                "engine": row["engine"],
+                "configuration": configuration_label(row["settings"], swept),
+                f"run {run_a}": row["a"],
+                f"run {run_b}": row["b"],
+                "B / A": row["ratio"],
+                "95% CI": f"[{interval['low']:.2f}, {interval['high']:.2f}]" if interval else "",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -142,9 +163,16 @@ def across_runs_frame(db: RunsDB, run_ids: list[int], metric: str) -> pd.DataFra
             if item[metric] is None:
                 continue
             key = json.dumps(item["settings"], sort_keys=True)
-            rows.append({"run": run_id, "run_label": f"#{run_id} {versions.get(run_id, '')}",
-                         "key": key, "engine": item["engine"], "settings": item["settings"],
-                         "mean": item[metric]["mean"]})  # fmt: skip
+            rows.append(
+                {
+                    "run": run_id,
+                    "run_label": f"#{run_id} {versions.get(run_id, '')}",
+                    "key": key,
+                    "engine": item["engine"],
+                    "settings": item["settings"],
+                    "mean": item[metric]["mean"],
+                }
+            )
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
@@ -162,11 +190,17 @@ def measurements_frame(db: RunsDB, run_id: int) -> pd.DataFrame:
     """A run's successful measurements: id, engine, label, rep (from 1), for choosing one."""
     rows = [r for r in db.measurements(run_id) if r["status"] == "ok"]
     swept = report.swept_axes([{"settings": r["settings"]} for r in rows]) if rows else []
-    return pd.DataFrame([
-        {"id": r["id"], "engine": r["engine"], "rep": r["rep"] + 1,
-         "label": configuration_label(r["settings"], swept)}
-        for r in rows
-    ])  # fmt: skip
+    return pd.DataFrame(
+        [
+            {
+                "id": r["id"],
+                "engine": r["engine"],
+                "rep": r["rep"] + 1,
+                "label": configuration_label(r["settings"], swept),
+            }
+            for r in rows
+        ]
+    )
 
 
 def gaps_frame(db: RunsDB, measurement_id: int) -> pd.DataFrame:

@@ -148,9 +148,18 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(
-            model, tokenizer, max_batch, policy, kv_budget_mb, prefill_chunk, prefix_cache_mb,
-            max_kv_size, kv_keep, kv_bits, kv_group_size,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            max_batch,
+            policy,
+            kv_budget_mb,
+            prefill_chunk,
+            prefix_cache_mb,
+            max_kv_size,
+            kv_keep,
+            kv_bits,
+            kv_group_size,
+        )
         self._ids = itertools.count()
         self._worker = _Worker(self.scheduler)
         # dropped unclosed: cancel and stop the thread, without waiting (this may run in any
@@ -355,9 +364,15 @@ def batch_generate(
                 f"sampling has {len(params)} SamplingParams for {len(prompts)} prompts"
             )
     scheduler = Scheduler(
-        model, tokenizer, max_batch or len(prompts), "prefill-first", None, prefill_chunk, 0,
+        model,
+        tokenizer,
+        max_batch or len(prompts),
+        "prefill-first",
+        None,
+        prefill_chunk,
+        0,
         **cache_options,
-    )  # fmt: skip
+    )
     requests = []
     for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
         n = p.max_tokens if max_tokens is None else max_tokens

@@ -155,9 +155,14 @@ def stream_generate(
     check_max_tokens(max_tokens)
     prompt_ids = encode_prompt(tokenizer, prompt, chat)
     scheduler = Scheduler(
-        model, tokenizer, max_batch=1, max_kv_size=max_kv_size, kv_keep=kv_keep, kv_bits=kv_bits,
+        model,
+        tokenizer,
+        max_batch=1,
+        max_kv_size=max_kv_size,
+        kv_keep=kv_keep,
+        kv_bits=kv_bits,
         kv_group_size=kv_group_size,
-    )  # fmt: skip
+    )
     request = Request(0, prompt_ids, params, token_budget(model, prompt_ids, max_tokens))
     request.progress = prefill_progress
     scheduler.check(request)

@@ -219,11 +219,34 @@ _BLOCKS = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 8: (32, 34)}
 # GGUF metadata value types. Scalars by struct format; a string is a u64 length and the bytes, an
 # array an item type (u32), a u64 count and the items.
 _STRING, _ARRAY, _UINT32, _FLOAT64 = 8, 9, 4, 12
-_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}  # fmt: skip
+_SCALAR_FORMATS = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
 _VALUE_TYPE_NAMES = {
-    0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "int32", 6: "float32",
-    7: "bool", 8: "string", 9: "array", 10: "uint64", 11: "int64", 12: "float64",
-}  # fmt: skip
+    0: "uint8",
+    1: "int8",
+    2: "uint16",
+    3: "int16",
+    4: "uint32",
+    5: "int32",
+    6: "float32",
+    7: "bool",
+    8: "string",
+    9: "array",
+    10: "uint64",
+    11: "int64",
+    12: "float64",
+}
 # The fewest bytes a value of each type takes in the file: what bounds an array's item count.
 _MIN_VALUE_SIZE = {**{k: struct.calcsize(f) for k, f in _SCALAR_FORMATS.items()}, 8: 8, 9: 12}
 MAX_ARRAY_DEPTH = 8  # arrays of arrays ...; llama.cpp's own files nest at most 2 deep
@@ -490,11 +513,18 @@ def check_shapes(config: dict[str, Any], header: GGUFHeader, source: str) -> Non
     q = config["num_attention_heads"] * head_dim
     kv = config["num_key_value_heads"] * head_dim
     per_layer = {
-        "attn_norm": (hidden,), "ffn_norm": (hidden,), "attn_q": (q, hidden),
-        "attn_k": (kv, hidden), "attn_v": (kv, hidden), "attn_output": (hidden, q),
-        "attn_q_norm": (head_dim,), "attn_k_norm": (head_dim,), "ffn_gate": (ffn, hidden),
-        "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn),
-    }  # fmt: skip
+        "attn_norm": (hidden,),
+        "ffn_norm": (hidden,),
+        "attn_q": (q, hidden),
+        "attn_k": (kv, hidden),
+        "attn_v": (kv, hidden),
+        "attn_output": (hidden, q),
+        "attn_q_norm": (head_dim,),
+        "attn_k_norm": (head_dim,),
+        "ffn_gate": (ffn, hidden),
+        "ffn_up": (ffn, hidden),
+        "ffn_down": (hidden, ffn),
+    }
     top = {"token_embd": (vocab, hidden), "output": (vocab, hidden), "output_norm": (hidden,)}
     layers = set()
     for name, info in header.tensors.items():

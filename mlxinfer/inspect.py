@@ -136,11 +136,15 @@ def logit_lens(t: Trace, top: int = 5) -> list[list[list[tuple[int, str, float]]
         order = mx.argsort(-probs, axis=-1)[:, :top]
         chosen = mx.take_along_axis(probs, order, axis=-1)
         order, chosen = np.array(order), np.array(chosen)
-        out.append([
-            [(int(i), t.tokenizer.decode([int(i)]), float(p))
-             for i, p in zip(order[pos], chosen[pos], strict=True)]
-            for pos in range(order.shape[0])
-        ])  # fmt: skip
+        out.append(
+            [
+                [
+                    (int(i), t.tokenizer.decode([int(i)]), float(p))
+                    for i, p in zip(order[pos], chosen[pos], strict=True)
+                ]
+                for pos in range(order.shape[0])
+            ]
+        )
     return out
 
 
@@ -224,9 +228,12 @@ def architecture(model) -> dict:
     bytes by dtype (or quantization)."""
     c = model.config
     kind = (
-        "MHA" if c.num_key_value_heads == c.num_attention_heads
-        else "MQA" if c.num_key_value_heads == 1 else "GQA"
-    )  # fmt: skip
+        "MHA"
+        if c.num_key_value_heads == c.num_attention_heads
+        else "MQA"
+        if c.num_key_value_heads == 1
+        else "GQA"
+    )
     parameters: dict[str, int] = {}
     bytes_by_kind: dict[str, int] = {}
     quantized = {

@@ -250,9 +250,13 @@ def to_float32(model: Model) -> None:
             replacements.append((name, module.dequantized()))
         elif isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             weight = mx.dequantize(
-                module.weight, module.scales, module.get("biases"), module.group_size, module.bits,
+                module.weight,
+                module.scales,
+                module.get("biases"),
+                module.group_size,
+                module.bits,
                 mode=module.mode,
-            ).astype(mx.float32)  # fmt: skip
+            ).astype(mx.float32)
             if isinstance(module, nn.QuantizedEmbedding):
                 dense = nn.Embedding(*weight.shape)
             else:

@@ -33,7 +33,8 @@ class Definition:
 
 DEFINITIONS = (
     Definition(
-        "ttft_ms", "time to first token (ms)",
+        "ttft_ms",
+        "time to first token (ms)",
         "request start → first generated token available on the host",
         "How long a user waits before anything appears: queueing, the prompt's prefill, and the "
         "first decode step. Under the Engine the clock starts at submit, so waiting for a free "
@@ -41,19 +42,23 @@ DEFINITIONS = (
         "vLLM: TTFT (same). mlx-lm reports no TTFT; its prompt_tps is prompt tokens / TTFT.",
     ),
     Definition(
-        "queue_ms", "queueing (ms)", "request start → admitted to run",
+        "queue_ms",
+        "queueing (ms)",
+        "request start → admitted to run",
         "Time a request waited for a free row or KV budget under the Engine; 0 for a lone one.",
         "vLLM: queued time (same idea).",
     ),
     Definition(
-        "prefill_tps", "prefill speed (tokens/s)",
+        "prefill_tps",
+        "prefill speed (tokens/s)",
         "prompt tokens processed (not counting cached ones) / (TTFT − queue_ms)",
         "How fast the prompt is read. Prefill is compute-bound: matrix–matrix products over all "
         "prompt tokens at once.",
         "mlx-lm: prompt_tps (prompt tokens / TTFT, queueing included). llama-bench: pp t/s.",
     ),
     Definition(
-        "decode_tps", "decode speed (tokens/s)",
+        "decode_tps",
+        "decode speed (tokens/s)",
         "(N − 1) / (t_N − t_1), t_i = time token i is available, N generated tokens",
         "How fast tokens stream once the first has arrived. Decode is memory-bound: every step "
         "reads all the weights for one token per sequence.",
@@ -61,51 +66,65 @@ DEFINITIONS = (
         "runs). llama-bench: tg t/s. vLLM: output throughput (all requests together).",
     ),
     Definition(
-        "tpot_ms", "time per output token (ms)", "(e2e − TTFT) / (N − 1)",
+        "tpot_ms",
+        "time per output token (ms)",
+        "(e2e − TTFT) / (N − 1)",
         "The mean gap between tokens after the first one.",
         "vLLM: TPOT (same). LLMPerf calls this ITL.",
     ),
     Definition(
-        "itl_ms", "inter-token latency (ms)", "the gaps t_{i+1} − t_i; p50 / p90 / p99",
+        "itl_ms",
+        "inter-token latency (ms)",
+        "the gaps t_{i+1} − t_i; p50 / p90 / p99",
         "Every gap between two tokens, so stalls show: the p99 is the worst gap a reader sees.",
         "vLLM: ITL (same). LLMPerf's ITL is vLLM's TPOT.",
     ),
     Definition(
-        "e2e_ms", "end to end (ms)", "request start → last token",
+        "e2e_ms",
+        "end to end (ms)",
+        "request start → last token",
         "The whole request, as a caller waiting for the full answer sees it.",
         "vLLM: E2EL (same).",
     ),
     Definition(
-        "peak_memory_mb", "peak memory (MB)",
+        "peak_memory_mb",
+        "peak memory (MB)",
         "mx.get_peak_memory() after the request, mx.reset_peak_memory() before it",
         "The most memory MLX held during the request: weights, KV cache and temporaries. Under "
         "the Engine it is the engine's peak during the steps the request was in.",
         "mlx-lm: peak_memory never resets, so it is the process's maximum so far.",
     ),
     Definition(
-        "predicted_memory_mb", "predicted memory (MB)",
+        "predicted_memory_mb",
+        "predicted memory (MB)",
         "weight bytes + KV cache bytes as the caches allocate them (from the architecture)",
         "What a configuration should need, before it runs; the gap to the measured peak is "
         "temporaries.",
         "No other tool predicts it.",
     ),
     Definition(
-        "active_memory_mb", "active memory (MB)", "mx.get_active_memory() at the request's end",
+        "active_memory_mb",
+        "active memory (MB)",
+        "mx.get_active_memory() at the request's end",
         "Memory MLX holds once the request is done (the weights, and caches still alive).",
         "mlx-lm: not reported.",
     ),
     Definition(
-        "kv_cache_mb", "KV cache (MB)", "bytes of the cache slots holding the request's tokens",
+        "kv_cache_mb",
+        "KV cache (MB)",
+        "bytes of the cache slots holding the request's tokens",
         "The keys and values kept for every layer so each new token attends to the past without "
         "recomputing it; grows with the context unless bounded (rotating) or quantized.",
         "llama.cpp reports the cache it allocates for the whole context.",
     ),
     Definition(
-        "bandwidth_gbs", "bandwidth (GB/s)", "weight bytes read per decode step × decode_tps",
+        "bandwidth_gbs",
+        "bandwidth (GB/s)",
+        "weight bytes read per decode step × decode_tps",
         "How close decoding runs to the memory's speed (the roofline of a memory-bound step).",
         "gpt-fast: bandwidth achieved (same).",
     ),
-)  # fmt: skip
+)
 
 
 @dataclass

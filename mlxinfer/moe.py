@@ -90,9 +90,13 @@ class QuantizedSwitchLinear(nn.Module):
 
     def dequantized(self) -> SwitchLinear:
         weight = mx.dequantize(
-            self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits,
+            self["weight"],
+            self["scales"],
+            self.get("biases"),
+            self.group_size,
+            self.bits,
             mode=self.mode,
-        )  # fmt: skip
+        )
         num_experts, out_features, in_features = weight.shape
         layer = SwitchLinear(in_features, out_features, num_experts)  # its lazy init is replaced
         layer.weight = weight

@@ -151,9 +151,14 @@ class Scheduler:
         """Bytes of KV storage for `rows` rows of `length` tokens, as the caches allocate it."""
         options = self.cache_options
         return kv_cache_bytes(
-            self.model.config, length, rows, options["max_kv_size"], options["kv_bits"],
-            options["kv_group_size"], self.model.compute_dtype.size,
-        )  # fmt: skip
+            self.model.config,
+            length,
+            rows,
+            options["max_kv_size"],
+            options["kv_bits"],
+            options["kv_group_size"],
+            self.model.compute_dtype.size,
+        )
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)

@@ -22,9 +22,12 @@ HAVE_COMPILER = bool(shutil.which("cc") or shutil.which("gcc"))
 def python(code: str, **env: str) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MLXINFER_BLAS")}
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**environment, **env},
-    )  # fmt: skip
+    )
 
 
 GEMM_CHECK = (
@@ -299,9 +302,12 @@ def imported_modules(*args: str) -> tuple[subprocess.CompletedProcess, set[str]]
     """Run `python -X importtime ARGS`; the modules it imported."""
     environment = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", *args], capture_output=True, text=True, timeout=120,
+        [sys.executable, "-X", "importtime", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env=environment,
-    )  # fmt: skip
+    )
     lines = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
     return result, {line.rsplit("|", 1)[1].strip() for line in lines[1:]}
 
@@ -312,9 +318,11 @@ def test_help_and_version_do_not_import_mlx(flag):
     assert result.returncode == 0, result.stderr
     assert "mlxinfer.cli" in modules and "mlxinfer.backend" in modules
     assert not {m for m in modules if m == "mlx" or m.startswith("mlx.")}
-    assert ("usage: mlxinfer" in result.stdout) if flag == "--help" else (
-        result.stdout.startswith("mlxinfer 0.1.0 (MLX ")
-    )  # fmt: skip
+    assert (
+        ("usage: mlxinfer" in result.stdout)
+        if flag == "--help"
+        else (result.stdout.startswith("mlxinfer 0.1.0 (MLX "))
+    )
 
 
 def test_public_api_imported_on_first_use():

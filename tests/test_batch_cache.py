@@ -45,7 +45,7 @@ CASES = {
             moe_intermediate_size=64,
             shared_expert_intermediate_size=96,
         ),
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -209,9 +209,10 @@ def test_each_row_sees_exactly_its_window(max_size, keep, window):
             seen = set(held[row][visible[row]].tolist())
             recent = np.inf if max_size is None else max_size - keep
             expected = {
-                k for k in range(q + 1)
+                k
+                for k in range(q + 1)
                 if (k < keep or q - k < recent) and (window is None or q - k < window)
-            }  # fmt: skip
+            }
             assert seen == expected, (row, q)
         rows.advance()
         if len(rows) > 2 and rng.random() < 0.3:  # a row leaves now and then

@@ -15,8 +15,10 @@ import pytest
 def bench(*args, db):
     return subprocess.run(
         [sys.executable, "-m", "mlxinfer", "bench", *args, "--db", str(db)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_a_sweep_from_flags_then_list_export_and_compare(tiny, tmp_path):
@@ -80,14 +82,30 @@ def test_mlx_lm_runs_beside_with_ratios_and_token_agreement(tiny, tmp_path):
     a paired ratio with its interval, and for greedy rows whether both gave the same tokens."""
     out = tmp_path / "out.json"
     result = bench(
-        "--model", tiny, "--temperature", "0,0.8", "--prompt-tokens", "8", "--gen-tokens", "5",
-        "--reps", "2", "--baseline", "mlx-lm", "--json", str(out), db=tmp_path / "runs.sqlite",
-    )  # fmt: skip
+        "--model",
+        tiny,
+        "--temperature",
+        "0,0.8",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "5",
+        "--reps",
+        "2",
+        "--baseline",
+        "mlx-lm",
+        "--json",
+        str(out),
+        db=tmp_path / "runs.sqlite",
+    )
     assert result.returncode == 0, result.stderr
     items = json.loads(out.read_text())
     assert sorted((i["engine"], i["temperature"]) for i in items) == [
-        ("mlx-lm", 0.0), ("mlx-lm", 0.8), ("mlxinfer", 0.0), ("mlxinfer", 0.8),
-    ]  # fmt: skip
+        ("mlx-lm", 0.0),
+        ("mlx-lm", 0.8),
+        ("mlxinfer", 0.0),
+        ("mlxinfer", 0.8),
+    ]
     assert all(i["failed"] == 0 and len(i["decode_tps"]["samples"]) == 2 for i in items)
     for ours in (i for i in items if i["engine"] == "mlxinfer"):
         ratio = ours["vs_mlx_lm"]["decode_tps"]
@@ -109,10 +127,28 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tiny, tmp_path):
 
     db = tmp_path / "runs.sqlite"
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlxinfer", "bench", "--model", tiny, "--top-k", "0,2,4,6,8,10",
-         "--prompt-tokens", "8", "--gen-tokens", "200", "--reps", "4", "--db", str(db)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mlxinfer",
+            "bench",
+            "--model",
+            tiny,
+            "--top-k",
+            "0,2,4,6,8,10",
+            "--prompt-tokens",
+            "8",
+            "--gen-tokens",
+            "200",
+            "--reps",
+            "4",
+            "--db",
+            str(db),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
@@ -170,8 +206,11 @@ def test_a_huge_grid_is_refused_at_once_with_its_size(tmp_path):
     ]
     result = subprocess.run(
         [sys.executable, "-m", "mlxinfer", "bench", *flags, "--db", str(tmp_path / "runs.sqlite")],
-        capture_output=True, text=True, timeout=120, preexec_fn=limited_memory,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=limited_memory,
+    )
     line = one_line(result)
     assert "the grid has 100,000,000 configurations" in line and "fewer values" in line
 
@@ -188,8 +227,17 @@ def test_a_sweep_estimated_past_an_hour_is_said_so_before_it_starts(tiny, tmp_pa
     slow = {m: 1.0 for m in METRICS} | {"prefill_tps": 1.0, "decode_tps": 0.001}
     db.record(config, "mlxinfer", 0, slow)  # 4 tokens at 0.001 tok/s: over an hour a rep
     db.finish_run(past, "done")
-    result = bench("--model", tiny, "--prompt-tokens", "8", "--gen-tokens", "4", "--reps", "1",
-                   db=tmp_path / "runs.sqlite")  # fmt: skip
+    result = bench(
+        "--model",
+        tiny,
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "4",
+        "--reps",
+        "1",
+        db=tmp_path / "runs.sqlite",
+    )
     assert result.returncode == 0, result.stderr
     warning = result.stderr.splitlines()[0]
     assert warning.startswith("mlxinfer bench: warning: this sweep takes ~2h13m at the speeds")
@@ -206,8 +254,18 @@ def test_the_progress_warns_once_when_the_pace_says_more_than_an_hour():
     from mlxinfer.bench.sweep import SweepEvent
 
     def measured(index, eta_s):
-        return SweepEvent("measured", 3, index, 1000, dict(DEFAULTS), 0, {}, eta_s=eta_s,
-                          step=index + 1, steps=1000)  # fmt: skip
+        return SweepEvent(
+            "measured",
+            3,
+            index,
+            1000,
+            dict(DEFAULTS),
+            0,
+            {},
+            eta_s=eta_s,
+            step=index + 1,
+            steps=1000,
+        )
 
     out = io.StringIO()
     show = Progress(["temperature"], 1, out)
@@ -232,11 +290,29 @@ def test_resuming_a_run_another_process_is_measuring_is_refused(tiny, tmp_path):
 
     db_path = tmp_path / "runs.sqlite"
     owner = subprocess.Popen(
-        [sys.executable, "-m", "mlxinfer", "bench", "--model", tiny, "--top-k", "0,2,4,6",
-         "--prompt-tokens", "8", "--gen-tokens", "200", "--reps", "4", "--db", str(db_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "mlxinfer",
+            "bench",
+            "--model",
+            tiny,
+            "--top-k",
+            "0,2,4,6",
+            "--prompt-tokens",
+            "8",
+            "--gen-tokens",
+            "200",
+            "--reps",
+            "4",
+            "--db",
+            str(db_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and owner.poll() is None:
@@ -277,8 +353,9 @@ def unwritable_directory(tmp_path) -> Path:
     pytest.skip("root, and no sysfs to be refused by")
 
 
-@pytest.mark.parametrize("where", ["missing directory", "a file as directory", "unwritable",
-                                   "a directory"])  # fmt: skip
+@pytest.mark.parametrize(
+    "where", ["missing directory", "a file as directory", "unwritable", "a directory"]
+)
 def test_output_files_that_cannot_be_written_are_refused_before_any_work(tiny, tmp_path, where):
     """--json of a sweep, export's --csv and --json, positions' --csv: one line naming the flag
     and the file, exit 2 (before: a traceback; a sweep's --json only after the whole sweep)."""
@@ -306,8 +383,10 @@ def test_output_files_that_cannot_be_written_are_refused_before_any_work(tiny, t
         assert line.startswith(f"mlxinfer bench: error: {flag} {target}: cannot write there: ")
 
 
-@pytest.mark.parametrize("kind", ["another program's SQLite", "not SQLite", "a parent that is a "
-                                  "file", "an unwritable parent"])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind",
+    ["another program's SQLite", "not SQLite", "a parent that is a file", "an unwritable parent"],
+)
 def test_a_database_that_cannot_be_the_runs_database_is_one_line_naming_it(tmp_path, kind):
     import sqlite3
 

@@ -29,8 +29,9 @@ def test_schema_and_a_measurement_round_trip(tmp_path):
     db.record(ids[0], "mlx-lm", 0, error="worker crashed: boom")
     rows = db.measurements(run)
     assert [(r["settings"]["temperature"], r["engine"], r["status"]) for r in rows] == [
-        (0.0, "mlx-lm", "failed"), (0.8, "mlxinfer", "ok"),
-    ]  # fmt: skip
+        (0.0, "mlx-lm", "failed"),
+        (0.8, "mlxinfer", "ok"),
+    ]
     assert rows[0]["error"] == "worker crashed: boom" and rows[0]["decode_tps"] is None
     assert all(rows[1][k] == v for k, v in metrics.items()) and rows[1]["tokens"] == [5, 6, 7]
     assert db.token_times(m) == [10.0, 20.0, 30.0]
@@ -124,8 +125,9 @@ def test_a_run_whose_process_is_alive_is_not_taken_by_a_resume(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         db.conn.execute("UPDATE runs SET pid = ? WHERE id = ?", (child.pid, run))
-        with pytest.raises(ValueError, match=f"run {run} is still being measured by process "
-                           f"{child.pid}"):  # fmt: skip
+        with pytest.raises(
+            ValueError, match=f"run {run} is still being measured by process {child.pid}"
+        ):
             db.resume_run(run)
         assert db.run(run)["pid"] == child.pid
     finally:

@@ -62,15 +62,19 @@ def test_defaults_are_sampling_params_own():
 
 
 def test_chosen_sampling_combinations_instead_of_their_grid():
-    axes = parse_axes({
-        "sampling": [{}, {"temperature": 0.7, "top_p": 0.9}, {"temperature": 0.7, "top_k": 40}],
-        "prompt_tokens": "64,256",
-    })  # fmt: skip
+    axes = parse_axes(
+        {
+            "sampling": [{}, {"temperature": 0.7, "top_p": 0.9}, {"temperature": 0.7, "top_k": 40}],
+            "prompt_tokens": "64,256",
+        }
+    )
     configs = list(expand(axes))
     assert len(configs) == 6
     assert [(c["temperature"], c["top_p"], c["top_k"]) for c in configs[::2]] == [
-        (0.0, 1.0, 0), (0.7, 0.9, 0), (0.7, 1.0, 40),
-    ]  # fmt: skip
+        (0.0, 1.0, 0),
+        (0.7, 0.9, 0),
+        (0.7, 1.0, 40),
+    ]
     with pytest.raises(ValueError, match=r"\[\[sampling\]\] 1: 'temp' is not a sampling setting"):
         parse_axes({"sampling": [{"temp": 0.7}]})
     with pytest.raises(ValueError, match="set both alone and in"):

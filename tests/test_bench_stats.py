@@ -25,8 +25,9 @@ def test_paired_ratio_is_the_geometric_mean_with_a_t_interval():
     logs = np.log(np.array(ours) / np.array(theirs))
     half = 3.182 * np.std(logs, ddof=1) / math.sqrt(4)  # t_{0.975, 3}
     assert r["ratio"] == pytest.approx(math.exp(logs.mean()))
-    assert (r["low"], r["high"]) == pytest.approx((math.exp(logs.mean() - half),
-                                                   math.exp(logs.mean() + half)))  # fmt: skip
+    assert (r["low"], r["high"]) == pytest.approx(
+        (math.exp(logs.mean() - half), math.exp(logs.mean() + half))
+    )
     assert r["low"] < r["ratio"] < r["high"] and r["n"] == 4
     same = paired_ratio([2.0, 4.0], [1.0, 2.0])  # a constant ratio: no spread
     assert same["low"] == pytest.approx(2.0) == same["high"]

@@ -15,10 +15,17 @@ from mlxinfer.bench.sweep import Sweep
 
 def test_every_configuration_and_repetition_is_recorded(tiny, tmp_path):
     db = RunsDB(tmp_path / "runs.sqlite")
-    axes = parse_axes({
-        "model": tiny, "temperature": "0,0.8", "prompt_tokens": "8", "gen_tokens": "5",
-        "concurrency": "1,2", "depth": "0,16", "kv": "full,rotating:20",
-    })  # fmt: skip
+    axes = parse_axes(
+        {
+            "model": tiny,
+            "temperature": "0,0.8",
+            "prompt_tokens": "8",
+            "gen_tokens": "5",
+            "concurrency": "1,2",
+            "depth": "0,16",
+            "kv": "full,rotating:20",
+        }
+    )
     sweep = Sweep(axes, reps=2, db=db)
     events = list(sweep.run())
     measured = [e for e in events if e.kind == "measured"]
@@ -81,8 +88,9 @@ def test_memory_is_predicted_and_a_configuration_that_cannot_fit_is_not_run(
     from mlxinfer.bench import machine
 
     db = RunsDB(tmp_path / "runs.sqlite")
-    axes = parse_axes({"model": tiny, "prompt_tokens": "8", "gen_tokens": "4",
-                       "concurrency": "1,4"})  # fmt: skip
+    axes = parse_axes(
+        {"model": tiny, "prompt_tokens": "8", "gen_tokens": "4", "concurrency": "1,4"}
+    )
     events = list(Sweep(axes, reps=1, db=db).run())
     rows = [r for r in db.measurements(1) if r["status"] == "ok"]
     # tiny llama: the same weights, and one 256-slot block of 512 bytes a token per row
@@ -99,12 +107,22 @@ def test_mlx_lm_measures_concurrent_requests_and_says_what_it_cannot_do(tiny, tm
     """The baseline at concurrency 2 goes through mlx-lm's BatchGenerator: every request
     generates exactly gen_tokens, with a growing or a rotating cache, after a context or not."""
     db = RunsDB(tmp_path / "runs.sqlite")
-    axes = parse_axes({"model": tiny, "prompt_tokens": "8", "gen_tokens": "6",
-                       "concurrency": "2", "depth": "0,16", "kv": "full,rotating:20"})  # fmt: skip
+    axes = parse_axes(
+        {
+            "model": tiny,
+            "prompt_tokens": "8",
+            "gen_tokens": "6",
+            "concurrency": "2",
+            "depth": "0,16",
+            "kv": "full,rotating:20",
+        }
+    )
     sweep = Sweep(axes, reps=1, db=db, baseline="mlx-lm")
     list(sweep.run())
-    rows = {(r["settings"]["depth"], r["settings"]["kv"], r["engine"]): r
-            for r in db.measurements(sweep.run_id)}  # fmt: skip
+    rows = {
+        (r["settings"]["depth"], r["settings"]["kv"], r["engine"]): r
+        for r in db.measurements(sweep.run_id)
+    }
     assert len(rows) == 8
     for (depth, kv, engine), row in rows.items():
         assert row["status"] == "ok", (depth, kv, engine, row["error"])

@@ -26,8 +26,9 @@ TOL = 1e-4
 
 def position_keys(start: int, count: int) -> mx.array:
     """`[1, 1, count, 32]` keys whose every component is the token's position."""
-    return mx.broadcast_to(mx.arange(start, start + count, dtype=mx.float32)[None, None, :, None],
-                           (1, 1, count, 32))  # fmt: skip
+    return mx.broadcast_to(
+        mx.arange(start, start + count, dtype=mx.float32)[None, None, :, None], (1, 1, count, 32)
+    )
 
 
 def visible_sets(cache: RotatingKVCache, T: int, keys: mx.array) -> list[set[int]]:
@@ -149,8 +150,9 @@ def test_bounded_cache_with_sinks_matches_transformers(tiny_llama, chunk):
 
 def teacher_forced(model, cache, ids: list[int], prompt: int) -> np.ndarray:
     steps = [np.array(model(mx.array([ids[:prompt]]), cache=cache))[0]]
-    steps += [np.array(model(mx.array([ids[t : t + 1]]), cache=cache))[0]
-              for t in range(prompt, len(ids))]  # fmt: skip
+    steps += [
+        np.array(model(mx.array([ids[t : t + 1]]), cache=cache))[0] for t in range(prompt, len(ids))
+    ]
     return np.concatenate(steps)
 
 
@@ -314,9 +316,15 @@ def test_bounded_cache_through_the_api(default_model):
     sizes = []
     for n in (40, 100):
         _, metrics = mlxinfer.generate(
-            model, tokenizer, "Tell me a story.", max_tokens=n, sampling=params,
-            max_kv_size=32, kv_keep=4, return_metrics=True,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            "Tell me a story.",
+            max_tokens=n,
+            sampling=params,
+            max_kv_size=32,
+            kv_keep=4,
+            return_metrics=True,
+        )
         sizes.append(metrics.kv_cache_mb)
     layers, kv_heads, head_dim = 30, 3, 64
     assert sizes[0] == sizes[1] == pytest.approx(layers * 2 * 32 * kv_heads * head_dim * 4 / 2**20)

@@ -22,9 +22,13 @@ def chat(*lines: str, args: tuple[str, ...] = ("--max-tokens", "40")):
 def scripted():
     """A conversation that resets, exits, then has one more line."""
     result = chat(
-        "What is the capital of France?", GERMANY, "/reset", GERMANY, "/exit",
+        "What is the capital of France?",
+        GERMANY,
+        "/reset",
+        GERMANY,
+        "/exit",
         "What is the capital of Italy?",
-    )  # fmt: skip
+    )
     assert "Traceback" not in result.stderr, result.stderr
     return result
 
@@ -89,9 +93,10 @@ def test_json_replies_are_one_line_each_even_with_newlines():
     import json
 
     result = chat(
-        "Write a short poem about the sea, in four lines.", "Thanks!",
+        "Write a short poem about the sea, in four lines.",
+        "Thanks!",
         args=("--max-tokens", "30", "--json"),
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 2

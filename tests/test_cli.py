@@ -99,9 +99,20 @@ def test_json_output_has_text_and_metrics():
 
 def test_stream_stop_and_sampling_flags():
     result = run_cli(
-        "generate", "--chat", "--prompt", FRANCE, "--stream",
-        "--stop", "Paris", "--temperature", "0.5", "--top-k", "1", "--seed", "3",
-    )  # fmt: skip
+        "generate",
+        "--chat",
+        "--prompt",
+        FRANCE,
+        "--stream",
+        "--stop",
+        "Paris",
+        "--temperature",
+        "0.5",
+        "--top-k",
+        "1",
+        "--seed",
+        "3",
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "The capital of France is \n"
 
@@ -115,9 +126,15 @@ def test_bounded_quantized_cache_flags():
     # Germany, not France: the French answer's first token is a 0.08-logit tie ("The" vs "L") that
     # an 8-bit cache flips; this one keeps a margin of 0.5 with the quantized cache
     out = run_json(
-        "--prompt", "What is the capital of Germany?",
-        "--max-kv-size", "64", "--kv-keep", "4", "--kv-bits", "8",
-    )  # fmt: skip
+        "--prompt",
+        "What is the capital of Germany?",
+        "--max-kv-size",
+        "64",
+        "--kv-keep",
+        "4",
+        "--kv-bits",
+        "8",
+    )
     assert out["text"] == "The capital of Germany is Berlin."
     assert out["kv_cache"] == {"max_kv_size": 64, "keep": 4, "bits": 8, "group_size": 64}
     # 30 layers x (k, v) x the tokens held x 3 kv heads x 64 dims, 8-bit + float32 scale/bias per
@@ -224,18 +241,25 @@ def test_bad_arguments_exit_2_before_loading(tmp_path, case):
 @pytest.mark.parametrize(
     "args, line",
     [
-        (["bench", "--repeats", "2"], "mlxinfer bench: error: unknown flag --repeats (did you mean "
-         "--reps?) (see mlxinfer bench --help)"),
+        (
+            ["bench", "--repeats", "2"],
+            "mlxinfer bench: error: unknown flag --repeats (did you mean "
+            "--reps?) (see mlxinfer bench --help)",
+        ),
         (["bench", "--repeats=2", "list"], "unknown flag --repeats (did you mean --reps?)"),
-        (["bench", "export", "--cvs", "out.csv", "1"], "mlxinfer bench export: error: unknown "
-         "flag --cvs (did you mean --csv?)"),
-        (["generate", "--prompt", "hi", "--temprature", "0.5"], "unknown flag --temprature (did "
-         "you mean --temperature?)"),
+        (
+            ["bench", "export", "--cvs", "out.csv", "1"],
+            "mlxinfer bench export: error: unknown flag --cvs (did you mean --csv?)",
+        ),
+        (
+            ["generate", "--prompt", "hi", "--temprature", "0.5"],
+            "unknown flag --temprature (did you mean --temperature?)",
+        ),
         (["--verison"], "mlxinfer: error: unknown flag --verison (did you mean --version?)"),
         # a flag's value that looks like a flag is still argparse's to explain
         (["generate", "--prompt", "--hello"], "argument --prompt: expected one argument"),
     ],
-)  # fmt: skip
+)
 def test_an_unknown_flag_is_named_with_the_closest_known_one(args, line):
     """`bench --repeats 2` said "argument ACTION: invalid choice: '2'": the unknown flag was
     dropped and its value taken for the subcommand."""
@@ -304,9 +328,16 @@ def test_logprobs_give_the_alternatives():
 
 def test_ctrl_c_while_streaming_keeps_the_text():
     proc = start_cli(
-        "generate", "--prompt", "Tell me a long story.", "--stream", "--ignore-eos",
-        "--max-tokens", "400", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        "generate",
+        "--prompt",
+        "Tell me a long story.",
+        "--stream",
+        "--ignore-eos",
+        "--max-tokens",
+        "400",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         seen = b""
         deadline = time.monotonic() + 120
@@ -340,9 +371,17 @@ def interrupted_on_a_terminal(tmp_path_factory):
     prompt = long_prompt(tmp_path_factory.mktemp("prompt") / "long.txt")
     master, slave = pty.openpty()
     proc = start_cli(
-        "generate", "--raw", "--prompt-file", str(prompt), "--json", "--ignore-eos",
-        "--max-tokens", "400", stdout=subprocess.PIPE, stderr=slave,
-    )  # fmt: skip
+        "generate",
+        "--raw",
+        "--prompt-file",
+        str(prompt),
+        "--json",
+        "--ignore-eos",
+        "--max-tokens",
+        "400",
+        stdout=subprocess.PIPE,
+        stderr=slave,
+    )
     os.close(slave)
     terminal = b""
     try:
@@ -387,7 +426,7 @@ def test_no_prefill_progress_when_stderr_is_not_a_terminal(tmp_path):
     prompt = long_prompt(tmp_path / "long.txt")
     result = run_cli(
         "generate", "--raw", "--prompt-file", str(prompt), "--max-tokens", "2", "--json"
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     # long enough that a terminal would have shown progress (after 1 s, at a chunk's end)
@@ -413,10 +452,19 @@ def test_version():
 
 
 ENV_KEYS = [
-    "mlxinfer", "mlx", "mlx-lm", "python", "device", "blas", "gemv shim", "gemv kernel", "c compiler",
-    "cpu features", "prefill kernels",
+    "mlxinfer",
+    "mlx",
+    "mlx-lm",
+    "python",
+    "device",
+    "blas",
+    "gemv shim",
+    "gemv kernel",
+    "c compiler",
+    "cpu features",
+    "prefill kernels",
     "default model",
-]  # fmt: skip
+]
 
 
 def test_env():
@@ -442,15 +490,19 @@ def test_prompt_that_is_not_utf8_is_a_usage_error():
     for args, stdin in ((["--prompt", "\udcff hi"], None), (["--prompt", "-"], b"\xff\xfe hi")):
         result = subprocess.run(
             [sys.executable, "-m", "mlxinfer", "generate", *args, "--max-tokens", "2"],
-            input=stdin, capture_output=True, timeout=60,
-        )  # fmt: skip
+            input=stdin,
+            capture_output=True,
+            timeout=60,
+        )
         err = result.stderr.decode()
         assert result.returncode == 2, err
         assert "not valid UTF-8 text" in err and "Traceback" not in err
     chat = subprocess.run(
         [sys.executable, "-m", "mlxinfer", "chat", "--max-tokens", "3"],
-        input=b"\xff hi\n", capture_output=True, timeout=120,
-    )  # fmt: skip
+        input=b"\xff hi\n",
+        capture_output=True,
+        timeout=120,
+    )
     assert chat.returncode == 0 and b"not valid UTF-8 text" in chat.stderr
     assert b"Traceback" not in chat.stderr
 

@@ -521,9 +521,17 @@ def test_invalid_configs_raise_model_load_error(overrides, message):
 
 def test_shared_expert_only_where_the_family_has_one():
     """Only Qwen2-MoE has a shared expert; the key in another family's config.json is ignored."""
-    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                vocab_size=128, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                shared_expert_intermediate_size=32)  # fmt: skip
+    base = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=128,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+    )
     assert (
         ModelConfig.from_dict({**base, "model_type": "qwen2_moe"}).shared_expert_intermediate_size
         == 32
@@ -553,8 +561,14 @@ def test_untrusted_values_are_model_load_errors(change, message):
     """Values of the wrong type or absurd size in an untrusted config.json are ModelLoadErrors
     naming the source, before anything is built (10**9 for head_dim allocated 3.7 GiB, a
     list for hidden_size was a TypeError traceback)."""
-    base = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, vocab_size=128)  # fmt: skip
+    base = dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=128,
+    )
     with pytest.raises(ModelLoadError) as err:
         ModelConfig.from_dict({**base, **change}, source="dir/config.json")
     assert str(err.value).startswith("dir/config.json: ") and message in str(err.value)
@@ -648,8 +662,16 @@ def test_rope_values_out_of_range(change, message):
 def test_null_values_are_unset():
     """A key set to null means its default, as an absent key does (a null rms_norm_eps was an
     'invalid config (TypeError ...)')."""
-    keys = ["rms_norm_eps", "rope_theta", "tie_word_embeddings", "head_dim", "num_key_value_heads",
-            "rope_scaling", "eos_token_id", "torch_dtype"]  # fmt: skip
+    keys = [
+        "rms_norm_eps",
+        "rope_theta",
+        "tie_word_embeddings",
+        "head_dim",
+        "num_key_value_heads",
+        "rope_scaling",
+        "eos_token_id",
+        "torch_dtype",
+    ]
     absent = {k: v for k, v in raw_dict("llama").items() if k not in keys}
     assert ModelConfig.from_dict(absent | dict.fromkeys(keys)) == ModelConfig.from_dict(absent)
 

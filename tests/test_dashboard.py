@@ -283,10 +283,28 @@ def test_a_sweep_estimated_past_an_hour_is_warned(dashboard, tiny):
 def test_results_list_compare_and_follow_a_metric_across_runs(dashboard, tiny):
     for _ in range(2):  # two runs of the same grid, from the command line
         subprocess.run(
-            [sys.executable, "-m", "mlxinfer", "bench", "--model", tiny, "--top-k", "0,5",
-             "--prompt-tokens", "8", "--gen-tokens", "5", "--reps", "2", "--db", str(dashboard)],
-            check=True, capture_output=True, timeout=TIMEOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "mlxinfer",
+                "bench",
+                "--model",
+                tiny,
+                "--top-k",
+                "0,5",
+                "--prompt-tokens",
+                "8",
+                "--gen-tokens",
+                "5",
+                "--reps",
+                "2",
+                "--db",
+                str(dashboard),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=TIMEOUT,
+        )
     at = app("views/results.py")
     assert at.title[0].value == "Results"
     table = at.dataframe[0].value
@@ -355,8 +373,10 @@ def test_charts_carry_the_summary_statistics(tiny, tmp_path):
 def test_mlxinfer_dashboard_refuses_bad_flags_before_starting(args, message):
     result = subprocess.run(
         [sys.executable, "-m", "mlxinfer", "dashboard", *args],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
 

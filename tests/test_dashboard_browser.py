@@ -39,12 +39,17 @@ CHROMIUM = (
             if Path(p).is_file()
         ),
         "/usr/bin/chromium",
-    )  # fmt: skip
+    )
 )
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 WAIT_MS = 120_000
 
 
@@ -63,16 +68,35 @@ def server(tmp_path_factory):
     make_tiny_checkpoint(tiny, "llama")
     for _ in range(2):
         subprocess.run(
-            [sys.executable, "-m", "mlxinfer", "bench", "--model", str(tiny), "--top-k", "0,5",
-             "--prompt-tokens", "8", "--gen-tokens", "5", "--reps", "2", "--db", str(db)],
-            check=True, capture_output=True, timeout=300,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "mlxinfer",
+                "bench",
+                "--model",
+                str(tiny),
+                "--top-k",
+                "0,5",
+                "--prompt-tokens",
+                "8",
+                "--gen-tokens",
+                "5",
+                "--reps",
+                "2",
+                "--db",
+                str(db),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
     port = free_port()
     log = open(tmp / "server.log", "w")  # noqa: SIM115  (open while the server runs)
     process = subprocess.Popen(
         [sys.executable, "-m", "mlxinfer", "dashboard", "--port", str(port), "--db", str(db)],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://localhost:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -99,8 +123,10 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).is_file():
-        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install -y chromium (the README's test "
-                    "command does), or set MLXINFER_CHROMIUM to a Chromium or Chrome")  # fmt: skip
+        pytest.fail(
+            f"no Chromium at {CHROMIUM}: apt-get install -y chromium (the README's test "
+            "command does), or set MLXINFER_CHROMIUM to a Chromium or Chrome"
+        )
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium

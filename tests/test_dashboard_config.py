@@ -24,8 +24,9 @@ def other_addresses() -> list[str]:
     """This machine's IPv4 addresses that are not loopback (none on some sandboxes)."""
     addresses = set()
     try:
-        addresses |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None,
-                                                                socket.AF_INET)}  # fmt: skip
+        addresses |= {
+            info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+        }
     except OSError:
         pass
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -48,11 +49,23 @@ def test_streamlit_run_listens_on_localhost_only(tmp_path):
     home = tmp_path / "home"
     home.mkdir()  # no user config: the dashboard's own must do it
     process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
-         "--server.headless", "true"],
-        cwd=tmp_path, env={**os.environ, "HOME": str(home), "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            str(APP),
+            "--server.port",
+            str(port),
+            "--server.headless",
+            "true",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "HOME": str(home), "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
     reader.start()

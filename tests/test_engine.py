@@ -40,7 +40,7 @@ CASES = {
             moe_intermediate_size=64,
             shared_expert_intermediate_size=96,
         ),
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -108,8 +108,9 @@ def test_batch_generate_greedy_equals_each_prompt_alone(tiny, options):
     if "kv_bits" in options and model.config.head_dim % 32:
         pytest.skip("head_dim not a multiple of the group size")
     batch = prompts(6, seed=1)
-    results = mlxinfer.batch_generate(model, tokenizer, batch, max_tokens=16, sampling=GREEDY,
-                                      **options)  # fmt: skip
+    results = mlxinfer.batch_generate(
+        model, tokenizer, batch, max_tokens=16, sampling=GREEDY, **options
+    )
     single = {("keep" if k == "kv_keep" else k): v for k, v in options.items()}
     compared = 0
     for ids, result in zip(batch, results, strict=True):
@@ -151,14 +152,15 @@ def test_seeded_sampling_is_the_same_alone_and_in_any_batch(llama, run_ahead):
             seed=8,
             max_tokens=20,
             ignore_eos=True,
-        ),  # fmt: skip
+        ),
         GREEDY,
     ]
     ids = prompts(4, seed=3)
     solo = mlxinfer.batch_generate(model, tokenizer, [ids[0]], sampling=mine)[0].tokens
     first = mlxinfer.batch_generate(model, tokenizer, ids, sampling=[mine, *others], max_tokens=20)
-    last = mlxinfer.batch_generate(model, tokenizer, ids[1:] + ids[:1], sampling=[*others, mine],
-                                   max_tokens=20)  # fmt: skip
+    last = mlxinfer.batch_generate(
+        model, tokenizer, ids[1:] + ids[:1], sampling=[*others, mine], max_tokens=20
+    )
     assert first[0].tokens == solo == last[-1].tokens
     unseeded = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
     draws = mlxinfer.batch_generate(model, tokenizer, [ids[0]] * 2, sampling=unseeded)

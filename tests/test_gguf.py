@@ -289,7 +289,10 @@ def test_string_longer_than_file_names_key(tmp_path):
 @pytest.mark.parametrize(
     "data, message",
     [
-        (b"GGUF" + struct.pack("<IQ", 3, 2**63) + bytes(100), "0 metadata entries and 9223372036854775808 tensors"),
+        (
+            b"GGUF" + struct.pack("<IQ", 3, 2**63) + bytes(100),
+            "0 metadata entries and 9223372036854775808 tensors",
+        ),
         (b"GGUF" + struct.pack("<IQQ", 3, 0, 2**40) + bytes(100), "1099511627776 metadata entries"),
         (b"GGUF" + struct.pack("<IQQQ", 3, 1, 0, 2**63) + bytes(64), "tensor info 0 of 1: name"),
         (b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 2**63) + bytes(64), "metadata entry 0 of 1: key"),
@@ -299,8 +302,18 @@ def test_string_longer_than_file_names_key(tmp_path):
         (b"GGUF" + struct.pack("<IQQ", 1, 0, 0), "version 1 is not supported"),
         (b"GGUF" + struct.pack(">IQQ", 3, 0, 0), "version 50331648 \\(a big-endian file\\)"),
     ],
-    ids=["tensor-count", "kv-count", "tensor-name", "key", "empty", "empty-file", "short", "v1", "big-endian"],
-)  # fmt: skip
+    ids=[
+        "tensor-count",
+        "kv-count",
+        "tensor-name",
+        "key",
+        "empty",
+        "empty-file",
+        "short",
+        "v1",
+        "big-endian",
+    ],
+)
 def test_header_counts_and_lengths_are_checked(tmp_path, data, message):
     """Counts and lengths larger than the file used to reach struct/mmap as huge ints:
     OverflowError ("Python int too large to convert to C ssize_t"); an empty file: ValueError."""
@@ -400,13 +413,21 @@ def test_metadata_inconsistent_with_tensors_fails_before_building_a_model(tiny_g
 
     reader = gguf_py.GGUFReader(tiny_gguf)
     for key, value, message in [
-        ("llama.block_count", 2**31 - 1, r"gives 2147483647 layers \(block_count\), but its "
-         r"tensors hold layers 0 to 1"),
-        ("llama.embedding_length", 96, r"'token_embd\.weight' has shape \(128, 64\), expected "
-         r"\(128, 96\)"),
+        (
+            "llama.block_count",
+            2**31 - 1,
+            r"gives 2147483647 layers \(block_count\), but its "
+            r"tensors hold layers 0 to 1",
+        ),
+        (
+            "llama.embedding_length",
+            96,
+            r"'token_embd\.weight' has shape \(128, 64\), expected "
+            r"\(128, 96\)",
+        ),
         ("llama.attention.head_count", 0, r"'llama\.attention\.head_count' is 0, not a positive"),
         ("llama.rope.freq_base", float("nan"), r"'llama\.rope\.freq_base' is nan, not a finite"),
-    ]:  # fmt: skip
+    ]:
         field = reader.fields[key]
         data = bytearray(tiny_gguf.read_bytes())
         end = field.offset + sum(part.nbytes for part in field.parts)
@@ -431,20 +452,29 @@ def test_reader_returns_every_value_type(tmp_path):
     path = tmp_path / "values.gguf"
     writer = gguf_py.GGUFWriter(str(path), "llama")
     values = {
-        "t.uint8": (200, T.UINT8), "t.int8": (-100, T.INT8), "t.uint16": (60000, T.UINT16),
-        "t.int16": (-30000, T.INT16), "t.uint32": (4_000_000_000, T.UINT32),
-        "t.int32": (-2_000_000_000, T.INT32), "t.float32": (0.25, T.FLOAT32),
-        "t.bool": (True, T.BOOL), "t.string": ("héllo ✓", T.STRING),
-        "t.uint64": (2**64 - 1, T.UINT64), "t.int64": (-(2**63), T.INT64),
+        "t.uint8": (200, T.UINT8),
+        "t.int8": (-100, T.INT8),
+        "t.uint16": (60000, T.UINT16),
+        "t.int16": (-30000, T.INT16),
+        "t.uint32": (4_000_000_000, T.UINT32),
+        "t.int32": (-2_000_000_000, T.INT32),
+        "t.float32": (0.25, T.FLOAT32),
+        "t.bool": (True, T.BOOL),
+        "t.string": ("héllo ✓", T.STRING),
+        "t.uint64": (2**64 - 1, T.UINT64),
+        "t.int64": (-(2**63), T.INT64),
         "t.float64": (1e300, T.FLOAT64),
-    }  # fmt: skip
+    }
     for key, (value, kind) in values.items():
         writer.add_key_value(key, value, kind)
     arrays = {
-        "a.int32": ([1, -2, 3], T.INT32), "a.float32": ([0.5, -1.5], T.FLOAT32),
-        "a.bool": ([True, False, True], T.BOOL), "a.string": (["a", "", "ü"], T.STRING),
-        "a.uint64": ([0, 2**64 - 1], T.UINT64), "a.float64": ([1e-300, 2.0], T.FLOAT64),
-    }  # fmt: skip
+        "a.int32": ([1, -2, 3], T.INT32),
+        "a.float32": ([0.5, -1.5], T.FLOAT32),
+        "a.bool": ([True, False, True], T.BOOL),
+        "a.string": (["a", "", "ü"], T.STRING),
+        "a.uint64": ([0, 2**64 - 1], T.UINT64),
+        "a.float64": ([1e-300, 2.0], T.FLOAT64),
+    }
     for key, (value, kind) in arrays.items():
         writer.add_key_value(key, value, T.ARRAY, sub_type=kind)
     writer.add_array("a.nested", [[1, 2], [3], [4, 5, 6]])
@@ -557,21 +587,36 @@ def meta(**changes):
 def test_config_from_metadata_defaults():
     config = gguf.config_from_metadata(BASE, "m.gguf")
     assert config == {
-        "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
-        "num_hidden_layers": 3, "num_attention_heads": 8, "num_key_value_heads": 8,
-        "head_dim": 32, "rms_norm_eps": 1e-5, "max_position_embeddings": 2048,
-        "rope_theta": 10000.0, "rope_traditional": True, "vocab_size": 3,
-        "bos_token_id": None, "eos_token_id": None,
-    }  # fmt: skip
+        "model_type": "llama",
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "head_dim": 32,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 2048,
+        "rope_theta": 10000.0,
+        "rope_traditional": True,
+        "vocab_size": 3,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
 
 
 def test_config_from_metadata_reads_every_key():
     metadata = meta(
-        attention__head_count_kv=2, attention__key_length=64, attention__layer_norm_rms_epsilon=1e-6,
-        context_length=8192, rope__freq_base=5e5, vocab_size=1000, rope__scaling__type="linear",
-        rope__scaling__factor=4.0, tokenizer__ggml__bos_token_id=1,
+        attention__head_count_kv=2,
+        attention__key_length=64,
+        attention__layer_norm_rms_epsilon=1e-6,
+        context_length=8192,
+        rope__freq_base=5e5,
+        vocab_size=1000,
+        rope__scaling__type="linear",
+        rope__scaling__factor=4.0,
+        tokenizer__ggml__bos_token_id=1,
         tokenizer__ggml__eos_token_id=2,
-    )  # fmt: skip
+    )
     config = gguf.config_from_metadata(metadata, "m.gguf")
     assert config["num_key_value_heads"] == 2 and config["head_dim"] == 64
     assert config["rms_norm_eps"] == 1e-6 and config["max_position_embeddings"] == 8192
@@ -605,12 +650,18 @@ def test_required_keys_are_named(key):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"general__architecture": "gemma"}, "architecture 'gemma' is not supported; supported: llama, qwen2, qwen3"),
+        (
+            {"general__architecture": "gemma"},
+            "architecture 'gemma' is not supported; supported: llama, qwen2, qwen3",
+        ),
         ({"general__architecture": ["llama"]}, r"architecture \['llama'\] is not supported"),
         ({"block_count": 0}, "'llama.block_count' is 0, not a positive integer"),
         ({"embedding_length": "256"}, "'llama.embedding_length' is '256', not a positive"),
         ({"attention__head_count": True}, "'llama.attention.head_count' is True, not a positive"),
-        ({"attention__head_count_kv": [2, 2, 2]}, r"'llama.attention.head_count_kv' is \[2, 2, 2\]"),
+        (
+            {"attention__head_count_kv": [2, 2, 2]},
+            r"'llama.attention.head_count_kv' is \[2, 2, 2\]",
+        ),
         ({"attention__layer_norm_rms_epsilon": -1e-6}, "is -1e-06, not a finite nonnegative"),
         ({"rope__freq_base": 0.0}, "'llama.rope.freq_base' is 0.0, not a finite positive"),
         ({"rope__freq_base": float("inf")}, "is inf, not a finite positive number"),
@@ -620,7 +671,7 @@ def test_required_keys_are_named(key):
         ({"rope__scaling__type": "linear", "rope__scaling__factor": -2.0}, "factor' is -2.0"),
         ({"expert_count": 8}, r"mixture-of-experts GGUF files \(llama.expert_count = 8\)"),
     ],
-)  # fmt: skip
+)
 def test_bad_metadata_values_are_named(changes, message):
     with pytest.raises(ModelLoadError, match=r"m\.gguf: .*" + message.replace(".", r"\.")):
         gguf.config_from_metadata(meta(**changes), "m.gguf")
@@ -651,12 +702,18 @@ def test_rename_tensors_maps_every_llama_cpp_name():
         "blk.0.attn_v.biases": "model.layers.0.self_attn.v_proj.biases",
     }
     for part, ours in {
-        "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-        "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-        "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-        "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
-        "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-    }.items():  # fmt: skip
+        "attn_norm": "input_layernorm",
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "attn_q_norm": "self_attn.q_norm",
+        "attn_k_norm": "self_attn.k_norm",
+        "ffn_norm": "post_attention_layernorm",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }.items():
         names[f"blk.3.{part}.weight"] = f"model.layers.3.{ours}.weight"
     arrays = {name: mx.array([i]) for i, name in enumerate(names)}
     renamed = gguf.rename_tensors(arrays, "m.gguf")
@@ -666,8 +723,14 @@ def test_rename_tensors_maps_every_llama_cpp_name():
 
 
 @pytest.mark.parametrize(
-    "name", ["blk.0.ffn_gate_exps.weight", "blk.x.attn_q.weight", "token_embd.weight.extra", "pos_embd.weight"]
-)  # fmt: skip
+    "name",
+    [
+        "blk.0.ffn_gate_exps.weight",
+        "blk.x.attn_q.weight",
+        "token_embd.weight.extra",
+        "pos_embd.weight",
+    ],
+)
 def test_rename_tensors_names_the_unexpected_tensor(name):
     with pytest.raises(ModelLoadError, match=rf"m\.gguf: unexpected GGUF tensor '{name}'"):
         gguf.rename_tensors({name: mx.array([0])}, "m.gguf")

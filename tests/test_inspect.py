@@ -34,7 +34,7 @@ CASES = {
             "moe_intermediate_size": 32,
             "shared_expert_intermediate_size": 48,
         },
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -85,8 +85,9 @@ def test_attention_probabilities_equal_transformers(case):
 def test_hidden_states_and_logits_equal_transformers(case):
     name, _, _, ours, theirs = case
     assert len(ours.hidden_states) == len(theirs.hidden_states)
-    for i, (mine, reference) in enumerate(zip(ours.hidden_states, theirs.hidden_states,
-                                              strict=True)):  # fmt: skip
+    for i, (mine, reference) in enumerate(
+        zip(ours.hidden_states, theirs.hidden_states, strict=True)
+    ):
         ref = reference[0].float().numpy()  # |h| up to ~4; measured differences ~3e-6
         np.testing.assert_allclose(mine, ref, atol=TOL, rtol=0, err_msg=f"{name} state {i}")
     logits = theirs.logits[0].float().numpy()
@@ -140,8 +141,9 @@ def test_architecture_counts_the_checkpoints_parameters(case):
     expected = {1: "MQA", c.num_attention_heads: "MHA"}.get(c.num_key_value_heads, "GQA")
     assert card["attention"] == expected
     assert card["experts"] == (4 if name.startswith("moe") else 0)
-    attention = sum(p.numel() for n, p in reference.named_parameters()
-                    if "self_attn" in n and "norm" not in n)  # fmt: skip
+    attention = sum(
+        p.numel() for n, p in reference.named_parameters() if "self_attn" in n and "norm" not in n
+    )
     assert card["parameters"]["attention"] == attention
     assert sum(card["weight_bytes"].values()) == card["total_weight_bytes"] == model.nbytes
 
@@ -195,7 +197,7 @@ def numpy_stages(logits, params, history):
             repetition_penalty=1.3,
             presence_penalty=0.4,
             frequency_penalty=0.3,
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_each_sampling_stage_equals_a_numpy_definition(params):

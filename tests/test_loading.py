@@ -144,12 +144,18 @@ def write_gguf(
 
     names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
     parts = {
-        "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "self_attn.q_norm": "attn_q_norm",
         "self_attn.k_norm": "attn_k_norm",
-    }  # fmt: skip
+    }
     kind = gguf.GGMLQuantizationType[qtype]
     for name, tensor in torch_model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -579,7 +585,9 @@ def test_weight_file_symlinked_outside_the_model_dir_is_refused(llama_dir, tmp_p
 def test_shards_inside_the_model_dir_still_load(sharded_dir, tmp_path):
     """Names that stay inside — a subfolder, `./`, a symlink to a file inside — are fine."""
     model = copy_of(sharded_dir[0], tmp_path)
-    shards = sorted(set(json.loads((model / "model.safetensors.index.json").read_text())["weight_map"].values()))  # fmt: skip
+    shards = sorted(
+        set(json.loads((model / "model.safetensors.index.json").read_text())["weight_map"].values())
+    )
     (model / "sub").mkdir()
     shutil.move(model / shards[0], model / "sub" / shards[0])
     _rename_shard(model, shards[0], f"sub/../sub/{shards[0]}")
@@ -755,10 +763,17 @@ def test_added_tokens_past_the_embedding_are_refused_in_prompts_and_padding_is_f
     assert tokenizer.vocab_size == 14
     tokenizer_json = json.loads((tmp_path / "tokenizer.json").read_text())
     tokenizer_json["added_tokens"] = [
-        {"id": 14 + i, "content": f"<extra{i}>", "single_word": False, "lstrip": False,
-         "rstrip": False, "normalized": False, "special": True}
+        {
+            "id": 14 + i,
+            "content": f"<extra{i}>",
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
         for i in range(3)
-    ]  # fmt: skip
+    ]
     (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer_json))
     model, tokenizer = mlxinfer.load(tmp_path)
     assert tokenizer.vocab_size == 17

@@ -51,8 +51,20 @@ def test_helpers():
 def test_to_dict_has_every_documented_name():
     names = set(request_metrics(0.0, [0.1, 0.2], 5).to_dict())
     documented = {
-        "ttft_ms", "prefill_tps", "decode_tps", "tpot_ms", "itl_ms", "itl_p50_ms", "itl_p90_ms",
-        "itl_p99_ms", "e2e_ms", "peak_memory_mb", "active_memory_mb", "kv_cache_mb",
-        "prompt_tokens", "generated_tokens", "bandwidth_gbs",
-    }  # fmt: skip
+        "ttft_ms",
+        "prefill_tps",
+        "decode_tps",
+        "tpot_ms",
+        "itl_ms",
+        "itl_p50_ms",
+        "itl_p90_ms",
+        "itl_p99_ms",
+        "e2e_ms",
+        "peak_memory_mb",
+        "active_memory_mb",
+        "kv_cache_mb",
+        "prompt_tokens",
+        "generated_tokens",
+        "bandwidth_gbs",
+    }
     assert documented <= names

@@ -155,10 +155,19 @@ def test_config_built_directly_fills_per_layer_choices():
     from mlxinfer.moe import SparseMoE
 
     config = mlxinfer.ModelConfig(
-        model_type="mixtral", vocab_size=16, hidden_size=8, intermediate_size=16,
-        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=4,
-        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, sliding_window=3,
-    )  # fmt: skip
+        model_type="mixtral",
+        vocab_size=16,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=8,
+        sliding_window=3,
+    )
     model = mlxinfer.Model(config)
     assert config.layer_windows == [3, 3] and config.layer_moe == [True, True]
     assert all(isinstance(layer.mlp, SparseMoE) for layer in model.model.layers)

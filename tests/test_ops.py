@@ -136,10 +136,23 @@ def test_cli_reports_and_takes_the_op_set():
     env = {k: v for k, v in os.environ.items() if k != KERNELS_ENV}
     for flag, expected in ((["--kernels", "mlx"], "mlx"), ([], "cpu")):
         result = subprocess.run(
-            [sys.executable, "-m", "mlxinfer", "generate", "--prompt", "Hi", "--max-tokens", "2",
-             "--json", *flag],
-            capture_output=True, text=True, timeout=300, env=env,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "mlxinfer",
+                "generate",
+                "--prompt",
+                "Hi",
+                "--max-tokens",
+                "2",
+                "--json",
+                *flag,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
         assert result.returncode == 0, result.stderr
         if mx.default_device() == mx.cpu or flag:
             assert f'"kernels": "{expected}"' in result.stdout
@@ -151,14 +164,27 @@ def test_an_explicit_op_set_ignores_a_bad_environment(tmp_path):
     make_tiny_checkpoint(tmp_path, "llama")
     env = {**os.environ, KERNELS_ENV: "bogus"}
     code = f"import mlxinfer; print(mlxinfer.load({str(tmp_path)!r}, kernels='mlx')[0].kernels)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                            timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
     assert result.returncode == 0 and result.stdout.strip() == "mlx", result.stderr
-    cli = [sys.executable, "-m", "mlxinfer", "generate", "--model", str(tmp_path), "--raw",
-           "--prompt", "hi", "--max-tokens", "1"]  # fmt: skip
+    cli = [
+        sys.executable,
+        "-m",
+        "mlxinfer",
+        "generate",
+        "--model",
+        str(tmp_path),
+        "--raw",
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "1",
+    ]
     refused = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=120)
     assert refused.returncode == 2
     assert refused.stderr.strip().endswith("MLXINFER_KERNELS must be cpu or mlx, got 'bogus'")
-    chosen = subprocess.run([*cli, "--kernels", "cpu"], capture_output=True, text=True, env=env,
-                            timeout=120)  # fmt: skip
+    chosen = subprocess.run(
+        [*cli, "--kernels", "cpu"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert chosen.returncode == 0, chosen.stderr

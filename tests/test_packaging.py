@@ -49,15 +49,30 @@ def installed(tmp_path_factory) -> Path:
     python = venv / "bin" / "python"
     purelib = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True, env=CLEAN_ENV,
-    ).stdout.strip()  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+        env=CLEAN_ENV,
+    ).stdout.strip()
     ours = {sysconfig.get_paths()["purelib"], *site.getsitepackages()}
     (Path(purelib) / "dependencies.pth").write_text("\n".join(sorted(ours)) + "\n")
     result = subprocess.run(
-        [python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-         "--quiet", str(source)],
-        capture_output=True, text=True, timeout=600, env=CLEAN_ENV,
-    )  # fmt: skip
+        [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--quiet",
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=CLEAN_ENV,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     shutil.rmtree(source)  # nothing of the checkout is left to fall back on
     return venv
@@ -72,9 +87,13 @@ def test_the_installed_package_has_its_sources_and_the_dashboard(installed):
         " 'vector_math.h', 'flash_attention.h', 'bench/kjv_genesis.txt')))"
     )
     result = subprocess.run(
-        [installed / "bin" / "python", "-c", code], capture_output=True, text=True, timeout=120,
-        cwd=installed, env=CLEAN_ENV,
-    )  # fmt: skip
+        [installed / "bin" / "python", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=installed,
+        env=CLEAN_ENV,
+    )
     assert result.returncode == 0, result.stderr
     package, app, sources = result.stdout.split()
     assert package.startswith(str(installed)) and sources == "True"
@@ -91,10 +110,19 @@ def test_mlxinfer_dashboard_from_a_non_editable_install_serves_the_chat(installe
     port = free_port()
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115  (open while the server runs)
     process = subprocess.Popen(
-        [installed / "bin" / "mlxinfer", "dashboard", "--port", str(port),
-         "--db", str(tmp_path / "runs.sqlite")],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=CLEAN_ENV,
-    )  # fmt: skip
+        [
+            installed / "bin" / "mlxinfer",
+            "dashboard",
+            "--port",
+            str(port),
+            "--db",
+            str(tmp_path / "runs.sqlite"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        env=CLEAN_ENV,
+    )
     url = f"http://localhost:{port}"
     try:
         deadline = time.monotonic() + 120

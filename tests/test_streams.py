@@ -59,8 +59,10 @@ def test_program_exits_with_its_own_code(tiny_model, mode, code):
     for _ in range(RUNS):
         result = subprocess.run(
             [sys.executable, "-c", PROGRAM, mode, str(tiny_model)],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         codes.append(result.returncode)
         if result.returncode != code:
             pytest.fail(

@@ -15,13 +15,19 @@ with st.sidebar:
     loaded = common.load_model(name)
     templated = loaded is not None and bool(loaded[1].chat_template)
     modes = ["chat", "raw completion"] if templated else ["raw completion"]
-    mode = st.radio("Mode", modes, horizontal=True, key=f"chat_mode_{templated}",
-                    help="Chat wraps the conversation in the model's chat template; raw "
-                    "completion continues the text as it is.")  # fmt: skip
+    mode = st.radio(
+        "Mode",
+        modes,
+        horizontal=True,
+        key=f"chat_mode_{templated}",
+        help="Chat wraps the conversation in the model's chat template; raw "
+        "completion continues the text as it is.",
+    )
     if not templated and loaded is not None:
         st.caption("This model has no chat template: raw completion only.")
-    system = st.text_area("System prompt", key="system", disabled=mode != "chat",
-                          placeholder="the template's default")  # fmt: skip
+    system = st.text_area(
+        "System prompt", key="system", disabled=mode != "chat", placeholder="the template's default"
+    )
     with st.expander("Sampling", expanded=False):
         sampling, max_tokens = common.sampling_controls("chat_")
     with st.expander("KV cache", expanded=False):
@@ -30,8 +36,10 @@ with st.sidebar:
         state.messages = []
 
 st.title("Chat")
-st.caption(f"{common.model_label(name)} · replies stream from the engine; under each one its "
-           "metrics (the Metrics page defines them).")  # fmt: skip
+st.caption(
+    f"{common.model_label(name)} · replies stream from the engine; under each one its "
+    "metrics (the Metrics page defines them)."
+)
 
 
 def show_reply_metrics(metrics: dict) -> None:
@@ -56,8 +64,9 @@ if prompt and engine is not None and sampling is not None:
         st.markdown(prompt)
     if mode == "chat":  # as `mlxinfer chat` does: the oldest exchanges leave once it outgrows
         model, tokenizer = loaded
-        turns = Conversation(tokenizer, model.config.max_position_embeddings,
-                             system if system.strip() else None)  # fmt: skip
+        turns = Conversation(
+            tokenizer, model.config.max_position_embeddings, system if system.strip() else None
+        )
         turns.turns = [{"role": m["role"], "content": m["content"]} for m in state.messages[:-1]]
         try:
             conversation, dropped = turns.ask(prompt, min(max_tokens, REPLY_ROOM))
@@ -66,9 +75,11 @@ if prompt and engine is not None and sampling is not None:
             st.error(f"Not sent: {e}")
             st.stop()
         if dropped:
-            st.info(f"The conversation outgrew the model's context of "
-                    f"{model.config.max_position_embeddings} tokens: the {dropped} oldest "
-                    "messages are left out of what the model sees.")  # fmt: skip
+            st.info(
+                f"The conversation outgrew the model's context of "
+                f"{model.config.max_position_embeddings} tokens: the {dropped} oldest "
+                "messages are left out of what the model sees."
+            )
     else:
         conversation = prompt
     with st.chat_message("assistant"):

@@ -36,8 +36,13 @@ if engine is None:
 templated = bool(tokenizer.chat_template)
 left, right = st.columns([4, 1])
 prompt = left.text_area("Prompt", "The capital of France is", key="inside_prompt", height=80)
-chat = right.checkbox("Chat template", value=False, disabled=not templated, key="inside_chat",
-                      help="Wrap the prompt as a user message, as the chat does.")  # fmt: skip
+chat = right.checkbox(
+    "Chat template",
+    value=False,
+    disabled=not templated,
+    key="inside_chat",
+    help="Wrap the prompt as a user message, as the chat does.",
+)
 
 if not prompt.strip():
     st.info("Type a prompt to look at what the model does with it.")
@@ -57,13 +62,24 @@ t = state.inside_trace
 T = len(t.token_ids)
 labels = [f"{i}:{p!r}"[:24] for i, p in enumerate(t.pieces)]
 
-tabs = st.tabs(["Tokens", "Next token", "Attention", "Logit lens", "Experts", "Step by step",
-                "Architecture & memory"])  # fmt: skip
+tabs = st.tabs(
+    [
+        "Tokens",
+        "Next token",
+        "Attention",
+        "Logit lens",
+        "Experts",
+        "Step by step",
+        "Architecture & memory",
+    ]
+)
 
 # -- tokens ------------------------------------------------------------------------------------
 with tabs[0]:
-    st.markdown(f"The tokenizer cuts the prompt into **{T} tokens**; the model only ever sees "
-                "their ids. Hover a piece for its id and position.")  # fmt: skip
+    st.markdown(
+        f"The tokenizer cuts the prompt into **{T} tokens**; the model only ever sees "
+        "their ids. Hover a piece for its id and position."
+    )
     colours = ["#fde2e4", "#e2ece9", "#dfe7fd", "#fff1e6", "#e8e8e4", "#f0efeb", "#d8e2dc"]
     spans = "".join(
         f'<span title="id {i} · position {pos}" style="background:{colours[pos % len(colours)]};'
@@ -72,13 +88,22 @@ with tabs[0]:
         for pos, (i, piece) in enumerate(zip(t.token_ids, t.pieces, strict=True))
     )
     st.html(f'<div style="line-height:2.2">{spans}</div>')
-    st.dataframe(pd.DataFrame({"position": range(T), "id": t.token_ids, "piece": t.pieces}),
-                 hide_index=True, height=220)  # fmt: skip
+    st.dataframe(
+        pd.DataFrame({"position": range(T), "id": t.token_ids, "piece": t.pieces}),
+        hide_index=True,
+        height=220,
+    )
 
 # -- next token --------------------------------------------------------------------------------
 with tabs[1]:
-    position = st.slider("After position", 0, T - 1, T - 1, key="inside_position",
-                         help="The distribution the model gives for the token after this one.")  # fmt: skip
+    position = st.slider(
+        "After position",
+        0,
+        T - 1,
+        T - 1,
+        key="inside_position",
+        help="The distribution the model gives for the token after this one.",
+    )
     a, b, c, d, e = st.columns(5)
     params = SamplingParams(
         temperature=a.slider("Temperature", 0.0, 2.0, 0.7, 0.05, key="inside_t"),
@@ -99,12 +124,16 @@ with tabs[1]:
                 why = f"removed by {stage}"
                 break
         removed_by.append(why)
-    frame = pd.DataFrame({
-        "token": [f"{tokenizer.decode([int(i)])!r}" for i in top],
-        "rank": range(1, len(top) + 1),
-        "probability": before[top], "final": stages["temperature"][top], "fate": removed_by,
-        "cumulative": np.cumsum(before[top]),
-    })  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "token": [f"{tokenizer.decode([int(i)])!r}" for i in top],
+            "rank": range(1, len(top) + 1),
+            "probability": before[top],
+            "final": stages["temperature"][top],
+            "fate": removed_by,
+            "cumulative": np.cumsum(before[top]),
+        }
+    )
     bars = (
         alt.Chart(frame, height=320)
         .mark_bar()
@@ -118,14 +147,14 @@ with tabs[1]:
                     domain=["kept", "removed by top-k", "removed by top-p", "removed by min-p"],
                     range=["#1f77b4", "#bbbbbb", "#ff9f80", "#ffd27f"],
                 ),
-            ),  # fmt: skip
+            ),
             tooltip=[
                 "rank",
                 "token",
                 alt.Tooltip("probability:Q", format=".4f"),
                 alt.Tooltip("final:Q", format=".4f", title="after the chain"),
                 "fate",
-            ],  # fmt: skip
+            ],
         )
     )
     line = (
@@ -140,28 +169,53 @@ with tabs[1]:
     )
     st.altair_chart(alt.layer(bars, line + rule).resolve_scale(y="independent"), width="stretch")
     kept = int((stages["temperature"] > 0).sum())
-    st.caption(f"{kept} token(s) can be drawn after the chain (penalties → top-k → top-p → "
-               "min-p → temperature); the dashed line is top-p, the black line the cumulative "
-               "probability of the tokens so far.")  # fmt: skip
+    st.caption(
+        f"{kept} token(s) can be drawn after the chain (penalties → top-k → top-p → "
+        "min-p → temperature); the dashed line is top-p, the black line the cumulative "
+        "probability of the tokens so far."
+    )
     if st.button("Sample 200 times", key="inside_sample"):
-        draws = engine.call(inspect.draw, t.logits[position], params, history, 200,
-                            seed=int(np.random.default_rng().integers(1 << 30)))  # fmt: skip
+        draws = engine.call(
+            inspect.draw,
+            t.logits[position],
+            params,
+            history,
+            200,
+            seed=int(np.random.default_rng().integers(1 << 30)),
+        )
         counts = pd.Series(draws).value_counts()
-        shown = sorted(set(counts.index[:15]) | set(top[:5].tolist()),
-                       key=lambda i: -stages["temperature"][i])  # fmt: skip
+        shown = sorted(
+            set(counts.index[:15]) | set(top[:5].tolist()), key=lambda i: -stages["temperature"][i]
+        )
         compare = pd.DataFrame(
-            [{"token": f"{tokenizer.decode([int(i)])!r}", "share": counts.get(i, 0) / 200,
-              "what": "drawn (200)"} for i in shown]
-            + [{"token": f"{tokenizer.decode([int(i)])!r}",
-                "share": float(stages["temperature"][i]), "what": "computed"} for i in shown]
-        )  # fmt: skip
+            [
+                {
+                    "token": f"{tokenizer.decode([int(i)])!r}",
+                    "share": counts.get(i, 0) / 200,
+                    "what": "drawn (200)",
+                }
+                for i in shown
+            ]
+            + [
+                {
+                    "token": f"{tokenizer.decode([int(i)])!r}",
+                    "share": float(stages["temperature"][i]),
+                    "what": "computed",
+                }
+                for i in shown
+            ]
+        )
         st.altair_chart(
-            alt.Chart(compare, height=260).mark_bar().encode(
-                x=alt.X("token:N", sort=None), xOffset="what:N",
-                y=alt.Y("share:Q", title="probability / frequency"), color="what:N",
+            alt.Chart(compare, height=260)
+            .mark_bar()
+            .encode(
+                x=alt.X("token:N", sort=None),
+                xOffset="what:N",
+                y=alt.Y("share:Q", title="probability / frequency"),
+                color="what:N",
             ),
             width="stretch",
-        )  # fmt: skip
+        )
 
 # -- attention ---------------------------------------------------------------------------------
 with tabs[2]:
@@ -191,16 +245,24 @@ with tabs[2]:
         .properties(width=side, height=side)
     )
     st.altair_chart(heatmap, width="content")
-    st.caption("Each row is one token's attention, softmaxed over the tokens it may see (causal; "
-               "a sliding-window layer sees only its window), so every row sums to 1.")  # fmt: skip
-    st.markdown("**Every layer and head** (rows: layers; columns: heads; long prompts averaged "
-                "down to 32 positions)")  # fmt: skip
+    st.caption(
+        "Each row is one token's attention, softmaxed over the tokens it may see (causal; "
+        "a sliding-window layer sees only its window), so every row sums to 1."
+    )
+    st.markdown(
+        "**Every layer and head** (rows: layers; columns: heads; long prompts averaged "
+        "down to 32 positions)"
+    )
     size = min(T, 32)
     edges = np.linspace(0, T, size + 1).astype(int)
 
     def shrink(m):
-        return np.array([[m[edges[i]:edges[i + 1], edges[j]:edges[j + 1]].mean()
-                          for j in range(size)] for i in range(size)])  # fmt: skip
+        return np.array(
+            [
+                [m[edges[i] : edges[i + 1], edges[j] : edges[j + 1]].mean() for j in range(size)]
+                for i in range(size)
+            ]
+        )
 
     tiles = np.ones((layers * (size + 2), heads * (size + 2)))
     for li in range(layers):
@@ -215,19 +277,26 @@ with tabs[2]:
 
 # -- logit lens --------------------------------------------------------------------------------
 with tabs[3]:
-    st.markdown("Each layer's hidden state sent straight through the final norm and the LM head, "
-                "as if the model stopped there: what it would predict next, layer by layer. "
-                "The last row is the model's own prediction.")  # fmt: skip
+    st.markdown(
+        "Each layer's hidden state sent straight through the final norm and the LM head, "
+        "as if the model stopped there: what it would predict next, layer by layer. "
+        "The last row is the model's own prediction."
+    )
     if state.get("lens_key") != key:
         state.lens = engine.call(inspect.logit_lens, t, top=1)
     lens = state.lens
     state.lens_key = key
     shown = list(range(max(0, T - 16), T))  # the last 16 positions
     rows = [
-        {"layer": "embeddings" if i == 0 else f"layer {i - 1}", "position": labels[pos],
-         "token": repr(lens[i][pos][0][1])[:12], "probability": lens[i][pos][0][2]}
-        for i in range(len(lens)) for pos in shown
-    ]  # fmt: skip
+        {
+            "layer": "embeddings" if i == 0 else f"layer {i - 1}",
+            "position": labels[pos],
+            "token": repr(lens[i][pos][0][1])[:12],
+            "probability": lens[i][pos][0][2],
+        }
+        for i in range(len(lens))
+        for pos in shown
+    ]
     frame = pd.DataFrame(rows)
     order = list(dict.fromkeys(frame["layer"]))[::-1]
     base = alt.Chart(frame, height=max(240, 22 * len(lens))).encode(
@@ -238,36 +307,54 @@ with tabs[3]:
         base.mark_rect().encode(
             color=alt.Color("probability:Q", scale=alt.Scale(scheme="greens", domain=[0, 1])),
             tooltip=["layer", "position", "token", alt.Tooltip("probability:Q", format=".3f")],
-        ) + base.mark_text(fontSize=9).encode(text="token:N"),
+        )
+        + base.mark_text(fontSize=9).encode(text="token:N"),
         width="stretch",
-    )  # fmt: skip
+    )
 
 # -- experts -----------------------------------------------------------------------------------
 with tabs[4]:
     if not t.routing:
-        st.info("This model has no mixture-of-experts layers: every token goes through the same "
-                "MLP in every layer.")  # fmt: skip
+        st.info(
+            "This model has no mixture-of-experts layers: every token goes through the same "
+            "MLP in every layer."
+        )
     else:
         n_experts = model.config.num_experts
         use = pd.DataFrame(
-            [{"layer": li, "expert": int(e), "tokens": int((experts == e).any(axis=1).sum())}
-             for li, (experts, _) in t.routing.items() for e in range(n_experts)]
-        )  # fmt: skip
-        st.markdown("How many of the prompt's tokens each expert took, layer by layer (even use "
-                    "is what the router's load balancing aims at).")  # fmt: skip
+            [
+                {"layer": li, "expert": int(e), "tokens": int((experts == e).any(axis=1).sum())}
+                for li, (experts, _) in t.routing.items()
+                for e in range(n_experts)
+            ]
+        )
+        st.markdown(
+            "How many of the prompt's tokens each expert took, layer by layer (even use "
+            "is what the router's load balancing aims at)."
+        )
         st.altair_chart(
-            alt.Chart(use).mark_rect().encode(
-                x="expert:O", y="layer:O", color=alt.Color("tokens:Q", scale=alt.Scale(
-                    scheme="oranges")), tooltip=["layer", "expert", "tokens"]),
+            alt.Chart(use)
+            .mark_rect()
+            .encode(
+                x="expert:O",
+                y="layer:O",
+                color=alt.Color("tokens:Q", scale=alt.Scale(scheme="oranges")),
+                tooltip=["layer", "expert", "tokens"],
+            ),
             width="stretch",
-        )  # fmt: skip
+        )
         chosen_layer = st.selectbox("Layer", list(t.routing), key="inside_moe_layer")
         experts, weights = t.routing[chosen_layer]
-        st.dataframe(pd.DataFrame({
-            "token": labels,
-            "experts": [", ".join(str(int(e)) for e in row) for row in experts],
-            "weights": [", ".join(f"{w:.2f}" for w in row) for row in weights],
-        }), hide_index=True)  # fmt: skip
+        st.dataframe(
+            pd.DataFrame(
+                {
+                    "token": labels,
+                    "experts": [", ".join(str(int(e)) for e in row) for row in experts],
+                    "weights": [", ".join(f"{w:.2f}" for w in row) for row in weights],
+                }
+            ),
+            hide_index=True,
+        )
 
 # -- step by step ------------------------------------------------------------------------------
 with tabs[5]:
@@ -278,26 +365,51 @@ with tabs[5]:
     best = np.argsort(-probs)[:5]
     chosen = tokenizer.decode([int(best[0])])
     steps = [
-        ("Tokens", f"the prompt → {T} token ids `{t.token_ids[:12]}{' …' if T > 12 else ''}`",
-         f"[1, {T}]"),
-        ("Embeddings", "each id picks one row of the embedding table", f"[1, {T}, {c.hidden_size}]"),
-        (f"{c.num_hidden_layers} blocks", "each: RMSNorm → attention (every token looks at the "
-         "earlier ones) → add; RMSNorm → MLP → add", f"[1, {T}, {c.hidden_size}]"),
+        (
+            "Tokens",
+            f"the prompt → {T} token ids `{t.token_ids[:12]}{' …' if T > 12 else ''}`",
+            f"[1, {T}]",
+        ),
+        (
+            "Embeddings",
+            "each id picks one row of the embedding table",
+            f"[1, {T}, {c.hidden_size}]",
+        ),
+        (
+            f"{c.num_hidden_layers} blocks",
+            "each: RMSNorm → attention (every token looks at the "
+            "earlier ones) → add; RMSNorm → MLP → add",
+            f"[1, {T}, {c.hidden_size}]",
+        ),
         ("Final norm", "RMSNorm of the last block's output", f"[1, {T}, {c.hidden_size}]"),
-        ("LM head", "one score (logit) per vocabulary entry, for every position",
-         f"[1, {T}, {c.vocab_size}]"),
-        ("Last position", "only the last position's scores predict the next token",
-         f"[{c.vocab_size}]"),
-        ("Softmax → pick", "probabilities; greedy takes the largest: "
-         f"{chosen!r} ({probs[best[0]]:.1%})", "1 token"),
-    ]  # fmt: skip
+        (
+            "LM head",
+            "one score (logit) per vocabulary entry, for every position",
+            f"[1, {T}, {c.vocab_size}]",
+        ),
+        (
+            "Last position",
+            "only the last position's scores predict the next token",
+            f"[{c.vocab_size}]",
+        ),
+        (
+            "Softmax → pick",
+            f"probabilities; greedy takes the largest: {chosen!r} ({probs[best[0]]:.1%})",
+            "1 token",
+        ),
+    ]
     st.table(pd.DataFrame(steps, columns=["step", "what happens", "shape"]))
     st.markdown("**The last position's top candidates**")
-    st.table(pd.DataFrame({
-        "token": [repr(tokenizer.decode([int(i)])) for i in best],
-        "id": [int(i) for i in best], "logit": [float(last[i]) for i in best],
-        "probability": [f"{probs[i]:.2%}" for i in best],
-    }))  # fmt: skip
+    st.table(
+        pd.DataFrame(
+            {
+                "token": [repr(tokenizer.decode([int(i)])) for i in best],
+                "id": [int(i) for i in best],
+                "logit": [float(last[i]) for i in best],
+                "probability": [f"{probs[i]:.2%}" for i in best],
+            }
+        )
+    )
     kv_now = kv_cache_bytes(c, T, itemsize=model.compute_dtype.size)
     st.markdown(
         f"**The next step** feeds only the new token, `[1, 1]`: the KV cache already holds the "
@@ -311,45 +423,73 @@ with tabs[6]:
     card = inspect.architecture(model)
     a, b, c_, d = st.columns(4)
     a.metric("Layers", card["layers"])
-    b.metric("Attention", card["attention"],
-             help=f"{card['heads']} query heads sharing {card['kv_heads']} key/value heads")  # fmt: skip
+    b.metric(
+        "Attention",
+        card["attention"],
+        help=f"{card['heads']} query heads sharing {card['kv_heads']} key/value heads",
+    )
     c_.metric("Parameters", f"{card['total_parameters'] / 1e6:.1f} M")
     d.metric("Weights", f"{card['total_weight_bytes'] / 2**20:.0f} MB")
-    st.dataframe(pd.DataFrame(
-        [{"": k, "value": str(v)} for k, v in card.items()
-         if k not in ("parameters", "weight_bytes")]
-        + [{"": f"parameters: {k}", "value": f"{v:,}"} for k, v in card["parameters"].items()]
-        + [{"": f"weight bytes: {k}", "value": f"{v:,}"} for k, v in card["weight_bytes"].items()]
-    ), hide_index=True)  # fmt: skip
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {"": k, "value": str(v)}
+                for k, v in card.items()
+                if k not in ("parameters", "weight_bytes")
+            ]
+            + [{"": f"parameters: {k}", "value": f"{v:,}"} for k, v in card["parameters"].items()]
+            + [
+                {"": f"weight bytes: {k}", "value": f"{v:,}"}
+                for k, v in card["weight_bytes"].items()
+            ]
+        ),
+        hide_index=True,
+    )
     st.subheader("KV cache calculator")
     a, b, c_ = st.columns(3)
-    context = int(a.number_input("Context (tokens)", 1, model.config.max_position_embeddings,
-                                 min(1024, model.config.max_position_embeddings),
-                                 key="kv_context"))  # fmt: skip
+    context = int(
+        a.number_input(
+            "Context (tokens)",
+            1,
+            model.config.max_position_embeddings,
+            min(1024, model.config.max_position_embeddings),
+            key="kv_context",
+        )
+    )
     batch = int(b.number_input("Batch (sequences)", 1, 256, 1, key="kv_batch"))
-    kind = c_.selectbox("Cache", list(common.CACHE_KINDS), format_func=common.CACHE_KINDS.get,
-                        key="kv_kind")  # fmt: skip
+    kind = c_.selectbox(
+        "Cache", list(common.CACHE_KINDS), format_func=common.CACHE_KINDS.get, key="kv_kind"
+    )
     options = {"max_kv_size": None, "kv_bits": None}
     if kind == "rotating":
-        options["max_kv_size"] = int(st.number_input("Tokens kept", 16, 1 << 20, 512,
-                                                     key="kv_max"))  # fmt: skip
+        options["max_kv_size"] = int(st.number_input("Tokens kept", 16, 1 << 20, 512, key="kv_max"))
     elif kind in ("q8", "q4"):
         options["kv_bits"] = int(kind[1])
     try:
-        predicted = kv_cache_bytes(model.config, context, batch, **options,
-                                   itemsize=model.compute_dtype.size)  # fmt: skip
+        predicted = kv_cache_bytes(
+            model.config, context, batch, **options, itemsize=model.compute_dtype.size
+        )
     except ValueError as e:
         st.error(str(e))
         st.stop()
-    st.metric("Predicted KV cache", f"{predicted / 2**20:,.2f} MB",
-              help="keys and values of every layer, in slots that grow 256 at a time")  # fmt: skip
-    if st.button("Check against a real cache", key="kv_check",
-                 help="Fills a real cache with one sequence of that many tokens (then "
-                 "multiplies by the batch) and measures its bytes."):  # fmt: skip
+    st.metric(
+        "Predicted KV cache",
+        f"{predicted / 2**20:,.2f} MB",
+        help="keys and values of every layer, in slots that grow 256 at a time",
+    )
+    if st.button(
+        "Check against a real cache",
+        key="kv_check",
+        help="Fills a real cache with one sequence of that many tokens (then "
+        "multiplies by the batch) and measures its bytes.",
+    ):
         try:
             held = engine.call(inspect.measured_kv_bytes, model, context, **options)
         except Exception as e:
             st.error(f"Could not measure: {e}")
         else:
-            st.metric("Measured", f"{held * batch / 2**20:,.2f} MB",
-                      delta=f"{(held * batch - predicted) / 2**20:+.2f} MB")  # fmt: skip
+            st.metric(
+                "Measured",
+                f"{held * batch / 2**20:,.2f} MB",
+                delta=f"{(held * batch - predicted) / 2**20:+.2f} MB",
+            )

@@ -30,7 +30,7 @@ table = pd.DataFrame(
             "other tools": d.elsewhere,
         }
         for d in DEFINITIONS
-    ]  # fmt: skip
+    ]
 )
 st.dataframe(table, hide_index=True, width="stretch")
 st.subheader("How a sweep measures")

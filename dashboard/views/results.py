@@ -19,8 +19,10 @@ st.caption(f"Runs in {common.db_path()}")
 
 runs = data.runs_frame(db)
 if runs.empty:
-    st.info("No runs yet: start one on the Sweep page, or `mlxinfer bench` in a terminal "
-            f"(with `--db {common.db_path()}`).")  # fmt: skip
+    st.info(
+        "No runs yet: start one on the Sweep page, or `mlxinfer bench` in a terminal "
+        f"(with `--db {common.db_path()}`)."
+    )
     st.stop()
 
 with st.sidebar:
@@ -43,9 +45,13 @@ if isinstance(since, datetime.date):
 
 st.markdown("Pick one run to see it, two to compare them, more to follow a metric across them.")
 picked = st.dataframe(
-    shown, hide_index=True, on_select="rerun", selection_mode="multi-row", key="runs_table",
+    shown,
+    hide_index=True,
+    on_select="rerun",
+    selection_mode="multi-row",
+    key="runs_table",
     column_config={"started": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm")},
-)  # fmt: skip
+)
 # (rows of the table as shown: a filter changed since leaves indices that may not exist)
 chosen = [int(shown.iloc[i]["run"]) for i in picked.selection.rows if i < len(shown)]
 manual = st.multiselect("…or by id", list(runs["run"]), key="runs_by_id")
@@ -62,16 +68,21 @@ if len(chosen) == 1:
     st.subheader(f"Run {run_id}")
     st.markdown(report.markdown_table(items))
     left, right = st.columns(2)
-    left.download_button("Measurements (CSV)", report.to_csv(db, run_id),
-                         f"run-{run_id}.csv", "text/csv")  # fmt: skip
-    right.download_button("Summary (JSON)", report.to_json(items),
-                          f"run-{run_id}.json", "application/json")  # fmt: skip
+    left.download_button(
+        "Measurements (CSV)", report.to_csv(db, run_id), f"run-{run_id}.csv", "text/csv"
+    )
+    right.download_button(
+        "Summary (JSON)", report.to_json(items), f"run-{run_id}.json", "application/json"
+    )
     positions = data.positions_frame(db, run_id)
     if not positions.empty:
         st.subheader("Latency by token position")
-        series = st.multiselect("Configurations", sorted(positions["series"].unique()),
-                                default=sorted(positions["series"].unique())[:2],
-                                key=f"positions_{run_id}")  # fmt: skip
+        series = st.multiselect(
+            "Configurations",
+            sorted(positions["series"].unique()),
+            default=sorted(positions["series"].unique())[:2],
+            key=f"positions_{run_id}",
+        )
         if series:
             st.altair_chart(
                 charts.latency_by_position(positions[positions["series"].isin(series)]),
@@ -79,10 +90,11 @@ if len(chosen) == 1:
             )
         chosen_measurements = data.measurements_frame(db, run_id)
         one = st.selectbox(
-            "One measurement", list(chosen_measurements.itertuples(index=False)),
+            "One measurement",
+            list(chosen_measurements.itertuples(index=False)),
             format_func=lambda m: f"{m.engine} · {m.label} · repetition {m.rep}",
             key=f"measurement_{run_id}",
-        )  # fmt: skip
+        )
         if one is not None:
             st.altair_chart(charts.measurement_gaps(data.gaps_frame(db, one.id)), width="stretch")
 elif len(chosen) == 2:
@@ -93,15 +105,21 @@ elif len(chosen) == 2:
     if table.empty:
         st.info("These two runs share no configuration (same engine and settings).")
     else:
-        st.dataframe(table, hide_index=True,
-                     column_config={"B / A": st.column_config.NumberColumn(format="%.3f")})  # fmt: skip
+        st.dataframe(
+            table,
+            hide_index=True,
+            column_config={"B / A": st.column_config.NumberColumn(format="%.3f")},
+        )
 if len(chosen) >= 2:
-    metric = st.selectbox("Across runs", numeric, format_func=metric_names.get,
-                          key="across_metric")  # fmt: skip
+    metric = st.selectbox("Across runs", numeric, format_func=metric_names.get, key="across_metric")
     frame = data.across_runs_frame(db, chosen, metric)
     if frame.empty:
         st.info("No configuration appears in two of these runs.")
     else:
         st.altair_chart(charts.metric_across_runs(frame, metric), width="stretch")
-        st.download_button("This comparison (CSV)", pd.DataFrame(frame).to_csv(index=False),
-                           "across-runs.csv", "text/csv")  # fmt: skip
+        st.download_button(
+            "This comparison (CSV)",
+            pd.DataFrame(frame).to_csv(index=False),
+            "across-runs.csv",
+            "text/csv",
+        )

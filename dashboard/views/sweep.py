@@ -34,8 +34,10 @@ with st.sidebar:
     name = common.model_picker()
 
 st.title("Sweep")
-st.caption("Each box is a comma list; the grid is every combination. Every configuration gets a "
-           "warm-up, then the repetitions; every measurement is saved as it is made.")  # fmt: skip
+st.caption(
+    "Each box is a comma list; the grid is every combination. Every configuration gets a "
+    "warm-up, then the repetitions; every measurement is saved as it is made."
+)
 
 raw = {}
 for group, axes in GROUPS.items():
@@ -43,8 +45,9 @@ for group, axes in GROUPS.items():
     columns = st.columns(len(axes) if len(axes) < 5 else 4)
     for i, axis in enumerate(axes):
         with columns[i % len(columns)]:
-            value = st.text_input(axis.replace("_", " "), str(DEFAULTS[axis]), key=f"axis_{axis}",
-                                  help=HELP.get(axis))  # fmt: skip
+            value = st.text_input(
+                axis.replace("_", " "), str(DEFAULTS[axis]), key=f"axis_{axis}", help=HELP.get(axis)
+            )
             raw[axis] = value.strip()
 raw["model"] = name
 left, right = st.columns(2)
@@ -59,8 +62,9 @@ except ValueError as e:
 
 if axes is not None:
     try:
-        preview = plan(axes, int(reps), "mlx-lm" if baseline else None, db,
-                       load=common.load_for_plan)  # fmt: skip
+        preview = plan(
+            axes, int(reps), "mlx-lm" if baseline else None, db, load=common.load_for_plan
+        )
     except Exception as e:  # a model that does not load, lengths beyond its context, ...
         st.error(f"This grid cannot run: {e}. Nothing has run.")
         preview = None
@@ -68,26 +72,38 @@ if axes is not None:
         peak = max(preview["predicted_mb"])
         available = preview["available_mb"]
         a, b, c = st.columns(3)
-        a.metric("Configurations", preview["configurations"],
-                 help=f"{preview['measurements']} measurements")  # fmt: skip
+        a.metric(
+            "Configurations",
+            preview["configurations"],
+            help=f"{preview['measurements']} measurements",
+        )
         seconds = preview["seconds"]
-        b.metric("Estimated duration",
-                 "unknown" if seconds is None else f"{seconds / 60:.1f} min",
-                 help="From this database's past measurements of the same model, compute "
-                 "policy and concurrency; unknown until there are some (the progress then "
-                 "shows the time left).")  # fmt: skip
-        c.metric("Predicted memory (largest)", f"{peak:,.1f} MB",
-                 help="weights + KV cache as allocated, for the largest configuration"
-                 + ("" if available is None else f"; {available:.0f} MB available"))  # fmt: skip
+        b.metric(
+            "Estimated duration",
+            "unknown" if seconds is None else f"{seconds / 60:.1f} min",
+            help="From this database's past measurements of the same model, compute "
+            "policy and concurrency; unknown until there are some (the progress then "
+            "shows the time left).",
+        )
+        c.metric(
+            "Predicted memory (largest)",
+            f"{peak:,.1f} MB",
+            help="weights + KV cache as allocated, for the largest configuration"
+            + ("" if available is None else f"; {available:.0f} MB available"),
+        )
         if too_long(seconds):
-            st.warning(f"This sweep would take about {seconds / 3600:.1f} hours at the speeds "
-                       "this database has measured: fewer values make it shorter. Stop ends it "
-                       "whenever you like, keeping what it measured; Resume continues it.")  # fmt: skip
+            st.warning(
+                f"This sweep would take about {seconds / 3600:.1f} hours at the speeds "
+                "this database has measured: fewer values make it shorter. Stop ends it "
+                "whenever you like, keeping what it measured; Resume continues it."
+            )
         too_big = available is not None and peak > available
         if too_big:
-            st.error(f"The largest configuration needs ~{peak:.0f} MB and {available:.0f} MB "
-                     "are available: make it smaller (shorter lengths, less concurrency, a "
-                     "quantized or rotating cache).")  # fmt: skip
+            st.error(
+                f"The largest configuration needs ~{peak:.0f} MB and {available:.0f} MB "
+                "are available: make it smaller (shorter lengths, less concurrency, a "
+                "quantized or rotating cache)."
+            )
         busy = [r for r in db.runs() if jobs.status(r) == "running"] or state.get("job")
         if st.button(
             "Run the sweep",
@@ -96,8 +112,9 @@ if axes is not None:
             help="One sweep at a time: they would slow each other." if busy else None,
         ):
             flags = {k: v for k, v in raw.items() if v != str(DEFAULTS[k])}
-            state.job = jobs.start_sweep(flags, int(reps), common.db_path(),
-                                         "mlx-lm" if baseline else None)  # fmt: skip
+            state.job = jobs.start_sweep(
+                flags, int(reps), common.db_path(), "mlx-lm" if baseline else None
+            )
             state.following = None
 
 
@@ -126,8 +143,9 @@ def show_run(run_id: int) -> None:
     status = jobs.status(run)
     done, planned = data.run_progress(db, run)
     st.subheader(f"Run {run_id}: {status}")
-    st.progress(min(done / planned, 1.0) if planned else 0.0,
-                text=f"{done} of {planned} measurements")  # fmt: skip
+    st.progress(
+        min(done / planned, 1.0) if planned else 0.0, text=f"{done} of {planned} measurements"
+    )
     if status == "running":
         if st.button("Stop", icon=":material/stop:", key=f"stop_{run_id}"):
             jobs.stop(run)
@@ -147,8 +165,12 @@ def show_run(run_id: int) -> None:
     for _, row in failed.iterrows():
         st.warning(f"{row['engine']} · {row['label']}: failed: {row['error']}")
     choices = data.x_axis_choices(items)
-    x = st.selectbox("Chart against", choices, key=f"x_{run_id}",
-                     format_func=lambda c: "configuration" if c == "label" else c)  # fmt: skip
+    x = st.selectbox(
+        "Chart against",
+        choices,
+        key=f"x_{run_id}",
+        format_func=lambda c: "configuration" if c == "label" else c,
+    )
     left, right = st.columns(2)
     left.altair_chart(charts.metric_by_setting(summary, "decode_tps", x), width="stretch")
     right.altair_chart(charts.metric_by_setting(summary, "ttft_ms", x), width="stretch")

@@ -49,14 +49,21 @@ def export_for_mlx_lm(model, tokenizer, path: Path) -> None:
             weights[name] = value
     mx.save_safetensors(str(path / "model.safetensors"), weights)
     config = {
-        "model_type": "llama", "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
-        "rms_norm_eps": c.rms_norm_eps, "vocab_size": c.vocab_size, "rope_theta": c.rope_theta,
-        "rope_traditional": c.rope_traditional, "tie_word_embeddings": c.tie_word_embeddings,
+        "model_type": "llama",
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "rms_norm_eps": c.rms_norm_eps,
+        "vocab_size": c.vocab_size,
+        "rope_theta": c.rope_theta,
+        "rope_traditional": c.rope_traditional,
+        "tie_word_embeddings": c.tie_word_embeddings,
         "max_position_embeddings": c.max_position_embeddings,
         "eos_token_id": sorted(tokenizer.eos_token_ids),
-    }  # fmt: skip
+    }
     (path / "config.json").write_text(json.dumps(config))
     tokenizer.save_tokenizer_json(path / "tokenizer.json")
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": tokenizer.eos_token}))
@@ -75,8 +82,11 @@ class MlxLmBaseline:
         env = {**os.environ, "MLXINFER_GEMV_SHIM": "0"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mlxinfer.bench.baseline", str(path)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-        )  # fmt: skip
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         ready = self.process.stdout.readline()
         if not ready:
             self.close()
@@ -129,15 +139,27 @@ def _serve(model_dir: str) -> None:
             reply = {"error": runs}
         else:  # one entry per concurrent request, timed by mlxinfer's definitions
             peak, active = mx.get_peak_memory(), mx.get_active_memory()
-            reply = {"requests": [{
-                "metrics": _measured(request_metrics(
-                    start, times, request.get("depth", 0) + len(prompt),
-                    cached_prompt_tokens=request.get("depth", 0),  # computed before the clock
-                    peak_memory_bytes=peak, active_memory_bytes=active,
-                ).to_dict()),
-                "tokens": tokens,
-                "times": [(t - start) * 1e3 for t in times],
-            } for prompt, start, times, tokens in runs]}  # fmt: skip
+            reply = {
+                "requests": [
+                    {
+                        "metrics": _measured(
+                            request_metrics(
+                                start,
+                                times,
+                                request.get("depth", 0) + len(prompt),
+                                cached_prompt_tokens=request.get(
+                                    "depth", 0
+                                ),  # computed before the clock
+                                peak_memory_bytes=peak,
+                                active_memory_bytes=active,
+                            ).to_dict()
+                        ),
+                        "tokens": tokens,
+                        "times": [(t - start) * 1e3 for t in times],
+                    }
+                    for prompt, start, times, tokens in runs
+                ]
+            }
         print(json.dumps(reply), flush=True)
 
 
@@ -164,8 +186,9 @@ def _generate(model, tokenizer, request, make_sampler, make_logits_processors):
     mx.random.seed(request["seed"])
 
     def sampler():
-        return make_sampler(temp=s["temperature"], top_p=s["top_p"], min_p=s["min_p"],
-                            top_k=s["top_k"])  # fmt: skip
+        return make_sampler(
+            temp=s["temperature"], top_p=s["top_p"], min_p=s["min_p"], top_k=s["top_k"]
+        )
 
     def processors():
         return make_logits_processors(
@@ -184,8 +207,11 @@ def _generate(model, tokenizer, request, make_sampler, make_logits_processors):
     prompts = [p[depth:] for p in prompts]
     mx.reset_peak_memory()
     if not batched:
-        return [_one(model, tokenizer, prompts[0], caches[0], request["gen"], sampler(),
-                     processors(), kv)]  # fmt: skip
+        return [
+            _one(
+                model, tokenizer, prompts[0], caches[0], request["gen"], sampler(), processors(), kv
+            )
+        ]
     return _batch(model, prompts, caches, request["gen"], sampler, processors, kv)
 
 
@@ -198,9 +224,15 @@ def _one(model, tokenizer, prompt, cache, gen, sampler, processors, kv):
         options.update(kv_bits=kv["kv_bits"], kv_group_size=64, quantized_kv_start=0)
     start, times, tokens = time.perf_counter(), [], []
     for response in stream_generate(
-        model, tokenizer, prompt, max_tokens=gen, sampler=sampler,
-        logits_processors=processors, prompt_cache=cache, **options,
-    ):  # fmt: skip
+        model,
+        tokenizer,
+        prompt,
+        max_tokens=gen,
+        sampler=sampler,
+        logits_processors=processors,
+        prompt_cache=cache,
+        **options,
+    ):
         times.append(time.perf_counter())
         tokens.append(response.token)
     return prompt, start, times, tokens
@@ -210,14 +242,20 @@ def _batch(model, prompts, caches, gen, sampler, processors, kv):
     from mlx_lm.generate import BatchGenerator
 
     generator = BatchGenerator(
-        model, max_tokens=gen, completion_batch_size=len(prompts),
-        prefill_batch_size=len(prompts), max_kv_size=kv.get("max_kv_size"),
-    )  # fmt: skip
+        model,
+        max_tokens=gen,
+        completion_batch_size=len(prompts),
+        prefill_batch_size=len(prompts),
+        max_kv_size=kv.get("max_kv_size"),
+    )
     start = time.perf_counter()
     uids = generator.insert(
-        prompts, [gen] * len(prompts), caches=caches,
-        samplers=[sampler() for _ in prompts], logits_processors=[processors() for _ in prompts],
-    )  # fmt: skip
+        prompts,
+        [gen] * len(prompts),
+        caches=caches,
+        samplers=[sampler() for _ in prompts],
+        logits_processors=[processors() for _ in prompts],
+    )
     times = {uid: [] for uid in uids}
     tokens = {uid: [] for uid in uids}
     try:

@@ -36,8 +36,11 @@ def add_parser(commands) -> None:
         grid.add_argument(f"--{axis.replace('_', '-')}", dest=f"axis_{axis}", metavar="LIST")
     bench.add_argument("--sweep", metavar="FILE", help="the axes as a TOML table (flags add to it)")
     bench.add_argument("--reps", type=int, default=5, help="measured repetitions (default 5)")
-    bench.add_argument("--db", metavar="PATH", help="the runs database (default: MLXINFER_DB, "
-                       "else ~/.local/share/mlxinfer/runs.sqlite)")  # fmt: skip
+    bench.add_argument(
+        "--db",
+        metavar="PATH",
+        help="the runs database (default: MLXINFER_DB, else ~/.local/share/mlxinfer/runs.sqlite)",
+    )
     bench.add_argument("--resume", type=int, metavar="RUN_ID", help="continue a stopped run")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument(
@@ -69,8 +72,13 @@ def add_parser(commands) -> None:
     )
     compare.add_argument("run_a", type=int, metavar="RUN_A")
     compare.add_argument("run_b", type=int, metavar="RUN_B")
-    compare.add_argument("--metric", default="decode_tps", choices=METRICS, metavar="METRIC",
-                         help=f"one of {', '.join(METRICS)} (default decode_tps)")  # fmt: skip
+    compare.add_argument(
+        "--metric",
+        default="decode_tps",
+        choices=METRICS,
+        metavar="METRIC",
+        help=f"one of {', '.join(METRICS)} (default decode_tps)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,8 +116,10 @@ def run(args: argparse.Namespace) -> int:
         for row in report.compare(db, args.run_a, args.run_b, args.metric):
             interval = row["interval"]
             ci = f" [{interval['low']:.2f}, {interval['high']:.2f}]" if interval else ""
-            print(f"{row['engine']:<9} {row['settings']}  {row['a']:.2f} -> {row['b']:.2f}  "
-                  f"x{row['ratio']:.2f}{ci}")  # fmt: skip
+            print(
+                f"{row['engine']:<9} {row['settings']}  {row['a']:.2f} -> {row['b']:.2f}  "
+                f"x{row['ratio']:.2f}{ci}"
+            )
         return 0
     return _sweep(args, db)
 
@@ -140,9 +150,12 @@ def _sweep(args: argparse.Namespace, db) -> int:
         sweep = Sweep(axes, args.reps, db, command, sweep_text, baseline=args.baseline)
         seconds = sweep.estimated_seconds()
     if seconds is not None and too_long(seconds):
-        print(f"mlxinfer bench: warning: this sweep takes ~{_duration(seconds)} at the speeds "
-              f"this database has measured; {_stopping(sweep.run_id)}", file=sys.stderr,
-              flush=True)  # fmt: skip
+        print(
+            f"mlxinfer bench: warning: this sweep takes ~{_duration(seconds)} at the speeds "
+            f"this database has measured; {_stopping(sweep.run_id)}",
+            file=sys.stderr,
+            flush=True,
+        )
     _interrupt_on(signal.SIGINT, signal.SIGTERM)  # also when started from the dashboard
     cancel = threading.Event()
     show = Progress(sweep.swept, sweep.reps, sys.stderr, warned=seconds is not None)
@@ -151,8 +164,10 @@ def _sweep(args: argparse.Namespace, db) -> int:
             show(event)
     except KeyboardInterrupt:
         db.finish_run(sweep.run_id, "stopped")
-        print(f"\nstopped; resume with: mlxinfer bench --resume {sweep.run_id} --db {db.path}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"\nstopped; resume with: mlxinfer bench --resume {sweep.run_id} --db {db.path}",
+            file=sys.stderr,
+        )
         return 130
     items = report.summarize(db, sweep.run_id)
     print(report.markdown_table(items))
@@ -161,8 +176,11 @@ def _sweep(args: argparse.Namespace, db) -> int:
         try:
             write("--json", args.json, report.to_json(items))
         except BenchUsageError as e:  # it could be written when the sweep started
-            print(f"mlxinfer bench: error: {e}; the run is kept (mlxinfer bench export "
-                  f"{sweep.run_id} --json FILE)", file=sys.stderr)  # fmt: skip
+            print(
+                f"mlxinfer bench: error: {e}; the run is kept (mlxinfer bench export "
+                f"{sweep.run_id} --json FILE)",
+                file=sys.stderr,
+            )
             return 1
     measured = any(item["decode_tps"] is not None for item in items)
     return 0 if measured else 1  # some failures are a sweep's result; nothing measured is not
@@ -233,8 +251,11 @@ class Progress:
         if self.warned or event.index < 1 or not too_long(event.eta_s):
             return
         self.warned = True
-        self._line(f"mlxinfer bench: warning: ~{_duration(event.eta_s)} left at this pace; "
-                   f"{_stopping(event.run_id)}", final=True)  # fmt: skip
+        self._line(
+            f"mlxinfer bench: warning: ~{_duration(event.eta_s)} left at this pace; "
+            f"{_stopping(event.run_id)}",
+            final=True,
+        )
 
     def __call__(self, event) -> None:
         if event.kind in ("finished", "stopped"):

@@ -282,10 +282,16 @@ class RunsDB:
                 f"{', '.join(METRICS)}, tokens, recorded) "
                 f"VALUES (?, ?, ?, ?, ?, {', '.join('?' * len(METRICS))}, ?, ?)",
                 (
-                    configuration_id, engine, rep, status, error, *values,
-                    None if tokens is None else json.dumps(list(tokens)), time.time(),
+                    configuration_id,
+                    engine,
+                    rep,
+                    status,
+                    error,
+                    *values,
+                    None if tokens is None else json.dumps(list(tokens)),
+                    time.time(),
                 ),
-            )  # fmt: skip
+            )
             self.conn.executemany(
                 "INSERT INTO token_times (measurement_id, position, t_ms) VALUES (?, ?, ?)",
                 [(cursor.lastrowid, i, float(t)) for i, t in enumerate(token_times_ms)],

@@ -105,8 +105,10 @@ def _with_sampling_combos(raw: dict, combos: object) -> dict[str, list]:
         unknown = sorted(set(combo) - set(SAMPLING_AXES))
         if unknown:
             raise ValueError(f"[[sampling]] {i + 1}: {unknown[0]!r} is not a sampling setting")
-        settings = {**{a: DEFAULTS[a] for a in SAMPLING_AXES},
-                    **{k: check_value(k, v) for k, v in combo.items()}}  # fmt: skip
+        settings = {
+            **{a: DEFAULTS[a] for a in SAMPLING_AXES},
+            **{k: check_value(k, v) for k, v in combo.items()},
+        }
         if settings in checked:  # would be measured twice, and stored under one key
             first = checked.index(settings) + 1
             raise ValueError(
@@ -158,9 +160,15 @@ def check_value(axis: str, raw: object) -> object:
     return value
 
 
-SHORT = {"temperature": "T", "top_k": "top-k", "top_p": "top-p", "min_p": "min-p",
-         "repetition_penalty": "repetition", "presence_penalty": "presence",
-         "frequency_penalty": "frequency"}  # fmt: skip
+SHORT = {
+    "temperature": "T",
+    "top_k": "top-k",
+    "top_p": "top-p",
+    "min_p": "min-p",
+    "repetition_penalty": "repetition",
+    "presence_penalty": "presence",
+    "frequency_penalty": "frequency",
+}
 
 
 def sampling_label(config: Mapping) -> str:

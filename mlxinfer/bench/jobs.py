@@ -93,9 +93,12 @@ def start_sweep(
     )
     with open(log, "w") as out:
         process = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,  # the dashboard's own Ctrl-C does not reach it
-        )  # fmt: skip
+        )
     _children.append(process)
     return Job(process.pid, log, started, process, resume)
 
@@ -127,8 +130,13 @@ def _command_line(pid: int) -> str | None:
     except OSError:
         pass
     try:  # macOS, BSD: no /proc
-        out = subprocess.run(["ps", "-o", "stat=,command=", "-p", str(pid)], capture_output=True,
-                             text=True, timeout=5, check=False).stdout.strip()  # fmt: skip
+        out = subprocess.run(
+            ["ps", "-o", "stat=,command=", "-p", str(pid)],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return None
     if not out:

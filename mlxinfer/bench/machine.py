@@ -65,8 +65,13 @@ def git_commit(package: Path = PACKAGE) -> str:
 
     def git(*args: str) -> str:
         return subprocess.run(
-            ["git", *args], cwd=package, capture_output=True, text=True, timeout=10, check=False,
-        ).stdout.strip()  # fmt: skip
+            ["git", *args],
+            cwd=package,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
 
     try:
         top = git("rev-parse", "--show-toplevel")

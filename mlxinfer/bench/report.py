@@ -16,8 +16,13 @@ from .grid import AXES, DEFAULTS, SAMPLING_AXES, sampling_label
 from .stats import first_difference, paired_ratio, summary
 
 TABLE_METRICS = (
-    "prefill_tps", "decode_tps", "ttft_ms", "itl_p99_ms", "peak_memory_mb", "predicted_memory_mb",
-)  # fmt: skip
+    "prefill_tps",
+    "decode_tps",
+    "ttft_ms",
+    "itl_p99_ms",
+    "peak_memory_mb",
+    "predicted_memory_mb",
+)
 
 
 def summarize(db: RunsDB, run_id: int) -> list[dict]:
@@ -28,9 +33,14 @@ def summarize(db: RunsDB, run_id: int) -> list[dict]:
         key = (row["position"], row["engine"])
         item = groups.setdefault(
             key,
-            {"engine": row["engine"], "settings": row["settings"], "failed": 0, "error": None,
-             "samples": {m: [] for m in METRICS}},
-        )  # fmt: skip
+            {
+                "engine": row["engine"],
+                "settings": row["settings"],
+                "failed": 0,
+                "error": None,
+                "samples": {m: [] for m in METRICS},
+            },
+        )
         if row["status"] != "ok":
             item["failed"] += 1
             item["error"] = item["error"] or row["error"]
@@ -156,12 +166,23 @@ def markdown_table(items: Sequence[dict]) -> str:
 
 def to_json(items: Sequence[dict]) -> str:
     """A list, one object per configuration and engine: `engine`, the settings, each metric."""
-    return json.dumps([{"engine": i["engine"], **i["settings"],
-                        **{m: i[m] for m in METRICS}, "failed": i["failed"], "error": i["error"],
-                        "sampling_cost": i.get("sampling_cost"), "vs_mlx_lm": i.get("vs_mlx_lm"),
-                        "same_tokens": i.get("same_tokens"),
-                        "first_difference": i.get("first_difference")} for i in items],
-                      indent=1)  # fmt: skip
+    return json.dumps(
+        [
+            {
+                "engine": i["engine"],
+                **i["settings"],
+                **{m: i[m] for m in METRICS},
+                "failed": i["failed"],
+                "error": i["error"],
+                "sampling_cost": i.get("sampling_cost"),
+                "vs_mlx_lm": i.get("vs_mlx_lm"),
+                "same_tokens": i.get("same_tokens"),
+                "first_difference": i.get("first_difference"),
+            }
+            for i in items
+        ],
+        indent=1,
+    )
 
 
 def to_csv(db: RunsDB, run_id: int) -> str:
@@ -171,8 +192,17 @@ def to_csv(db: RunsDB, run_id: int) -> str:
     writer = csv.writer(out)
     writer.writerow(["position", "engine", "rep", *AXES, "status", "error", *METRICS])
     for r in rows:
-        writer.writerow([r["position"], r["engine"], r["rep"], *(r["settings"][a] for a in AXES),
-                         r["status"], r["error"] or "", *(r[m] for m in METRICS)])  # fmt: skip
+        writer.writerow(
+            [
+                r["position"],
+                r["engine"],
+                r["rep"],
+                *(r["settings"][a] for a in AXES),
+                r["status"],
+                r["error"] or "",
+                *(r[m] for m in METRICS),
+            ]
+        )
     return out.getvalue()
 
 
@@ -257,9 +287,14 @@ def compare(db: RunsDB, run_a: int, run_b: int, metric: str = "decode_tps") -> l
             continue
         positive = all(v > 0 for v in sa + sb)
         ratio = paired_ratio(sb, sa) if len(sa) == len(sb) and positive else None
-        out.append({
-            "engine": item["engine"], "settings": item["settings"],
-            "a": a[key][metric]["mean"], "b": item[metric]["mean"],
-            "ratio": item[metric]["mean"] / a[key][metric]["mean"], "interval": ratio,
-        })  # fmt: skip
+        out.append(
+            {
+                "engine": item["engine"],
+                "settings": item["settings"],
+                "a": a[key][metric]["mean"],
+                "b": item[metric]["mean"],
+                "ratio": item[metric]["mean"] / a[key][metric]["mean"],
+                "interval": ratio,
+            }
+        )
     return out

@@ -128,28 +128,46 @@ class Sweep:
         done = self.db.done(self.run_id)
         engines = engine_names(self.baseline)
         total, start = len(self.configs), time.perf_counter()
-        progress = {"step": 0, "steps": sum(
-            (config_key(c), name, rep) not in done
-            for c in self.configs for rep in range(self.reps) for name in engines
-        )}  # fmt: skip
+        progress = {
+            "step": 0,
+            "steps": sum(
+                (config_key(c), name, rep) not in done
+                for c in self.configs
+                for rep in range(self.reps)
+                for name in engines
+            ),
+        }
 
         def event(kind, index, config=None, rep=None, metrics=None, error=None, engine=ENGINE):
             step, steps = progress["step"], progress["steps"]
             elapsed = time.perf_counter() - start
             eta = elapsed / step * (steps - step) if step else None
             return SweepEvent(
-                kind, self.run_id, index, total, dict(config or {}), rep, metrics, error,
-                elapsed, eta, engine, step, steps,
-            )  # fmt: skip
+                kind,
+                self.run_id,
+                index,
+                total,
+                dict(config or {}),
+                rep,
+                metrics,
+                error,
+                elapsed,
+                eta,
+                engine,
+                step,
+                steps,
+            )
 
         for index, (config, config_id) in enumerate(
             zip(self.configs, self.config_ids, strict=True)
         ):
             key = config_key(config)
             missing = [
-                (rep, name) for rep in range(self.reps) for name in engines
+                (rep, name)
+                for rep in range(self.reps)
+                for name in engines
                 if (key, name, rep) not in done
-            ]  # fmt: skip
+            ]
             if not missing:
                 yield event("skipped", index, config)
                 continue
@@ -221,9 +239,12 @@ class Sweep:
                 f"cache {kv / 2**20:.0f} MB), {available:.0f} MB available: not run"
             )
         engine = Engine(
-            model, tokenizer, max_batch=config["concurrency"],
-            prefix_cache_mb=1024 if depth else 0, **parse_kv(config["kv"]),
-        )  # fmt: skip
+            model,
+            tokenizer,
+            max_batch=config["concurrency"],
+            prefix_cache_mb=1024 if depth else 0,
+            **parse_kv(config["kv"]),
+        )
         if depth:  # the context, computed once and kept by the prefix cache
             try:
                 engine.submit(shared + [prompts[0][depth]], max_tokens=1).result()
@@ -256,11 +277,16 @@ class Sweep:
     def _measure_baseline(self, config: Mapping, prompts: list[list[int]], rep: int | None):
         worker = self._worker(config["model"], config["compute"])
         sampling = {name: config[name] for name in SAMPLING_AXES}
-        reply = worker.run({
-            "prompts": prompts, "gen": config["gen_tokens"], "sampling": sampling,
-            "seed": self.seed + (0 if rep is None else rep) * 1000, "depth": config["depth"],
-            "kv": parse_kv(config["kv"]),
-        })  # fmt: skip
+        reply = worker.run(
+            {
+                "prompts": prompts,
+                "gen": config["gen_tokens"],
+                "sampling": sampling,
+                "seed": self.seed + (0 if rep is None else rep) * 1000,
+                "depth": config["depth"],
+                "kv": parse_kv(config["kv"]),
+            }
+        )
         if "error" in reply:
             raise RuntimeError(reply["error"])
         requests = reply["requests"]
@@ -353,8 +379,9 @@ def plan(
     run raises ValueError as the sweep itself would (check_grid)."""
     from ..loading import load as load_model
 
-    load = load or (lambda name, compute: load_model(None if name == "default" else name,
-                                                     compute=compute))  # fmt: skip
+    load = load or (
+        lambda name, compute: load_model(None if name == "default" else name, compute=compute)
+    )
     configs = list(expand(axes))
     check_grid(configs, load)
     engines = engine_names(baseline)

@@ -97,16 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(commands)
 
     dashboard = commands.add_parser(
-        "dashboard", help="the web dashboard: chat, sweeps, results, metrics",
+        "dashboard",
+        help="the web dashboard: chat, sweeps, results, metrics",
         description="Start the Streamlit dashboard on this machine and print its address.",
-    )  # fmt: skip
-    dashboard.add_argument("--model", metavar="PATH",
-                           help="the model preselected (default: the default model)")  # fmt: skip
+    )
+    dashboard.add_argument(
+        "--model", metavar="PATH", help="the model preselected (default: the default model)"
+    )
     dashboard.add_argument("--port", type=int, default=8501, metavar="N", help="default 8501")
-    dashboard.add_argument("--host", default="localhost", metavar="ADDRESS",
-                           help="address to listen on (default localhost; 0.0.0.0 for all)")  # fmt: skip
-    dashboard.add_argument("--db", metavar="PATH", help="the runs database (default: "
-                           "MLXINFER_DB, else ~/.local/share/mlxinfer/runs.sqlite)")  # fmt: skip
+    dashboard.add_argument(
+        "--host",
+        default="localhost",
+        metavar="ADDRESS",
+        help="address to listen on (default localhost; 0.0.0.0 for all)",
+    )
+    dashboard.add_argument(
+        "--db",
+        metavar="PATH",
+        help="the runs database (default: MLXINFER_DB, else ~/.local/share/mlxinfer/runs.sqlite)",
+    )
     return parser
 
 

@@ -67,8 +67,10 @@ def run_chat(args: argparse.Namespace) -> int:
             print("mlxinfer chat: conversation cleared", file=sys.stderr)
             continue
         if text.startswith("/") and " " not in text:
-            print(f"mlxinfer chat: unknown command {text}; commands: {', '.join(COMMANDS)}",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"mlxinfer chat: unknown command {text}; commands: {', '.join(COMMANDS)}",
+                file=sys.stderr,
+            )
             continue
         try:
             check_text(text, "the message")
@@ -82,8 +84,11 @@ def run_chat(args: argparse.Namespace) -> int:
             report_failed_turn(args, e, interactive)
             continue
         if dropped:
-            print(f"mlxinfer chat: the conversation outgrew the context; the {dropped} oldest "
-                  "messages were dropped", file=sys.stderr)  # fmt: skip
+            print(
+                f"mlxinfer chat: the conversation outgrew the context; the {dropped} oldest "
+                "messages were dropped",
+                file=sys.stderr,
+            )
         progress = PrefillProgress()
         reply, last = [], None
         stream = stream_generate(

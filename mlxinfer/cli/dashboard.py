@@ -53,12 +53,26 @@ def run_dashboard(args: argparse.Namespace) -> int:
     if args.model is not None:
         env["MLXINFER_MODEL"] = str(Path(args.model).expanduser().resolve())
     command = [
-        sys.executable, "-m", "streamlit", "run", str(app),
-        "--server.port", str(args.port), "--server.address", args.host,
-        "--server.headless", "true", "--browser.gatherUsageStats", "false",
-        "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer",
-        "--client.showErrorDetails", "type",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app),
+        "--server.port",
+        str(args.port),
+        "--server.address",
+        args.host,
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--server.fileWatcherType",
+        "none",
+        "--client.toolbarMode",
+        "viewer",
+        "--client.showErrorDetails",
+        "type",
+    ]
     print(f"mlxinfer dashboard: http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     process = subprocess.Popen(command, env=env)
     signal.signal(signal.SIGTERM, lambda number, frame: process.terminate())  # pass it on

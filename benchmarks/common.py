@@ -6,9 +6,11 @@ import datetime
 import json
 from pathlib import Path
 
+# isort: off
+import mlxinfer  # before mlx.core: OpenBLAS and the gemv shim load first
 import mlx.core as mx
 
-import mlxinfer
+# isort: on
 from mlxinfer.bench.machine import machine_facts
 from mlxinfer.bench.stats import summary  # noqa: F401  (the benchmarks import it from here)
 from mlxinfer.loading import prepare

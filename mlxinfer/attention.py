@@ -11,8 +11,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import KVCache, Mask, RotatingKVCache, causal_mask
+from .cache import KVCache, RotatingKVCache
 from .config import ModelConfig
+from .masks import Mask, causal_mask
 from .ops import OPS, MLXOps
 from .rope import RoPE
 

@@ -24,7 +24,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from .cache import KVCache, Mask, RotatingKVCache, Stored, StoredKV, check_quantization
+from .cache import KVCache, RotatingKVCache, Stored, StoredKV, check_quantization
+from .masks import Mask
 
 SingleCache = KVCache | RotatingKVCache
 

@@ -21,7 +21,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import backend
-from .cache import window_mask
+from .masks import window_mask
 
 _LOG2E = 1.4426950408889634
 # Taylor coefficients of 2^f = e^(f ln 2) for f in [0, 1): degree 7 leaves < 1e-7 relative error.

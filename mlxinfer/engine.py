@@ -90,7 +90,11 @@ class RequestHandle:
 
     def cancel(self) -> None:
         """Stop generating; the last response says 'cancelled' (unless it had already ended)."""
-        self._engine._send(("cancel", self._request))
+        self._engine.cancel(self._request)
+
+    def put(self, response: GenerationResponse) -> None:
+        """The engine's worker hands this request's next response over (any thread may iterate)."""
+        self._responses.put(response)
 
     def result(self, timeout: float | None = None) -> GenerationResult:
         """Wait for the request to end (TimeoutError after `timeout` seconds) and return it whole,
@@ -205,8 +209,11 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.close(cancel=exc[0] is not None)
 
-    def _send(self, message: tuple) -> None:
-        self._worker.inbox.put(message)
+    def cancel(self, request: Request) -> None:
+        """Cancel a submitted request (its handle's `cancel()`): the worker ends it between steps.
+        After close() nothing is left to cancel (every request got its last response), so this
+        never raises."""
+        self._worker.inbox.put(("cancel", request))
 
     def call(self, function, *args, timeout: float | None = None, **kwargs):
         """Run `function(*args, **kwargs)` on the engine's thread, between two generation steps,
@@ -316,7 +323,7 @@ class _Worker:
             handle = self.handles.get(request.id)
             if handle is None:
                 continue
-            handle._responses.put(response)
+            handle.put(response)
             if response.finish_reason is not None:
                 del self.handles[request.id]
 
@@ -326,7 +333,7 @@ class _Worker:
             handles = list(self.handles.values())
             self.handles.clear()
         for handle in handles:
-            handle._responses.put(GenerationResponse("", -1, None, "error", None, reason))
+            handle.put(GenerationResponse("", -1, None, "error", None, reason))
 
 
 def _active(scheduler: Scheduler) -> list[Request]:

@@ -28,10 +28,9 @@ from mlx.utils import tree_flatten
 from .cache import kv_cache_bytes
 from .moe import SparseMoE
 from .sampling import (
+    Sampler,
     SamplingParams,
     apply_min_p,
-    apply_presence_frequency,
-    apply_repetition_penalty,
     apply_temperature,
     apply_top_k,
     apply_top_p,
@@ -156,28 +155,14 @@ def sampling_stages(
     """The next-token distribution after each stage of the sampler's chain, in its order: raw,
     penalties (repetition over the last `repetition_context_size` of `history`, presence and
     frequency over `history`'s counts) and logit bias, top-k, top-p, min-p, temperature.
-    [(stage, probabilities [vocab])]; a filtered-out token has probability 0. The stages call the
-    sampler's own filter functions one at a time (the sampler's fused top-k shortcut gives the
-    same distribution)."""
+    [(stage, probabilities [vocab])]; a filtered-out token has probability 0. The penalty stage
+    is the sampler's own (`Sampler.process`, `history` counted as generated tokens); the filters
+    are its functions one at a time (its fused top-k shortcut gives the same distribution)."""
     own_streams()  # MLX work on the calling thread (streams.py)
     x = mx.array(np.asarray(logits, dtype=np.float32))[None]  # [1, V]
     V = x.shape[-1]
-    history = [int(t) for t in history]
     stages = [("raw", x)]
-    if params.repetition_penalty != 1.0 and len(history):
-        recent = mx.array([list(history)[-params.repetition_context_size :]], mx.int32)
-        x = apply_repetition_penalty(x, recent, params.repetition_penalty)
-    if params.presence_penalty or params.frequency_penalty:
-        counts = np.zeros((1, V), np.float32)
-        np.add.at(counts[0], np.asarray(list(history), dtype=np.int64), 1.0)
-        x = apply_presence_frequency(
-            x, mx.array(counts), params.presence_penalty, params.frequency_penalty
-        )
-    if params.logit_bias:
-        bias = np.zeros((V,), np.float32)
-        for token, value in params.logit_bias.items():
-            bias[token] += value
-        x = x + mx.array(bias)
+    x = Sampler(params, V, generated_ids=[int(t) for t in history]).process(x)
     stages.append(("penalties", x))
     x = apply_top_k(x, params.top_k)
     stages.append(("top-k", x))

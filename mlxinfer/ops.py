@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import cpu_kernels
-from .cache import Mask, window_mask
+from .masks import Mask, window_mask
 
 KERNELS = ("auto", "cpu", "mlx")
 KERNELS_ENV = "MLXINFER_KERNELS"

@@ -281,15 +281,26 @@ class Sampler:
     need (the recent window and the per-token counts) and its own random key, so concurrent requests
     with different seeds never share random state."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: Sequence[int] = ()):
+    def __init__(
+        self,
+        params: SamplingParams,
+        vocab_size: int,
+        prompt_ids: Sequence[int] = (),
+        generated_ids: Sequence[int] = (),
+    ):
+        """`generated_ids`: tokens already generated after the prompt (a request resumed, or the
+        inside view's history), which the presence and frequency penalties count."""
         params.check_vocab(vocab_size)
         self.params = params
         self.vocab_size = vocab_size
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
         self.key = mx.random.key(seed)
-        window = list(prompt_ids)[-params.repetition_context_size :]
+        window = [*prompt_ids, *generated_ids][-params.repetition_context_size :]
         self.recent = mx.array([window], mx.int32) if window else None  # [1, <=W]
         self.counts = mx.zeros((1, vocab_size), mx.float32)  # generated-token counts
+        if len(generated_ids):
+            ids = mx.array([int(t) for t in generated_ids], mx.int32)
+            self.counts = self.counts.at[0, ids].add(1.0)
         self.bias = None
         self.invalid: mx.array | None = None  # set by each call: see __call__
         if params.logit_bias:

@@ -81,3 +81,45 @@ def test_the_package_has_no_import_cycle():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# The layers of ARCHITECTURE.md, lowest first: a module may import its own layer and those below.
+LAYERS = [
+    ["backend", "streams", "masks", "cpu_kernels", "ops"],
+    ["config", "rope", "attention", "mlp", "moe", "model", "cache", "batch_cache"],
+    ["chat_template", "tokenizer", "gguf", "loading"],
+    ["sampling", "responses", "metrics", "conversation"],
+    ["prefix_cache", "scheduler", "generate", "engine"],
+    ["inspect", "bench"],
+    ["cli", "__main__"],
+]
+
+
+def layer_of(module: str) -> int:
+    """The layer of `mlxinfer.x` or `mlxinfer.x.y` (a subpackage is one unit). The package's
+    __init__ (the BLAS set-up that must run first, the version, the public API) is loaded before
+    any of its modules, so taking a name from it is no upward import: layer -1."""
+    if module == "mlxinfer":
+        return -1
+    unit = module.split(".")[1]
+    return next(i for i, names in enumerate(LAYERS) if unit in names)
+
+
+def test_every_module_has_a_layer():
+    units = {name.split(".")[1] for name in modules() if name != "mlxinfer"}
+    assert units == {unit for names in LAYERS for unit in names}
+
+
+def test_imports_point_down_the_layers():
+    """A module imports only its own layer and those below (ARCHITECTURE.md): the kernels know
+    nothing of the caches, the model nothing of sampling, generation nothing of the tools. The
+    masks lived in cache.py, which the op sets imported."""
+    known = modules()
+    upward = [
+        f"{name} (layer {layer_of(name)}) imports {target} (layer {layer_of(target)})"
+        for name, path in known.items()
+        if name != "mlxinfer"  # the public API: it exports from every layer
+        for target in imports(name, path, known)
+        if layer_of(target) > layer_of(name)
+    ]
+    assert upward == []

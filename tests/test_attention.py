@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from mlxinfer.attention import Attention
-from mlxinfer.cache import KVCache, RotatingKVCache, causal_mask, window_mask
+from mlxinfer.cache import KVCache, RotatingKVCache
 from mlxinfer.config import ModelConfig
+from mlxinfer.masks import causal_mask, window_mask
 from mlxinfer.ops import OPS, masked
 from mlxinfer.rope import RoPE
 

@@ -7,48 +7,40 @@ import json
 import os
 import sys
 
-from .options import package_version
-
 
 def environment() -> dict:
-    """What a bug report needs: versions, device and backend, BLAS, the gemv shim, the compiler,
-    and where the default model is."""
-    import platform
-
+    """What a bug report needs: the machine facts every benchmark run records
+    (bench/machine.py: versions, CPU, device, BLAS, the kernels, the commit), with the details a
+    report adds: where Python is, the gemv kernel's check figures, the op set's source, Metal, the
+    C compiler, and where the default model is."""
     import mlx.core as mx
 
-    from ..backend import (
-        blas_status,
-        c_compiler,
-        cpu_features,
-        cpu_name,
-        gemv_kernel_summary,
-        gemv_shim_status,
-        prefill_kernel_summary,
-        resolve_compute_policy,
-    )
+    from ..backend import c_compiler, gemv_kernel_summary
+    from ..bench.machine import machine_facts
     from ..loading import DEFAULT_MODEL_INSTALL, default_model_path
 
+    facts = machine_facts()
     try:
         default_model = str(default_model_path())
     except FileNotFoundError:
         default_model = f"not installed ({DEFAULT_MODEL_INSTALL})"
     return {
-        "mlxinfer": package_version("mlxinfer"),
-        "mlx": mx.__version__,  # type: ignore[attr-defined]
-        "mlx-lm": package_version("mlx-lm"),
-        "python": f"{sys.version.split()[0]} ({sys.executable})",
-        "platform": platform.platform(),
-        "cpu": f"{cpu_name()}, {os.cpu_count()} cores",
-        "cpu features": cpu_features() or "unknown",
-        "device": str(mx.default_device()),
+        "mlxinfer": facts["mlxinfer"],
+        "commit": facts["commit"],
+        "mlx": facts["mlx"],
+        "mlx-lm": facts["mlx_lm"],
+        "python": f"{facts['python']} ({sys.executable})",
+        "platform": facts["os"],
+        "cpu": f"{facts['cpu']}, {facts['cores']} cores, {facts['memory_gb']} GB",
+        "cpu features": facts["cpu_features"] or "unknown",
+        "device": facts["backend"],
         "metal": mx.metal.is_available(),
-        "compute policy (auto)": resolve_compute_policy("auto"),
+        "compute policy (auto)": facts["compute_policy"],
         "kernels (auto)": _auto_kernels(),
-        "blas": blas_status(),
-        "gemv shim": gemv_shim_status(),
-        "gemv kernel": gemv_kernel_summary(),
-        "prefill kernels": prefill_kernel_summary(),
+        "blas": facts["blas"],
+        "gemv shim": facts["gemv_shim"],
+        "gemv kernel": gemv_kernel_summary(),  # with the check's figures, which the facts leave out
+        "prefill kernels": facts["prefill_kernel"],
         "c compiler": c_compiler() or "none found",
         "default model": default_model,
     }

@@ -86,26 +86,22 @@ def trace(
     if bad:
         raise ValueError(f"layers: {bad[0]} is not a layer of this model (0..{n_layers - 1})")
 
-    x = mx.array([ids])
-    h = model.model.embed_tokens(x).astype(model.compute_dtype)  # [1, T, D]
-    hidden = [h]
+    hidden: list[mx.array] = []
     attentions, routing = {}, {}
-    masks: dict = {}
-    for i, block in enumerate(model.model.layers):
-        normed = block.input_layernorm(h)
-        if i in keep:
-            attentions[i] = block.self_attn.probabilities(normed)[0]
-        h = h + block.self_attn(normed, None, masks)
-        mlp_in = block.post_attention_layernorm(h)
-        if isinstance(block.mlp, SparseMoE) and i in keep:
-            experts, weights = block.mlp.route(mlp_in.reshape(-1, mlp_in.shape[-1]))
-            routing[i] = (experts, weights)
-        h = h + block.mlp(mlp_in)
-        hidden.append(h)
-        mx.eval(h, *attentions.values(), *[a for r in routing.values() for a in r])
-    hidden[-1] = model.model.norm(hidden[-1])  # transformers: the last one after the final norm
-    logits = model.logits(hidden[-1])
-    mx.eval(logits, hidden[-1])
+
+    def observe(index: int, block, parts: tuple) -> None:
+        output, attention_in, mlp_in = parts
+        if index in keep:
+            attentions[index] = block.self_attn.probabilities(attention_in)[0]
+            if isinstance(block.mlp, SparseMoE):
+                routing[index] = block.mlp.route(mlp_in.reshape(-1, mlp_in.shape[-1]))
+        hidden.append(output)
+        mx.eval(output, *attentions.values(), *[a for r in routing.values() for a in r])
+
+    final = model.hidden_states(mx.array([ids]), None, observe)
+    hidden[-1] = final  # transformers: the last one after the final norm
+    logits = model.logits(final)
+    mx.eval(logits, final)
     return Trace(
         token_ids=ids,
         pieces=[tokenizer.decode([t]) for t in ids],

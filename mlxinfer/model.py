@@ -6,6 +6,8 @@ a checkpoint is a plain dict update.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
@@ -33,8 +35,17 @@ class TransformerBlock(nn.Module):
         self.mlp = SparseMoE(config) if config.layer_moe[index] else SwiGLU(config)
 
     def __call__(self, x: mx.array, cache: Cache | None, masks: dict | None = None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache, masks)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return self.parts(x, cache, masks)[0]
+
+    def parts(
+        self, x: mx.array, cache: Cache | None, masks: dict | None = None
+    ) -> tuple[mx.array, mx.array, mx.array]:
+        """(output, the attention's input, the MLP's input): the block's result and the two
+        normed activations that looking inside it needs (inspect.trace)."""
+        attention_in = self.input_layernorm(x)
+        h = x + self.self_attn(attention_in, cache, masks)
+        mlp_in = self.post_attention_layernorm(h)
+        return h + self.mlp(mlp_in), attention_in, mlp_in
 
 
 class DecoderStack(nn.Module):
@@ -72,16 +83,35 @@ class Model(nn.Module):
     def __call__(self, tokens: mx.array, cache: list[Cache] | None = None) -> mx.array:
         return self.logits(self.hidden_states(tokens, cache))
 
-    def hidden_states(self, tokens: mx.array, cache: list[Cache] | None = None) -> mx.array:
+    def hidden_states(
+        self,
+        tokens: mx.array,
+        cache: list[Cache] | None = None,
+        observe: Callable[[int, TransformerBlock | None, tuple], None] | None = None,
+    ) -> mx.array:
         """Final-norm hidden states `[B, T, D]`; prefill uses this to skip the LM head on all but
-        the last position. Without a cache, `tokens` are positions 0..T-1."""
-        h = self.model.embed_tokens(tokens)  # [B, T, D]
-        h = h.astype(self.compute_dtype)
+        the last position. Without a cache, `tokens` are positions 0..T-1. `observe(index,
+        block, (output, attention input, mlp input))` is called after each block, with the
+        embeddings first as index -1 (for looking inside: inspect.trace)."""
+        h = self.embed(tokens)  # [B, T, D]
+        if observe is not None:
+            observe(-1, None, (h, None, None))
         layer_caches = cache if cache is not None else [None] * len(self.model.layers)
-        masks = {}  # one attention mask per distinct (cache state, window), shared by the layers
-        for layer, layer_cache in zip(self.model.layers, layer_caches, strict=True):
-            h = layer(h, layer_cache, masks)
+        masks: dict = {}  # one attention mask per distinct (cache state, window), shared by layers
+        for index, (layer, layer_cache) in enumerate(
+            zip(self.model.layers, layer_caches, strict=True)
+        ):
+            if observe is None:
+                h = layer(h, layer_cache, masks)
+            else:
+                parts = layer.parts(h, layer_cache, masks)
+                h = parts[0]
+                observe(index, layer, parts)
         return self.model.norm(h)
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        """Token embeddings `[B, T, D]` in the compute dtype."""
+        return self.model.embed_tokens(tokens).astype(self.compute_dtype)
 
     def logits(self, h: mx.array) -> mx.array:
         """LM head: `[B, T, D]` -> `[B, T, vocab]`, through the tied embedding when there is no lm_head."""

@@ -65,20 +65,10 @@ def x_axis_choices(items: list[dict]) -> list[str]:
 def runs_frame(db: RunsDB) -> pd.DataFrame:
     """Every run: id, when, status (a run whose process is gone is 'interrupted'), its models,
     configurations and measurements, the machine, mlxinfer version and commit, the command."""
-    counts = dict(
-        db.conn.execute(
-            "SELECT c.run_id, COUNT(m.id) FROM configurations c "
-            "LEFT JOIN measurements m ON m.configuration_id = c.id GROUP BY c.run_id"
-        ).fetchall()
-    )
+    counts = db.measurement_counts()
     rows = []
     for run in db.runs():
-        facts = {}
-        if run["machine_id"] is not None:
-            found = db.conn.execute(
-                "SELECT facts FROM machines WHERE id = ?", (run["machine_id"],)
-            ).fetchone()
-            facts = json.loads(found[0]) if found else {}
+        facts = db.machine(run["machine_id"])
         configs = db.configurations(run["id"])
         models = sorted({c.get("model", "?") for c in configs})
         rows.append(

@@ -123,3 +123,17 @@ def test_imports_point_down_the_layers():
         if layer_of(target) > layer_of(name)
     ]
     assert upward == []
+
+
+def test_all_sql_is_in_the_runs_database_module():
+    """The runs database's schema and queries live in one place (bench/db.py); the sweep runner,
+    the background jobs and the dashboard ask it (they ran their own SELECTs)."""
+    root = PACKAGE.parent
+    outside = [
+        f"{path.relative_to(root)}:{number}"
+        for path in [*PACKAGE.rglob("*.py"), *(root / "dashboard").rglob("*.py")]
+        if path != PACKAGE / "bench" / "db.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if ".execute(" in line or "executemany(" in line
+    ]
+    assert outside == []

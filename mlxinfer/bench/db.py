@@ -369,6 +369,45 @@ class RunsDB:
             out.append(item)
         return out
 
+    def measurement_counts(self) -> dict[int, int]:
+        """run id -> how many measurements it has (failed ones too)."""
+        rows = self.conn.execute(
+            "SELECT c.run_id, COUNT(m.id) FROM configurations c "
+            "LEFT JOIN measurements m ON m.configuration_id = c.id GROUP BY c.run_id"
+        ).fetchall()
+        return {run_id: count for run_id, count in rows}
+
+    def machine(self, machine_id: int | None) -> dict:
+        """The machine facts a run recorded (empty for none or an unknown id)."""
+        if machine_id is None:
+            return {}
+        row = self.conn.execute("SELECT facts FROM machines WHERE id = ?", (machine_id,)).fetchone()
+        return json.loads(row[0]) if row else {}
+
+    def successful_speeds(self) -> list[tuple[str, dict, float, float]]:
+        """(engine, configuration settings, prefill_tps, decode_tps) of every successful
+        measurement with both speeds: what estimates of a sweep's duration are made from."""
+        rows = self.conn.execute(
+            "SELECT m.engine, c.settings, m.prefill_tps, m.decode_tps FROM measurements m "
+            "JOIN configurations c ON c.id = m.configuration_id "
+            "WHERE m.status = 'ok' AND m.prefill_tps > 0 AND m.decode_tps > 0"
+        ).fetchall()
+        return [(engine, json.loads(settings), p, d) for engine, settings, p, d in rows]
+
+    def run_of_process(self, pid: int, run_id: int | None = None, since: float = 0.0) -> int | None:
+        """The run a worker process `pid` is measuring: `run_id` if that run is now its (a run it
+        resumed), else its latest run started at or after `since`; None before it has one."""
+        if run_id is not None:
+            row = self.conn.execute(
+                "SELECT id FROM runs WHERE id = ? AND pid = ?", (run_id, pid)
+            ).fetchone()
+        else:
+            row = self.conn.execute(
+                "SELECT id FROM runs WHERE pid = ? AND started >= ? ORDER BY id DESC LIMIT 1",
+                (pid, since),
+            ).fetchone()
+        return None if row is None else row[0]
+
     def token_times(self, measurement_id: int) -> list[float]:
         rows = self.conn.execute(
             "SELECT t_ms FROM token_times WHERE measurement_id = ? ORDER BY position",

@@ -39,16 +39,7 @@ class Job:
 
     def run_id(self, db) -> int | None:
         """The run the worker is measuring, once it has made (or taken up) it."""
-        if self.resume is not None:
-            row = db.conn.execute(
-                "SELECT id FROM runs WHERE id = ? AND pid = ?", (self.resume, self.pid)
-            ).fetchone()
-        else:
-            row = db.conn.execute(
-                "SELECT id FROM runs WHERE pid = ? AND started >= ? ORDER BY id DESC LIMIT 1",
-                (self.pid, self.started - 1),
-            ).fetchone()
-        return None if row is None else row[0]
+        return db.run_of_process(self.pid, self.resume, self.started - 1)
 
     def exit_code(self) -> int | None:
         """The worker's exit status, or None while it runs."""

@@ -16,7 +16,6 @@ are the first request's.
 
 from __future__ import annotations
 
-import json
 import statistics
 import threading
 import time
@@ -425,13 +424,7 @@ def _speeds(db: RunsDB) -> dict:
     """(engine, model, compute, concurrency) -> median (prefill_tps, decode_tps) of the
     database's successful measurements."""
     samples: dict[tuple, list] = {}
-    rows = db.conn.execute(
-        "SELECT m.engine, c.settings, m.prefill_tps, m.decode_tps FROM measurements m "
-        "JOIN configurations c ON c.id = m.configuration_id "
-        "WHERE m.status = 'ok' AND m.prefill_tps > 0 AND m.decode_tps > 0"
-    ).fetchall()
-    for engine, settings, prefill, decode in rows:
-        s = json.loads(settings)
+    for engine, s, prefill, decode in db.successful_speeds():
         key = (engine, s.get("model"), s.get("compute"), s.get("concurrency"))
         samples.setdefault(key, []).append((prefill, decode))
     return {

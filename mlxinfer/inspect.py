@@ -26,6 +26,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .cache import kv_cache_bytes
+from .generate import decode_step, prefill
 from .moe import SparseMoE
 from .sampling import (
     Sampler,
@@ -259,15 +260,15 @@ def architecture(model) -> dict:
 def measured_kv_bytes(
     model, tokens: int, max_kv_size: int | None = None, kv_bits: int | None = None, seed: int = 0
 ) -> int:
-    """Bytes a real cache holds once `tokens` tokens are in (a prefill of all but one in chunks of
-    512, then one decoded token), for checking kv_cache_bytes' prediction on the loaded model."""
+    """Bytes a real cache holds once `tokens` tokens are in (generation's own prefill of all but
+    one, in its chunks, then one decode step), for checking kv_cache_bytes' prediction on the
+    loaded model."""
     own_streams()  # MLX work on the calling thread (streams.py)
     caches = model.make_cache(max_kv_size=max_kv_size, kv_bits=kv_bits)
     ids = mx.array(np.random.default_rng(seed).integers(0, model.config.vocab_size, (1, tokens)))
-    for start in range(0, tokens - 1, 512):
-        model.hidden_states(ids[:, start : min(start + 512, tokens - 1)], caches)
-        mx.eval([c.state for c in caches])
-    model(ids[:, tokens - 1 :], caches)
+    if tokens > 1:
+        prefill(model, ids[:, :-1], caches)
+    decode_step(model, ids[:, -1], caches)
     mx.eval([c.state for c in caches])
     return sum(c.nbytes for c in caches)
 

@@ -6,6 +6,7 @@ with the run's numbers; compare two runs on Results. Screenshots are kept as tes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -90,32 +91,41 @@ def server(tmp_path_factory):
             capture_output=True,
             timeout=300,
         )
+    with dashboard_server([sys.executable, "-m", "mlxinfer"], db, tmp) as url:
+        yield url, db
+
+
+@contextlib.contextmanager
+def dashboard_server(mlxinfer: list, db: Path, logs: Path, **popen):
+    """`mlxinfer dashboard` (the command as `mlxinfer` gives it) on a free port with database
+    `db`, its output in logs/server.log: its URL once it answers its health check, stopped after.
+    A dashboard that does not start fails the test with its log."""
     port = free_port()
-    log = open(tmp / "server.log", "w")  # noqa: SIM115  (open while the server runs)
+    log = open(logs / "server.log", "w")  # noqa: SIM115  (open while the server runs)
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlxinfer", "dashboard", "--port", str(port), "--db", str(db)],
+        [*mlxinfer, "dashboard", "--port", str(port), "--db", str(db)],
         stdout=log,
         stderr=subprocess.STDOUT,
+        **popen,
     )
     url = f"http://localhost:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=5) as response:
-                if response.read() == b"ok":
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.terminate()
-            process.wait(timeout=60)
-            log.close()
-            pytest.fail("the dashboard did not start:\n" + (tmp / "server.log").read_text())
-        time.sleep(0.5)
-    yield url, db
-    process.terminate()
-    process.wait(timeout=60)
-    log.close()
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=5) as response:
+                    if response.read() == b"ok":
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("the dashboard did not start:\n" + (logs / "server.log").read_text())
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,11 @@ import site
 import subprocess
 import sys
 import sysconfig
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from .test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS, WAIT_MS, free_port
+from .test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS, WAIT_MS, dashboard_server
 
 ROOT = Path(__file__).resolve().parent.parent
 # the installed copy only: no PYTHONPATH pointing back at a checkout
@@ -107,36 +105,10 @@ def test_mlxinfer_dashboard_from_a_non_editable_install_serves_the_chat(installe
     """`pip install .` then `mlxinfer dashboard`: the Chat page, in Chromium."""
     from playwright.sync_api import sync_playwright
 
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115  (open while the server runs)
-    process = subprocess.Popen(
-        [
-            installed / "bin" / "mlxinfer",
-            "dashboard",
-            "--port",
-            str(port),
-            "--db",
-            str(tmp_path / "runs.sqlite"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=tmp_path,
-        env=CLEAN_ENV,
-    )
-    url = f"http://localhost:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=5) as response:
-                    if response.read() == b"ok":
-                        break
-            except OSError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, (
-                tmp_path / "server.log"
-            ).read_text()
-            time.sleep(0.5)
+    command = [str(installed / "bin" / "mlxinfer")]
+    with dashboard_server(
+        command, tmp_path / "runs.sqlite", tmp_path, cwd=tmp_path, env=CLEAN_ENV
+    ) as url:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page()
@@ -147,7 +119,3 @@ def test_mlxinfer_dashboard_from_a_non_editable_install_serves_the_chat(installe
             for name in ("Sweep", "Results", "Metrics"):  # every page is listed
                 page.get_by_role("link", name=name).first.wait_for()
             browser.close()
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
-        log.close()

@@ -27,13 +27,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .generate import (
-    GenerationResponse,
-    Prompt,
-    check_max_tokens,
-    encode_prompt,
-    token_budget,
-)
+from .generate import GenerationResponse, Prompt, check_max_tokens, encode_prompt
 from .metrics import RequestMetrics
 from .model import Model
 from .sampling import SamplingParams
@@ -191,9 +185,8 @@ class Engine:
         max_tokens = params.max_tokens if max_tokens is None else max_tokens
         check_max_tokens(max_tokens)
         prompt_ids = encode_prompt(self.tokenizer, prompt, chat)
-        max_tokens = token_budget(self.model, prompt_ids, max_tokens)
         request = Request(next(self._ids), prompt_ids, params, max_tokens)
-        self.scheduler.check(request)  # reads only the model's config and the options
+        self.scheduler.check(request)  # reads only the model's config and the options; clips
         handle = RequestHandle(self, request)
         self._worker.submit(request, handle)
         return handle
@@ -385,9 +378,8 @@ def batch_generate(
         n = p.max_tokens if max_tokens is None else max_tokens
         try:
             ids = encode_prompt(tokenizer, prompt, chat)
-            # as stream_generate: max_tokens clipped to the context left after the prompt
-            request = Request(i, ids, p, token_budget(model, ids, check_max_tokens(n)))
-            scheduler.check(request)
+            request = Request(i, ids, p, check_max_tokens(n))
+            scheduler.check(request)  # clips max_tokens to the context left after the prompt
         except ValueError as e:
             raise ValueError(f"prompt {i}: {e}") from None
         requests.append(request)

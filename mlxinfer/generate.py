@@ -28,7 +28,7 @@ from .metrics import RequestMetrics
 from .model import Model
 from .responses import GenerationResponse, StopStrings, TextStream, TokenLogprobs
 from .sampling import SamplingParams
-from .scheduler import DEFAULT_PREFILL_CHUNK, Request, Scheduler, pipelines_decode
+from .scheduler import DEFAULT_PREFILL_CHUNK, Request, Scheduler, pipelines_decode, token_budget
 from .streams import own_streams
 from .tokenizer import Tokenizer
 
@@ -163,9 +163,9 @@ def stream_generate(
         kv_bits=kv_bits,
         kv_group_size=kv_group_size,
     )
-    request = Request(0, prompt_ids, params, token_budget(model, prompt_ids, max_tokens))
+    request = Request(0, prompt_ids, params, max_tokens)
     request.progress = prefill_progress
-    scheduler.check(request)
+    scheduler.check(request)  # clips max_tokens to the context the prompt leaves
     mx.reset_peak_memory()
     request.submitted = time.perf_counter()
     scheduler.add(request)
@@ -184,20 +184,6 @@ def check_max_tokens(max_tokens: object) -> int:
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
     return max_tokens
-
-
-def token_budget(model: Model, prompt_ids: list[int], max_tokens: int) -> int:
-    """How many tokens can be generated: max_tokens, clipped to the context left after the prompt.
-    A prompt longer than the context is an error."""
-    context = model.config.max_position_embeddings
-    if not prompt_ids:
-        raise ValueError("prompt is empty")
-    if len(prompt_ids) >= context:
-        raise ValueError(
-            f"prompt has {len(prompt_ids)} tokens, which leaves no room in the model's context of "
-            f"{context} tokens"
-        )
-    return min(max_tokens, context - len(prompt_ids))
 
 
 def generate(

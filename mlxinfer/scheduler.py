@@ -122,22 +122,17 @@ class Scheduler:
     # -- admission -------------------------------------------------------------------------------
 
     def check(self, request: Request) -> None:
-        """Refuse a request that can never run: ValueError saying why."""
+        """Refuse a request that can never run (ValueError saying why), and clip its max_tokens
+        to the context its prompt leaves: the one rule every entry point (stream_generate,
+        batch_generate, Engine.submit) gets by coming here."""
         request.params.check_vocab(self.model.config.vocab_size)
-        context = self.model.config.max_position_embeddings
+        request.max_tokens = token_budget(self.model, request.prompt_ids, request.max_tokens)
         need = len(request.prompt_ids) + request.max_tokens
-        if not request.prompt_ids:
-            raise ValueError("prompt is empty")
         rows = self.model.config.vocab_size
         if past := [t for t in request.prompt_ids if t >= rows]:
             raise ValueError(
                 f"prompt holds token {past[0]} ({self.tokenizer.decode([past[0]])!r}), an added "
                 f"token of the tokenizer past the model's {rows} embedding rows"
-            )
-        if need > context:
-            raise ValueError(
-                f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) "
-                f"exceed the model's context of {context} tokens"
             )
         alone = self.kv_bytes(1, need) + self.kv_bytes(1, len(request.prompt_ids))
         if self.kv_budget is not None and alone > self.kv_budget:
@@ -589,6 +584,20 @@ def _to_host(lp) -> TokenLogprobs | None:
         return None
     chosen, ids, values = lp
     return TokenLogprobs(chosen.item(), list(zip(ids[0].tolist(), values[0].tolist(), strict=True)))
+
+
+def token_budget(model: Model, prompt_ids: list[int], max_tokens: int) -> int:
+    """How many tokens can be generated: max_tokens, clipped to the context left after the prompt.
+    A prompt longer than the context is an error."""
+    context = model.config.max_position_embeddings
+    if not prompt_ids:
+        raise ValueError("prompt is empty")
+    if len(prompt_ids) >= context:
+        raise ValueError(
+            f"prompt has {len(prompt_ids)} tokens, which leaves no room in the model's context of "
+            f"{context} tokens"
+        )
+    return min(max_tokens, context - len(prompt_ids))
 
 
 def check_engine_options(max_batch, policy, kv_budget_mb, prefill_chunk, prefix_cache_mb) -> None:

@@ -343,6 +343,11 @@ def native_prefill_kernel(name: str):
     blas_status()
     if _shim is None or os.environ.get(NATIVE_PREFILL_ENV, "1") == "0":
         return None
+    return _native_function(name)
+
+
+@functools.cache  # once per kernel: every layer of every prefill chunk asks for it
+def _native_function(name: str):
     function = getattr(_shim, name)
     function.argtypes = _NATIVE_SIGNATURES[name]
     function.restype = ctypes.c_int
@@ -356,7 +361,7 @@ def prefill_kernel_summary() -> str:
         if _shim is None:
             return f"none (gemv shim {gemv_shim_status()})"
         return f"off ({NATIVE_PREFILL_ENV}=0)"
-    return _shim_text(_shim.mlxinfer_attention_kernel)
+    return _shim_text(_shim.mlxinfer_prefill_kernel)
 
 
 def kernel_index(name: str) -> int:

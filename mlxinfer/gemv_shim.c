@@ -194,7 +194,7 @@ static int cpu_can_run(int index) {
 
 static int feature_kernel = -1; /* the first of KERNELS this CPU can run */
 static int chosen = -1;         /* the kernel in use: an index of KERNELS, or -1 for OpenBLAS */
-static int attention_kernel = -1; /* KERNELS' variant for attention: by features, or forced */
+static int prefill_kernel = -1; /* KERNELS' variant for the prefill kernels: by features, or forced */
 static int checked_rows = 0;    /* small_gemm takes products of 4..checked_rows rows */
 static int unchecked = 0; /* forced by MLXINFER_GEMV_KERNEL, or MLXINFER_GEMV_CHECK=0 */
 static char status[256] = "not checked yet";
@@ -310,7 +310,7 @@ int mlxinfer_gemv_shim_init(const char *path, const char *kernel, int check) {
   snprintf(status, sizeof status, "not checked yet");
   for (int i = 0; i < N_KERNELS && feature_kernel < 0; i++)
     if (cpu_can_run(i)) feature_kernel = i;
-  chosen = attention_kernel = feature_kernel;
+  chosen = prefill_kernel = feature_kernel;
   if (!(kernel && *kernel)) {
     if (check == 0) {
       unchecked = 1, checked_rows = SMALL_ROWS;
@@ -328,7 +328,7 @@ int mlxinfer_gemv_shim_init(const char *path, const char *kernel, int check) {
     for (int i = 0; i < N_KERNELS; i++)
       if (!strcmp(kernel, KERNELS[i].name) && cpu_can_run(i)) chosen = i;
     if (chosen == -2) return 2;
-    attention_kernel = chosen;
+    prefill_kernel = chosen;
     snprintf(status, sizeof status, "%s (forced by MLXINFER_GEMV_KERNEL)", KERNELS[chosen].name);
   }
   return 0;
@@ -431,6 +431,13 @@ static void attention_task(void *arg) {
   free(scratch);
 }
 
+/* The variant a prefill kernel runs: `variant`, or the one chosen at init for -1; -1 when this
+ * CPU cannot run it (or there is none). */
+static int prefill_variant(int variant) {
+  int index = variant >= 0 ? variant : prefill_kernel;
+  return index >= 0 && index < N_KERNELS && cpu_can_run(index) ? index : -1;
+}
+
 /* Causal attention of a prefill chunk (see attention_job), in work items (a block of queries of
  * one KV head with all its query groups: about ATTENTION_ROWS rows) shared by the pool's threads.
  * `variant` is an index of KERNELS, or -1 for the one chosen at init. Returns 0; 1 for a shape
@@ -438,8 +445,8 @@ static void attention_task(void *arg) {
  * H not a multiple of KV, fewer keys than queries); 2 for a variant this CPU cannot run; 3 when
  * out of memory. */
 int mlxinfer_attention(attention_job *job, int variant) {
-  int index = variant >= 0 ? variant : attention_kernel;
-  if (index < 0 || index >= N_KERNELS || !cpu_can_run(index)) return 2;
+  const int index = prefill_variant(variant);
+  if (index < 0) return 2;
   const int width = KERNELS[index].width, groups = job->KV > 0 ? job->H / job->KV : 0;
   if (job->hd <= 0 || job->hd % width || job->hd > 512 || groups <= 0 || job->H % job->KV ||
       job->S < job->T)
@@ -479,16 +486,16 @@ static void swiglu_task(void *arg) {
  * threads; `variant` as for mlxinfer_attention. Returns 0, or 2 for a variant this CPU cannot
  * run. */
 int mlxinfer_swiglu(const float *gate, const float *up, float *out, long n, int variant) {
-  int index = variant >= 0 ? variant : attention_kernel;
-  if (index < 0 || index >= N_KERNELS || !cpu_can_run(index)) return 2;
+  const int index = prefill_variant(variant);
+  if (index < 0) return 2;
   swiglu_call call = {gate, up, out, n, 0, KERNELS[index].swiglu};
   pool_run(swiglu_task, &call);
   return 0;
 }
 
-/* The variant mlxinfer_attention runs by default. */
-const char *mlxinfer_attention_kernel(void) {
-  return attention_kernel >= 0 ? KERNELS[attention_kernel].name : "none";
+/* The variant the prefill kernels (mlxinfer_attention, mlxinfer_swiglu) run by default. */
+const char *mlxinfer_prefill_kernel(void) {
+  return prefill_kernel >= 0 ? KERNELS[prefill_kernel].name : "none";
 }
 
 /* The kernel this CPU's features select (before the check against OpenBLAS). */

@@ -12,13 +12,22 @@ from pathlib import Path
 import pytest
 
 
-def bench(*args, db):
+def bench(*args, db, timeout: float = 300):
     return subprocess.run(
         [sys.executable, "-m", "mlxinfer", "bench", *args, "--db", str(db)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
+
+
+def two_runs_of_a_small_grid(model: str, db, timeout: float = 300) -> None:
+    """`mlxinfer bench` twice on the same grid (top-k 0 and 5, 8-token prompts, 5 tokens, 2
+    repetitions): two runs for the Results page to list and compare."""
+    for _ in range(2):
+        grid = ["--top-k", "0,5", "--prompt-tokens", "8", "--gen-tokens", "5", "--reps", "2"]
+        result = bench("--model", model, *grid, db=db, timeout=timeout)
+        assert result.returncode == 0, result.stderr
 
 
 def test_a_sweep_from_flags_then_list_export_and_compare(tiny, tmp_path):

@@ -18,6 +18,7 @@ import streamlit as st  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from .reference import make_tiny_checkpoint  # noqa: E402
+from .test_bench_command import two_runs_of_a_small_grid  # noqa: E402
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 TIMEOUT = 120
@@ -281,30 +282,7 @@ def test_a_sweep_estimated_past_an_hour_is_warned(dashboard, tiny):
 
 
 def test_results_list_compare_and_follow_a_metric_across_runs(dashboard, tiny):
-    for _ in range(2):  # two runs of the same grid, from the command line
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "mlxinfer",
-                "bench",
-                "--model",
-                tiny,
-                "--top-k",
-                "0,5",
-                "--prompt-tokens",
-                "8",
-                "--gen-tokens",
-                "5",
-                "--reps",
-                "2",
-                "--db",
-                str(dashboard),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=TIMEOUT,
-        )
+    two_runs_of_a_small_grid(tiny, dashboard, TIMEOUT)  # from the command line
     at = app("views/results.py")
     assert at.title[0].value == "Results"
     table = at.dataframe[0].value

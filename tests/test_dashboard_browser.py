@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from .reference import make_tiny_checkpoint
+from .test_bench_command import two_runs_of_a_small_grid
 
 pytestmark = pytest.mark.browser
 
@@ -67,30 +68,7 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dashboard")
     db, tiny = tmp / "runs.sqlite", tmp / "tiny"
     make_tiny_checkpoint(tiny, "llama")
-    for _ in range(2):
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "mlxinfer",
-                "bench",
-                "--model",
-                str(tiny),
-                "--top-k",
-                "0,5",
-                "--prompt-tokens",
-                "8",
-                "--gen-tokens",
-                "5",
-                "--reps",
-                "2",
-                "--db",
-                str(db),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
+    two_runs_of_a_small_grid(str(tiny), db)
     with dashboard_server([sys.executable, "-m", "mlxinfer"], db, tmp) as url:
         yield url, db
 

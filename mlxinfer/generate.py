@@ -4,9 +4,9 @@
                -> sampler -> token -> decode_step(token, cache) -> logits -> ...
     tokens -> TextStream (detokenizer, stop strings, EOS, budget) -> GenerationResponse per token
 
-stream_generate drives the scheduler (scheduler.py) with a batch of one: the same prefill, decode
-step and responses as the Engine. generate_tokens is the bare loop, for a sampler and caches of
-the caller's.
+stream_generate drives the scheduler (scheduler.py, and through it the runner) with a batch of
+one: the same prefill passes, decode steps and responses as the Engine. generate_tokens is the bare
+loop over the same steps (steps.py), for a sampler and caches of the caller's.
 
 On a GPU decoding is pipelined with mx.async_eval: step n+1 is queued before token n is read back
 on the host, so the device never waits for Python between steps. On the CPU it is not: there the
@@ -28,16 +28,25 @@ from .metrics import RequestMetrics
 from .model import Model
 from .responses import GenerationResponse, StopStrings, TextStream, TokenLogprobs
 from .sampling import SamplingParams
-from .scheduler import DEFAULT_PREFILL_CHUNK, Request, Scheduler, pipelines_decode, token_budget
+from .scheduler import Request, Scheduler, token_budget
+from .steps import (
+    DEFAULT_PREFILL_CHUNK,
+    PrefillProgress,
+    decode_step,
+    pipelines_decode,
+    prefill,
+)
 from .streams import own_streams
 from .tokenizer import Tokenizer
 
-__all__ = [  # GenerationResponse & co. live in responses.py; importable from here as before
-    "GenerationResponse",
+__all__ = [  # GenerationResponse & co. live in responses.py, the steps in steps.py; importable
+    "GenerationResponse",  # from here as before
     "RequestMetrics",
     "StopStrings",
     "TextStream",
     "TokenLogprobs",
+    "decode_step",
+    "prefill",
 ]
 
 TokenSampler = Callable[[mx.array], mx.array]  # logits [B, vocab] -> token ids [B]
@@ -47,36 +56,6 @@ Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages [{"ro
 def greedy(logits: mx.array) -> mx.array:
     """The most likely token of each row: logits `[B, vocab]` -> ids `[B]`."""
     return mx.argmax(logits, axis=-1)
-
-
-PrefillProgress = Callable[[int, int], None]  # (prompt tokens done, prompt tokens in all)
-
-
-def prefill(
-    model: Model,
-    prompt: mx.array,
-    cache: list[KVCache],
-    chunk_size: int = DEFAULT_PREFILL_CHUNK,
-    progress: PrefillProgress | None = None,
-) -> mx.array:
-    """Run `[B, T]` prompt ids through the model, filling `cache`; return the last position's
-    logits `[B, vocab]`. Chunks bound the attention scores' memory for long prompts; `progress`
-    is called after each chunk but the last with (tokens done, tokens in all)."""
-    total, done = prompt.shape[1], 0
-    while prompt.shape[1] > chunk_size:
-        model.hidden_states(prompt[:, :chunk_size], cache)
-        mx.eval([c.state for c in cache])
-        prompt = prompt[:, chunk_size:]
-        done += chunk_size
-        if progress is not None:
-            progress(done, total)
-    h = model.hidden_states(prompt, cache)  # [B, T_last, D]
-    return model.logits(h[:, -1:, :])[:, -1, :]  # [B, vocab]
-
-
-def decode_step(model: Model, tokens: mx.array, cache: list[KVCache]) -> mx.array:
-    """One token per sequence `[B]` -> next-token logits `[B, vocab]`."""
-    return model(tokens[:, None], cache)[:, -1, :]
 
 
 def _decode_loop(

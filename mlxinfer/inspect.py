@@ -26,7 +26,6 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .cache import kv_cache_bytes
-from .generate import decode_step, prefill
 from .moe import SparseMoE
 from .sampling import (
     Sampler,
@@ -36,6 +35,7 @@ from .sampling import (
     apply_top_k,
     apply_top_p,
 )
+from .steps import decode_step, prefill
 from .streams import own_streams
 
 

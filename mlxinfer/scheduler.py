@@ -1,9 +1,13 @@
 """Continuous batching: many requests share the model, joining the running batch as soon as there
-is room and leaving as they finish.
+is room and leaving as they finish. The scheduler decides; the runner (runner.py) runs:
 
-    waiting --admit--> prefilling --last prompt chunk, first token--> running (a batch row) --> done
+    step():  plan = schedule()          admission, and this step's work, by the policy
+             sampled = runner.<plan>    the prefill pass or decode step, on the model
+             update(sampled)            responses, statuses, batch rows joining and leaving
 
-Each `Scheduler.step()` does one unit of work, chosen by the policy:
+A request's status (request.py) says where it is: WAITING -> PREFILLING -> RUNNING -> FINISHED.
+
+The policies, and what each trades:
 
     prefill-first  any admitted prompt is prefilled (a chunk at a time, back to back) before the next
                    decode step. Best time to first token; running requests stall while prompts
@@ -22,9 +26,7 @@ Admission: at most `max_batch` requests prefilling or running, and the KV memory
 batch's storage is padded to its longest row, rows allocated in powers of two) within the budget.
 
 One thread owns a scheduler (MLX streams belong to the thread that made them); the Engine runs it
-on its own thread, batch_generate on the caller's. Prompts are prefilled into single-sequence
-caches (exact, chunked; several short fresh prompts together in one padded pass), then copied into
-a row of the batch caches (batch_cache.py); a decode step runs all rows through the model at once.
+on its own thread, stream_generate and batch_generate on the caller's.
 """
 
 from __future__ import annotations
@@ -36,49 +38,32 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .batch_cache import make_batch_cache, remove_row
-from .cache import RotatingKVCache, kv_cache_bytes
+from .cache import kv_cache_bytes
 from .metrics import RequestMetrics, request_metrics
 from .model import Model
 from .prefix_cache import PrefixCache
-from .responses import GenerationResponse, TextStream, TokenLogprobs
-from .sampling import Sampler, SamplingParams, invalid_logits, top_logprobs
+from .request import Request, Status
+from .responses import GenerationResponse, TextStream
+from .runner import Runner, Sampled
+from .steps import DEFAULT_PREFILL_CHUNK
 from .tokenizer import Tokenizer
 
+__all__ = ["POLICIES", "Plan", "Request", "Scheduler", "Status", "token_budget"]
+
 POLICIES = ("prefill-first", "decode-first", "chunked")
-DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per pass: bounds the attention scores' memory
 MIN_CHUNK = 16  # a chunked step always advances a waiting prompt by at least this many tokens
 
-
-def pipelines_decode() -> bool:
-    """Whether decode steps are queued ahead of the host (on a GPU) or run one at a time (CPU).
-    On the CPU the queued step competes with the host thread for the same cores: token n was read
-    back only once step n+1 was mostly done, and end to end it bought nothing."""
-    return mx.default_device() != mx.cpu
+Event = tuple[Request, GenerationResponse]
 
 
-@dataclass(eq=False)  # identity: `in`, .index() and .remove() find this request, not an equal one
-class Request:
-    """One request's state, from submission to its last response. Built on the caller's thread
-    (no MLX work); the scheduler's thread does the rest."""
+@dataclass
+class Plan:
+    """One step's work, as the scheduler decided it."""
 
-    id: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    max_tokens: int
-    submitted: float = field(default_factory=time.perf_counter)
-    admitted: float | None = None
-    # set by the scheduler
-    cache: list | None = None  # single-sequence caches while prefilling
-    prefilled: int = 0  # prompt tokens in the cache
-    cached_prompt_tokens: int = 0  # of those, reused from the prefix cache
-    progress: object = None  # prefill_progress(done, total) after each prefill chunk but the last
-    sampler: Sampler | None = None
-    stream: TextStream | None = None  # detokenizing, stop strings, EOS, the token budget
-    last_token: int = -1
-    peak_memory: int = 0
-    kv_bytes: int = 0
-    finished: bool = False
+    decode: bool = False  # one decode step for every running row, first
+    prefill: list[Request] = field(default_factory=list)  # one request's chunk, or fresh prompts
+    chunk: int = 0  # prompt tokens for a lone request's prefill
+    failed: list[tuple[Request, str]] = field(default_factory=list)  # could not start, and why
 
 
 class Scheduler:
@@ -110,14 +95,15 @@ class Scheduler:
         self.cache_options = dict(
             max_kv_size=max_kv_size, keep=kv_keep, kv_bits=kv_bits, kv_group_size=kv_group_size
         )
-        self.template = model.make_cache(**self.cache_options)  # validates the options
-        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb else None
+        prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb else None
+        self.runner = Runner(model, self.cache_options, max_batch, prefix_cache)
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []
         self.running: list[Request] = []  # running[r] owns batch row r
-        self.run_ahead = pipelines_decode()  # queue decode step n+1 before reading step n (GPU)
-        self._ahead: _Step | None = None
-        self._new_batch()
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        return self.runner.prefix_cache
 
     # -- admission -------------------------------------------------------------------------------
 
@@ -156,6 +142,7 @@ class Scheduler:
         )
 
     def add(self, request: Request) -> None:
+        request.status = Status.WAITING
         self.waiting.append(request)
 
     def _admit(self) -> None:
@@ -167,6 +154,7 @@ class Scheduler:
                 break  # first come, first served: no overtaking
             self.waiting.popleft()
             request.admitted = time.perf_counter()
+            request.status = Status.PREFILLING
             self.prefilling.append(request)
 
     def _fits(self, request: Request) -> bool:
@@ -176,287 +164,174 @@ class Scheduler:
         longest = max(len(r.prompt_ids) + r.max_tokens for r in active)
         rows = max(self.batch_rows, min(self.max_batch, 1 << (len(active) - 1).bit_length()))
         slots = max(self.batch_slots, longest)
-        prefills = sum(self.kv_bytes(1, len(r.prompt_ids)) for r in active if r.sampler is None)
+        prefills = sum(self.kv_bytes(1, len(r.prompt_ids)) for r in active if not r.started)
         return self.kv_bytes(rows, slots) + prefills <= self.kv_budget
 
     @property
+    def batch(self) -> list:
+        """The batch caches, a row per running request (the runner's)."""
+        return self.runner.batch
+
+    @property
     def batch_rows(self) -> int:
-        return max((c.n_rows for c in self.batch), default=0)
+        return self.runner.batch_rows
 
     @property
     def batch_slots(self) -> int:
-        return max((c.capacity for c in self.batch), default=0)
+        return self.runner.batch_slots
 
-    # -- the work --------------------------------------------------------------------------------
+    # -- deciding --------------------------------------------------------------------------------
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.prefilling or self.running)
 
-    def step(self) -> list[tuple[Request, GenerationResponse]]:
-        """One unit of work; returns the responses it produced, in order."""
+    def schedule(self) -> Plan:
+        """Admit what fits, then decide this step's work by the policy. Prompts about to be
+        prefilled are started here (caches made, the prefix cache consulted), since what the
+        prefix cache holds decides whether a prompt goes with others."""
         self._admit()
-        events: list[tuple[Request, GenerationResponse]] = []
-        mx.reset_peak_memory()  # process-wide: each step's peak is charged to its requests
+        plan = Plan()
         if self.policy == "chunked":
             budget = self.prefill_chunk
             if self.running:
-                events += self._decode()
+                plan.decode = True
                 budget -= len(self.running)
             if self.prefilling:
-                events += self._prefill(self.prefilling[0], max(budget, MIN_CHUNK))
+                self._start(self.prefilling[0], plan)
+                plan.prefill, plan.chunk = self._prefill_group(plan), max(budget, MIN_CHUNK)
         elif self.prefilling:  # prefill-first, or decode-first filling its batch
-            together = self._prefill_together()
-            if together is not None:
-                events += together
-            else:
-                events += self._prefill(self.prefilling[0], self.prefill_chunk)
+            plan.prefill = self._together(plan)
+            if not plan.prefill:
+                self._start(self.prefilling[0], plan)
+                plan.prefill, plan.chunk = self._prefill_group(plan), self.prefill_chunk
         elif self.running:
-            events += self._decode()
-        peak = mx.get_peak_memory()
-        for request in self.running + self.prefilling:
-            request.peak_memory = max(request.peak_memory, peak)
-        return events
+            plan.decode = True
+        return plan
 
-    def _start(self, request: Request) -> None:
-        """The first prefill chunk: caches, sampler, and whatever the prefix cache holds."""
-        request.cache = self.model.make_cache(**self.cache_options)
-        if self.prefix_cache is not None:
-            matched, key = self.prefix_cache.lookup(request.prompt_ids)
-            if matched:
-                self.prefix_cache.restore(key, matched, request.cache)
-                request.prefilled = request.cached_prompt_tokens = matched
-        request.sampler = Sampler(request.params, self.model.config.vocab_size, request.prompt_ids)
+    def _start(self, request: Request, plan: Plan) -> None:
+        if request.started:
+            return
+        try:
+            self.runner.start(request)
+        except Exception as e:  # this request fails; the others are untouched
+            plan.failed.append((request, f"prefill failed: {e}"))
         request.stream = TextStream(self.tokenizer, request.params, request.max_tokens)
 
-    def _prefill(self, request: Request, chunk: int) -> list:
-        """Up to `chunk` more prompt tokens of `request`; after the last one, its first token."""
-        try:
-            if request.sampler is None:
-                self._start(request)
-            ids = request.prompt_ids[request.prefilled : request.prefilled + chunk]
-            h = self.model.hidden_states(mx.array([ids]), request.cache)
-            request.prefilled += len(ids)
-            if request.prefilled < len(request.prompt_ids):
-                mx.eval([c.state for c in request.cache])
-                if request.progress is not None:
-                    request.progress(request.prefilled, len(request.prompt_ids))
-                return []
-            logits = self.model.logits(h[:, -1:, :])[:, -1, :]  # [1, vocab]
-        except Exception as e:  # this request fails; the others are untouched
-            self.prefilling.remove(request)
-            return [self._leave(request, "error", f"prefill failed: {e}")]
-        return self._first_tokens([request], logits, [request.cache])
+    def _prefill_group(self, plan: Plan) -> list[Request]:
+        """The first prefilling request, unless it failed to start."""
+        failed = {id(r) for r, _ in plan.failed}
+        return [r for r in self.prefilling[:1] if id(r) not in failed]
 
-    def _prefill_together(self) -> list | None:
-        """Several fresh prompts in one pass, when they fit in one chunk: rows `[k, T]` padded at
-        the end (causal attention keeps a row's real tokens from seeing its padding, so each row
-        is exact), the last real position's logits of each. None when fewer than two qualify."""
-        group, longest = [], 0
+    def _together(self, plan: Plan) -> list[Request]:
+        """Several fresh prompts for one padded pass, when they fit in one chunk: no prefix-cache
+        hit among them (a hit goes alone, for what the cache did not hold). Empty when fewer than
+        two qualify."""
+        limit = self.prefill_chunk // 2
+        if (ring := self.runner.ring_size) is not None:
+            limit = min(limit, ring)
+        group: list[Request] = []
+        longest = 0
         for request in self.prefilling:
             n = len(request.prompt_ids)
-            if request.sampler is not None or n > self.together_limit:
+            if request.started or n > limit:
                 continue
             if (len(group) + 1) * max(longest, n) > self.prefill_chunk:
                 break
             group.append(request)
             longest = max(longest, n)
         if len(group) < 2:
-            return None
-        started, events = [], []
+            return []
         for request in group:
-            try:
-                self._start(request)
-                started.append(request)
-            except Exception as e:  # this request fails; the others are untouched
-                self.prefilling.remove(request)
-                events.append(self._leave(request, "error", f"prefill failed: {e}"))
-        if events:
-            return events  # the others go next step
-        # prefix-cache hits go alone, for what the cache did not hold
-        group = [r for r in started if not r.prefilled]
-        if len(group) < 2:
-            return None
-        longest = max(len(r.prompt_ids) for r in group)
-        padded = [r.prompt_ids + [0] * (longest - len(r.prompt_ids)) for r in group]
-        try:
-            cache = self.model.make_cache(**self.cache_options)
-            h = self.model.hidden_states(mx.array(padded), cache)  # [k, T, D]
-            last = mx.array([len(r.prompt_ids) - 1 for r in group])
-            h = mx.take_along_axis(h, last[:, None, None], axis=1)  # [k, 1, D]
-            logits = self.model.logits(h)[:, -1, :]  # [k, vocab]
-        except Exception as e:
-            for request in group:
-                self.prefilling.remove(request)
-            return [self._leave(r, "error", f"prefill failed: {e}") for r in group]
-        caches = [self._row_caches(cache, row, len(r.prompt_ids)) for row, r in enumerate(group)]
-        return self._first_tokens(group, logits, caches)
+            self._start(request, plan)
+        failed = {id(r) for r, _ in plan.failed}
+        group = [r for r in group if id(r) not in failed and not r.prefilled]
+        return group if len(group) >= 2 else []
 
-    @property
-    def together_limit(self) -> int:
-        """The longest prompt prefilled with others: one chunk, and never more than a rotating
-        cache holds (padding must not evict real tokens)."""
-        limit = self.prefill_chunk // 2
-        for cache in self.template:
-            if isinstance(cache, RotatingKVCache):
-                limit = min(limit, cache.max_size)
-        return limit
+    # -- the step --------------------------------------------------------------------------------
 
-    def _first_tokens(self, requests: list[Request], logits: mx.array, caches: list) -> list:
-        """Prefilled requests (row r of `logits` is request r's, `caches[r]` its single caches):
-        sample their first tokens, answer them, and give the unfinished ones a batch row."""
-        tokens, lps, checks = [], [], []
-        for row, request in enumerate(requests):
-            self.prefilling.remove(request)
-            request.cache = caches[row]
-            try:
-                token = request.sampler(logits[row : row + 1])
-                lps.append(self._logprobs(request, logits[row : row + 1], token))
-            except Exception as e:
-                tokens.append(e)
-                lps.append(None)
-                checks.append(None)
-                continue
-            tokens.append(token)
-            checks.append(request.sampler.invalid)
-        bad = _bad_logits(logits, checks)
-        states = [c.state for cache in caches for c in cache]
-        try:
-            mx.eval([t for t in tokens if isinstance(t, mx.array)], lps, bad, states)
-        except Exception as e:
-            return [self._leave(r, "error", f"prefill failed: {e}") for r in requests]
-        now = time.perf_counter()
-        bad = bad.tolist()
+    def step(self) -> list[Event]:
+        """One unit of work; returns the responses it produced, in order."""
+        plan = self.schedule()
+        mx.reset_peak_memory()  # process-wide: each step's peak is charged to its requests
         events = []
-        for row, request in enumerate(requests):
-            token = tokens[row]
-            if not isinstance(token, mx.array):
-                events.append(self._leave(request, "error", f"sampling failed: {token}"))
-            elif bad[row]:
-                events.append(self._leave(request, "error", BAD_LOGITS[bad[row]]))
+        for request, reason in plan.failed:
+            self.prefilling.remove(request)
+            events.append(self._leave(request, "error", reason))
+            request.cache = None
+        if plan.decode:
+            events += self._update_decode(self.runner.decode(self.running))
+        if plan.prefill:
+            sampled = self.runner.prefill(plan.prefill, plan.chunk)
+            if sampled is None:  # a chunk that was not its prompt's last
+                request = plan.prefill[0]
+                if request.progress is not None:
+                    request.progress(request.prefilled, len(request.prompt_ids))
             else:
-                if self.prefix_cache is not None:
-                    self._remember(request.prompt_ids, request.cache)
-                events.append(self._emit(request, token.item(), _to_host(lps[row]), now))
-                if not request.finished:
-                    self.rows.add(request.cache[0].offset)
-                    for batch, single in zip(self.batch, request.cache, strict=True):
-                        batch.add_row(single)
-                    self.running.append(request)
+                events += self._update_prefilled(sampled)
+        peak = mx.get_peak_memory()
+        for request in self.running + self.prefilling:
+            request.peak_memory = max(request.peak_memory, peak)
+        return events
+
+    def _update_prefilled(self, sampled: Sampled) -> list[Event]:
+        """Prefilled requests got their first tokens: answer them; the unfinished join the batch."""
+        events = []
+        for row, request in enumerate(sampled.requests):
+            self.prefilling.remove(request)
+            if row in sampled.errors:
+                events.append(self._leave(request, "error", sampled.errors[row]))
+                request.cache = None
+                continue
+            if request.cache is not None:
+                self.runner.remember(request.prompt_ids, request.cache)
+            events.append(self._emit(request, sampled, row))
+            if not request.finished:
+                self.runner.join(request)
+                request.status = Status.RUNNING
+                self.running.append(request)
             request.cache = None  # the batch holds its keys and values now
         return events
 
-    def _decode(self) -> list:
-        """One token for every running request. On a GPU (`run_ahead`) the next step is queued
-        before this one's tokens are read back, so the device never waits for the host; a row
-        that finishes meanwhile has computed one token too many, which is dropped."""
-        try:
-            if self._ahead is not None:
-                step, self._ahead = self._ahead, None
-            else:
-                step = self._queue(mx.array([r.last_token for r in self.running]))
-            if self.run_ahead:
-                self._ahead = self._queue(self._inputs_after(step))
-            values, bad = step.tokens.tolist(), step.bad.tolist()  # waits for the step
-            lps = [_to_host(lp) for lp in step.lps]
-        except Exception as e:  # the whole step failed: every running request ends
-            self._ahead = None
-            return [self._leave(r, "error", f"decode step failed: {e}") for r in list(self.running)]
-        now = time.perf_counter()
+    def _update_decode(self, sampled: Sampled) -> list[Event]:
+        """A decode step's tokens: answer each row's request; the finished leave the batch."""
         events = []
-        for row, request in enumerate(step.requests):
+        for row, request in enumerate(sampled.requests):
             if request.finished:  # cancelled, or done, after the step was queued
                 continue
-            if row in step.failed or bad[row]:
-                reason = step.failed.get(row) or BAD_LOGITS[bad[row]]
-                events.append(self._leave(request, "error", reason))
+            if row in sampled.errors:
+                events.append(self._leave(request, "error", sampled.errors[row]))
                 continue
-            events.append(self._emit(request, values[row], lps[row], now))
+            events.append(self._emit(request, sampled, row))
         for request, _ in events:
             if request.finished and request in self.running:
                 self._remove_row(request)
         return events
 
-    def _queue(self, inputs: mx.array) -> _Step:
-        """Build (lazily) and start one decode step for the running rows, fed `inputs` `[rows]`."""
-        requests = list(self.running)
-        logits = self.model(inputs[:, None], self.batch)[:, -1, :]  # [rows, vocab]
-        self.rows.advance()
-        plain = [r.params.plain_greedy for r in requests]
-        argmax = mx.argmax(logits, axis=-1) if any(plain) else None
-        failed: dict[int, str] = {}
-        picked, lps, checks = [], [], []
-        for row, request in enumerate(requests):
-            if plain[row]:
-                picked.append(None if all(plain) else argmax[row : row + 1])
-                lps.append(None)
-                checks.append(None)
-                continue
-            try:  # a sampler that fails stops its own request only
-                token = request.sampler(logits[row : row + 1])
-                lps.append(self._logprobs(request, logits[row : row + 1], token))
-                checks.append(request.sampler.invalid)
-            except Exception as e:
-                failed[row] = f"sampling failed: {e}"
-                token = mx.zeros((1,), mx.uint32)
-                lps.append(None)
-                checks.append(None)
-            picked.append(token.astype(mx.uint32))
-        if all(plain):
-            tokens = argmax.astype(mx.uint32)
-        else:
-            tokens = mx.concatenate(picked) if len(picked) > 1 else picked[0]
-        bad = _bad_logits(logits, checks)
-        mx.async_eval(
-            tokens, bad, [lp for lp in lps if lp is not None], [c.state for c in self.batch]
-        )
-        return _Step(requests, tokens, lps, bad, failed)
-
-    def _inputs_after(self, step: _Step) -> mx.array:
-        """The running rows' next inputs: `step`'s tokens (still on the device) for the rows it
-        computed, the last token for rows that joined since."""
-        position = {id(r): i for i, r in enumerate(step.requests)}
-        joined = [r.last_token for r in self.running if id(r) not in position]
-        index, extra = [], len(step.requests)
-        for request in self.running:
-            if id(request) in position:
-                index.append(position[id(request)])
-            else:
-                index.append(extra)
-                extra += 1
-        if not joined and index == list(range(len(step.requests))):
-            return step.tokens
-        tokens = step.tokens
-        if joined:
-            tokens = mx.concatenate([tokens, mx.array(joined, dtype=tokens.dtype)])
-        return tokens[mx.array(index)]
-
-    def _logprobs(self, request: Request, logits: mx.array, token: mx.array):
-        n = request.params.logprobs
-        if not n:
-            return None
-        all_lp, top_ids, top_lp = top_logprobs(logits, n)
-        return mx.take_along_axis(all_lp, token[:, None], axis=-1), top_ids, top_lp
-
     # -- responses -------------------------------------------------------------------------------
 
-    def _emit(self, request: Request, token: int, logprobs, now: float):
-        """Host-side work for one new token: EOS, detokenizing, stop strings, the token budget."""
+    def _emit(self, request: Request, sampled: Sampled, row: int) -> Event:
+        """Host-side work for one new token (row `row` of `sampled`): EOS, detokenizing, stop
+        strings, the token budget."""
+        token, logprobs = sampled.tokens[row], sampled.logprobs[row]
         request.last_token = token
         try:
-            text, reason = request.stream.add(token, now)
+            if request.stream is None:
+                raise RuntimeError("the request has no text stream: it was never started")
+            text, reason = request.stream.add(token, sampled.at)
         except Exception as e:
             return self._finish(request, token, "", logprobs, "error", f"detokenizing failed: {e}")
         if reason is not None:
             return self._finish(request, token, text, logprobs, reason)
         return request, GenerationResponse(text, token, logprobs)
 
-    def _finish(self, request, token, text, logprobs, reason, error=None):
-        request.finished = True
+    def _finish(self, request, token, text, logprobs, reason, error=None) -> Event:
+        request.status = Status.FINISHED
         if request in self.running:  # its share of the batch: the slots its row fills
             row = self.running.index(request)
-            request.kv_bytes = sum(c.row_nbytes(self.rows.offsets[row]) for c in self.batch)
-            if self.prefix_cache is not None and reason != "error":
-                self._store_conversation(request, row)
+            request.kv_bytes = self.runner.row_kv_bytes(row)
+            if reason != "error":
+                tokens = request.prompt_ids + request.stream.tokens
+                self.runner.store_conversation(tokens, row)
         elif request.cache is not None:  # finished at its first token: the slots it fills
             request.kv_bytes = sum(c.held_nbytes for c in request.cache)
         metrics = self.metrics(request)
@@ -464,32 +339,6 @@ class Scheduler:
             text, -1 if token is None else token, logprobs, reason, metrics, error
         )
         return request, response
-
-    def _remember(self, token_ids: list[int], caches: list) -> None:
-        """Keep an entry in the prefix cache. It is only a speed-up: if keeping it fails, the
-        request and the engine go on without it."""
-        try:
-            self.prefix_cache.store(token_ids, caches)
-        except Exception:
-            pass
-
-    def _row_caches(self, caches: list, row: int, n: int) -> list:
-        """Single-sequence caches holding the first `n` positions of row `row` of `caches` (a
-        batch's, or a padded group prefill's): views, no copies."""
-        views = self.model.make_cache(**self.cache_options)
-        for view, cache in zip(views, caches, strict=True):
-            view.fill(_row(cache.keys, row, n), _row(cache.values, row, n), n)
-        return views
-
-    def _store_conversation(self, request: Request, row: int) -> None:
-        """Keep the KV of a finished request's prompt and reply: the next turn of a chat starts
-        with both. The row holds the first `offset` of prompt + generated tokens (the last one
-        generated, unless a step ran ahead, was never fed to the model)."""
-        n = self.rows.offsets[row]
-        if any(c.max_size is not None and n > c.max_size for c in self.batch):
-            return  # a ring has overwritten the start
-        views = self._row_caches(self.batch, row, n)
-        self._remember((request.prompt_ids + request.stream.tokens)[:n], views)
 
     def metrics(self, request: Request) -> RequestMetrics:
         start = request.submitted
@@ -507,7 +356,7 @@ class Scheduler:
             kv_cache_bytes=request.kv_bytes,
         )
 
-    def _leave(self, request: Request, reason: str, error: str | None = None):
+    def _leave(self, request: Request, reason: str, error: str | None = None) -> Event:
         """End a request early, cancelled (the text still held back goes with it) or failed
         (`error` says why), wherever it is: waiting, prefilling or in a batch row."""
         text = ""
@@ -518,7 +367,7 @@ class Scheduler:
             self._remove_row(request)
         return event
 
-    def cancel(self, request: Request) -> list:
+    def cancel(self, request: Request) -> list[Event]:
         """Stop `request` wherever it is; its last response says 'cancelled'."""
         if request.finished:
             return []
@@ -529,61 +378,12 @@ class Scheduler:
             request.cache = None
         return [self._leave(request, "cancelled")]
 
-    # -- the batch -------------------------------------------------------------------------------
-
-    def _new_batch(self) -> None:
-        self.rows, self.batch = make_batch_cache(self.template, self.max_batch)
-        self._ahead = None  # a step queued for rows that have all gone
-
     def _remove_row(self, request: Request) -> None:
         row = self.running.index(request)
-        remove_row(self.rows, self.batch, row)
+        self.runner.leave(row)
         last = self.running.pop()
         if row < len(self.running):
             self.running[row] = last
-        if not self.running:  # give the memory back
-            self._new_batch()
-
-
-@dataclass
-class _Step:
-    """A decode step, queued on the device: row r's results belong to requests[r]."""
-
-    requests: list[Request]
-    tokens: mx.array  # [rows]
-    lps: list  # per row: (chosen logprob, top ids, top logprobs) arrays, or None
-    bad: mx.array  # [rows] uint8: 0, or the key in BAD_LOGITS of what went wrong
-    failed: dict[int, str]  # rows whose sampler raised, and why
-
-
-BAD_LOGITS = {
-    1: "the model produced NaN or infinite logits",
-    2: "sampling produced NaN or infinite logits (after the penalties, filters and temperature)",
-}
-
-
-def _bad_logits(logits: mx.array, checks: list) -> mx.array:
-    """Per row `[rows]` uint8: 1 if the model's logits cannot be sampled from (NaN, +inf, or
-    every token -inf), 2 if a sampling stage made them so (`checks[r]` is row r's sampler's own
-    check, `[1]` bool, or None where no sampler ran), else 0. Either ends the request with an
-    error: the draw would be garbage."""
-    model_bad = invalid_logits(logits)
-    if all(c is None for c in checks):
-        return model_bad.astype(mx.uint8)
-    stage_bad = mx.concatenate([mx.zeros((1,), mx.bool_) if c is None else c for c in checks])
-    return mx.where(model_bad, 1, mx.where(stage_bad, 2, 0)).astype(mx.uint8)
-
-
-def _row(stored: tuple, row: int, n: int) -> tuple:
-    """The first n slots of one row, `[1, kv_heads, n, ...]`."""
-    return tuple(a[row : row + 1, :, :n] for a in stored)
-
-
-def _to_host(lp) -> TokenLogprobs | None:
-    if lp is None:
-        return None
-    chosen, ids, values = lp
-    return TokenLogprobs(chosen.item(), list(zip(ids[0].tolist(), values[0].tolist(), strict=True)))
 
 
 def token_budget(model: Model, prompt_ids: list[int], max_tokens: int) -> int:

@@ -88,8 +88,8 @@ LAYERS = [
     ["backend", "streams", "masks", "cpu_kernels", "ops"],
     ["config", "rope", "attention", "mlp", "moe", "model", "cache", "batch_cache"],
     ["chat_template", "tokenizer", "gguf", "loading"],
-    ["sampling", "responses", "metrics", "conversation"],
-    ["prefix_cache", "scheduler", "generate", "engine"],
+    ["steps", "sampling", "responses", "metrics", "conversation"],
+    ["request", "prefix_cache", "runner", "scheduler", "generate", "engine"],
     ["inspect", "bench"],
     ["cli", "__main__"],
 ]

@@ -56,9 +56,9 @@ def tiny(request, tmp_path_factory):
 def run_ahead(request, monkeypatch):
     """Both decode loops: read each step's tokens before the next (the CPU's), or queue step n+1
     before reading step n (a GPU's), which the CPU runs too when told."""
-    import mlxinfer.scheduler
+    import mlxinfer.runner
 
-    monkeypatch.setattr(mlxinfer.scheduler, "pipelines_decode", lambda: request.param)
+    monkeypatch.setattr(mlxinfer.runner, "pipelines_decode", lambda: request.param)
     return request.param
 
 
@@ -255,9 +255,9 @@ def test_cancel_ends_one_request_and_leaves_the_others(llama, run_ahead):
 def test_a_failing_request_leaves_the_others_untouched(llama, monkeypatch, run_ahead):
     """One request's sampler raises at its fifth token: it ends with 'error' and the reason, the
     others get their tokens."""
-    import mlxinfer.scheduler as scheduler
+    import mlxinfer.runner as runner
 
-    class Failing(scheduler.Sampler):
+    class Failing(runner.Sampler):
         calls = 0
 
         def __call__(self, logits):
@@ -267,7 +267,7 @@ def test_a_failing_request_leaves_the_others_untouched(llama, monkeypatch, run_a
                     raise RuntimeError("boom")
             return super().__call__(logits)
 
-    monkeypatch.setattr(scheduler, "Sampler", Failing)
+    monkeypatch.setattr(runner, "Sampler", Failing)
     model, tokenizer = llama
     batch = prompts(3, seed=17)
     bad = SamplingParams(temperature=1.0, seed=666, max_tokens=12, ignore_eos=True)
@@ -569,15 +569,15 @@ def test_result_timeout_is_a_deadline(llama):
 def test_a_request_that_cannot_start_fails_alone_when_prefilled_with_others(llama, monkeypatch):
     """Short prompts are prefilled together; one whose sampler cannot be built ends with 'error'
     and the engine goes on."""
-    import mlxinfer.scheduler as scheduler
+    import mlxinfer.runner as runner
 
-    class Picky(scheduler.Sampler):
+    class Picky(runner.Sampler):
         def __init__(self, params, *args):
             if params.seed == 666:
                 raise RuntimeError("no such sampler")
             super().__init__(params, *args)
 
-    monkeypatch.setattr(scheduler, "Sampler", Picky)
+    monkeypatch.setattr(runner, "Sampler", Picky)
     model, tokenizer = llama
     bad = SamplingParams(temperature=1.0, seed=666, max_tokens=4)
     with mlxinfer.Engine(model, tokenizer) as engine:

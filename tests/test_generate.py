@@ -204,15 +204,15 @@ def test_each_token_time_is_taken_before_the_next_step_is_built(default_model, m
     """On the CPU a token's arrival time must not include the next decode step: queueing step n+1
     before reading token n made the last gap of a 3-token request 0.2 ms and its decode_tps 48.9
     against 27 real. Each decode step is built only after the previous token's time is taken."""
-    from mlxinfer.scheduler import Scheduler
+    from mlxinfer.runner import Runner
 
     if mx.default_device() != mx.cpu:
         pytest.skip("a GPU pipelines decode steps on purpose")
     model, tokenizer = default_model
     built = []
-    real_queue = Scheduler._queue  # builds (and starts) one decode step
+    real_queue = Runner._queue  # builds (and starts) one decode step
     monkeypatch.setattr(
-        Scheduler, "_queue", lambda *a: built.append(time.perf_counter()) or real_queue(*a)
+        Runner, "_queue", lambda *a: built.append(time.perf_counter()) or real_queue(*a)
     )
     seen, responses = [], []  # an external stopwatch: when each token reaches the caller
     params = SamplingParams(max_tokens=6, ignore_eos=True)

@@ -1,0 +1,369 @@
+"""The runner: executes what the scheduler planned, on the model, and hands back what it sampled.
+
+    Plan (scheduler.py) --> Runner.prefill(requests, chunk) --> Sampled | None (not the last chunk)
+                        --> Runner.decode(requests)         --> Sampled
+    Sampled --> Scheduler.update (responses, statuses, batch rows)
+
+It owns everything on the device: the batch caches (a row per running request, batch_cache.py),
+the prefix cache's keys and values, and a decode step queued ahead (on a GPU). Every pass goes
+through steps.py's prefill_pass / prefill_chunk / decode_step, as generate_tokens and inspect do.
+It decides nothing: which request prefills which chunk, and when rows decode, is the scheduler's.
+
+Prompts are prefilled into single-sequence caches (exact, chunked; several short fresh prompts
+together in one padded pass), then copied into a row of the batch caches (`join`); a decode step
+runs all rows through the model at once. Its results come back to the host as plain values: row r
+of a `Sampled` is requests[r]'s token, logprobs, or the reason it failed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import cast
+
+import mlx.core as mx
+
+from .batch_cache import make_batch_cache, remove_row
+from .cache import RotatingKVCache
+from .model import Model
+from .prefix_cache import PrefixCache
+from .request import Request
+from .responses import TokenLogprobs
+from .sampling import Sampler, invalid_logits, top_logprobs
+from .steps import decode_step, pipelines_decode, prefill_chunk, prefill_pass
+
+
+@dataclass
+class Sampled:
+    """What one pass produced, on the host: row r belongs to requests[r]."""
+
+    requests: list[Request]
+    tokens: list[int]
+    logprobs: list[TokenLogprobs | None]
+    errors: dict[int, str] = field(default_factory=dict)  # rows that failed, and why
+    at: float = field(default_factory=time.perf_counter)  # when the tokens reached the host
+
+    @classmethod
+    def failed(cls, requests: list[Request], reason: str) -> Sampled:
+        n = len(requests)
+        return cls(requests, [-1] * n, [None] * n, dict.fromkeys(range(n), reason))
+
+
+class Runner:
+    """The model's side of a scheduler. Not thread-safe: the scheduler's thread calls it."""
+
+    def __init__(
+        self,
+        model: Model,
+        cache_options: dict,
+        max_batch: int,
+        prefix_cache: PrefixCache | None = None,
+    ):
+        self.model = model
+        self.cache_options = cache_options
+        self.max_batch = max_batch
+        self.prefix_cache = prefix_cache
+        self.template = model.make_cache(**cache_options)  # validates the options
+        self.run_ahead = pipelines_decode()  # queue decode step n+1 before reading step n (GPU)
+        self._ahead: _Step | None = None
+        self._new_batch()
+
+    # -- prefill ---------------------------------------------------------------------------------
+
+    def start(self, request: Request) -> None:
+        """Before a request's first prefill chunk: its caches, whatever the prefix cache holds of
+        its prompt, and its sampler."""
+        request.cache = self.model.make_cache(**self.cache_options)
+        if self.prefix_cache is not None:
+            matched, key = self.prefix_cache.lookup(request.prompt_ids)
+            if matched and key is not None:
+                self.prefix_cache.restore(key, matched, request.cache)
+                request.prefilled = request.cached_prompt_tokens = matched
+        request.sampler = Sampler(request.params, self.model.config.vocab_size, request.prompt_ids)
+
+    def prefill(self, requests: list[Request], chunk: int) -> Sampled | None:
+        """One request's next `chunk` prompt tokens (None unless they were its last), or several
+        fresh prompts in one padded pass; for each prompt that is done, its first token."""
+        if len(requests) > 1:
+            return self._prefill_together(requests)
+        request = requests[0]
+        try:
+            cache = _caches(request)
+            ids = request.prompt_ids[request.prefilled : request.prefilled + chunk]
+            if request.prefilled + len(ids) < len(request.prompt_ids):
+                prefill_chunk(self.model, mx.array([ids]), cache)
+                request.prefilled += len(ids)
+                return None
+            logits = prefill_pass(self.model, mx.array([ids]), cache)  # [1, vocab]
+            request.prefilled += len(ids)
+        except Exception as e:  # this request fails; the others are untouched
+            return Sampled.failed(requests, f"prefill failed: {e}")
+        return self._first_tokens(requests, logits, [cache])
+
+    def _prefill_together(self, group: list[Request]) -> Sampled:
+        """Rows `[k, T]` padded at the end (causal attention keeps a row's real tokens from seeing
+        its padding, so each row is exact), the last real position's logits of each; then each
+        row's first positions become that request's single caches (views, no copies)."""
+        longest = max(len(r.prompt_ids) for r in group)
+        padded = [r.prompt_ids + [0] * (longest - len(r.prompt_ids)) for r in group]
+        try:
+            cache = self.model.make_cache(**self.cache_options)
+            last = [len(r.prompt_ids) - 1 for r in group]
+            logits = prefill_pass(self.model, mx.array(padded), cache, last)  # [k, vocab]
+        except Exception as e:
+            return Sampled.failed(group, f"prefill failed: {e}")
+        for request in group:
+            request.prefilled = len(request.prompt_ids)
+        caches = [self._row_caches(cache, row, len(r.prompt_ids)) for row, r in enumerate(group)]
+        return self._first_tokens(group, logits, caches)
+
+    def _first_tokens(self, requests: list[Request], logits: mx.array, caches: list) -> Sampled:
+        """Sample prefilled requests' first tokens (row r of `logits` is requests[r]'s, `caches[r]`
+        its single caches, which it keeps until it joins the batch)."""
+        tokens, lps, checks = [], [], []
+        errors: dict[int, str] = {}
+        for row, request in enumerate(requests):
+            request.cache = caches[row]
+            token, lp, check, error = _sample(request, logits[row : row + 1])
+            tokens.append(token)
+            lps.append(lp)
+            checks.append(check)
+            if error is not None:
+                errors[row] = error
+        bad = _bad_logits(logits, checks)
+        states = [c.state for cache in caches for c in cache]
+        try:
+            mx.eval(tokens, lps, bad, states)
+            values = _ints(mx.concatenate(tokens))
+            host = [_to_host(lp) for lp in lps]
+        except Exception as e:
+            return Sampled.failed(requests, f"prefill failed: {e}")
+        _bad_rows(_ints(bad), errors)
+        return Sampled(requests, values, host, errors)
+
+    @property
+    def ring_size(self) -> int | None:
+        """The smallest rotating cache's size (None without one): the longest prompt a padded
+        pass of several may hold, since padding must not evict real tokens."""
+        return min(
+            (c.max_size for c in self.template if isinstance(c, RotatingKVCache)), default=None
+        )
+
+    # -- the batch -------------------------------------------------------------------------------
+
+    def join(self, request: Request) -> None:
+        """A prefilled request takes the next batch row; its single caches are copied in and go."""
+        cache = _caches(request)
+        self.rows.add(cache[0].offset)
+        for batch, single in zip(self.batch, cache, strict=True):
+            batch.add_row(single)
+        request.cache = None
+
+    def leave(self, row: int) -> None:
+        """Drop a batch row (the last row moves into its place); an empty batch gives its memory
+        back."""
+        remove_row(self.rows, self.batch, row)
+        if not len(self.rows):
+            self._new_batch()
+
+    def row_kv_bytes(self, row: int) -> int:
+        """A row's share of the batch caches: the slots it fills."""
+        return sum(c.row_nbytes(self.rows.offsets[row]) for c in self.batch)
+
+    @property
+    def batch_rows(self) -> int:
+        return max((c.n_rows for c in self.batch), default=0)
+
+    @property
+    def batch_slots(self) -> int:
+        return max((c.capacity for c in self.batch), default=0)
+
+    def _new_batch(self) -> None:
+        self.rows, self.batch = make_batch_cache(self.template, self.max_batch)
+        self._ahead = None  # a step queued for rows that have all gone
+
+    # -- decode ----------------------------------------------------------------------------------
+
+    def decode(self, requests: list[Request]) -> Sampled:
+        """One token for every batch row (`requests[r]` owns row r). On a GPU (`run_ahead`) the
+        next step is queued before this one's tokens are read back, so the device never waits for
+        the host; its rows are the ones running then, and a row that finishes meanwhile has
+        computed one token too many, which the scheduler drops (its request is finished)."""
+        try:
+            if self._ahead is not None:
+                step, self._ahead = self._ahead, None
+            else:
+                step = self._queue(requests, mx.array([r.last_token for r in requests]))
+            if self.run_ahead:
+                self._ahead = self._queue(requests, self._inputs_after(step, requests))
+            values, bad = _ints(step.tokens), _ints(step.bad)  # waits for the step
+            lps = [_to_host(lp) for lp in step.lps]
+        except Exception as e:  # the whole step failed: every running request ends
+            self._ahead = None
+            return Sampled.failed(list(requests), f"decode step failed: {e}")
+        _bad_rows(bad, step.failed)
+        return Sampled(step.requests, values, lps, step.failed)
+
+    def _queue(self, requests: list[Request], inputs: mx.array) -> _Step:
+        """Build (lazily) and start one decode step for the batch rows, fed `inputs` `[rows]`."""
+        requests = list(requests)
+        logits = decode_step(self.model, inputs, self.batch)  # [rows, vocab]
+        self.rows.advance()
+        plain = [r.params.plain_greedy for r in requests]
+        argmax = mx.argmax(logits, axis=-1) if any(plain) else None
+        failed: dict[int, str] = {}
+        lps: list = [None] * len(requests)
+        checks: list[mx.array | None] = [None] * len(requests)
+        if argmax is not None and all(plain):  # greedy rows never run the sampling chain
+            tokens = argmax.astype(mx.uint32)
+        else:
+            picked = []
+            for row, request in enumerate(requests):
+                if argmax is not None and plain[row]:
+                    picked.append(argmax[row : row + 1].astype(mx.uint32))
+                    continue
+                token, lps[row], checks[row], error = _sample(request, logits[row : row + 1])
+                picked.append(token)
+                if error is not None:  # a sampler that fails stops its own request only
+                    failed[row] = error
+            tokens = mx.concatenate(picked) if len(picked) > 1 else picked[0]
+        bad = _bad_logits(logits, checks)
+        mx.async_eval(
+            tokens, bad, [lp for lp in lps if lp is not None], [c.state for c in self.batch]
+        )
+        return _Step(requests, tokens, lps, bad, failed)
+
+    def _inputs_after(self, step: _Step, requests: list[Request]) -> mx.array:
+        """The batch rows' next inputs: `step`'s tokens (still on the device) for the rows it
+        computed, the last token for rows that joined since."""
+        position = {id(r): i for i, r in enumerate(step.requests)}
+        joined = [r.last_token for r in requests if id(r) not in position]
+        index, extra = [], len(step.requests)
+        for request in requests:
+            if id(request) in position:
+                index.append(position[id(request)])
+            else:
+                index.append(extra)
+                extra += 1
+        if not joined and index == list(range(len(step.requests))):
+            return step.tokens
+        tokens = step.tokens
+        if joined:
+            tokens = mx.concatenate([tokens, mx.array(joined, dtype=tokens.dtype)])
+        return tokens[mx.array(index)]
+
+    # -- the prefix cache ------------------------------------------------------------------------
+
+    def remember(self, token_ids: list[int], caches: list) -> None:
+        """Keep an entry in the prefix cache. It is only a speed-up: if keeping it fails, the
+        request and the engine go on without it."""
+        if self.prefix_cache is None:
+            return
+        try:
+            self.prefix_cache.store(token_ids, caches)
+        except Exception:
+            pass
+
+    def store_conversation(self, token_ids: list[int], row: int) -> None:
+        """Keep the KV of a finished request's prompt and reply (`token_ids`): the next turn of a
+        chat starts with both. The row holds the first `offset` of them (the last one generated,
+        unless a step ran ahead, was never fed to the model)."""
+        n = self.rows.offsets[row]
+        if self.prefix_cache is None or any(
+            c.max_size is not None and n > c.max_size for c in self.batch
+        ):
+            return  # a ring has overwritten the start
+        self.remember(token_ids[:n], self._row_caches(self.batch, row, n))
+
+    def _row_caches(self, caches: list, row: int, n: int) -> list:
+        """Single-sequence caches holding the first `n` positions of row `row` of `caches` (a
+        batch's, or a padded group prefill's): views, no copies."""
+        views = self.model.make_cache(**self.cache_options)
+        for view, cache in zip(views, caches, strict=True):
+            view.fill(_row(cache.keys, row, n), _row(cache.values, row, n), n)
+        return views
+
+
+@dataclass
+class _Step:
+    """A decode step, queued on the device: row r's results belong to requests[r]."""
+
+    requests: list[Request]
+    tokens: mx.array  # [rows]
+    lps: list  # per row: (chosen logprob, top ids, top logprobs) arrays, or None
+    bad: mx.array  # [rows] uint8: 0, or the key in BAD_LOGITS of what went wrong
+    failed: dict[int, str]  # rows whose sampler raised, and why
+
+
+BAD_LOGITS = {
+    1: "the model produced NaN or infinite logits",
+    2: "sampling produced NaN or infinite logits (after the penalties, filters and temperature)",
+}
+
+
+def _bad_logits(logits: mx.array, checks: list) -> mx.array:
+    """Per row `[rows]` uint8: 1 if the model's logits cannot be sampled from (NaN, +inf, or
+    every token -inf), 2 if a sampling stage made them so (`checks[r]` is row r's sampler's own
+    check, `[1]` bool, or None where no sampler ran), else 0. Either ends the request with an
+    error: the draw would be garbage."""
+    model_bad = invalid_logits(logits)
+    if all(c is None for c in checks):
+        return model_bad.astype(mx.uint8)
+    stage_bad = mx.concatenate([mx.zeros((1,), mx.bool_) if c is None else c for c in checks])
+    return mx.where(model_bad, 1, mx.where(stage_bad, 2, 0)).astype(mx.uint8)
+
+
+def _bad_rows(bad: list[int], errors: dict[int, str]) -> None:
+    """Rows whose logits could not be sampled from join `errors` (a failed sampler says why
+    first)."""
+    for row, code in enumerate(bad):
+        if code and row not in errors:
+            errors[row] = BAD_LOGITS[code]
+
+
+def _sample(
+    request: Request, logits: mx.array
+) -> tuple[mx.array, object, mx.array | None, str | None]:
+    """One row's logits `[1, vocab]` through its request's sampler: (token `[1]` uint32, its
+    logprobs arrays or None, the sampler's own check of its logits, None); a sampler that raises
+    gives a placeholder token, no check, and the reason instead of None."""
+    sampler = request.sampler
+    if sampler is None:
+        raise RuntimeError(f"request {request.id} was sampled before it started")
+    try:
+        token = sampler(logits)
+        return token.astype(mx.uint32), _logprobs(request, logits, token), sampler.invalid, None
+    except Exception as e:
+        return mx.zeros((1,), mx.uint32), None, None, f"sampling failed: {e}"
+
+
+def _caches(request: Request) -> list:
+    """A prefilling request's single-sequence caches (Runner.start made them)."""
+    if request.cache is None:
+        raise RuntimeError(f"request {request.id} has no caches: it was never started")
+    return request.cache
+
+
+def _ints(a: mx.array) -> list[int]:
+    """A 1-d integer array's values on the host (waits for it)."""
+    return cast(list[int], a.tolist())
+
+
+def _logprobs(request: Request, logits: mx.array, token: mx.array):
+    n = request.params.logprobs
+    if not n:
+        return None
+    all_lp, top_ids, top_lp = top_logprobs(logits, n)
+    return mx.take_along_axis(all_lp, token[:, None], axis=-1), top_ids, top_lp
+
+
+def _row(stored: tuple, row: int, n: int) -> tuple:
+    """The first n slots of one row, `[1, kv_heads, n, ...]`."""
+    return tuple(a[row : row + 1, :, :n] for a in stored)
+
+
+def _to_host(lp) -> TokenLogprobs | None:
+    if lp is None:
+        return None
+    chosen, ids, values = lp
+    return TokenLogprobs(chosen.item(), list(zip(ids[0].tolist(), values[0].tolist(), strict=True)))

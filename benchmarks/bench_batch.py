@@ -38,10 +38,10 @@ import mlxinfer  # first: it loads OpenBLAS, which must happen before mlx.core i
 
 # isort: on
 import numpy as np
-from bench_cpu import MlxLmWorker
 from common import machine_info, save_result, summary
 
-from mlxinfer.bench.baseline import export_for_mlx_lm
+from mlxinfer.bench.baseline import NO_SHIM, export_for_mlx_lm
+from mlxinfer.bench.worker import JsonWorker
 
 
 def run_mlxinfer(model, tokenizer, prompts: list[list[int]], tokens: int) -> float:
@@ -59,10 +59,13 @@ def run_mlxinfer(model, tokenizer, prompts: list[list[int]], tokens: int) -> flo
     return len(prompts) * tokens / seconds
 
 
-class MlxLmBatchWorker(MlxLmWorker):
-    """mlx-lm's batch_generate in its own process (bench_cpu.py's worker, this script serving)."""
+class MlxLmBatchWorker(JsonWorker):
+    """mlx-lm's batch_generate in its own process (the package's worker, with the mlx-lm
+    baseline's environment; this script's --serve-mlx-lm answers)."""
 
-    script = __file__
+    def __init__(self, model_dir: Path):
+        super().__init__([sys.executable, __file__, "--serve-mlx-lm", str(model_dir)], NO_SHIM)
+        self.blas = self.facts["blas"]
 
     def run(self, prompts: list[list[int]], tokens: int) -> float:
         """Aggregate generated tok/s of one batch_generate call, timed inside the worker."""

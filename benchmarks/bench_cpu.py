@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +30,8 @@ import numpy as np
 from common import machine_info, summary
 
 from mlxinfer.backend import blas_status
-from mlxinfer.bench.baseline import export_for_mlx_lm
+from mlxinfer.bench.baseline import NO_SHIM, export_for_mlx_lm
+from mlxinfer.bench.worker import JsonWorker
 
 ROOFLINE_GBS = 21.0  # the development machine's measured memory read bandwidth (BENCHMARKS.md)
 
@@ -64,35 +63,19 @@ def run_mlx_lm(model, prompt: list[int], tokens: int) -> dict:
     }
 
 
-class MlxLmWorker:
-    """mlx-lm in its own process with its best CPU configuration: OpenBLAS loaded, but without
-    mlxinfer's gemv shim (MLXINFER_GEMV_SHIM=0), which would otherwise speed it up too."""
+class MlxLmWorker(JsonWorker):
+    """mlx-lm in its own process with its best CPU configuration (the package's worker, with
+    mlxinfer.bench.baseline's environment: OpenBLAS loaded, not mlxinfer's gemv shim), served by
+    `script --serve-mlx-lm`."""
 
     script = __file__  # the script whose --serve-mlx-lm answers this worker's requests
 
     def __init__(self, model_dir: Path):
-        env = {**os.environ, "MLXINFER_GEMV_SHIM": "0"}
-        self.process = subprocess.Popen(
-            [sys.executable, self.script, "--serve-mlx-lm", str(model_dir)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self.blas = json.loads(self.process.stdout.readline())["blas"]
+        super().__init__([sys.executable, self.script, "--serve-mlx-lm", str(model_dir)], NO_SHIM)
+        self.blas = self.facts["blas"]
 
     def run(self, prompt: list[int], tokens: int) -> dict:
         return self.ask({"prompt": prompt, "tokens": tokens})
-
-    def ask(self, request: dict) -> dict:
-        """One JSON request to the worker, its JSON reply."""
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        return json.loads(self.process.stdout.readline())
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(timeout=60)
 
 
 def serve_mlx_lm(model_dir: str) -> None:

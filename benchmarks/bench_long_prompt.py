@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
+
+from mlxinfer.bench.worker import JsonWorker
 
 WORKER = r"""
 import json, sys, time
@@ -79,30 +79,18 @@ def main() -> None:
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     checkouts = args.checkout or [Path(__file__).resolve().parent.parent]
-    workers = {}
-    for checkout in checkouts:
-        process = subprocess.Popen(
-            [sys.executable, "-c", WORKER],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=checkout,
-            env={**os.environ, "PYTHONPATH": str(checkout)},
+    workers = {  # the package's JSON-lines worker, one process per checkout
+        str(checkout): JsonWorker(
+            [sys.executable, "-c", WORKER], {"PYTHONPATH": str(checkout)}, cwd=checkout
         )
-        json.loads(process.stdout.readline())
-        workers[str(checkout)] = process
-
-    def ask(process, length):
-        process.stdin.write(json.dumps({"length": length}) + "\n")
-        process.stdin.flush()
-        return json.loads(process.stdout.readline())
-
-    for process in workers.values():
-        ask(process, min(lengths))  # warm-up
+        for checkout in checkouts
+    }
+    for worker in workers.values():
+        worker.ask({"length": min(lengths)})  # warm-up
     results = {name: {} for name in workers}
     for length in lengths:
-        for name, process in workers.items():
-            r = ask(process, length)
+        for name, worker in workers.items():
+            r = worker.ask({"length": length})
             results[name][length] = r
             print(
                 f"{name}  T={length}: prefill {r['prefill_tps']:.0f} tok/s ({r['seconds']:.1f} s, "
@@ -111,9 +99,8 @@ def main() -> None:
                 f"{r['peak_ratio']:.2f} x (weights {r['weights_mb']:.0f} + KV {r['kv_mb']:.0f} MB)",
                 flush=True,
             )
-    for process in workers.values():
-        process.stdin.close()
-        process.wait(timeout=60)
+    for worker in workers.values():
+        worker.close()
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
 

@@ -30,6 +30,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's package, installed or not
+from mlxinfer.bench.worker import JsonWorker  # noqa: E402
+
 SHAPE = dict(  # SmolLM2-135M's
     hidden_size=576,
     intermediate_size=1536,
@@ -159,28 +162,15 @@ for line in sys.stdin:
 """
 
 
-class Worker:
+class Worker(JsonWorker):
+    """One engine in its own process (the package's JSON-lines worker)."""
+
     def __init__(self, engine: str, model_dir: Path):
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", WORKER, engine, str(model_dir)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
-        self.device = json.loads(self.process.stdout.readline())["device"]
+        super().__init__([sys.executable, "-c", WORKER, engine, str(model_dir)], cwd=ROOT)
+        self.device = self.facts["device"]
 
-    def ask(self, job: dict) -> dict:
-        self.process.stdin.write(json.dumps(job) + "\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the worker died on {job['kind']}")
-        return json.loads(line)
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(timeout=120)
+    def close(self, timeout: float = 120) -> None:
+        super().close(timeout)
 
 
 def speed(model_dir: Path, vocab: int, quick: bool, reps: int) -> dict:

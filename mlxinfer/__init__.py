@@ -44,7 +44,9 @@ __version__ = "0.1.0"
 # The public API, imported on first use (PEP 562): `import mlxinfer` (and so `mlxinfer --help`,
 # `--version`) does not load MLX; `mlxinfer.load` or `from mlxinfer import load` does.
 _EXPORTS = {
+    "CacheSpec": "cache",
     "Engine": "engine",
+    "EngineOptions": "scheduler",
     "GenerationResult": "engine",
     "RequestHandle": "engine",
     "batch_generate": "engine",
@@ -67,7 +69,9 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "CacheSpec",
     "Engine",
+    "EngineOptions",
     "GenerationResult",
     "RequestHandle",
     "batch_generate",
@@ -90,7 +94,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # what type checkers and editors see: the names as if imported eagerly
-    from .cache import KVCache, RotatingKVCache
+    from .cache import CacheSpec, KVCache, RotatingKVCache
     from .config import ModelConfig, ModelLoadError
     from .engine import Engine, GenerationResult, RequestHandle, batch_generate
     from .generate import (
@@ -104,6 +108,7 @@ if TYPE_CHECKING:  # what type checkers and editors see: the names as if importe
     from .metrics import RequestMetrics
     from .model import Model
     from .sampling import SamplingParams
+    from .scheduler import EngineOptions
     from .tokenizer import StreamingDetokenizer, Tokenizer
 
 

@@ -18,6 +18,8 @@ All of them share the sequence axis 2, so the bookkeeping below never needs to t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 
 from .masks import Mask, causal_mask, window_mask
@@ -357,38 +359,86 @@ class RotatingKVCache(_SingleSequence):
         return n
 
 
-def make_cache(
-    config,
-    max_kv_size: int | None = None,
-    keep: int = 4,
-    kv_bits: int | None = None,
-    kv_group_size: int = 64,
-) -> list[KVCache | RotatingKVCache]:
+@dataclass(frozen=True)
+class CacheSpec:
+    """Which KV cache a request gets, checked once when made: growing (`max_kv_size` None) or
+    rotating, bounded to `max_kv_size` tokens per layer of which the first `kv_keep` stay (attention
+    sinks); `kv_bits` (8 or 4) stores keys and values quantized in groups of `kv_group_size`.
+    Sliding-window layers always get a ring of their window. Passed whole from the CLI, the bench
+    grid and the dashboard to stream_generate, batch_generate and the Engine (`cache=`)."""
+
+    max_kv_size: int | None = None
+    kv_keep: int = 4
+    kv_bits: int | None = None
+    kv_group_size: int = 64
+
+    def __post_init__(self) -> None:
+        size, keep = self.max_kv_size, self.kv_keep
+        if size is not None and (not _integer(size) or size < 1):
+            raise ValueError(f"max_kv_size must be a positive integer or None, got {size!r}")
+        if not _integer(keep) or keep < 0:
+            raise ValueError(f"kv_keep must be an integer >= 0, got {keep!r}")
+        if size is not None and not keep < size:
+            raise ValueError(
+                f"max_kv_size ({size}) must be larger than kv_keep ({keep}), the sink tokens it "
+                "always keeps"
+            )
+        check_quantization(self.kv_bits, self.kv_group_size)
+
+    def check(self, config) -> None:
+        """What a model with `config` adds: the quantization group must divide its head_dim."""
+        if self.kv_bits is not None and config.head_dim % self.kv_group_size:
+            raise ValueError(
+                f"kv_group_size {self.kv_group_size} does not divide the model's head_dim "
+                f"{config.head_dim}"
+            )
+
+    def nbytes(self, config, tokens: int, batch: int = 1, itemsize: int = 4) -> int:
+        """kv_cache_bytes for caches of this kind."""
+        return kv_cache_bytes(
+            config, tokens, batch, self.max_kv_size, self.kv_bits, self.kv_group_size, itemsize
+        )
+
+    @property
+    def label(self) -> str:
+        """Short, for tables: "full", "q8", "rotating:256", "q4:rotating:256"."""
+        parts = ([f"q{self.kv_bits}"] if self.kv_bits else []) + (
+            [f"rotating:{self.max_kv_size}"] if self.max_kv_size else []
+        )
+        return ":".join(parts) or "full"
+
+
+def cache_spec(cache: CacheSpec | None = None, **options) -> CacheSpec:
+    """A CacheSpec given whole (`cache`) or by its fields as keywords (max_kv_size, kv_keep, kv_bits,
+    kv_group_size), the public functions' two ways to say it; not both."""
+    if cache is None:
+        return CacheSpec(**options)
+    if not isinstance(cache, CacheSpec):
+        raise ValueError(f"cache must be a CacheSpec, got {type(cache).__name__}")
+    if options:
+        raise ValueError(f"give cache= or {', '.join(sorted(options))}, not both")
+    return cache
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def make_cache(config, spec: CacheSpec | None = None) -> list[KVCache | RotatingKVCache]:
     """One cache per layer of a model with `config`: a rotating cache of the window for each
     sliding-window layer; for the other layers a growing cache, or a rotating one of `max_kv_size`
-    tokens with `keep` sinks when memory is to be bounded. `kv_bits` quantizes all of them."""
-    if max_kv_size is not None and (not isinstance(max_kv_size, int) or max_kv_size < 1):
-        raise ValueError(f"max_kv_size must be a positive integer or None, got {max_kv_size!r}")
-    if max_kv_size is not None and not keep < max_kv_size:
-        raise ValueError(
-            f"max_kv_size ({max_kv_size}) must be larger than kv_keep ({keep}), the sink tokens "
-            "it always keeps"
-        )
-    if keep < 0:
-        raise ValueError(f"kv_keep must be >= 0, got {keep}")
-    check_quantization(kv_bits, kv_group_size)
-    if kv_bits is not None and config.head_dim % kv_group_size:
-        raise ValueError(
-            f"kv_group_size {kv_group_size} does not divide the model's head_dim {config.head_dim}"
-        )
-    caches = []
+    tokens with `kv_keep` sinks when memory is to be bounded. `kv_bits` quantizes all of them."""
+    spec = spec or CacheSpec()
+    spec.check(config)
+    bits, group = spec.kv_bits, spec.kv_group_size
+    caches: list[KVCache | RotatingKVCache] = []
     for window in config.layer_windows:
         if window is not None:
-            caches.append(RotatingKVCache(window, 0, kv_bits, kv_group_size))
-        elif max_kv_size is not None:
-            caches.append(RotatingKVCache(max_kv_size, keep, kv_bits, kv_group_size))
+            caches.append(RotatingKVCache(window, 0, bits, group))
+        elif spec.max_kv_size is not None:
+            caches.append(RotatingKVCache(spec.max_kv_size, spec.kv_keep, bits, group))
         else:
-            caches.append(KVCache(kv_bits, kv_group_size))
+            caches.append(KVCache(bits, group))
     return caches
 
 

@@ -27,11 +27,12 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .cache import CacheSpec, cache_spec
 from .generate import GenerationResponse, Prompt, check_max_tokens, encode_prompt
 from .metrics import RequestMetrics
 from .model import Model
 from .sampling import SamplingParams
-from .scheduler import Request, Scheduler
+from .scheduler import EngineOptions, Request, Scheduler
 from .streams import own_streams, track_engine
 from .tokenizer import Tokenizer
 
@@ -123,7 +124,8 @@ class Engine:
     wait is `queue_ms`); `policy` is "prefill-first", "decode-first" or "chunked" (scheduler.py
     says what each trades); `prefill_chunk` is the prompt tokens per prefill pass (the per-step
     token budget under "chunked"); `prefix_cache_mb` bounds the cache of prompt prefixes
-    (0 turns it off). The cache options are stream_generate's.
+    (0 turns it off). The KV cache kind is `cache` (a CacheSpec) or its fields as keywords, as
+    stream_generate takes them. `engine.options` holds all of them, checked, as one EngineOptions.
 
     The engine's thread holds only its `_Worker` (never the Engine), so an engine dropped without
     `close()` is collected like any object: its finalizer closes it, cancelling what it ran (its
@@ -138,26 +140,20 @@ class Engine:
         kv_budget_mb: float | None = None,
         prefill_chunk: int | None = None,
         prefix_cache_mb: float = 256,
-        max_kv_size: int | None = None,
-        kv_keep: int = 4,
-        kv_bits: int | None = None,
-        kv_group_size: int = 64,
+        cache: CacheSpec | None = None,
+        **cache_options,
     ):
         self.model = model
         self.tokenizer = tokenizer
-        self.scheduler = Scheduler(
-            model,
-            tokenizer,
+        self.options = EngineOptions(
             max_batch,
             policy,
             kv_budget_mb,
             prefill_chunk,
             prefix_cache_mb,
-            max_kv_size,
-            kv_keep,
-            kv_bits,
-            kv_group_size,
+            cache_spec(cache, **cache_options),
         )
+        self.scheduler = Scheduler(model, tokenizer, self.options)
         self._ids = itertools.count()
         self._worker = _Worker(self.scheduler)
         # dropped unclosed: cancel and stop the thread, without waiting (this may run in any
@@ -342,13 +338,14 @@ def batch_generate(
     chat: bool = False,
     max_batch: int | None = None,
     prefill_chunk: int | None = None,
+    cache: CacheSpec | None = None,
     **cache_options,
 ) -> list[GenerationResult]:
     """Generate for every prompt at once (continuous batching on the calling thread); one result
     per prompt, in order. `sampling` is one SamplingParams for all or one per prompt; each prompt
     is text, token ids or chat messages as in stream_generate. At most `max_batch` run together
-    (default: all). `cache_options` are stream_generate's max_kv_size, kv_keep, kv_bits,
-    kv_group_size."""
+    (default: all). `cache` and `cache_options` are stream_generate's (a CacheSpec, or max_kv_size,
+    kv_keep, kv_bits, kv_group_size)."""
     own_streams()  # this thread's MLX streams are cleared as it ends (streams.py)
     if isinstance(prompts, (str, dict)):
         raise ValueError("prompts must be a list of prompts; for one prompt use generate()")
@@ -363,16 +360,12 @@ def batch_generate(
             raise ValueError(
                 f"sampling has {len(params)} SamplingParams for {len(prompts)} prompts"
             )
-    scheduler = Scheduler(
-        model,
-        tokenizer,
-        max_batch or len(prompts),
-        "prefill-first",
-        None,
-        prefill_chunk,
-        0,
-        **cache_options,
+    options = EngineOptions(
+        max_batch=max_batch or len(prompts),
+        prefill_chunk=prefill_chunk,
+        cache=cache_spec(cache, **cache_options),
     )
+    scheduler = Scheduler(model, tokenizer, options)
     requests = []
     for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
         n = p.max_tokens if max_tokens is None else max_tokens

@@ -23,12 +23,12 @@ from collections.abc import Callable, Generator, Iterator
 import mlx.core as mx
 import numpy as np
 
-from .cache import KVCache
+from .cache import CacheSpec, KVCache, cache_spec
 from .metrics import RequestMetrics
 from .model import Model
 from .responses import GenerationResponse, StopStrings, TextStream, TokenLogprobs
 from .sampling import SamplingParams
-from .scheduler import Request, Scheduler, token_budget
+from .scheduler import EngineOptions, Request, Scheduler, token_budget
 from .steps import (
     DEFAULT_PREFILL_CHUNK,
     PrefillProgress,
@@ -110,11 +110,9 @@ def stream_generate(
     max_tokens: int | None = None,
     sampling: SamplingParams | None = None,
     chat: bool = False,
-    max_kv_size: int | None = None,
-    kv_keep: int = 4,
-    kv_bits: int | None = None,
-    kv_group_size: int = 64,
+    cache: CacheSpec | None = None,
     prefill_progress: PrefillProgress | None = None,
+    **cache_options,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from `prompt`, yielding one GenerationResponse per token.
 
@@ -125,23 +123,17 @@ def stream_generate(
     Runs on the calling thread (any thread), through the same scheduler and decode step as the
     Engine, with a batch of one.
 
-    KV cache: `max_kv_size` bounds it to that many tokens per layer (a rotating cache keeping the
-    first `kv_keep` tokens as attention sinks and the latest ones after them); `kv_bits` (8 or 4)
-    stores keys and values quantized in groups of `kv_group_size`. See `Model.make_cache`."""
+    KV cache: `cache`, a CacheSpec, or its fields as keywords: `max_kv_size` bounds it to that
+    many tokens per layer (a rotating cache keeping the first `kv_keep` tokens as attention sinks
+    and the latest ones after them); `kv_bits` (8 or 4) stores keys and values quantized in groups
+    of `kv_group_size`. See `Model.make_cache`."""
     own_streams()  # this thread's MLX streams are cleared as it ends (streams.py)
     params = sampling or SamplingParams()
     max_tokens = params.max_tokens if max_tokens is None else max_tokens
     check_max_tokens(max_tokens)
+    options = EngineOptions(max_batch=1, cache=cache_spec(cache, **cache_options))
     prompt_ids = encode_prompt(tokenizer, prompt, chat)
-    scheduler = Scheduler(
-        model,
-        tokenizer,
-        max_batch=1,
-        max_kv_size=max_kv_size,
-        kv_keep=kv_keep,
-        kv_bits=kv_bits,
-        kv_group_size=kv_group_size,
-    )
+    scheduler = Scheduler(model, tokenizer, options)
     request = Request(0, prompt_ids, params, max_tokens)
     request.progress = prefill_progress
     scheduler.check(request)  # clips max_tokens to the context the prompt leaves
@@ -173,14 +165,15 @@ def generate(
     sampling: SamplingParams | None = None,
     chat: bool = False,
     return_metrics: bool = False,
+    cache: CacheSpec | None = None,
     **cache_options,
 ) -> str | tuple[str, RequestMetrics]:
     """Generate from `prompt` and return the text, or (text, metrics) with return_metrics=True.
     Greedy unless `sampling` says otherwise; stops at EOS, a stop string or max_tokens.
-    `cache_options` are stream_generate's max_kv_size, kv_keep, kv_bits and kv_group_size."""
+    `cache` and `cache_options` are stream_generate's."""
     text, metrics = [], None
     responses = stream_generate(
-        model, tokenizer, prompt, max_tokens, sampling, chat, **cache_options
+        model, tokenizer, prompt, max_tokens, sampling, chat, cache, **cache_options
     )
     for response in responses:
         text.append(response.text)

@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .attention import Attention
-from .cache import KVCache, RotatingKVCache, make_cache
+from .cache import CacheSpec, KVCache, RotatingKVCache, cache_spec, make_cache
 from .config import ModelConfig
 from .mlp import SwiGLU
 from .moe import SparseMoE
@@ -124,18 +124,13 @@ class Model(nn.Module):
         """The dtype activations run in: that of the final norm weight (float32 for GGUF models)."""
         return self.model.norm.weight.dtype
 
-    def make_cache(
-        self,
-        max_kv_size: int | None = None,
-        keep: int = 4,
-        kv_bits: int | None = None,
-        kv_group_size: int = 64,
-    ) -> list[Cache]:
-        """One KV cache per layer: a rotating cache of the window on sliding-window layers; on the
-        others a growing cache, or with `max_kv_size` a rotating one that keeps `keep` sink tokens
-        and the latest `max_kv_size - keep`. `kv_bits` (8 or 4) stores keys and values quantized
-        in groups of `kv_group_size`."""
-        return make_cache(self.config, max_kv_size, keep, kv_bits, kv_group_size)
+    def make_cache(self, cache: CacheSpec | None = None, **options) -> list[Cache]:
+        """One KV cache per layer, of the kind `cache` (a CacheSpec) or its fields given as
+        keywords (max_kv_size, kv_keep, kv_bits, kv_group_size) say: a rotating cache of the window
+        on sliding-window layers; on the others a growing cache, or with `max_kv_size` a rotating
+        one that keeps `kv_keep` sink tokens and the latest `max_kv_size - kv_keep`. `kv_bits`
+        (8 or 4) stores keys and values quantized in groups of `kv_group_size`."""
+        return make_cache(self.config, cache_spec(cache, **options))
 
     @property
     def decode_weight_bytes(self) -> int:

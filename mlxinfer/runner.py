@@ -24,7 +24,7 @@ from typing import cast
 import mlx.core as mx
 
 from .batch_cache import make_batch_cache, remove_row
-from .cache import RotatingKVCache
+from .cache import CacheSpec, RotatingKVCache
 from .model import Model
 from .prefix_cache import PrefixCache
 from .request import Request
@@ -55,15 +55,15 @@ class Runner:
     def __init__(
         self,
         model: Model,
-        cache_options: dict,
+        cache: CacheSpec,
         max_batch: int,
         prefix_cache: PrefixCache | None = None,
     ):
         self.model = model
-        self.cache_options = cache_options
+        self.cache = cache
         self.max_batch = max_batch
         self.prefix_cache = prefix_cache
-        self.template = model.make_cache(**cache_options)  # validates the options
+        self.template = model.make_cache(cache)  # checks it against the model
         self.run_ahead = pipelines_decode()  # queue decode step n+1 before reading step n (GPU)
         self._ahead: _Step | None = None
         self._new_batch()
@@ -73,7 +73,7 @@ class Runner:
     def start(self, request: Request) -> None:
         """Before a request's first prefill chunk: its caches, whatever the prefix cache holds of
         its prompt, and its sampler."""
-        request.cache = self.model.make_cache(**self.cache_options)
+        request.cache = self.model.make_cache(self.cache)
         if self.prefix_cache is not None:
             matched, key = self.prefix_cache.lookup(request.prompt_ids)
             if matched and key is not None:
@@ -107,7 +107,7 @@ class Runner:
         longest = max(len(r.prompt_ids) for r in group)
         padded = [r.prompt_ids + [0] * (longest - len(r.prompt_ids)) for r in group]
         try:
-            cache = self.model.make_cache(**self.cache_options)
+            cache = self.model.make_cache(self.cache)
             last = [len(r.prompt_ids) - 1 for r in group]
             logits = prefill_pass(self.model, mx.array(padded), cache, last)  # [k, vocab]
         except Exception as e:
@@ -278,7 +278,7 @@ class Runner:
     def _row_caches(self, caches: list, row: int, n: int) -> list:
         """Single-sequence caches holding the first `n` positions of row `row` of `caches` (a
         batch's, or a padded group prefill's): views, no copies."""
-        views = self.model.make_cache(**self.cache_options)
+        views = self.model.make_cache(self.cache)
         for view, cache in zip(views, caches, strict=True):
             view.fill(_row(cache.keys, row, n), _row(cache.values, row, n), n)
         return views

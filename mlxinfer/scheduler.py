@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .cache import kv_cache_bytes
+from .cache import CacheSpec
 from .metrics import RequestMetrics, request_metrics
 from .model import Model
 from .prefix_cache import PrefixCache
@@ -48,7 +48,7 @@ from .runner import Runner, Sampled
 from .steps import DEFAULT_PREFILL_CHUNK
 from .tokenizer import Tokenizer
 
-__all__ = ["POLICIES", "Plan", "Request", "Scheduler", "Status", "token_budget"]
+__all__ = ["POLICIES", "EngineOptions", "Plan", "Request", "Scheduler", "Status", "token_budget"]
 
 POLICIES = ("prefill-first", "decode-first", "chunked")
 MIN_CHUNK = 16  # a chunked step always advances a waiting prompt by at least this many tokens
@@ -66,37 +66,51 @@ class Plan:
     failed: list[tuple[Request, str]] = field(default_factory=list)  # could not start, and why
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """How an engine runs, checked once when made, passed whole (Engine, batch_generate and
+    stream_generate build one from their keywords): at most `max_batch` requests at once, the
+    `policy` (see above), `kv_budget_mb` bounding their KV cache (None: no bound), `prefill_chunk`
+    prompt tokens per pass (None: 512, or 128 a step under "chunked"), `prefix_cache_mb` for the
+    prefix cache (0: off), and the KV cache kind (`cache`)."""
+
+    max_batch: int = 8
+    policy: str = "prefill-first"
+    kv_budget_mb: float | None = None
+    prefill_chunk: int | None = None
+    prefix_cache_mb: float = 0
+    cache: CacheSpec = field(default_factory=CacheSpec)
+
+    def __post_init__(self) -> None:
+        check_engine_options(
+            self.max_batch, self.policy, self.kv_budget_mb, self.prefill_chunk, self.prefix_cache_mb
+        )
+        if not isinstance(self.cache, CacheSpec):
+            raise ValueError(f"cache must be a CacheSpec, got {type(self.cache).__name__}")
+
+    @property
+    def chunk(self) -> int:
+        """Prompt tokens per prefill pass (a step's tokens under "chunked")."""
+        default = 128 if self.policy == "chunked" else DEFAULT_PREFILL_CHUNK
+        return self.prefill_chunk or default
+
+
 class Scheduler:
     """Runs requests to completion in batches. Not thread-safe: one thread calls add/cancel/step."""
 
-    def __init__(
-        self,
-        model: Model,
-        tokenizer: Tokenizer,
-        max_batch: int = 8,
-        policy: str = "prefill-first",
-        kv_budget_mb: float | None = None,
-        prefill_chunk: int | None = None,
-        prefix_cache_mb: float = 0,
-        max_kv_size: int | None = None,
-        kv_keep: int = 4,
-        kv_bits: int | None = None,
-        kv_group_size: int = 64,
-    ):
-        check_engine_options(max_batch, policy, kv_budget_mb, prefill_chunk, prefix_cache_mb)
+    def __init__(self, model: Model, tokenizer: Tokenizer, options: EngineOptions | None = None):
+        options = options or EngineOptions()
+        self.options = options
         self.model = model
         self.tokenizer = tokenizer
-        self.max_batch = max_batch
-        self.policy = policy
-        self.kv_budget = None if kv_budget_mb is None else kv_budget_mb * 2**20
-        self.prefill_chunk = prefill_chunk or (
-            128 if policy == "chunked" else DEFAULT_PREFILL_CHUNK
-        )
-        self.cache_options = dict(
-            max_kv_size=max_kv_size, keep=kv_keep, kv_bits=kv_bits, kv_group_size=kv_group_size
-        )
-        prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb else None
-        self.runner = Runner(model, self.cache_options, max_batch, prefix_cache)
+        self.max_batch = options.max_batch
+        self.policy = options.policy
+        budget = options.kv_budget_mb
+        self.kv_budget = None if budget is None else budget * 2**20
+        self.prefill_chunk = options.chunk
+        mb = options.prefix_cache_mb
+        prefix_cache = PrefixCache(int(mb * 2**20)) if mb else None
+        self.runner = Runner(model, options.cache, self.max_batch, prefix_cache)
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []
         self.running: list[Request] = []  # running[r] owns batch row r
@@ -130,16 +144,8 @@ class Scheduler:
 
     def kv_bytes(self, rows: int, length: int) -> int:
         """Bytes of KV storage for `rows` rows of `length` tokens, as the caches allocate it."""
-        options = self.cache_options
-        return kv_cache_bytes(
-            self.model.config,
-            length,
-            rows,
-            options["max_kv_size"],
-            options["kv_bits"],
-            options["kv_group_size"],
-            self.model.compute_dtype.size,
-        )
+        itemsize = self.model.compute_dtype.size
+        return self.options.cache.nbytes(self.model.config, length, rows, itemsize)
 
     def add(self, request: Request) -> None:
         request.status = Status.WAITING
@@ -233,7 +239,7 @@ class Scheduler:
         longest = 0
         for request in self.prefilling:
             n = len(request.prompt_ids)
-            if request.started or n > limit:
+            if request.prefilled or n > limit:  # a prompt under way goes on alone
                 continue
             if (len(group) + 1) * max(longest, n) > self.prefill_chunk:
                 break

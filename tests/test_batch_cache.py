@@ -146,10 +146,10 @@ def id_of(seq: list[int]) -> tuple:
 @pytest.mark.parametrize(
     "options",
     [
-        dict(max_kv_size=12, keep=3),  # sinks + ring, wrapping rows of different ages
-        dict(max_kv_size=10, keep=0),
+        dict(max_kv_size=12, kv_keep=3),  # sinks + ring, wrapping rows of different ages
+        dict(max_kv_size=10, kv_keep=0),
         dict(kv_bits=8, kv_group_size=32),
-        dict(kv_bits=4, kv_group_size=32, max_kv_size=16, keep=2),
+        dict(kv_bits=4, kv_group_size=32, max_kv_size=16, kv_keep=2),
     ],
     ids=["sinks", "ring", "q8", "q4-sinks"],
 )

@@ -134,7 +134,7 @@ def test_bounded_cache_with_sinks_matches_transformers(tiny_llama, chunk):
     ids = np.random.default_rng(2).integers(0, 128, size=(1, 48))
     expected = sink_window_logits(ref, ids, max_size=10, keep=3)
     assert rel_err(expected, torch_logits(ref, ids)) > 1e-2  # the bound changes the answer
-    cache = model.make_cache(max_kv_size=10, keep=3)
+    cache = model.make_cache(max_kv_size=10, kv_keep=3)
     steps, sizes = [], []
     for start in range(0, 48, chunk):
         steps.append(np.array(model(mx.array(ids[:, start : start + chunk]), cache)))
@@ -181,7 +181,7 @@ def test_quantized_rotating_cache(tiny_llama, bits):
     the same sink/window pattern, and stay within the quantization error of the float one."""
     ref, model, _ = tiny_llama
     ids = np.random.default_rng(4).integers(0, 128, size=(1, 40))
-    cache = model.make_cache(max_kv_size=12, keep=2, kv_bits=bits)
+    cache = model.make_cache(max_kv_size=12, kv_keep=2, kv_bits=bits)
     ours = np.concatenate(
         [np.array(model(mx.array(ids[:, s : s + 5]), cache)) for s in range(0, 40, 5)], axis=1
     )

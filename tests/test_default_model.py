@@ -77,7 +77,7 @@ def test_exact_answer_with_an_8bit_cache_is_not_a_near_tie(default_model):
         [{"role": "user", "content": "What is the capital of Germany?"}]
     )
     answer = tokenizer.encode("The capital of Germany is Berlin.") + [2]  # <|im_end|>
-    cache = model.make_cache(max_kv_size=64, keep=4, kv_bits=8)
+    cache = model.make_cache(max_kv_size=64, kv_keep=4, kv_bits=8)
     logits = [np.array(model(mx.array([prompt]), cache)[0, -1])]
     logits += [np.array(model(mx.array([[t]]), cache)[0, -1]) for t in answer[:-1]]
     logits = np.stack(logits)

@@ -111,11 +111,10 @@ def test_batch_generate_greedy_equals_each_prompt_alone(tiny, options):
     results = mlxinfer.batch_generate(
         model, tokenizer, batch, max_tokens=16, sampling=GREEDY, **options
     )
-    single = {("keep" if k == "kv_keep" else k): v for k, v in options.items()}
     compared = 0
     for ids, result in zip(batch, results, strict=True):
         assert result.finish_reason == "length" and len(result.tokens) == 16
-        compared += assert_same_greedy(result.tokens, alone(model, ids, 16, **single))
+        compared += assert_same_greedy(result.tokens, alone(model, ids, 16, **options))
         assert result.text == tokenizer.decode(result.tokens)
         assert result.metrics.prompt_tokens == len(ids) and result.metrics.generated_tokens == 16
     assert compared >= 6 * 16 // 2  # near ties cut the comparison short only now and then
@@ -383,12 +382,12 @@ def test_submit_refuses_what_can_never_run(tmp_path):
 def test_kv_budget_limits_what_runs_at_once(llama):
     """A budget for about two requests: the others wait (queue_ms), all finish correctly, and the
     batch never holds more KV than the budget."""
-    from mlxinfer.scheduler import Request, Scheduler
+    from mlxinfer.scheduler import EngineOptions, Request, Scheduler
 
     model, tokenizer = llama
     probe = Scheduler(model, tokenizer)
     budget = 2.5 * probe.kv_bytes(1, 60) / 2**20 + 2 * probe.kv_bytes(1, 40) / 2**20
-    scheduler = Scheduler(model, tokenizer, max_batch=8, kv_budget_mb=budget)
+    scheduler = Scheduler(model, tokenizer, EngineOptions(max_batch=8, kv_budget_mb=budget))
     batch = prompts(6, seed=19, low=30, high=40)
     requests = [Request(i, ids, GREEDY, 20) for i, ids in enumerate(batch)]
     for r in requests:

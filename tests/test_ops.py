@@ -46,7 +46,7 @@ def run_all_paths(model, ids: np.ndarray) -> list[np.ndarray]:
     """Logits of a full forward pass; of prefill in chunks of 7 then decoding with a growing cache;
     and of the same with a rotating cache of 12 tokens keeping 2 sinks (wrapping several times)."""
     outputs = [np.array(model(mx.array(ids)))]
-    for cache_options in ({}, {"max_kv_size": 12, "keep": 2}):
+    for cache_options in ({}, {"max_kv_size": 12, "kv_keep": 2}):
         cache = model.make_cache(**cache_options)
         steps = [np.array(model(mx.array(ids[:, :7]), cache))]
         steps += [

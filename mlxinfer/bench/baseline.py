@@ -15,14 +15,17 @@ float32 weights under Hugging Face names, a llama config.json and the tokenizer)
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from .worker import JsonWorker, WorkerError
+
 ENGINE = "mlx-lm"
+# mlx-lm's best configuration on the CPU: OpenBLAS loaded, but not mlxinfer's gemv shim, which would
+# speed it up too (what every mlx-lm worker, here and in benchmarks/, runs with)
+NO_SHIM = {"MLXINFER_GEMV_SHIM": "0"}
 
 
 def export_for_mlx_lm(model, tokenizer, path: Path) -> None:
@@ -79,36 +82,24 @@ class MlxLmBaseline:
             self._tmp = tempfile.TemporaryDirectory()
             export_for_mlx_lm(model, tokenizer, Path(self._tmp.name))
             path = self._tmp.name
-        env = {**os.environ, "MLXINFER_GEMV_SHIM": "0"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlxinfer.bench.baseline", str(path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        ready = self.process.stdout.readline()
-        if not ready:
+        try:
+            self.worker = JsonWorker(
+                [sys.executable, "-m", "mlxinfer.bench.baseline", str(path)], env=NO_SHIM
+            )
+        except WorkerError:
             self.close()
-            raise RuntimeError(f"the mlx-lm worker did not start for {path}")
-        self.facts = json.loads(ready)
+            raise RuntimeError(f"the mlx-lm worker did not start for {path}") from None
+        self.facts = self.worker.facts
 
     def run(self, request: dict) -> dict:
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        reply = self.process.stdout.readline()
-        if not reply:
-            raise RuntimeError("the mlx-lm worker exited")
-        return json.loads(reply)
+        try:
+            return self.worker.ask(request)
+        except WorkerError:
+            raise RuntimeError("the mlx-lm worker exited") from None
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:  # busy in a long request: stop it
-                self.process.kill()
-                self.process.wait()
+        if getattr(self, "worker", None) is not None:
+            self.worker.close()  # busy in a long request: killed after a minute
         if self._tmp is not None:
             self._tmp.cleanup()
 

@@ -222,6 +222,7 @@ class Sweep:
     # -- one configuration -----------------------------------------------------------------------
 
     def _setup(self, config: Mapping):
+        from ..cache import CacheSpec
         from ..engine import Engine
 
         model, tokenizer = self._model(config["model"], config["compute"])
@@ -242,7 +243,7 @@ class Sweep:
             tokenizer,
             max_batch=config["concurrency"],
             prefix_cache_mb=1024 if depth else 0,
-            **parse_kv(config["kv"]),
+            cache=CacheSpec(**parse_kv(config["kv"])),
         )
         if depth:  # the context, computed once and kept by the prefix cache
             try:
@@ -326,7 +327,7 @@ def check_grid(configs: list[dict], load) -> None:
     """What the grid asks of each model, refused (ValueError naming the axis and value) before
     anything runs: a model that does not load, lengths beyond its context, a KV cache kind it
     cannot have. `load(name, compute)` gives (model, tokenizer)."""
-    from ..cache import make_cache
+    from ..cache import CacheSpec, make_cache
 
     for config in configs:
         try:
@@ -342,7 +343,7 @@ def check_grid(configs: list[dict], load) -> None:
                 f"of model {config['model']!r} ({context})"
             )
         try:
-            make_cache(model.config, **parse_kv(config["kv"]))
+            make_cache(model.config, CacheSpec(**parse_kv(config["kv"])))
         except ValueError as e:
             raise ValueError(
                 f"sweep axis 'kv': {config['kv']!r} on model {config['model']!r}: {e}"
@@ -352,14 +353,14 @@ def check_grid(configs: list[dict], load) -> None:
 def predicted_memory(model, config: Mapping) -> tuple[int, int]:
     """(weight bytes, KV cache bytes) a configuration needs: the KV of its `concurrency` rows as
     the batch allocates it, plus the prefix cache's copy of the context with `depth`."""
-    from ..cache import kv_cache_bytes
+    from ..cache import CacheSpec
 
-    options = parse_kv(config["kv"])
+    spec = CacheSpec(**parse_kv(config["kv"]))
     itemsize = model.compute_dtype.size
     tokens = config["depth"] + config["prompt_tokens"] + config["gen_tokens"]
-    kv = kv_cache_bytes(model.config, tokens, config["concurrency"], **options, itemsize=itemsize)
+    kv = spec.nbytes(model.config, tokens, config["concurrency"], itemsize)
     if config["depth"]:
-        kv += kv_cache_bytes(model.config, config["depth"], 1, **options, itemsize=itemsize)
+        kv += spec.nbytes(model.config, config["depth"], 1, itemsize)
     return model.nbytes, kv
 
 

@@ -92,7 +92,7 @@ def run_chat(args: argparse.Namespace) -> int:
         progress = PrefillProgress()
         reply, last = [], None
         stream = stream_generate(
-            model, tokenizer, messages, sampling=sampling, prefill_progress=progress, **cache
+            model, tokenizer, messages, sampling=sampling, cache=cache, prefill_progress=progress
         )
         try:
             for response in stream:

@@ -21,6 +21,7 @@ from .options import (
 )
 
 if TYPE_CHECKING:
+    from ..cache import CacheSpec
     from ..sampling import SamplingParams
 
 
@@ -46,7 +47,7 @@ def read_prompt(args: argparse.Namespace) -> str:
     return text
 
 
-def check_generate_args(args: argparse.Namespace) -> tuple[str, SamplingParams, dict]:
+def check_generate_args(args: argparse.Namespace) -> tuple[str, SamplingParams, CacheSpec]:
     """Everything `generate` can check before loading: (prompt, SamplingParams, cache options)."""
     if args.raw and (args.chat or args.system is not None):
         raise UsageError(
@@ -89,7 +90,7 @@ def run_generate(args: argparse.Namespace) -> int:
     progress = PrefillProgress()
     pieces, responses = [], []
     stream = stream_generate(
-        model, tokenizer, request, sampling=sampling, prefill_progress=progress, **cache
+        model, tokenizer, request, sampling=sampling, cache=cache, prefill_progress=progress
     )
     try:
         for response in stream:
@@ -145,10 +146,10 @@ def _print_result(args, model, cache, pieces, responses, interrupted: bool, blas
         "compute_policy": model.compute_policy,
         "kernels": model.kernels,
         "kv_cache": {
-            "max_kv_size": cache["max_kv_size"],
-            "keep": cache["kv_keep"] if cache["max_kv_size"] else None,
-            "bits": cache["kv_bits"],
-            "group_size": cache["kv_group_size"] if cache["kv_bits"] else None,
+            "max_kv_size": cache.max_kv_size,
+            "keep": cache.kv_keep if cache.max_kv_size else None,
+            "bits": cache.kv_bits,
+            "group_size": cache.kv_group_size if cache.kv_bits else None,
         },
         "blas": blas,
     }

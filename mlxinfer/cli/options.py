@@ -11,6 +11,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ..cache import CacheSpec
     from ..sampling import SamplingParams
 
 MAX_CLI_LOGPROBS = 20  # OpenAI's and vLLM's default cap; the Python API allows up to the vocabulary
@@ -202,31 +203,27 @@ def sampling_params(args: argparse.Namespace, logprobs: int = 0) -> SamplingPara
         raise UsageError(message) from None
 
 
-def cache_options(args: argparse.Namespace) -> dict:
-    """The KV cache keyword arguments of stream_generate, checked flag by flag."""
-    if args.max_kv_size is not None and args.max_kv_size < 1:
-        raise UsageError(f"--max-kv-size must be a positive integer, got {args.max_kv_size}")
-    if args.kv_keep is not None:
-        if args.max_kv_size is None:
-            raise UsageError(
-                "--kv-keep needs --max-kv-size (it is the bounded cache's sink tokens)"
-            )
-        if args.kv_keep < 0:
-            raise UsageError(f"--kv-keep must be >= 0, got {args.kv_keep}")
-    keep = 4 if args.kv_keep is None else args.kv_keep
-    if args.max_kv_size is not None and args.max_kv_size <= keep:
-        raise UsageError(
-            f"--max-kv-size ({args.max_kv_size}) must be larger than --kv-keep ({keep}), the sink "
-            "tokens it always keeps"
-        )
+def cache_options(args: argparse.Namespace) -> CacheSpec:
+    """The KV cache the flags ask for (a CacheSpec, whose own checks run here, before the model
+    loads, in the flags' names), and flags that would have no effect."""
+    from ..cache import CacheSpec
+
+    if args.kv_keep is not None and args.max_kv_size is None:
+        raise UsageError("--kv-keep needs --max-kv-size (it is the bounded cache's sink tokens)")
     if args.kv_group_size is not None and args.kv_bits is None:
         raise UsageError("--kv-group-size needs --kv-bits (it is the quantization group)")
-    return {
-        "max_kv_size": args.max_kv_size,
-        "kv_keep": keep,
-        "kv_bits": args.kv_bits,
-        "kv_group_size": args.kv_group_size or 64,
-    }
+    try:
+        return CacheSpec(
+            max_kv_size=args.max_kv_size,
+            kv_keep=4 if args.kv_keep is None else args.kv_keep,
+            kv_bits=args.kv_bits,
+            kv_group_size=args.kv_group_size or 64,
+        )
+    except ValueError as e:
+        message = str(e)
+        for field in ("max_kv_size", "kv_keep", "kv_bits", "kv_group_size"):
+            message = message.replace(field, "--" + field.replace("_", "-"))
+        raise UsageError(message) from None
 
 
 def check_text(text: str, what: str) -> None:

@@ -22,6 +22,7 @@ import streamlit as st
 
 import mlxinfer  # noqa: F401  (first: OpenBLAS must be loaded before MLX on Linux)
 from mlxinfer.bench.db import RunsDB, default_db_path
+from mlxinfer.cache import CacheSpec
 from mlxinfer.sampling import SamplingParams
 
 DEFAULT = "default"  # the embedded default model (SmolLM2-135M-Instruct)
@@ -105,10 +106,11 @@ def _engine(name: str, max_kv_size: int | None, kv_bits: int | None):
     )
 
 
-def engine(name: str, cache: dict):
+def engine(name: str, cache: CacheSpec | None = None):
     """The process's engine for this model and cache kind, or None after showing why not."""
+    cache = cache or CacheSpec()
     try:
-        return _engine(name, cache.get("max_kv_size"), cache.get("kv_bits"))
+        return _engine(name, cache.max_kv_size, cache.kv_bits)
     except Exception as e:
         st.error(f"Could not start the engine with this KV cache setting: {e}")
         return None
@@ -224,19 +226,17 @@ CACHE_KINDS = {
 }
 
 
-def cache_controls(prefix: str = "") -> dict:
-    """The KV cache kind: {"max_kv_size", "kv_bits"}."""
-    kind = st.selectbox(
-        "KV cache", list(CACHE_KINDS), format_func=CACHE_KINDS.get, key=prefix + "cache"
+def cache_controls(prefix: str = "", where=st, label: str = "KV cache") -> CacheSpec:
+    """The KV cache kind, picked in `where` (the page, or one of its columns)."""
+    kind = where.selectbox(
+        label, list(CACHE_KINDS), format_func=CACHE_KINDS.get, key=prefix + "cache"
     )
-    options = {"max_kv_size": None, "kv_bits": None}
     if kind == "rotating":
-        options["max_kv_size"] = int(
-            st.number_input("Tokens kept", 16, 1 << 20, 512, key=prefix + "max_kv_size")
-        )
-    elif kind in ("q8", "q4"):
-        options["kv_bits"] = int(kind[1])
-    return options
+        size = int(st.number_input("Tokens kept", 16, 1 << 20, 512, key=prefix + "max_kv_size"))
+        return CacheSpec(max_kv_size=size)
+    if kind in ("q8", "q4"):
+        return CacheSpec(kv_bits=int(kind[1]))
+    return CacheSpec()
 
 
 def metric_row(metrics: dict) -> None:

@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .cache import kv_cache_bytes
+from .cache import CacheSpec, kv_cache_bytes
 from .moe import SparseMoE
 from .sampling import (
     Sampler,
@@ -257,14 +257,12 @@ def architecture(model) -> dict:
     }
 
 
-def measured_kv_bytes(
-    model, tokens: int, max_kv_size: int | None = None, kv_bits: int | None = None, seed: int = 0
-) -> int:
-    """Bytes a real cache holds once `tokens` tokens are in (generation's own prefill of all but
-    one, in its chunks, then one decode step), for checking kv_cache_bytes' prediction on the
-    loaded model."""
+def measured_kv_bytes(model, tokens: int, cache: CacheSpec | None = None, seed: int = 0) -> int:
+    """Bytes a real cache of the kind `cache` holds once `tokens` tokens are in (generation's own
+    prefill of all but one, in its chunks, then one decode step), for checking the prediction
+    (`CacheSpec.nbytes`) on the loaded model."""
     own_streams()  # MLX work on the calling thread (streams.py)
-    caches = model.make_cache(max_kv_size=max_kv_size, kv_bits=kv_bits)
+    caches = model.make_cache(cache)
     ids = mx.array(np.random.default_rng(seed).integers(0, model.config.vocab_size, (1, tokens)))
     if tokens > 1:
         prefill(model, ids[:, :-1], caches)

@@ -29,7 +29,7 @@ loaded = common.load_model(name)
 if loaded is None:
     st.stop()
 model, tokenizer = loaded
-engine = common.engine(name, {})
+engine = common.engine(name)
 if engine is None:
     st.stop()
 
@@ -457,18 +457,9 @@ with tabs[6]:
         )
     )
     batch = int(b.number_input("Batch (sequences)", 1, 256, 1, key="kv_batch"))
-    kind = c_.selectbox(
-        "Cache", list(common.CACHE_KINDS), format_func=common.CACHE_KINDS.get, key="kv_kind"
-    )
-    options = {"max_kv_size": None, "kv_bits": None}
-    if kind == "rotating":
-        options["max_kv_size"] = int(st.number_input("Tokens kept", 16, 1 << 20, 512, key="kv_max"))
-    elif kind in ("q8", "q4"):
-        options["kv_bits"] = int(kind[1])
+    spec = common.cache_controls("kv_", where=c_, label="Cache")
     try:
-        predicted = kv_cache_bytes(
-            model.config, context, batch, **options, itemsize=model.compute_dtype.size
-        )
+        predicted = spec.nbytes(model.config, context, batch, model.compute_dtype.size)
     except ValueError as e:
         st.error(str(e))
         st.stop()
@@ -484,7 +475,7 @@ with tabs[6]:
         "multiplies by the batch) and measures its bytes.",
     ):
         try:
-            held = engine.call(inspect.measured_kv_bytes, model, context, **options)
+            held = engine.call(inspect.measured_kv_bytes, model, context, spec)
         except Exception as e:
             st.error(f"Could not measure: {e}")
         else:

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Iterator
+from typing import cast
 
 import mlx.core as mx
 import numpy as np
 
-from .cache import CacheSpec, KVCache, cache_spec
+from .cache import CacheSpec, cache_spec
 from .metrics import RequestMetrics
 from .model import Model
 from .responses import GenerationResponse, StopStrings, TextStream, TokenLogprobs
@@ -63,7 +64,7 @@ def _decode_loop(
     prompt_ids: list[int],
     max_tokens: int,
     sampler: TokenSampler,
-    cache: list[KVCache],
+    cache: list,
     prefill_chunk: int,
 ) -> Iterator[int]:
     """generate_tokens' loop: a sampler of the caller's, caches of the caller's."""
@@ -77,7 +78,7 @@ def _decode_loop(
             if pipelined and not last:  # queue step n+1 before reading token n
                 next_token = sampler(decode_step(model, token, cache))
                 mx.async_eval(next_token)
-            yield token.item()
+            yield cast(int, token.item())
             if not last:
                 if not pipelined:  # step n+1 only after token n is on the host
                     next_token = sampler(decode_step(model, token, cache))
@@ -94,13 +95,13 @@ def generate_tokens(
     prompt_ids: list[int],
     max_tokens: int,
     sampler: TokenSampler = greedy,
-    cache: list[KVCache] | None = None,
+    cache: list | None = None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ) -> Iterator[int]:
     """The bare token generator: up to `max_tokens` ids from any `sampler` (logits [1, vocab] ->
     ids [1]) into any `cache` (the caller decides when to stop early)."""
-    cache = cache if cache is not None else model.make_cache()
-    yield from _decode_loop(model, prompt_ids, max_tokens, sampler, cache, prefill_chunk)
+    caches = cache if cache is not None else model.make_cache()
+    yield from _decode_loop(model, prompt_ids, max_tokens, sampler, caches, prefill_chunk)
 
 
 def stream_generate(
@@ -171,14 +172,19 @@ def generate(
     """Generate from `prompt` and return the text, or (text, metrics) with return_metrics=True.
     Greedy unless `sampling` says otherwise; stops at EOS, a stop string or max_tokens.
     `cache` and `cache_options` are stream_generate's."""
-    text, metrics = [], None
+    text: list[str] = []
+    metrics: RequestMetrics | None = None
     responses = stream_generate(
         model, tokenizer, prompt, max_tokens, sampling, chat, cache, **cache_options
     )
     for response in responses:
         text.append(response.text)
         metrics = response.metrics or metrics
-    return ("".join(text), metrics) if return_metrics else "".join(text)
+    if not return_metrics:
+        return "".join(text)
+    if metrics is None:  # the last response always has them
+        raise RuntimeError("generation ended without metrics")
+    return "".join(text), metrics
 
 
 def check_messages(messages: list[dict]) -> list[dict]:
@@ -207,25 +213,29 @@ def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, chat: bool = False) -> l
     if isinstance(prompt, str):
         check_utf8(prompt, "prompt")
         if chat:
-            return tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            return _chat_ids(tokenizer, [{"role": "user", "content": prompt}])
         return tokenizer.encode(prompt)
     if isinstance(prompt, dict):
         raise ValueError("prompt is one message; pass a conversation as a list of messages")
-    prompt = list(prompt)
-    if prompt and all(isinstance(m, dict) for m in prompt):
-        return tokenizer.apply_chat_template(check_messages(prompt))
-    if any(isinstance(p, (str, list, tuple, dict)) for p in prompt):
+    items: list = list(prompt)
+    if items and all(isinstance(m, dict) for m in items):
+        return _chat_ids(tokenizer, check_messages(items))
+    if any(isinstance(p, (str, list, tuple, dict)) for p in items):
         raise ValueError(
-            f"prompt is a list of {len(prompt)} prompts, but generation takes one prompt at a time "
+            f"prompt is a list of {len(items)} prompts, but generation takes one prompt at a time "
             "(text, token ids, or a list of chat messages); for many prompts use "
             "mlxinfer.batch_generate or an mlxinfer.Engine"
         )
     if chat:
         raise ValueError("chat=True needs a text prompt or chat messages, not token ids")
-    if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in prompt):
+    if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in items):
         raise ValueError("prompt token ids must be integers")
-    ids = [int(t) for t in prompt]
+    ids = [int(t) for t in items]
     bad = [t for t in ids if not 0 <= t < tokenizer.vocab_size]
     if bad:
         raise ValueError(f"prompt token ids out of range [0, {tokenizer.vocab_size}): {bad[:5]}")
     return ids
+
+
+def _chat_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
+    return cast(list[int], tokenizer.apply_chat_template(messages))  # tokenize=True: ids

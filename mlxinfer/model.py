@@ -7,6 +7,7 @@ a checkpoint is a plain dict update.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -139,15 +140,21 @@ class Model(nn.Module):
         top-k of them."""
         read = self.nbytes
         if not self.config.tie_word_embeddings:
-            read -= sum(v.nbytes for _, v in tree_flatten(self.model.embed_tokens.parameters()))
+            read -= _nbytes(self.model.embed_tokens.parameters())
         c = self.config
         for layer in self.model.layers:
             if isinstance(layer.mlp, SparseMoE):
-                experts = sum(v.nbytes for _, v in tree_flatten(layer.mlp.switch_mlp.parameters()))
+                experts = _nbytes(layer.mlp.switch_mlp.parameters())
                 read -= experts * (c.num_experts - c.num_experts_per_tok) // c.num_experts
         return read
 
     @property
     def nbytes(self) -> int:
         """Bytes of all weights as stored (packed for quantized layers)."""
-        return sum(v.nbytes for _, v in tree_flatten(self.parameters()))
+        return _nbytes(self.parameters())
+
+
+def _nbytes(tree) -> int:
+    """Bytes of the arrays in a tree of parameters."""
+    flat = cast(list[tuple[str, mx.array]], tree_flatten(tree))
+    return sum(v.nbytes for _, v in flat)

@@ -356,7 +356,8 @@ def test_every_public_name_resolves():
     import mlxinfer
 
     assert result.stdout.split() == [str(len(mlxinfer.__all__)), mlxinfer.__version__]
-    assert len(set(mlxinfer.__all__)) == len(mlxinfer.__all__) == 22  # CacheSpec and EngineOptions joined the 20
+    # 22: CacheSpec and EngineOptions joined the 20
+    assert len(set(mlxinfer.__all__)) == len(mlxinfer.__all__) == 22
     with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
         mlxinfer.no_such_name  # noqa: B018
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 import altair as alt
 import pandas as pd
 
+from mlxinfer.bench.grid import AXES, SAMPLING_AXES
 from mlxinfer.metrics import DEFINITIONS
 
 LABELS = {d.name: d.label for d in DEFINITIONS}
 LABELS.update({f"itl_p{q}_ms": f"inter-token latency p{q} (ms)" for q in (50, 90, 99)})
+# settings whose values are numbers on a scale: drawn as lines, not bars
+NUMERIC_AXES = {*SAMPLING_AXES, "prompt_tokens", "gen_tokens", "depth", "concurrency"}
 
 
 def itl_by_position(itl_ms: list[float]) -> alt.Chart:
@@ -26,60 +29,133 @@ def itl_by_position(itl_ms: list[float]) -> alt.Chart:
     )
 
 
+def _name(metric: str) -> str:
+    """ "decode speed (tokens/s)" -> "decode speed"."""
+    return LABELS.get(metric, metric).split(" (")[0]
+
+
+def _unit(metric: str) -> str:
+    """ "decode speed (tokens/s)" -> "tokens/s"."""
+    label = LABELS.get(metric, metric)
+    return label[label.rfind("(") + 1 : -1] if label.endswith(")") else label
+
+
+def _axis_name(setting: str) -> str:
+    return "configuration" if setting == "label" else setting.replace("_", " ")
+
+
+def _series(frame: pd.DataFrame, setting: str) -> tuple[pd.Series, str]:
+    """What tells apart the configurations that share an x value: the engine, and every other
+    swept setting (sampling settings together, as "sampling"), with the legend's title."""
+    swept = [a for a in AXES if a in frame and frame[a].astype(str).nunique() > 1]
+    sampling = [a for a in swept if a in SAMPLING_AXES]
+    others: list[str] = []
+    if setting != "label":
+        if sampling and setting not in SAMPLING_AXES and setting != "sampling":
+            others.append("sampling")
+        others += [a for a in swept if a not in SAMPLING_AXES and a != setting]
+    series = frame["engine"].astype(str)
+    for axis in others:
+        values = frame[axis].astype(str)
+        series = (
+            series + " · " + (values if axis == "sampling" else f"{_axis_name(axis)} " + values)
+        )
+    return series, " · ".join(["engine"] + [_axis_name(a) for a in others])
+
+
+def _is_numeric(frame: pd.DataFrame, setting: str) -> bool:
+    return setting in NUMERIC_AXES and pd.api.types.is_numeric_dtype(frame[setting])
+
+
 def metric_by_setting(summary: pd.DataFrame, metric: str, setting: str) -> alt.Chart:
     """Mean ± std of `metric` for each value of `setting` (one row per configuration and engine
-    in `summary`, with columns `<metric>_mean`, `<metric>_std`, `engine`), engines side by side."""
+    in `summary`, with columns `<metric>_mean`, `<metric>_std`, `engine` and the settings): a
+    line per series over a numeric setting, else bars side by side; a colour, with its legend, for
+    each engine and value of the other swept settings; the chart titled, the axis in units."""
     frame = summary.dropna(subset=[f"{metric}_mean"]).copy()
-    frame["low"] = frame[f"{metric}_mean"] - frame[f"{metric}_std"]
-    frame["high"] = frame[f"{metric}_mean"] + frame[f"{metric}_std"]
+    frame["low"] = frame[f"{metric}_mean"] - frame[f"{metric}_std"].fillna(0)
+    frame["high"] = frame[f"{metric}_mean"] + frame[f"{metric}_std"].fillna(0)
+    frame["series"], legend = _series(frame, setting)
+    title = f"{_name(metric)} by {_axis_name(setting)}"
+    y_title = _unit(metric)
+    color = alt.Color("series:N", title=legend, legend=alt.Legend(orient="bottom", labelLimit=0))
+    tooltip = [
+        alt.Tooltip("series:N", title=legend),
+        alt.Tooltip(f"{setting}:N", title=_axis_name(setting)),
+        alt.Tooltip(f"{metric}_mean:Q", format=".1f", title=f"mean ({y_title})"),
+        alt.Tooltip(f"{metric}_std:Q", format=".2f", title="std"),
+        alt.Tooltip("n:Q", title="repetitions"),
+    ]
+    if _is_numeric(frame, setting):
+        x = alt.X(f"{setting}:Q", title=_axis_name(setting), scale=alt.Scale(zero=False))
+        base = alt.Chart(frame, height=260, title=title).encode(x=x, color=color)
+        lines = base.mark_line(point=True).encode(
+            y=alt.Y(f"{metric}_mean:Q", title=y_title), tooltip=tooltip
+        )
+        errors = base.mark_errorbar(ticks=True).encode(y=alt.Y("low:Q", title=y_title), y2="high:Q")
+        return lines + errors
     frame[setting] = frame[setting].astype(str)
-    # One bar per configuration and engine: configurations that share the x value (another
-    # setting was swept too) stand side by side, never stacked.
-    frame["bar"] = frame["engine"] + " · " + frame["label"]
-    base = alt.Chart(frame, height=260).encode(
-        x=alt.X(f"{setting}:N", title=setting.replace("_", " "), sort=None),
-        xOffset=alt.XOffset("bar:N", sort=None),
-        color=alt.Color("engine:N", title="engine"),
+    base = alt.Chart(frame, height=260, title=title).encode(
+        x=alt.X(
+            f"{setting}:N",
+            title=_axis_name(setting),
+            sort=None,
+            axis=alt.Axis(
+                labelLimit=0, labelAngle=0 if frame[setting].str.len().max() < 14 else -25
+            ),
+        ),
+        xOffset=alt.XOffset("series:N", sort=None),
+        color=color,
     )
     bars = base.mark_bar().encode(
-        y=alt.Y(f"{metric}_mean:Q", title=LABELS.get(metric, metric), stack=None),
-        tooltip=[
-            "engine",
-            setting,
-            alt.Tooltip(f"{metric}_mean:Q", format=".1f", title="mean"),
-            alt.Tooltip(f"{metric}_std:Q", format=".2f", title="std"),
-            "n",
-        ],
+        y=alt.Y(f"{metric}_mean:Q", title=y_title, stack=None), tooltip=tooltip
     )
-    errors = base.mark_errorbar(ticks=True).encode(
-        y=alt.Y("low:Q", title=LABELS.get(metric, metric)), y2="high:Q"
-    )
+    errors = base.mark_errorbar(ticks=True).encode(y=alt.Y("low:Q", title=y_title), y2="high:Q")
     return bars + errors
 
 
 def memory_predicted_vs_measured(summary: pd.DataFrame, setting: str) -> alt.Chart:
-    """Measured peak memory (bars) against the prediction (black ticks) per configuration."""
+    """Measured peak memory (bars, a colour per series) against the prediction (a black line
+    mark, in the legend as "predicted") per configuration."""
     frame = summary.dropna(subset=["peak_memory_mb_mean"]).copy()
     frame[setting] = frame[setting].astype(str)
-    frame["bar"] = frame["engine"] + " · " + frame["label"]
-    base = alt.Chart(frame, height=260).encode(
-        x=alt.X(f"{setting}:N", title=setting.replace("_", " "), sort=None),
-        xOffset=alt.XOffset("bar:N", sort=None),
+    frame["series"], legend = _series(frame, setting)
+    frame["prediction"] = "predicted"
+    base = alt.Chart(frame, height=260, title="peak memory, measured and predicted").encode(
+        x=alt.X(
+            f"{setting}:N",
+            title=_axis_name(setting),
+            sort=None,
+            axis=alt.Axis(
+                labelLimit=0, labelAngle=0 if frame[setting].str.len().max() < 14 else -25
+            ),
+        ),
+        xOffset=alt.XOffset("series:N", sort=None),
     )
     measured = base.mark_bar(opacity=0.8).encode(
-        y=alt.Y("peak_memory_mb_mean:Q", title="memory (MB)", stack=None),
-        color=alt.Color("engine:N", title="measured peak"),
+        y=alt.Y("peak_memory_mb_mean:Q", title="MB", stack=None),
+        color=alt.Color(
+            "series:N",
+            title=f"measured peak: {legend}",
+            legend=alt.Legend(orient="bottom", labelLimit=0),
+        ),
         tooltip=[
-            "engine",
-            "label",
-            alt.Tooltip("peak_memory_mb_mean:Q", format=".1f"),
-            alt.Tooltip("predicted_memory_mb_mean:Q", format=".1f"),
+            alt.Tooltip("series:N", title=legend),
+            alt.Tooltip(f"{setting}:N", title=_axis_name(setting)),
+            alt.Tooltip("peak_memory_mb_mean:Q", format=",.1f", title="measured peak (MB)"),
+            alt.Tooltip("predicted_memory_mb_mean:Q", format=",.1f", title="predicted (MB)"),
         ],
     )
-    predicted = base.mark_tick(color="black", thickness=2, size=18).encode(
-        y="predicted_memory_mb_mean:Q"
+    predicted = base.mark_point(filled=False, color="black", size=300, strokeWidth=2).encode(
+        y="predicted_memory_mb_mean:Q",
+        shape=alt.Shape(
+            "prediction:N",
+            title="",
+            scale=alt.Scale(range=["M-1,0L1,0"]),
+            legend=alt.Legend(orient="bottom"),
+        ),
     )
-    return measured + predicted
+    return alt.layer(measured, predicted).resolve_scale(shape="independent")
 
 
 def latency_by_position(frame: pd.DataFrame) -> alt.Chart:

@@ -210,7 +210,9 @@ def test_a_sweep_runs_from_the_page_and_its_charts_have_the_data(dashboard):
     assert len(rows) == 2 * 3 and all(r["status"] == "ok" for r in rows)  # 2 configs x 3 reps
     charts_shown = at.get("vega_lite_chart")
     assert len(charts_shown) == 4  # decode, TTFT, peak memory, predicted vs measured
-    assert "decode speed (tokens/s)" in charts_shown[0].proto.spec  # the axis title
+    spec = json.loads(charts_shown[0].proto.spec)
+    assert spec["layer"][0]["title"] == "decode speed by sampling"
+    assert spec["layer"][0]["encoding"]["y"]["title"] == "tokens/s"
     measured = sorted(chart_data(charts_shown[0])["decode_tps_mean"])
     summary = sorted(i["decode_tps"]["mean"] for i in report.summarize(RunsDB(dashboard), 1))
     assert measured == pytest.approx(summary)  # the chart draws the run's numbers
@@ -337,7 +339,66 @@ def test_charts_carry_the_summary_statistics(tiny, tmp_path):
     assert by_label["greedy"]["decode_tps_mean"] == pytest.approx(12.0)
     assert by_label["greedy"]["low"] == pytest.approx(12.0 - 2**1.5)  # std of (10, 14)
     assert by_label["T 0.8"]["high"] == pytest.approx(20.0)
-    assert spec["layer"][0]["encoding"]["y"]["title"] == "decode speed (tokens/s)"
+    assert spec["layer"][0]["encoding"]["y"]["title"] == "tokens/s"
+    assert spec["layer"][0]["title"] == "decode speed by sampling"
+
+
+def test_a_two_axis_sweep_charts_every_configuration_apart(tmp_path):
+    """Concurrency 1,2,4 x kv full,q8: charted against concurrency, a line per kv value, each in
+    the legend (the bars of one colour per concurrency were indistinguishable); against kv, a bar
+    per concurrency, in the legend, with labels never cut; against the configuration, full labels.
+    Every chart has a title and its unit on the axis; the memory chart's prediction is in its
+    legend."""
+    sys.path.insert(0, str(Path(APP).parent))
+    try:
+        import charts
+        import data
+    finally:
+        sys.path.pop(0)
+    from mlxinfer.bench import report
+    from mlxinfer.bench.db import METRICS, RunsDB
+    from mlxinfer.bench.grid import config_key, expand, parse_axes
+
+    db = RunsDB(tmp_path / "runs.sqlite")
+    run = db.start_run("test", {"cpu": "test"}, reps=1)
+    configs = list(expand(parse_axes({"concurrency": "1,2,4", "kv": "full,q8"})))
+    ids = db.add_configurations(run, [(config_key(c), c) for c in configs])
+    for config_id in ids:
+        db.record(config_id, "mlxinfer", 0, {m: 1.0 for m in METRICS})
+    items = report.summarize(db, run)
+    summary = data.summary_frame(items)
+    assert data.x_axis_choices(items) == ["label", "concurrency", "kv"]
+
+    def series(spec):
+        rows = next(iter(spec["datasets"].values()))
+        return sorted({r["series"] for r in rows})
+
+    spec = charts.metric_by_setting(summary, "decode_tps", "concurrency").to_dict()
+    line, _ = spec["layer"]
+    assert line["mark"]["type"] == "line" and line["encoding"]["x"]["type"] == "quantitative"
+    assert line["encoding"]["color"]["title"] == "engine · kv"
+    assert series(spec) == ["mlxinfer · kv full", "mlxinfer · kv q8"]
+    assert line["title"] == "decode speed by concurrency"
+
+    spec = charts.metric_by_setting(summary, "ttft_ms", "kv").to_dict()
+    bars, _ = spec["layer"]
+    assert bars["encoding"]["color"]["title"] == "engine · concurrency"
+    assert series(spec) == [f"mlxinfer · concurrency {n}" for n in (1, 2, 4)]
+    assert bars["encoding"]["x"]["axis"]["labelLimit"] == 0
+    assert (bars["title"], bars["encoding"]["y"]["title"]) == ("time to first token by kv", "ms")
+
+    spec = charts.metric_by_setting(summary, "decode_tps", "label").to_dict()
+    bars, _ = spec["layer"]
+    assert bars["encoding"]["x"]["title"] == "configuration"
+    assert bars["encoding"]["x"]["axis"]["labelLimit"] == 0
+    labels = {r["label"] for r in next(iter(spec["datasets"].values()))}
+    assert "concurrency 4 · kv q8" in labels and len(labels) == 6
+
+    spec = charts.memory_predicted_vs_measured(summary, "kv").to_dict()
+    measured, predicted = spec["layer"]
+    assert measured["title"] and measured["encoding"]["y"]["title"] == "MB"
+    assert predicted["encoding"]["shape"]["field"] == "prediction"
+    assert {r["prediction"] for r in next(iter(spec["datasets"].values()))} == {"predicted"}
 
 
 @pytest.mark.parametrize(

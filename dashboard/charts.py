@@ -158,6 +158,31 @@ def memory_predicted_vs_measured(summary: pd.DataFrame, setting: str) -> alt.Cha
     return alt.layer(measured, predicted).resolve_scale(shape="independent")
 
 
+def throughput_against_latency(summary: pd.DataFrame, latency: str = "itl_p50_ms") -> alt.Chart:
+    """What concurrency buys and costs (guidellm's and vLLM's view of a sweep): total output
+    tokens/s against a latency, a point per concurrency (labelled), a line per engine and value of
+    the other swept settings. Up and to the left is better."""
+    frame = summary.dropna(subset=["output_tps_mean", f"{latency}_mean"]).copy()
+    frame["series"], legend = _series(frame, "concurrency")
+    frame = frame.sort_values(["series", "concurrency"])
+    base = alt.Chart(frame, height=260, title=f"total output against {_name(latency)}").encode(
+        x=alt.X(f"{latency}_mean:Q", title=f"{_name(latency)} ({_unit(latency)})"),
+        y=alt.Y("output_tps_mean:Q", title="total output (tokens/s)"),
+        color=alt.Color("series:N", title=legend, legend=alt.Legend(orient="bottom", labelLimit=0)),
+        order="concurrency:Q",
+    )
+    line = base.mark_line(point=True).encode(
+        tooltip=[
+            alt.Tooltip("series:N", title=legend),
+            alt.Tooltip("concurrency:Q", title="concurrency"),
+            alt.Tooltip("output_tps_mean:Q", format=".1f", title="total output (tokens/s)"),
+            alt.Tooltip(f"{latency}_mean:Q", format=".1f", title=f"{_name(latency)} (ms)"),
+        ]
+    )
+    labels = base.mark_text(dx=8, dy=-8, fontSize=11).encode(text="concurrency:Q")
+    return line + labels
+
+
 def latency_by_position(frame: pd.DataFrame) -> alt.Chart:
     """p50 and p90 latency of each token position (position 0: the first token) over the
     repetitions; `frame` has token, p50_ms, p90_ms and a `series` column."""

@@ -87,6 +87,16 @@ DEFINITIONS = (
         "vLLM: E2EL (same).",
     ),
     Definition(
+        "output_tps",
+        "total output (tokens/s)",
+        "every generated token of a measurement's concurrent requests / (submit → the last one's "
+        "last token)",
+        "What the machine delivers to all users together: the number that concurrency raises "
+        "while each request's own decode speed falls. A sweep's measurement only (not a "
+        "request's); with one request it is N / e2e.",
+        "vLLM bench: output token throughput (same). guidellm: output tokens/s.",
+    ),
+    Definition(
         "peak_memory_mb",
         "peak memory (MB)",
         "mx.get_peak_memory() after the request, mx.reset_peak_memory() before it",

@@ -153,13 +153,34 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
             "PRAGMA user_version=1;"
         )
     db = RunsDB(path)
-    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 3
     (run,) = db.runs()
     assert run["command"] == "old" and run["pid"] is None
     new = db.start_run("new", MACHINE, reps=1)
     assert db.run(new)["pid"] == os.getpid()
-    again = RunsDB(path)  # opened again: already version 2
+    again = RunsDB(path)  # opened again: already version 3
     assert [r["command"] for r in again.runs()] == ["old", "new"]
+
+
+def test_a_version_2_database_keeps_its_measurements_and_gains_output_tps(tmp_path):
+    """Measurements gained the total output throughput (schema 3): a version 2 database keeps
+    every measurement (output_tps None), and new ones record it."""
+    path = tmp_path / "v2.sqlite"
+    db = RunsDB(path)
+    run = db.start_run("old", MACHINE, reps=1)
+    (config,) = db.add_configurations(run, [("a", {"temperature": 0.0})])
+    db.record(config, "mlxinfer", 0, {"decode_tps": 7.0}, [1, 2], [10.0, 20.0])
+    db.conn.executescript(  # back to version 2, as that mlxinfer wrote it
+        "ALTER TABLE measurements DROP COLUMN output_tps; PRAGMA user_version=2;"
+    )
+    db.close()
+    db = RunsDB(path)
+    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    (old,) = db.measurements(run)
+    assert old["decode_tps"] == 7.0 and old["output_tps"] is None
+    (config2,) = db.add_configurations(run, [("b", {"temperature": 0.5})])
+    db.record(config2, "mlxinfer", 0, {"decode_tps": 8.0, "output_tps": 30.0}, [1], [10.0])
+    assert sorted(m["output_tps"] or 0 for m in db.measurements(run)) == [0, 30.0]
 
 
 def test_a_measurement_is_recorded_whole_or_not_at_all(tmp_path):

@@ -130,3 +130,26 @@ def test_mlx_lm_measures_concurrent_requests_and_says_what_it_cannot_do(tiny, tm
         assert row["decode_tps"] > 0 and row["ttft_ms"] > 0 and row["prefill_tps"] > 0
     theirs = [r for r in rows.values() if r["engine"] == "mlx-lm"]
     assert all(r["kv_cache_mb"] is None for r in theirs)  # not measured, not 0
+    for row in rows.values():  # both engines: 12 tokens over the slower request's time
+        assert 12 / (row["e2e_ms"] / 1e3) >= row["output_tps"] > 6 / (row["e2e_ms"] / 1e3)
+
+
+def test_total_output_is_every_generated_token_over_the_measurements_time(tiny, tmp_path):
+    """output_tps (the number a concurrency sweep is for): alone, a request's tokens over its
+    end-to-end time; at concurrency 4, every request's tokens over the slowest one's time, which
+    is at least the mean end-to-end time the row records (their ratio: 4 x 6 tokens)."""
+    db = RunsDB(tmp_path / "runs.sqlite")
+    axes = parse_axes(
+        {"model": tiny, "prompt_tokens": "8", "gen_tokens": "6", "concurrency": "1,4"}
+    )
+    sweep = Sweep(axes, reps=2, db=db)
+    list(sweep.run())
+    rows = db.measurements(sweep.run_id)
+    assert len(rows) == 4
+    for row in rows:
+        n = row["settings"]["concurrency"]
+        mean_e2e_s = row["e2e_ms"] / 1e3
+        if n == 1:
+            assert row["output_tps"] == pytest.approx(6 / mean_e2e_s, rel=1e-9)
+        else:
+            assert 0 < row["output_tps"] <= 4 * 6 / mean_e2e_s * (1 + 1e-9)

@@ -400,6 +400,13 @@ def test_a_two_axis_sweep_charts_every_configuration_apart(tmp_path):
     assert predicted["encoding"]["shape"]["field"] == "prediction"
     assert {r["prediction"] for r in next(iter(spec["datasets"].values()))} == {"predicted"}
 
+    spec = charts.throughput_against_latency(summary).to_dict()  # a concurrency sweep's view
+    line, labels = spec["layer"]
+    assert line["encoding"]["x"]["title"] == "inter-token latency p50 (ms)"
+    assert line["encoding"]["y"]["title"] == "total output (tokens/s)"
+    assert series(spec) == ["mlxinfer · kv full", "mlxinfer · kv q8"]
+    assert labels["encoding"]["text"]["field"] == "concurrency"  # each point says which
+
 
 @pytest.mark.parametrize(
     "args,message",

@@ -191,7 +191,7 @@ def test_a_sweep_runs_and_its_charts_draw_the_measurements(server, page):
         "aria-label"
     )
     assert first.locator("text", has_text="decode speed by sampling").count() == 1  # its title
-    assert len(bars(page, 1)) == 2 and len(bars(page, 2)) == 2  # TTFT, peak memory
+    assert len(bars(page, 1)) == 2 and len(bars(page, 2)) == 2  # total output, TTFT
     screenshot(page, "sweep")
 
 

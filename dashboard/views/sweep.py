@@ -173,9 +173,15 @@ def show_run(run_id: int) -> None:
     )
     left, right = st.columns(2)
     left.altair_chart(charts.metric_by_setting(summary, "decode_tps", x), width="stretch")
-    right.altair_chart(charts.metric_by_setting(summary, "ttft_ms", x), width="stretch")
-    left.altair_chart(charts.metric_by_setting(summary, "peak_memory_mb", x), width="stretch")
+    right.altair_chart(charts.metric_by_setting(summary, "output_tps", x), width="stretch")
+    left.altair_chart(charts.metric_by_setting(summary, "ttft_ms", x), width="stretch")
     right.altair_chart(charts.memory_predicted_vs_measured(summary, x), width="stretch")
+    if summary["concurrency"].nunique() > 1 and summary["output_tps_mean"].notna().any():
+        st.altair_chart(charts.throughput_against_latency(summary), width="stretch")
+        st.caption(
+            "Each point is a concurrency: total output grows with it while each request's "
+            "inter-token latency grows too. Up and to the left is better."
+        )
     with st.expander("Table"):
         st.markdown(report.markdown_table(items))
 

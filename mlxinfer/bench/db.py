@@ -23,7 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-SCHEMA_VERSION = 2  # 2: runs.pid
+SCHEMA_VERSION = 3  # 2: runs.pid; 3: measurements.output_tps
 DB_ENV = "MLXINFER_DB"
 METRICS = (
     "ttft_ms",
@@ -38,6 +38,7 @@ METRICS = (
     "kv_cache_mb",
     "bandwidth_gbs",
     "predicted_memory_mb",  # weights + the KV cache as allocated, from the architecture
+    "output_tps",  # all of a measurement's generated tokens / its wall time (schema 3)
 )
 
 _SCHEMA = f"""
@@ -171,6 +172,9 @@ class RunsDB:
                 version = self.conn.execute("PRAGMA user_version").fetchone()[0]
                 if version == 1:  # runs gained the pid of the process measuring them
                     self.conn.execute("ALTER TABLE runs ADD COLUMN pid INTEGER")
+                has_measurements = "measurements" in _tables(self.conn)
+                if version in (1, 2) and has_measurements:  # gained the total output throughput
+                    self.conn.execute("ALTER TABLE measurements ADD COLUMN output_tps REAL")
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         self.conn.execute(statement)
@@ -187,7 +191,7 @@ class RunsDB:
         finally:
             if self.conn.in_transaction:  # (a file that is not SQLite fails before it begins)
                 self.conn.execute("ROLLBACK")
-        if version not in (0, 1, SCHEMA_VERSION):
+        if version not in (0, 1, 2, SCHEMA_VERSION):
             raise ValueError(
                 f"{self.path}: runs database schema version {version}; this mlxinfer reads "
                 f"version {SCHEMA_VERSION}"
@@ -198,6 +202,8 @@ class RunsDB:
         expected = {name: set(columns) for name, columns in _columns().items()}
         if version == 1:
             expected["runs"] -= {"pid"}  # added by the migration to version 2
+        if version in (1, 2):
+            expected["measurements"] -= {"output_tps"}  # added by the migration to version 3
         for name, columns in tables.items():
             lacking = expected.get(name, set()) - columns
             if lacking:

@@ -18,6 +18,7 @@ from .stats import first_difference, paired_ratio, summary
 TABLE_METRICS = (
     "prefill_tps",
     "decode_tps",
+    "output_tps",
     "ttft_ms",
     "itl_p99_ms",
     "peak_memory_mb",

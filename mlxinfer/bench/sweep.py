@@ -265,11 +265,14 @@ class Sweep:
                 raise RuntimeError(f"a request ended with {r.finish_reason}: {r.error}")
         metrics = {}
         for name in _METRICS:
-            if name == "predicted_memory_mb":
+            if name in ("predicted_memory_mb", "output_tps"):
                 continue
             values = [getattr(r.metrics, name) for r in results]
             metrics[name] = sum(values) / len(values)
         metrics["predicted_memory_mb"] = self.predicted_mb
+        metrics["output_tps"] = output_tps(
+            [len(r.tokens) for r in results], [r.metrics.e2e_ms for r in results]
+        )
         first = results[0].metrics
         times = [first.ttft_ms + sum(first.itl_ms[:i]) for i in range(len(first.itl_ms) + 1)]
         return metrics, results[0].tokens, times
@@ -296,6 +299,9 @@ class Sweep:
             if name in requests[0]["metrics"]
         }
         metrics["predicted_memory_mb"] = self.predicted_mb
+        metrics["output_tps"] = output_tps(
+            [len(r["tokens"]) for r in requests], [r["metrics"]["e2e_ms"] for r in requests]
+        )
         return metrics, requests[0]["tokens"], requests[0]["times"]
 
     def _worker(self, name: str, compute: str):
@@ -348,6 +354,12 @@ def check_grid(configs: list[dict], load) -> None:
             raise ValueError(
                 f"sweep axis 'kv': {config['kv']!r} on model {config['model']!r}: {e}"
             ) from None
+
+
+def output_tps(generated: list[int], e2e_ms: list[float]) -> float:
+    """All the tokens concurrent requests generated / the time until the last one ended (they are
+    submitted together, so the longest end-to-end time is the measurement's wall time)."""
+    return sum(generated) / (max(e2e_ms) / 1e3)
 
 
 def predicted_memory(model, config: Mapping) -> tuple[int, int]:

@@ -217,12 +217,21 @@ def metric_across_runs(frame: pd.DataFrame, metric: str) -> alt.Chart:
     """A metric's mean per run (ordered by time, labelled with version and commit) for each
     configuration the runs share: a regression shows as a step down."""
     return (
-        alt.Chart(frame, height=280)
+        alt.Chart(frame, height=280, title=f"{_name(metric)} across runs")
         .mark_line(point=True)
         .encode(
-            x=alt.X("run_label:N", title="run (version · commit)", sort=None),
-            y=alt.Y("mean:Q", title=LABELS.get(metric, metric)),
-            color=alt.Color("series:N", title="configuration"),
-            tooltip=["run_label", "series", alt.Tooltip("mean:Q", format=".2f")],
+            x=alt.X(
+                "run_label:N",
+                title="run (version · commit)",
+                sort=None,
+                axis=alt.Axis(labelLimit=0, labelAngle=-20),
+            ),
+            y=alt.Y("mean:Q", title=_unit(metric)),
+            color=alt.Color("series:N", title="configuration", legend=alt.Legend(labelLimit=0)),
+            tooltip=[
+                alt.Tooltip("run_label:N", title="run"),
+                alt.Tooltip("series:N", title="configuration"),
+                alt.Tooltip("mean:Q", format=".2f", title=f"mean ({_unit(metric)})"),
+            ],
         )
     )

@@ -11,6 +11,8 @@ import pandas as pd
 from mlxinfer.bench import jobs, report
 from mlxinfer.bench.db import METRICS, RunsDB
 from mlxinfer.bench.grid import SAMPLING_AXES, sampling_label
+from mlxinfer.bench.stats import verdict
+from mlxinfer.metrics import DEFINITIONS
 
 
 def summary_frame(items: list[dict]) -> pd.DataFrame:
@@ -128,16 +130,20 @@ def compare_frame(db: RunsDB, run_a: int, run_b: int, metric: str) -> pd.DataFra
     rows = []
     items = report.compare(db, run_a, run_b, metric)
     swept = report.swept_axes(items) if items else []
+    label = next((d.label for d in DEFINITIONS if d.name == metric), metric)
+    unit = label[label.rfind("(") + 1 : -1] if label.endswith(")") else ""
     for row in items:
         interval = row["interval"]
         rows.append(
             {
                 "engine": row["engine"],
                 "configuration": configuration_label(row["settings"], swept),
-                f"run {run_a}": row["a"],
-                f"run {run_b}": row["b"],
+                f"run {run_a} ({unit})": row["a"],
+                f"run {run_b} ({unit})": row["b"],
                 "B / A": row["ratio"],
                 "95% CI": f"[{interval['low']:.2f}, {interval['high']:.2f}]" if interval else "",
+                "repetitions": "{} / {}".format(*row["n"]),
+                "verdict": verdict(interval),
             }
         )
     return pd.DataFrame(rows)

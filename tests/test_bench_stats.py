@@ -44,3 +44,18 @@ def test_first_difference_of_token_sequences():
     assert first_difference([1, 2, 3], [1, 2, 3]) is None
     assert first_difference([1, 2, 3], [1, 5, 3]) == 1
     assert first_difference([1, 2], [1, 2, 3]) == 2
+
+
+def test_a_ratio_is_called_a_difference_only_when_its_interval_says_so():
+    from mlxinfer.bench.stats import verdict
+
+    assert verdict(paired_ratio([11.0, 12.0, 11.5, 11.8], [10.0, 10.1, 9.9, 10.0])) == "higher"
+    assert verdict(paired_ratio([9.0, 9.1, 8.9, 9.0], [10.0, 10.1, 9.9, 10.0])) == "lower"
+    assert verdict(paired_ratio([9.0, 11.0, 10.5, 9.5], [10.0, 10.0, 10.0, 10.0])) == (
+        "not significant"
+    )
+    # the example: 2 repetitions, B/A 2.5 with an interval of [0.00, 34076]
+    assert verdict(paired_ratio([5.0, 0.01], [1.0, 1.0])) == "too few repetitions (2)"
+    assert verdict(None) == "no interval (unpaired repetitions)"
+    wide = {"ratio": 2.0, "low": 1.1, "high": 3.5, "n": 3}
+    assert verdict(wide) == "not significant (interval wider than the ratio)"

@@ -199,6 +199,7 @@ def test_results_compare_two_runs(server, page):
     url, _ = server
     page.goto(f"{url}/results")
     page.get_by_text("Pick one run").wait_for()
+    page.get_by_text(re.compile(r"Showing the newest run, \d+")).wait_for()  # not a blank page
     picker = page.get_by_test_id("stMultiSelect").filter(has_text="…or by id")
     for run in ("1", "2"):
         picker.locator("input").click()
@@ -207,6 +208,10 @@ def test_results_compare_two_runs(server, page):
     page.get_by_text("Run 2 against run 1").wait_for()
     points = page.locator("[data-testid=stVegaLiteChart] [aria-roledescription=point]")
     points.first.wait_for()
+    for _ in range(100):  # the newest run's charts, shown before the pick, go as the page reruns
+        if points.count() == 4:
+            break
+        page.wait_for_timeout(100)
     assert points.count() == 4  # two configurations, each in both runs
     screenshot(page, "results")
 

@@ -56,8 +56,10 @@ picked = st.dataframe(
 chosen = [int(shown.iloc[i]["run"]) for i in picked.selection.rows if i < len(shown)]
 manual = st.multiselect("…or by id", list(runs["run"]), key="runs_by_id")
 chosen = list(dict.fromkeys(chosen + [int(r) for r in manual]))
-if not chosen:
-    st.stop()
+if not chosen:  # nothing picked: the newest run (of those the filters show)
+    newest = int((shown if not shown.empty else runs)["run"].max())
+    chosen = [newest]
+    st.caption(f"Showing the newest run, {newest}: pick runs in the table to see others.")
 
 metric_names = {d.name: d.label for d in DEFINITIONS}
 numeric = [m for m in metric_names if m not in ("itl_ms", "queue_ms", "active_memory_mb")]
@@ -66,6 +68,8 @@ if len(chosen) == 1:
     run_id = chosen[0]
     items = report.summarize(db, run_id)
     st.subheader(f"Run {run_id}")
+    if (said := report.caution(items)) is not None:
+        st.warning(said)
     st.markdown(report.markdown_table(items))
     left, right = st.columns(2)
     left.download_button(
@@ -110,12 +114,24 @@ elif len(chosen) == 2:
             hide_index=True,
             column_config={"B / A": st.column_config.NumberColumn(format="%.3f")},
         )
+        if not table["verdict"].isin(["higher", "lower"]).all():
+            st.caption(
+                "A ratio is a difference only where its 95% interval excludes 1 (verdict "
+                "'higher' or 'lower'); the others are within the runs' noise."
+            )
 if len(chosen) >= 2:
     metric = st.selectbox("Across runs", numeric, format_func=metric_names.get, key="across_metric")
     frame = data.across_runs_frame(db, chosen, metric)
+    left_out = sorted(set(chosen) - set(frame["run"] if not frame.empty else []))
     if frame.empty:
         st.info("No configuration appears in two of these runs.")
     else:
+        if left_out:
+            st.caption(
+                f"Not shown: run{'s' if len(left_out) > 1 else ''} "
+                f"{', '.join(map(str, left_out))}, sharing no configuration (same engine and "
+                "settings) with another of the runs picked."
+            )
         st.altair_chart(charts.metric_across_runs(frame, metric), width="stretch")
         st.download_button(
             "This comparison (CSV)",

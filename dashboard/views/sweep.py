@@ -161,6 +161,8 @@ def show_run(run_id: int) -> None:
         st.caption("Charts appear with the first measurement (after the model loads and warms up).")
         return
     summary = data.summary_frame(items)
+    if (said := report.caution(items)) is not None:
+        st.warning(said)
     failed = summary[summary["n"] == 0]
     for _, row in failed.iterrows():
         st.warning(f"{row['engine']} · {row['label']}: failed: {row['error']}")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from .db import METRICS, RunsDB
 from .grid import AXES, DEFAULTS, SAMPLING_AXES, sampling_label
-from .stats import first_difference, paired_ratio, summary
+from .stats import MIN_REPS, first_difference, paired_ratio, summary, verdict
 
 TABLE_METRICS = (
     "prefill_tps",
@@ -152,17 +152,33 @@ def markdown_table(items: Sequence[dict]) -> str:
             cost = item.get("sampling_cost")
             cells.append("" if cost is None else f"{cost:.2f}")
             ratio = (item.get("vs_mlx_lm") or {}).get("decode_tps")
-            cells.append(
-                ""
-                if ratio is None
-                else f"{ratio['ratio']:.2f} [{ratio['low']:.2f}, {ratio['high']:.2f}]"
-            )
+            cells.append("" if ratio is None else _ratio_cell(ratio))
             same = item.get("same_tokens")
             cells.append(
                 "" if same is None else "yes" if same else f"from token {item['first_difference']}"
             )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _ratio_cell(interval: dict) -> str:
+    """ "1.52 [1.31, 1.76]", and a caution when the interval says nothing: "1.03 [0.91, 1.16],
+    not significant"."""
+    cell = f"{interval['ratio']:.2f} [{interval['low']:.2f}, {interval['high']:.2f}]"
+    said = verdict(interval)
+    return cell if said in ("higher", "lower") else f"{cell}, {said}"
+
+
+def caution(items: Sequence[dict]) -> str | None:
+    """A sentence when a run's repetitions are too few for its ± and intervals to mean much."""
+    counts = [len(i["decode_tps"]["samples"]) for i in items if i["decode_tps"]]
+    if counts and min(counts) < MIN_REPS:
+        return (
+            f"{min(counts)} repetition{'s' if min(counts) > 1 else ''}: the ± and the 95% "
+            f"intervals say little below {MIN_REPS} (with 2, an interval is 12.7 standard "
+            "errors wide each way); run more before drawing conclusions."
+        )
+    return None
 
 
 def to_json(items: Sequence[dict]) -> str:
@@ -296,6 +312,7 @@ def compare(db: RunsDB, run_a: int, run_b: int, metric: str = "decode_tps") -> l
                 "b": item[metric]["mean"],
                 "ratio": item[metric]["mean"] / a[key][metric]["mean"],
                 "interval": ratio,
+                "n": (len(sa), len(sb)),
             }
         )
     return out

@@ -89,6 +89,24 @@ def paired_ratio(ours: Sequence[float], theirs: Sequence[float]) -> dict:
     }
 
 
+MIN_REPS = 3  # fewer repetitions give intervals too wide to say anything (t(1) = 12.7)
+
+
+def verdict(interval: dict | None) -> str:
+    """What a ratio's 95% interval (paired_ratio's) lets one say, in words for a table:
+    "higher" or "lower" when it excludes 1; otherwise why not."""
+    if interval is None:
+        return "no interval (unpaired repetitions)"
+    if interval["n"] < MIN_REPS:
+        return f"too few repetitions ({interval['n']})"
+    low, high, ratio = interval["low"], interval["high"], interval["ratio"]
+    if low <= 1 <= high:
+        return "not significant"
+    if high - low > ratio:
+        return "not significant (interval wider than the ratio)"
+    return "higher" if low > 1 else "lower"
+
+
 def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
     """The first position where two token sequences differ (None if they are the same)."""
     for i, (x, y) in enumerate(zip(a, b, strict=False)):  # lengths may differ

@@ -22,6 +22,8 @@ import streamlit as st
 
 import mlxinfer  # noqa: F401  (first: OpenBLAS must be loaded before MLX on Linux)
 from mlxinfer.bench.db import RunsDB, default_db_path
+from mlxinfer.bench.grid import SAMPLING_AXES
+from mlxinfer.bench.grid import sampling_label as grid_sampling_label
 from mlxinfer.cache import CacheSpec
 from mlxinfer.sampling import SamplingParams
 
@@ -45,6 +47,31 @@ def runs_db() -> RunsDB:
     if db is None or db.path != path:
         db = _local.db = RunsDB(path)
     return db
+
+
+def running_sweeps() -> list[int]:
+    """The runs a process is measuring right now (a sweep started here or by `mlxinfer bench`)."""
+    from mlxinfer.bench import jobs
+
+    try:
+        return [int(r["id"]) for r in runs_db().runs() if jobs.status(r) == "running"]
+    except ValueError:  # the database is unusable: the pages that use it say so
+        return []
+
+
+def keep_line_breaks(text: str) -> str:
+    """Markdown joins lines a single line break separates; a reply's line breaks are its own (a
+    list, a poem, an address), so each becomes a hard break, except inside code fences, which
+    keep theirs."""
+    parts = text.split("```")
+    for i in range(0, len(parts), 2):
+        parts[i] = parts[i].replace("\n", "  \n")
+    return "```".join(parts)
+
+
+def sampling_label(params: SamplingParams) -> str:
+    """ "greedy", or the settings that differ from the defaults ("T 0.7, top-p 0.9")."""
+    return grid_sampling_label({a: getattr(params, a) for a in SAMPLING_AXES})
 
 
 # -- the model and the engine ----------------------------------------------------------------------

@@ -6,6 +6,7 @@ data is checked as plain functions. The real browser test is test_dashboard_brow
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -73,6 +74,69 @@ def test_chat_streams_a_reply_with_its_metrics(dashboard):
     # a second turn keeps the conversation (both turns shown again, then the new reply)
     at.chat_input[0].set_value("And again").run()
     assert [m.name for m in at.chat_message] == ["user", "assistant"] * 2
+
+
+def test_a_reply_says_how_many_tokens_why_it_ended_and_with_what(dashboard):
+    """Under each reply: its token count, its finish reason in words, and the settings it was
+    made with (a reply cut at max tokens looked like one the model ended)."""
+    at = app()
+    max_tokens(at, 5)
+    at.chat_input[0].set_value("Hello there").run()
+    healthy(at)
+    (summary,) = at.chat_message[1].caption
+    assert re.fullmatch(
+        r"\d+ tokens? · (ended by the model|cut at max tokens) · greedy · KV cache full",
+        summary.value,
+    ), summary.value
+    n = at.session_state["messages"][1]["metrics"]["generated_tokens"]
+    assert summary.value.startswith(f"{n} token")
+    if n == 5:
+        assert "cut at max tokens" in summary.value
+    at.chat_input[0].set_value("again").run()  # the history shows it again
+    assert at.chat_message[1].caption[0].value == summary.value
+
+
+def test_an_empty_message_is_not_sent(dashboard):
+    at = app()
+    at.chat_input[0].set_value("   \n  ").run()
+    healthy(at)
+    assert not at.chat_message and not at.session_state["messages"]
+    assert [w.value for w in at.warning] == ["The message is empty: nothing was sent."]
+
+
+def test_a_reply_keeps_its_line_breaks():
+    """Markdown joined a reply's lines into one paragraph; code fences keep theirs as they are."""
+    sys.path.insert(0, str(Path(APP).parent))
+    try:
+        import common
+    finally:
+        sys.path.pop(0)
+    text = "1. one\n2. two\n```\nx = 1\ny = 2\n```\nbye"
+    assert common.keep_line_breaks(text) == "1. one  \n2. two  \n```\nx = 1\ny = 2\n```  \nbye"
+
+
+def test_settings_that_ruin_small_models_and_a_running_sweep_are_warned(dashboard):
+    from mlxinfer.bench.db import RunsDB
+
+    at = app()
+    assert not at.sidebar.warning
+    kv = next(w for w in at.sidebar.selectbox if w.label == "KV cache")
+    kv.set_value("q4").run()
+    assert any("4-bit KV cache" in w.value for w in at.sidebar.warning)
+    kv.set_value("q8").run()
+    assert not at.sidebar.warning
+    kv.set_value("rotating").run()
+    next(w for w in at.sidebar.number_input if w.label == "Tokens kept").set_value(16).run()
+    max_tokens(at, 4)
+    at.chat_input[0].set_value("a message longer than sixteen tokens, " * 3).run()
+    healthy(at)
+    assert any("The KV cache keeps 16 tokens" in w.value for w in at.chat_message[1].warning)
+    run = RunsDB(dashboard).start_run("mlxinfer bench", {"cpu": "test"}, reps=1)  # this process
+    at.run()
+    assert [w.value for w in at.sidebar.warning] == [
+        f"Run {run} is sweeping: a chat now slows it and skews its measurements (both share "
+        "this machine's cores)."
+    ]
 
 
 def test_the_penalty_boxes_offer_exactly_what_sampling_takes(dashboard):

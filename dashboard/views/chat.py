@@ -32,8 +32,18 @@ with st.sidebar:
         sampling, max_tokens = common.sampling_controls("chat_")
     with st.expander("KV cache", expanded=False):
         cache = common.cache_controls("chat_")
+    if cache.kv_bits == 4:
+        st.warning(
+            "A 4-bit KV cache costs small models much of their quality (SmolLM2-135M's answers "
+            "turn to noise); 8-bit is close to exact."
+        )
     if st.button("New conversation", icon=":material/restart_alt:"):
         state.messages = []
+    if sweeping := common.running_sweeps():
+        st.warning(
+            f"Run {sweeping[0]} is sweeping: a chat now slows it and skews its measurements "
+            "(both share this machine's cores)."
+        )
 
 st.title("Chat")
 st.caption(
@@ -48,20 +58,40 @@ def show_reply_metrics(metrics: dict) -> None:
         st.altair_chart(charts.itl_by_position(metrics["itl_ms"]), width="stretch")
 
 
+FINISHED = {
+    "eos": "ended by the model",
+    "stop": "ended at a stop string",
+    "length": "cut at max tokens",
+    "cancelled": "stopped",
+    "error": "failed",
+}
+
+
+def reply_summary(tokens: int, reason: str | None, settings: str) -> str:
+    """Under a reply: how many tokens, why it ended, and the settings it was made with."""
+    ended = FINISHED.get(reason or "", "stopped before the end")
+    return f"{tokens} token{'s' if tokens != 1 else ''} · {ended} · {settings}"
+
+
 for message in state.messages:
     with st.chat_message(message["role"]):
-        st.markdown(message["content"])
-        if message.get("stopped"):
+        st.markdown(common.keep_line_breaks(message["content"]))
+        if message.get("summary"):
+            st.caption(message["summary"])
+        elif message.get("stopped"):
             st.caption("stopped before the end")
         if message.get("metrics"):
             show_reply_metrics(message["metrics"])
 
 prompt = st.chat_input("Ask something" if mode == "chat" else "Text to continue")
+if prompt is not None and not prompt.strip():
+    st.warning("The message is empty: nothing was sent.")
+    prompt = None
 engine = common.engine(name, cache) if prompt and loaded is not None else None
 if prompt and engine is not None and sampling is not None:
     state.messages.append({"role": "user", "content": prompt})
     with st.chat_message("user"):
-        st.markdown(prompt)
+        st.markdown(common.keep_line_breaks(prompt))
     if mode == "chat":  # as `mlxinfer chat` does: the oldest exchanges leave once it outgrows
         model, tokenizer = loaded
         turns = Conversation(
@@ -89,26 +119,35 @@ if prompt and engine is not None and sampling is not None:
             state.messages.pop()
             st.error(f"Not sent: {e}")
             st.stop()
+        window = cache.max_kv_size
+        if window is not None and handle.prompt_tokens + handle.max_tokens > window:
+            st.warning(
+                f"The KV cache keeps {window} tokens, fewer than this conversation's "
+                f"{handle.prompt_tokens} and its reply's: the model loses sight of the start "
+                "(all but the first few tokens), and small models then lose the thread."
+            )
         # In the history before it streams: a click mid-reply (which stops this script) leaves
         # the part received, marked stopped, and the conversation keeps its turns in order.
         reply = {"role": "assistant", "content": "", "metrics": None, "stopped": True}
         state.messages.append(reply)
 
-        def pieces():
-            try:
-                for response in handle:
-                    if response.text:
-                        reply["content"] += response.text
-                        yield response.text
-                    if response.finish_reason is not None:
-                        reply["stopped"] = False
-                        reply["finish"] = response
-            finally:  # the page reran mid-reply: stop generating it
-                if reply["stopped"]:
-                    handle.cancel()
-
-        st.write_stream(pieces())
-        last = reply.pop("finish", None)
+        shown, last, count = st.empty(), None, 0
+        try:
+            for response in handle:
+                count += response.token >= 0
+                if response.text:
+                    reply["content"] += response.text
+                    shown.markdown(common.keep_line_breaks(reply["content"]) + "▌")
+                if response.finish_reason is not None:
+                    reply["stopped"] = False
+                    last = response
+        finally:  # the page reran mid-reply: stop generating it
+            if reply["stopped"]:
+                handle.cancel()
+        shown.markdown(common.keep_line_breaks(reply["content"]))
+        settings = f"{common.sampling_label(sampling)} · KV cache {cache.label}"
+        reply["summary"] = reply_summary(count, last.finish_reason if last else None, settings)
+        st.caption(reply["summary"])
         if last is not None and last.finish_reason == "error":
             st.error(f"The reply failed: {last.error}")
         if last is not None and last.metrics:

@@ -59,6 +59,19 @@ def running_sweeps() -> list[int]:
         return []
 
 
+def size(nbytes: float) -> str:
+    """Bytes for people: "3.42 MB", "527 MB", "90.0 GB"."""
+    mb = nbytes / 2**20
+    if mb >= 1024:
+        return f"{mb / 1024:,.1f} GB"
+    return f"{mb:,.0f} MB" if mb >= 100 else f"{mb:,.2f} MB"
+
+
+def duration(ms: float) -> str:
+    """Milliseconds for people: "373 ms", "7.68 s"."""
+    return f"{ms / 1e3:,.2f} s" if ms >= 1000 else f"{ms:.0f} ms"
+
+
 def keep_line_breaks(text: str) -> str:
     """Markdown joins lines a single line break separates; a reply's line breaks are its own (a
     list, a poem, an address), so each becomes a hard break, except inside code fences, which
@@ -269,7 +282,7 @@ def cache_controls(prefix: str = "", where=st, label: str = "KV cache") -> Cache
 def metric_row(metrics: dict) -> None:
     """A reply's or a measurement's headline numbers."""
     ttft, decode, peak, kv = st.columns(4)
-    ttft.metric("TTFT", f"{metrics['ttft_ms']:.0f} ms")
+    ttft.metric("TTFT", duration(metrics["ttft_ms"]))
     decode.metric("Decode", f"{metrics['decode_tps']:.1f} tok/s")
-    peak.metric("Peak memory", f"{metrics['peak_memory_mb']:.0f} MB")
-    kv.metric("KV cache", f"{metrics['kv_cache_mb']:.1f} MB")
+    peak.metric("Peak memory", size(metrics["peak_memory_mb"] * 2**20))
+    kv.metric("KV cache", size(metrics["kv_cache_mb"] * 2**20))

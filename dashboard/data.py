@@ -83,12 +83,19 @@ def runs_frame(db: RunsDB) -> pd.DataFrame:
                 "measurements": counts.get(run["id"], 0),
                 "planned": planned(run, len(configs)),
                 "baseline": run["baseline"] or "",
-                "machine": f"{facts.get('cpu', '?')} ({facts.get('backend', '?')})",
+                "machine": machine_label(facts),
                 "version": f"{facts.get('mlxinfer', '?')} · {facts.get('commit', '?')}",
                 "command": run["command"],
             }
         )
     return pd.DataFrame(rows)
+
+
+def machine_label(facts: dict) -> str:
+    """ "Intel(R) Xeon(R) Processor @ 2.80GHz · cpu" (not "... (Device(cpu, 0))")."""
+    backend = str(facts.get("backend", "?"))
+    device = backend.removeprefix("Device(").split(",")[0].rstrip(")")
+    return f"{facts.get('cpu', '?')} · {device}"
 
 
 def planned(run, configurations: int) -> int:

@@ -143,3 +143,13 @@ def test_a_grid_past_the_limit_is_refused_by_its_count_before_it_is_expanded():
     assert count(sampling) == len(list(expand(sampling))) == 6
     edge = ",".join(str(n) for n in range(1, 101))  # 100 x 100 = the limit exactly: allowed
     assert count(parse_axes({"prompt_tokens": edge, "gen_tokens": edge})) == MAX_CONFIGURATIONS
+
+
+@pytest.mark.parametrize("text", ["0,0.8,", ",0.8", "0,,0.8", " , "])
+def test_a_comma_too_many_is_named_not_called_a_bad_number(text):
+    """A trailing comma in a box said "'' is not a number"."""
+    with pytest.raises(ValueError) as err:
+        parse_axes({"temperature": text})
+    message = str(err.value)
+    assert message.startswith("sweep axis 'temperature'") and "''" not in message
+    assert "empty value between commas" in message or "has no values" in message

@@ -69,7 +69,8 @@ def test_chat_streams_a_reply_with_its_metrics(dashboard):
     assert messages[0].markdown[0].value == "Hello there"
     labels = [m.label for m in messages[1].metric]
     assert labels == ["TTFT", "Decode", "Peak memory", "KV cache"]
-    assert float(messages[1].metric[0].value.removesuffix(" ms")) > 0
+    ttft = messages[1].metric[0].value  # "373 ms", or "1.20 s" past a second
+    assert re.fullmatch(r"\d+ ms|\d+\.\d\d s", ttft) and float(ttft.split()[0]) > 0
     assert at.session_state["messages"][1]["metrics"]["generated_tokens"] > 0
     # a second turn keeps the conversation (both turns shown again, then the new reply)
     at.chat_input[0].set_value("And again").run()
@@ -102,6 +103,25 @@ def test_an_empty_message_is_not_sent(dashboard):
     healthy(at)
     assert not at.chat_message and not at.session_state["messages"]
     assert [w.value for w in at.warning] == ["The message is empty: nothing was sent."]
+
+
+def test_sizes_durations_and_machines_read_as_people_write_them():
+    """ "92,160.00 MB", "7676 ms" and "AMD EPYC (Device(cpu, 0))" were on the pages."""
+    sys.path.insert(0, str(Path(APP).parent))
+    try:
+        import common
+        import data
+    finally:
+        sys.path.pop(0)
+    assert [common.size(b) for b in (3.5 * 2**20, 527 * 2**20, 92160 * 2**20)] == [
+        "3.50 MB",
+        "527 MB",
+        "90.0 GB",
+    ]
+    assert [common.duration(ms) for ms in (373.2, 7676)] == ["373 ms", "7.68 s"]
+    facts = {"cpu": "AMD EPYC 7B13", "backend": "Device(cpu, 0)"}
+    assert data.machine_label(facts) == "AMD EPYC 7B13 · cpu"
+    assert data.machine_label({"cpu": "Apple M3", "backend": "Device(gpu, 0)"}) == "Apple M3 · gpu"
 
 
 def test_a_reply_keeps_its_line_breaks():
@@ -582,6 +602,20 @@ def test_inside_the_model_shows_the_trace_of_the_prompt(dashboard):
     charts_drawn = at.get("vega_lite_chart")
     next_token = chart_data(charts_drawn[0], "probability")
     assert len(next_token) == 20 and next_token["probability"].is_monotonic_decreasing
+    # the issue's sequence: temperature 1.5, then "After position" 4 -> 2; the bars stay in rank
+    # order (the x axis's order is the frame's, not the previous draw's) and the line climbs
+    next(s for s in at.slider if s.label == "Temperature").set_value(1.5).run()
+    next(s for s in at.slider if s.label == "After position").set_value(2).run()
+    healthy(at)
+    chart = at.get("vega_lite_chart")[0]
+    drawn = chart_data(chart, "probability")
+    assert drawn["probability"].is_monotonic_decreasing
+    assert drawn["cumulative"].is_monotonic_increasing
+    spec = json.loads(chart.proto.spec)
+    assert spec["layer"][0]["encoding"]["x"]["sort"] == list(drawn["label"])
+    assert list(drawn["label"]) == [
+        f"{r}. {t}" for r, t in zip(drawn["rank"], drawn["token"], strict=True)
+    ]
     attention = chart_data(charts_drawn[1])
     assert len(attention) == 15  # the causal half of 5 x 5
     assert attention.groupby("q")["weight"].sum().round(5).eq(1).all()
@@ -590,7 +624,8 @@ def test_inside_the_model_shows_the_trace_of_the_prompt(dashboard):
     healthy(at)
     predicted = next(m for m in at.metric if m.label == "Predicted KV cache").value
     measured = next(m for m in at.metric if m.label == "Measured")
-    assert measured.value == predicted and measured.delta == "+0.00 MB"
+    assert measured.value == predicted and not measured.delta  # no "↑ +0.00 MB"
+    assert any(c.value == "Exactly the prediction." for c in at.caption)
     next(b for b in at.button if b.label == "Sample 200 times").click().run()
     healthy(at)
 

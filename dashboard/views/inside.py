@@ -6,6 +6,7 @@ Every forward pass runs on the engine's thread (`Engine.call`): this script only
 draws what comes back (mlxinfer.inspect does the computing)."""
 
 import html
+import os
 
 import altair as alt
 import common
@@ -124,9 +125,12 @@ with tabs[1]:
                 why = f"removed by {stage}"
                 break
         removed_by.append(why)
+    tokens = [f"{tokenizer.decode([int(i)])!r}" for i in top]
     frame = pd.DataFrame(
         {
-            "token": [f"{tokenizer.decode([int(i)])!r}" for i in top],
+            # the rank makes each label unique (two tokens may read alike) and fixes the order
+            "label": [f"{r}. {tok}" for r, tok in enumerate(tokens, 1)],
+            "token": tokens,
             "rank": range(1, len(top) + 1),
             "probability": before[top],
             "final": stages["temperature"][top],
@@ -138,7 +142,12 @@ with tabs[1]:
         alt.Chart(frame, height=320)
         .mark_bar()
         .encode(
-            x=alt.X("token:N", sort=None, title="the 20 most likely next tokens"),
+            x=alt.X(
+                "label:N",
+                sort=list(frame["label"]),  # by rank, on every update (not the last one's order)
+                title="the 20 most likely next tokens, by rank",
+                axis=alt.Axis(labelAngle=-45, labelLimit=0),
+            ),
             y=alt.Y("probability:Q", title="probability (after penalties)"),
             color=alt.Color(
                 "fate:N",
@@ -161,7 +170,8 @@ with tabs[1]:
         alt.Chart(frame)
         .mark_line(color="black", point=True)
         .encode(
-            x=alt.X("token:N", sort=None), y=alt.Y("cumulative:Q", title="cumulative probability")
+            x=alt.X("label:N", sort=list(frame["label"])),
+            y=alt.Y("cumulative:Q", title="cumulative probability"),
         )
     )
     rule = (
@@ -280,7 +290,7 @@ with tabs[3]:
     st.markdown(
         "Each layer's hidden state sent straight through the final norm and the LM head, "
         "as if the model stopped there: what it would predict next, layer by layer. "
-        "The last row is the model's own prediction."
+        "The top row (the last layer) is the model's own prediction."
     )
     if state.get("lens_key") != key:
         state.lens = engine.call(inspect.logit_lens, t, top=1)
@@ -299,16 +309,20 @@ with tabs[3]:
     ]
     frame = pd.DataFrame(rows)
     order = list(dict.fromkeys(frame["layer"]))[::-1]
-    base = alt.Chart(frame, height=max(240, 22 * len(lens))).encode(
+    base = alt.Chart(frame, height=max(240, 24 * len(lens))).encode(
         x=alt.X("position:N", sort=[labels[p] for p in shown], title="position (token)"),
-        y=alt.Y("layer:N", sort=order, title=""),
+        y=alt.Y("layer:N", sort=order, title="", axis=alt.Axis(labelOverlap=False)),  # every layer
     )
     st.altair_chart(
         base.mark_rect().encode(
             color=alt.Color("probability:Q", scale=alt.Scale(scheme="greens", domain=[0, 1])),
             tooltip=["layer", "position", "token", alt.Tooltip("probability:Q", format=".3f")],
         )
-        + base.mark_text(fontSize=9).encode(text="token:N"),
+        + base.mark_text(fontSize=9).encode(
+            text="token:N",
+            # white on the dark greens, black on the light ones
+            color=alt.condition("datum.probability > 0.5", alt.value("white"), alt.value("black")),
+        ),
         width="stretch",
     )
 
@@ -465,9 +479,17 @@ with tabs[6]:
         st.stop()
     st.metric(
         "Predicted KV cache",
-        f"{predicted / 2**20:,.2f} MB",
+        common.size(predicted),
         help="keys and values of every layer, in slots that grow 256 at a time",
     )
+    machine = (
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    )
+    if machine and predicted + model.nbytes > machine:
+        st.warning(
+            f"With the weights ({common.size(model.nbytes)}) that is more than this machine's "
+            f"{common.size(machine)} of memory: it would not run here."
+        )
     if st.button(
         "Check against a real cache",
         key="kv_check",
@@ -479,8 +501,12 @@ with tabs[6]:
         except Exception as e:
             st.error(f"Could not measure: {e}")
         else:
+            off = held * batch - predicted
             st.metric(
                 "Measured",
-                f"{held * batch / 2**20:,.2f} MB",
-                delta=f"{(held * batch - predicted) / 2**20:+.2f} MB",
+                common.size(held * batch),
+                delta=None if off == 0 else f"{off / 2**20:+,.2f} MB against the prediction",
+                delta_color="off",
             )
+            if off == 0:
+                st.caption("Exactly the prediction.")

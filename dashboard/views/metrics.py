@@ -35,8 +35,9 @@ table = pd.DataFrame(
 st.dataframe(table, hide_index=True, width="stretch")
 st.subheader("How a sweep measures")
 st.markdown(
-    "- One warm-up per configuration and engine, not counted; then the repetitions (default 5), "
-    "ours and mlx-lm's alternating, so both see the same machine.\n"
+    "- One warm-up per configuration and engine, not counted; then the repetitions (default 5 "
+    "for `mlxinfer bench`, 3 on the Sweep page), ours and mlx-lm's alternating, so both see "
+    "the same machine.\n"
     "- EOS is ignored, so every configuration generates exactly the asked number of tokens "
     "whatever its sampling settings; seeds are fixed; prompts are exact token counts of "
     "public-domain text (KJV Genesis).\n"

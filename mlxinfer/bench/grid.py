@@ -84,8 +84,13 @@ def _parse(raw: dict) -> dict[str, list]:
             continue
         items = given.split(",") if isinstance(given, str) else given
         items = items if isinstance(items, (list, tuple)) else [items]
-        if not items:
+        if not items or (isinstance(given, str) and not given.strip()):
             raise ValueError(f"sweep axis {name!r} has no values")
+        if isinstance(given, str) and any(not item.strip() for item in items):
+            raise ValueError(
+                f"sweep axis {name!r}: {given!r} has an empty value between commas (one comma "
+                "too many?)"
+            )
         values = [check_value(name, item) for item in items]
         if len(set(map(repr, values))) != len(values):
             raise ValueError(f"sweep axis {name!r} repeats a value: {given!r}")

@@ -8,12 +8,15 @@ mlxinfer.Engine, mlxinfer.bench, the runs database.
 """
 
 import logging
+from pathlib import Path
 
 import streamlit as st
 
 import mlxinfer  # noqa: F401  (first: OpenBLAS must be loaded before MLX on Linux)
 
-st.set_page_config(page_title="mlxinfer", page_icon=":material/memory:", layout="wide")
+# a local image: a Material icon as the page icon is fetched from Google's font CDN (offline: no)
+ICON = Path(__file__).parent / "icon.png"
+st.set_page_config(page_title="mlxinfer", page_icon=str(ICON), layout="wide")
 
 PAGES = {
     "Use": [st.Page("views/chat.py", title="Chat", icon=":material/chat:", default=True)],

@@ -121,12 +121,28 @@ def browser():
         chromium.close()
 
 
+LOCAL = ("127.0.0.1", "localhost")
+
+
 @pytest.fixture
 def page(browser):
+    """A page of the dashboard that must work offline: after each test, no request has left the
+    machine (a page icon fetched from a font CDN did)."""
+    from urllib.parse import urlparse
+
     page = browser.new_page(viewport={"width": 1400, "height": 2000})
     page.set_default_timeout(WAIT_MS)
+    outside: list[str] = []
+
+    def check(request) -> None:
+        url = urlparse(request.url)
+        if url.scheme in ("http", "https", "ws", "wss") and url.hostname not in LOCAL:
+            outside.append(request.url)
+
+    page.on("request", check)
     yield page
     page.close()
+    assert outside == [], f"requests left the machine: {outside[:5]}"
 
 
 def screenshot(page, name: str) -> None:

@@ -49,6 +49,31 @@ def runs_db() -> RunsDB:
     return db
 
 
+@st.cache_resource(show_spinner=False)
+def _conversations() -> dict[str, list]:
+    """This server's chat conversations by id, kept for the life of the process."""
+    return {}
+
+
+MAX_CONVERSATIONS = 64  # the oldest go first
+
+
+def conversation(chat_id: str | None) -> list:
+    """The messages of conversation `chat_id` (the page's `?chat=` parameter): a reload of the
+    tab (a new Streamlit session) finds its conversation again. An unknown or missing id starts
+    a new one, whose id goes into the URL. The list is shared: appending to it keeps it."""
+    import uuid
+
+    kept = _conversations()
+    if chat_id is None or chat_id not in kept:
+        chat_id = uuid.uuid4().hex[:12]
+        kept[chat_id] = []
+        while len(kept) > MAX_CONVERSATIONS:
+            kept.pop(next(iter(kept)))
+        st.query_params["chat"] = chat_id
+    return kept[chat_id]
+
+
 def running_sweeps() -> list[int]:
     """The runs a process is measuring right now (a sweep started here or by `mlxinfer bench`)."""
     from mlxinfer.bench import jobs

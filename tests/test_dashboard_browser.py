@@ -178,6 +178,15 @@ def test_the_chat_answers_with_its_metrics(server, page):
         state="attached"
     )  # the inter-token latency chart
     screenshot(page, "chat")
+    # a reload (a new Streamlit session) finds the conversation again: it is in the URL
+    assert "chat=" in page.url
+    page.reload()
+    messages = page.get_by_test_id("stChatMessage")
+    messages.nth(1).get_by_text("Paris").first.wait_for()
+    assert messages.count() == 2
+    assert "What is the capital of France?" in messages.nth(0).inner_text()
+    page.get_by_role("button", name="New conversation").click()  # and it can start over
+    page.wait_for_function("() => !document.querySelector('[data-testid=stChatMessage]')")
 
 
 def test_a_sweep_runs_and_its_charts_draw_the_measurements(server, page):

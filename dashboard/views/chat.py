@@ -8,7 +8,8 @@ import streamlit as st
 from mlxinfer.conversation import REPLY_ROOM, Conversation
 
 state = st.session_state
-state.setdefault("messages", [])  # {"role", "content", "metrics"}
+if "messages" not in state:  # a new session: a reload of this tab finds its conversation again
+    state.messages = common.conversation(st.query_params.get("chat"))  # {"role", "content", ...}
 
 with st.sidebar:
     name = common.model_picker()
@@ -38,7 +39,7 @@ with st.sidebar:
             "turn to noise); 8-bit is close to exact."
         )
     if st.button("New conversation", icon=":material/restart_alt:"):
-        state.messages = []
+        state.messages = common.conversation(None)
     if sweeping := common.running_sweeps():
         st.warning(
             f"Run {sweeping[0]} is sweeping: a chat now slows it and skews its measurements "

@@ -262,4 +262,8 @@ def test_the_metrics_page(server, page):
     url, _ = server
     page.goto(f"{url}/metrics")
     page.get_by_text("How a sweep measures").wait_for()
+    from mlxinfer.metrics import DEFINITIONS
+
+    for d in DEFINITIONS:  # every definition, whole (a grid showed 10 rows and cut long cells)
+        page.get_by_text(d.meaning, exact=True).wait_for(timeout=5000)
     screenshot(page, "metrics")

@@ -32,7 +32,9 @@ table = pd.DataFrame(
         for d in DEFINITIONS
     ]
 )
-st.dataframe(table, hide_index=True, width="stretch")
+# a static table: every definition whole, its text wrapped (a scrolling grid showed 10 of 13 and
+# cut the long cells)
+st.table(table.set_index("metric"))
 st.subheader("How a sweep measures")
 st.markdown(
     "- One warm-up per configuration and engine, not counted; then the repetitions (default 5 "

@@ -376,6 +376,7 @@ def test_results_list_compare_and_follow_a_metric_across_runs(dashboard, tiny):
     assert list(table["run"]) == [1, 2] and set(table["status"]) == {"done"}
     # nothing picked: the newest run, not a blank page; 2 repetitions: said to say little
     assert [s.value for s in at.subheader][:1] == ["Run 2"]
+    assert at.code[0].value.startswith("mlxinfer bench")  # what it swept, whole
     assert any("Showing the newest run, 2" in c.value for c in at.caption)
     assert any(w.value.startswith("2 repetitions: the ± and the 95% intervals") for w in at.warning)
     at.multiselect(key="runs_by_id").set_value([1]).run()

@@ -68,6 +68,7 @@ if len(chosen) == 1:
     run_id = chosen[0]
     items = report.summarize(db, run_id)
     st.subheader(f"Run {run_id}")
+    st.code(db.run(run_id)["command"], language="bash", wrap_lines=True)  # what it swept
     if (said := report.caution(items)) is not None:
         st.warning(said)
     st.markdown(report.markdown_table(items))

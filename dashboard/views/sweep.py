@@ -143,6 +143,7 @@ def show_run(run_id: int) -> None:
     status = jobs.status(run)
     done, planned = data.run_progress(db, run)
     st.subheader(f"Run {run_id}: {status}")
+    st.code(run["command"], language="bash", wrap_lines=True)  # what it sweeps, to run again
     st.progress(
         min(done / planned, 1.0) if planned else 0.0, text=f"{done} of {planned} measurements"
     )

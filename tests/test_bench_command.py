@@ -36,7 +36,9 @@ def test_a_sweep_from_flags_then_list_export_and_compare(tiny, tmp_path):
     result = bench(*grid, "--reps", "2", "--json", str(out), db=db)
     assert result.returncode == 0, result.stderr
     table = result.stdout.splitlines()
-    assert table[0].startswith("| engine | temperature | prefill_tps | decode_tps")
+    assert table[0].startswith(
+        "| engine | temperature | prefill tok/s | decode tok/s | total tok/s"
+    )
     assert len(table) == 4 and "| mlxinfer | 0.8 |" in result.stdout
     items = json.loads(out.read_text())
     assert [(i["engine"], i["temperature"]) for i in items] == [

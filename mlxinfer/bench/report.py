@@ -26,6 +26,17 @@ TABLE_METRICS = (
 )
 
 
+HEADERS = {  # short, with the unit: the table must fit a terminal and a page
+    "prefill_tps": "prefill tok/s",
+    "decode_tps": "decode tok/s",
+    "output_tps": "total tok/s",
+    "ttft_ms": "TTFT ms",
+    "itl_p99_ms": "ITL p99 ms",
+    "peak_memory_mb": "peak MB",
+    "predicted_memory_mb": "predicted MB",
+}
+
+
 def summarize(db: RunsDB, run_id: int) -> list[dict]:
     """One item per configuration and engine, in grid order: `engine`, `settings`, `failed`
     (repetitions that failed, with the first error) and each metric as {mean, std, samples}."""
@@ -131,34 +142,41 @@ def setting_columns(axes: Sequence[str]) -> dict:
 
 
 def markdown_table(items: Sequence[dict]) -> str:
-    """llama-bench's layout: the swept settings, then mean ± std of the main metrics."""
+    """llama-bench's layout: the swept settings, then mean ± std of the main metrics; the columns
+    that compare ("vs greedy", "decode vs mlx-lm", "same tokens") only where a row has a value,
+    so a run without them is narrower."""
     axes = swept_axes(items) or ["prompt_tokens", "gen_tokens"]
     columns = setting_columns(axes)
-    header = [
-        "engine",
-        *columns,
-        *TABLE_METRICS,
-        "vs greedy",
-        "decode vs mlx-lm (95% CI)",
-        "same tokens",
-    ]
+    compare = {
+        "vs greedy": lambda i: (
+            "" if i.get("sampling_cost") is None else f"{i['sampling_cost']:.2f}"
+        ),
+        "decode vs mlx-lm (95% CI)": _mlx_lm_cell,
+        "same tokens": _same_tokens_cell,
+    }
+    ok = [i for i in items if i["decode_tps"] is not None]
+    compare = {name: cell for name, cell in compare.items() if any(cell(i) for i in ok)}
+    header = ["engine", *columns, *(HEADERS[m] for m in TABLE_METRICS), *compare]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for item in items:
         cells = [item["engine"], *(show(item["settings"]) for show in columns.values())]
         if item["decode_tps"] is None:
-            cells += [f"failed: {item['error']}"] + [""] * (len(TABLE_METRICS) + 2)
+            cells += [f"failed: {item['error']}"] + [""] * (len(TABLE_METRICS) - 1 + len(compare))
         else:
             cells += [f"{item[m]['mean']:.1f} ± {item[m]['std']:.1f}" for m in TABLE_METRICS]
-            cost = item.get("sampling_cost")
-            cells.append("" if cost is None else f"{cost:.2f}")
-            ratio = (item.get("vs_mlx_lm") or {}).get("decode_tps")
-            cells.append("" if ratio is None else _ratio_cell(ratio))
-            same = item.get("same_tokens")
-            cells.append(
-                "" if same is None else "yes" if same else f"from token {item['first_difference']}"
-            )
+            cells += [cell(item) for cell in compare.values()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _mlx_lm_cell(item: dict) -> str:
+    ratio = (item.get("vs_mlx_lm") or {}).get("decode_tps")
+    return "" if ratio is None else _ratio_cell(ratio)
+
+
+def _same_tokens_cell(item: dict) -> str:
+    same = item.get("same_tokens")
+    return "" if same is None else "yes" if same else f"from token {item['first_difference']}"
 
 
 def _ratio_cell(interval: dict) -> str:

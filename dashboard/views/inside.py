@@ -227,6 +227,23 @@ with tabs[1]:
             width="stretch",
         )
 
+
+def labelled_tiles(image: np.ndarray, layers: int, heads: int, step: int):
+    """The grid of attention thumbnails with its layer numbers down the left ("L0", ...) and its
+    head numbers across the top ("H0", ...)."""
+    from PIL import Image, ImageDraw
+
+    left, top = 34, 18
+    canvas = Image.new("L", (image.shape[1] + left, image.shape[0] + top), 255)
+    canvas.paste(Image.fromarray(image), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for li in range(layers):
+        draw.text((2, top + li * step + step // 2 - 6), f"L{li}", fill=0)
+    for hi in range(heads):
+        draw.text((left + hi * step + step // 2 - 8, 3), f"H{hi}", fill=0)
+    return canvas
+
+
 # -- attention ---------------------------------------------------------------------------------
 with tabs[2]:
     layers, heads = len(t.attentions), model.config.num_attention_heads
@@ -283,7 +300,7 @@ with tabs[2]:
             tiles[y : y + size, x : x + size] = 1 - m
     scale = max(1, 600 // tiles.shape[1])
     image = np.kron(tiles, np.ones((scale, scale)))
-    st.image((image * 255).astype(np.uint8), clamp=True)
+    st.image(labelled_tiles((image * 255).astype(np.uint8), layers, heads, (size + 2) * scale))
 
 # -- logit lens --------------------------------------------------------------------------------
 with tabs[3]:

@@ -35,7 +35,7 @@ from .sampling import (
     apply_top_k,
     apply_top_p,
 )
-from .steps import decode_step, prefill
+from .steps import DEFAULT_PREFILL_CHUNK
 from .streams import own_streams
 
 
@@ -258,17 +258,29 @@ def architecture(model) -> dict:
 
 
 def measured_kv_bytes(model, tokens: int, cache: CacheSpec | None = None, seed: int = 0) -> int:
-    """Bytes a real cache of the kind `cache` holds once `tokens` tokens are in (generation's own
-    prefill of all but one, in its chunks, then one decode step), for checking the prediction
-    (`CacheSpec.nbytes`) on the loaded model."""
+    """Bytes real caches of the kind `cache` hold once `tokens` tokens are in, filled as
+    generation fills them (all but one in prefill's chunks, then one decoded token), for checking
+    the prediction (`CacheSpec.nbytes`) on the loaded model. What a cache allocates depends on
+    how many keys and values arrive, in what pieces, never on their values: they are random of
+    the model's shapes, with no forward pass (which made a 4,096-token check take 90 s of the
+    engine's thread, every chat waiting; this takes milliseconds)."""
     own_streams()  # MLX work on the calling thread (streams.py)
     caches = model.make_cache(cache)
-    ids = mx.array(np.random.default_rng(seed).integers(0, model.config.vocab_size, (1, tokens)))
-    if tokens > 1:
-        prefill(model, ids[:, :-1], caches)
-    decode_step(model, ids[:, -1], caches)
-    mx.eval([c.state for c in caches])
-    return sum(c.nbytes for c in caches)
+    c = model.config
+    key = mx.random.key(seed)
+
+    def arrive(n: int) -> None:
+        shape = (1, c.num_key_value_heads, n, c.head_dim)
+        for layer in caches:
+            k, v = mx.random.normal((2, *shape), dtype=model.compute_dtype, key=key)
+            layer.update_and_fetch(k, v)
+        mx.eval([layer.state for layer in caches])
+
+    prompt = tokens - 1
+    for start in range(0, prompt, DEFAULT_PREFILL_CHUNK):  # prefill's chunks, then a decode step
+        arrive(min(DEFAULT_PREFILL_CHUNK, prompt - start))
+    arrive(1)
+    return sum(layer.nbytes for layer in caches)
 
 
 def _component(name: str) -> str:

@@ -63,6 +63,17 @@ def _series(frame: pd.DataFrame, setting: str) -> tuple[pd.Series, str]:
     return series, " · ".join(["engine"] + [_axis_name(a) for a in others])
 
 
+def _setting_x(frame: pd.DataFrame, setting: str) -> alt.X:
+    """A setting's values as categories, in the grid's order, labels whole (slanted if long)."""
+    long = frame[setting].str.len().max() >= 14
+    return alt.X(
+        f"{setting}:N",
+        title=_axis_name(setting),
+        sort=None,
+        axis=alt.Axis(labelLimit=0, labelAngle=-25 if long else 0),
+    )
+
+
 def _is_numeric(frame: pd.DataFrame, setting: str) -> bool:
     return setting in NUMERIC_AXES and pd.api.types.is_numeric_dtype(frame[setting])
 
@@ -96,14 +107,7 @@ def metric_by_setting(summary: pd.DataFrame, metric: str, setting: str) -> alt.C
         return lines + errors
     frame[setting] = frame[setting].astype(str)
     base = alt.Chart(frame, height=260, title=title).encode(
-        x=alt.X(
-            f"{setting}:N",
-            title=_axis_name(setting),
-            sort=None,
-            axis=alt.Axis(
-                labelLimit=0, labelAngle=0 if frame[setting].str.len().max() < 14 else -25
-            ),
-        ),
+        x=_setting_x(frame, setting),
         xOffset=alt.XOffset("series:N", sort=None),
         color=color,
     )
@@ -122,14 +126,7 @@ def memory_predicted_vs_measured(summary: pd.DataFrame, setting: str) -> alt.Cha
     frame["series"], legend = _series(frame, setting)
     frame["prediction"] = "predicted"
     base = alt.Chart(frame, height=260, title="peak memory, measured and predicted").encode(
-        x=alt.X(
-            f"{setting}:N",
-            title=_axis_name(setting),
-            sort=None,
-            axis=alt.Axis(
-                labelLimit=0, labelAngle=0 if frame[setting].str.len().max() < 14 else -25
-            ),
-        ),
+        x=_setting_x(frame, setting),
         xOffset=alt.XOffset("series:N", sort=None),
     )
     measured = base.mark_bar(opacity=0.8).encode(

@@ -405,28 +405,42 @@ def test_the_metrics_page_defines_every_recorded_metric(dashboard):
     assert set(METRICS) - percentiles <= shown and "itl_ms" in shown
 
 
-def test_charts_carry_the_summary_statistics(tiny, tmp_path):
-    """The sweep charts' data: each configuration and engine's mean and mean ± std."""
+def dashboard_modules():
+    """The dashboard's charts and data modules (plain functions, no Streamlit)."""
     sys.path.insert(0, str(Path(APP).parent))
     try:
         import charts
         import data
     finally:
         sys.path.pop(0)
+    return charts, data
+
+
+def measured_grid(tmp_path, axes: dict, reps: int, decode_tps) -> list[dict]:
+    """A run of the grid `axes` in a new runs database, every measurement recorded (metrics 1.0,
+    decode_tps(configuration index, repetition)): its report items."""
     from mlxinfer.bench import report
     from mlxinfer.bench.db import METRICS, RunsDB
     from mlxinfer.bench.grid import config_key, expand, parse_axes
 
     db = RunsDB(tmp_path / "runs.sqlite")
-    run = db.start_run("test", {"cpu": "test"}, reps=2)
-    configs = list(expand(parse_axes({"temperature": "0,0.8"})))
+    run = db.start_run("test", {"cpu": "test"}, reps=reps)
+    configs = list(expand(parse_axes(axes)))
     ids = db.add_configurations(run, [(config_key(c), c) for c in configs])
-    for config_id, speeds in zip(ids, ([10.0, 14.0], [20.0, 20.0]), strict=True):
-        for rep, speed in enumerate(speeds):
-            metrics = {m: 1.0 for m in METRICS} | {"decode_tps": speed}
+    for i, config_id in enumerate(ids):
+        for rep in range(reps):
+            metrics = {m: 1.0 for m in METRICS} | {"decode_tps": decode_tps(i, rep)}
             db.record(config_id, "mlxinfer", rep, metrics)
-    summary = data.summary_frame(report.summarize(db, run))
-    assert data.x_axis_choices(report.summarize(db, run)) == ["sampling"]
+    return report.summarize(db, run)
+
+
+def test_charts_carry_the_summary_statistics(tiny, tmp_path):
+    """The sweep charts' data: each configuration and engine's mean and mean ± std."""
+    charts, data = dashboard_modules()
+    speeds = ([10.0, 14.0], [20.0, 20.0])
+    items = measured_grid(tmp_path, {"temperature": "0,0.8"}, 2, lambda i, rep: speeds[i][rep])
+    summary = data.summary_frame(items)
+    assert data.x_axis_choices(items) == ["sampling"]
     spec = charts.metric_by_setting(summary, "decode_tps", "sampling").to_dict()
     rows = next(iter(spec["datasets"].values()))
     by_label = {r["sampling"]: r for r in rows}
@@ -443,23 +457,8 @@ def test_a_two_axis_sweep_charts_every_configuration_apart(tmp_path):
     per concurrency, in the legend, with labels never cut; against the configuration, full labels.
     Every chart has a title and its unit on the axis; the memory chart's prediction is in its
     legend."""
-    sys.path.insert(0, str(Path(APP).parent))
-    try:
-        import charts
-        import data
-    finally:
-        sys.path.pop(0)
-    from mlxinfer.bench import report
-    from mlxinfer.bench.db import METRICS, RunsDB
-    from mlxinfer.bench.grid import config_key, expand, parse_axes
-
-    db = RunsDB(tmp_path / "runs.sqlite")
-    run = db.start_run("test", {"cpu": "test"}, reps=1)
-    configs = list(expand(parse_axes({"concurrency": "1,2,4", "kv": "full,q8"})))
-    ids = db.add_configurations(run, [(config_key(c), c) for c in configs])
-    for config_id in ids:
-        db.record(config_id, "mlxinfer", 0, {m: 1.0 for m in METRICS})
-    items = report.summarize(db, run)
+    charts, data = dashboard_modules()
+    items = measured_grid(tmp_path, {"concurrency": "1,2,4", "kv": "full,q8"}, 1, lambda i, r: 1.0)
     summary = data.summary_frame(items)
     assert data.x_axis_choices(items) == ["label", "concurrency", "kv"]
 

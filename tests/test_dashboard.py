@@ -629,6 +629,12 @@ def test_inside_the_model_shows_the_trace_of_the_prompt(dashboard):
     assert any(c.value == "Exactly the prediction." for c in at.caption)
     next(b for b in at.button if b.label == "Sample 200 times").click().run()
     healthy(at)
+    drawn = len(at.get("vega_lite_chart"))
+    at.number_input(key="inside_layer").set_value(1).run()  # another tab's setting
+    assert len(at.get("vega_lite_chart")) == drawn  # the draws stay (they vanished)
+    next(s for s in at.slider if s.label == "Temperature").set_value(1.0).run()
+    assert len(at.get("vega_lite_chart")) == drawn - 1  # drawn for other settings: gone, and said
+    assert any("for other settings" in c.value for c in at.caption)
 
 
 def test_inside_a_mixture_of_experts_shows_the_routing(tmp_path, monkeypatch):

@@ -184,16 +184,23 @@ with tabs[1]:
         "min-p → temperature); the dashed line is top-p, the black line the cumulative "
         "probability of the tokens so far."
     )
+    # the draws stay on the page until the prompt, position or settings change (a button's click
+    # lasts one rerun: the chart vanished at the next slider move, even an unrelated one)
+    drawn_for = (key, position, repr(params))
     if st.button("Sample 200 times", key="inside_sample"):
-        draws = engine.call(
-            inspect.draw,
-            t.logits[position],
-            params,
-            history,
-            200,
-            seed=int(np.random.default_rng().integers(1 << 30)),
+        state.draws = (
+            drawn_for,
+            engine.call(
+                inspect.draw,
+                t.logits[position],
+                params,
+                history,
+                200,
+                seed=int(np.random.default_rng().integers(1 << 30)),
+            ),
         )
-        counts = pd.Series(draws).value_counts()
+    if state.get("draws") is not None and state.draws[0] == drawn_for:
+        counts = pd.Series(state.draws[1]).value_counts()
         shown = sorted(
             set(counts.index[:15]) | set(top[:5].tolist()), key=lambda i: -stages["temperature"][i]
         )
@@ -226,6 +233,8 @@ with tabs[1]:
             ),
             width="stretch",
         )
+    elif state.get("draws") is not None:
+        st.caption("The last 200 draws were for other settings: sample again to compare.")
 
 
 def labelled_tiles(image: np.ndarray, layers: int, heads: int, step: int):

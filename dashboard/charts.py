@@ -29,12 +29,12 @@ def itl_by_position(itl_ms: list[float]) -> alt.Chart:
     )
 
 
-def _name(metric: str) -> str:
+def metric_name(metric: str) -> str:
     """ "decode speed (tokens/s)" -> "decode speed"."""
     return LABELS.get(metric, metric).split(" (")[0]
 
 
-def _unit(metric: str) -> str:
+def metric_unit(metric: str) -> str:
     """ "decode speed (tokens/s)" -> "tokens/s"."""
     label = LABELS.get(metric, metric)
     return label[label.rfind("(") + 1 : -1] if label.endswith(")") else label
@@ -87,8 +87,8 @@ def metric_by_setting(summary: pd.DataFrame, metric: str, setting: str) -> alt.C
     frame["low"] = frame[f"{metric}_mean"] - frame[f"{metric}_std"].fillna(0)
     frame["high"] = frame[f"{metric}_mean"] + frame[f"{metric}_std"].fillna(0)
     frame["series"], legend = _series(frame, setting)
-    title = f"{_name(metric)} by {_axis_name(setting)}"
-    y_title = _unit(metric)
+    title = f"{metric_name(metric)} by {_axis_name(setting)}"
+    y_title = metric_unit(metric)
     color = alt.Color("series:N", title=legend, legend=alt.Legend(orient="bottom", labelLimit=0))
     tooltip = [
         alt.Tooltip("series:N", title=legend),
@@ -162,8 +162,10 @@ def throughput_against_latency(summary: pd.DataFrame, latency: str = "itl_p50_ms
     frame = summary.dropna(subset=["output_tps_mean", f"{latency}_mean"]).copy()
     frame["series"], legend = _series(frame, "concurrency")
     frame = frame.sort_values(["series", "concurrency"])
-    base = alt.Chart(frame, height=260, title=f"total output against {_name(latency)}").encode(
-        x=alt.X(f"{latency}_mean:Q", title=f"{_name(latency)} ({_unit(latency)})"),
+    base = alt.Chart(
+        frame, height=260, title=f"total output against {metric_name(latency)}"
+    ).encode(
+        x=alt.X(f"{latency}_mean:Q", title=f"{metric_name(latency)} ({metric_unit(latency)})"),
         y=alt.Y("output_tps_mean:Q", title="total output (tokens/s)"),
         color=alt.Color("series:N", title=legend, legend=alt.Legend(orient="bottom", labelLimit=0)),
         order="concurrency:Q",
@@ -173,7 +175,7 @@ def throughput_against_latency(summary: pd.DataFrame, latency: str = "itl_p50_ms
             alt.Tooltip("series:N", title=legend),
             alt.Tooltip("concurrency:Q", title="concurrency"),
             alt.Tooltip("output_tps_mean:Q", format=".1f", title="total output (tokens/s)"),
-            alt.Tooltip(f"{latency}_mean:Q", format=".1f", title=f"{_name(latency)} (ms)"),
+            alt.Tooltip(f"{latency}_mean:Q", format=".1f", title=f"{metric_name(latency)} (ms)"),
         ]
     )
     labels = base.mark_text(dx=8, dy=-8, fontSize=11).encode(text="concurrency:Q")
@@ -214,7 +216,7 @@ def metric_across_runs(frame: pd.DataFrame, metric: str) -> alt.Chart:
     """A metric's mean per run (ordered by time, labelled with version and commit) for each
     configuration the runs share: a regression shows as a step down."""
     return (
-        alt.Chart(frame, height=280, title=f"{_name(metric)} across runs")
+        alt.Chart(frame, height=280, title=f"{metric_name(metric)} across runs")
         .mark_line(point=True)
         .encode(
             x=alt.X(
@@ -223,12 +225,12 @@ def metric_across_runs(frame: pd.DataFrame, metric: str) -> alt.Chart:
                 sort=None,
                 axis=alt.Axis(labelLimit=0, labelAngle=-20),
             ),
-            y=alt.Y("mean:Q", title=_unit(metric)),
+            y=alt.Y("mean:Q", title=metric_unit(metric)),
             color=alt.Color("series:N", title="configuration", legend=alt.Legend(labelLimit=0)),
             tooltip=[
                 alt.Tooltip("run_label:N", title="run"),
                 alt.Tooltip("series:N", title="configuration"),
-                alt.Tooltip("mean:Q", format=".2f", title=f"mean ({_unit(metric)})"),
+                alt.Tooltip("mean:Q", format=".2f", title=f"mean ({metric_unit(metric)})"),
             ],
         )
     )

@@ -6,13 +6,13 @@ from __future__ import annotations
 import datetime
 import json
 
+import charts
 import pandas as pd
 
 from mlxinfer.bench import jobs, report
 from mlxinfer.bench.db import METRICS, RunsDB
 from mlxinfer.bench.grid import SAMPLING_AXES, sampling_label
 from mlxinfer.bench.stats import verdict
-from mlxinfer.metrics import DEFINITIONS
 
 
 def summary_frame(items: list[dict]) -> pd.DataFrame:
@@ -137,8 +137,7 @@ def compare_frame(db: RunsDB, run_a: int, run_b: int, metric: str) -> pd.DataFra
     rows = []
     items = report.compare(db, run_a, run_b, metric)
     swept = report.swept_axes(items) if items else []
-    label = next((d.label for d in DEFINITIONS if d.name == metric), metric)
-    unit = label[label.rfind("(") + 1 : -1] if label.endswith(")") else ""
+    unit = charts.metric_unit(metric)
     for row in items:
         interval = row["interval"]
         rows.append(

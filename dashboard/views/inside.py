@@ -6,7 +6,6 @@ Every forward pass runs on the engine's thread (`Engine.call`): this script only
 draws what comes back (mlxinfer.inspect does the computing)."""
 
 import html
-import os
 
 import altair as alt
 import common
@@ -15,6 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from mlxinfer import inspect
+from mlxinfer.bench.machine import total_memory_bytes
 from mlxinfer.cache import kv_cache_bytes
 from mlxinfer.sampling import SamplingParams
 
@@ -508,9 +508,7 @@ with tabs[6]:
         common.size(predicted),
         help="keys and values of every layer, in slots that grow 256 at a time",
     )
-    machine = (
-        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    )
+    machine = total_memory_bytes()
     if machine and predicted + model.nbytes > machine:
         st.warning(
             f"With the weights ({common.size(model.nbytes)}) that is more than this machine's "

@@ -31,9 +31,7 @@ def machine_facts() -> dict:
     )
     from ..ops import resolve_kernels
 
-    memory = (
-        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    )
+    memory = total_memory_bytes()
     return {
         "cpu": cpu_name(),
         "cpu_features": cpu_features(),
@@ -82,6 +80,13 @@ def git_commit(package: Path = PACKAGE) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
+
+
+def total_memory_bytes() -> int:
+    """The machine's physical memory (0 where the OS does not say)."""
+    if not hasattr(os, "sysconf"):
+        return 0
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def available_memory_mb() -> float | None:

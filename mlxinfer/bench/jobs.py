@@ -117,7 +117,10 @@ def _command_line(pid: int) -> str | None:
             if f.read().rsplit(")", 1)[1].split()[0] == "Z":
                 return ""
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
+            command = f.read().replace(b"\0", b" ").decode(errors="replace")
+        # a live process reads empty while it execs (a child just started) or as a kernel
+        # thread: unknown, not dead (taken for a zombie, a just-started worker looked gone)
+        return command or None
     except OSError:
         pass
     try:  # macOS, BSD: no /proc

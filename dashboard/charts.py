@@ -11,6 +11,8 @@ from mlxinfer.metrics import DEFINITIONS
 
 LABELS = {d.name: d.label for d in DEFINITIONS}
 LABELS.update({f"itl_p{q}_ms": f"inter-token latency p{q} (ms)" for q in (50, 90, 99)})
+LABELS["goodput_tps"] = "goodput (tokens/s)"
+LATENCIES = {"ttft": "time to first token", "itl": "inter-token latency"}
 # settings whose values are numbers on a scale: drawn as lines, not bars
 NUMERIC_AXES = {*SAMPLING_AXES, "prompt_tokens", "gen_tokens", "depth", "concurrency"}
 
@@ -180,6 +182,112 @@ def throughput_against_latency(summary: pd.DataFrame, latency: str = "itl_p50_ms
     )
     labels = base.mark_text(dx=8, dy=-8, fontSize=11).encode(text="concurrency:Q")
     return line + labels
+
+
+def latency_percentiles(frame: pd.DataFrame, latency: str, setting: str) -> alt.Chart:
+    """p50, p90 and p99 of a latency ("ttft" or "itl") for each value of `setting` (a row per
+    configuration and engine with `<latency>_p50_ms` ...: data.percentiles_frame): a colour per
+    series as in metric_by_setting, a dash (numeric settings: lines) or a shape (categories:
+    points side by side) per percentile; log scale, as tails are orders apart."""
+    columns = [f"{latency}_p{q}_ms" for q in (50, 90, 99)]
+    frame = frame.dropna(subset=columns).copy()
+    frame["series"], legend = _series(frame, setting)
+    numeric = _is_numeric(frame, setting)
+    if not numeric:
+        frame[setting] = frame[setting].astype(str)
+    long = frame.melt(
+        [setting, "series", "requests"], columns, var_name="percentile", value_name="ms"
+    )
+    long["percentile"] = long["percentile"].str.extract(r"_(p\d+)_", expand=False)
+    name = LATENCIES[latency]
+    color = alt.Color("series:N", title=legend, legend=alt.Legend(orient="bottom", labelLimit=0))
+    percentile = alt.Legend(title="percentile", orient="bottom")
+    tooltip = [
+        alt.Tooltip("series:N", title=legend),
+        alt.Tooltip(f"{setting}:N", title=_axis_name(setting)),
+        alt.Tooltip("percentile:N"),
+        alt.Tooltip("ms:Q", format=".1f", title=f"{name} (ms)"),
+        alt.Tooltip("requests:Q", title="requests"),
+    ]
+    y = alt.Y("ms:Q", title="ms", scale=alt.Scale(type="log"))
+    chart = alt.Chart(long, height=260, title=f"{name} p50 / p90 / p99 by {_axis_name(setting)}")
+    if numeric:
+        x = alt.X(f"{setting}:Q", title=_axis_name(setting), scale=alt.Scale(zero=False))
+        return chart.mark_line(point=True).encode(
+            x=x,
+            y=y,
+            color=color,
+            strokeDash=alt.StrokeDash("percentile:N", legend=percentile),
+            detail="series:N",
+            tooltip=tooltip,
+        )
+    return chart.mark_point(size=80, filled=True).encode(
+        x=_setting_x(frame, setting),
+        xOffset=alt.XOffset("series:N", sort=None),
+        y=y,
+        color=color,
+        shape=alt.Shape("percentile:N", legend=percentile),
+        tooltip=tooltip,
+    )
+
+
+def pareto_frontier(frame: pd.DataFrame, x: str, y: str) -> pd.Series:
+    """Which rows no other row beats on both `x` and `y` (higher is better on both)."""
+    values = frame[[x, y]].to_numpy()
+    return pd.Series(
+        [
+            not any(
+                (o[0] >= v[0] and o[1] >= v[1]) and (o[0] > v[0] or o[1] > v[1]) for o in values
+            )
+            for v in values
+        ],
+        index=frame.index,
+    )
+
+
+def per_request_against_total(summary: pd.DataFrame) -> alt.Chart:
+    """The trade a concurrency (or any setting) makes, vLLM's Pareto view: each configuration's
+    per-request decode speed against the total output of all its requests, a point each
+    (labelled), per engine the configurations no other beats on both joined by a line (the
+    Pareto frontier). Up and to the right is better."""
+    frame = summary.dropna(subset=["decode_tps_mean", "output_tps_mean"]).copy()
+    frame["frontier"] = False
+    for _, rows in frame.groupby("engine"):
+        frame.loc[rows.index, "frontier"] = pareto_frontier(
+            rows, "decode_tps_mean", "output_tps_mean"
+        )
+    frame["frontier"] = frame["frontier"].map({True: "on the frontier", False: "beaten"})
+    base = alt.Chart(frame, height=300, title="per-request speed against total output").encode(
+        x=alt.X(
+            "decode_tps_mean:Q",
+            title="decode speed per request (tokens/s)",
+            scale=alt.Scale(zero=False),
+        ),
+        y=alt.Y("output_tps_mean:Q", title="total output (tokens/s)", scale=alt.Scale(zero=False)),
+        color=alt.Color("engine:N", title="engine", legend=alt.Legend(orient="bottom")),
+    )
+    points = base.mark_point(size=90, filled=True).encode(
+        opacity=alt.Opacity(
+            "frontier:N",
+            title="",
+            scale=alt.Scale(domain=["on the frontier", "beaten"], range=[1.0, 0.35]),
+            legend=alt.Legend(orient="bottom"),
+        ),
+        tooltip=[
+            alt.Tooltip("engine:N"),
+            alt.Tooltip("label:N", title="configuration"),
+            alt.Tooltip("decode_tps_mean:Q", format=".1f", title="per request (tokens/s)"),
+            alt.Tooltip("output_tps_mean:Q", format=".1f", title="total (tokens/s)"),
+            alt.Tooltip("frontier:N", title=""),
+        ],
+    )
+    line = (
+        base.transform_filter(alt.datum.frontier == "on the frontier")
+        .mark_line(strokeDash=[4, 3])
+        .encode(order="decode_tps_mean:Q")
+    )
+    labels = base.mark_text(dx=8, dy=-8, fontSize=11, align="left").encode(text="label:N")
+    return line + points + labels
 
 
 def latency_by_position(frame: pd.DataFrame) -> alt.Chart:

@@ -311,3 +311,99 @@ def metric_row(metrics: dict) -> None:
     decode.metric("Decode", f"{metrics['decode_tps']:.1f} tok/s")
     peak.metric("Peak memory", size(metrics["peak_memory_mb"] * 2**20))
     kv.metric("KV cache", size(metrics["kv_cache_mb"] * 2**20))
+
+
+def run_charts(db: RunsDB, run_id: int, items: list[dict]) -> None:
+    """A run's charts (Sweep and Results show the same): per-request and total speed, TTFT and
+    memory against a swept setting the user picks; TTFT and inter-token latency at p50 / p90 /
+    p99; total output against latency and the per-request / total trade when there is one;
+    goodput under the latency targets typed in."""
+    import charts
+    import data
+
+    summary = data.summary_frame(items)
+    for _, row in summary[summary["n"] == 0].iterrows():
+        st.warning(f"{row['engine']} · {row['label']}: failed: {row['error']}")
+    x = st.selectbox(
+        "Chart against",
+        data.x_axis_choices(items),
+        key=f"x_{run_id}",
+        format_func=lambda c: "configuration" if c == "label" else c,
+    )
+    left, right = st.columns(2)
+    left.altair_chart(charts.metric_by_setting(summary, "decode_tps", x), width="stretch")
+    right.altair_chart(charts.metric_by_setting(summary, "output_tps", x), width="stretch")
+    left.altair_chart(charts.metric_by_setting(summary, "ttft_ms", x), width="stretch")
+    right.altair_chart(charts.memory_predicted_vs_measured(summary, x), width="stretch")
+
+    tails = data.percentiles_frame(db, run_id)
+    if tails.empty:
+        st.caption(
+            "Latency percentiles and goodput need each request's figures, which runs record "
+            "since the runs database's schema 4; this run has only each measurement's means."
+        )
+    else:
+        left, right = st.columns(2)
+        left.altair_chart(charts.latency_percentiles(tails, "ttft", x), width="stretch")
+        right.altair_chart(charts.latency_percentiles(tails, "itl", x), width="stretch")
+        requests, gaps = int(tails["requests"].min()), int(tails["gaps"].min())
+        st.caption(
+            f"Over every request of every repetition (at least {requests} per configuration) "
+            f"and every gap between tokens (at least {gaps}). "
+            + ("A p99 of fewer than 100 values is close to their maximum." if gaps < 100 else "")
+        )
+
+    outputs = summary.dropna(subset=["output_tps_mean"])
+    if summary["concurrency"].nunique() > 1 and not outputs.empty:
+        st.altair_chart(charts.throughput_against_latency(summary), width="stretch")
+        st.caption(
+            "Each point is a concurrency: total output grows with it while each request's "
+            "inter-token latency grows too. Up and to the left is better."
+        )
+    if not outputs.empty and outputs.groupby("engine").size().max() > 1:
+        st.altair_chart(charts.per_request_against_total(summary), width="stretch")
+        st.caption(
+            "Each point a configuration: what one request gets against what all of them get "
+            "together. Points joined by the dashed line are the Pareto frontier (no other "
+            "configuration is better on both); up and to the right is better."
+        )
+    if not tails.empty:
+        goodput_chart(db, run_id, x)
+
+
+def goodput_chart(db: RunsDB, run_id: int, x: str) -> None:
+    """Goodput: the output of the requests within the TTFT and inter-token latency targets the
+    user types (aiperf's and vLLM's definition), by the chosen setting."""
+    import charts
+    import data
+
+    st.markdown("**Goodput**: output tokens/s of the requests that meet latency targets")
+    left, right = st.columns(2)
+    ttft = left.number_input(
+        "TTFT target (ms)",
+        min_value=0.0,
+        value=None,
+        step=100.0,
+        key=f"goodput_ttft_{run_id}",
+        placeholder="none",
+        help="A request is good when its time to first token is at most this.",
+    )
+    itl = right.number_input(
+        "Inter-token latency target (ms)",
+        min_value=0.0,
+        value=None,
+        step=10.0,
+        key=f"goodput_itl_{run_id}",
+        placeholder="none",
+        help="A request is good when its mean gap between tokens ((end-to-end − TTFT) / "
+        "(tokens − 1)) is at most this.",
+    )
+    if ttft is None and itl is None:
+        st.caption("Type a target to chart goodput against it.")
+        return
+    frame = data.goodput_frame(db, run_id, ttft, itl)
+    st.altair_chart(charts.metric_by_setting(frame, "goodput_tps", x), width="stretch")
+    shares = ", ".join(
+        f"{row.engine} · {row.label}: {row.good_share:.0%}" for row in frame.itertuples(index=False)
+    )
+    st.caption(f"Requests within the targets: {shares}.")

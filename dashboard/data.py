@@ -21,14 +21,8 @@ def summary_frame(items: list[dict]) -> pd.DataFrame:
     swept = report.swept_axes(items)
     rows = []
     for item in items:
-        row = {
-            "engine": item["engine"],
-            **item["settings"],
-            "failed": item["failed"],
-            "error": item["error"],
-            "sampling": sampling_label(item["settings"]),
-            "label": configuration_label(item["settings"], swept),
-        }
+        row = _setting_columns(item, swept)
+        row["failed"], row["error"] = item["failed"], item["error"]
         row["n"] = len(item["decode_tps"]["samples"]) if item["decode_tps"] else 0
         for m in METRICS:
             row[f"{m}_mean"] = item[m]["mean"] if item[m] else None
@@ -36,6 +30,53 @@ def summary_frame(items: list[dict]) -> pd.DataFrame:
         ratio = (item.get("vs_mlx_lm") or {}).get("decode_tps")
         row["decode_vs_mlx_lm"] = ratio["ratio"] if ratio else None
         row["sampling_cost"] = item.get("sampling_cost")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _setting_columns(item: dict, swept: list[str]) -> dict:
+    """A configuration's engine and settings as a frame's columns, with `sampling` and `label`
+    (its swept settings in words), which the charts group and label by."""
+    return {
+        "engine": item["engine"],
+        **item["settings"],
+        "sampling": sampling_label(item["settings"]),
+        "label": configuration_label(item["settings"], swept),
+    }
+
+
+def percentiles_frame(db: RunsDB, run_id: int) -> pd.DataFrame:
+    """One row per configuration and engine: the settings (as summary_frame's), TTFT and ITL at
+    p50 / p90 / p99 over every request and gap (`ttft_p50_ms`, ..., `itl_p99_ms`), `requests`.
+    Empty for runs made before requests were recorded."""
+    items = report.request_latencies(db, run_id)
+    swept = report.swept_axes(items)
+    rows = []
+    for item in items:
+        row = _setting_columns(item, swept)
+        row.update({k: v for k, v in item.items() if k not in ("engine", "settings")})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def goodput_frame(
+    db: RunsDB, run_id: int, ttft_ms: float | None, itl_ms: float | None
+) -> pd.DataFrame:
+    """One row per configuration and engine: the settings, `goodput_tps_mean` / `_std`, `n`
+    (repetitions) and `good_share` (of requests within the targets). Empty for old runs."""
+    items = report.goodput(db, run_id, ttft_ms, itl_ms)
+    swept = report.swept_axes(items)
+    rows = []
+    for item in items:
+        row = _setting_columns(item, swept)
+        goodput = item["goodput_tps"]
+        row.update(
+            goodput_tps_mean=goodput["mean"],
+            goodput_tps_std=goodput["std"],
+            n=len(goodput["samples"]),
+            good_share=item["good_share"],
+            requests=item["requests"],
+        )
         rows.append(row)
     return pd.DataFrame(rows)
 

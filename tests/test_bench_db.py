@@ -20,7 +20,14 @@ MACHINE = {"cpu": "test cpu", "backend": "cpu", "mlx": "0.32.4"}
 def test_schema_and_a_measurement_round_trip(tmp_path):
     db = RunsDB(tmp_path / "runs.sqlite")
     tables = {r[0] for r in db.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert tables == {"runs", "machines", "configurations", "measurements", "token_times"}
+    assert tables == {
+        "runs",
+        "machines",
+        "configurations",
+        "measurements",
+        "token_times",
+        "requests",
+    }
     assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     run = db.start_run("mlxinfer bench --temperature 0,0.8", MACHINE, reps=2)
     ids = db.add_configurations(run, [("a", {"temperature": 0.0}), ("b", {"temperature": 0.8})])
@@ -153,12 +160,12 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
             "PRAGMA user_version=1;"
         )
     db = RunsDB(path)
-    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 4
     (run,) = db.runs()
     assert run["command"] == "old" and run["pid"] is None
     new = db.start_run("new", MACHINE, reps=1)
     assert db.run(new)["pid"] == os.getpid()
-    again = RunsDB(path)  # opened again: already version 3
+    again = RunsDB(path)  # opened again: already version 4
     assert [r["command"] for r in again.runs()] == ["old", "new"]
 
 
@@ -175,12 +182,52 @@ def test_a_version_2_database_keeps_its_measurements_and_gains_output_tps(tmp_pa
     )
     db.close()
     db = RunsDB(path)
-    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 4
     (old,) = db.measurements(run)
     assert old["decode_tps"] == 7.0 and old["output_tps"] is None
     (config2,) = db.add_configurations(run, [("b", {"temperature": 0.5})])
     db.record(config2, "mlxinfer", 0, {"decode_tps": 8.0, "output_tps": 30.0}, [1], [10.0])
     assert sorted(m["output_tps"] or 0 for m in db.measurements(run)) == [0, 30.0]
+
+
+def test_every_request_of_a_measurement_is_kept(tmp_path):
+    """Each concurrent request's TTFT, end-to-end time, token count and gaps (schema 4), read back
+    with its measurement's settings; a failed measurement has none."""
+    db = RunsDB(tmp_path / "runs.sqlite")
+    run = db.start_run("test", MACHINE, reps=1)
+    ok, bad = db.add_configurations(run, [("a", {"concurrency": 2}), ("b", {"concurrency": 1})])
+    requests = [
+        {"ttft_ms": 50.0, "e2e_ms": 250.0, "tokens": 3, "gaps": [100.0, 100.0]},
+        {"ttft_ms": 80.0, "e2e_ms": 300.0, "tokens": 2, "gaps": [220.0]},
+    ]
+    m = db.record(ok, "mlxinfer", 0, {"decode_tps": 9.0}, [1, 2, 3], [50, 150, 250], None, requests)
+    db.record(bad, "mlxinfer", 0, error="boom")
+    rows = db.requests(run)
+    assert [(r["measurement_id"], r["request"], r["engine"], r["rep"]) for r in rows] == [
+        (m, 0, "mlxinfer", 0),
+        (m, 1, "mlxinfer", 0),
+    ]
+    assert [{k: r[k] for k in requests[0]} for r in rows] == requests
+    assert rows[0]["settings"] == {"concurrency": 2}
+
+
+def test_a_version_3_database_keeps_its_runs_and_gains_the_requests_table(tmp_path):
+    """Schema 4 added every request's figures: a version 3 database keeps its measurements (with
+    no requests: its charts say so) and records requests from then on."""
+    path = tmp_path / "v3.sqlite"
+    db = RunsDB(path)
+    run = db.start_run("old", MACHINE, reps=1)
+    (config,) = db.add_configurations(run, [("a", {"temperature": 0.0})])
+    db.record(config, "mlxinfer", 0, {"decode_tps": 7.0}, [1, 2], [10.0, 20.0])
+    db.conn.executescript("DROP TABLE requests; PRAGMA user_version=3;")
+    db.close()
+    db = RunsDB(path)
+    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert db.measurements(run)[0]["decode_tps"] == 7.0 and db.requests(run) == []
+    (config2,) = db.add_configurations(run, [("b", {"temperature": 0.5})])
+    figures = {"ttft_ms": 10.0, "e2e_ms": 20.0, "tokens": 2, "gaps": [10.0]}
+    db.record(config2, "mlxinfer", 0, {"decode_tps": 8.0}, [1], [10.0], requests=[figures])
+    assert [r["ttft_ms"] for r in db.requests(run)] == [10.0]
 
 
 def test_a_measurement_is_recorded_whole_or_not_at_all(tmp_path):
@@ -192,6 +239,10 @@ def test_a_measurement_is_recorded_whole_or_not_at_all(tmp_path):
     with pytest.raises(ValueError):
         db.record(config, "mlxinfer", 0, {"decode_tps": 1.0}, [1, 2], ["10.0", "not a time"])
     assert db.measurements(run) == [] and db.done(run) == set()
+    broken = {"ttft_ms": 1.0, "e2e_ms": 2.0, "tokens": 2}  # no gaps: fails after the rest
+    with pytest.raises(KeyError):
+        db.record(config, "mlxinfer", 0, {"decode_tps": 1.0}, [1, 2], [10.0, 20.0], None, [broken])
+    assert db.measurements(run) == [] and db.requests(run) == []
     db.record(config, "mlxinfer", 0, {"decode_tps": 1.0}, [1, 2], [10.0, 20.0])
     assert len(db.measurements(run)) == 1
 

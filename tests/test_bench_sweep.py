@@ -132,6 +132,19 @@ def test_mlx_lm_measures_concurrent_requests_and_says_what_it_cannot_do(tiny, tm
     assert all(r["kv_cache_mb"] is None for r in theirs)  # not measured, not 0
     for row in rows.values():  # both engines: 12 tokens over the slower request's time
         assert 12 / (row["e2e_ms"] / 1e3) >= row["output_tps"] > 6 / (row["e2e_ms"] / 1e3)
+    # both engines keep each request: the row's means and total output are those requests'
+    requests: dict[int, list] = {}
+    for r in db.requests(sweep.run_id):
+        requests.setdefault(r["measurement_id"], []).append(r)
+    assert set(requests) == {row["id"] for row in rows.values()}
+    for row in rows.values():
+        pair = requests[row["id"]]
+        assert [r["tokens"] for r in pair] == [6, 6] and all(len(r["gaps"]) == 5 for r in pair)
+        assert sum(r["ttft_ms"] for r in pair) / 2 == pytest.approx(row["ttft_ms"])
+        assert sum(r["e2e_ms"] for r in pair) / 2 == pytest.approx(row["e2e_ms"])
+        assert row["output_tps"] == pytest.approx(12 / (max(r["e2e_ms"] for r in pair) / 1e3))
+        for r in pair:  # the gaps add up to the time between the first token and the last
+            assert sum(r["gaps"]) == pytest.approx(r["e2e_ms"] - r["ttft_ms"])
 
 
 def test_total_output_is_every_generated_token_over_the_measurements_time(tiny, tmp_path):

@@ -293,13 +293,26 @@ def test_a_sweep_runs_from_the_page_and_its_charts_have_the_data(dashboard):
     rows = RunsDB(dashboard).measurements(1)
     assert len(rows) == 2 * 3 and all(r["status"] == "ok" for r in rows)  # 2 configs x 3 reps
     charts_shown = at.get("vega_lite_chart")
-    assert len(charts_shown) == 4  # decode, TTFT, peak memory, predicted vs measured
+    # decode, total output, TTFT, peak memory; TTFT and ITL p50/p90/p99; per request vs total
+    assert len(charts_shown) == 7
     spec = json.loads(charts_shown[0].proto.spec)
     assert spec["layer"][0]["title"] == "decode speed by sampling"
     assert spec["layer"][0]["encoding"]["y"]["title"] == "tokens/s"
     measured = sorted(chart_data(charts_shown[0])["decode_tps_mean"])
     summary = sorted(i["decode_tps"]["mean"] for i in report.summarize(RunsDB(dashboard), 1))
     assert measured == pytest.approx(summary)  # the chart draws the run's numbers
+    tails = chart_data(charts_shown[4])
+    assert len(tails) == 2 * 3 and set(tails["percentile"]) == {"p50", "p90", "p99"}
+    expected = sorted(i["ttft_p90_ms"] for i in report.request_latencies(RunsDB(dashboard), 1))
+    assert sorted(tails[tails["percentile"] == "p90"]["ms"]) == pytest.approx(expected)
+    # goodput: with a target every request meets, it is the total output, computed from the
+    # requests where output_tps was computed from the measurement's
+    at.number_input(key="goodput_ttft_1").set_value(1e9).run()
+    healthy(at)
+    goodput = chart_data(at.get("vega_lite_chart")[7])
+    totals = sorted(i["output_tps"]["mean"] for i in report.summarize(RunsDB(dashboard), 1))
+    assert sorted(goodput["goodput_tps_mean"]) == pytest.approx(totals)
+    assert any(c.value.startswith("Requests within the targets") for c in at.caption)
     # the next sweep of these lengths has an estimate from this one's measurements
     at = app("views/sweep.py")
     inputs = {w.label: w for w in at.text_input}
@@ -382,7 +395,8 @@ def test_results_list_compare_and_follow_a_metric_across_runs(dashboard, tiny):
     at.multiselect(key="runs_by_id").set_value([1]).run()
     healthy(at)
     assert [b.label for b in at.get("download_button")] == ["Measurements (CSV)", "Summary (JSON)"]
-    by_position, one = at.get("vega_lite_chart")  # p50/p90 by position, one measurement's
+    *run_charts, by_position, one = at.get("vega_lite_chart")  # then by position, one's
+    assert len(run_charts) == 7  # the run's charts, as on the Sweep page
     gaps = chart_data(one)
     assert list(gaps["token"]) == list(range(5)) and (gaps["ms"] > 0).all()
     at.multiselect(key="runs_by_id").set_value([1, 2]).run()
@@ -419,6 +433,12 @@ def dashboard_modules():
 def measured_grid(tmp_path, axes: dict, reps: int, decode_tps) -> list[dict]:
     """A run of the grid `axes` in a new runs database, every measurement recorded (metrics 1.0,
     decode_tps(configuration index, repetition)): its report items."""
+    return measured_run(tmp_path, axes, reps, decode_tps)[2]
+
+
+def measured_run(tmp_path, axes: dict, reps: int, decode_tps, output_tps=None, requests=None):
+    """measured_grid's run as (db, run id, report items); output_tps(i, rep) and requests(config,
+    rep) -> each request's figures, when given, are recorded too."""
     from mlxinfer.bench import report
     from mlxinfer.bench.db import METRICS, RunsDB
     from mlxinfer.bench.grid import config_key, expand, parse_axes
@@ -427,11 +447,14 @@ def measured_grid(tmp_path, axes: dict, reps: int, decode_tps) -> list[dict]:
     run = db.start_run("test", {"cpu": "test"}, reps=reps)
     configs = list(expand(parse_axes(axes)))
     ids = db.add_configurations(run, [(config_key(c), c) for c in configs])
-    for i, config_id in enumerate(ids):
+    for i, (config, config_id) in enumerate(zip(configs, ids, strict=True)):
         for rep in range(reps):
             metrics = {m: 1.0 for m in METRICS} | {"decode_tps": decode_tps(i, rep)}
-            db.record(config_id, "mlxinfer", rep, metrics)
-    return report.summarize(db, run)
+            if output_tps is not None:
+                metrics["output_tps"] = output_tps(i, rep)
+            figures = requests(config, rep) if requests is not None else ()
+            db.record(config_id, "mlxinfer", rep, metrics, requests=figures)
+    return db, run, report.summarize(db, run)
 
 
 def test_charts_carry_the_summary_statistics(tiny, tmp_path):
@@ -499,6 +522,79 @@ def test_a_two_axis_sweep_charts_every_configuration_apart(tmp_path):
     assert line["encoding"]["y"]["title"] == "total output (tokens/s)"
     assert series(spec) == ["mlxinfer · kv full", "mlxinfer · kv q8"]
     assert labels["encoding"]["text"]["field"] == "concurrency"  # each point says which
+
+
+def test_latency_tails_the_pareto_view_and_goodput_are_charted(tmp_path):
+    """Concurrency 1,2,4 x kv full,q8 with every request recorded: TTFT and ITL at p50/p90/p99
+    (a dash per percentile and a colour per kv value against concurrency; a shape per percentile
+    against kv, log scale); per-request speed against total output with the Pareto frontier
+    marked; goodput under targets with its title and unit."""
+    charts, data = dashboard_modules()
+
+    def requests(config, rep):  # request k waits 10 ms x concurrency x (k + 1); gaps 5 ms x n
+        n = config["concurrency"]
+        return [
+            {"ttft_ms": 10.0 * n * (k + 1), "e2e_ms": 10.0 * n * (k + 1) + 15 * n, "tokens": 4}
+            | {"gaps": [5.0 * n] * 3}
+            for k in range(n)
+        ]
+
+    decode = [20.0, 20.0, 15.0, 15.0, 10.0, 10.0]  # by concurrency 1, 2, 4 (x kv full, q8)
+    total = [20.0, 19.0, 30.0, 29.0, 25.0, 24.0]
+    db, run, items = measured_run(
+        tmp_path,
+        {"concurrency": "1,2,4", "kv": "full,q8"},
+        2,
+        lambda i, rep: decode[i],
+        lambda i, rep: total[i],
+        requests,
+    )
+    tails = data.percentiles_frame(db, run)
+    spec = charts.latency_percentiles(tails, "ttft", "concurrency").to_dict()
+    assert spec["title"] == "time to first token p50 / p90 / p99 by concurrency"
+    assert (
+        spec["mark"]["type"] == "line" and spec["encoding"]["strokeDash"]["field"] == "percentile"
+    )
+    assert spec["encoding"]["color"]["title"] == "engine · kv"
+    assert spec["encoding"]["y"]["scale"]["type"] == "log"
+    rows = next(iter(spec["datasets"].values()))
+    assert len(rows) == 6 * 3 and {r["percentile"] for r in rows} == {"p50", "p90", "p99"}
+    # concurrency 4: TTFTs 40, 80, 120, 160 (twice): p50 100, p99 160 (the top two)
+    four = {
+        r["percentile"]: r["ms"] for r in rows if r["concurrency"] == 4 and "full" in r["series"]
+    }
+    assert four["p50"] == pytest.approx(100.0) and four["p99"] == pytest.approx(160.0)
+    spec = charts.latency_percentiles(tails, "itl", "kv").to_dict()
+    assert spec["mark"]["type"] == "point" and spec["encoding"]["shape"]["field"] == "percentile"
+    assert spec["encoding"]["x"]["axis"]["labelLimit"] == 0
+
+    summary = data.summary_frame(items)
+    spec = charts.per_request_against_total(summary).to_dict()
+    line, points, labels = spec["layer"]
+    rows = next(iter(spec["datasets"].values()))
+    frontier = {(r["concurrency"], r["kv"]) for r in rows if r["frontier"] == "on the frontier"}
+    assert frontier == {(1, "full"), (2, "full")}  # 4 is beaten by 2; q8 by full at each
+    assert line["mark"]["type"] == "line" and labels["encoding"]["text"]["field"] == "label"
+    assert points["encoding"]["x"]["title"] == "decode speed per request (tokens/s)"
+    assert points["encoding"]["y"]["title"] == "total output (tokens/s)"
+
+    goodput = data.goodput_frame(db, run, ttft_ms=50.0, itl_ms=None)
+    spec = charts.metric_by_setting(goodput, "goodput_tps", "concurrency").to_dict()
+    line, _ = spec["layer"]
+    assert (
+        line["title"] == "goodput by concurrency" and line["encoding"]["y"]["title"] == "tokens/s"
+    )
+    shares = dict(zip(goodput["concurrency"], goodput["good_share"], strict=False))
+    assert shares == {1: 1.0, 2: 1.0, 4: 0.25}  # at 4, only the first request waits <= 50 ms
+
+
+def test_the_pareto_frontier_is_what_nothing_beats_on_both():
+    import pandas as pd
+
+    charts, _ = dashboard_modules()
+    frame = pd.DataFrame({"x": [1, 2, 3, 2, 3], "y": [5, 4, 1, 3, 1]})
+    # (2, 3) is beaten by (2, 4); the second (3, 1) ties the first: neither beats the other
+    assert charts.pareto_frontier(frame, "x", "y").tolist() == [True, True, True, False, True]
 
 
 @pytest.mark.parametrize(

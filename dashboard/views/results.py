@@ -79,6 +79,8 @@ if len(chosen) == 1:
     right.download_button(
         "Summary (JSON)", report.to_json(items), f"run-{run_id}.json", "application/json"
     )
+    if any(i["decode_tps"] for i in items):
+        common.run_charts(db, run_id, items)
     positions = data.positions_frame(db, run_id)
     if not positions.empty:
         st.subheader("Latency by token position")

@@ -6,7 +6,6 @@ its own process (mlxinfer.bench.jobs) and commits every measurement; this page f
 through the database with a fragment that refreshes itself, so a reload, another tab or a closed
 browser loses nothing, and a running sweep is found again."""
 
-import charts
 import common
 import data
 import streamlit as st
@@ -161,30 +160,9 @@ def show_run(run_id: int) -> None:
     if not any(i["decode_tps"] for i in items):
         st.caption("Charts appear with the first measurement (after the model loads and warms up).")
         return
-    summary = data.summary_frame(items)
     if (said := report.caution(items)) is not None:
         st.warning(said)
-    failed = summary[summary["n"] == 0]
-    for _, row in failed.iterrows():
-        st.warning(f"{row['engine']} · {row['label']}: failed: {row['error']}")
-    choices = data.x_axis_choices(items)
-    x = st.selectbox(
-        "Chart against",
-        choices,
-        key=f"x_{run_id}",
-        format_func=lambda c: "configuration" if c == "label" else c,
-    )
-    left, right = st.columns(2)
-    left.altair_chart(charts.metric_by_setting(summary, "decode_tps", x), width="stretch")
-    right.altair_chart(charts.metric_by_setting(summary, "output_tps", x), width="stretch")
-    left.altair_chart(charts.metric_by_setting(summary, "ttft_ms", x), width="stretch")
-    right.altair_chart(charts.memory_predicted_vs_measured(summary, x), width="stretch")
-    if summary["concurrency"].nunique() > 1 and summary["output_tps_mean"].notna().any():
-        st.altair_chart(charts.throughput_against_latency(summary), width="stretch")
-        st.caption(
-            "Each point is a concurrency: total output grows with it while each request's "
-            "inter-token latency grows too. Up and to the left is better."
-        )
+    common.run_charts(db, run_id, items)
     with st.expander("Table"):
         st.markdown(report.markdown_table(items))
 

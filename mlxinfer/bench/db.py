@@ -9,7 +9,8 @@ need not repeat.
     machines        the machine and software facts (CPU, memory, OS, backend, BLAS, versions, commit)
     configurations  one row per grid point of a run: its settings (JSON) and stable key
     measurements    one row per configuration, engine and repetition: the metrics, or the error
-    token_times     each generated token's arrival time (ms from the request's start)
+    token_times     each generated token's arrival time (ms from the request's start), first request
+    requests        every concurrent request of a measurement: TTFT, end-to-end time, tokens, gaps
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-SCHEMA_VERSION = 3  # 2: runs.pid; 3: measurements.output_tps
+SCHEMA_VERSION = 4  # 2: runs.pid; 3: measurements.output_tps; 4: requests
 DB_ENV = "MLXINFER_DB"
 METRICS = (
     "ttft_ms",
@@ -83,6 +84,15 @@ CREATE TABLE IF NOT EXISTS token_times (
     position INTEGER NOT NULL,
     t_ms REAL NOT NULL,
     PRIMARY KEY (measurement_id, position)
+);
+CREATE TABLE IF NOT EXISTS requests (  -- each concurrent request of a measurement (schema 4)
+    measurement_id INTEGER NOT NULL REFERENCES measurements(id),
+    request INTEGER NOT NULL,
+    ttft_ms REAL NOT NULL,
+    e2e_ms REAL NOT NULL,
+    tokens INTEGER NOT NULL,  -- how many it generated
+    gaps TEXT NOT NULL,  -- its inter-token latencies (ms), a JSON list
+    PRIMARY KEY (measurement_id, request)
 );
 """
 
@@ -191,7 +201,7 @@ class RunsDB:
         finally:
             if self.conn.in_transaction:  # (a file that is not SQLite fails before it begins)
                 self.conn.execute("ROLLBACK")
-        if version not in (0, 1, 2, SCHEMA_VERSION):
+        if version not in (0, 1, 2, 3, SCHEMA_VERSION):
             raise ValueError(
                 f"{self.path}: runs database schema version {version}; this mlxinfer reads "
                 f"version {SCHEMA_VERSION}"
@@ -278,8 +288,11 @@ class RunsDB:
         tokens: Sequence[int] | None = None,
         token_times_ms: Sequence[float] = (),
         error: str | None = None,
+        requests: Sequence[Mapping] = (),
     ) -> int:
-        """One measurement (or its failure), committed with its token times in one transaction."""
+        """One measurement (or its failure), committed with its token times and its requests
+        (each {ttft_ms, e2e_ms, tokens, gaps}: what latency percentiles and goodput are computed
+        from) in one transaction."""
         values = [None if metrics is None else metrics.get(m) for m in METRICS]
         status = "failed" if error is not None else "ok"
         with self._transaction():
@@ -301,6 +314,21 @@ class RunsDB:
             self.conn.executemany(
                 "INSERT INTO token_times (measurement_id, position, t_ms) VALUES (?, ?, ?)",
                 [(cursor.lastrowid, i, float(t)) for i, t in enumerate(token_times_ms)],
+            )
+            self.conn.executemany(
+                "INSERT INTO requests (measurement_id, request, ttft_ms, e2e_ms, tokens, gaps) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        cursor.lastrowid,
+                        i,
+                        float(r["ttft_ms"]),
+                        float(r["e2e_ms"]),
+                        int(r["tokens"]),
+                        json.dumps([float(g) for g in r["gaps"]]),
+                    )
+                    for i, r in enumerate(requests)
+                ],
             )
         return cursor.lastrowid
 
@@ -413,6 +441,27 @@ class RunsDB:
                 (pid, since),
             ).fetchone()
         return None if row is None else row[0]
+
+    def requests(self, run_id: int) -> list[dict]:
+        """Every request of a run's successful measurements: the measurement's id, settings,
+        engine and rep, and the request's ttft_ms, e2e_ms, tokens and gaps (ms). Empty for runs
+        made before schema 4, which kept only each measurement's means."""
+        rows = self.conn.execute(
+            "SELECT m.id AS measurement_id, c.position, c.settings, m.engine, m.rep, r.request, "
+            "r.ttft_ms, r.e2e_ms, r.tokens, r.gaps FROM requests r "
+            "JOIN measurements m ON m.id = r.measurement_id "
+            "JOIN configurations c ON c.id = m.configuration_id "
+            "WHERE c.run_id = ? AND m.status = 'ok' "
+            "ORDER BY c.position, m.engine, m.rep, r.request",
+            (run_id,),
+        ).fetchall()
+        out = []
+        for row in rows:
+            item = dict(row)
+            item["settings"] = json.loads(item["settings"])
+            item["gaps"] = json.loads(item["gaps"])
+            out.append(item)
+        return out
 
     def token_times(self, measurement_id: int) -> list[float]:
         rows = self.conn.execute(

@@ -270,6 +270,93 @@ def latency_by_position(db: RunsDB, run_id: int) -> list[dict]:
     return out
 
 
+PERCENTILES = (50, 90, 99)
+
+
+def request_latencies(db: RunsDB, run_id: int) -> list[dict]:
+    """TTFT and inter-token latency at p50 / p90 / p99 for each configuration and engine of a
+    run, over every request of every repetition (TTFT) and every gap of every request (ITL), in
+    ms, with how many requests and gaps they come from: the tail a mean hides, as guidellm and
+    vLLM report it. Empty for a run made before its requests were recorded (schema 4)."""
+    import numpy as np
+
+    groups: dict[tuple, dict] = {}
+    for row in db.requests(run_id):
+        item = groups.setdefault(
+            (row["position"], row["engine"]),
+            {"engine": row["engine"], "settings": row["settings"], "ttft": [], "gaps": []},
+        )
+        item["ttft"].append(row["ttft_ms"])
+        item["gaps"].extend(row["gaps"])
+    out = []
+    for _, item in sorted(groups.items()):
+        ttft, gaps = item.pop("ttft"), item.pop("gaps")
+        item["requests"], item["gaps"] = len(ttft), len(gaps)
+        for q in PERCENTILES:
+            item[f"ttft_p{q}_ms"] = float(np.percentile(ttft, q))
+            item[f"itl_p{q}_ms"] = float(np.percentile(gaps, q)) if gaps else None
+        out.append(item)
+    return out
+
+
+def goodput(
+    db: RunsDB, run_id: int, ttft_ms: float | None = None, itl_ms: float | None = None
+) -> list[dict]:
+    """Output tokens/s of the requests that met the latency targets, per configuration and
+    engine (aiperf's and vLLM's goodput): a request is good when its TTFT <= `ttft_ms` and its
+    mean inter-token latency (its own (e2e - TTFT) / (tokens - 1)) <= `itl_ms` (None: no
+    target). Per measurement, the good requests' tokens / the measurement's wall time (its
+    slowest request's end-to-end time); then mean, std and samples over the repetitions, and the
+    share of requests that were good. Empty for runs made before schema 4."""
+    measurements: dict[int, dict] = {}
+    for row in db.requests(run_id):
+        m = measurements.setdefault(
+            row["measurement_id"],
+            {
+                "key": (row["position"], row["engine"]),
+                "settings": row["settings"],
+                "engine": row["engine"],
+                "wall_ms": 0.0,
+                "good_tokens": 0,
+                "good": 0,
+                "requests": 0,
+            },
+        )
+        m["wall_ms"] = max(m["wall_ms"], row["e2e_ms"])
+        m["requests"] += 1
+        if meets(row, ttft_ms, itl_ms):
+            m["good"] += 1
+            m["good_tokens"] += row["tokens"]
+    groups: dict[tuple, dict] = {}
+    for m in measurements.values():
+        item = groups.setdefault(
+            m["key"],
+            {"engine": m["engine"], "settings": m["settings"], "tps": [], "good": 0, "all": 0},
+        )
+        item["tps"].append(m["good_tokens"] / (m["wall_ms"] / 1e3) if m["wall_ms"] > 0 else 0.0)
+        item["good"] += m["good"]
+        item["all"] += m["requests"]
+    out = []
+    for _, item in sorted(groups.items()):
+        samples, good, n = item.pop("tps"), item.pop("good"), item.pop("all")
+        item["goodput_tps"] = summary(samples)
+        item["good_share"] = good / n
+        item["requests"] = n
+        out.append(item)
+    return out
+
+
+def meets(request: dict, ttft_ms: float | None, itl_ms: float | None) -> bool:
+    """Whether one request (ttft_ms, e2e_ms, tokens) met the latency targets (None: none)."""
+    if ttft_ms is not None and request["ttft_ms"] > ttft_ms:
+        return False
+    if itl_ms is not None and request["tokens"] > 1:
+        mean_gap = (request["e2e_ms"] - request["ttft_ms"]) / (request["tokens"] - 1)
+        if mean_gap > itl_ms:
+            return False
+    return True
+
+
 def position_latencies(times_ms: Sequence[float]) -> list[float]:
     """Each token's latency from its arrival times (ms from the request's start): the first
     token's is its time, each later one's the gap since the token before."""

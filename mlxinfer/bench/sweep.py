@@ -11,7 +11,8 @@ repeated as needed) submitted at once, each generating exactly `gen_tokens` toke
 seeded per repetition. With `depth`, a context of that many tokens is computed first (not timed)
 and kept by the prefix cache: the measured prompt follows it, as a new turn follows a long
 conversation. A measurement's metrics are the means over its concurrent requests; its token times
-are the first request's.
+are the first request's; every request's TTFT, end-to-end time and gaps are kept too (latency
+percentiles and goodput are computed over requests, not over means).
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ class Sweep:
                     error = broken.get(name)
                     if error is None:
                         try:
-                            metrics, tokens, times = self._measure_with(
+                            metrics, tokens, times, requests = self._measure_with(
                                 name, engine, prompts, config, rep
                             )
                         except Exception as e:
@@ -203,7 +204,7 @@ class Sweep:
                         self.db.record(config_id, name, rep, error=error)
                         yield event("failed", index, config, rep, error=error, engine=name)
                         continue
-                    self.db.record(config_id, name, rep, metrics, tokens, times)
+                    self.db.record(config_id, name, rep, metrics, tokens, times, requests=requests)
                     yield event("measured", index, config, rep, metrics, engine=name)
             finally:
                 if engine is not None:
@@ -275,7 +276,8 @@ class Sweep:
         )
         first = results[0].metrics
         times = [first.ttft_ms + sum(first.itl_ms[:i]) for i in range(len(first.itl_ms) + 1)]
-        return metrics, results[0].tokens, times
+        requests = [request_figures(r.metrics.to_dict()) for r in results]
+        return metrics, results[0].tokens, times, requests
 
     def _measure_baseline(self, config: Mapping, prompts: list[list[int]], rep: int | None):
         worker = self._worker(config["model"], config["compute"])
@@ -302,7 +304,8 @@ class Sweep:
         metrics["output_tps"] = output_tps(
             [len(r["tokens"]) for r in requests], [r["metrics"]["e2e_ms"] for r in requests]
         )
-        return metrics, requests[0]["tokens"], requests[0]["times"]
+        figures = [request_figures(r["metrics"]) for r in requests]
+        return metrics, requests[0]["tokens"], requests[0]["times"], figures
 
     def _worker(self, name: str, compute: str):
         key = (name, compute)
@@ -354,6 +357,16 @@ def check_grid(configs: list[dict], load) -> None:
             raise ValueError(
                 f"sweep axis 'kv': {config['kv']!r} on model {config['model']!r}: {e}"
             ) from None
+
+
+def request_figures(metrics: Mapping) -> dict:
+    """What the runs database keeps of each request (RequestMetrics.to_dict(), either engine)."""
+    return {
+        "ttft_ms": metrics["ttft_ms"],
+        "e2e_ms": metrics["e2e_ms"],
+        "tokens": metrics["generated_tokens"],
+        "gaps": metrics["itl_ms"],
+    }
 
 
 def output_tps(generated: list[int], e2e_ms: list[float]) -> float:

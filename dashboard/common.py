@@ -240,9 +240,24 @@ def model_picker() -> str:
 # -- settings widgets ----------------------------------------------------------------------------
 
 
-def sampling_controls(prefix: str = "") -> tuple[SamplingParams | None, int]:
-    """Every sampling setting; returns (params, max_tokens), params None after showing what is
-    wrong with them."""
+SAMPLING_BOXES = {  # SamplingParams' names -> the boxes' labels, so an error names the box
+    "temperature": "Temperature",
+    "top_k": "Top-k",
+    "top_p": "Top-p",
+    "min_p": "Min-p",
+    "repetition_penalty": "Repetition penalty",
+    "presence_penalty": "Presence penalty",
+    "frequency_penalty": "Frequency penalty",
+    "seed": "Seed",
+    "max_tokens": "Max tokens",
+}
+
+
+def sampling_controls(prefix: str = "") -> tuple[SamplingParams | None, int, str | None]:
+    """Every sampling setting: (params, max_tokens, None), or (None, max_tokens, what is wrong,
+    naming the box). The number boxes have no bounds in the browser: a bounded box turns red on
+    a value past them and keeps sending the previous one, which the user cannot see, so the
+    values are checked here (by SamplingParams, the engine's own rules) and a wrong one said."""
     temperature = st.slider(
         "Temperature",
         0.0,
@@ -252,20 +267,30 @@ def sampling_controls(prefix: str = "") -> tuple[SamplingParams | None, int]:
         key=prefix + "temperature",
         help="0 is greedy: always the most likely token.",
     )
-    top_k = st.number_input("Top-k", 0, 100_000, 0, key=prefix + "top_k", help="0: off")
+    top_k = st.number_input("Top-k", value=0, step=1, key=prefix + "top_k", help="0: off")
     top_p = st.slider("Top-p", 0.0, 1.0, 1.0, 0.01, key=prefix + "top_p", help="1: off")
     min_p = st.slider("Min-p", 0.0, 1.0, 0.0, 0.01, key=prefix + "min_p", help="0: off")
     repetition = st.number_input(
-        "Repetition penalty", 0.1, 10.0, 1.0, 0.05, key=prefix + "repetition_penalty", help="1: off"
+        "Repetition penalty",
+        value=1.0,
+        step=0.05,
+        key=prefix + "repetition_penalty",
+        help="1: off; above 0",
     )
     presence = st.number_input(
-        "Presence penalty", -2.0, 2.0, 0.0, 0.1, key=prefix + "presence_penalty"
+        "Presence penalty", value=0.0, step=0.1, key=prefix + "presence_penalty", help="-2 to 2"
     )
     frequency = st.number_input(
-        "Frequency penalty", -2.0, 2.0, 0.0, 0.1, key=prefix + "frequency_penalty"
+        "Frequency penalty", value=0.0, step=0.1, key=prefix + "frequency_penalty", help="-2 to 2"
     )
-    seed = st.number_input("Seed", 0, 2**31 - 1, 0, key=prefix + "seed")
-    max_tokens = st.number_input("Max tokens", 1, 8192, 256, key=prefix + "max_tokens")
+    seed = st.number_input("Seed", value=0, step=1, key=prefix + "seed", help="0 or more")
+    max_tokens = st.number_input(
+        "Max tokens",
+        value=256,
+        step=1,
+        key=prefix + "max_tokens",
+        help="1 or more; a reply also ends at the model's context",
+    )
     try:
         params = SamplingParams(
             temperature=temperature,
@@ -276,11 +301,17 @@ def sampling_controls(prefix: str = "") -> tuple[SamplingParams | None, int]:
             presence_penalty=presence,
             frequency_penalty=frequency,
             seed=int(seed),
+            max_tokens=int(max_tokens),
         )
     except ValueError as e:
-        st.error(f"Sampling settings: {e}")
-        return None, int(max_tokens)
-    return params, int(max_tokens)
+        said = str(e)
+        for name, label in SAMPLING_BOXES.items():
+            if said.startswith(name + " "):
+                said = label + said[len(name) :]
+                break
+        st.error(said)
+        return None, int(max_tokens), said
+    return params, int(max_tokens), None
 
 
 CACHE_KINDS = {

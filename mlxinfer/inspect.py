@@ -18,7 +18,7 @@ Generation never calls any of this: the model's forward pass is unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -70,78 +70,131 @@ def trace(
     """One forward pass over `prompt` (text, or chat messages with `chat=True`), keeping the
     attention probabilities of `layers` (default: all; fewer bound the memory on long prompts,
     which is heads x T x T floats per layer), every hidden state, the logits and MoE routing."""
-    own_streams()  # MLX work on the calling thread (streams.py)
-    if chat or not isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        text = tokenizer.apply_chat_template(list(messages), tokenize=False)
-        # the template writes its own BOS
-        ids, offsets = tokenizer.encode_with_offsets(text, add_special_tokens=False)
-    else:
-        text = prompt
-        ids, offsets = tokenizer.encode_with_offsets(text)  # as generation encodes it
-    if not ids:
-        raise ValueError("the prompt has no tokens")
-    n_layers = model.config.num_hidden_layers
-    keep = list(range(n_layers)) if layers is None else sorted(set(layers))
-    bad = [i for i in keep if not 0 <= i < n_layers]
-    if bad:
-        raise ValueError(f"layers: {bad[0]} is not a layer of this model (0..{n_layers - 1})")
-
-    hidden: list[mx.array] = []
-    attentions, routing = {}, {}
-
-    def observe(index: int, block, parts: tuple) -> None:
-        output, attention_in, mlp_in = parts
-        if index in keep:
-            attentions[index] = block.self_attn.probabilities(attention_in)[0]
-            if isinstance(block.mlp, SparseMoE):
-                routing[index] = block.mlp.route(mlp_in.reshape(-1, mlp_in.shape[-1]))
-        hidden.append(output)
-        mx.eval(output, *attentions.values(), *[a for r in routing.values() for a in r])
-
-    final = model.hidden_states(mx.array([ids]), None, observe)
-    hidden[-1] = final  # transformers: the last one after the final norm
-    logits = model.logits(final)
-    mx.eval(logits, final)
-    return Trace(
-        token_ids=ids,
-        pieces=[tokenizer.decode([t]) for t in ids],
-        offsets=offsets,
-        text=text,
-        layers=keep,
-        attentions={i: np.array(a.astype(mx.float32)) for i, a in attentions.items()},
-        hidden_states=[np.array(s[0].astype(mx.float32)) for s in hidden],
-        logits=np.array(logits[0].astype(mx.float32)),
-        routing={i: (np.array(e), np.array(w)) for i, (e, w) in routing.items()},
-        model=model,
-        tokenizer=tokenizer,
-    )
+    tracing = Tracing(model, tokenizer, prompt, chat, layers)
+    while not tracing.step():
+        pass
+    return tracing.result
 
 
-def logit_lens(t: Trace, top: int = 5) -> list[list[list[tuple[int, str, float]]]]:
+class Tracing:
+    """A trace made a piece at a time: the embeddings, each block, then the head, one per
+    `step()` (True once done; then `result`). A page sharing an engine runs each step as its
+    own engine call, so the requests it serves wait for one block, not for the whole prompt's
+    pass, and the page can show progress and drop the rest when the user moves on. Tokenizing
+    and checking happen here (any thread); the steps do MLX work (one thread, the same each
+    time)."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        prompt: str | Sequence[dict],
+        chat: bool = False,
+        layers: Sequence[int] | None = None,
+    ):
+        if chat or not isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            text = tokenizer.apply_chat_template(list(messages), tokenize=False)
+            # the template writes its own BOS
+            ids, offsets = tokenizer.encode_with_offsets(text, add_special_tokens=False)
+        else:
+            text = prompt
+            ids, offsets = tokenizer.encode_with_offsets(text)  # as generation encodes it
+        if not ids:
+            raise ValueError("the prompt has no tokens")
+        n_layers = model.config.num_hidden_layers
+        keep = list(range(n_layers)) if layers is None else sorted(set(layers))
+        bad = [i for i in keep if not 0 <= i < n_layers]
+        if bad:
+            raise ValueError(f"layers: {bad[0]} is not a layer of this model (0..{n_layers - 1})")
+        self.model, self.tokenizer, self.text = model, tokenizer, text
+        self.token_ids, self.offsets, self.keep = ids, offsets, keep
+        self.steps = n_layers + 2  # the embeddings, each block, the final norm and head
+        self.done = 0
+        self.result: Trace | None = None
+        self._walk: Iterator | None = None
+        self._hidden: list[mx.array] = []
+        self._attentions: dict[int, mx.array] = {}
+        self._routing: dict[int, tuple] = {}
+
+    def step(self) -> bool:
+        """Run the next piece; True when the trace is complete (`result` is set)."""
+        own_streams()  # MLX work on the calling thread (streams.py)
+        if self.result is not None:
+            return True
+        if self._walk is None:
+            self._walk = self.model.walk(mx.array([self.token_ids]))
+        if self.done < self.steps - 1:
+            index, block, (output, attention_in, mlp_in) = next(self._walk)
+            if index in self.keep:
+                self._attentions[index] = block.self_attn.probabilities(attention_in)[0]
+                if isinstance(block.mlp, SparseMoE):
+                    self._routing[index] = block.mlp.route(mlp_in.reshape(-1, mlp_in.shape[-1]))
+            self._hidden.append(output)
+            kept = [*self._attentions.values(), *[a for r in self._routing.values() for a in r]]
+            mx.eval(output, *kept)
+            self.done += 1
+            return False
+        final = self.model.model.norm(self._hidden[-1])
+        hidden = self._hidden[:-1] + [final]  # transformers: the last one after the final norm
+        logits = self.model.logits(final)
+        mx.eval(logits, final)
+        self.result = Trace(
+            token_ids=self.token_ids,
+            pieces=[self.tokenizer.token_text(t) for t in self.token_ids],
+            offsets=self.offsets,
+            text=self.text,
+            layers=self.keep,
+            attentions={i: np.array(a.astype(mx.float32)) for i, a in self._attentions.items()},
+            hidden_states=[np.array(s[0].astype(mx.float32)) for s in hidden],
+            logits=np.array(logits[0].astype(mx.float32)),
+            routing={i: (np.array(e), np.array(w)) for i, (e, w) in self._routing.items()},
+            model=self.model,
+            tokenizer=self.tokenizer,
+        )
+        self.done += 1
+        self._walk = None
+        self._hidden, self._attentions, self._routing = [], {}, {}
+        return True
+
+
+def logit_lens(
+    t: Trace, top: int = 5, positions: Sequence[int] | None = None
+) -> list[list[list[tuple[int, str, float]]]]:
     """For each hidden state (embeddings, each layer's output) and position, the `top` most likely
     tokens as (id, piece, probability) when that state goes through the final norm and the LM
-    head, as if the model stopped there. `[L + 1][T][top]`; the last row is the model's own."""
+    head, as if the model stopped there. `[L + 1][positions][top]` (default: every position);
+    the last row is the model's own. One state at a time: `logit_lens_layer`."""
+    return [logit_lens_layer(t, i, top, positions) for i in range(len(t.hidden_states))]
+
+
+def logit_lens_layer(
+    t: Trace, index: int, top: int = 5, positions: Sequence[int] | None = None
+) -> list[list[tuple[int, str, float]]]:
+    """logit_lens of hidden state `index` (0: the embeddings) alone: `[positions][top]`. The LM
+    head is the costly part (vocabulary x hidden size per position): asking only for the
+    positions shown keeps it to milliseconds, and a caller on a shared engine can run one state
+    per call, so other requests are served in between."""
     own_streams()  # MLX work on the calling thread (streams.py)
-    model, out = t.model, []
-    for index, state in enumerate(t.hidden_states):
-        h = mx.array(state)[None].astype(model.compute_dtype)
-        if index < len(t.hidden_states) - 1:  # the last state is already normed
-            h = model.model.norm(h)
-        probs = mx.softmax(model.logits(h)[0].astype(mx.float32), axis=-1, precise=True)
-        order = mx.argsort(-probs, axis=-1)[:, :top]
-        chosen = mx.take_along_axis(probs, order, axis=-1)
-        order, chosen = np.array(order), np.array(chosen)
-        out.append(
-            [
-                [
-                    (int(i), t.tokenizer.decode([int(i)]), float(p))
-                    for i, p in zip(order[pos], chosen[pos], strict=True)
-                ]
-                for pos in range(order.shape[0])
-            ]
-        )
-    return out
+    model, states = t.model, t.hidden_states[index]
+    if positions is not None:
+        states = states[list(positions)]
+    h = mx.array(states)[None].astype(model.compute_dtype)
+    if index < len(t.hidden_states) - 1:  # the last state is already normed
+        h = model.model.norm(h)
+    probs = mx.softmax(model.logits(h)[0].astype(mx.float32), axis=-1, precise=True)
+    order = mx.argpartition(-probs, kth=top - 1, axis=-1)[:, :top]  # the top, unordered
+    chosen = mx.take_along_axis(probs, order, axis=-1)
+    order, chosen = np.array(order), np.array(chosen)
+    rank = np.argsort(-chosen, axis=-1, kind="stable")
+    order, chosen = np.take_along_axis(order, rank, -1), np.take_along_axis(chosen, rank, -1)
+    return [
+        [
+            (int(i), t.tokenizer.token_text(int(i)), float(p))
+            for i, p in zip(order[pos], chosen[pos], strict=True)
+        ]
+        for pos in range(order.shape[0])
+    ]
 
 
 def sampling_stages(

@@ -6,7 +6,7 @@ a checkpoint is a plain dict update.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
 from typing import cast
 
 import mlx.core as mx
@@ -84,31 +84,34 @@ class Model(nn.Module):
     def __call__(self, tokens: mx.array, cache: list[Cache] | None = None) -> mx.array:
         return self.logits(self.hidden_states(tokens, cache))
 
-    def hidden_states(
-        self,
-        tokens: mx.array,
-        cache: list[Cache] | None = None,
-        observe: Callable[[int, TransformerBlock | None, tuple], None] | None = None,
-    ) -> mx.array:
+    def hidden_states(self, tokens: mx.array, cache: list[Cache] | None = None) -> mx.array:
         """Final-norm hidden states `[B, T, D]`; prefill uses this to skip the LM head on all but
-        the last position. Without a cache, `tokens` are positions 0..T-1. `observe(index,
-        block, (output, attention input, mlp input))` is called after each block, with the
-        embeddings first as index -1 (for looking inside: inspect.trace)."""
+        the last position. Without a cache, `tokens` are positions 0..T-1. Looking inside walks
+        the same blocks one at a time: `walk`."""
         h = self.embed(tokens)  # [B, T, D]
-        if observe is not None:
-            observe(-1, None, (h, None, None))
         layer_caches = cache if cache is not None else [None] * len(self.model.layers)
         masks: dict = {}  # one attention mask per distinct (cache state, window), shared by layers
+        for layer, layer_cache in zip(self.model.layers, layer_caches, strict=True):
+            h = layer(h, layer_cache, masks)
+        return self.model.norm(h)
+
+    def walk(
+        self, tokens: mx.array, cache: list[Cache] | None = None
+    ) -> Iterator[tuple[int, TransformerBlock | None, tuple]]:
+        """hidden_states a block at a time, for looking inside: yields (-1, None, (embeddings,
+        None, None)), then (index, block, (output, attention input, mlp input)) after each block;
+        the final norm of the last output is hidden_states'. Nothing is computed until asked for,
+        so a caller can run one block per turn of a shared engine (inspect.Tracing)."""
+        h = self.embed(tokens)  # [B, T, D]
+        yield -1, None, (h, None, None)
+        layer_caches = cache if cache is not None else [None] * len(self.model.layers)
+        masks: dict = {}
         for index, (layer, layer_cache) in enumerate(
             zip(self.model.layers, layer_caches, strict=True)
         ):
-            if observe is None:
-                h = layer(h, layer_cache, masks)
-            else:
-                parts = layer.parts(h, layer_cache, masks)
-                h = parts[0]
-                observe(index, layer, parts)
-        return self.model.norm(h)
+            parts = layer.parts(h, layer_cache, masks)
+            h = parts[0]
+            yield index, layer, parts
 
     def embed(self, tokens: mx.array) -> mx.array:
         """Token embeddings `[B, T, D]` in the compute dtype."""

@@ -120,6 +120,18 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tokenizer.id_to_token(token_id)
 
+    def token_text(self, token_id: int) -> str:
+        """One token as a person can read it: its text, or where it holds part of a character
+        (byte-level BPE splits "é" or an emoji over tokens; decoded alone they are "\ufffd") its
+        bytes, as "<0xE2><0x80>" beside the whole characters it has (SentencePiece's byte
+        tokens are already "<0xE2>")."""
+        text = self.decode([token_id])
+        if "\ufffd" not in text:
+            return text
+        piece = self.id_to_token(token_id)
+        raw = None if piece is None else _byte_level_bytes(piece)
+        return text if raw is None else readable_bytes(raw)
+
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],
@@ -235,6 +247,43 @@ class Tokenizer:
             chat_template=metadata.get("tokenizer.chat_template"),
             add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
         )
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet (bytes_to_unicode, as `tokenizers`' ByteLevel uses it):
+    printable bytes stand for themselves, the others for the code points from 256 on, in order.
+    Character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + i): b for i, b in enumerate(rest)})
+    return table
+
+
+def _byte_level_bytes(piece: str) -> bytes | None:
+    """A byte-level BPE token's bytes; None for a token of another kind of vocabulary."""
+    alphabet = _byte_level_alphabet()
+    if not piece or any(c not in alphabet for c in piece):
+        return None
+    return bytes(alphabet[c] for c in piece)
+
+
+def readable_bytes(raw: bytes) -> str:
+    """UTF-8 bytes as text, each byte that is not part of a whole character as "<0xE2>"."""
+    out, i = [], 0
+    while i < len(raw):
+        for n in (1, 2, 3, 4):
+            try:
+                out.append(raw[i : i + n].decode("utf-8"))
+            except UnicodeDecodeError:
+                continue
+            i += n
+            break
+        else:
+            out.append(f"<0x{raw[i]:02X}>")
+            i += 1
+    return "".join(out)
 
 
 class StreamingDetokenizer:

@@ -159,16 +159,42 @@ def test_settings_that_ruin_small_models_and_a_running_sweep_are_warned(dashboar
     ]
 
 
-def test_the_penalty_boxes_offer_exactly_what_sampling_takes(dashboard):
-    """Presence and frequency penalties: SamplingParams takes -2..2 (as OpenAI's API does); the
-    boxes offered -10..10, so most of their range was an error message."""
+def test_the_penalty_boxes_take_exactly_what_sampling_takes(dashboard):
+    """Presence and frequency penalties: SamplingParams takes -2..2 (as OpenAI's API does); 2 is
+    taken, 2.5 is an error naming the box."""
     at = app()
     for label in ("Presence penalty", "Frequency penalty"):
         box = next(w for w in at.sidebar.number_input if w.label == label)
-        assert (box.proto.min, box.proto.max) == (-2.0, 2.0)
         box.set_value(2.0).run()
         healthy(at)
         assert not at.error, [e.value for e in at.error]
+        box.set_value(2.5).run()
+        assert any(e.value.startswith(f"Sampling: {label} must be in [-2, 2]") for e in at.error)
+        box.set_value(0.0).run()
+
+
+@pytest.mark.parametrize(
+    "label,value,message",
+    [
+        ("Top-k", -5, "Top-k must be an integer >= 0, got -5"),
+        ("Max tokens", 0, "Max tokens must be an integer >= 1, got 0"),
+        ("Repetition penalty", 0.0, "Repetition penalty must be in (0, inf), got 0.0"),
+        ("Seed", -1, "Seed must be an integer >= 0, got -1"),
+    ],
+)
+def test_a_wrong_number_is_named_and_no_reply_is_made_with_other_settings(
+    dashboard, label, value, message
+):
+    """Top-k -5 turned the box red in the browser and the next reply silently used the previous
+    value: now the box takes it, the sidebar says what is wrong, and a message is not sent."""
+    at = app()
+    next(w for w in at.sidebar.number_input if w.label == label).set_value(value).run()
+    healthy(at)
+    assert any(e.value == f"Sampling: {message}" for e in at.sidebar.error)
+    at.chat_input[0].set_value("Hi").run()
+    healthy(at)
+    assert [m.name for m in at.chat_message] == []  # nothing sent, nothing answered
+    assert any(e.value.startswith(f"Not sent: {message}") for e in at.error)
 
 
 def test_a_model_that_does_not_load_is_a_message_and_the_page_stays_usable(dashboard):

@@ -189,6 +189,25 @@ def test_the_chat_answers_with_its_metrics(server, page):
     page.wait_for_function("() => !document.querySelector('[data-testid=stChatMessage]')")
 
 
+def test_a_reply_stopped_midway_says_so_at_once(server, page):
+    """Stop under a streaming reply: the reply stays as far as it got and says "stopped" with
+    its token count right away (it said so only after the next message was sent)."""
+    url, _ = server
+    page.goto(url)
+    box = page.get_by_test_id("stChatInputTextArea")
+    box.fill("Write a long story about a dragon who learns to sing, with many chapters.")
+    box.press("Enter")
+    reply = page.get_by_test_id("stChatMessage").nth(1)
+    reply.get_by_text(re.compile(r"\w+ \w+ \w+")).first.wait_for()  # streaming
+    reply.get_by_role("button", name="Stop").click()
+    summary = reply.get_by_text(re.compile(r"\d+ tokens? · stopped · "))
+    summary.wait_for(timeout=30_000)
+    tokens = int(summary.inner_text().split()[0])
+    assert 0 < tokens < 256  # cut before max tokens
+    assert page.get_by_test_id("stChatMessage").count() == 2
+    assert reply.get_by_role("button", name="Stop").count() == 0
+
+
 def test_a_sweep_runs_and_its_charts_draw_the_measurements(server, page):
     from mlxinfer.bench import report
     from mlxinfer.bench.db import RunsDB

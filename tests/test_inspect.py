@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import mlxinfer
-from mlxinfer.inspect import architecture, logit_lens, sampling_stages, trace
+from mlxinfer.inspect import architecture, logit_lens, logit_lens_layer, sampling_stages, trace
 from mlxinfer.sampling import SamplingParams
 
 from .reference import make_tiny_checkpoint
@@ -131,6 +131,11 @@ def test_logit_lens_equals_transformers_hidden_states_through_its_own_head(case)
             np.testing.assert_allclose([p for _, _, p in top], ranked[:3], atol=1e-5)
             if ranked[0] - ranked[1] > 1e-4:  # the top token, where it is not a near tie
                 assert ids[0] == int(np.argmax(probs[position]))
+        # only some positions (what the page shows), in the order asked: the same rows
+        positions = [probs.shape[0] - 1, 0]
+        for position, top in zip(positions, logit_lens_layer(ours, i, 3, positions), strict=True):
+            ranked = np.sort(probs[position])[::-1]
+            np.testing.assert_allclose([p for _, _, p in top], ranked[:3], atol=1e-5)
 
 
 def test_architecture_counts_the_checkpoints_parameters(case):
@@ -286,3 +291,35 @@ def test_measured_kv_bytes_is_what_generation_leaves_in_the_caches(
     mx.eval([c.state for c in caches])
     real = sum(c.nbytes for c in caches)
     assert measured_kv_bytes(model, tokens, spec) == real > 0
+
+
+def test_a_trace_stepped_on_a_shared_engine_lets_a_generation_run_between_its_blocks(tiny):
+    """The Inside page runs a trace one piece per engine call (embeddings, each block, the head):
+    a chat on the same engine gets a decode step between any two, instead of waiting for the
+    whole pass (the engine steps once after each batch of messages). The stepped trace is the
+    one-call trace (itself checked against transformers above)."""
+    from mlxinfer.engine import Engine
+    from mlxinfer.inspect import Tracing
+
+    model, tokenizer = mlxinfer.load(tiny)
+    engine = Engine(model, tokenizer)
+    try:
+        chat = engine.submit(PROMPT, SamplingParams(ignore_eos=True), max_tokens=200)
+        next(iter(chat))  # generating
+        tracing = Tracing(model, tokenizer, PROMPT)
+        assert tracing.steps == model.config.num_hidden_layers + 2
+        made = []
+        while True:
+            finished = engine.call(tracing.step)
+            made.append(engine.call(lambda: len(chat._request.stream.tokens)))
+            if finished:
+                break
+        assert len(made) == tracing.steps
+        # a decode step after every call: the chat advanced between every two trace steps
+        assert all(b > a for a, b in zip(made, made[1:], strict=False)) and made[-1] < 200
+        whole = engine.call(trace, model, tokenizer, PROMPT)
+    finally:
+        engine.close(cancel=True)
+    np.testing.assert_array_equal(tracing.result.logits, whole.logits)
+    for a, b in zip(tracing.result.hidden_states, whole.hidden_states, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -87,6 +87,24 @@ def test_streaming_detokenizer_never_splits_a_character(default_model, text):
         assert "" in deltas[:-1]  # some token ended mid-character and was held back
 
 
+@pytest.mark.parametrize("text", ["龘", "🎵 music", "naïve — 東京"])
+def test_a_token_holding_part_of_a_character_reads_as_its_bytes(default_model, text):
+    """Byte-level BPE splits a character over tokens, each "\ufffd" decoded alone (the Inside
+    page showed rows of them): token_text shows such a token's bytes, so the pieces, bytes put
+    back, are the text's UTF-8 (Python's encoder is the reference)."""
+    _, tokenizer = default_model
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    pieces = [tokenizer.token_text(i) for i in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert any("<0x" in p for p in pieces)  # some token is part of a character
+    raw = b"".join(
+        bytes.fromhex(part[3:-1]) if part.startswith("<0x") else part.encode()
+        for part in re.split(r"(<0x[0-9A-F]{2}>)", "".join(pieces))
+        if part
+    )
+    assert raw == text.encode("utf-8")
+
+
 def test_streaming_detokenizer_sentencepiece_spaces(tmp_path):
     """A Metaspace tokenizer (Llama 2 / Mistral style) drops the leading space of a lone token; the
     window keeps one emitted token of context so spaces survive."""

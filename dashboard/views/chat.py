@@ -30,7 +30,9 @@ with st.sidebar:
         "System prompt", key="system", disabled=mode != "chat", placeholder="the template's default"
     )
     with st.expander("Sampling", expanded=False):
-        sampling, max_tokens = common.sampling_controls("chat_")
+        sampling, max_tokens, wrong = common.sampling_controls("chat_")
+    if wrong is not None:  # (the expander may be closed)
+        st.error(f"Sampling: {wrong}")
     with st.expander("KV cache", expanded=False):
         cache = common.cache_controls("chat_")
     if cache.kv_bits == 4:
@@ -79,14 +81,17 @@ for message in state.messages:
         st.markdown(common.keep_line_breaks(message["content"]))
         if message.get("summary"):
             st.caption(message["summary"])
-        elif message.get("stopped"):
-            st.caption("stopped before the end")
+        elif message.get("stopped"):  # cut by a click (the loop below did not get to the end)
+            st.caption(reply_summary(message["tokens"], "cancelled", message["settings"]))
         if message.get("metrics"):
             show_reply_metrics(message["metrics"])
 
 prompt = st.chat_input("Ask something" if mode == "chat" else "Text to continue")
 if prompt is not None and not prompt.strip():
     st.warning("The message is empty: nothing was sent.")
+    prompt = None
+if prompt and wrong is not None:  # never a reply with other settings than the boxes show
+    st.error(f"Not sent: {wrong}. Fix it under Sampling in the sidebar.")
     prompt = None
 engine = common.engine(name, cache) if prompt and loaded is not None else None
 if prompt and engine is not None and sampling is not None:
@@ -129,25 +134,32 @@ if prompt and engine is not None and sampling is not None:
             )
         # In the history before it streams: a click mid-reply (which stops this script) leaves
         # the part received, marked stopped, and the conversation keeps its turns in order.
+        settings = f"{common.sampling_label(sampling)} · KV cache {cache.label}"
         reply = {"role": "assistant", "content": "", "metrics": None, "stopped": True}
+        reply |= {"tokens": 0, "settings": settings}
         state.messages.append(reply)
 
-        shown, last, count = st.empty(), None, 0
+        shown, last = st.empty(), None
+        # A click reruns the page, which interrupts this loop at its next draw: the rerun then
+        # shows the reply as it stands, marked stopped (no need to send another message first).
+        stop = st.empty()
+        stop.button("Stop", icon=":material/stop:", key=f"stop_{len(state.messages)}")
         try:
             for response in handle:
-                count += response.token >= 0
+                reply["tokens"] += response.token >= 0
                 if response.text:
                     reply["content"] += response.text
                     shown.markdown(common.keep_line_breaks(reply["content"]) + "▌")
                 if response.finish_reason is not None:
                     reply["stopped"] = False
                     last = response
-        finally:  # the page reran mid-reply: stop generating it
+        finally:  # the page reran mid-reply (Stop, or any other click): stop generating it
             if reply["stopped"]:
                 handle.cancel()
+        stop.empty()
         shown.markdown(common.keep_line_breaks(reply["content"]))
-        settings = f"{common.sampling_label(sampling)} · KV cache {cache.label}"
-        reply["summary"] = reply_summary(count, last.finish_reason if last else None, settings)
+        reason = last.finish_reason if last else None
+        reply["summary"] = reply_summary(reply["tokens"], reason, settings)
         st.caption(reply["summary"])
         if last is not None and last.finish_reason == "error":
             st.error(f"The reply failed: {last.error}")

@@ -6,6 +6,7 @@ Every forward pass runs on the engine's thread (`Engine.call`): this script only
 draws what comes back (mlxinfer.inspect does the computing)."""
 
 import html
+import time
 
 import altair as alt
 import common
@@ -49,16 +50,39 @@ if not prompt.strip():
     st.info("Type a prompt to look at what the model does with it.")
     st.stop()
 key = (name, prompt, chat)
+
+
+def stepwise(step, steps: int, what: str) -> None:
+    """Run `step` on the engine's thread until it returns True, one engine call each (chats in
+    other tabs are served between two), with a progress bar and the time left. A rerun (the
+    prompt edited, any click) stops the script between two steps: the rest is never run."""
+    bar = st.progress(0.0, text=what)
+    start, done = time.perf_counter(), 0
+    while not engine.call(step):
+        done += 1
+        elapsed = time.perf_counter() - start
+        left = elapsed / done * (steps - done)
+        bar.progress(min(done / steps, 1.0), text=f"{what}: {done} of {steps} · ~{left:.0f} s left")
+    bar.empty()
+
+
 if state.get("inside_key") != key:
     try:
-        t = engine.call(inspect.trace, model, tokenizer, prompt, chat=chat)
+        tracing = inspect.Tracing(model, tokenizer, prompt, chat=chat)
     except Exception as e:
         st.error(f"Could not run the prompt: {e}")
         st.stop()
-    if len(t.token_ids) > MAX_TOKENS:
-        st.error(f"The prompt is {len(t.token_ids)} tokens; this page shows up to {MAX_TOKENS}.")
+    if len(tracing.token_ids) > MAX_TOKENS:
+        st.error(
+            f"The prompt is {len(tracing.token_ids)} tokens; this page shows up to {MAX_TOKENS}."
+        )
         st.stop()
-    state.inside_key, state.inside_trace = key, t
+    try:
+        stepwise(tracing.step, tracing.steps, "Running the prompt through the model")
+    except Exception as e:
+        st.error(f"Could not run the prompt: {e}")
+        st.stop()
+    state.inside_key, state.inside_trace = key, tracing.result
 t = state.inside_trace
 T = len(t.token_ids)
 labels = [f"{i}:{p!r}"[:24] for i, p in enumerate(t.pieces)]
@@ -108,7 +132,7 @@ with tabs[1]:
     a, b, c, d, e = st.columns(5)
     params = SamplingParams(
         temperature=a.slider("Temperature", 0.0, 2.0, 0.7, 0.05, key="inside_t"),
-        top_k=int(b.number_input("Top-k", 0, 1000, 40, key="inside_k")),
+        top_k=b.slider("Top-k", 0, 200, 40, 1, key="inside_k", help="0: off"),
         top_p=c.slider("Top-p", 0.05, 1.0, 0.9, 0.01, key="inside_p"),
         min_p=d.slider("Min-p", 0.0, 0.5, 0.05, 0.01, key="inside_min_p"),
         repetition_penalty=e.slider("Repetition", 1.0, 2.0, 1.0, 0.05, key="inside_rep"),
@@ -125,7 +149,7 @@ with tabs[1]:
                 why = f"removed by {stage}"
                 break
         removed_by.append(why)
-    tokens = [f"{tokenizer.decode([int(i)])!r}" for i in top]
+    tokens = [f"{tokenizer.token_text(int(i))!r}" for i in top]
     frame = pd.DataFrame(
         {
             # the rank makes each label unique (two tokens may read alike) and fixes the order
@@ -207,7 +231,7 @@ with tabs[1]:
         compare = pd.DataFrame(
             [
                 {
-                    "token": f"{tokenizer.decode([int(i)])!r}",
+                    "token": f"{tokenizer.token_text(int(i))!r}",
                     "share": counts.get(i, 0) / 200,
                     "what": "drawn (200)",
                 }
@@ -215,7 +239,7 @@ with tabs[1]:
             ]
             + [
                 {
-                    "token": f"{tokenizer.decode([int(i)])!r}",
+                    "token": f"{tokenizer.token_text(int(i))!r}",
                     "share": float(stages["temperature"][i]),
                     "what": "computed",
                 }
@@ -318,20 +342,26 @@ with tabs[3]:
         "as if the model stopped there: what it would predict next, layer by layer. "
         "The top row (the last layer) is the model's own prediction."
     )
-    if state.get("lens_key") != key:
-        state.lens = engine.call(inspect.logit_lens, t, top=1)
-    lens = state.lens
-    state.lens_key = key
     shown = list(range(max(0, T - 16), T))  # the last 16 positions
+    if state.get("lens_key") != key:
+        states, lens = len(t.hidden_states), []
+
+        def lens_step() -> bool:  # one hidden state through the head per engine call
+            lens.append(inspect.logit_lens_layer(t, len(lens), top=1, positions=shown))
+            return len(lens) == states
+
+        stepwise(lens_step, states, "Sending each layer's states through the LM head")
+        state.lens, state.lens_key = lens, key
+    lens = state.lens
     rows = [
         {
             "layer": "embeddings" if i == 0 else f"layer {i - 1}",
             "position": labels[pos],
-            "token": repr(lens[i][pos][0][1])[:12],
-            "probability": lens[i][pos][0][2],
+            "token": repr(lens[i][j][0][1])[:12],
+            "probability": lens[i][j][0][2],
         }
         for i in range(len(lens))
-        for pos in shown
+        for j, pos in enumerate(shown)
     ]
     frame = pd.DataFrame(rows)
     order = list(dict.fromkeys(frame["layer"]))[::-1]
@@ -403,7 +433,7 @@ with tabs[5]:
     probs = np.exp(last - last.max())
     probs /= probs.sum()
     best = np.argsort(-probs)[:5]
-    chosen = tokenizer.decode([int(best[0])])
+    chosen = tokenizer.token_text(int(best[0]))
     steps = [
         (
             "Tokens",
@@ -443,7 +473,7 @@ with tabs[5]:
     st.table(
         pd.DataFrame(
             {
-                "token": [repr(tokenizer.decode([int(i)])) for i in best],
+                "token": [repr(tokenizer.token_text(int(i))) for i in best],
                 "id": [int(i) for i in best],
                 "logit": [float(last[i]) for i in best],
                 "probability": [f"{probs[i]:.2%}" for i in best],

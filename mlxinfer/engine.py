@@ -77,6 +77,15 @@ class RequestHandle:
         while not self._done:
             yield self._next(None)
 
+    def next(self, timeout: float | None = None) -> GenerationResponse | None:
+        """The next response, waiting at most `timeout` seconds (None: until it comes); None
+        when none came in time. For a caller that must do something else while it waits (a
+        server noticing that its client went away)."""
+        try:
+            return self._next(timeout)
+        except queue.Empty:
+            return None
+
     def _next(self, timeout: float | None) -> GenerationResponse:
         response = self._responses.get(timeout=timeout)
         self._seen.append(response)

@@ -90,7 +90,7 @@ LAYERS = [
     ["chat_template", "tokenizer", "gguf", "loading"],
     ["steps", "sampling", "responses", "metrics", "conversation"],
     ["request", "prefix_cache", "runner", "scheduler", "generate", "engine"],
-    ["inspect", "bench"],
+    ["inspect", "bench", "server"],
     ["cli", "__main__"],
 ]
 

@@ -2,6 +2,7 @@
 
     mlxinfer generate [--model PATH] (--prompt TEXT | --prompt - | --prompt-file PATH) [options]
     mlxinfer chat [--model PATH] [--system TEXT] [options]      an interactive conversation
+    mlxinfer serve [--model PATH] [--host ADDRESS] [--port N]   an OpenAI/Anthropic HTTP server
     mlxinfer env [--json]                                       what a bug report needs
     mlxinfer --version
 
@@ -93,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("--json", action="store_true", help="as one JSON object")
 
     from ..bench.command import add_parser as add_bench_parser
+    from .serve import add_parser as add_serve_parser
 
     add_bench_parser(commands)
+    add_serve_parser(commands)
 
     dashboard = commands.add_parser(
         "dashboard",
@@ -159,6 +162,10 @@ def run_command(args: argparse.Namespace) -> int:
             from .chat import run_chat
 
             return run_chat(args)
+        if args.command == "serve":
+            from .serve import run_serve
+
+            return run_serve(args)
         if args.command == "dashboard":
             from .dashboard import run_dashboard
 

@@ -1,0 +1,155 @@
+"""`mlxinfer serve`: the HTTP server (mlxinfer.server) on one model and one Engine, in the
+foreground until SIGTERM or Ctrl-C, which stop it taking requests, let those in flight finish for
+a few seconds and cancel the rest; SIGTERM then exits 0, Ctrl-C 130."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from .options import UsageError, cache_options
+
+API_KEY_ENV = "MLXINFER_API_KEY"
+LOAD_DELAY_ENV = "MLXINFER_TEST_LOAD_DELAY_S"  # the tests' stand-in for a large model's load
+DRAIN_S = 5  # seconds in-flight requests get to finish at SIGTERM before they are cancelled
+
+
+def add_parser(commands) -> None:
+    from ..scheduler import POLICIES
+    from .options import add_cache_options, add_model_options
+
+    serve = commands.add_parser(
+        "serve",
+        help="an OpenAI- and Anthropic-compatible HTTP server",
+        description="Serve one model over HTTP: /v1/chat/completions, /v1/completions, "
+        "/v1/messages, /v1/models, /health, /metrics. Listens on this machine only unless "
+        "--host says otherwise.",
+    )
+    add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", metavar="ADDRESS", help="default 127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080, metavar="N", help="default 8080")
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help=f"require this key (Authorization: Bearer KEY, or x-api-key); default ${API_KEY_ENV}",
+    )
+    serve.add_argument(
+        "--model-name",
+        default=None,
+        metavar="ID",
+        help="the model's id in the API (default: the model file or directory's name)",
+    )
+    engine = serve.add_argument_group("engine")
+    engine.add_argument("--max-batch", type=int, default=8, metavar="N", help="rows at once (8)")
+    engine.add_argument("--policy", choices=POLICIES, default="prefill-first")
+    engine.add_argument(
+        "--kv-budget-mb", type=float, default=None, metavar="MB", help="bound the KV caches"
+    )
+    engine.add_argument("--prefill-chunk", type=int, default=None, metavar="N")
+    engine.add_argument(
+        "--prefix-cache-mb", type=float, default=256, metavar="MB", help="0 turns it off (256)"
+    )
+    engine.add_argument(
+        "--max-waiting",
+        type=int,
+        default=64,
+        metavar="N",
+        help="requests queued before new ones are refused with 429 (64)",
+    )
+    engine.add_argument(
+        "--max-body-mb", type=float, default=8, metavar="MB", help="largest request body (8)"
+    )
+    add_cache_options(serve)
+
+
+def model_id(model: str | None) -> str:
+    if model is None:
+        return "SmolLM2-135M-Instruct"
+    path = Path(model).expanduser()
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    import uvicorn
+
+    from ..engine import Engine
+    from ..ops import resolve_kernels
+    from ..server import Server, ServerOptions, create_app
+
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.model is not None and not Path(args.model).expanduser().exists():
+        raise UsageError(f"--model {args.model}: no such file or directory")
+    for flag in ("max_batch", "max_waiting"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.max_body_mb <= 0:
+        raise UsageError("--max-body-mb must be above 0")
+    cache = cache_options(args)
+    try:
+        resolve_kernels(args.kernels)
+        from ..scheduler import EngineOptions
+
+        EngineOptions(
+            args.max_batch,
+            args.policy,
+            args.kv_budget_mb,
+            args.prefill_chunk,
+            args.prefix_cache_mb,
+            cache,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+    def load() -> Engine:
+        from ..loading import load as load_model
+
+        time.sleep(float(os.environ.get(LOAD_DELAY_ENV, 0)))  # tests: a slow load, observed
+
+        model, tokenizer = load_model(args.model, compute=args.compute, kernels=args.kernels)
+        return Engine(
+            model,
+            tokenizer,
+            max_batch=args.max_batch,
+            policy=args.policy,
+            kv_budget_mb=args.kv_budget_mb,
+            prefill_chunk=args.prefill_chunk,
+            prefix_cache_mb=args.prefix_cache_mb,
+            cache=cache,
+        )
+
+    options = ServerOptions(
+        model_id=args.model_name or model_id(args.model),
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_waiting=args.max_waiting,
+    )
+    server = Server(options, load)
+    config = uvicorn.Config(
+        create_app(server),
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        timeout_graceful_shutdown=DRAIN_S,
+        lifespan="on",
+    )
+    http = uvicorn.Server(config)
+    server.on_load_failure = lambda: setattr(http, "should_exit", True)
+    logging.getLogger("mlxinfer.server").addHandler(logging.StreamHandler())
+    print(f"mlxinfer serve: {options.model_id} on http://{args.host}:{args.port}", flush=True)
+    # uvicorn handles SIGTERM and Ctrl-C (stops taking requests, drains, shuts the app down),
+    # then raises the signal again for the handler it found: SIGTERM's is a no-op here, so the
+    # process exits 0; Ctrl-C's raises KeyboardInterrupt, so the command exits 130 as the others.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    http.run()
+    if server.error is not None:
+        print(f"mlxinfer serve: error: {server.error}", flush=True)
+        return 1
+    return 0

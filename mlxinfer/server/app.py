@@ -1,0 +1,467 @@
+"""The ASGI app (Starlette, served by uvicorn): routes, authentication, limits, streaming.
+
+One Engine serves every request; the event loop never waits on it. A request is tokenized and
+submitted in a worker thread (a long prompt takes a while to tokenize), and its responses are
+read from its handle in worker threads a short wait at a time, so the loop notices a client that
+went away and cancels the request at once (its batch row freed). While a prompt prefills, a
+streamed reply gets a keep-alive comment every few seconds.
+
+The model loads after the server starts: GET /health answers 503 until it is ready, 200 then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..engine import Engine, RequestHandle
+from ..metrics import RequestMetrics
+from ..responses import GenerationResponse
+from . import protocol
+from .prometheus import ServerMetrics
+from .protocol import ApiError, Choice, Job
+
+log = logging.getLogger("mlxinfer.server")
+
+POLL_S = 0.25  # how long a worker thread waits for a response before the loop looks around
+KEEP_ALIVE_S = 5.0  # a comment on a silent stream (a long prefill) this often
+WORKER_THREADS = 512  # requests waiting on their handles at once
+
+
+@dataclass
+class ServerOptions:
+    """What `mlxinfer serve` decides besides the engine."""
+
+    model_id: str
+    api_key: str | None = None
+    max_body_bytes: int = 8 * 2**20
+    max_waiting: int = 64  # requests queued before new ones get 429
+
+
+class Server:
+    """The loaded model and its engine (once ready), and what the routes share."""
+
+    def __init__(self, options: ServerOptions, load: Callable[[], Engine]):
+        self.options = options
+        self._load = load
+        self.engine: Engine | None = None
+        self.error: str | None = None
+        self.limiter = anyio.CapacityLimiter(WORKER_THREADS)
+        self.metrics = ServerMetrics(self._gauges)
+        self.on_load_failure: Callable[[], None] = lambda: None
+
+    def start_loading(self) -> None:
+        threading.Thread(target=self._loading, name="mlxinfer-load", daemon=True).start()
+
+    def _loading(self) -> None:
+        try:
+            self.engine = self._load()
+        except Exception as e:  # the model cannot be served: say why and stop the server
+            self.error = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+            log.error("mlxinfer serve: the model did not load: %s", self.error)
+            self.on_load_failure()
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close(cancel=True)
+
+    def _gauges(self) -> dict[str, float]:
+        if self.engine is None:
+            return {"ready": 0}
+        stats = self.engine.stats
+        return {
+            "ready": 1,
+            "requests_running": stats["running"] + stats["prefilling"],
+            "requests_waiting": stats["waiting"],
+            "prefix_cache_bytes": stats["prefix_cache_mb"] * 2**20,
+            "prefix_cache_hits": stats["prefix_cache_hits"],
+        }
+
+
+# -- requests in -----------------------------------------------------------------------------------
+
+
+def _authorized(request: Request, key: str | None) -> bool:
+    if key is None:
+        return True
+    given = request.headers.get("x-api-key")
+    bearer = request.headers.get("authorization", "")
+    if given is None and bearer.lower().startswith("bearer "):
+        given = bearer[7:].strip()
+    return given is not None and hmac.compare_digest(given.encode(), key.encode())
+
+
+async def _body(request: Request, limit: int) -> Any:
+    """The request's JSON body, read up to `limit` bytes (413 past it)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"the body is {int(length)} bytes; this server takes up to {limit}")
+    chunks, size = [], 0
+    async for piece in request.stream():
+        size += len(piece)
+        if size > limit:
+            raise ApiError(413, f"the body is over {limit} bytes, the most this server takes")
+        chunks.append(piece)
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past Python's depth
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ApiError(400, f"the body is not valid JSON: {reason}") from None
+
+
+def _error(api: str, error: ApiError) -> JSONResponse:
+    body = error.anthropic() if api == "messages" else error.openai()
+    headers = {"retry-after": "1"} if error.status in (429, 503) else None
+    return JSONResponse(body, status_code=error.status, headers=headers)
+
+
+# -- the engine's side -----------------------------------------------------------------------------
+
+
+async def _submit(server: Server, job: Job) -> list[RequestHandle]:
+    """Submit the job's n choices (tokenizing in a worker thread); a refusal is a 400."""
+    engine = server.engine
+    assert engine is not None
+    if engine.stats["waiting"] >= server.options.max_waiting:
+        raise ApiError(429, f"{server.options.max_waiting} requests are waiting: try again soon")
+    handles: list[RequestHandle] = []
+    try:
+        for index in range(job.n):
+            submit = functools.partial(
+                engine.submit, job.prompt, job.params_for(index), job.max_tokens, chat=job.chat
+            )
+            handles.append(await anyio.to_thread.run_sync(submit, limiter=server.limiter))
+    except ValueError as e:  # a prompt past the context, a template that refuses the messages
+        for handle in handles:
+            handle.cancel()
+        raise ApiError(400, str(e), "messages" if job.chat else "prompt") from None
+    return handles
+
+
+async def _responses(
+    server: Server, handles: list[RequestHandle]
+) -> AsyncIterator[tuple[int, GenerationResponse | None]]:
+    """(choice index, response) as they come from every handle; (-1, None) when none came for
+    POLL_S (the caller may look at its client meanwhile). Ends when every choice has ended."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def follow(index: int, handle: RequestHandle) -> None:
+        while True:
+            response = await anyio.to_thread.run_sync(handle.next, POLL_S, limiter=server.limiter)
+            if response is not None:
+                await queue.put((index, response))
+                if response.finish_reason is not None:
+                    return
+
+    tasks = [asyncio.create_task(follow(i, h)) for i, h in enumerate(handles)]
+    open_ = len(handles)
+    try:
+        while open_:
+            try:
+                index, response = await asyncio.wait_for(queue.get(), POLL_S)
+            except asyncio.TimeoutError:
+                yield -1, None
+                continue
+            if response.finish_reason is not None:
+                open_ -= 1
+            yield index, response
+    finally:
+        for task in tasks:
+            task.cancel()
+        for handle in handles:  # ended ones ignore it; the others stop now (client gone)
+            if not handle.done:
+                handle.cancel()
+
+
+def _failed(response: GenerationResponse) -> ApiError | None:
+    if response.finish_reason == "error":
+        log.error("a request failed: %s", response.error)
+        return ApiError(500, "the request failed in the engine; the server log says why")
+    return None
+
+
+# -- routes ----------------------------------------------------------------------------------------
+
+
+def create_app(server: Server) -> Starlette:
+    """The Starlette app serving `server`."""
+    opts = server.options
+
+    def ready(api: str) -> JSONResponse | None:
+        if server.engine is None:
+            message = server.error or "the model is still loading"
+            return _error(api, ApiError(503, message))
+        return None
+
+    async def health(request: Request) -> Response:
+        if server.engine is None:
+            status = "failed" if server.error else "loading"
+            return JSONResponse({"status": status, "error": server.error}, status_code=503)
+        return JSONResponse({"status": "ok", "model": opts.model_id})
+
+    async def models(request: Request) -> Response:
+        if not _authorized(request, opts.api_key):
+            return _error("chat", ApiError(401, "a valid API key is required"))
+        context = server.engine.model.config.max_position_embeddings if server.engine else None
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": opts.model_id,
+                        "object": "model",
+                        "type": "model",
+                        "display_name": opts.model_id,
+                        "created": 0,
+                        "created_at": "1970-01-01T00:00:00Z",
+                        "owned_by": "mlxinfer",
+                        "context_length": context,
+                    }
+                ],
+                "has_more": False,
+                "first_id": opts.model_id,
+                "last_id": opts.model_id,
+            }
+        )
+
+    async def metrics(request: Request) -> Response:
+        return PlainTextResponse(
+            server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    def endpoint(api: str, parse: Callable[[Any, str, Any], Job]):
+        async def handler(request: Request) -> Response:
+            response = await _handle(request, api, parse)
+            server.metrics.request(request.url.path, response.status_code)
+            return response
+
+        return handler
+
+    async def _handle(request: Request, api: str, parse) -> Response:
+        if not _authorized(request, opts.api_key):
+            return _error(api, ApiError(401, "a valid API key is required"))
+        try:
+            body = await _body(request, opts.max_body_bytes)
+            not_ready = ready(api)
+            if not_ready is not None:
+                return not_ready
+            assert server.engine is not None
+            job = parse(body, opts.model_id, server.engine.tokenizer)
+            handles = await _submit(server, job)
+        except ApiError as e:
+            return _error(api, e)
+        if job.stream:
+            return StreamingResponse(
+                _stream(server, job, handles),
+                media_type="text/event-stream",
+                headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+            )
+        try:
+            choices = await _collect(server, request, handles)
+        except ApiError as e:
+            return _error(api, e)
+        if choices is None:  # the client went away: nobody to answer
+            return Response(status_code=499)
+        return JSONResponse(protocol.response_body(job, choices, server.engine.tokenizer))
+
+    async def count_tokens(request: Request) -> Response:
+        if not _authorized(request, opts.api_key):
+            return _error("messages", ApiError(401, "a valid API key is required"))
+        try:
+            body = await _body(request, opts.max_body_bytes)
+            not_ready = ready("messages")
+            if not_ready is not None:
+                return not_ready
+            assert server.engine is not None
+            tokenizer = server.engine.tokenizer
+            if not isinstance(body, dict):
+                raise protocol.bad("the body must be a JSON object")
+            protocol._take(body, {"model", "messages", "system"}, "/v1/messages/count_tokens")
+            protocol.check_model(body, opts.model_id)
+            messages = protocol.anthropic_messages(body, tokenizer, "count_tokens")
+            ids = await anyio.to_thread.run_sync(
+                lambda: tokenizer.apply_chat_template(messages), limiter=server.limiter
+            )
+        except ApiError as e:
+            return _error("messages", e)
+        except ValueError as e:
+            return _error("messages", ApiError(400, str(e), "messages"))
+        return JSONResponse({"input_tokens": len(ids)})
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        api = "messages" if request.url.path.startswith("/v1/messages") else "chat"
+        status = getattr(exc, "status_code", 404)
+        if status == 405:
+            return _error(
+                api, ApiError(405, f"{request.method} is not allowed on {request.url.path}")
+            )
+        return _error(api, ApiError(404, f"no route {request.method} {request.url.path}"))
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s", request.url.path, exc_info=exc)
+        return _error("chat", ApiError(500, "internal error; the server log says why"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.start_loading()
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(server.close)
+
+    return Starlette(
+        routes=[
+            Route("/health", health),
+            Route("/v1/models", models),
+            Route("/metrics", metrics),
+            Route("/v1/chat/completions", endpoint("chat", protocol.parse_chat), methods=["POST"]),
+            Route(
+                "/v1/completions",
+                endpoint("completions", protocol.parse_completion),
+                methods=["POST"],
+            ),
+            Route("/v1/messages", endpoint("messages", protocol.parse_messages), methods=["POST"]),
+            Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+        ],
+        exception_handlers={404: not_found, 405: not_found, 500: server_error},
+        lifespan=lifespan,
+    )
+
+
+async def _collect(
+    server: Server, request: Request, handles: list[RequestHandle]
+) -> list[Choice] | None:
+    """Every choice whole, or None if the client disconnected first (the choices cancelled)."""
+    seen: list[list[GenerationResponse]] = [[] for _ in handles]
+    async for index, response in _responses(server, handles):
+        if response is None:
+            if await request.is_disconnected():
+                return None  # _responses' cleanup cancels the handles
+            continue
+        seen[index].append(response)
+        failure = _failed(response) if response.finish_reason else None
+        if failure is not None:
+            raise failure
+    choices = []
+    for handle, responses in zip(handles, seen, strict=True):
+        result = handle.result()  # (every response is in; this only assembles them)
+        server.metrics.finished(result.metrics, handle.prompt_tokens, len(result.tokens))
+        choices.append(Choice(responses, result, handle.prompt_tokens))
+    return choices
+
+
+def _sse(data: dict | str, event: str | None = None) -> str:
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return (f"event: {event}\n" if event else "") + f"data: {text}\n\n"
+
+
+async def _stream(server: Server, job: Job, handles: list[RequestHandle]) -> AsyncIterator[str]:
+    """A streamed reply as server-sent events: OpenAI's chunks then `data: [DONE]`, or
+    Anthropic's event sequence. A client that disconnects cancels the stream's task: the
+    handles are cancelled on the way out."""
+    assert server.engine is not None
+    tokenizer = server.engine.tokenizer
+    anthropic = job.api == "messages"
+    counts = [0] * len(handles)
+    metrics: list[RequestMetrics | None] = [None] * len(handles)
+    quiet_since = time.monotonic()
+    if anthropic:
+        yield _sse(
+            {
+                "type": "message_start",
+                "message": {
+                    "id": f"msg_{job.id}",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": job.model,
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": handles[0].prompt_tokens, "output_tokens": 0},
+                },
+            },
+            "message_start",
+        )
+        yield _sse(
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+            "content_block_start",
+        )
+    elif job.api == "chat":
+        roles = [protocol.delta(job, i, None, tokenizer, role=True) for i in range(len(handles))]
+        yield _sse(protocol.chunk(job, roles))
+    last: GenerationResponse | None = None
+    async for index, response in _responses(server, handles):
+        if response is None:
+            if time.monotonic() - quiet_since > KEEP_ALIVE_S:
+                quiet_since = time.monotonic()
+                yield _sse({"type": "ping"}, "ping") if anthropic else ": keep-alive\n\n"
+            continue
+        quiet_since = time.monotonic()
+        counts[index] += response.token >= 0
+        if response.finish_reason is not None:
+            metrics[index] = response.metrics
+            server.metrics.finished(response.metrics, handles[index].prompt_tokens, counts[index])
+            if response.finish_reason == "error":
+                log.error("a streamed request failed: %s", response.error)
+                error = ApiError(500, "the request failed in the engine; the server log says why")
+                yield _sse(error.anthropic(), "error") if anthropic else _sse(error.openai())
+                return
+        if anthropic:
+            last = response
+            if response.text:
+                yield _sse(
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "text_delta", "text": response.text},
+                    },
+                    "content_block_delta",
+                )
+            continue
+        if response.text or response.finish_reason is not None or job.logprobs is not None:
+            yield _sse(protocol.chunk(job, [protocol.delta(job, index, response, tokenizer)]))
+    first = metrics[0]
+    cached = first.cached_prompt_tokens if first is not None else 0
+    if anthropic:
+        reason = last.finish_reason if last is not None else "eos"
+        stop = job.params.stop
+        yield _sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
+        yield _sse(
+            {
+                "type": "message_delta",
+                "delta": {
+                    "stop_reason": protocol.STOP_REASON.get(reason or "", "end_turn"),
+                    "stop_sequence": stop[0] if reason == "stop" and len(stop) == 1 else None,
+                },
+                "usage": {"output_tokens": counts[0]},
+                "metrics": protocol.metrics_extension(first),
+            },
+            "message_delta",
+        )
+        yield _sse({"type": "message_stop"}, "message_stop")
+        return
+    if job.include_usage:
+        usage = protocol.usage(handles[0].prompt_tokens, sum(counts), cached)
+        body = protocol.chunk(job, [], usage)
+        body["metrics"] = protocol.metrics_extension(first)
+        yield _sse(body)
+    yield _sse("[DONE]")

@@ -1,0 +1,375 @@
+"""`mlxinfer serve` as its clients meet it: a real server subprocess on a free loopback port, driven
+by the official `openai` and `anthropic` Python clients and by raw HTTP for what a client library
+would refuse to send. Greedy replies are compared with the single-sequence path (as
+test_engine.py does, up to the first near tie); the model is a tiny random llama with a word-level
+tokenizer ("w5 w9 ...") and a chat template written here."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mlxinfer
+
+from .reference import make_tiny_checkpoint
+from .test_engine import alone, assert_same_greedy, prompts
+
+openai = pytest.importorskip("openai")
+anthropic = pytest.importorskip("anthropic")
+
+KEY = "test-key"
+MODEL = "tiny"
+TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}w4 {% elif m['role'] == 'assistant' %}"
+    "w5 {% else %}w3 {% endif %}{{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}w5{% endif %}"
+)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(path: Path, *flags: str, key: str | None = KEY) -> tuple[subprocess.Popen, str]:
+    """`mlxinfer serve` on `path`; (process, base URL) once /health answers 200."""
+    port = free_port()
+    command = [sys.executable, "-m", "mlxinfer", "serve", "--model", str(path), "--port", str(port)]
+    command += ["--model-name", MODEL, *flags] + (["--api-key", key] if key else [])
+    log = open(path.parent / f"server-{port}.log", "w")  # noqa: SIM115  (open while it runs)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return process, url
+        except (OSError, urllib.error.HTTPError):
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("the server did not start:\n" + Path(log.name).read_text())
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("server") / "tiny"
+    make_tiny_checkpoint(path, "llama")
+    (path / "chat_template.jinja").write_text(TEMPLATE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    process, url = start(checkpoint, "--max-batch", "16", "--max-body-mb", "0.25")
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return mlxinfer.load(checkpoint)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+
+
+def post(url: str, body: bytes | dict, key: str | None = KEY, headers: dict | None = None):
+    """(status, JSON body) of a raw POST."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method="POST")
+    request.add_header("content-type", "application/json")
+    if key:
+        request.add_header("authorization", f"Bearer {key}")
+    for k, v in (headers or {}).items():
+        request.add_header(k, v)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def words(ids: list[int]) -> str:
+    return " ".join(f"w{i}" for i in ids)
+
+
+def ids_of(tokens: list[str]) -> list[int]:
+    """Token ids from the tokens' texts (the word-level vocabulary: "w17" is 17)."""
+    special = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    return [special[t.strip()] if t.strip() in special else int(t.strip()[1:]) for t in tokens]
+
+
+# -- replies ---------------------------------------------------------------------------------------
+
+
+def test_sixteen_concurrent_streamed_completions_each_equal_their_prompt_alone(client, model):
+    """16 threads stream at once (one batch of 16): each reply's tokens (read back from its
+    logprobs) are what the prompt gets alone, greedy."""
+    batch = prompts(16, seed=3)
+    got: dict[int, list[int]] = {}
+
+    def ask(i: int) -> None:
+        stream = client.completions.create(
+            model=MODEL,
+            prompt=batch[i],
+            max_tokens=8,
+            temperature=0,
+            logprobs=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        tokens = []
+        for event in stream:
+            if event.choices and event.choices[0].logprobs:
+                tokens += event.choices[0].logprobs.tokens
+        got[i] = ids_of(tokens)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    compared = sum(assert_same_greedy(got[i], alone(model[0], batch[i], 8)) for i in range(16))
+    assert len(got) == 16 and compared >= 16 * 8 // 2
+
+
+def test_chat_plain_and_streamed_are_the_same_reply_with_usage_and_cached_tokens(client, model):
+    messages = [{"role": "user", "content": words(prompts(1, seed=8, low=30, high=31)[0])}]
+    prompt_tokens = len(model[1].apply_chat_template(messages))
+    plain = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=6, temperature=0
+    )
+    assert plain.object == "chat.completion" and plain.choices[0].message.role == "assistant"
+    assert plain.usage.prompt_tokens == prompt_tokens
+    assert plain.usage.completion_tokens <= 6
+    events = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert events[0].choices[0].delta.role == "assistant"
+    text = "".join(e.choices[0].delta.content or "" for e in events if e.choices)
+    assert text == plain.choices[0].message.content
+    finished = [e.choices[0].finish_reason for e in events if e.choices]
+    assert finished[-1] == plain.choices[0].finish_reason and not any(finished[:-1])
+    usage = events[-1].usage  # the last event: usage, no choices
+    assert events[-1].choices == [] and usage.prompt_tokens == plain.usage.prompt_tokens
+    # the same prompt again: a prefix cache hit (matches of 16 tokens or more are kept)
+    assert usage.prompt_tokens_details.cached_tokens >= 16
+    assert events[-1].model_extra["metrics"]["ttft_ms"] > 0  # our measurements beside
+
+
+def test_logprobs_are_the_models_own_distribution(client, model):
+    """The first token's top logprobs equal log-softmax of the model's logits after the prompt
+    (a forward pass here), and the chosen token is the greedy one."""
+    import mlx.core as mx
+
+    ids = prompts(1, seed=5)[0]
+    reply = client.completions.create(
+        model=MODEL, prompt=ids, max_tokens=1, temperature=0, logprobs=5
+    )
+    logits = np.array(model[0](mx.array([ids]))[0, -1].astype(mx.float32), dtype=np.float64)
+    expected = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    top = reply.choices[0].logprobs.top_logprobs[0]
+    best = np.argsort(-expected)[:5]
+    assert ids_of(list(top)) == list(best)
+    np.testing.assert_allclose(list(top.values()), expected[best], atol=1e-4)
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "w7 w8"}],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    for entry in chat.choices[0].logprobs.content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.bytes == list(entry.token.encode())
+
+
+def test_stop_strings_seeds_and_n_choices(client):
+    base = dict(model=MODEL, prompt="w11 w12 w13", max_tokens=12, temperature=0)
+    whole = client.completions.create(**base, extra_body={"ignore_eos": True}).choices[0].text
+    cut = whole.split()[3]  # a word of the reply: the reply stops before it
+    stopped = client.completions.create(**base, stop=[cut], extra_body={"ignore_eos": True})
+    assert stopped.choices[0].text == whole[: whole.index(cut)]
+    assert stopped.choices[0].finish_reason == "stop"
+    sampled = dict(model=MODEL, prompt="w11 w12 w13", max_tokens=12, temperature=1.0, seed=7)
+    first = client.completions.create(**sampled).choices[0].text
+    assert client.completions.create(**sampled).choices[0].text == first  # same seed, same text
+    many = client.completions.create(**sampled, n=3)
+    texts = [c.text for c in many.choices]
+    assert texts[0] == first and len(set(texts)) == 3  # n draws: the first is the seed's own
+    assert [c.index for c in many.choices] == [0, 1, 2]
+
+
+def test_anthropic_messages_plain_streamed_and_counted(server, checkpoint):
+    client = anthropic.Anthropic(base_url=server, api_key=KEY, max_retries=0)
+    messages = [{"role": "user", "content": "w21 w22 w23"}]
+    plain = client.messages.create(
+        model=MODEL, max_tokens=5, messages=messages, system="w30", extra_body={"temperature": 0}
+    )
+    assert plain.type == "message" and plain.role == "assistant"
+    assert plain.stop_reason in ("end_turn", "max_tokens")
+    with client.messages.stream(
+        model=MODEL, max_tokens=5, messages=messages, system="w30", extra_body={"temperature": 0}
+    ) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == plain.content[0].text and final.stop_reason == plain.stop_reason
+    assert final.usage.output_tokens == plain.usage.output_tokens
+    counted = client.messages.count_tokens(model=MODEL, messages=messages, system="w30")
+    _, tokenizer = mlxinfer.load(checkpoint)
+    template = [{"role": "system", "content": "w30"}, *messages]
+    assert counted.input_tokens == len(tokenizer.apply_chat_template(template))
+    assert plain.usage.input_tokens == counted.input_tokens
+
+
+# -- refusals --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body,status,param,words_",
+    [
+        ({"messages": [{"role": "user", "content": "w5"}]}, 400, "model", "model is required"),
+        ({"model": "other", "messages": [{"role": "user", "content": "w5"}]}, 404, None, "other"),
+        ({"model": MODEL, "messages": []}, 400, "messages", "non-empty"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "w5"}], "tools": []}, 400,
+         "tools", "'tools' is not a parameter"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "w5"}], "temperature": 3}, 400,
+         "temperature", "temperature must be in 0..2"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "w5"}], "n": 1000}, 400, "n",
+         "n must be in 1..8"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "w5"}],
+          "response_format": {"type": "json_schema"}}, 400, "response_format", "only"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+         400, None, "'image_url' is not supported"),
+    ],
+)  # fmt: skip
+def test_a_bad_request_is_an_error_naming_what_is_wrong(server, body, status, param, words_):
+    got, reply = post(f"{server}/v1/chat/completions", body)
+    assert got == status
+    error = reply["error"]
+    assert words_ in error["message"] and error["param"] == param and error["type"]
+
+
+def test_keys_routes_bodies_and_sizes(server):
+    chat = f"{server}/v1/chat/completions"
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "w5"}], "max_tokens": 1}
+    assert post(chat, body, key=None)[0] == 401
+    assert post(chat, body, key="wrong")[0] == 401
+    assert post(chat, body, key=None, headers={"x-api-key": KEY})[0] == 200
+    status, reply = post(f"{server}/v1/nothing", body)
+    assert status == 404 and "no route" in reply["error"]["message"]
+    assert post(chat, b"\xff\xfe garbage")[0] == 400
+    assert post(chat, b"[" * 100_000 + b"]" * 100_000)[0] == 400  # deeper than Python parses
+    status, reply = post(chat, {**body, "messages": [{"role": "user", "content": "w5 " * 100_000}]})
+    assert status == 413 and "bytes" in reply["error"]["message"]  # over --max-body-mb 0.25
+    status, reply = post(chat, {**body, "max_tokens": 10**9})  # clipped to the context, as always
+    assert status == 200 and reply["choices"][0]["finish_reason"] in ("stop", "length")
+    long = {"model": MODEL, "prompt": "w5 " * 300, "max_tokens": 1}  # past the context of 256
+    status, reply = post(f"{server}/v1/completions", long)
+    assert status == 400 and "context" in reply["error"]["message"]
+    status, reply = post(f"{server}/v1/messages", {"model": MODEL, "messages": []})
+    assert status == 400 and reply["type"] == "error"  # Anthropic's shape on its route
+    assert reply["error"]["type"] == "invalid_request_error"
+
+
+def metric(server: str, name: str) -> float:
+    with urllib.request.urlopen(f"{server}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    line = next(x for x in text.splitlines() if x.startswith(f"mlxinfer_{name} "))
+    return float(line.split()[1])
+
+
+def test_a_client_that_goes_away_cancels_its_request_at_once(server):
+    """A streamed request of 200 tokens, read for two events and dropped: within a second the
+    engine runs nothing (its batch row is free); /metrics says so, and counts what was served."""
+    import http.client
+
+    host, port = server.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = {"model": MODEL, "prompt": "w5 w6", "max_tokens": 200, "stream": True}
+    body |= {"ignore_eos": True}
+    connection.request(
+        "POST",
+        "/v1/completions",
+        json.dumps(body),
+        {"authorization": f"Bearer {KEY}", "content-type": "application/json"},
+    )
+    response = connection.getresponse()
+    assert response.status == 200
+    response.readline(), response.readline(), response.readline()
+    assert metric(server, "requests_running") == 1
+    connection.sock.close()  # the client goes away mid-stream
+    connection.close()
+    deadline = time.monotonic() + 1.0
+    while metric(server, "requests_running") > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(server, "requests_running") == 0
+    assert metric(server, "generation_tokens_total") > 0
+    assert metric(server, "time_to_first_token_seconds_count") > 0
+
+
+def test_health_says_loading_then_ready_and_sigterm_drains_then_exits_0(checkpoint, tmp_path):
+    """While the model loads /health is 503; once ready 200. SIGTERM with a stream in flight:
+    the stream ends (cancelled after the drain period if it has not finished) and the process
+    exits 0."""
+    port = free_port()
+    command = [sys.executable, "-m", "mlxinfer", "serve", "--model", str(checkpoint)]
+    command += ["--port", str(port), "--model-name", MODEL]
+    env = {**os.environ, "MLXINFER_TEST_LOAD_DELAY_S": "2"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    statuses = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                statuses.append(response.status)
+                break
+        except urllib.error.HTTPError as e:
+            statuses.append(e.code)
+        except OSError:
+            pass
+        time.sleep(0.1)
+    assert 503 in statuses and statuses[-1] == 200
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    stream = client.completions.create(
+        model=MODEL,
+        prompt="w5",
+        max_tokens=250,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    next(iter(stream))
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    received = sum(1 for _ in stream)  # ends: finished, or cut when the drain period is over
+    assert process.wait(timeout=30) == 0, process.stdout.read().decode()
+    assert received >= 0 and time.monotonic() - started < 20

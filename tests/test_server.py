@@ -373,3 +373,40 @@ def test_health_says_loading_then_ready_and_sigterm_drains_then_exits_0(checkpoi
     received = sum(1 for _ in stream)  # ends: finished, or cut when the drain period is over
     assert process.wait(timeout=30) == 0, process.stdout.read().decode()
     assert received >= 0 and time.monotonic() - started < 20
+
+
+def test_a_full_queue_is_a_429_and_the_waiting_request_is_served_after(checkpoint):
+    """--max-batch 1 --max-waiting 1: one request runs, one waits, the next is refused with 429
+    (OpenAI's clients retry those after Retry-After); once the first ends the waiting one runs."""
+    process, url = start(checkpoint, "--max-batch", "1", "--max-waiting", "1", key=None)
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        long = client.completions.create(
+            model=MODEL, prompt="w5", max_tokens=250, stream=True, extra_body={"ignore_eos": True}
+        )
+        next(iter(long))  # running
+        waiting: list = []
+        thread = threading.Thread(
+            target=lambda: waiting.append(
+                post(f"{url}/v1/completions", {"model": MODEL, "prompt": "w6", "max_tokens": 1})
+            ),
+        )
+        thread.start()
+        deadline = time.monotonic() + 10
+        while metric(url, "requests_waiting") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        request = urllib.request.Request(
+            f"{url}/v1/completions",
+            json.dumps({"model": MODEL, "prompt": "w7", "max_tokens": 1}).encode(),
+            {"content-type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 429 and refused.value.headers["retry-after"] == "1"
+        assert json.loads(refused.value.read())["error"]["type"] == "rate_limit_error"
+        long.close()  # the running request goes (cancelled): the waiting one runs
+        thread.join(timeout=60)
+        assert waiting and waiting[0][0] == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -30,9 +30,11 @@ anthropic = pytest.importorskip("anthropic")
 
 KEY = "test-key"
 MODEL = "tiny"
-TEMPLATE = (
+TEMPLATE = (  # words of the tiny vocabulary: w6 per tool offered, w8 per tool call made
+    "{% if tools %}w3 {% for t in tools %}w6 {% endfor %}{% endif %}"
     "{% for m in messages %}{% if m['role'] == 'user' %}w4 {% elif m['role'] == 'assistant' %}"
-    "w5 {% else %}w3 {% endif %}{{ m['content'] }} {% endfor %}"
+    "w5 {% elif m['role'] == 'tool' %}w7 {% else %}w3 {% endif %}{{ m['content'] }} "
+    "{% for c in m.tool_calls or [] %}w8 {% endfor %}{% endfor %}"
     "{% if add_generation_prompt %}w5{% endif %}"
 )
 
@@ -250,6 +252,40 @@ def test_anthropic_messages_plain_streamed_and_counted(server, checkpoint):
     assert plain.usage.input_tokens == counted.input_tokens
 
 
+def test_tools_and_a_conversation_with_tool_calls_go_through_the_template(client, model):
+    """The request's tools reach the chat template (w6 per tool), as do an assistant's tool calls
+    (w8 each) and the tool's result: the prompt is what the template makes of them. The tiny
+    model writes no call: the reply is text, finish_reason as without tools."""
+    tools = [
+        {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+        for n in ("get_weather", "get_time")
+    ]
+    call = {"id": "call_1", "type": "function"}
+    call["function"] = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    messages = [
+        {"role": "user", "content": "w9 w10"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "w11"},
+    ]
+    reply = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=tools, max_tokens=4, temperature=0
+    )
+    template = [
+        {"role": "user", "content": "w9 w10"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "w11"},
+    ]
+    expected = model[1].apply_chat_template(template, tools=tools)
+    assert expected.count(6) == 2 and expected.count(8) == 1  # both tools, the one call
+    assert reply.usage.prompt_tokens == len(expected)
+    assert reply.choices[0].message.tool_calls is None
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    none = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=tools, tool_choice="none", max_tokens=1
+    )
+    assert none.usage.prompt_tokens == len(model[1].apply_chat_template(template))
+
+
 # -- refusals --------------------------------------------------------------------------------------
 
 
@@ -259,8 +295,12 @@ def test_anthropic_messages_plain_streamed_and_counted(server, checkpoint):
         ({"messages": [{"role": "user", "content": "w5"}]}, 400, "model", "model is required"),
         ({"model": "other", "messages": [{"role": "user", "content": "w5"}]}, 404, None, "other"),
         ({"model": MODEL, "messages": []}, 400, "messages", "non-empty"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "w5"}], "tools": []}, 400,
-         "tools", "'tools' is not a parameter"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "w5"}], "tools": [{}]}, 400,
+         "tools", "tools must be a list of"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "w5"}], "functions": []}, 400,
+         "functions", "'functions' is not a parameter"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "w5"}],
+          "tool_choice": "required"}, 400, "tool_choice", "only 'auto' and 'none'"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "w5"}], "temperature": 3}, 400,
          "temperature", "temperature must be in 0..2"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "w5"}], "n": 1000}, 400, "n",

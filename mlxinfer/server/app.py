@@ -35,6 +35,7 @@ from ..responses import GenerationResponse
 from . import protocol
 from .prometheus import ServerMetrics
 from .protocol import ApiError, Choice, Job
+from .tools import ToolCallStream
 
 log = logging.getLogger("mlxinfer.server")
 
@@ -141,9 +142,14 @@ async def _submit(server: Server, job: Job) -> list[RequestHandle]:
         raise ApiError(429, f"{server.options.max_waiting} requests are waiting: try again soon")
     handles: list[RequestHandle] = []
     try:
+        prompt, chat = job.prompt, job.chat
+        if job.api == "chat":  # the template rendered here: it may take the request's tools
+            options: dict[str, Any] = {"tools": job.tools} if job.tools else {}
+            render = functools.partial(engine.tokenizer.apply_chat_template, prompt, **options)
+            prompt, chat = await anyio.to_thread.run_sync(render, limiter=server.limiter), False
         for index in range(job.n):
             submit = functools.partial(
-                engine.submit, job.prompt, job.params_for(index), job.max_tokens, chat=job.chat
+                engine.submit, prompt, job.params_for(index), job.max_tokens, chat=chat
             )
             handles.append(await anyio.to_thread.run_sync(submit, limiter=server.limiter))
     except ValueError as e:  # a prompt past the context, a template that refuses the messages
@@ -409,6 +415,7 @@ async def _stream(server: Server, job: Job, handles: list[RequestHandle]) -> Asy
         roles = [protocol.delta(job, i, None, tokenizer, role=True) for i in range(len(handles))]
         yield _sse(protocol.chunk(job, roles))
     last: GenerationResponse | None = None
+    readers = [ToolCallStream() for _ in handles] if job.tools else None
     async for index, response in _responses(server, handles):
         if response is None:
             if time.monotonic() - quiet_since > KEEP_ALIVE_S:
@@ -436,6 +443,25 @@ async def _stream(server: Server, job: Job, handles: list[RequestHandle]) -> Asy
                     },
                     "content_block_delta",
                 )
+            continue
+        if readers is not None:  # tool calls are read out of the text as it comes
+            reader = readers[index]
+            text, calls = reader.feed(response.text)
+            if response.finish_reason is not None:
+                more, more_calls = reader.finish()
+                text, calls = text + more, calls + more_calls
+            first_new = len(reader.calls) - len(calls)
+            part = protocol.delta(
+                job,
+                index,
+                response,
+                tokenizer,
+                text=text,
+                tool_calls=[c.openai(first_new + k) for k, c in enumerate(calls)],
+                made_calls=bool(reader.calls),
+            )
+            if text or calls or response.finish_reason is not None or job.logprobs is not None:
+                yield _sse(protocol.chunk(job, [part]))
             continue
         if response.text or response.finish_reason is not None or job.logprobs is not None:
             yield _sse(protocol.chunk(job, [protocol.delta(job, index, response, tokenizer)]))

@@ -13,16 +13,19 @@ hosted APIs.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import GenerationResult
+from ..generate import check_utf8
 from ..metrics import RequestMetrics
 from ..responses import GenerationResponse
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
+from . import tools
 
 MAX_N = 8  # choices per request: each is a row of the batch
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
@@ -74,6 +77,7 @@ class Job:
     include_usage: bool = False
     logprobs: int | None = None  # None: not asked; else the alternatives per token (0..20)
     echo: bool = False
+    tools: list[dict] | None = None  # for the chat template; the reply is read for calls
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -241,6 +245,9 @@ CHAT_FIELDS = {
     "stream_options",
     "response_format",
     "ignore_eos",  # vLLM's extension: generate exactly max_tokens (benchmarks)
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
 }
 
 
@@ -252,21 +259,8 @@ def parse_chat(body: Any, model_id: str, tokenizer: Tokenizer) -> Job:
     model = check_model(body, model_id)
     if not tokenizer.chat_template:
         raise bad("this model has no chat template: use /v1/completions", "messages")
-    raw = body.get("messages")
-    if not isinstance(raw, list) or not raw:
-        raise bad("messages must be a non-empty list", "messages")
-    messages = []
-    for i, message in enumerate(raw):
-        if not isinstance(message, dict):
-            raise bad(f"messages[{i}] must be an object", "messages")
-        role = message.get("role")
-        if role not in ("system", "developer", "user", "assistant"):
-            raise bad(f"messages[{i}].role {role!r} is not supported", "messages")
-        extra = sorted(set(message) - {"role", "content", "name"})
-        if extra:
-            raise bad(f"messages[{i}].{extra[0]} is not supported", "messages")
-        content = _text_content(message.get("content"), f"messages[{i}].content")
-        messages.append({"role": "system" if role == "developer" else role, "content": content})
+    messages = _chat_messages(body.get("messages"))
+    tools = _tools(body, tokenizer)
     response_format = body.get("response_format")
     if response_format is not None and response_format != {"type": "text"}:
         raise bad("response_format: only {'type': 'text'} is supported", "response_format")
@@ -278,7 +272,7 @@ def parse_chat(body: Any, model_id: str, tokenizer: Tokenizer) -> Job:
     if top is not None and not logprobs:
         raise bad("top_logprobs needs logprobs: true", "top_logprobs")
     stream, usage = _stream(body)
-    return _job(
+    job = _job(
         "chat",
         model,
         messages,
@@ -290,11 +284,109 @@ def parse_chat(body: Any, model_id: str, tokenizer: Tokenizer) -> Job:
         usage,
         (top or 0) if logprobs else None,
     )
+    job.tools = tools
+    return job
+
+
+def _chat_messages(raw: Any) -> list[dict]:
+    """OpenAI's messages as the chat template takes them (transformers' conventions): text
+    content; an assistant's tool calls with their arguments as objects; tool results."""
+    if not isinstance(raw, list) or not raw:
+        raise bad("messages must be a non-empty list", "messages")
+    messages = []
+    for i, message in enumerate(raw):
+        if not isinstance(message, dict):
+            raise bad(f"messages[{i}] must be an object", "messages")
+        role = message.get("role")
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            raise bad(f"messages[{i}].role {role!r} is not supported", "messages")
+        allowed = {"role", "content", "name"} | {
+            "assistant": {"tool_calls", "refusal"},
+            "tool": {"tool_call_id"},
+        }.get(role, set())
+        extra = sorted(set(message) - allowed)
+        if extra:
+            raise bad(f"messages[{i}].{extra[0]} is not supported", "messages")
+        calls = message.get("tool_calls")
+        content = message.get("content")
+        if content is None and role == "assistant" and calls:
+            content = ""
+        out: dict[str, Any] = {
+            "role": "system" if role == "developer" else role,
+            "content": _text_content(content, f"messages[{i}].content"),
+        }
+        check_utf8(out["content"], f"messages[{i}].content")
+        if calls is not None:
+            out["tool_calls"] = _template_calls(calls, f"messages[{i}].tool_calls")
+        if role == "tool":
+            if not isinstance(message.get("tool_call_id"), str):
+                raise bad(f"messages[{i}].tool_call_id must be a string", "messages")
+            out["tool_call_id"] = message["tool_call_id"]
+        messages.append(out)
+    return messages
+
+
+def _template_calls(calls: Any, where: str) -> list[dict]:
+    """An assistant message's tool calls for the template: {"type", "function": {"name",
+    "arguments": an object}} (templates write the arguments with tojson)."""
+    if not isinstance(calls, list):
+        raise bad(f"{where} must be a list", "messages")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise bad(f"{where}[{j}] must be {{'type': 'function', 'function': {{'name', ...}}}}")
+        arguments = function.get("arguments", "{}")
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            raise bad(f"{where}[{j}].function.arguments is not JSON", "messages") from None
+        out.append(
+            {
+                "id": call.get("id"),
+                "type": "function",
+                "function": {"name": function["name"], "arguments": arguments},
+            }
+        )
+    return out
+
+
+def _tools(body: dict, tokenizer: Tokenizer) -> list[dict] | None:
+    """The request's tools for the chat template (None: none, or tool_choice "none")."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise bad("parallel_tool_calls must be true or false", "parallel_tool_calls")
+    if choice not in (None, "auto", "none"):
+        raise bad(
+            "tool_choice: only 'auto' and 'none' are supported (forcing a call needs "
+            "constrained decoding, which this server does not do)",
+            "tool_choice",
+        )
+    if tools is None:
+        if choice is not None:
+            raise bad("tool_choice needs tools", "tool_choice")
+        return None
+    if not isinstance(tools, list) or not all(
+        isinstance(t, dict)
+        and t.get("type") == "function"
+        and isinstance(t.get("function"), dict)
+        and isinstance(t["function"].get("name"), str)
+        for t in tools
+    ):
+        raise bad(
+            "tools must be a list of {'type': 'function', 'function': {'name', ...}}", "tools"
+        )
+    if choice == "none" or not tools:  # nothing offered: any template will do
+        return None
+    if "tools" not in (tokenizer.chat_template or ""):
+        raise bad("this model's chat template does not take tools", "tools")
+    return tools
 
 
 COMPLETION_FIELDS = CHAT_FIELDS - {"messages", "max_completion_tokens", "top_logprobs"}
 COMPLETION_FIELDS |= {"prompt", "echo"}
-COMPLETION_FIELDS -= {"response_format"}
+COMPLETION_FIELDS -= {"response_format", "tools", "tool_choice", "parallel_tool_calls"}
 
 
 def parse_completion(body: Any, model_id: str, tokenizer: Tokenizer) -> Job:
@@ -519,6 +611,15 @@ def response_body(job: Job, choices: list[Choice], tokenizer: Tokenizer) -> dict
         item: dict[str, Any] = {"index": index, "finish_reason": FINISH.get(result.finish_reason)}
         if job.api == "chat":
             item["message"] = {"role": "assistant", "content": result.text}
+            if job.tools:
+                content, calls = tools.parse(result.text)
+                if calls:
+                    item["message"] = {
+                        "role": "assistant",
+                        "content": content,
+                        "tool_calls": [call.openai() for call in calls],
+                    }
+                    item["finish_reason"] = "tool_calls"
             item["logprobs"] = (
                 chat_logprobs(tokenizer, choice.responses, job.logprobs or 0)
                 if job.logprobs is not None
@@ -564,11 +665,18 @@ def delta(
     response: GenerationResponse | None,
     tokenizer: Tokenizer,
     role: bool = False,
+    text: str | None = None,
+    tool_calls: list[dict] | None = None,
+    made_calls: bool = False,
 ) -> dict:
-    """A choice's part of a streamed event: the role first (chat), then text as it comes, the
-    finish reason on the last."""
-    text = "" if response is None else response.text
+    """A choice's part of a streamed event: the role first (chat), then text as it comes (`text`
+    instead of the response's when tool calls are read out of it), `tool_calls` completed, the
+    finish reason on the last ("tool_calls" when the reply `made_calls`)."""
+    if text is None:
+        text = "" if response is None else response.text
     finish = None if response is None else FINISH.get(response.finish_reason or "")
+    if finish is not None and made_calls:
+        finish = "tool_calls"
     logprobs = None
     if job.logprobs is not None and response is not None and response.token >= 0:
         logprobs = (
@@ -580,5 +688,7 @@ def delta(
         part: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
         if text:
             part["content"] = text
+        if tool_calls:
+            part["tool_calls"] = tool_calls
         return {"index": index, "delta": part, "logprobs": logprobs, "finish_reason": finish}
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}

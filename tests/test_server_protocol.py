@@ -1,0 +1,104 @@
+"""The server's bodies as plain functions: tool calls read out of replies (whole and streamed, in
+the forms Qwen/Hermes and Llama 3 templates ask for), and requests refused with the field named."""
+
+from __future__ import annotations
+
+import json
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from mlxinfer.server import protocol, tools
+from mlxinfer.server.protocol import ApiError
+
+QWEN = 'I will look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+TWO = (
+    '<tool_call>{"name": "a", "arguments": {"x": 1}}</tool_call>\n'
+    '<tool_call>{"name": "b", "arguments": "{\\"y\\": [2, 3]}"}</tool_call>'
+)
+LLAMA = '{"name": "get_time", "parameters": {"zone": "UTC"}}'
+
+
+@pytest.mark.parametrize(
+    "text,content,calls",
+    [
+        (QWEN, "I will look.", [("get_weather", {"city": "Paris"})]),
+        (TWO, None, [("a", {"x": 1}), ("b", {"y": [2, 3]})]),
+        (LLAMA, None, [("get_time", {"zone": "UTC"})]),
+        ("Paris is in France.", "Paris is in France.", []),
+        ("<tool_call>{not json}</tool_call> done", "<tool_call>{not json}</tool_call> done", []),
+        ('<tool_call>{"name": "a"', '<tool_call>{"name": "a"', []),  # cut at max tokens
+        ('{"answer": 42}', '{"answer": 42}', []),  # JSON, but not a call
+    ],
+)
+def test_tool_calls_are_read_out_of_a_reply(text, content, calls):
+    got_content, got = tools.parse(text)
+    assert got_content == content
+    assert [(c.name, json.loads(c.arguments)) for c in got] == calls
+    assert all(c.openai()["type"] == "function" and c.id.startswith("call_") for c in got)
+
+
+@pytest.mark.parametrize("text", [QWEN, TWO, LLAMA, "Paris is in France.", "a < b <tool_c x"])
+def test_a_streamed_reply_gives_the_same_text_and_calls_in_any_pieces(text):
+    """Fed in random pieces (a tag split anywhere), the stream passes on the same text and the
+    same calls as the whole reply parsed; text before a call is not held back."""
+    whole_content, whole_calls = tools.parse(text)
+    rng = random.Random(0)
+    for _ in range(20):
+        stream, out, calls, i = tools.ToolCallStream(), "", [], 0
+        while i < len(text):
+            n = rng.randint(1, 7)
+            piece, more = stream.feed(text[i : i + n])
+            out, calls, i = out + piece, calls + more, i + n
+        piece, more = stream.finish()
+        out, calls = out + piece, calls + more
+        assert (out.strip() or None) == whole_content
+        assert [(c.name, c.arguments) for c in calls] == [
+            (c.name, c.arguments) for c in whole_calls
+        ]
+    stream = tools.ToolCallStream()
+    assert stream.feed("I will look.\n<tool")[0] == "I will look.\n"  # only "<tool" waits
+
+
+TOKENIZER = SimpleNamespace(chat_template="{{ messages }}", vocab_size=100)
+
+
+def chat(**fields):
+    return protocol.parse_chat(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}, "m", TOKENIZER
+    )
+
+
+@pytest.mark.parametrize(
+    "fields,param,words",
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
+         "does not take tools"),
+        ({"logit_bias": {"100": 1}}, "logit_bias", "not in the vocabulary"),
+        ({"logit_bias": {"5": 101}}, "logit_bias", "-100..100"),
+        ({"top_logprobs": 3}, "top_logprobs", "needs logprobs"),
+        ({"stop": ["a"] * 17}, "stop", "at most 16"),
+        ({"stream_options": {"include_usage": True}}, "stream_options", "only for stream"),
+        ({"seed": -1}, "seed", "seed must be in"),
+        ({"max_tokens": 0}, "max_tokens", "max_tokens must be in"),
+        ({"temperature": "hot"}, "temperature", "must be a number"),
+        ({"n": True}, "n", "must be an integer"),
+    ],
+)  # fmt: skip
+def test_a_bad_field_is_refused_by_name(fields, param, words):
+    with pytest.raises(ApiError) as refused:
+        chat(**fields)
+    assert refused.value.status == 400 and refused.value.param == param
+    assert words in refused.value.message
+
+
+def test_what_a_request_asks_is_what_sampling_gets():
+    job = chat(temperature=0.5, top_p=0.9, top_k=40, min_p=0.1, seed=3, stop="x", n=2)
+    assert (job.params.temperature, job.params.top_p, job.params.top_k) == (0.5, 0.9, 40)
+    assert (job.params.min_p, job.params.stop, job.n) == (0.1, ("x",), 2)
+    assert job.params_for(0).seed == 3 and job.params_for(1).seed == 4
+    assert chat(max_completion_tokens=7, max_tokens=9).max_tokens == 7  # the newer name wins
+    assert chat(logprobs=True).params.logprobs == 1  # the chosen token's, no alternatives
+    assert chat().params.temperature == 1.0  # OpenAI's default
+    assert chat(tools=[], tool_choice="none").tools is None

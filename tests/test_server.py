@@ -450,3 +450,37 @@ def test_a_full_queue_is_a_429_and_the_waiting_request_is_served_after(checkpoin
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_the_readme_server_example_answers_paris(tmp_path):
+    """The README's example, as written (its port moved to a free one), against `mlxinfer serve`
+    on the default model: the streamed greedy answer names Paris (the model's known answer)."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## The HTTP server") :]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    port = free_port()
+    command = [sys.executable, "-m", "mlxinfer", "serve", "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (OSError, urllib.error.HTTPError):
+                time.sleep(0.2)
+        result = subprocess.run(
+            [sys.executable, "-c", block.replace("8080", str(port))],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout, result.stdout

@@ -102,3 +102,24 @@ def test_what_a_request_asks_is_what_sampling_gets():
     assert chat(logprobs=True).params.logprobs == 1  # the chosen token's, no alternatives
     assert chat().params.temperature == 1.0  # OpenAI's default
     assert chat(tools=[], tool_choice="none").tools is None
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--port", "0"], "--port must be between 1 and 65535, got 0"),
+        (["--policy", "nope"], "--policy must be one of prefill-first, decode-first, chunked"),
+        (["--max-batch", "0"], "--max-batch must be at least 1"),
+        (["--max-waiting", "0"], "--max-waiting must be at least 1"),
+        (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such file"),
+        (["--kv-keep", "2"], "--kv-keep needs --max-kv-size"),
+    ],
+)
+def test_mlxinfer_serve_refuses_bad_flags_before_loading(args, message):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "mlxinfer", "serve", *args], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -17,7 +17,6 @@ DRAIN_S = 5  # seconds in-flight requests get to finish at SIGTERM before they a
 
 
 def add_parser(commands) -> None:
-    from ..scheduler import POLICIES
     from .options import add_cache_options, add_model_options
 
     serve = commands.add_parser(
@@ -44,7 +43,12 @@ def add_parser(commands) -> None:
     )
     engine = serve.add_argument_group("engine")
     engine.add_argument("--max-batch", type=int, default=8, metavar="N", help="rows at once (8)")
-    engine.add_argument("--policy", choices=POLICIES, default="prefill-first")
+    engine.add_argument(  # (checked by EngineOptions: the parser must not import MLX)
+        "--policy",
+        default="prefill-first",
+        metavar="P",
+        help="prefill-first (default), decode-first or chunked",
+    )
     engine.add_argument(
         "--kv-budget-mb", type=float, default=None, metavar="MB", help="bound the KV caches"
     )
@@ -104,8 +108,12 @@ def run_serve(args: argparse.Namespace) -> int:
             args.prefix_cache_mb,
             cache,
         )
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    except ValueError as e:  # in the flags' names
+        message = str(e)
+        for field in ("max_batch", "policy", "kv_budget_mb", "prefill_chunk", "prefix_cache_mb"):
+            if message.startswith(field):
+                message = "--" + field.replace("_", "-") + message[len(field) :]
+        raise UsageError(message) from None
 
     def load() -> Engine:
         from ..loading import load as load_model

@@ -167,7 +167,9 @@ def _sampling(body: dict, tokenizer: Tokenizer, stop_field: str = "stop") -> dic
 
 
 def _flag(body: dict, name: str) -> bool:
-    value = body.get(name, False)
+    value = body.get(name)
+    if value is None:
+        return False
     if not isinstance(value, bool):
         raise bad(f"{name} must be true or false, got {value!r}", name)
     return value
@@ -181,9 +183,7 @@ def _max_tokens(body: dict, *names: str) -> int | None:
 
 
 def _stream(body: dict) -> tuple[bool, bool]:
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise bad(f"stream must be true or false, got {stream!r}", "stream")
+    stream = _flag(body, "stream")
     options = body.get("stream_options")
     if options is None:
         return stream, False
@@ -265,9 +265,7 @@ def parse_chat(body: Any, model_id: str, tokenizer: Tokenizer) -> Job:
     if response_format is not None and response_format != {"type": "text"}:
         raise bad("response_format: only {'type': 'text'} is supported", "response_format")
     sampling = _sampling(body, tokenizer)
-    logprobs = body.get("logprobs")
-    if logprobs is not None and not isinstance(logprobs, bool):
-        raise bad(f"logprobs must be true or false, got {logprobs!r}", "logprobs")
+    logprobs = _flag(body, "logprobs")
     top = _number(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
     if top is not None and not logprobs:
         raise bad("top_logprobs needs logprobs: true", "top_logprobs")
@@ -404,9 +402,7 @@ def parse_completion(body: Any, model_id: str, tokenizer: Tokenizer) -> Job:
     elif not isinstance(prompt, str) or not prompt:
         raise bad("prompt must be a non-empty string or a list of token ids (one prompt)", "prompt")
     logprobs = _number(body, "logprobs", None, 0, 5, integer=True)  # the legacy API's limit
-    echo = body.get("echo", False)
-    if not isinstance(echo, bool):
-        raise bad("echo must be true or false", "echo")
+    echo = _flag(body, "echo")
     stream, usage = _stream(body)
     job = _job(
         "completions",
@@ -476,9 +472,7 @@ def parse_messages(body: Any, model_id: str, tokenizer: Tokenizer) -> Job:
     )
     if "temperature" in body:  # Anthropic's range is 0..1
         _number(body, "temperature", 1.0, 0, 1)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise bad(f"stream must be true or false, got {stream!r}", "stream")
+    stream = _flag(body, "stream")
     return _job(
         "messages", model, messages, True, sampling, _max_tokens(body, "max_tokens"), 1, stream
     )

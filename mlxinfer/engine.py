@@ -201,6 +201,11 @@ class Engine:
         stop the engine's thread and free the prefix cache."""
         self._worker.close(cancel, timeout)
 
+    @property
+    def closed(self) -> bool:
+        """Whether it takes no more requests (closed, or its thread stopped on an error)."""
+        return self._worker.closed
+
     def __enter__(self) -> Engine:
         return self
 

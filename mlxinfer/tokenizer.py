@@ -128,9 +128,25 @@ class Tokenizer:
         text = self.decode([token_id])
         if "\ufffd" not in text:
             return text
-        piece = self.id_to_token(token_id)
-        raw = None if piece is None else _byte_level_bytes(piece)
+        raw = self.token_bytes(token_id)
         return text if raw is None else readable_bytes(raw)
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes a token stands for (what OpenAI's logprobs call `bytes`): its text's UTF-8,
+        or for a token holding part of a character its raw bytes (byte-level BPE's alphabet, or
+        SentencePiece's "<0xE2>"); None when they cannot be known."""
+        text = self.decode([token_id])
+        if "\ufffd" not in text:
+            return text.encode("utf-8")
+        piece = self.id_to_token(token_id)
+        if piece is None:
+            return None
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                return None
+        return _byte_level_bytes(piece)
 
     def apply_chat_template(
         self,

@@ -7,7 +7,6 @@ tokenizer ("w5 w9 ...") and a chat template written here."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -30,6 +29,7 @@ anthropic = pytest.importorskip("anthropic")
 
 KEY = "test-key"
 MODEL = "tiny"
+CONTEXT = 512
 TEMPLATE = (  # words of the tiny vocabulary: w6 per tool offered, w8 per tool call made
     "{% if tools %}w3 {% for t in tools %}w6 {% endfor %}{% endif %}"
     "{% for m in messages %}{% if m['role'] == 'user' %}w4 {% elif m['role'] == 'assistant' %}"
@@ -72,7 +72,7 @@ def start(path: Path, *flags: str, key: str | None = KEY) -> tuple[subprocess.Po
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("server") / "tiny"
-    make_tiny_checkpoint(path, "llama")
+    make_tiny_checkpoint(path, "llama", max_position_embeddings=CONTEXT)
     (path / "chat_template.jinja").write_text(TEMPLATE)
     return path
 
@@ -231,8 +231,10 @@ def test_stop_strings_seeds_and_n_choices(client):
 
 
 def test_anthropic_messages_plain_streamed_and_counted(server, checkpoint):
+    """Anthropic counts cached prompt tokens apart: the second (streamed) request of the same
+    prompt reads most of it from the prefix cache, and input + cache read is the prompt."""
     client = anthropic.Anthropic(base_url=server, api_key=KEY, max_retries=0)
-    messages = [{"role": "user", "content": "w21 w22 w23"}]
+    messages = [{"role": "user", "content": words(prompts(1, seed=21, low=30, high=31)[0])}]
     plain = client.messages.create(
         model=MODEL, max_tokens=5, messages=messages, system="w30", extra_body={"temperature": 0}
     )
@@ -249,7 +251,9 @@ def test_anthropic_messages_plain_streamed_and_counted(server, checkpoint):
     _, tokenizer = mlxinfer.load(checkpoint)
     template = [{"role": "system", "content": "w30"}, *messages]
     assert counted.input_tokens == len(tokenizer.apply_chat_template(template))
-    assert plain.usage.input_tokens == counted.input_tokens
+    assert plain.usage.input_tokens + plain.usage.cache_read_input_tokens == counted.input_tokens
+    assert final.usage.cache_read_input_tokens >= 16
+    assert final.usage.input_tokens + final.usage.cache_read_input_tokens == counted.input_tokens
 
 
 def test_tools_and_a_conversation_with_tool_calls_go_through_the_template(client, model):
@@ -332,7 +336,7 @@ def test_keys_routes_bodies_and_sizes(server):
     assert status == 413 and "bytes" in reply["error"]["message"]  # over --max-body-mb 0.25
     status, reply = post(chat, {**body, "max_tokens": 10**9})  # clipped to the context, as always
     assert status == 200 and reply["choices"][0]["finish_reason"] in ("stop", "length")
-    long = {"model": MODEL, "prompt": "w5 " * 300, "max_tokens": 1}  # past the context of 256
+    long = {"model": MODEL, "prompt": "w5 " * (CONTEXT + 10), "max_tokens": 1}  # past the context
     status, reply = post(f"{server}/v1/completions", long)
     assert status == 400 and "context" in reply["error"]["message"]
     status, reply = post(f"{server}/v1/messages", {"model": MODEL, "messages": []})
@@ -347,72 +351,144 @@ def metric(server: str, name: str) -> float:
     return float(line.split()[1])
 
 
-def test_a_client_that_goes_away_cancels_its_request_at_once(server):
-    """A streamed request of 200 tokens, read for two events and dropped: within a second the
-    engine runs nothing (its batch row is free); /metrics says so, and counts what was served."""
-    import http.client
-
-    host, port = server.removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=30)
-    body = {"model": MODEL, "prompt": "w5 w6", "max_tokens": 200, "stream": True}
-    body |= {"ignore_eos": True}
-    connection.request(
-        "POST",
-        "/v1/completions",
-        json.dumps(body),
-        {"authorization": f"Bearer {KEY}", "content-type": "application/json"},
+def test_without_max_tokens_a_reply_may_run_to_the_context(client, model):
+    """No max_tokens: the reply ends at the model's context (512 here), as OpenAI's does, not at
+    an arbitrary default (it stopped at 256)."""
+    messages = [{"role": "user", "content": "w5 w6 w7"}]
+    reply = client.chat.completions.create(
+        model=MODEL, messages=messages, temperature=0, extra_body={"ignore_eos": True}
     )
-    response = connection.getresponse()
-    assert response.status == 200
-    response.readline(), response.readline(), response.readline()
-    assert metric(server, "requests_running") == 1
-    connection.sock.close()  # the client goes away mid-stream
-    connection.close()
-    deadline = time.monotonic() + 1.0
-    while metric(server, "requests_running") > 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert metric(server, "requests_running") == 0
-    assert metric(server, "generation_tokens_total") > 0
-    assert metric(server, "time_to_first_token_seconds_count") > 0
+    assert reply.usage.completion_tokens == CONTEXT - reply.usage.prompt_tokens
+    assert reply.choices[0].finish_reason == "length"
 
 
-def test_health_says_loading_then_ready_and_sigterm_drains_then_exits_0(checkpoint, tmp_path):
-    """While the model loads /health is 503; once ready 200. SIGTERM with a stream in flight:
-    the stream ends (cancelled after the drain period if it has not finished) and the process
-    exits 0."""
+def test_hostile_values_are_400s_never_500s(server):
+    chat = f"{server}/v1/chat/completions"
+    base = {"model": MODEL, "messages": [{"role": "user", "content": "w5"}], "max_tokens": 1}
+    huge = b'{"model": "tiny", "messages": [{"role": "user", "content": "w5"}], '
+    for field in (b"repetition_penalty", b"top_k", b"seed", b"max_tokens"):
+        status, reply = post(chat, huge + b'"' + field + b'": 1' + b"0" * 400 + b"}")
+        assert status == 400 and reply["error"]["param"] == field.decode(), reply
+    lone = rb'{"role": "user", "content": "\ud800"}'
+    status, reply = post(chat, b'{"model": "tiny", "messages": [' + lone + b"]}")
+    assert status == 400 and "UTF-8" in reply["error"]["message"], reply
+    status, reply = post(
+        f"{server}/v1/messages/count_tokens",
+        b'{"model": "tiny", "messages": [' + lone + b"]}",
+    )
+    assert status == 400 and "UTF-8" in reply["error"]["message"], reply
+    status, reply = post(chat, {**base, "temperature": float("nan")})  # json writes NaN
+    assert status == 400 and reply["error"]["param"] == "temperature"
+    status, reply = post(f"{server}/v1/completions", {"model": MODEL, "prompt": [5], "echo": True})
+    assert status == 400 and reply["error"]["param"] == "echo"
+
+
+def test_echo_streams_the_prompt_first(client):
+    base = dict(model=MODEL, prompt="w11 w12", max_tokens=3, temperature=0, echo=True)
+    plain = client.completions.create(**base).choices[0].text
+    streamed = "".join(e.choices[0].text for e in client.completions.create(**base, stream=True))
+    assert plain.startswith("w11 w12") and streamed == plain
+
+
+def default_model_server(*flags: str) -> tuple[subprocess.Popen, str, list[int]]:
+    """`mlxinfer serve` on the default model (a real load: seconds; a real decode: ~50 ms a
+    token here, so a long reply is still running when a test acts on it): (process, URL, the
+    /health statuses seen while it loaded)."""
     port = free_port()
-    command = [sys.executable, "-m", "mlxinfer", "serve", "--model", str(checkpoint)]
-    command += ["--port", str(port), "--model-name", MODEL]
-    env = {**os.environ, "MLXINFER_TEST_LOAD_DELAY_S": "2"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    statuses = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    command = [sys.executable, "-m", "mlxinfer", "serve", "--port", str(port), *flags]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url, statuses = f"http://127.0.0.1:{port}", []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
                 statuses.append(response.status)
-                break
+                return process, url, statuses
         except urllib.error.HTTPError as e:
             statuses.append(e.code)
         except OSError:
             pass
-        time.sleep(0.1)
+        time.sleep(0.05)
+    process.kill()
+    pytest.fail("the server did not start:\n" + process.stdout.read().decode())
+
+
+def test_a_client_that_goes_away_cancels_its_request_at_once():
+    """A streamed request of 300 tokens (15 s of decoding), read for a few events and dropped:
+    within a second the engine runs nothing (its batch row is free) and /metrics counts one
+    cancelled request; a non-streamed one dropped mid-generation is cancelled too."""
+    import http.client
+
+    process, url, _ = default_model_server()
+    try:
+        host, port = url.removeprefix("http://").split(":")
+
+        def send(stream: bool) -> http.client.HTTPConnection:
+            connection = http.client.HTTPConnection(host, int(port), timeout=30)
+            body = {"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time"}
+            body |= {"max_tokens": 300, "ignore_eos": True, "stream": stream}
+            connection.request(
+                "POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"}
+            )
+            return connection
+
+        def dropped(connection: http.client.HTTPConnection, cancelled: float) -> None:
+            connection.sock.close()  # the client goes away
+            connection.close()
+            deadline = time.monotonic() + 1.0
+            while metric(url, "requests_cancelled_total") < cancelled + 1:
+                assert time.monotonic() < deadline, "not cancelled within a second"
+                time.sleep(0.05)
+            while metric(url, "requests_running") > 0:
+                assert time.monotonic() < deadline, "still running after a second"
+                time.sleep(0.05)
+
+        streamed = send(stream=True)
+        response = streamed.getresponse()
+        assert response.status == 200
+        for _ in range(3):
+            response.readline()
+        assert metric(url, "requests_running") == 1
+        dropped(streamed, 0)
+        plain = send(stream=False)
+        deadline = time.monotonic() + 30
+        while metric(url, "requests_running") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # decoding, not answered yet
+        dropped(plain, 1)
+        assert metric(url, "generation_tokens_total") == 0  # neither finished
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_health_says_loading_then_ready_and_sigterm_drains_then_exits_0():
+    """While the model loads /health is 503 ("loading"); once ready 200. SIGTERM with a long
+    stream in flight: the server stops taking requests, gives it the drain period (5 s), then
+    cancels it: the stream ends early, and the process exits 0."""
+    from mlxinfer.server.run import DRAIN_S
+
+    process, url, statuses = default_model_server()
     assert 503 in statuses and statuses[-1] == 200
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
     stream = client.completions.create(
-        model=MODEL,
-        prompt="w5",
-        max_tokens=250,
+        model="SmolLM2-135M-Instruct",
+        prompt="Once upon a time",
+        max_tokens=1000,  # ~50 s of decoding here: longer than the drain period
         stream=True,
         extra_body={"ignore_eos": True},
     )
-    next(iter(stream))
+    events = iter(stream)
+    next(events)
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)
-    received = sum(1 for _ in stream)  # ends: finished, or cut when the drain period is over
+    received = 0
+    with pytest.raises(openai.APIError, match="shut down before the reply finished"):
+        for _ in events:  # until the drain period is over: then an error event ends it
+            received += 1
+    ended = time.monotonic() - started
     assert process.wait(timeout=30) == 0, process.stdout.read().decode()
-    assert received >= 0 and time.monotonic() - started < 20
+    assert received < 999 and DRAIN_S - 2 < ended < DRAIN_S + 10
 
 
 def test_a_full_queue_is_a_429_and_the_waiting_request_is_served_after(checkpoint):

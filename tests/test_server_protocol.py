@@ -123,3 +123,41 @@ def test_mlxinfer_serve_refuses_bad_flags_before_loading(args, message):
         [sys.executable, "-m", "mlxinfer", "serve", *args], capture_output=True, text=True
     )
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_logprobs_bytes_are_a_tokens_own_bytes(default_model):
+    """A token that holds part of a character: its `bytes` are those bytes (joined, a client
+    rebuilds the character), not the UTF-8 of its readable label "<0xF0><0x9F>"."""
+    _, tokenizer = default_model
+    ids = tokenizer.encode("🎵", add_special_tokens=False)
+    entries = [protocol._token_entry(tokenizer, t, -1.0) for t in ids]
+    assert any(e["token"].startswith("<0x") for e in entries)
+    assert bytes(b for e in entries for b in e["bytes"]).decode("utf-8") == "🎵"
+
+
+def test_the_stop_string_named_is_the_one_that_ended_the_reply():
+    words = SimpleNamespace(decode=lambda ids: " ".join(f"w{i}" for i in ids))
+    job = chat(stop=["w9", "w5 w6"])
+    assert protocol.matched_stop(words, job, [4, 5, 6, 7, 9], "stop") == "w5 w6"  # first found
+    assert protocol.matched_stop(words, job, [4, 5, 6], "eos") is None
+
+
+def test_a_model_that_does_not_load_stops_the_server_with_its_reason(tmp_path):
+    """The model loads after the server starts listening; if it cannot, the server says why
+    (naming the file) and exits 1 instead of answering 503 forever."""
+    import socket
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text("{ not json")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "mlxinfer", "serve", "--model", str(tmp_path), "--port", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "config.json" in result.stdout + result.stderr

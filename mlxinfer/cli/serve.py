@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from pathlib import Path
 
 from .options import UsageError, cache_options
 
 API_KEY_ENV = "MLXINFER_API_KEY"
-LOAD_DELAY_ENV = "MLXINFER_TEST_LOAD_DELAY_S"  # the tests' stand-in for a large model's load
-DRAIN_S = 5  # seconds in-flight requests get to finish at SIGTERM before they are cancelled
 
 
 def add_parser(commands) -> None:
@@ -77,14 +74,10 @@ def model_id(model: str | None) -> str:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import logging
-    import signal
-
-    import uvicorn
-
     from ..engine import Engine
     from ..ops import resolve_kernels
-    from ..server import Server, ServerOptions, create_app
+    from ..server import Server, ServerOptions
+    from ..server.run import run
 
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
@@ -118,8 +111,6 @@ def run_serve(args: argparse.Namespace) -> int:
     def load() -> Engine:
         from ..loading import load as load_model
 
-        time.sleep(float(os.environ.get(LOAD_DELAY_ENV, 0)))  # tests: a slow load, observed
-
         model, tokenizer = load_model(args.model, compute=args.compute, kernels=args.kernels)
         return Engine(
             model,
@@ -139,25 +130,8 @@ def run_serve(args: argparse.Namespace) -> int:
         max_waiting=args.max_waiting,
     )
     server = Server(options, load)
-    config = uvicorn.Config(
-        create_app(server),
-        host=args.host,
-        port=args.port,
-        log_level="info",
-        timeout_graceful_shutdown=DRAIN_S,
-        lifespan="on",
-    )
-    http = uvicorn.Server(config)
-    server.on_load_failure = lambda: setattr(http, "should_exit", True)
-    logging.getLogger("mlxinfer.server").addHandler(logging.StreamHandler())
     print(f"mlxinfer serve: {options.model_id} on http://{args.host}:{args.port}", flush=True)
-    # uvicorn handles SIGTERM and Ctrl-C (stops taking requests, drains, shuts the app down),
-    # then raises the signal again for the handler it found: SIGTERM's is a no-op here, so the
-    # process exits 0; Ctrl-C's raises KeyboardInterrupt, so the command exits 130 as the others.
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    http.run()
+    code = run(server, args.host, args.port)
     if server.error is not None:
         print(f"mlxinfer serve: error: {server.error}", flush=True)
-        return 1
-    return 0
+    return code

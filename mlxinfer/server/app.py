@@ -19,7 +19,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +78,8 @@ class Server:
             self.on_load_failure()
 
     def close(self) -> None:
+        """Cancel what runs (each reply ends with an error saying the server shut down) and
+        stop the engine's thread."""
         if self.engine is not None:
             self.engine.close(cancel=True)
 
@@ -90,7 +92,7 @@ class Server:
             "requests_running": stats["running"] + stats["prefilling"],
             "requests_waiting": stats["waiting"],
             "prefix_cache_bytes": stats["prefix_cache_mb"] * 2**20,
-            "prefix_cache_hits": stats["prefix_cache_hits"],
+            "prefix_cache_hits_total": stats["prefix_cache_hits"],
         }
 
 
@@ -141,6 +143,8 @@ async def _submit(server: Server, job: Job) -> list[RequestHandle]:
     if engine.stats["waiting"] >= server.options.max_waiting:
         raise ApiError(429, f"{server.options.max_waiting} requests are waiting: try again soon")
     handles: list[RequestHandle] = []
+    # no max_tokens: the rest of the context (the engine clips it), not SamplingParams' default
+    max_tokens = job.max_tokens or engine.model.config.max_position_embeddings
     try:
         prompt, chat = job.prompt, job.chat
         if job.api == "chat":  # the template rendered here: it may take the request's tools
@@ -149,19 +153,26 @@ async def _submit(server: Server, job: Job) -> list[RequestHandle]:
             prompt, chat = await anyio.to_thread.run_sync(render, limiter=server.limiter), False
         for index in range(job.n):
             submit = functools.partial(
-                engine.submit, prompt, job.params_for(index), job.max_tokens, chat=chat
+                engine.submit, prompt, job.params_for(index), max_tokens, chat=chat
             )
             handles.append(await anyio.to_thread.run_sync(submit, limiter=server.limiter))
-    except ValueError as e:  # a prompt past the context, a template that refuses the messages
+    except (ValueError, TypeError, UnicodeError) as e:
+        # a prompt past the context, a template that refuses the messages, text that is not
+        # UTF-8 (a lone surrogate: the tokenizer's TypeError)
         for handle in handles:
             handle.cancel()
-        raise ApiError(400, str(e), "messages" if job.chat else "prompt") from None
+        reason = str(e) if isinstance(e, ValueError) else "the prompt is not valid UTF-8 text"
+        raise ApiError(400, reason, "messages" if job.chat else "prompt") from None
+    except RuntimeError as e:  # the engine stopped (shutting down, or failed)
+        for handle in handles:
+            handle.cancel()
+        raise ApiError(503, f"the engine is not running: {e}") from None
     return handles
 
 
 async def _responses(
     server: Server, handles: list[RequestHandle]
-) -> AsyncIterator[tuple[int, GenerationResponse | None]]:
+) -> AsyncGenerator[tuple[int, GenerationResponse | None], None]:
     """(choice index, response) as they come from every handle; (-1, None) when none came for
     POLL_S (the caller may look at its client meanwhile). Ends when every choice has ended."""
     queue: asyncio.Queue = asyncio.Queue()
@@ -176,11 +187,16 @@ async def _responses(
 
     tasks = [asyncio.create_task(follow(i, h)) for i, h in enumerate(handles)]
     open_ = len(handles)
+    last_idle = time.monotonic()
     try:
         while open_:
+            if time.monotonic() - last_idle > POLL_S:  # tokens flowing: look around anyway
+                last_idle = time.monotonic()
+                yield -1, None
             try:
                 index, response = await asyncio.wait_for(queue.get(), POLL_S)
             except asyncio.TimeoutError:
+                last_idle = time.monotonic()
                 yield -1, None
                 continue
             if response.finish_reason is not None:
@@ -194,10 +210,17 @@ async def _responses(
                 handle.cancel()
 
 
+SHUT_DOWN = "the server shut down before the reply finished"
+
+
 def _failed(response: GenerationResponse) -> ApiError | None:
+    """The error a last response means: the engine failed, or cancelled the request (the server
+    is shutting down: a client that went away is not answered at all)."""
     if response.finish_reason == "error":
         log.error("a request failed: %s", response.error)
         return ApiError(500, "the request failed in the engine; the server log says why")
+    if response.finish_reason == "cancelled":
+        return ApiError(503, SHUT_DOWN)
     return None
 
 
@@ -218,6 +241,8 @@ def create_app(server: Server) -> Starlette:
         if server.engine is None:
             status = "failed" if server.error else "loading"
             return JSONResponse({"status": status, "error": server.error}, status_code=503)
+        if server.engine.closed:  # its thread stopped (shutting down, or an error)
+            return JSONResponse({"status": "stopped", "error": None}, status_code=503)
         return JSONResponse({"status": "ok", "model": opts.model_id})
 
     async def models(request: Request) -> Response:
@@ -283,7 +308,10 @@ def create_app(server: Server) -> Starlette:
             return _error(api, e)
         if choices is None:  # the client went away: nobody to answer
             return Response(status_code=499)
-        return JSONResponse(protocol.response_body(job, choices, server.engine.tokenizer))
+        body = await anyio.to_thread.run_sync(  # (decodes every token: not on the loop)
+            protocol.response_body, job, choices, server.engine.tokenizer, limiter=server.limiter
+        )
+        return JSONResponse(body)
 
     async def count_tokens(request: Request) -> Response:
         if not _authorized(request, opts.api_key):
@@ -305,8 +333,9 @@ def create_app(server: Server) -> Starlette:
             )
         except ApiError as e:
             return _error("messages", e)
-        except ValueError as e:
-            return _error("messages", ApiError(400, str(e), "messages"))
+        except (ValueError, TypeError, UnicodeError) as e:  # (see _submit)
+            reason = str(e) if isinstance(e, ValueError) else "the prompt is not valid UTF-8 text"
+            return _error("messages", ApiError(400, reason, "messages"))
         return JSONResponse({"input_tokens": len(ids)})
 
     async def not_found(request: Request, exc: Exception) -> Response:
@@ -354,15 +383,19 @@ async def _collect(
 ) -> list[Choice] | None:
     """Every choice whole, or None if the client disconnected first (the choices cancelled)."""
     seen: list[list[GenerationResponse]] = [[] for _ in handles]
-    async for index, response in _responses(server, handles):
-        if response is None:
-            if await request.is_disconnected():
-                return None  # _responses' cleanup cancels the handles
-            continue
-        seen[index].append(response)
-        failure = _failed(response) if response.finish_reason else None
-        if failure is not None:
-            raise failure
+    async with contextlib.aclosing(_responses(server, handles)) as arriving:
+        async for index, response in arriving:
+            if response is None:
+                if await request.is_disconnected():  # closing _responses cancels the rest
+                    for handle in handles:
+                        if not handle.done:
+                            server.metrics.cancelled()
+                    return None
+                continue
+            seen[index].append(response)
+            failure = _failed(response) if response.finish_reason else None
+            if failure is not None:
+                raise failure
     choices = []
     for handle, responses in zip(handles, seen, strict=True):
         result = handle.result()  # (every response is in; this only assembles them)
@@ -376,113 +409,95 @@ def _sse(data: dict | str, event: str | None = None) -> str:
     return (f"event: {event}\n" if event else "") + f"data: {text}\n\n"
 
 
-async def _stream(server: Server, job: Job, handles: list[RequestHandle]) -> AsyncIterator[str]:
-    """A streamed reply as server-sent events: OpenAI's chunks then `data: [DONE]`, or
-    Anthropic's event sequence. A client that disconnects cancels the stream's task: the
-    handles are cancelled on the way out."""
+async def _stream(
+    server: Server, job: Job, handles: list[RequestHandle]
+) -> AsyncGenerator[str, None]:
+    """A streamed reply as server-sent events (_events). A client that disconnects cancels the
+    stream's task, wherever it was: the choices not ended are cancelled on the way out."""
+    try:
+        async with contextlib.aclosing(_events(server, job, handles)) as events:
+            async for event in events:
+                yield event
+    finally:
+        for handle in handles:
+            if not handle.done:
+                handle.cancel()
+                server.metrics.cancelled()
+
+
+async def _events(
+    server: Server, job: Job, handles: list[RequestHandle]
+) -> AsyncGenerator[str, None]:
+    """OpenAI's chunks then `data: [DONE]`, or Anthropic's event sequence."""
     assert server.engine is not None
     tokenizer = server.engine.tokenizer
     anthropic = job.api == "messages"
     counts = [0] * len(handles)
     metrics: list[RequestMetrics | None] = [None] * len(handles)
-    quiet_since = time.monotonic()
     if anthropic:
-        yield _sse(
-            {
-                "type": "message_start",
-                "message": {
-                    "id": f"msg_{job.id}",
-                    "type": "message",
-                    "role": "assistant",
-                    "model": job.model,
-                    "content": [],
-                    "stop_reason": None,
-                    "stop_sequence": None,
-                    "usage": {"input_tokens": handles[0].prompt_tokens, "output_tokens": 0},
-                },
-            },
-            "message_start",
-        )
-        yield _sse(
-            {
-                "type": "content_block_start",
-                "index": 0,
-                "content_block": {"type": "text", "text": ""},
-            },
-            "content_block_start",
-        )
+        start: dict[str, Any] = {"id": f"msg_{job.id}", "type": "message", "role": "assistant"}
+        start["model"] = job.model
+        start |= {"content": [], "stop_reason": None, "stop_sequence": None}
+        start["usage"] = {"input_tokens": handles[0].prompt_tokens, "output_tokens": 0}
+        yield _sse({"type": "message_start", "message": start}, "message_start")
+        block: dict[str, Any] = {"type": "content_block_start", "index": 0}
+        block["content_block"] = {"type": "text", "text": ""}
+        yield _sse(block, "content_block_start")
     elif job.api == "chat":
         roles = [protocol.delta(job, i, None, tokenizer, role=True) for i in range(len(handles))]
         yield _sse(protocol.chunk(job, roles))
+    sent = [0] * len(handles)  # characters of each completion so far (logprobs' text_offset)
+    if job.echo:  # the prompt first, as the reply's start
+        echoed = [protocol.delta(job, i, None, tokenizer, text=job.prompt) for i in range(job.n)]
+        yield _sse(protocol.chunk(job, echoed))
+        sent = [len(job.prompt)] * len(handles)
     last: GenerationResponse | None = None
+    tokens: list[int] = []  # choice 0's: which stop string ended it
     readers = [ToolCallStream() for _ in handles] if job.tools else None
-    async for index, response in _responses(server, handles):
-        if response is None:
-            if time.monotonic() - quiet_since > KEEP_ALIVE_S:
-                quiet_since = time.monotonic()
-                yield _sse({"type": "ping"}, "ping") if anthropic else ": keep-alive\n\n"
-            continue
-        quiet_since = time.monotonic()
-        counts[index] += response.token >= 0
-        if response.finish_reason is not None:
-            metrics[index] = response.metrics
-            server.metrics.finished(response.metrics, handles[index].prompt_tokens, counts[index])
-            if response.finish_reason == "error":
-                log.error("a streamed request failed: %s", response.error)
-                error = ApiError(500, "the request failed in the engine; the server log says why")
-                yield _sse(error.anthropic(), "error") if anthropic else _sse(error.openai())
-                return
-        if anthropic:
-            last = response
-            if response.text:
-                yield _sse(
-                    {
-                        "type": "content_block_delta",
-                        "index": 0,
-                        "delta": {"type": "text_delta", "text": response.text},
-                    },
-                    "content_block_delta",
-                )
-            continue
-        if readers is not None:  # tool calls are read out of the text as it comes
-            reader = readers[index]
-            text, calls = reader.feed(response.text)
+    quiet_since = time.monotonic()
+    async with contextlib.aclosing(_responses(server, handles)) as responses:
+        async for index, response in responses:
+            if response is None:
+                if time.monotonic() - quiet_since > KEEP_ALIVE_S:
+                    quiet_since = time.monotonic()
+                    yield _sse({"type": "ping"}, "ping") if anthropic else ": keep-alive\n\n"
+                continue
+            quiet_since = time.monotonic()
+            counts[index] += response.token >= 0
+            if index == 0 and response.token >= 0:
+                tokens.append(response.token)
             if response.finish_reason is not None:
-                more, more_calls = reader.finish()
-                text, calls = text + more, calls + more_calls
-            first_new = len(reader.calls) - len(calls)
-            part = protocol.delta(
-                job,
-                index,
-                response,
-                tokenizer,
-                text=text,
-                tool_calls=[c.openai(first_new + k) for k, c in enumerate(calls)],
-                made_calls=bool(reader.calls),
-            )
-            if text or calls or response.finish_reason is not None or job.logprobs is not None:
+                metrics[index] = response.metrics
+                prompt = handles[index].prompt_tokens
+                server.metrics.finished(response.metrics, prompt, counts[index])
+                error = _failed(response)
+                if error is not None:  # the stream ends with an error event the clients raise
+                    yield _sse(error.anthropic(), "error") if anthropic else _sse(error.openai())
+                    return
+            if anthropic:
+                last = response
+                if response.text:
+                    delta = {"type": "text_delta", "text": response.text}
+                    event = {"type": "content_block_delta", "index": 0, "delta": delta}
+                    yield _sse(event, "content_block_delta")
+                continue
+            part = _part(job, index, response, tokenizer, readers, sent[index])
+            sent[index] += len(response.text)
+            if part is not None:
                 yield _sse(protocol.chunk(job, [part]))
-            continue
-        if response.text or response.finish_reason is not None or job.logprobs is not None:
-            yield _sse(protocol.chunk(job, [protocol.delta(job, index, response, tokenizer)]))
     first = metrics[0]
     cached = first.cached_prompt_tokens if first is not None else 0
     if anthropic:
         reason = last.finish_reason if last is not None else "eos"
-        stop = job.params.stop
         yield _sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
-        yield _sse(
-            {
-                "type": "message_delta",
-                "delta": {
-                    "stop_reason": protocol.STOP_REASON.get(reason or "", "end_turn"),
-                    "stop_sequence": stop[0] if reason == "stop" and len(stop) == 1 else None,
-                },
-                "usage": {"output_tokens": counts[0]},
-                "metrics": protocol.metrics_extension(first),
-            },
-            "message_delta",
-        )
+        ending = {
+            "stop_reason": protocol.STOP_REASON.get(reason or "", "end_turn"),
+            "stop_sequence": protocol.matched_stop(tokenizer, job, tokens, reason),
+        }
+        usage = protocol.anthropic_usage(handles[0].prompt_tokens, counts[0], cached)
+        event = {"type": "message_delta", "delta": ending, "usage": usage}
+        event["metrics"] = protocol.metrics_extension(first)
+        yield _sse(event, "message_delta")
         yield _sse({"type": "message_stop"}, "message_stop")
         return
     if job.include_usage:
@@ -491,3 +506,30 @@ async def _stream(server: Server, job: Job, handles: list[RequestHandle]) -> Asy
         body["metrics"] = protocol.metrics_extension(first)
         yield _sse(body)
     yield _sse("[DONE]")
+
+
+def _part(job, index, response, tokenizer, readers, offset) -> dict | None:
+    """One choice's part of an OpenAI stream event for `response` (None: nothing to send yet),
+    tool calls read out of the text when the request offered tools."""
+    if readers is None:
+        if response.text or response.finish_reason is not None or job.logprobs is not None:
+            return protocol.delta(job, index, response, tokenizer, offset=offset)
+        return None
+    reader = readers[index]
+    text, calls = reader.feed(response.text)
+    if response.finish_reason is not None:
+        more, more_calls = reader.finish()
+        text, calls = text + more, calls + more_calls
+    if not (text or calls or response.finish_reason is not None or job.logprobs is not None):
+        return None
+    first_new = len(reader.calls) - len(calls)
+    return protocol.delta(
+        job,
+        index,
+        response,
+        tokenizer,
+        offset=offset,
+        text=text,
+        tool_calls=[c.openai(first_new + k) for k, c in enumerate(calls)],
+        made_calls=bool(reader.calls),
+    )

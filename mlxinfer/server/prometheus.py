@@ -47,6 +47,7 @@ class ServerMetrics:
         self.gauges = gauges  # name -> value, read at each scrape (the engine's stats)
         self.requests: dict[tuple[str, int], int] = {}  # (endpoint, status) -> count
         self.tokens = {"prompt": 0, "generation": 0, "cached_prompt": 0}
+        self.cancelled_requests = 0  # choices cancelled because their client went away
         self.histograms = {
             "ttft": Histogram(f"{PREFIX}_time_to_first_token_seconds", "Time to first token."),
             "itl": Histogram(
@@ -64,6 +65,10 @@ class ServerMetrics:
         with self.lock:
             key = (endpoint, status)
             self.requests[key] = self.requests.get(key, 0) + 1
+
+    def cancelled(self) -> None:
+        with self.lock:
+            self.cancelled_requests += 1
 
     def finished(self, metrics: RequestMetrics | None, prompt_tokens: int, generated: int) -> None:
         """One choice's end: its tokens and latencies."""
@@ -98,8 +103,15 @@ class ServerMetrics:
                     f"# TYPE {name} counter",
                     f"{name} {n}",
                 ]
+            name = f"{PREFIX}_requests_cancelled_total"
+            lines += [
+                f"# HELP {name} Requests cancelled because their client went away.",
+                f"# TYPE {name} counter",
+                f"{name} {self.cancelled_requests}",
+            ]
             for histogram in self.histograms.values():
                 lines += histogram.render()
         for name, value in self.gauges().items():
-            lines += [f"# TYPE {PREFIX}_{name} gauge", f"{PREFIX}_{name} {value}"]
+            kind = "counter" if name.endswith("_total") else "gauge"
+            lines += [f"# TYPE {PREFIX}_{name} {kind}", f"{PREFIX}_{name} {value}"]
         return "\n".join(lines) + "\n"

@@ -108,6 +108,8 @@ def _number(body: dict, name: str, default, low=None, high=None, integer=False):
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok:
         raise bad(f"{name} must be {kind}, got {value!r}", name)
+    if isinstance(value, int) and abs(value) >= 2**63:  # float() of it would overflow
+        raise bad(f"{name} is out of range", name)
     if (low is not None and value < low) or (high is not None and value > high):
         span = f"{low}..{high}" if high is not None else f">= {low}"
         raise bad(f"{name} must be in {span}, got {value!r}", name)
@@ -154,11 +156,11 @@ def _sampling(body: dict, tokenizer: Tokenizer, stop_field: str = "stop") -> dic
     return {
         "temperature": float(_number(body, "temperature", 1.0, 0, 2)),
         "top_p": float(_number(body, "top_p", 1.0, 0, 1)) or 1e-9,
-        "top_k": _number(body, "top_k", 0, 0, integer=True),
+        "top_k": _number(body, "top_k", 0, 0, 2**31 - 1, integer=True),
         "min_p": float(_number(body, "min_p", 0.0, 0, 1)),
         "presence_penalty": float(_number(body, "presence_penalty", 0.0, -2, 2)),
         "frequency_penalty": float(_number(body, "frequency_penalty", 0.0, -2, 2)),
-        "repetition_penalty": float(_number(body, "repetition_penalty", 1.0, 1e-6)),
+        "repetition_penalty": float(_number(body, "repetition_penalty", 1.0, 1e-6, 100)),
         "seed": _number(body, "seed", None, 0, 2**63 - 1, integer=True),
         "stop": _stops(body, stop_field),
         "logit_bias": _logit_bias(body, tokenizer.vocab_size),
@@ -207,7 +209,17 @@ def check_model(body: dict, model_id: str) -> str:
 
 
 def _text_content(content: Any, where: str) -> str:
-    """A message's content: a string, or a list of text parts (joined)."""
+    """A message's content: a string, or a list of text parts (joined); UTF-8 text (JSON's
+    escapes can make a lone surrogate, which no tokenizer takes)."""
+    text = _joined_text(content, where)
+    try:
+        check_utf8(text, where)
+    except ValueError as e:
+        raise bad(str(e), "messages") from None
+    return text
+
+
+def _joined_text(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -313,9 +325,12 @@ def _chat_messages(raw: Any) -> list[dict]:
             "role": "system" if role == "developer" else role,
             "content": _text_content(content, f"messages[{i}].content"),
         }
-        check_utf8(out["content"], f"messages[{i}].content")
         if calls is not None:
             out["tool_calls"] = _template_calls(calls, f"messages[{i}].tool_calls")
+        if "name" in message:  # some templates write the speaker's name
+            if not isinstance(message["name"], str):
+                raise bad(f"messages[{i}].name must be a string", "messages")
+            out["name"] = message["name"]
         if role == "tool":
             if not isinstance(message.get("tool_call_id"), str):
                 raise bad(f"messages[{i}].tool_call_id must be a string", "messages")
@@ -353,8 +368,11 @@ def _tools(body: dict, tokenizer: Tokenizer) -> list[dict] | None:
     """The request's tools for the chat template (None: none, or tool_choice "none")."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     parallel = body.get("parallel_tool_calls")
-    if parallel is not None and not isinstance(parallel, bool):
-        raise bad("parallel_tool_calls must be true or false", "parallel_tool_calls")
+    if parallel is not None and parallel is not True:
+        raise bad(
+            "parallel_tool_calls: only true (the model may write several calls; nothing stops it)",
+            "parallel_tool_calls",
+        )
     if choice not in (None, "auto", "none"):
         raise bad(
             "tool_choice: only 'auto' and 'none' are supported (forcing a call needs "
@@ -403,6 +421,8 @@ def parse_completion(body: Any, model_id: str, tokenizer: Tokenizer) -> Job:
         raise bad("prompt must be a non-empty string or a list of token ids (one prompt)", "prompt")
     logprobs = _number(body, "logprobs", None, 0, 5, integer=True)  # the legacy API's limit
     echo = _flag(body, "echo")
+    if echo and not isinstance(prompt, str):
+        raise bad("echo takes a text prompt (not token ids)", "echo")
     stream, usage = _stream(body)
     job = _job(
         "completions",
@@ -462,6 +482,7 @@ def parse_messages(body: Any, model_id: str, tokenizer: Tokenizer) -> Job:
     _take(body, MESSAGES_FIELDS, "/v1/messages")
     model = check_model(body, model_id)
     messages = anthropic_messages(body, tokenizer, "/v1/messages")
+    _number(body, "temperature", 1.0, 0, 1)  # Anthropic's range
     if body.get("max_tokens") is None:
         raise bad("max_tokens is required", "max_tokens")
     sampling = _sampling(
@@ -470,8 +491,6 @@ def parse_messages(body: Any, model_id: str, tokenizer: Tokenizer) -> Job:
         tokenizer,
         "stop_sequences",
     )
-    if "temperature" in body:  # Anthropic's range is 0..1
-        _number(body, "temperature", 1.0, 0, 1)
     stream = _flag(body, "stream")
     return _job(
         "messages", model, messages, True, sampling, _max_tokens(body, "max_tokens"), 1, stream
@@ -494,6 +513,25 @@ def _job(api, model, prompt, chat, sampling, max_tokens, n, stream, usage=False,
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 STOP_REASON = {"eos": "end_turn", "stop": "stop_sequence", "length": "max_tokens"}
+
+
+def anthropic_usage(prompt_tokens: int, output_tokens: int, cached: int) -> dict:
+    """Anthropic counts the prompt tokens read from a cache apart from the others."""
+    return {
+        "input_tokens": prompt_tokens - cached,
+        "output_tokens": output_tokens,
+        "cache_read_input_tokens": cached,
+    }
+
+
+def matched_stop(tokenizer: Tokenizer, job: Job, tokens: list[int], reason: str | None):
+    """Which of the request's stop strings ended the reply (Anthropic's `stop_sequence`): the
+    one found first in the generated tokens' text (the reply returned stops before it)."""
+    if reason != "stop" or not job.params.stop:
+        return None
+    text = tokenizer.decode(tokens)
+    found = [(text.find(s), i, s) for i, s in enumerate(job.params.stop) if s in text]
+    return min(found)[2] if found else None
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict:
@@ -521,12 +559,12 @@ def metrics_extension(metrics: RequestMetrics | None) -> dict | None:
 
 
 def _token_entry(tokenizer: Tokenizer, token: int, logprob: float) -> dict:
-    text = tokenizer.decode([token])
-    raw = tokenizer.token_text(token)
+    text = tokenizer.token_text(token)
+    raw = tokenizer.token_bytes(token)
     return {
-        "token": raw,
+        "token": text,
         "logprob": logprob,
-        "bytes": list((text if "\ufffd" not in text else raw).encode("utf-8")),
+        "bytes": list(raw if raw is not None else text.encode("utf-8")),
     }
 
 
@@ -546,7 +584,7 @@ def completion_logprobs(
     tokenizer: Tokenizer, responses: list[GenerationResponse], top: int, offset: int = 0
 ) -> dict:
     """The completions API's legacy `logprobs`: tokens, token_logprobs, top_logprobs (a dict per
-    token), text_offset."""
+    token), text_offset (each token's start in the completion's text, from `offset`)."""
     out: dict[str, list] = {
         "tokens": [],
         "token_logprobs": [],
@@ -563,7 +601,7 @@ def completion_logprobs(
             {tokenizer.token_text(t): lp for t, lp in r.logprobs.top[:top]} if top else None
         )
         out["text_offset"].append(offset)
-        offset += len(text)
+        offset += len(r.text)
     return out
 
 
@@ -583,7 +621,6 @@ def response_body(job: Job, choices: list[Choice], tokenizer: Tokenizer) -> dict
     completion = sum(len(c.result.tokens) for c in choices)
     if job.api == "messages":
         result = first.result
-        stop = job.params.stop
         return {
             "id": f"msg_{job.id}",
             "type": "message",
@@ -591,12 +628,8 @@ def response_body(job: Job, choices: list[Choice], tokenizer: Tokenizer) -> dict
             "model": job.model,
             "content": [{"type": "text", "text": result.text}],
             "stop_reason": STOP_REASON.get(result.finish_reason, "end_turn"),
-            "stop_sequence": stop[0] if result.finish_reason == "stop" and len(stop) == 1 else None,
-            "usage": {
-                "input_tokens": first.prompt_tokens,
-                "output_tokens": len(result.tokens),
-                "cache_read_input_tokens": cached,
-            },
+            "stop_sequence": matched_stop(tokenizer, job, result.tokens, result.finish_reason),
+            "usage": anthropic_usage(first.prompt_tokens, len(result.tokens), cached),
             "metrics": metrics_extension(result.metrics),
         }
     out: list[dict] = []
@@ -605,7 +638,7 @@ def response_body(job: Job, choices: list[Choice], tokenizer: Tokenizer) -> dict
         item: dict[str, Any] = {"index": index, "finish_reason": FINISH.get(result.finish_reason)}
         if job.api == "chat":
             item["message"] = {"role": "assistant", "content": result.text}
-            if job.tools:
+            if job.tools and result.finish_reason in ("eos", "stop"):  # not a call cut short
                 content, calls = tools.parse(result.text)
                 if calls:
                     item["message"] = {
@@ -659,6 +692,7 @@ def delta(
     response: GenerationResponse | None,
     tokenizer: Tokenizer,
     role: bool = False,
+    offset: int = 0,
     text: str | None = None,
     tool_calls: list[dict] | None = None,
     made_calls: bool = False,
@@ -669,14 +703,14 @@ def delta(
     if text is None:
         text = "" if response is None else response.text
     finish = None if response is None else FINISH.get(response.finish_reason or "")
-    if finish is not None and made_calls:
+    if finish == "stop" and made_calls:  # (a reply cut at max tokens stays "length")
         finish = "tool_calls"
     logprobs = None
     if job.logprobs is not None and response is not None and response.token >= 0:
         logprobs = (
             chat_logprobs(tokenizer, [response], job.logprobs)
             if job.api == "chat"
-            else completion_logprobs(tokenizer, [response], job.logprobs)
+            else completion_logprobs(tokenizer, [response], job.logprobs, offset)
         )
     if job.api == "chat":
         part: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}

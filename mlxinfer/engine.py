@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -59,6 +59,7 @@ class RequestHandle:
         self._responses: queue.Queue[GenerationResponse] = queue.Queue()
         self._seen: list[GenerationResponse] = []
         self._done = False
+        self._listener: Callable[[], None] | None = None
 
     @property
     def id(self) -> int:
@@ -82,9 +83,17 @@ class RequestHandle:
         when none came in time. For a caller that must do something else while it waits (a
         server noticing that its client went away)."""
         try:
-            return self._next(timeout)
+            return self._next(timeout)  # (timeout 0: what is there, without waiting)
         except queue.Empty:
             return None
+
+    def on_response(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` (on the engine's thread: it must only hand over, e.g. wake an event
+        loop) each time a response arrives, and once now if some are waiting: an asynchronous
+        caller then reads them with `next(0)` instead of holding a thread per request."""
+        self._listener = listener
+        if not self._responses.empty():
+            listener()
 
     def _next(self, timeout: float | None) -> GenerationResponse:
         response = self._responses.get(timeout=timeout)
@@ -99,6 +108,8 @@ class RequestHandle:
     def put(self, response: GenerationResponse) -> None:
         """The engine's worker hands this request's next response over (any thread may iterate)."""
         self._responses.put(response)
+        if self._listener is not None:
+            self._listener()
 
     def result(self, timeout: float | None = None) -> GenerationResult:
         """Wait for the request to end (TimeoutError after `timeout` seconds) and return it whole,

@@ -523,6 +523,11 @@ def test_a_full_queue_is_a_429_and_the_waiting_request_is_served_after(checkpoin
         long.close()  # the running request goes (cancelled): the waiting one runs
         thread.join(timeout=60)
         assert waiting and waiting[0][0] == 200
+        # the server runs with OpenMP's threads sleeping, not spinning, when idle (it set that
+        # and started again: the same process)
+        environ = Path(f"/proc/{process.pid}/environ")
+        if environ.exists():
+            assert b"OMP_WAIT_POLICY=PASSIVE" in environ.read_bytes().split(b"\0")
     finally:
         process.terminate()
         process.wait(timeout=30)

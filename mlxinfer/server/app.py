@@ -173,38 +173,46 @@ async def _submit(server: Server, job: Job) -> list[RequestHandle]:
 async def _responses(
     server: Server, handles: list[RequestHandle]
 ) -> AsyncGenerator[tuple[int, GenerationResponse | None], None]:
-    """(choice index, response) as they come from every handle; (-1, None) when none came for
-    POLL_S (the caller may look at its client meanwhile). Ends when every choice has ended."""
-    queue: asyncio.Queue = asyncio.Queue()
+    """(choice index, response) as they come from every handle; (-1, None) at least every POLL_S
+    (the caller looks at its client then). Ends when every choice has ended; closed early, it
+    cancels the choices still running.
 
-    async def follow(index: int, handle: RequestHandle) -> None:
-        while True:
-            response = await anyio.to_thread.run_sync(handle.next, POLL_S, limiter=server.limiter)
-            if response is not None:
-                await queue.put((index, response))
-                if response.finish_reason is not None:
-                    return
+    The engine's thread wakes this loop when a response is handed over (`on_response`); the
+    loop then takes what is there without waiting. No thread waits per request: with many
+    streams, threads waking at every token took the cores OpenBLAS's threads were using."""
+    loop = asyncio.get_running_loop()
+    arrived = asyncio.Event()
 
-    tasks = [asyncio.create_task(follow(i, h)) for i, h in enumerate(handles)]
-    open_ = len(handles)
-    last_idle = time.monotonic()
+    def wake() -> None:  # on the engine's thread
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
+            loop.call_soon_threadsafe(arrived.set)
+
+    for handle in handles:
+        handle.on_response(wake)
+    open_ = sum(not h.done for h in handles)
+    looked = time.monotonic()
     try:
         while open_:
-            if time.monotonic() - last_idle > POLL_S:  # tokens flowing: look around anyway
-                last_idle = time.monotonic()
+            arrived.clear()  # before taking: a response handed over after this sets it again
+            for index, handle in enumerate(handles):
+                while not handle.done:
+                    response = handle.next(0)
+                    if response is None:
+                        break
+                    if response.finish_reason is not None:
+                        open_ -= 1
+                    yield index, response
+            if not open_:
+                return
+            if time.monotonic() - looked > POLL_S:  # tokens flowing: look around anyway
+                looked = time.monotonic()
                 yield -1, None
             try:
-                index, response = await asyncio.wait_for(queue.get(), POLL_S)
+                await asyncio.wait_for(arrived.wait(), POLL_S)
             except asyncio.TimeoutError:
-                last_idle = time.monotonic()
+                looked = time.monotonic()
                 yield -1, None
-                continue
-            if response.finish_reason is not None:
-                open_ -= 1
-            yield index, response
     finally:
-        for task in tasks:
-            task.cancel()
         for handle in handles:  # ended ones ignore it; the others stop now (client gone)
             if not handle.done:
                 handle.cancel()

@@ -106,7 +106,7 @@ RAGGED_LENGTHS = [23, 41, 64, 77, 96, 110, 128, 150]  # prompt tokens of the 8 r
 RAGGED_TOKENS = 32
 
 
-def ragged(reps: int) -> None:
+def ragged(reps: int, out: str | None = None) -> None:
     """Eight prompts of different lengths (RAGGED_LENGTHS, random ids), RAGGED_TOKENS tokens each,
     EOS ignored: one batch_generate call against the same eight generated one after another
     (mlxinfer.generate), alternating, after a warm-up of each. Reported: wall times and the
@@ -150,7 +150,7 @@ def ragged(reps: int) -> None:
         "one_at_a_time_s": summary(apart),
         "speedup": speedup,
     }
-    save_result(result, "batch-ragged", None)
+    save_result(result, "batch-ragged", out)
 
 
 def main() -> None:
@@ -168,7 +168,7 @@ def main() -> None:
         serve_mlx_lm(args.serve_mlx_lm)
         return
     if args.ragged:
-        ragged(args.reps)
+        ragged(args.reps, args.out)
         return
     if args.quick:
         args.levels, args.reps = "1,2", 1

@@ -115,8 +115,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if OMP_WAIT_ENV not in os.environ:  # read by libgomp when it loads: start again with it
         os.environ[OMP_WAIT_ENV] = "PASSIVE"
-        sys.stdout.flush()
-        os.execv(sys.executable, [sys.executable, "-m", "mlxinfer", *sys.argv[1:]])
+        if sys.argv[1:2] == ["serve"]:  # this process is the command (not main() in a program)
+            sys.stdout.flush()  # the same interpreter, flags and entry point; the same process
+            os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
     def load() -> Engine:
         from ..loading import load as load_model

@@ -17,6 +17,7 @@ import functools
 import hmac
 import json
 import logging
+import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -65,13 +66,22 @@ class Server:
         self.limiter = anyio.CapacityLimiter(WORKER_THREADS)
         self.metrics = ServerMetrics(self._gauges)
         self.on_load_failure: Callable[[], None] = lambda: None
+        self._lock = threading.Lock()
+        self._closing = False
+        self._loader: threading.Thread | None = None
 
     def start_loading(self) -> None:
-        threading.Thread(target=self._loading, name="mlxinfer-load", daemon=True).start()
+        self._loader = threading.Thread(target=self._loading, name="mlxinfer-load", daemon=True)
+        self._loader.start()
 
     def _loading(self) -> None:
         try:
-            self.engine = self._load()
+            engine = self._load()
+            with self._lock:
+                if self._closing:  # shut down while it loaded: nothing will serve it
+                    engine.close(cancel=True)
+                    return
+                self.engine = engine
         except Exception as e:  # the model cannot be served: say why and stop the server
             self.error = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
             log.error("mlxinfer serve: the model did not load: %s", self.error)
@@ -80,8 +90,12 @@ class Server:
     def close(self) -> None:
         """Cancel what runs (each reply ends with an error saying the server shut down) and
         stop the engine's thread."""
+        with self._lock:
+            self._closing = True
         if self.engine is not None:
             self.engine.close(cancel=True)
+        if self._loader is not None:  # (a load in progress ends, then closes its engine)
+            self._loader.join(timeout=60)
 
     def _gauges(self) -> dict[str, float]:
         if self.engine is None:
@@ -207,15 +221,27 @@ async def _responses(
             if time.monotonic() - looked > POLL_S:  # tokens flowing: look around anyway
                 looked = time.monotonic()
                 yield -1, None
-            try:
-                await asyncio.wait_for(arrived.wait(), POLL_S)
-            except asyncio.TimeoutError:
+            if not await _wait(arrived, POLL_S):
                 looked = time.monotonic()
                 yield -1, None
     finally:
         for handle in handles:  # ended ones ignore it; the others stop now (client gone)
             if not handle.done:
                 handle.cancel()
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> bool:
+    """Whether `event` was set within `seconds`. (asyncio.wait_for in 3.10-3.11 can swallow a
+    cancellation that lands as the event is set; asyncio.timeout does not.)"""
+    try:
+        if sys.version_info >= (3, 11):
+            async with asyncio.timeout(seconds):
+                await event.wait()
+        else:
+            await asyncio.wait_for(event.wait(), seconds)
+        return True
+    except (asyncio.TimeoutError, TimeoutError):
+        return False
 
 
 SHUT_DOWN = "the server shut down before the reply finished"

@@ -42,7 +42,9 @@ def run(server: Server, host: str, port: int) -> int:
         host=host,
         port=port,
         log_level="info",
-        timeout_graceful_shutdown=int(DRAIN_S),
+        # after the cut at DRAIN_S - 1, room for the engine's step in flight to end and the
+        # cancelled replies to reach their clients before uvicorn closes connections
+        timeout_graceful_shutdown=int(DRAIN_S) + 5,
         lifespan="on",
     )
     http = DrainingServer(config, server)

@@ -367,7 +367,8 @@ def run_charts(db: RunsDB, run_id: int, items: list[dict]) -> None:
     left.altair_chart(charts.metric_by_setting(summary, "ttft_ms", x), width="stretch")
     right.altair_chart(charts.memory_predicted_vs_measured(summary, x), width="stretch")
 
-    tails = data.percentiles_frame(db, run_id)
+    requests = db.requests(run_id)  # (read once: the tails and the goodput come from them)
+    tails = data.percentiles_frame(requests)
     if tails.empty:
         st.caption(
             "Latency percentiles and goodput need each request's figures, which runs record "
@@ -377,9 +378,9 @@ def run_charts(db: RunsDB, run_id: int, items: list[dict]) -> None:
         left, right = st.columns(2)
         left.altair_chart(charts.latency_percentiles(tails, "ttft", x), width="stretch")
         right.altair_chart(charts.latency_percentiles(tails, "itl", x), width="stretch")
-        requests, gaps = int(tails["requests"].min()), int(tails["gaps"].min())
+        fewest, gaps = int(tails["requests"].min()), int(tails["gaps"].min())
         st.caption(
-            f"Over every request of every repetition (at least {requests} per configuration) "
+            f"Over every request of every repetition (at least {fewest} per configuration) "
             f"and every gap between tokens (at least {gaps}). "
             + ("A p99 of fewer than 100 values is close to their maximum." if gaps < 100 else "")
         )
@@ -399,10 +400,10 @@ def run_charts(db: RunsDB, run_id: int, items: list[dict]) -> None:
             "configuration is better on both); up and to the right is better."
         )
     if not tails.empty:
-        goodput_chart(db, run_id, x)
+        goodput_chart(requests, run_id, x)
 
 
-def goodput_chart(db: RunsDB, run_id: int, x: str) -> None:
+def goodput_chart(requests: list[dict], run_id: int, x: str) -> None:
     """Goodput: the output of the requests within the TTFT and inter-token latency targets the
     user types (aiperf's and vLLM's definition), by the chosen setting."""
     import charts
@@ -432,7 +433,7 @@ def goodput_chart(db: RunsDB, run_id: int, x: str) -> None:
     if ttft is None and itl is None:
         st.caption("Type a target to chart goodput against it.")
         return
-    frame = data.goodput_frame(db, run_id, ttft, itl)
+    frame = data.goodput_frame(requests, ttft, itl)
     st.altair_chart(charts.metric_by_setting(frame, "goodput_tps", x), width="stretch")
     shares = ", ".join(
         f"{row.engine} · {row.label}: {row.good_share:.0%}" for row in frame.itertuples(index=False)

@@ -45,11 +45,11 @@ def _setting_columns(item: dict, swept: list[str]) -> dict:
     }
 
 
-def percentiles_frame(db: RunsDB, run_id: int) -> pd.DataFrame:
-    """One row per configuration and engine: the settings (as summary_frame's), TTFT and ITL at
-    p50 / p90 / p99 over every request and gap (`ttft_p50_ms`, ..., `itl_p99_ms`), `requests`.
+def percentiles_frame(requests: list[dict]) -> pd.DataFrame:
+    """One row per configuration and engine of a run's requests (`RunsDB.requests`): the settings
+    (as summary_frame's), TTFT and ITL at p50 / p90 / p99 over every request and gap (`ttft_p50_ms`, ..., `itl_p99_ms`), `requests`.
     Empty for runs made before requests were recorded."""
-    items = report.request_latencies(db, run_id)
+    items = report.request_latencies(requests)
     swept = report.swept_axes(items)
     rows = []
     for item in items:
@@ -60,11 +60,12 @@ def percentiles_frame(db: RunsDB, run_id: int) -> pd.DataFrame:
 
 
 def goodput_frame(
-    db: RunsDB, run_id: int, ttft_ms: float | None, itl_ms: float | None
+    requests: list[dict], ttft_ms: float | None, itl_ms: float | None
 ) -> pd.DataFrame:
-    """One row per configuration and engine: the settings, `goodput_tps_mean` / `_std`, `n`
+    """One row per configuration and engine of a run's requests (`RunsDB.requests`): the settings,
+    `goodput_tps_mean` / `_std`, `n`
     (repetitions) and `good_share` (of requests within the targets). Empty for old runs."""
-    items = report.goodput(db, run_id, ttft_ms, itl_ms)
+    items = report.goodput(requests, ttft_ms, itl_ms)
     swept = report.swept_axes(items)
     rows = []
     for item in items:

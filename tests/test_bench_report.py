@@ -72,7 +72,7 @@ def _requests_run(tmp_path):
 
 def test_latency_percentiles_are_over_every_request_and_gap(tmp_path):
     db, run = _requests_run(tmp_path)
-    two, four = report.request_latencies(db, run)
+    two, four = report.request_latencies(db.requests(run))
     assert (two["settings"]["concurrency"], two["requests"], two["gaps"]) == (2, 4, 16)
     # TTFTs 10 20 30 40: linear interpolation, p50 = 25, p90 = 30 + 0.7 * 10, p99 = 30 + 0.97 * 10
     assert (two["ttft_p50_ms"], two["ttft_p90_ms"], two["ttft_p99_ms"]) == pytest.approx(
@@ -90,21 +90,21 @@ def test_latency_percentiles_are_over_every_request_and_gap(tmp_path):
 def test_goodput_counts_only_the_requests_within_the_targets(tmp_path):
     db, run = _requests_run(tmp_path)
     # no target: every request's tokens over the wall time (the slowest request's end)
-    two, four = report.goodput(db, run)
+    two, four = report.goodput(db.requests(run))
     # concurrency 2, rep 0: 10 tokens / 40 ms (20 + 4 * 5); rep 1: 10 tokens / 240 ms (40 + 200)
     assert two["goodput_tps"]["samples"] == pytest.approx([10 / 0.040, 10 / 0.240])
     assert two["good_share"] == 1.0 and two["requests"] == 4
     # TTFT <= 35 ms and mean gap <= 10 ms: rep 0 both good; rep 1 only the 30 ms one (the other
     # waits 40 ms and gaps 50 ms)
-    two, four = report.goodput(db, run, ttft_ms=35, itl_ms=10)
+    two, four = report.goodput(db.requests(run), ttft_ms=35, itl_ms=10)
     assert two["goodput_tps"]["samples"] == pytest.approx([10 / 0.040, 5 / 0.240])
     assert two["good_share"] == 0.75
     # concurrency 4: TTFT <= 350 leaves 100, 200, 300 in rep 0 (wall 400 + 80) and none in rep 1
-    _, four = report.goodput(db, run, ttft_ms=350)
+    _, four = report.goodput(db.requests(run), ttft_ms=350)
     assert four["goodput_tps"]["samples"] == pytest.approx([15 / 0.480, 0.0])
     assert four["good_share"] == 3 / 8
     # the inter-token target alone: concurrency 4's gaps of 20 ms all miss 10 ms
-    _, four = report.goodput(db, run, itl_ms=10)
+    _, four = report.goodput(db.requests(run), itl_ms=10)
     assert four["goodput_tps"]["mean"] == 0.0 and four["good_share"] == 0.0
 
 
@@ -114,4 +114,6 @@ def test_a_run_without_request_figures_has_no_percentiles_or_goodput(tmp_path):
     run = db.start_run("test", {"cpu": "test"}, reps=1)
     (config_id,) = db.add_configurations(run, [("a", {"concurrency": 1})])
     db.record(config_id, "mlxinfer", 0, {"decode_tps": 1.0}, [0, 0], [10.0, 20.0])
-    assert report.request_latencies(db, run) == [] and report.goodput(db, run) == []
+    assert (
+        report.request_latencies(db.requests(run)) == [] and report.goodput(db.requests(run)) == []
+    )

@@ -329,7 +329,9 @@ def test_a_sweep_runs_from_the_page_and_its_charts_have_the_data(dashboard):
     assert measured == pytest.approx(summary)  # the chart draws the run's numbers
     tails = chart_data(charts_shown[4])
     assert len(tails) == 2 * 3 and set(tails["percentile"]) == {"p50", "p90", "p99"}
-    expected = sorted(i["ttft_p90_ms"] for i in report.request_latencies(RunsDB(dashboard), 1))
+    expected = sorted(
+        i["ttft_p90_ms"] for i in report.request_latencies(RunsDB(dashboard).requests(1))
+    )
     assert sorted(tails[tails["percentile"] == "p90"]["ms"]) == pytest.approx(expected)
     # goodput: with a target every request meets, it is the total output, computed from the
     # requests where output_tps was computed from the measurement's
@@ -575,7 +577,7 @@ def test_latency_tails_the_pareto_view_and_goodput_are_charted(tmp_path):
         lambda i, rep: total[i],
         requests,
     )
-    tails = data.percentiles_frame(db, run)
+    tails = data.percentiles_frame(db.requests(run))
     spec = charts.latency_percentiles(tails, "ttft", "concurrency").to_dict()
     assert spec["title"] == "time to first token p50 / p90 / p99 by concurrency"
     assert (
@@ -604,7 +606,7 @@ def test_latency_tails_the_pareto_view_and_goodput_are_charted(tmp_path):
     assert points["encoding"]["x"]["title"] == "decode speed per request (tokens/s)"
     assert points["encoding"]["y"]["title"] == "total output (tokens/s)"
 
-    goodput = data.goodput_frame(db, run, ttft_ms=50.0, itl_ms=None)
+    goodput = data.goodput_frame(db.requests(run), ttft_ms=50.0, itl_ms=None)
     spec = charts.metric_by_setting(goodput, "goodput_tps", "concurrency").to_dict()
     line, _ = spec["layer"]
     assert (

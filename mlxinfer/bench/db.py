@@ -126,6 +126,17 @@ def default_db_path() -> Path:
     return Path(data) / "mlxinfer" / "runs.sqlite"
 
 
+def _decoded(rows: Sequence[sqlite3.Row], *columns: str) -> list[dict]:
+    """Rows as dicts, the JSON text of `columns` decoded (NULL stays None)."""
+    out = []
+    for row in rows:
+        item = dict(row)
+        for column in columns:
+            item[column] = None if item[column] is None else json.loads(item[column])
+        out.append(item)
+    return out
+
+
 LOCKED_WAIT_S = 10.0  # how long opening waits for another process creating the database
 
 
@@ -395,13 +406,7 @@ class RunsDB:
             "ORDER BY c.position, m.engine, m.rep",
             (run_id,),
         ).fetchall()
-        out = []
-        for row in rows:
-            item = dict(row)
-            item["settings"] = json.loads(item["settings"])
-            item["tokens"] = json.loads(item["tokens"]) if item["tokens"] else None
-            out.append(item)
-        return out
+        return _decoded(rows, "settings", "tokens")
 
     def measurement_counts(self) -> dict[int, int]:
         """run id -> how many measurements it has (failed ones too)."""
@@ -455,13 +460,7 @@ class RunsDB:
             "ORDER BY c.position, m.engine, m.rep, r.request",
             (run_id,),
         ).fetchall()
-        out = []
-        for row in rows:
-            item = dict(row)
-            item["settings"] = json.loads(item["settings"])
-            item["gaps"] = json.loads(item["gaps"])
-            out.append(item)
-        return out
+        return _decoded(rows, "settings", "gaps")
 
     def token_times(self, measurement_id: int) -> list[float]:
         rows = self.conn.execute(

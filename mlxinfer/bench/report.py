@@ -273,15 +273,16 @@ def latency_by_position(db: RunsDB, run_id: int) -> list[dict]:
 PERCENTILES = (50, 90, 99)
 
 
-def request_latencies(db: RunsDB, run_id: int) -> list[dict]:
+def request_latencies(requests: Sequence[dict]) -> list[dict]:
     """TTFT and inter-token latency at p50 / p90 / p99 for each configuration and engine of a
-    run, over every request of every repetition (TTFT) and every gap of every request (ITL), in
-    ms, with how many requests and gaps they come from: the tail a mean hides, as guidellm and
-    vLLM report it. Empty for a run made before its requests were recorded (schema 4)."""
+    run (its requests: `RunsDB.requests`), over every request of every repetition (TTFT) and
+    every gap of every request (ITL), in ms, with how many requests and gaps they come from: the
+    tail a mean hides, as guidellm and vLLM report it. Empty for a run made before its requests
+    were recorded (schema 4)."""
     import numpy as np
 
     groups: dict[tuple, dict] = {}
-    for row in db.requests(run_id):
+    for row in requests:
         item = groups.setdefault(
             (row["position"], row["engine"]),
             {"engine": row["engine"], "settings": row["settings"], "ttft": [], "gaps": []},
@@ -300,48 +301,37 @@ def request_latencies(db: RunsDB, run_id: int) -> list[dict]:
 
 
 def goodput(
-    db: RunsDB, run_id: int, ttft_ms: float | None = None, itl_ms: float | None = None
+    requests: Sequence[dict], ttft_ms: float | None = None, itl_ms: float | None = None
 ) -> list[dict]:
     """Output tokens/s of the requests that met the latency targets, per configuration and
-    engine (aiperf's and vLLM's goodput): a request is good when its TTFT <= `ttft_ms` and its
-    mean inter-token latency (its own (e2e - TTFT) / (tokens - 1)) <= `itl_ms` (None: no
-    target). Per measurement, the good requests' tokens / the measurement's wall time (its
-    slowest request's end-to-end time); then mean, std and samples over the repetitions, and the
-    share of requests that were good. Empty for runs made before schema 4."""
-    measurements: dict[int, dict] = {}
-    for row in db.requests(run_id):
-        m = measurements.setdefault(
-            row["measurement_id"],
-            {
-                "key": (row["position"], row["engine"]),
-                "settings": row["settings"],
-                "engine": row["engine"],
-                "wall_ms": 0.0,
-                "good_tokens": 0,
-                "good": 0,
-                "requests": 0,
-            },
-        )
-        m["wall_ms"] = max(m["wall_ms"], row["e2e_ms"])
-        m["requests"] += 1
-        if meets(row, ttft_ms, itl_ms):
-            m["good"] += 1
-            m["good_tokens"] += row["tokens"]
+    engine of a run (its requests: `RunsDB.requests`; aiperf's and vLLM's goodput): a request is
+    good when its TTFT <= `ttft_ms` and its mean inter-token latency (its own (e2e - TTFT) /
+    (tokens - 1)) <= `itl_ms` (None: no target). Per measurement, the total output counting only
+    the good requests' tokens (sweep.output_tps: over the slowest request's end-to-end time); then
+    mean, std and samples over the repetitions, and the share of requests that were good. Empty
+    for runs made before schema 4."""
+    from .sweep import output_tps
+
+    measurements: dict[int, list[dict]] = {}
+    for row in requests:
+        measurements.setdefault(row["measurement_id"], []).append(row)
     groups: dict[tuple, dict] = {}
-    for m in measurements.values():
+    for rows in measurements.values():
+        first = rows[0]
         item = groups.setdefault(
-            m["key"],
-            {"engine": m["engine"], "settings": m["settings"], "tps": [], "good": 0, "all": 0},
+            (first["position"], first["engine"]),
+            {"engine": first["engine"], "settings": first["settings"], "tps": [], "good": 0},
         )
-        item["tps"].append(m["good_tokens"] / (m["wall_ms"] / 1e3) if m["wall_ms"] > 0 else 0.0)
-        item["good"] += m["good"]
-        item["all"] += m["requests"]
+        good = [meets(r, ttft_ms, itl_ms) for r in rows]
+        tokens = [r["tokens"] if ok else 0 for r, ok in zip(rows, good, strict=True)]
+        item["tps"].append(output_tps(tokens, [r["e2e_ms"] for r in rows]))
+        item["good"] += sum(good)
+        item["requests"] = item.get("requests", 0) + len(rows)
     out = []
     for _, item in sorted(groups.items()):
-        samples, good, n = item.pop("tps"), item.pop("good"), item.pop("all")
+        samples, good = item.pop("tps"), item.pop("good")
         item["goodput_tps"] = summary(samples)
-        item["good_share"] = good / n
-        item["requests"] = n
+        item["good_share"] = good / item["requests"]
         out.append(item)
     return out
 

@@ -147,6 +147,16 @@ def _error(api: str, error: ApiError) -> JSONResponse:
     return JSONResponse(body, status_code=error.status, headers=headers)
 
 
+# a prompt past the context, a template that refuses the messages, text that is not UTF-8 (a
+# lone surrogate: the tokenizer's TypeError)
+PROMPT_ERRORS = (ValueError, TypeError, UnicodeError)
+
+
+def _prompt_refused(error: Exception, param: str) -> ApiError:
+    reason = str(error) if isinstance(error, ValueError) else "the prompt is not valid UTF-8 text"
+    return ApiError(400, reason, param)
+
+
 # -- the engine's side -----------------------------------------------------------------------------
 
 
@@ -170,13 +180,10 @@ async def _submit(server: Server, job: Job) -> list[RequestHandle]:
                 engine.submit, prompt, job.params_for(index), max_tokens, chat=chat
             )
             handles.append(await anyio.to_thread.run_sync(submit, limiter=server.limiter))
-    except (ValueError, TypeError, UnicodeError) as e:
-        # a prompt past the context, a template that refuses the messages, text that is not
-        # UTF-8 (a lone surrogate: the tokenizer's TypeError)
+    except PROMPT_ERRORS as e:
         for handle in handles:
             handle.cancel()
-        reason = str(e) if isinstance(e, ValueError) else "the prompt is not valid UTF-8 text"
-        raise ApiError(400, reason, "messages" if job.chat else "prompt") from None
+        raise _prompt_refused(e, "messages" if job.chat else "prompt") from None
     except RuntimeError as e:  # the engine stopped (shutting down, or failed)
         for handle in handles:
             handle.cancel()
@@ -265,11 +272,15 @@ def create_app(server: Server) -> Starlette:
     """The Starlette app serving `server`."""
     opts = server.options
 
-    def ready(api: str) -> JSONResponse | None:
+    async def checked_body(request: Request) -> tuple[Any, Engine]:
+        """What every POST route checks first: the key, the body (JSON, within the size), a
+        model ready to serve (ApiError otherwise)."""
+        if not _authorized(request, opts.api_key):
+            raise ApiError(401, "a valid API key is required")
+        body = await _body(request, opts.max_body_bytes)
         if server.engine is None:
-            message = server.error or "the model is still loading"
-            return _error(api, ApiError(503, message))
-        return None
+            raise ApiError(503, server.error or "the model is still loading")
+        return body, server.engine
 
     async def health(request: Request) -> Response:
         if server.engine is None:
@@ -318,15 +329,9 @@ def create_app(server: Server) -> Starlette:
         return handler
 
     async def _handle(request: Request, api: str, parse) -> Response:
-        if not _authorized(request, opts.api_key):
-            return _error(api, ApiError(401, "a valid API key is required"))
         try:
-            body = await _body(request, opts.max_body_bytes)
-            not_ready = ready(api)
-            if not_ready is not None:
-                return not_ready
-            assert server.engine is not None
-            job = parse(body, opts.model_id, server.engine.tokenizer)
+            body, engine = await checked_body(request)
+            job = parse(body, opts.model_id, engine.tokenizer)
             handles = await _submit(server, job)
         except ApiError as e:
             return _error(api, e)
@@ -343,20 +348,14 @@ def create_app(server: Server) -> Starlette:
         if choices is None:  # the client went away: nobody to answer
             return Response(status_code=499)
         body = await anyio.to_thread.run_sync(  # (decodes every token: not on the loop)
-            protocol.response_body, job, choices, server.engine.tokenizer, limiter=server.limiter
+            protocol.response_body, job, choices, engine.tokenizer, limiter=server.limiter
         )
         return JSONResponse(body)
 
     async def count_tokens(request: Request) -> Response:
-        if not _authorized(request, opts.api_key):
-            return _error("messages", ApiError(401, "a valid API key is required"))
         try:
-            body = await _body(request, opts.max_body_bytes)
-            not_ready = ready("messages")
-            if not_ready is not None:
-                return not_ready
-            assert server.engine is not None
-            tokenizer = server.engine.tokenizer
+            body, engine = await checked_body(request)
+            tokenizer = engine.tokenizer
             if not isinstance(body, dict):
                 raise protocol.bad("the body must be a JSON object")
             protocol._take(body, {"model", "messages", "system"}, "/v1/messages/count_tokens")
@@ -367,9 +366,8 @@ def create_app(server: Server) -> Starlette:
             )
         except ApiError as e:
             return _error("messages", e)
-        except (ValueError, TypeError, UnicodeError) as e:  # (see _submit)
-            reason = str(e) if isinstance(e, ValueError) else "the prompt is not valid UTF-8 text"
-            return _error("messages", ApiError(400, reason, "messages"))
+        except PROMPT_ERRORS as e:
+            return _error("messages", _prompt_refused(e, "messages"))
         return JSONResponse({"input_tokens": len(ids)})
 
     async def not_found(request: Request, exc: Exception) -> Response:

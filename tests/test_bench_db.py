@@ -160,12 +160,12 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
             "PRAGMA user_version=1;"
         )
     db = RunsDB(path)
-    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 5
     (run,) = db.runs()
     assert run["command"] == "old" and run["pid"] is None
     new = db.start_run("new", MACHINE, reps=1)
     assert db.run(new)["pid"] == os.getpid()
-    again = RunsDB(path)  # opened again: already version 4
+    again = RunsDB(path)  # opened again: already version 5
     assert [r["command"] for r in again.runs()] == ["old", "new"]
 
 
@@ -178,11 +178,12 @@ def test_a_version_2_database_keeps_its_measurements_and_gains_output_tps(tmp_pa
     (config,) = db.add_configurations(run, [("a", {"temperature": 0.0})])
     db.record(config, "mlxinfer", 0, {"decode_tps": 7.0}, [1, 2], [10.0, 20.0])
     db.conn.executescript(  # back to version 2, as that mlxinfer wrote it
-        "ALTER TABLE measurements DROP COLUMN output_tps; PRAGMA user_version=2;"
+        "ALTER TABLE measurements DROP COLUMN output_tps; ALTER TABLE runs DROP COLUMN target; "
+        "PRAGMA user_version=2;"
     )
     db.close()
     db = RunsDB(path)
-    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 5
     (old,) = db.measurements(run)
     assert old["decode_tps"] == 7.0 and old["output_tps"] is None
     (config2,) = db.add_configurations(run, [("b", {"temperature": 0.5})])
@@ -219,15 +220,32 @@ def test_a_version_3_database_keeps_its_runs_and_gains_the_requests_table(tmp_pa
     run = db.start_run("old", MACHINE, reps=1)
     (config,) = db.add_configurations(run, [("a", {"temperature": 0.0})])
     db.record(config, "mlxinfer", 0, {"decode_tps": 7.0}, [1, 2], [10.0, 20.0])
-    db.conn.executescript("DROP TABLE requests; PRAGMA user_version=3;")
+    db.conn.executescript(
+        "DROP TABLE requests; ALTER TABLE runs DROP COLUMN target; PRAGMA user_version=3;"
+    )
     db.close()
     db = RunsDB(path)
-    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 5
     assert db.measurements(run)[0]["decode_tps"] == 7.0 and db.requests(run) == []
     (config2,) = db.add_configurations(run, [("b", {"temperature": 0.5})])
     figures = {"ttft_ms": 10.0, "e2e_ms": 20.0, "tokens": 2, "gaps": [10.0]}
     db.record(config2, "mlxinfer", 0, {"decode_tps": 8.0}, [1], [10.0], requests=[figures])
     assert [r["ttft_ms"] for r in db.requests(run)] == [10.0]
+
+
+def test_a_version_4_database_keeps_its_runs_and_gains_their_target(tmp_path):
+    """Schema 5 added the server a run measured over HTTP: a version 4 database keeps its runs
+    (target None: in process) and new runs record theirs."""
+    path = tmp_path / "v4.sqlite"
+    db = RunsDB(path)
+    old = db.start_run("old", MACHINE, reps=1, baseline="mlx-lm")
+    db.conn.executescript("ALTER TABLE runs DROP COLUMN target; PRAGMA user_version=4;")
+    db.close()
+    db = RunsDB(path)
+    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 5
+    assert db.run(old)["target"] is None and db.run(old)["baseline"] == "mlx-lm"
+    new = db.start_run("new", MACHINE, reps=1, target="http://127.0.0.1:8080")
+    assert db.run(new)["target"] == "http://127.0.0.1:8080"
 
 
 def test_a_measurement_is_recorded_whole_or_not_at_all(tmp_path):

@@ -3,6 +3,8 @@
 mlxinfer bench --temperature 0,0.8 --top-p 1.0,0.9 --prompt-tokens 64,512 [--reps 5]
 mlxinfer bench --sweep sweep.toml        # the same axes as a TOML table
 mlxinfer bench --resume RUN_ID           # a stopped run, without repeating what it has
+mlxinfer bench --target http://127.0.0.1:8080 --concurrency 1,8   # any OpenAI-compatible server
+mlxinfer bench --baseline mlx-lm-server  # mlxinfer serve and mlx_lm.server, alternating
 mlxinfer bench list | export RUN_ID --csv FILE / --json FILE | compare RUN_A RUN_B
 mlxinfer bench positions RUN_ID          # latency by token position
 """
@@ -10,6 +12,7 @@ mlxinfer bench positions RUN_ID          # latency by token position
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import tempfile
@@ -45,8 +48,21 @@ def add_parser(commands) -> None:
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument(
         "--baseline",
-        choices=["mlx-lm"],
-        help="run every configuration through mlx-lm too, alternating with mlxinfer",
+        choices=["mlx-lm", "mlx-lm-server"],
+        help="run every configuration through mlx-lm too, alternating: in its own process "
+        "(mlx-lm), or as mlx_lm.server over HTTP beside `mlxinfer serve` or the --target",
+    )
+    bench.add_argument(
+        "--target",
+        metavar="URL",
+        help="measure the OpenAI-compatible server at URL over streamed HTTP instead of the "
+        "in-process engine (concurrency = requests in flight; kv and compute are its own)",
+    )
+    bench.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=None,
+        help="the --target's API key (default: OPENAI_API_KEY; never stored)",
     )
     actions = bench.add_subparsers(dest="bench_command", metavar="ACTION")
     # --db after the action too; SUPPRESS keeps one given before it
@@ -130,8 +146,13 @@ def _sweep(args: argparse.Namespace, db) -> int:
     from .sweep import Sweep, too_long
 
     check_writable("--json", args.json)  # before measuring, not after
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY") or None
     if args.resume is not None:
-        sweep = Sweep.resume(db, args.resume)
+        if args.target is not None or args.baseline is not None:
+            raise BenchUsageError(
+                "--resume continues a run with its own --target and --baseline: give neither"
+            )
+        sweep = Sweep.resume(db, args.resume, api_key=api_key)
         seconds = None  # its pace says (the estimate would count what it has)
     else:
         raw = _read_sweep_file(args.sweep) if args.sweep else {}
@@ -145,9 +166,29 @@ def _sweep(args: argparse.Namespace, db) -> int:
             raise BenchUsageError(str(e)) from None
         if args.reps < 1:
             raise BenchUsageError(f"--reps must be >= 1, got {args.reps}")
-        command = "mlxinfer bench " + " ".join(sys.argv[2:])
+        command = "mlxinfer bench " + " ".join(_without_secrets(sys.argv[2:]))
         sweep_text = Path(args.sweep).read_text() if args.sweep else None
-        sweep = Sweep(axes, args.reps, db, command, sweep_text, baseline=args.baseline)
+        if args.target is not None:
+            from .http import normalized_url
+
+            try:
+                normalized_url(args.target)
+            except ValueError as e:
+                raise BenchUsageError(f"--target: {e}") from None
+            if args.baseline == "mlx-lm":
+                raise BenchUsageError(
+                    "--baseline mlx-lm runs in process; beside a --target use mlx-lm-server"
+                )
+        sweep = Sweep(
+            axes,
+            args.reps,
+            db,
+            command,
+            sweep_text,
+            baseline=args.baseline,
+            target=args.target,
+            api_key=api_key,
+        )
         seconds = sweep.estimated_seconds()
     if seconds is not None and too_long(seconds):
         print(
@@ -184,6 +225,23 @@ def _sweep(args: argparse.Namespace, db) -> int:
             return 1
     measured = any(item["decode_tps"] is not None for item in items)
     return 0 if measured else 1  # some failures are a sweep's result; nothing measured is not
+
+
+def _without_secrets(argv: list[str]) -> list[str]:
+    """The command line as the database keeps it: an --api-key's value replaced by ***."""
+    out, hide = [], False
+    for arg in argv:
+        if hide:
+            out.append("***")
+            hide = False
+        elif arg == "--api-key":
+            out.append(arg)
+            hide = True
+        elif arg.startswith("--api-key="):
+            out.append("--api-key=***")
+        else:
+            out.append(arg)
+    return out
 
 
 def _stopping(run_id: int) -> str:

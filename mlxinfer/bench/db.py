@@ -5,7 +5,8 @@ One file, shared with the dashboard: `MLXINFER_DB`, else `$XDG_DATA_HOME/mlxinfe
 is killed loses at most the measurement in progress, and `done(run_id)` says what a resumed run
 need not repeat.
 
-    runs            a sweep: its command or sweep file, start, end, status, machine, repetitions
+    runs            a sweep: its command or sweep file, start, end, status, machine, repetitions,
+                    its baseline and the server it measured over HTTP (target), if any
     machines        the machine and software facts (CPU, memory, OS, backend, BLAS, versions, commit)
     configurations  one row per grid point of a run: its settings (JSON) and stable key
     measurements    one row per configuration, engine and repetition: the metrics, or the error
@@ -24,7 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-SCHEMA_VERSION = 4  # 2: runs.pid; 3: measurements.output_tps; 4: requests
+SCHEMA_VERSION = 5  # 2: runs.pid; 3: measurements.output_tps; 4: requests; 5: runs.target
 DB_ENV = "MLXINFER_DB"
 METRICS = (
     "ttft_ms",
@@ -57,7 +58,8 @@ CREATE TABLE IF NOT EXISTS runs (
     machine_id INTEGER REFERENCES machines(id),
     reps INTEGER NOT NULL,
     baseline TEXT,
-    pid INTEGER  -- the process measuring it while it runs
+    pid INTEGER,  -- the process measuring it while it runs
+    target TEXT  -- the server's URL when it measured one over HTTP (schema 5)
 );
 CREATE TABLE IF NOT EXISTS configurations (
     id INTEGER PRIMARY KEY,
@@ -196,6 +198,8 @@ class RunsDB:
                 has_measurements = "measurements" in _tables(self.conn)
                 if version in (1, 2) and has_measurements:  # gained the total output throughput
                     self.conn.execute("ALTER TABLE measurements ADD COLUMN output_tps REAL")
+                if version in (1, 2, 3, 4):  # runs gained the server they measured
+                    self.conn.execute("ALTER TABLE runs ADD COLUMN target TEXT")
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         self.conn.execute(statement)
@@ -212,7 +216,7 @@ class RunsDB:
         finally:
             if self.conn.in_transaction:  # (a file that is not SQLite fails before it begins)
                 self.conn.execute("ROLLBACK")
-        if version not in (0, 1, 2, 3, SCHEMA_VERSION):
+        if version not in (0, 1, 2, 3, 4, SCHEMA_VERSION):
             raise ValueError(
                 f"{self.path}: runs database schema version {version}; this mlxinfer reads "
                 f"version {SCHEMA_VERSION}"
@@ -225,6 +229,8 @@ class RunsDB:
             expected["runs"] -= {"pid"}  # added by the migration to version 2
         if version in (1, 2):
             expected["measurements"] -= {"output_tps"}  # added by the migration to version 3
+        if version in (1, 2, 3, 4):
+            expected["runs"] -= {"target"}  # added by the migration to version 5
         for name, columns in tables.items():
             lacking = expected.get(name, set()) - columns
             if lacking:
@@ -260,6 +266,7 @@ class RunsDB:
         reps: int,
         sweep: str | None = None,
         baseline: str | None = None,
+        target: str | None = None,
     ) -> int:
         facts = json.dumps(dict(machine), sort_keys=True)
         with self._transaction():
@@ -268,9 +275,9 @@ class RunsDB:
                 "SELECT id FROM machines WHERE facts = ?", (facts,)
             ).fetchone()[0]
             cursor = self.conn.execute(
-                "INSERT INTO runs (command, sweep, started, status, machine_id, reps, baseline, pid) "
-                "VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
-                (command, sweep, time.time(), machine_id, reps, baseline, os.getpid()),
+                "INSERT INTO runs (command, sweep, started, status, machine_id, reps, baseline, "
+                "pid, target) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?)",
+                (command, sweep, time.time(), machine_id, reps, baseline, os.getpid(), target),
             )
         return cursor.lastrowid
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from .db import METRICS, RunsDB
 from .grid import AXES, DEFAULTS, SAMPLING_AXES, sampling_label
 from .stats import MIN_REPS, first_difference, paired_ratio, summary, verdict
+from .sweep import BASELINES
 
 TABLE_METRICS = (
     "prefill_tps",
@@ -72,7 +73,8 @@ def summarize(db: RunsDB, run_id: int) -> list[dict]:
 
 
 def _against_baseline(items: list[dict], db: RunsDB, run_id: int) -> None:
-    """For mlxinfer's rows when mlx-lm measured the same configuration: `vs_mlx_lm`, the decode
+    """For the rows of the run's engine (mlxinfer in process, `mlxinfer serve`, or a target server)
+    when mlx-lm (in process or its server) measured the same configuration: `vs_mlx_lm`, the decode
     and prefill speed ratios with 95% intervals paired by repetition; `same_tokens`, for greedy
     configurations, whether both produced the same tokens in the first repetition (else
     `first_difference`, the position where they part)."""
@@ -86,21 +88,26 @@ def _against_baseline(items: list[dict], db: RunsDB, run_id: int) -> None:
         if row["rep"] == 0 and row["tokens"] is not None:
             tokens[(json.dumps(row["settings"], sort_keys=True), row["engine"])] = row["tokens"]
     for key, engines in by_config.items():
-        ours, theirs = engines.get("mlxinfer"), engines.get("mlx-lm")
-        if ours is None:
+        mine = [name for name in engines if name not in BASELINES]  # the run's first engine
+        base = [name for name in engines if name in BASELINES]
+        if not mine:
             continue
+        ours = engines[mine[0]]
+        theirs = engines[base[0]] if base else None
         ours["vs_mlx_lm"] = None
         if theirs is None or not ours["decode_tps"] or not theirs["decode_tps"]:
             continue
         ratios = {}
-        for metric in ("decode_tps", "prefill_tps"):
+        for metric in ("decode_tps", "prefill_tps", "output_tps"):
+            if not ours[metric] or not theirs[metric]:
+                continue
             a, b = ours[metric]["samples"], theirs[metric]["samples"]
             if len(a) == len(b) and all(v > 0 for v in a + b):
                 ratios[metric] = paired_ratio(a, b)
         ours["vs_mlx_lm"] = ratios
-        mine, other = tokens.get((key, "mlxinfer")), tokens.get((key, "mlx-lm"))
-        if ours["settings"]["temperature"] == 0 and mine is not None and other is not None:
-            position = first_difference(mine, other)
+        a, b = tokens.get((key, mine[0])), tokens.get((key, base[0]))
+        if ours["settings"]["temperature"] == 0 and a is not None and b is not None:
+            position = first_difference(a, b)
             ours["same_tokens"] = position is None
             ours["first_difference"] = position
 
@@ -152,6 +159,7 @@ def markdown_table(items: Sequence[dict]) -> str:
             "" if i.get("sampling_cost") is None else f"{i['sampling_cost']:.2f}"
         ),
         "decode vs mlx-lm (95% CI)": _mlx_lm_cell,
+        "total vs mlx-lm": lambda i: _mlx_lm_cell(i, "output_tps"),
         "same tokens": _same_tokens_cell,
     }
     ok = [i for i in items if i["decode_tps"] is not None]
@@ -163,14 +171,17 @@ def markdown_table(items: Sequence[dict]) -> str:
         if item["decode_tps"] is None:
             cells += [f"failed: {item['error']}"] + [""] * (len(TABLE_METRICS) - 1 + len(compare))
         else:
-            cells += [f"{item[m]['mean']:.1f} ± {item[m]['std']:.1f}" for m in TABLE_METRICS]
+            cells += [
+                "—" if item[m] is None else f"{item[m]['mean']:.1f} ± {item[m]['std']:.1f}"
+                for m in TABLE_METRICS
+            ]
             cells += [cell(item) for cell in compare.values()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _mlx_lm_cell(item: dict) -> str:
-    ratio = (item.get("vs_mlx_lm") or {}).get("decode_tps")
+def _mlx_lm_cell(item: dict, metric: str = "decode_tps") -> str:
+    ratio = (item.get("vs_mlx_lm") or {}).get(metric)
     return "" if ratio is None else _ratio_cell(ratio)
 
 

@@ -492,8 +492,8 @@ def check_grid(configs: list[dict], load, target: str | None = None) -> None:
 
     if target is not None:
         for axis in ("kv", "compute"):
-            values = sorted({c[axis] for c in configs})
-            if values != [DEFAULTS[axis]]:
+            values = sorted({c[axis] for c in configs} - {DEFAULTS[axis]})
+            if values:
                 raise ValueError(
                     f"sweep axis {axis!r}: {', '.join(values)} cannot be set on a --target "
                     f"server (it is the server's own setting): leave it at {DEFAULTS[axis]}"

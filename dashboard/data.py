@@ -108,7 +108,8 @@ def x_axis_choices(items: list[dict]) -> list[str]:
 
 def runs_frame(db: RunsDB) -> pd.DataFrame:
     """Every run: id, when, status (a run whose process is gone is 'interrupted'), its models,
-    configurations and measurements, the machine, mlxinfer version and commit, the command."""
+    configurations and measurements, its baseline and the server it measured (target), the
+    machine, mlxinfer version and commit, the command."""
     counts = db.measurement_counts()
     rows = []
     for run in db.runs():
@@ -125,6 +126,7 @@ def runs_frame(db: RunsDB) -> pd.DataFrame:
                 "measurements": counts.get(run["id"], 0),
                 "planned": planned(run, len(configs)),
                 "baseline": run["baseline"] or "",
+                "target": run["target"] or "",
                 "machine": machine_label(facts),
                 "version": f"{facts.get('mlxinfer', '?')} · {facts.get('commit', '?')}",
                 "command": run["command"],

@@ -323,3 +323,31 @@ def test_baseline_mlx_lm_server_alternates_two_real_servers(tmp_path, monkeypatc
     assert len(db.requests(sweep.run_id)) == 2 * 2 * 2
     assert [s.name for s in started] == ["mlxinfer serve", "mlx_lm.server"]
     assert all(s.process.poll() is not None for s in started)
+
+
+def test_runs_of_different_engines_compare_where_their_settings_match(tmp_path):
+    """A run in process and a run of a server (same settings) compare their own engines:
+    "mlxinfer → URL", B / A of the means, paired by repetition; settings that differ do not."""
+    from mlxinfer.bench import report
+    from mlxinfer.bench.grid import config_key
+    from mlxinfer.bench.machine import machine_facts
+
+    db = RunsDB(tmp_path / "runs.sqlite")
+    url = "http://127.0.0.1:9"
+    settings = dict(DEFAULTS)
+    other = dict(DEFAULTS) | {"prompt_tokens": 64}
+    in_process = db.start_run("a", machine_facts(), reps=2)
+    served = db.start_run("b", machine_facts(), reps=2, target=url)
+    for run, engine, speeds in (
+        (in_process, "mlxinfer", (20.0, 22.0)),
+        (served, url, (19.0, 20.9)),
+    ):
+        ids = db.add_configurations(run, [(config_key(c), c) for c in (settings, other)])
+        for rep, speed in enumerate(speeds):
+            db.record(ids[0], engine, rep, {"decode_tps": speed})
+        if run == served:  # the other settings only in the served run: nothing to pair
+            db.record(ids[1], engine, 0, {"decode_tps": 5.0})
+    (row,) = report.compare(db, in_process, served)
+    assert row["engine"] == f"mlxinfer → {url}"
+    assert row["ratio"] == pytest.approx((19.0 + 20.9) / (20.0 + 22.0))
+    assert row["interval"] is not None

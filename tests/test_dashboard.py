@@ -349,6 +349,50 @@ def test_a_sweep_runs_from_the_page_and_its_charts_have_the_data(dashboard):
     assert next(m for m in at.metric if m.label == "Estimated duration").value.endswith("min")
 
 
+def test_a_sweep_of_a_server_at_a_url_runs_from_the_page(dashboard):
+    """Measure "a server at a URL": the KV cache and compute boxes are the server's (disabled), a
+    bad URL is named, the plan has no memory prediction, and the run measures the server with
+    its API key (sent, never on the command line or in the database)."""
+    from mlxinfer.bench.db import RunsDB
+
+    from .test_bench_http import Scripted
+
+    server = Scripted(first_s=0.01, gap_s=0.01, events=6)
+    try:
+        at = app("views/sweep.py")
+        at.selectbox(key="sweep_measure").set_value("A server at a URL (OpenAI-compatible)").run()
+        healthy(at)
+        assert any("Give the server's URL" in i.value for i in at.info)
+        inputs = {w.label: w for w in at.text_input}
+        assert inputs["kv"].disabled and inputs["compute"].disabled
+        assert not inputs["temperature"].disabled
+        inputs["Server URL"].set_value("localhost:1234").run()
+        assert any("not an http" in e.value for e in at.error)
+        assert not [b for b in at.button if b.label == "Run the sweep"]
+        inputs = {w.label: w for w in at.text_input}
+        inputs["Server URL"].set_value(server.url + "/v1")
+        inputs["API key"].set_value("sk-dashboard")
+        inputs["prompt tokens"].set_value("8")
+        inputs["gen tokens"].set_value("6").run()
+        healthy(at)
+        predicted = next(m for m in at.metric if m.label == "Predicted memory (largest)")
+        assert predicted.value == "the server's"
+        next(b for b in at.button if b.label == "Run the sweep").click().run()
+        at = wait_for_run(at, dashboard)
+        healthy(at)
+        db = RunsDB(dashboard)
+        (run,) = db.runs()
+        assert run["target"] == server.url and "sk-dashboard" not in run["command"]
+        rows = db.measurements(run["id"])
+        assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
+        assert {r["engine"] for r in rows} == {server.url}
+        assert len(server.seen) == 4  # the warm-up and three repetitions
+        assert all(h["authorization"] == "Bearer sk-dashboard" for h, _ in server.seen)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_bad_sweep_value_names_the_axis_and_nothing_runs(dashboard):
     at = app("views/sweep.py")
     next(w for w in at.text_input if w.label == "top p").set_value("0.9,2").run()

@@ -1,5 +1,7 @@
 """Sweep: build a grid over `mlxinfer bench`'s axes, see what it will cost before running it, run
-it in a worker process, and watch the charts fill as measurements land in the database.
+it in a worker process, and watch the charts fill as measurements land in the database. It
+measures the engine in process, or any OpenAI-compatible server at a URL, with mlx-lm beside
+either (in its own process, or as mlx_lm.server).
 
 The sweep never runs on this script's thread (a click reruns the script): `mlxinfer bench` runs in
 its own process (mlxinfer.bench.jobs) and commits every measurement; this page follows the run
@@ -12,6 +14,7 @@ import streamlit as st
 
 from mlxinfer.bench import jobs, report
 from mlxinfer.bench.grid import DEFAULTS, ENGINE_AXES, LENGTH_AXES, SAMPLING_AXES, parse_axes
+from mlxinfer.bench.http import normalized_url
 from mlxinfer.bench.sweep import plan, too_long
 
 state = st.session_state
@@ -38,37 +41,83 @@ st.caption(
     "warm-up, then the repetitions; every measurement is saved as it is made."
 )
 
+MEASURED = {  # what a sweep measures -> the baselines it can have beside it
+    "mlxinfer, in this machine's process": {
+        "none": None,
+        "mlx-lm, in its own process": "mlx-lm",
+        "mlx_lm.server beside mlxinfer serve (both over HTTP)": "mlx-lm-server",
+    },
+    "A server at a URL (OpenAI-compatible)": {
+        "none": None,
+        "mlx_lm.server on the same model (over HTTP)": "mlx-lm-server",
+    },
+}
+SERVER_SET = ("kv", "compute")  # a target server's own settings, not the sweep's
+
+left, middle, right = st.columns(3)
+measured = middle.selectbox("Measure", list(MEASURED), key="sweep_measure")
+over_url = measured != next(iter(MEASURED))
+choice = right.selectbox("Beside it", list(MEASURED[measured]), key="sweep_baseline_choice")
+baseline = MEASURED[measured][choice]
+reps = left.number_input("Repetitions", 1, 50, 3, key="sweep_reps")
+target = api_key = None
+if over_url:
+    url_box, key_box = st.columns([2, 1])
+    target = url_box.text_input(
+        "Server URL",
+        key="sweep_target",
+        placeholder="http://127.0.0.1:8080",
+        help="Any OpenAI-compatible server (mlxinfer serve, mlx_lm.server, llama-server, vLLM, "
+        "LM Studio, Ollama): streamed /v1/completions, the concurrency as requests in flight. "
+        "The model picked in the sidebar gives the prompts' text.",
+    ).strip()
+    api_key = (
+        key_box.text_input(
+            "API key", key="sweep_api_key", type="password", help="if it wants one; never stored"
+        ).strip()
+        or None
+    )
+
 raw = {}
 for group, axes in GROUPS.items():
     st.markdown(f"**{group}**")
     columns = st.columns(len(axes) if len(axes) < 5 else 4)
     for i, axis in enumerate(axes):
         with columns[i % len(columns)]:
+            fixed = over_url and axis in SERVER_SET
             value = st.text_input(
-                axis.replace("_", " "), str(DEFAULTS[axis]), key=f"axis_{axis}", help=HELP.get(axis)
+                axis.replace("_", " "),
+                str(DEFAULTS[axis]),
+                key=f"axis_{axis}",
+                help="the server's own setting" if fixed else HELP.get(axis),
+                disabled=fixed,
             )
-            raw[axis] = value.strip()
+            raw[axis] = str(DEFAULTS[axis]) if fixed else value.strip()
 raw["model"] = name
-left, right = st.columns(2)
-reps = left.number_input("Repetitions", 1, 50, 3, key="sweep_reps")
-baseline = right.checkbox("mlx-lm beside (its own process, alternating)", key="sweep_baseline")
 
-try:
-    axes = parse_axes(raw)
-except ValueError as e:
-    st.error(f"{e}. Fix that box; nothing has run.")
-    axes = None
+axes = None
+if over_url and not target:
+    st.info("Give the server's URL to measure it.")
+else:
+    try:
+        axes = parse_axes(raw)
+        if target:
+            normalized_url(target)
+    except ValueError as e:
+        st.error(f"{e}. Fix that box; nothing has run.")
+        axes = None
 
 if axes is not None:
     try:
         preview = plan(
-            axes, int(reps), "mlx-lm" if baseline else None, db, load=common.load_for_plan
+            axes, int(reps), baseline, db, load=common.load_for_plan, target=target or None
         )
     except Exception as e:  # a model that does not load, lengths beyond its context, ...
         st.error(f"This grid cannot run: {e}. Nothing has run.")
         preview = None
     if preview is not None:
-        peak = max(preview["predicted_mb"])
+        predicted = [mb for mb in preview["predicted_mb"] if mb is not None]
+        peak = max(predicted) if predicted else None
         available = preview["available_mb"]
         a, b, c = st.columns(3)
         a.metric(
@@ -86,7 +135,7 @@ if axes is not None:
         )
         c.metric(
             "Predicted memory (largest)",
-            f"{peak:,.1f} MB",
+            "the server's" if peak is None else f"{peak:,.1f} MB",
             help="weights + KV cache as allocated, for the largest configuration"
             + ("" if available is None else f"; {available:.0f} MB available"),
         )
@@ -96,7 +145,7 @@ if axes is not None:
                 "this database has measured: fewer values make it shorter. Stop ends it "
                 "whenever you like, keeping what it measured; Resume continues it."
             )
-        too_big = available is not None and peak > available
+        too_big = available is not None and peak is not None and peak > available
         if too_big:
             st.error(
                 f"The largest configuration needs ~{peak:.0f} MB and {available:.0f} MB "
@@ -112,7 +161,7 @@ if axes is not None:
         ):
             flags = {k: v for k, v in raw.items() if v != str(DEFAULTS[k])}
             state.job = jobs.start_sweep(
-                flags, int(reps), common.db_path(), "mlx-lm" if baseline else None
+                flags, int(reps), common.db_path(), baseline, target=target, api_key=api_key
             )
             state.following = None
 
@@ -153,7 +202,9 @@ def show_run(run_id: int) -> None:
     elif status in ("stopped", "interrupted", "failed"):
         st.info(f"The run is {status}; what it measured is kept.")
         if st.button("Resume", icon=":material/play_arrow:", key=f"resume_{run_id}"):
-            state.job = jobs.start_sweep({}, run["reps"], common.db_path(), resume=run_id)
+            state.job = jobs.start_sweep(
+                {}, run["reps"], common.db_path(), resume=run_id, api_key=api_key
+            )
             state.following = None
             st.rerun()
     items = report.summarize(db, run_id)

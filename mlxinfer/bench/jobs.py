@@ -61,9 +61,13 @@ def start_sweep(
     db_path: str | Path,
     baseline: str | None = None,
     resume: int | None = None,
+    target: str | None = None,
+    api_key: str | None = None,
 ) -> Job:
     """Start `mlxinfer bench` on `axes` (axis -> comma list, as the flags take them) in a new
-    process writing to `db_path`; or, with `resume`, continue that run."""
+    process writing to `db_path`, measuring the server at `target` if given; or, with `resume`,
+    continue that run. `api_key` (the target's) reaches the process in its environment, never
+    on its command line (which `ps` shows and the database keeps)."""
     unknown = sorted(set(axes) - set(AXES))
     if unknown:
         raise ValueError(f"not a sweep axis: {unknown[0]!r}")
@@ -75,6 +79,8 @@ def start_sweep(
         for axis, value in axes.items():
             argv += [f"--{axis.replace('_', '-')}", str(value)]
         argv += ["--reps", str(reps)] + (["--baseline", baseline] if baseline else [])
+        argv += ["--target", target] if target else []
+    env = {**os.environ, "OPENAI_API_KEY": api_key} if api_key else None
     logs = db_path.parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -89,6 +95,7 @@ def start_sweep(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # the dashboard's own Ctrl-C does not reach it
+            env=env,
         )
     _children.append(process)
     return Job(process.pid, log, started, process, resume)

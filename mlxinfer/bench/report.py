@@ -398,11 +398,23 @@ def positions_csv(items: Sequence[dict]) -> str:
 
 def compare(db: RunsDB, run_a: int, run_b: int, metric: str = "decode_tps") -> list[dict]:
     """The configurations two runs share (same engine and settings): each run's mean of `metric`
-    and B / A, with an interval when both have the same number of repetitions."""
+    and B / A, with an interval when both have the same number of repetitions. Runs of different
+    engines (in process, `mlxinfer serve`, a target server) compare their own engines where the
+    settings are the same: `engine` is then "A's engine → B's engine"."""
+    from .sweep import engine_names
+
+    def main(run_id: int) -> str:  # the engine a run measures (its baseline is beside it)
+        run = db.run(run_id)
+        return engine_names(run["baseline"], run["target"])[0]
+
     a = {(i["engine"], json.dumps(i["settings"], sort_keys=True)): i for i in summarize(db, run_a)}
+    main_a, main_b = main(run_a), main(run_b)
     out = []
     for item in summarize(db, run_b):
-        key = (item["engine"], json.dumps(item["settings"], sort_keys=True))
+        settings = json.dumps(item["settings"], sort_keys=True)
+        key, engine = (item["engine"], settings), item["engine"]
+        if key not in a and item["engine"] == main_b and main_a != main_b:
+            key, engine = (main_a, settings), f"{main_a} → {main_b}"
         if key not in a or not item[metric] or not a[key][metric]:
             continue
         sa, sb = a[key][metric]["samples"], item[metric]["samples"]
@@ -412,7 +424,7 @@ def compare(db: RunsDB, run_a: int, run_b: int, metric: str = "decode_tps") -> l
         ratio = paired_ratio(sb, sa) if len(sa) == len(sb) and positive else None
         out.append(
             {
-                "engine": item["engine"],
+                "engine": engine,
                 "settings": item["settings"],
                 "a": a[key][metric]["mean"],
                 "b": item[metric]["mean"],

@@ -12,8 +12,9 @@ tokens, asking --tokens tokens at temperature 0 (ours with ignore_eos; mlx-lm ha
 its token counts come from its usage and are reported). Aggregate tok/s = every completion token
 / the wave's wall time; TTFT per request is the time to the first event carrying text. Each level:
 a warm-up wave of each server, then --reps waves alternating A B A B, prompts new at every wave
-(no prefix-cache hits). At concurrency 1 the in-process Engine (this process, the same model)
-is timed too, alternating, for the HTTP overhead.
+(no prefix-cache hits). At concurrency 1 the in-process Engine is timed too, alternating, for
+the HTTP overhead: in a worker process of its own with the server's environment
+(OMP_WAIT_POLICY=PASSIVE, which `mlxinfer serve` sets), so the two differ by the HTTP layer only.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from common import machine_info, save_result, summary
 
 from mlxinfer.bench.baseline import NO_SHIM, export_for_mlx_lm
 from mlxinfer.bench.sweep import TEXT
+from mlxinfer.bench.worker import JsonWorker
 
 MLX_LM_SERVER = "import mlxinfer; import sys; from mlx_lm.server import main; main()"
 
@@ -111,12 +113,21 @@ def wave(url: str, model: str, prompts: list[str], tokens: int, ours: bool) -> d
     }
 
 
-def in_process(engine, prompt: str, tokens: int) -> float:
-    """tok/s of one request through the in-process Engine (decode and prefill, as a wave of 1)."""
-    params = mlxinfer.SamplingParams(ignore_eos=True, max_tokens=tokens)
-    start = time.perf_counter()
-    result = engine.submit(prompt, params).result()
-    return len(result.tokens) / (time.perf_counter() - start)
+def engine_worker() -> None:
+    """`bench_server.py --engine-worker`: the default model's Engine in this process; each input
+    line a JSON {prompt, tokens}, each output line the tok/s of that one request (its prefill and
+    decode, as a wave of 1 over HTTP)."""
+    model, tokenizer = mlxinfer.load()
+    engine = mlxinfer.Engine(model, tokenizer, max_batch=16)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        params = mlxinfer.SamplingParams(ignore_eos=True, max_tokens=request["tokens"])
+        start = time.perf_counter()
+        result = engine.submit(request["prompt"], params).result()
+        tps = len(result.tokens) / (time.perf_counter() - start)
+        print(json.dumps({"tps": tps}), flush=True)
+    engine.close()
 
 
 def main() -> None:
@@ -126,7 +137,11 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--out")
+    parser.add_argument("--engine-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.engine_worker:
+        engine_worker()
+        return
     levels = [int(x) for x in args.levels.split(",")]
 
     model, tokenizer = mlxinfer.load()
@@ -165,7 +180,9 @@ def main() -> None:
     try:
         wait_ready(servers["mlxinfer"][0], ours, "/health")
         wait_ready(servers["mlx-lm"][0], theirs, "/v1/models")
-        engine = mlxinfer.Engine(model, tokenizer, max_batch=16)
+        engine = JsonWorker(
+            [sys.executable, __file__, "--engine-worker"], env={"OMP_WAIT_POLICY": "PASSIVE"}
+        )
         results: dict = {}
         for level in levels:
             for url, model_id, is_ours in servers.values():  # warm-ups
@@ -176,7 +193,8 @@ def main() -> None:
                 for name, (url, model_id, is_ours) in servers.items():
                     runs[name].append(wave(url, model_id, fresh(level), args.tokens, is_ours))
                 if level == 1:
-                    runs["in-process"].append(in_process(engine, fresh(1)[0], args.tokens))
+                    reply = engine.ask({"prompt": fresh(1)[0], "tokens": args.tokens})
+                    runs["in-process"].append(reply["tps"])
             row = {}
             for name in servers:
                 ttft = [t for w in runs[name] for t in w["ttft_ms"]]

@@ -522,8 +522,50 @@ const char *mlxinfer_gemv_shim_kernel_status(void) {
   return status;
 }
 
+/* Products too small for OpenBLAS's threads: a decode step's attention, q @ k^T and p @ v per KV
+ * head of every row ([3, 64] @ [64, S] and [3, S] @ [S, 64] on the default model: 48 products of
+ * 3 rows a layer at 8 rows, each 3 GEMVs), which OpenBLAS's sgemv splits over its threads from
+ * 9,216 elements of B: waking them, on cores small_gemm's OpenMP threads spin on, cost more than
+ * the products (a batched decode step at 8 rows: 97 -> 82 ms with OpenBLAS on one thread). Up to
+ * TINY elements of B they are computed here, on the calling thread. */
+enum { TINY = 1 << 16 }; /* elements of B: 256 KB */
+
+static void tiny_rows(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+                      int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+  for (int i = 0; i < M; i++) {
+    const float *a = trans_a == NoTrans ? A + (long)i * lda : A + i;
+    long inc = trans_a == NoTrans ? 1 : lda;
+    float *c = C + (long)i * ldc;
+    if (trans_b == Trans) { /* B stored [N, K]: c[n] = B[n, :] . a */
+      for (int n = 0; n < N; n++) {
+        const float *b = B + (long)n * ldb;
+        float s = 0.f;
+        if (inc == 1) {
+#pragma omp simd reduction(+ : s)
+          for (int k = 0; k < K; k++) s += a[k] * b[k];
+        } else {
+          for (int k = 0; k < K; k++) s += a[k * inc] * b[k];
+        }
+        c[n] = alpha * s + (beta == 0.f ? 0.f : beta * c[n]); /* beta 0: C is not read */
+      }
+    } else { /* B stored [K, N]: c = sum over k of a[k] B[k, :] */
+      for (int n = 0; n < N; n++) c[n] = beta == 0.f ? 0.f : beta * c[n];
+      for (int k = 0; k < K; k++) {
+        const float *b = B + (long)k * ldb;
+        float w = alpha * a[k * inc];
+#pragma omp simd
+        for (int n = 0; n < N; n++) c[n] += w * b[n];
+      }
+    }
+  }
+}
+
 void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float alpha,
                  const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+  if (order == RowMajor && M <= GEMV_ROWS && N > 1 && (long)K * N <= TINY) {
+    tiny_rows(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
   if (order == RowMajor && M <= GEMV_ROWS && N > 1) {
     /* Row i: C[i, :] = alpha * a_i[1, K] @ op(B)[K, N] + beta * C[i, :]. a_i is A's row i
      * (stride 1), or A's column i when A is stored transposed [K, M] (stride lda). */

@@ -90,6 +90,10 @@ def test_gemv_shim_can_be_turned_off():
         (16, 576, 3072),
         (9, 20, 130),
         (16, 33, 200),
+        (3, 64, 192),  # a decode step's attention (the shim computes these itself: "tiny")
+        (3, 192, 64),
+        (2, 256, 256),  # the most it computes itself (TINY elements of B)
+        (1, 257, 256),  # one row more of B: OpenBLAS's GEMV
     ],
 )
 @pytest.mark.parametrize("a_transposed", [False, True])
@@ -110,6 +114,25 @@ def test_matmul_exact_through_whatever_blas_is_loaded(m, k, n, a_transposed, b_t
     c = mx.array(rng.normal(size=(m, n)).astype(np.float32))
     fused = np.array(mx.addmm(c, a, b, alpha=2.0, beta=0.5))
     assert np.abs(fused - (2 * expected + 0.5 * np.array(c))).max() <= 1e-5 * scale
+
+
+def test_a_batched_decode_attention_is_exact():
+    """A decode step's attention as MLX runs it on the CPU: per row and KV head, [3, hd] @
+    [hd, S] then [3, S] @ [S, hd] (strided batches of tiny products), against float64 numpy."""
+    import mlx.core as mx
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    q = rng.normal(size=(8, 3, 3, 64))  # 8 rows, 3 KV heads, 3 query heads each, head dim 64
+    k, v = rng.normal(size=(8, 3, 200, 64)), rng.normal(size=(8, 3, 200, 64))  # 200 positions
+    scores = np.array(
+        mx.array(q.astype(np.float32)) @ mx.array(k.astype(np.float32)).swapaxes(-1, -2)
+    )
+    expected = q @ k.swapaxes(-1, -2)
+    assert np.abs(scores - expected).max() <= 1e-5 * np.abs(expected).max()
+    p = rng.random(size=(8, 3, 3, 200))
+    out = np.array(mx.array(p.astype(np.float32)) @ mx.array(v.astype(np.float32)))
+    assert np.abs(out - p @ v).max() <= 1e-5 * np.abs(p @ v).max()
 
 
 def test_reference_blas_when_asked():

@@ -11,6 +11,8 @@
  * matrix first). So 2 or 3 rows go to one GEMV each, and 4 to 16 rows (when N >= 256) to
  * small_gemm below, which streams the weights once with all rows in registers: the LM head at
  * M = 8 in 9.5 ms instead of 16-18 ms, the smaller layers 2x faster (2-core Xeon, OpenMP).
+ * Products too small for any threads (a decode step's attention, see `tiny_rows`) are computed
+ * on the calling thread.
  *
  * small_gemm is compiled once per instruction set (avx512, avx2 with FMA, and generic: SSE2 on
  * x86-64, NEON on AArch64) and chosen by the CPU's features, never by its model name: GCC's

@@ -322,6 +322,89 @@ def test_a_bad_request_is_an_error_naming_what_is_wrong(server, body, status, pa
     assert words_ in error["message"] and error["param"] == param and error["type"]
 
 
+def test_responses_plain_and_streamed_are_the_chat_reply(client, model):
+    """/v1/responses through the official client: instructions and input are the chat's system
+    and user messages (the same prompt tokens), the greedy reply is the chat's, plain and
+    streamed (created, in_progress, the text's events, completed), with usage and our metrics."""
+    user = words(prompts(1, seed=9, low=30, high=31)[0])
+    messages = [{"role": "system", "content": "w12"}, {"role": "user", "content": user}]
+    chat = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=6, temperature=0
+    )
+    plain = client.responses.create(
+        model=MODEL, instructions="w12", input=user, max_output_tokens=6, temperature=0
+    )
+    assert plain.object == "response" and plain.output_text == chat.choices[0].message.content
+    assert plain.usage.input_tokens == len(model[1].apply_chat_template(messages))
+    assert plain.usage.output_tokens == chat.usage.completion_tokens
+    cut = chat.choices[0].finish_reason == "length"
+    assert plain.status == ("incomplete" if cut else "completed")
+    assert plain.model_extra["metrics"]["ttft_ms"] > 0
+    events = list(
+        client.responses.create(
+            model=MODEL, instructions="w12", input=user, max_output_tokens=6, temperature=0,
+            stream=True,
+        )
+    )  # fmt: skip
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == ("response.incomplete" if cut else "response.completed")
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == plain.output_text
+    assert events[-1].response.output_text == text
+    assert events[-1].response.usage.output_tokens == plain.usage.output_tokens
+
+
+def test_responses_items_tools_and_calls_go_through_the_template(client, model):
+    """Input items: a message with input_text parts, the model's function_call and its output
+    become the chat template's messages (w8 per call, w7 for the result); flat function tools
+    reach it (w6 each)."""
+    tools = [{"type": "function", "name": n, "parameters": {"type": "object"}} for n in "ab"]
+    items = [
+        {"role": "user", "content": [{"type": "input_text", "text": "w9 w10"}]},
+        {"type": "function_call", "call_id": "call_1", "name": "a", "arguments": '{"x": 1}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "w11"},
+    ]
+    reply = client.responses.create(
+        model=MODEL, input=items, tools=tools, max_output_tokens=3, temperature=0
+    )
+    call = {"id": "call_1", "type": "function", "function": {"name": "a", "arguments": {"x": 1}}}
+    template = [
+        {"role": "user", "content": "w9 w10"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "w11"},
+    ]
+    chat_tools = [
+        {"type": "function", "function": {"name": t["name"], "parameters": t["parameters"]}}
+        for t in tools
+    ]
+    expected = model[1].apply_chat_template(template, tools=chat_tools)
+    assert expected.count(6) == 2 and expected.count(8) == 1 and expected.count(7) == 1
+    assert reply.usage.input_tokens == len(expected)
+
+
+@pytest.mark.parametrize(
+    "body,param,words_",
+    [
+        ({"input": "w5", "store": True}, "store", "keeps no responses"),
+        ({"input": "w5", "previous_response_id": "resp_1"}, "previous_response_id",
+         "'previous_response_id' is not a parameter"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, None,
+         "'input_image' are not supported"),
+        ({"input": []}, "input", "non-empty list"),
+        ({"input": "w5", "tools": [{"type": "web_search"}]}, "tools", "'web_search'"),
+        ({"input": "w5", "text": {"format": {"type": "json_schema"}}}, "text", "only"),
+        ({"input": "w5", "tool_choice": "required", "tools": []}, "tool_choice", "only 'auto'"),
+        ({"input": "w5", "max_output_tokens": 0}, "max_output_tokens", "must be in"),
+    ],
+)  # fmt: skip
+def test_a_bad_responses_request_names_what_is_wrong(server, body, param, words_):
+    got, reply = post(f"{server}/v1/responses", {"model": MODEL, **body})
+    assert got == 400
+    assert words_ in reply["error"]["message"] and reply["error"]["param"] == param
+
+
 def test_keys_routes_bodies_and_sizes(server):
     chat = f"{server}/v1/chat/completions"
     body = {"model": MODEL, "messages": [{"role": "user", "content": "w5"}], "max_tokens": 1}

@@ -161,3 +161,58 @@ def test_a_model_that_does_not_load_stops_the_server_with_its_reason(tmp_path):
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "config.json" in result.stdout + result.stderr
+
+
+def _responses_job(tools_offered: bool):
+    from mlxinfer.sampling import SamplingParams
+
+    job = protocol.Job("responses", "m", [], True, SamplingParams(), 16)
+    job.tools = [{"type": "function", "function": {"name": "a"}}] if tools_offered else None
+    return job
+
+
+@pytest.mark.parametrize("text", [QWEN, TWO, "Paris is in France."])
+def test_responses_read_the_same_calls_whole_and_streamed_in_any_pieces(text):
+    """A /v1/responses reply: the text outside tool calls as one message item, a function_call
+    item per call; streamed in random pieces, the same items in the same order, every event
+    numbered, the text's deltas adding up to the message's text."""
+    from mlxinfer.server import openai_responses as responses
+
+    job = _responses_job(tools_offered=True)
+    whole = responses.response_body(job, text, "eos", 10, 5, None)
+    kinds = [(i["type"], i.get("name")) for i in whole["output"]]
+    content, calls = tools.parse(text)
+    expected = [("message", None)] if content else []
+    assert kinds == expected + [("function_call", c.name) for c in calls]
+    assert whole["status"] == "completed" and whole["usage"]["total_tokens"] == 15
+    rng = random.Random(len(text))
+    for _ in range(20):
+        writer = responses.EventWriter(job)
+        events = writer.start()
+        cuts = sorted(rng.sample(range(1, len(text)), 6))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        for k, piece in enumerate(pieces):
+            events += writer.delta(piece, finished=k == len(pieces) - 1)
+        events += writer.finish("eos", 10, 5, None)
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        done = events[-1]["response"]
+        assert events[-1]["type"] == "response.completed"
+        assert [(i["type"], i.get("name")) for i in done["output"]] == kinds
+        assert [
+            json.loads(i["arguments"]) for i in done["output"] if i["type"] == "function_call"
+        ] == [json.loads(c.arguments) for c in calls]
+        deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+        messages = [i for i in done["output"] if i["type"] == "message"]
+        assert deltas == (messages[0]["content"][0]["text"] if messages else "")
+
+
+def test_a_responses_reply_cut_at_its_limit_is_incomplete():
+    from mlxinfer.server import openai_responses as responses
+
+    job = _responses_job(tools_offered=False)
+    whole = responses.response_body(job, "w5 w6", "length", 3, 16, None)
+    assert whole["status"] == "incomplete"
+    assert whole["incomplete_details"] == {"reason": "max_output_tokens"}
+    writer = responses.EventWriter(job)
+    events = writer.start() + writer.delta("w5 w6", True) + writer.finish("length", 3, 16, None)
+    assert events[-1]["type"] == "response.incomplete"

@@ -33,7 +33,7 @@ from starlette.routing import Route
 from ..engine import Engine, RequestHandle
 from ..metrics import RequestMetrics
 from ..responses import GenerationResponse
-from . import protocol
+from . import openai_responses, protocol
 from .prometheus import ServerMetrics
 from .protocol import ApiError, Choice, Job
 from .tools import ToolCallStream
@@ -171,7 +171,7 @@ async def _submit(server: Server, job: Job) -> list[RequestHandle]:
     max_tokens = job.max_tokens or engine.model.config.max_position_embeddings
     try:
         prompt, chat = job.prompt, job.chat
-        if job.api == "chat":  # the template rendered here: it may take the request's tools
+        if job.api in ("chat", "responses"):  # rendered here: it may take the request's tools
             options: dict[str, Any] = {"tools": job.tools} if job.tools else {}
             render = functools.partial(engine.tokenizer.apply_chat_template, prompt, **options)
             prompt, chat = await anyio.to_thread.run_sync(render, limiter=server.limiter), False
@@ -183,7 +183,8 @@ async def _submit(server: Server, job: Job) -> list[RequestHandle]:
     except PROMPT_ERRORS as e:
         for handle in handles:
             handle.cancel()
-        raise _prompt_refused(e, "messages" if job.chat else "prompt") from None
+        param = "input" if job.api == "responses" else "messages" if job.chat else "prompt"
+        raise _prompt_refused(e, param) from None
     except RuntimeError as e:  # the engine stopped (shutting down, or failed)
         for handle in handles:
             handle.cancel()
@@ -347,6 +348,17 @@ def create_app(server: Server) -> Starlette:
             return _error(api, e)
         if choices is None:  # the client went away: nobody to answer
             return Response(status_code=499)
+        if job.api == "responses":
+            first = choices[0]
+            body = openai_responses.response_body(
+                job,
+                first.result.text,
+                first.result.finish_reason,
+                first.prompt_tokens,
+                len(first.result.tokens),
+                first.result.metrics,
+            )
+            return JSONResponse(body)
         body = await anyio.to_thread.run_sync(  # (decodes every token: not on the loop)
             protocol.response_body, job, choices, engine.tokenizer, limiter=server.limiter
         )
@@ -403,6 +415,7 @@ def create_app(server: Server) -> Starlette:
                 methods=["POST"],
             ),
             Route("/v1/messages", endpoint("messages", protocol.parse_messages), methods=["POST"]),
+            Route("/v1/responses", endpoint("responses", openai_responses.parse), methods=["POST"]),
             Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
         ],
         exception_handlers={404: not_found, 405: not_found, 500: server_error},
@@ -460,9 +473,13 @@ async def _stream(
 async def _events(
     server: Server, job: Job, handles: list[RequestHandle]
 ) -> AsyncGenerator[str, None]:
-    """OpenAI's chunks then `data: [DONE]`, or Anthropic's event sequence."""
+    """OpenAI's chunks then `data: [DONE]`, Anthropic's event sequence, or Responses' events."""
     assert server.engine is not None
     tokenizer = server.engine.tokenizer
+    if job.api == "responses":
+        async for line in _responses_events(server, job, handles):
+            yield line
+        return
     anthropic = job.api == "messages"
     counts = [0] * len(handles)
     metrics: list[RequestMetrics | None] = [None] * len(handles)
@@ -538,6 +555,41 @@ async def _events(
         body["metrics"] = protocol.metrics_extension(first)
         yield _sse(body)
     yield _sse("[DONE]")
+
+
+async def _responses_events(
+    server: Server, job: Job, handles: list[RequestHandle]
+) -> AsyncGenerator[str, None]:
+    """/v1/responses streamed: openai_responses.EventWriter's events, as the engine answers."""
+    writer = openai_responses.EventWriter(job)
+    for event in writer.start():
+        yield _sse(event, event["type"])
+    count, quiet_since = 0, time.monotonic()
+    async with contextlib.aclosing(_responses(server, handles)) as responses:
+        async for _, response in responses:
+            if response is None:
+                if time.monotonic() - quiet_since > KEEP_ALIVE_S:
+                    quiet_since = time.monotonic()
+                    yield ": keep-alive\n\n"
+                continue
+            quiet_since = time.monotonic()
+            count += response.token >= 0
+            finished = response.finish_reason is not None
+            if finished:
+                server.metrics.finished(response.metrics, handles[0].prompt_tokens, count)
+                error = _failed(response)
+                if error is not None:
+                    event = writer.failed(error)
+                    yield _sse(event, event["type"])
+                    return
+            for event in writer.delta(response.text, finished):
+                yield _sse(event, event["type"])
+            if finished:
+                ending = writer.finish(
+                    response.finish_reason, handles[0].prompt_tokens, count, response.metrics
+                )
+                for event in ending:
+                    yield _sse(event, event["type"])
 
 
 def _part(job, index, response, tokenizer, readers, offset) -> dict | None:

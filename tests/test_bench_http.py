@@ -32,9 +32,12 @@ class Scripted(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, first_s=0.2, gap_s=0.05, events=6, per_event=1, finish="length", status=200):
+    def __init__(
+        self, first_s=0.2, gap_s=0.05, events=6, per_event=1, finish="length", status=200, drop=0
+    ):
         self.first_s, self.gap_s, self.events, self.per_event = first_s, gap_s, events, per_event
         self.finish, self.status = finish, status
+        self.drop = drop  # connections closed at once, without a reply (a full listen queue)
         self.seen: list[tuple[dict, dict]] = []
         super().__init__(("127.0.0.1", free_port()), _Handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
@@ -67,6 +70,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         s = self.server
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        if s.drop > 0:
+            s.drop -= 1
+            self.close_connection = True
+            return
         s.seen.append(({k.lower(): v for k, v in self.headers.items()}, body))
         if s.status != 200:
             self._json(s.status, {"error": {"message": "temperature: must be >= 0", "code": 400}})
@@ -147,6 +154,15 @@ def test_requests_name_the_servers_model_and_stream_with_usage_and_the_key(scrip
 def test_a_refusal_is_raised_with_its_status_and_message(scripted):
     with pytest.raises(HttpError, match=r"/v1/completions: HTTP 400: temperature: must be >= 0"):
         Target(scripted.url).wave([{"prompt": "a"}])
+
+
+@pytest.mark.parametrize("scripted", [{"drop": 3}], indirect=True)
+def test_a_connection_reset_before_any_reply_is_tried_again_and_timed_from_the_first(scripted):
+    """mlx_lm.server (Python's http.server, a listen queue of 5) resets some of 16 connections
+    made at once: they are tried again, and the wait counts in their TTFT."""
+    (r,) = Target(scripted.url).wave([{"prompt": "x"}])
+    assert r.completion_tokens == 6 and scripted.drop == 0
+    assert r.metrics()["ttft_ms"] >= 200 + (50 + 100 + 150)  # the retries' waits, then 200 ms
 
 
 def test_a_server_that_is_not_there_is_named():

@@ -14,6 +14,7 @@ Memory is the server's own business and is not measured here (None, not 0).
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import time
@@ -26,8 +27,17 @@ from dataclasses import dataclass, field
 TIMEOUT_S = 600.0  # one request, from its send to its last byte
 
 
+RETRIES = 6  # a connection reset before any reply (a full listen queue) is tried again
+
+
 class HttpError(RuntimeError):
-    """A request the server refused or broke off: its status and the message it gave."""
+    """A request the server refused or broke off: its status and the message it gave.
+    `reset`: the connection was reset before any reply (the server's listen queue was full:
+    Python's http.server, which mlx_lm.server is, queues 5), which may be tried again."""
+
+    def __init__(self, message: str, reset: bool = False):
+        super().__init__(message)
+        self.reset = reset
 
 
 def normalized_url(url: str) -> str:
@@ -95,9 +105,10 @@ class Target:
             return urllib.request.urlopen(request, timeout=timeout)
         except urllib.error.HTTPError as e:
             raise HttpError(f"{self.url}{path}: HTTP {e.code}: {_message(e)}") from None
-        except (urllib.error.URLError, OSError) as e:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", e)
-            raise HttpError(f"{self.url}{path}: cannot connect: {reason}") from None
+            reset = isinstance(reason, (ConnectionResetError, http.client.RemoteDisconnected))
+            raise HttpError(f"{self.url}{path}: cannot connect: {reason}", reset) from None
 
     @property
     def model_id(self) -> str:
@@ -122,8 +133,8 @@ class Target:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        out = Streamed(start=time.perf_counter())
-        with self._open("/v1/completions", body) as response:
+        out = Streamed(start=time.perf_counter())  # a retry's wait is part of its TTFT
+        with self._open_retrying("/v1/completions", body) as response:
             for raw in response:
                 line = raw.decode("utf-8", "replace").strip()
                 if not line.startswith("data:"):
@@ -147,6 +158,18 @@ class Target:
                     details = usage.get("prompt_tokens_details") or {}
                     out.cached_tokens = details.get("cached_tokens") or 0
         return out
+
+    def _open_retrying(self, path: str, body: Mapping):
+        """_open, again after a connection reset before any reply (RETRIES times, waiting 50 ms
+        more each time): a server whose listen queue is shorter than the requests in flight."""
+        for attempt in range(RETRIES + 1):
+            try:
+                return self._open(path, body)
+            except HttpError as e:
+                if not e.reset or attempt == RETRIES:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def wave(self, bodies: Sequence[Mapping]) -> list[Streamed]:
         """Every request at once, one thread each (concurrency = requests in flight); the first

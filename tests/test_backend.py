@@ -117,8 +117,9 @@ def test_matmul_exact_through_whatever_blas_is_loaded(m, k, n, a_transposed, b_t
 
 
 def test_a_batched_decode_attention_is_exact():
-    """A decode step's attention as MLX runs it on the CPU: per row and KV head, [3, hd] @
-    [hd, S] then [3, S] @ [S, hd] (strided batches of tiny products), against float64 numpy."""
+    """Batches of tiny products, as a decode step's attention makes (what the shim computes on
+    the calling thread): [3, hd] @ [hd, S] then [3, S] @ [S, hd] per row and KV head, against
+    float64 numpy."""
     import mlx.core as mx
     import numpy as np
 

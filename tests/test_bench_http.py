@@ -20,9 +20,8 @@ from mlxinfer.bench import command
 from mlxinfer.bench.db import RunsDB
 from mlxinfer.bench.grid import DEFAULTS, parse_axes
 from mlxinfer.bench.http import HttpError, Target, normalized_url
+from mlxinfer.bench.servers import free_port
 from mlxinfer.bench.sweep import Sweep, http_body
-
-from .test_server import free_port
 
 
 class Scripted(ThreadingHTTPServer):

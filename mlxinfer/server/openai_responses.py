@@ -28,11 +28,10 @@ from .protocol import (
     _job,
     _max_tokens,
     _sampling,
-    _take,
     _text_content,
     _tools,
     bad,
-    check_model,
+    chat_prelude,
     metrics_extension,
 )
 
@@ -59,12 +58,7 @@ TEXT_PARTS = {"input_text", "output_text", "text"}
 
 def parse(body: Any, model_id: str, tokenizer: Tokenizer) -> Job:
     """POST /v1/responses' body, checked."""
-    if not isinstance(body, dict):
-        raise bad("the body must be a JSON object")
-    _take(body, FIELDS, "/v1/responses")
-    model = check_model(body, model_id)
-    if not tokenizer.chat_template:
-        raise bad("this model has no chat template: use /v1/completions", "input")
+    model = chat_prelude(body, FIELDS, "/v1/responses", model_id, tokenizer, "input")
     if body.get("store") not in (None, False):
         raise bad("store: this server keeps no responses; send store: false", "store")
     if body.get("text") not in (None, {"format": {"type": "text"}}):

@@ -263,14 +263,24 @@ CHAT_FIELDS = {
 }
 
 
-def parse_chat(body: Any, model_id: str, tokenizer: Tokenizer) -> Job:
-    """POST /v1/chat/completions' body, checked."""
+def chat_prelude(
+    body: Any, fields: set[str], api: str, model_id: str, tokenizer: Tokenizer, param: str
+) -> str:
+    """What every route through the chat template checks first: a JSON object of the route's
+    fields naming the model served, which has a chat template (else `param` is at fault). The
+    model's id."""
     if not isinstance(body, dict):
         raise bad("the body must be a JSON object")
-    _take(body, CHAT_FIELDS, "/v1/chat/completions")
+    _take(body, fields, api)
     model = check_model(body, model_id)
     if not tokenizer.chat_template:
-        raise bad("this model has no chat template: use /v1/completions", "messages")
+        raise bad("this model has no chat template: use /v1/completions", param)
+    return model
+
+
+def parse_chat(body: Any, model_id: str, tokenizer: Tokenizer) -> Job:
+    """POST /v1/chat/completions' body, checked."""
+    model = chat_prelude(body, CHAT_FIELDS, "/v1/chat/completions", model_id, tokenizer, "messages")
     messages = _chat_messages(body.get("messages"))
     tools = _tools(body, tokenizer)
     response_format = body.get("response_format")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,16 +39,9 @@ import numpy as np
 from common import machine_info, save_result, summary
 
 from mlxinfer.bench.baseline import NO_SHIM, export_for_mlx_lm
+from mlxinfer.bench.servers import MLX_LM_SERVER, free_port
 from mlxinfer.bench.sweep import TEXT
 from mlxinfer.bench.worker import JsonWorker
-
-MLX_LM_SERVER = "import mlxinfer; import sys; from mlx_lm.server import main; main()"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, process: subprocess.Popen, path: str) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import mlxinfer
+from mlxinfer.bench.servers import free_port
 
 from .reference import make_tiny_checkpoint
 from .test_engine import alone, assert_same_greedy, prompts
@@ -37,14 +38,6 @@ TEMPLATE = (  # words of the tiny vocabulary: w6 per tool offered, w8 per tool c
     "{% for c in m.tool_calls or [] %}w8 {% endfor %}{% endfor %}"
     "{% if add_generation_prompt %}w5{% endif %}"
 )
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(path: Path, *flags: str, key: str | None = KEY) -> tuple[subprocess.Popen, str]:

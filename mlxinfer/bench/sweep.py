@@ -29,6 +29,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ from pathlib import Path
 from . import machine
 from .db import METRICS as _METRICS
 from .db import RunsDB
-from .grid import SAMPLING_AXES, config_key, expand, parse_kv, sampling_params
+from .grid import DEFAULTS, SAMPLING_AXES, config_key, expand, parse_kv, sampling_params
 
 ENGINE = "mlxinfer"
 BASELINE = "mlx-lm"
@@ -151,8 +152,10 @@ class Sweep:
         self.engines = engine_names(baseline, target)
         self.config_ids = db.add_configurations(run_id, [(config_key(c), c) for c in configs])
         self._models = getattr(self, "_models", {})
-        self._workers: dict = {}
+        self._workers: dict = {}  # (model, compute) -> the mlx-lm worker
+        self._exports: dict = {}  # (model, compute) -> a directory of its weights for mlx-lm
         self._servers: dict = {}  # engine name -> (the settings it was started with, process)
+        self._target = None  # the run's target server (http.Target), once asked for
         # Over HTTP every wave of the run sends text no earlier wave sent (a server's prefix
         # cache must not answer a repetition): configuration i's waves start at offsets[key]
         # of the text, after the longest context.
@@ -325,20 +328,11 @@ class Sweep:
         for r in results:
             if r.finish_reason != "length":
                 raise RuntimeError(f"a request ended with {r.finish_reason}: {r.error}")
-        metrics = {}
-        for name in _METRICS:
-            if name in ("predicted_memory_mb", "output_tps"):
-                continue
-            values = [getattr(r.metrics, name) for r in results]
-            metrics[name] = sum(values) / len(values)
-        metrics["predicted_memory_mb"] = self.predicted_mb
-        metrics["output_tps"] = output_tps(
-            [len(r.tokens) for r in results], [r.metrics.e2e_ms for r in results]
-        )
+        figures = [r.metrics.to_dict() for r in results]
+        metrics = measurement_metrics(figures, self.predicted_mb)
         first = results[0].metrics
         times = [first.ttft_ms + sum(first.itl_ms[:i]) for i in range(len(first.itl_ms) + 1)]
-        requests = [request_figures(r.metrics.to_dict()) for r in results]
-        return metrics, results[0].tokens, times, requests
+        return metrics, results[0].tokens, times, [request_figures(f) for f in figures]
 
     def _measure_baseline(self, config: Mapping, prompts: list[list[int]], rep: int | None):
         worker = self._worker(config["model"], config["compute"])
@@ -356,17 +350,10 @@ class Sweep:
         if "error" in reply:
             raise RuntimeError(reply["error"])
         requests = reply["requests"]
-        metrics = {
-            name: sum(r["metrics"][name] for r in requests) / len(requests)
-            for name in _METRICS
-            if name in requests[0]["metrics"]
-        }
-        metrics["predicted_memory_mb"] = self.predicted_mb
-        metrics["output_tps"] = output_tps(
-            [len(r["tokens"]) for r in requests], [r["metrics"]["e2e_ms"] for r in requests]
-        )
-        figures = [request_figures(r["metrics"]) for r in requests]
-        return metrics, requests[0]["tokens"], requests[0]["times"], figures
+        figures = [r["metrics"] for r in requests]
+        metrics = measurement_metrics(figures, self.predicted_mb)
+        first = requests[0]
+        return metrics, first["tokens"], first["times"], [request_figures(f) for f in figures]
 
     def _worker(self, name: str, compute: str):
         key = (name, compute)
@@ -387,9 +374,9 @@ class Sweep:
         from .servers import ServerProcess
 
         if name == self.target:
-            if name not in self._servers:
-                self._servers[name] = (None, Target(name, self.api_key))
-            return self._servers[name][1]
+            if self._target is None:
+                self._target = Target(name, self.api_key)
+            return self._target
         settings = {k: config[k] for k in ("model", "compute", "kv", "concurrency")}
         settings["prefix_cache"] = bool(config["depth"])
         held = self._servers.get(name)
@@ -411,8 +398,8 @@ class Sweep:
         or our weights exported (baseline.export_for_mlx_lm), once per model."""
         if name != "default" and (Path(name) / "config.json").is_file():
             return name
-        key = ("export", name, compute)
-        if key not in self._workers:
+        key = (name, compute)
+        if key not in self._exports:
             import tempfile
 
             from .baseline import export_for_mlx_lm
@@ -420,8 +407,8 @@ class Sweep:
             model, tokenizer = self._model(name, compute)
             tmp = tempfile.TemporaryDirectory(prefix="mlxinfer-bench-")
             export_for_mlx_lm(model, tokenizer, Path(tmp.name))
-            self._workers[key] = tmp
-        return self._workers[key].name
+            self._exports[key] = tmp
+        return self._exports[key].name
 
     def _measure_http(self, name: str, config: Mapping, rep: int | None):
         target = self._server_for(name, config)
@@ -446,31 +433,22 @@ class Sweep:
                     "ignore_eos"
                 )
         figures = [r.metrics() for r in results]
-        metrics = {}
-        for metric in _METRICS:
-            values = [f[metric] for f in figures if f.get(metric) is not None]
-            if values and metric not in ("predicted_memory_mb", "output_tps"):
-                metrics[metric] = sum(values) / len(values)
-        metrics["predicted_memory_mb"] = self.predicted_mb
-        metrics["output_tps"] = output_tps(
-            [f["generated_tokens"] for f in figures], [f["e2e_ms"] for f in figures]
-        )
+        metrics = measurement_metrics(figures, self.predicted_mb)
         first = results[0]
         times = [(t - first.start) * 1e3 for t in first.times]
         return metrics, None, times, [request_figures(f) for f in figures]
 
     def close(self) -> None:
         """Stop the baseline workers and the servers this sweep started."""
-        for _, held in self._servers.values():
-            if hasattr(held, "close"):
-                held.close()
+        for _, server in self._servers.values():
+            server.close()
         self._servers.clear()
         for worker in self._workers.values():
-            if hasattr(worker, "cleanup"):
-                worker.cleanup()
-            else:
-                worker.close()
+            worker.close()
         self._workers.clear()
+        for export in self._exports.values():
+            export.cleanup()
+        self._exports.clear()
 
     def _model(self, name: str, compute: str):
         key = (name, compute)
@@ -488,7 +466,6 @@ def check_grid(configs: list[dict], load, target: str | None = None) -> None:
     cache kind or compute policy other than the default (the server's own settings).
     `load(name, compute)` gives (model, tokenizer)."""
     from ..cache import CacheSpec, make_cache
-    from .grid import DEFAULTS
 
     if target is not None:
         for axis in ("kv", "compute"):
@@ -530,8 +507,6 @@ def http_body(config: Mapping, prompt: str, seed: int, eos: list[int] | None = N
     seed only when sampling (a seed turns mlx_lm.server's batching off, its rule), exactly
     gen_tokens tokens: `ignore_eos` (ours, vLLM, llama.cpp), or `eos` (mlx_lm.server, which has no
     such field) banned through logit_bias."""
-    from .grid import DEFAULTS
-
     body: dict = {"prompt": prompt, "max_tokens": config["gen_tokens"]}
     body["temperature"] = config["temperature"]
     for axis in SAMPLING_AXES[1:]:
@@ -544,6 +519,23 @@ def http_body(config: Mapping, prompt: str, seed: int, eos: list[int] | None = N
     else:
         body["logit_bias"] = {str(t): -100.0 for t in eos}
     return body
+
+
+def measurement_metrics(figures: list[Mapping], predicted_mb: float | None) -> dict:
+    """A measurement's metrics from its concurrent requests' (RequestMetrics.to_dict(), from any
+    engine): each metric's mean over the requests that report it (mlx-lm's worker does not say
+    its KV cache's size, a client cannot see a server's memory), the predicted memory, and the
+    total output of them all."""
+    metrics = {}
+    for name in _METRICS:
+        values = [f[name] for f in figures if f.get(name) is not None]
+        if values and name not in ("predicted_memory_mb", "output_tps"):
+            metrics[name] = sum(values) / len(values)
+    metrics["predicted_memory_mb"] = predicted_mb
+    metrics["output_tps"] = output_tps(
+        [f["generated_tokens"] for f in figures], [f["e2e_ms"] for f in figures]
+    )
+    return metrics
 
 
 def request_figures(metrics: Mapping) -> dict:
@@ -655,15 +647,14 @@ def exact_tokens(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
-_IDS: dict = {}
+_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _text_ids(tokenizer) -> list[int]:
     """The text's token ids under `tokenizer` (encoded once per tokenizer: 0.1 s each time)."""
-    key = id(tokenizer)
-    if key not in _IDS or _IDS[key][0] is not tokenizer:
-        _IDS[key] = (tokenizer, tokenizer.encode(TEXT.read_text()))
-    return _IDS[key][1]
+    if tokenizer not in _IDS:
+        _IDS[tokenizer] = tokenizer.encode(TEXT.read_text())
+    return _IDS[tokenizer]
 
 
 def _reason(e: BaseException) -> str:

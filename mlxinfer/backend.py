@@ -37,7 +37,13 @@ COMPILER_FIX = "apt-get install gcc (Debian/Ubuntu)"
 KERNEL_ENV = "MLXINFER_GEMV_KERNEL"
 NATIVE_PREFILL_ENV = "MLXINFER_NATIVE_PREFILL"  # 0: prefill attention and SwiGLU by MLX's ops
 CHECK_ENV = "MLXINFER_GEMV_CHECK"  # 1: time even a forced kernel against OpenBLAS; 0: never
-SHIM_SOURCES = ("gemv_shim.c", "small_gemm.h", "flash_attention.h")  # headers: included per ISA
+SHIM_SOURCES = (  # headers: included per ISA
+    "gemv_shim.c",
+    "small_gemm.h",
+    "vector_math.h",
+    "decode_attention.h",
+    "flash_attention.h",
+)
 SHIM_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # OpenMP: small_gemm's threads
 
 _status: str | None = None  # what load_fast_blas found; see blas_status()
@@ -311,7 +317,8 @@ def gemv_kernel() -> dict[str, str] | None:
 
 class AttentionJob(ctypes.Structure):
     """gemv_shim.c's attention_job: q `[B, H, T, hd]` over k, v `[B, KV, S, hd]` (strides in
-    floats for the first three axes), out `[B, H, T, hd]` contiguous."""
+    floats for the first three axes), out `[B, H, T, hd]` contiguous; row b's keys the first
+    `lengths[b]` of S when lengths is set."""
 
     _fields_ = [
         *((name, ctypes.c_int) for name in ("B", "H", "KV", "T", "S", "hd")),
@@ -320,6 +327,7 @@ class AttentionJob(ctypes.Structure):
         *((name, ctypes.c_long * 3) for name in ("q_strides", "k_strides", "v_strides")),
         ("out", ctypes.c_void_p),
         ("query_block", ctypes.c_int),
+        ("lengths", ctypes.c_void_p),  # int32 [B]: keys each row holds (a batch's decode), or NULL
     ]
 
 

@@ -95,15 +95,22 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.a
 
 
 def native_attention(
-    q: mx.array, k: mx.array, v: mx.array, scale: float, kernel: str | None = None
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    scale: float,
+    kernel: str | None = None,
+    lengths: np.ndarray | None = None,
 ) -> mx.array | None:
     """Causal attention of q `[B, H, T, hd]` (the last T of S positions) over k, v `[B, KV, S, hd]`
     by the shim's C kernel (flash_attention.h: vectorised exp, threads, no score row longer than
     256 keys held), or None where it does not apply: no shim, not float32, a head dim that is not
-    a multiple of the vector width. MLX cannot call it inside a graph, so q, k and v are evaluated
-    here and the result is a new array: one synchronisation per layer, which a prefill chunk's
-    attention outweighs. `kernel` forces a variant (avx512, avx2, generic, neon), for tests;
-    ValueError where this CPU cannot run it."""
+    a multiple of the vector width. With `lengths` (int `[B]`, a batch's decode step), row b holds
+    only its first lengths[b] keys and its queries are the last T of those. MLX cannot call it
+    inside a graph, so q, k and v are evaluated here and the result is a new array: one
+    synchronisation per layer, which a prefill chunk's attention, or a batch's decode attention
+    (MLX's fallback: a one-row product per row and query head), outweighs. `kernel` forces a
+    variant (avx512, avx2, generic, neon), for tests; ValueError where this CPU cannot run it."""
     run = backend.native_prefill_kernel("mlxinfer_attention")
     if (
         run is None
@@ -124,12 +131,55 @@ def native_attention(
     for name, a in zip(("q_strides", "k_strides", "v_strides"), arrays, strict=True):
         getattr(job, name)[:] = [stride // a.itemsize for stride in a.strides[:3]]
     job.out = out.ctypes.data
+    if lengths is not None:
+        lengths = np.ascontiguousarray(lengths, dtype=np.int32)
+        if lengths.shape != (B,):
+            raise ValueError(
+                f"lengths must have one entry per row ({B}), got shape {lengths.shape}"
+            )
+        job.lengths = lengths.ctypes.data
     code = run(ctypes.byref(job), -1 if kernel is None else backend.kernel_index(kernel))
     if code == 2:
         raise ValueError(f"this CPU cannot run the {kernel} kernel")
     if code == 3:
         raise MemoryError("the native attention kernel could not allocate its scratch memory")
     return mx.array(out) if code == 0 else None
+
+
+def decode_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array | None:
+    """One new query per row (a decode step), q `[B, H, 1, hd]` over k, v `[B, KV, S, hd]`, by the
+    shim's kernel where `mask` lets each row see a prefix of the slots: None (every slot), or a
+    batch cache's bool `[B, 1, 1, S]` over rows of different lengths (a growing cache). None where
+    the kernel does not apply, or the mask is not prefixes (a rotating cache that has wrapped, a
+    sliding window): MLX's attention then runs."""
+    if q.shape[2] != 1:
+        return None
+    lengths = None
+    if mask is not None:
+        if isinstance(mask, str) or mask.ndim != 4 or mask.shape[1:3] != (1, 1):
+            return None
+        lengths = _prefix_lengths(mask)
+        if lengths is None:
+            return None
+    return native_attention(q, k, v, scale, lengths=lengths)
+
+
+_last_mask = threading.local()  # the layers of a step share one mask: read it once
+
+
+def _prefix_lengths(mask: mx.array) -> np.ndarray | None:
+    """The visible slots of each row of a bool mask `[B, 1, 1, S]` when they are a prefix of the
+    row (int32 `[B]`), else None."""
+    seen = getattr(_last_mask, "value", None)
+    if seen is not None and seen[0] is mask:
+        return seen[1]
+    visible = np.asarray(mask)  # evaluates it once, no copy (a reshape here would be a new array)
+    visible = visible.reshape(visible.shape[0], visible.shape[-1])
+    lengths = visible.sum(axis=1, dtype=np.int32)
+    if not np.array_equal(visible, np.arange(visible.shape[1]) < lengths[:, None]):
+        lengths = None
+    _last_mask.value = (mask, lengths)
+    return lengths
 
 
 NATIVE_SWIGLU_MIN = 1 << 16  # floats; fewer (decode steps) stay in MLX's graph, unsynchronised

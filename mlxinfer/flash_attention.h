@@ -22,7 +22,8 @@ TARGET static void ATTENTION(const attention_job *job, int item, float *scratch)
   const int b = item / (job->KV * blocks_per_head), rest = item % (job->KV * blocks_per_head);
   const int kv = rest / blocks_per_head, t0 = (rest % blocks_per_head) * qb;
   const int tq = job->T - t0 < qb ? job->T - t0 : qb, rows = groups * tq, rows4 = (rows + 3) / 4 * 4;
-  const int first = job->S - job->T + t0; /* the position of the block's first query */
+  const int S = job->lengths ? job->lengths[b] : job->S; /* keys this row holds */
+  const int first = S - job->T + t0; /* the position of the block's first query */
   const int hd_vec = hd / BLOCK * BLOCK;  /* head dims in full register blocks; hd % VW == 0 */
 
   float *qs = scratch;               /* [rows4, hd]: queries * scale * log2(e), padded with 0 */

@@ -65,7 +65,9 @@ typedef struct {
 
 /* A causal attention over a prefill chunk (flash_attention.h): q [B, H, T, hd] over the keys and
  * values [B, KV, S, hd] of positions 0..S-1, the queries being the last T positions; any strides
- * (in floats) for the first three axes, head dims contiguous; out [B, H, T, hd] contiguous. */
+ * (in floats) for the first three axes, head dims contiguous; out [B, H, T, hd] contiguous.
+ * With `lengths` (a batch's decode step: rows of different lengths), row b holds only its first
+ * lengths[b] keys (T <= lengths[b] <= S), its queries being the last T of those; NULL: all S. */
 typedef struct {
   int B, H, KV, T, S, hd;
   float scale;
@@ -73,12 +75,15 @@ typedef struct {
   long q_strides[3], k_strides[3], v_strides[3];
   float *out;
   int query_block; /* queries per work item, set by mlxinfer_attention */
+  const int *lengths; /* [B] keys each row holds, or NULL */
 } attention_job;
 /* Keys per block and query rows per work item (a KV head's query groups together), measured on
  * 512 queries over 4k keys (2-core Xeon, AVX-512; GFLOP/s of the two products): 256 keys x 64
  * rows 66, 128 x 64 114, 64 x 256 122-138, 128 x 128 123-152 (AVX2: 54 -> 78). The block's
  * scores, [128, 128] floats, and its transposed keys stay in L1/L2. */
 enum { ATTENTION_KEY_BLOCK = 128, ATTENTION_ROWS = 128 };
+/* A decode step's attention (decode_attention.h): at most this many query groups per KV head. */
+enum { DECODE_MAX_GROUPS = 16 };
 
 /* The kernels, one per instruction set (small_gemm.h has the code and says how the block sizes
  * were chosen). A variant's code is compiled for its target whatever the compiler's flags; which
@@ -91,6 +96,8 @@ enum { ATTENTION_KEY_BLOCK = 128, ATTENTION_ROWS = 128 };
 #define VECS 4
 #define PREFIX avx512
 #include "vector_math.h"
+#define DECODE_ATTENTION decode_attention_avx512
+#include "decode_attention.h"
 #define ATTENTION attention_avx512
 #include "flash_attention.h"
 #include "small_gemm.h"
@@ -102,6 +109,8 @@ enum { ATTENTION_KEY_BLOCK = 128, ATTENTION_ROWS = 128 };
 #define VECS 2
 #define PREFIX avx2
 #include "vector_math.h"
+#define DECODE_ATTENTION decode_attention_avx2
+#include "decode_attention.h"
 #define ATTENTION attention_avx2
 #include "flash_attention.h"
 #include "small_gemm.h"
@@ -113,6 +122,8 @@ enum { ATTENTION_KEY_BLOCK = 128, ATTENTION_ROWS = 128 };
 #define VECS 2
 #define PREFIX generic
 #include "vector_math.h"
+#define DECODE_ATTENTION decode_attention_generic
+#include "decode_attention.h"
 #define ATTENTION attention_generic
 #include "flash_attention.h"
 #include "small_gemm.h"
@@ -125,6 +136,8 @@ enum { ATTENTION_KEY_BLOCK = 128, ATTENTION_ROWS = 128 };
 #define VECS 4
 #define PREFIX generic
 #include "vector_math.h"
+#define DECODE_ATTENTION decode_attention_generic
+#include "decode_attention.h"
 #define ATTENTION attention_generic
 #include "flash_attention.h"
 #include "small_gemm.h"
@@ -137,6 +150,8 @@ enum { ATTENTION_KEY_BLOCK = 128, ATTENTION_ROWS = 128 };
 #define VECS 2
 #define PREFIX generic
 #include "vector_math.h"
+#define DECODE_ATTENTION decode_attention_generic
+#include "decode_attention.h"
 #define ATTENTION attention_generic
 #include "flash_attention.h"
 #include "small_gemm.h"
@@ -152,14 +167,18 @@ static const struct {
   kernel_fn fn;
   int cols; /* columns of C per work item when B is stored [N, K]: the kernel's COLS */
   attention_fn attention;
+  attention_fn decode_attention; /* one query per row (T = 1) */
   int width; /* floats per vector: the head dim must be a multiple */
   swiglu_fn swiglu;
 } KERNELS[] = {
 #if defined(__x86_64__) || defined(__i386__)
-    {"avx512", small_gemm_avx512, small_gemm_avx512_COLS, attention_avx512, 16, avx512_swiglu},
-    {"avx2", small_gemm_avx2, small_gemm_avx2_COLS, attention_avx2, 8, avx2_swiglu},
+    {"avx512", small_gemm_avx512, small_gemm_avx512_COLS, attention_avx512,
+     decode_attention_avx512, 16, avx512_swiglu},
+    {"avx2", small_gemm_avx2, small_gemm_avx2_COLS, attention_avx2, decode_attention_avx2, 8,
+     avx2_swiglu},
 #endif
-    {GENERIC_NAME, small_gemm_generic, small_gemm_generic_COLS, attention_generic, 4, generic_swiglu},
+    {GENERIC_NAME, small_gemm_generic, small_gemm_generic_COLS, attention_generic,
+     decode_attention_generic, 4, generic_swiglu},
 };
 enum { N_KERNELS = sizeof KERNELS / sizeof KERNELS[0] };
 
@@ -433,6 +452,50 @@ static void attention_task(void *arg) {
   free(scratch);
 }
 
+typedef struct {
+  const attention_job *job;
+  attention_fn attention;
+  size_t floats; /* scratch per thread */
+  int items, next, failed;
+} decode_call;
+
+static void decode_task(void *arg) {
+  decode_call *call = arg;
+  float *scratch = malloc(sizeof(float) * call->floats);
+  for (;;) {
+    int i = __atomic_fetch_add(&call->next, 1, __ATOMIC_RELAXED);
+    if (i >= call->items) break;
+    if (!scratch) { /* no other thread may be left to take it */
+      __atomic_store_n(&call->failed, 1, __ATOMIC_RELAXED);
+      break;
+    }
+    call->attention(call->job, i, scratch);
+  }
+  free(scratch);
+}
+
+/* Work below which a decode step's attention stays on the calling thread: waking the pool costs
+ * about as much as ~8 rows x 9 heads x 512 keys of it (a few tens of microseconds). */
+enum { DECODE_ON_CALLER = 1 << 21 }; /* query heads x keys x head dims */
+
+/* A decode step (T = 1): work items of one row's KV head with its query groups
+ * (decode_attention.h), each with a row of scores per group. */
+static int decode_attention(const attention_job *job, int index) {
+  int longest = job->S;
+  if (job->lengths) {
+    longest = 0;
+    for (int b = 0; b < job->B; b++) longest = job->lengths[b] > longest ? job->lengths[b] : longest;
+  }
+  decode_call call = {job, KERNELS[index].decode_attention,
+                      (size_t)(job->H / job->KV) * (size_t)(longest > 0 ? longest : 1),
+                      job->B * job->KV, 0, 0};
+  if ((long)job->B * job->H * longest * job->hd <= DECODE_ON_CALLER)
+    decode_task(&call);
+  else
+    pool_run(decode_task, &call);
+  return call.failed ? 3 : 0;
+}
+
 /* The variant a prefill kernel runs: `variant`, or the one chosen at init for -1; -1 when this
  * CPU cannot run it (or there is none). */
 static int prefill_variant(int variant) {
@@ -444,7 +507,7 @@ static int prefill_variant(int variant) {
  * one KV head with all its query groups: about ATTENTION_ROWS rows) shared by the pool's threads.
  * `variant` is an index of KERNELS, or -1 for the one chosen at init. Returns 0; 1 for a shape
  * the kernels do not take (a head dim that is not a multiple of the vector width or is over 512,
- * H not a multiple of KV, fewer keys than queries); 2 for a variant this CPU cannot run; 3 when
+ * H not a multiple of KV, fewer keys than queries in a row); 2 for a variant this CPU cannot run; 3 when
  * out of memory. */
 int mlxinfer_attention(attention_job *job, int variant) {
   const int index = prefill_variant(variant);
@@ -453,7 +516,11 @@ int mlxinfer_attention(attention_job *job, int variant) {
   if (job->hd <= 0 || job->hd % width || job->hd > 512 || groups <= 0 || job->H % job->KV ||
       job->S < job->T)
     return 1;
+  if (job->lengths)
+    for (int b = 0; b < job->B; b++)
+      if (job->lengths[b] < job->T || job->lengths[b] > job->S) return 1;
   if (job->T <= 0 || job->B <= 0) return 0;
+  if (job->T == 1 && groups <= DECODE_MAX_GROUPS) return decode_attention(job, index);
   job->query_block = (ATTENTION_ROWS + groups - 1) / groups;
   const int blocks = (job->T + job->query_block - 1) / job->query_block, heads = job->B * job->KV;
   const int rows4 = (groups * job->query_block + 3) / 4 * 4;

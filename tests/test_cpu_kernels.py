@@ -159,6 +159,93 @@ def test_native_attention_keeps_extreme_scores_finite():
     assert np.abs(ours - expected).max() < 1e-3
 
 
+DECODE_SHAPES = [  # B, H, KV, S, hd: one query per row over its first lengths[b] of S slots
+    (8, 9, 3, 150, 64),  # SmolLM2's heads, a batch of 8 (on the calling thread)
+    (8, 9, 3, 2000, 64),  # enough work for the pool's threads
+    (3, 4, 4, 37, 80),  # MHA; 5 vectors of head dims at AVX-512 (a block of 4 and one more)
+    (2, 16, 2, 70, 32),  # 8 query groups a KV head
+    (2, 32, 1, 50, 64),  # 32 groups: more than the decode kernel takes (the prefill kernel does)
+    (4, 2, 1, 9, 20),  # a head dim only the 4-wide variants take
+]
+
+
+def _reference_decode(q, k, v, scale, lengths):
+    """Row b's one query (position lengths[b] - 1) over its first lengths[b] keys, float64."""
+    return np.concatenate(
+        [
+            _reference_attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], scale)
+            for b, n in enumerate(lengths)
+        ]
+    )
+
+
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=str)
+def test_decode_attention_over_rows_of_different_lengths_in_every_variant(shape):
+    """A batch's decode step: each row sees a prefix of the slots (its own length, 1 to S),
+    through every variant this CPU can run, against float64 numpy."""
+    kernels = _runnable_kernels()
+    if not kernels:
+        pytest.skip("no gemv shim on this machine")
+    B, H, KV, S, hd = shape
+    rng = np.random.default_rng(sum(shape))
+    q = rng.normal(size=(B, H, 1, hd)).astype(np.float32)
+    k, v = (rng.normal(size=(B, KV, S, hd)).astype(np.float32) for _ in "kv")
+    lengths = np.array([S] + [int(n) for n in rng.integers(1, S + 1, B - 1)], dtype=np.int32)
+    expected = _reference_decode(q, k, v, hd**-0.5, lengths)
+    for kernel in kernels:
+        args = (*map(mx.array, (q, k, v)), hd**-0.5, kernel)
+        if hd % {"avx512": 16, "avx2": 8}.get(kernel, 4):
+            assert cpu_kernels.native_attention(*args, lengths=lengths) is None
+            continue
+        ours = np.array(cpu_kernels.native_attention(*args, lengths=lengths))
+        assert np.abs(ours - expected).max() < 1e-5, kernel  # measured: ~1e-6
+
+
+def test_decode_attention_keeps_extreme_scores_finite():
+    """Scores of +-3000 in a decode step: every exponent is taken after the row's max."""
+    if not _runnable_kernels():
+        pytest.skip("no gemv shim on this machine")
+    rng = np.random.default_rng(8)
+    q = rng.normal(size=(2, 4, 1, 64)).astype(np.float32) * 30
+    k = rng.normal(size=(2, 2, 300, 64)).astype(np.float32) * 30
+    v = rng.normal(size=(2, 2, 300, 64)).astype(np.float32)
+    lengths = np.array([300, 123], dtype=np.int32)
+    expected = _reference_decode(q, k, v, 0.125, lengths)
+    ours = np.array(cpu_kernels.native_attention(*map(mx.array, (q, k, v)), 0.125, lengths=lengths))
+    assert np.isfinite(ours).all()
+    assert np.abs(ours - expected).max() < 1e-3  # as for the prefill kernel above
+
+
+def test_decode_attention_reads_the_mask_of_a_batch_cache():
+    """The op set's decode path: a batch cache's mask whose rows are prefixes goes to the kernel
+    (the same numbers as MLX's attention under that mask); a mask that is not prefixes (a
+    rotating cache that has wrapped) is declined, so MLX's attention runs; lengths outside
+    1..S are refused by the kernel."""
+    if not _runnable_kernels():
+        pytest.skip("no gemv shim on this machine")
+    rng = np.random.default_rng(9)
+    q = mx.array(rng.normal(size=(3, 9, 1, 64)).astype(np.float32))
+    buffer = mx.array(rng.normal(size=(4, 3, 256, 64)).astype(np.float32))
+    k, v = buffer[:3, :, :40], buffer[1:, :, 100:140]  # slices of larger buffers, as a cache's
+    lengths = np.array([40, 7, 22])
+    prefix = mx.array(np.arange(40)[None, :] < lengths[:, None])[:, None, None, :]
+    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=prefix)
+    ours = cpu_kernels.decode_attention(q, k, v, 0.125, prefix)
+    assert ours is not None
+    np.testing.assert_allclose(np.array(ours), np.array(expected), atol=1e-5)
+    assert np.array_equal(
+        np.array(cpu_kernels.decode_attention(q, k, v, 0.125, None)),
+        np.array(cpu_kernels.native_attention(q, k, v, 0.125)),
+    )
+    holes = np.arange(40)[None, :] < lengths[:, None]
+    holes[1, 3] = False  # not a prefix
+    assert cpu_kernels.decode_attention(q, k, v, 0.125, mx.array(holes)[:, None, None, :]) is None
+    for bad in ([41, 7, 22], [40, 0, 22]):
+        assert cpu_kernels.native_attention(q, k, v, 0.125, lengths=np.array(bad)) is None
+    with pytest.raises(ValueError, match="one entry per row"):
+        cpu_kernels.native_attention(q, k, v, 0.125, lengths=np.array([40, 7]))
+
+
 def test_native_attention_declines_what_it_does_not_take(monkeypatch):
     """bfloat16 inputs, or the kernel turned off: None, so the caller runs MLX's ops."""
     if not _runnable_kernels():

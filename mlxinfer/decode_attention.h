@@ -1,7 +1,7 @@
 /* One instruction set's attention for a decode step: one new query per row, each KV head's query
  * groups together (one work item: row b, KV head kv), over the row's first S_b keys (all of them:
  * the new query is the row's last position). Included by gemv_shim.c once per variant, after
- * vector_math.h (its vector types, EXP2, ALOAD/ASTORE), with
+ * vector_math.h (its vector types, EXP2, LANE_SUM, ALOAD/ASTORE), with
  *   DECODE_ATTENTION the function's name   TARGET its target attribute (or nothing)
  *   VW  floats per vector register
  *
@@ -12,29 +12,6 @@
  *   p   = exp2(s - max(s))   over the whole row of scores (scratch: groups x S floats)
  *   o   = sum_j p_j v_j / sum_j p_j
  * Scores are in log2 units (q is scaled by scale * log2(e)), as in flash_attention.h. */
-
-#define HALF PASTE(PREFIX, _half)
-#define QUARTER PASTE(PREFIX, _quarter)
-#define LANE_SUM PASTE(PREFIX, _lane_sum)
-#if VW >= 8
-typedef float HALF __attribute__((vector_size(VW * 2), aligned(4), may_alias));
-#endif
-#if VW >= 16
-typedef float QUARTER __attribute__((vector_size(VW), aligned(4), may_alias));
-#endif
-
-/* The sum of a vector's lanes, halving it (the halves read through the same register: no stack). */
-TARGET static inline float LANE_SUM(AVEC x) {
-#if VW >= 16
-  HALF h = ((const HALF *)&x)[0] + ((const HALF *)&x)[1];
-  QUARTER s = ((const QUARTER *)&h)[0] + ((const QUARTER *)&h)[1];
-#elif VW == 8
-  HALF s = ((const HALF *)&x)[0] + ((const HALF *)&x)[1];
-#else
-  AVEC s = x;
-#endif
-  return (s[0] + s[2]) + (s[1] + s[3]);
-}
 
 TARGET static void DECODE_ATTENTION(const attention_job *job, int item, float *scores) {
   enum { MAX_VECS = 512 / VW };
@@ -118,7 +95,4 @@ TARGET static void DECODE_ATTENTION(const attention_job *job, int item, float *s
   }
 }
 
-#undef HALF
-#undef QUARTER
-#undef LANE_SUM
 #undef DECODE_ATTENTION

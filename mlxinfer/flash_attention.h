@@ -165,4 +165,3 @@ TARGET static void ATTENTION(const attention_job *job, int item, float *scratch)
 #undef ALOAD
 #undef ASTORE
 #undef ATTENTION
-#undef PREFIX

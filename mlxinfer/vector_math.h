@@ -1,4 +1,4 @@
-/* One instruction set's vector types, exp2 and SwiGLU, for the kernels that MLX's CPU backend runs
+/* One instruction set's vector types, exp2, the sum of a vector's lanes and SwiGLU, for the kernels that MLX's CPU backend runs
  * scalar and on one thread (its exp costs ~9-17 ns a float). Included by gemv_shim.c once per
  * variant, before flash_attention.h, with
  *   PREFIX  the variant's name prefix   TARGET its target attribute (or nothing)
@@ -38,6 +38,30 @@ TARGET static inline AVEC EXP2(AVEC x) {
   p = p * f + 1.0f;
   AIVEC bits = (__builtin_convertvector(n, AIVEC) + 127) << 23;
   return p * (AVEC)bits;
+}
+
+#define HALF_VEC PASTE(PREFIX, _half_vec)
+#define QUARTER_VEC PASTE(PREFIX, _quarter_vec)
+#define LANE_SUM PASTE(PREFIX, _lane_sum)
+#if VW >= 8
+typedef float HALF_VEC __attribute__((vector_size(VW * 2), aligned(4), may_alias));
+#endif
+#if VW >= 16
+typedef float QUARTER_VEC __attribute__((vector_size(VW), aligned(4), may_alias));
+#endif
+
+/* The sum of a vector's lanes, halving it (the halves read in place, no copy through the stack):
+ * 4 adds at 16 lanes, where a loop over the lanes makes 16 dependent ones. */
+TARGET static inline float LANE_SUM(AVEC x) {
+#if VW >= 16
+  HALF_VEC h = ((const HALF_VEC *)&x)[0] + ((const HALF_VEC *)&x)[1];
+  QUARTER_VEC s = ((const QUARTER_VEC *)&h)[0] + ((const QUARTER_VEC *)&h)[1];
+#elif VW == 8
+  HALF_VEC s = ((const HALF_VEC *)&x)[0] + ((const HALF_VEC *)&x)[1];
+#else
+  AVEC s = x;
+#endif
+  return (s[0] + s[2]) + (s[1] + s[3]);
 }
 
 /* out = silu(gate) * up = gate * up / (1 + e^-gate) over [lo, hi); a NaN gate gives NaN, as

@@ -20,6 +20,7 @@ from .rope import RoPE
 
 class Attention(nn.Module):
     ops: MLXOps = OPS["mlx"]  # the model's op set, assigned by Model.set_kernels
+    group: mx.distributed.Group | None = None  # tensor parallel: its ranks' outputs are summed
 
     def __init__(self, config: ModelConfig, rope: RoPE, window: int | None = None):
         super().__init__()
@@ -68,7 +69,10 @@ class Attention(nn.Module):
         else:
             out = self.ops.attention(q, k, v, self.scale, mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)  # [B, T, H * hd]
-        return self.o_proj(out)
+        out = self.o_proj(out)  # [B, T, D]
+        if self.group is not None:  # each rank's heads: a partial sum of o_proj
+            out = mx.distributed.all_sum(out, group=self.group)
+        return out
 
     def project(self, x: mx.array, offset) -> tuple[mx.array, mx.array, mx.array]:
         """Queries `[B, H, T, hd]`, keys and values `[B, KV, T, hd]` of `x` `[B, T, D]` at

@@ -29,6 +29,7 @@ from .mlp import SwiGLU
 from .model import Model
 from .moe import QuantizedSwitchLinear
 from .ops import resolve_kernels
+from .parallel import PARALLEL_MODES, join_group, shard_weights
 from .streams import own_streams
 from .tokenizer import Tokenizer
 
@@ -57,6 +58,8 @@ def load(
     dtype: mx.Dtype | None = None,
     compute: str = "auto",
     kernels: str = "auto",
+    parallel: str | None = None,
+    group: mx.distributed.Group | None = None,
 ) -> tuple[Model, Tokenizer]:
     """Load a model and its tokenizer. `path=None` loads the default model.
 
@@ -67,12 +70,33 @@ def load(
     default a Hugging Face checkpoint keeps its stored dtype and a GGUF model computes in float32.
     `kernels` is the op set (ops.py): "mlx" (MLX's fast ops, what a Mac runs), "cpu" (kernels
     tuned for MLX's CPU backend), "auto" (MLXINFER_KERNELS if set, else "cpu" on the CPU device,
-    "mlx" elsewhere). The choices are `model.compute_policy` and `model.kernels`."""
+    "mlx" elsewhere). The choices are `model.compute_policy` and `model.kernels`.
+
+    `parallel="tensor"` shards the model over `group` (default: `mx.distributed.init()`, the
+    group `mlx.launch` started): each rank reads and holds only its slice of every block
+    (parallel.py), and every rank must load the same model (checked across the group)."""
     resolve_compute_policy(compute)  # bad values fail before anything is read
     resolve_kernels(kernels)
+    group = parallel_group(parallel, group)
     own_streams()  # the weights are evaluated on this thread
-    model, tokenizer = _load_as_stored(path, dtype)
+    model, tokenizer = _load_as_stored(path, dtype, group)
     return prepare(model, compute, kernels), tokenizer
+
+
+def parallel_group(
+    parallel: str | None, group: mx.distributed.Group | None
+) -> mx.distributed.Group | None:
+    """The group a model is sharded over, or None to run alone (no `parallel`, or one rank)."""
+    if parallel is None:
+        if group is not None:
+            raise ValueError("a group was given without parallel=; pass parallel='tensor'")
+        return None
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(
+            f"parallel must be one of {', '.join(PARALLEL_MODES)} or None, got {parallel!r}"
+        )
+    group = group if group is not None else mx.distributed.init()
+    return group if group.size() > 1 else None
 
 
 def prepare(model: Model, compute: str = "auto", kernels: str = "auto") -> Model:
@@ -92,7 +116,9 @@ def prepare(model: Model, compute: str = "auto", kernels: str = "auto") -> Model
     return model
 
 
-def _load_as_stored(path: str | Path | None, dtype: mx.Dtype | None) -> tuple[Model, Tokenizer]:
+def _load_as_stored(
+    path: str | Path | None, dtype: mx.Dtype | None, group: mx.distributed.Group | None = None
+) -> tuple[Model, Tokenizer]:
     path = Path(path) if path is not None else default_model_path()
     if not path.exists():
         if looks_like_hub_id(str(path)):
@@ -105,19 +131,21 @@ def _load_as_stored(path: str | Path | None, dtype: mx.Dtype | None) -> tuple[Mo
         raise FileNotFoundError(f"{path}: no such model file or directory")
     if path.is_file():
         if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
-            return load_gguf(path, dtype)
+            return load_gguf(path, dtype, group)
         raise ModelLoadError(f"{path}: not a .gguf file; pass a GGUF file or a model directory")
     if (path / "config.json").is_file():
-        return load_hf(path, dtype)
+        return load_hf(path, dtype, group)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return load_gguf(model_file(path, ggufs[0].name), dtype)
+        return load_gguf(model_file(path, ggufs[0].name), dtype, group)
     raise ModelLoadError(
         f"{path}: no config.json (Hugging Face or MLX model) and no single .gguf file"
     )
 
 
-def load_hf(path: Path, dtype: mx.Dtype | None = None) -> tuple[Model, Tokenizer]:
+def load_hf(
+    path: Path, dtype: mx.Dtype | None = None, group: mx.distributed.Group | None = None
+) -> tuple[Model, Tokenizer]:
     """A Hugging Face or mlx-community directory: config.json + safetensors (+ tokenizer files)."""
     config = ModelConfig.from_file(model_file(path, "config.json"))
     tokenizer = Tokenizer.from_dir(path, eos_token_ids=config.eos_token_ids)
@@ -128,11 +156,13 @@ def load_hf(path: Path, dtype: mx.Dtype | None = None) -> tuple[Model, Tokenizer
         weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
     if config.num_experts:
         weights = stack_experts(weights, config.num_experts, source=str(path))
-    model = build_model(config, weights, source=str(path), dtype=dtype)
+    model = build_model(config, weights, source=str(path), dtype=dtype, group=group)
     return model, tokenizer
 
 
-def load_gguf(path: Path, dtype: mx.Dtype | None = None) -> tuple[Model, Tokenizer]:
+def load_gguf(
+    path: Path, dtype: mx.Dtype | None = None, group: mx.distributed.Group | None = None
+) -> tuple[Model, Tokenizer]:
     """A llama.cpp GGUF file: config, weights, tokenizer and chat template all come from it."""
     source = str(path)
     gguf.check_tensor_types(path)
@@ -150,7 +180,7 @@ def load_gguf(path: Path, dtype: mx.Dtype | None = None) -> tuple[Model, Tokeniz
     config = ModelConfig.from_dict(config_dict, source=source)
     tokenizer = Tokenizer.from_gguf(metadata, source)
     check_vocabulary(config, tokenizer, source, "its metadata")
-    model = build_model(config, weights, source=source, dtype=dtype or mx.float32)
+    model = build_model(config, weights, source=source, dtype=dtype or mx.float32, group=group)
     return model, tokenizer
 
 
@@ -226,10 +256,19 @@ def stack_experts(
 
 
 def build_model(
-    config: ModelConfig, weights: dict[str, mx.array], source: str, dtype: mx.Dtype | None = None
+    config: ModelConfig,
+    weights: dict[str, mx.array],
+    source: str,
+    dtype: mx.Dtype | None = None,
+    group: mx.distributed.Group | None = None,
 ) -> Model:
-    """Instantiate the model, quantize the layers stored quantized, check and assign all weights."""
+    """Instantiate the model, quantize the layers stored quantized, check and assign all weights.
+    With a group (tensor parallel), this rank's slices of them, after every rank has shown it
+    loaded the same model."""
     check_layer_count(config, weights, source)
+    if group is not None:
+        join_group(config, weights, group)
+        config, weights = shard_weights(config, weights, group.rank(), group.size(), source)
     model = Model(config, kernels="mlx")  # the caller's op set comes with prepare()
     _quantize_like(model, weights, config.quantization or {})
     if dtype is not None:
@@ -238,6 +277,7 @@ def build_model(
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     model.eval()
+    model.set_group(group)
     return model
 
 

@@ -12,6 +12,7 @@ from .ops import OPS, MLXOps
 
 class SwiGLU(nn.Module):
     ops: MLXOps = OPS["mlx"]  # the model's op set, assigned by Model.set_kernels
+    group: mx.distributed.Group | None = None  # tensor parallel: its ranks' outputs are summed
 
     def __init__(self, config: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
@@ -31,4 +32,7 @@ class SwiGLU(nn.Module):
             gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)  # each [B, T, F]
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(self.ops.swiglu(gate, up))  # silu(gate) * up
+        out = self.down_proj(self.ops.swiglu(gate, up))  # silu(gate) * up
+        if self.group is not None:  # each rank's columns of F: a partial sum of down_proj
+            out = mx.distributed.all_sum(out, group=self.group)
+        return out

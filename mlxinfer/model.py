@@ -67,6 +67,7 @@ class Model(nn.Module):
         super().__init__()
         self.config = config
         self.compute_policy = "native"  # set by load(): "native" or "float32"
+        self.group: mx.distributed.Group | None = None  # tensor parallel's ranks (set_group)
         self.model = DecoderStack(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -80,6 +81,14 @@ class Model(nn.Module):
         for _, module in self.named_modules():
             if hasattr(module, "ops"):
                 module.ops = ops
+
+    def set_group(self, group: mx.distributed.Group | None) -> None:
+        """Tensor parallel (parallel.py): each block's attention and MLP sum their ranks' partial
+        outputs over `group`; None runs alone."""
+        self.group = group
+        for layer in self.model.layers:
+            layer.self_attn.group = group
+            layer.mlp.group = group  # SwiGLU or SparseMoE (whose shared expert is inside its sum)
 
     def __call__(self, tokens: mx.array, cache: list[Cache] | None = None) -> mx.array:
         return self.logits(self.hidden_states(tokens, cache))

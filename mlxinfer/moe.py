@@ -141,6 +141,8 @@ class SwitchGLU(nn.Module):
 class SparseMoE(nn.Module):
     """Router + routed experts (+ Qwen2-MoE's gated shared expert); same call as SwiGLU."""
 
+    group: mx.distributed.Group | None = None  # tensor parallel: its ranks' outputs are summed
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         D = config.hidden_size
@@ -159,6 +161,8 @@ class SparseMoE(nn.Module):
         out = (self.switch_mlp(x, indices) * weights[..., None].astype(x.dtype)).sum(axis=1)
         if "shared_expert" in self:
             out = out + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.group is not None:  # each rank's columns of every expert: one sum for all
+            out = mx.distributed.all_sum(out, group=self.group)
         return out.reshape(shape)
 
     def route(self, x: mx.array) -> tuple[mx.array, mx.array]:

@@ -14,13 +14,13 @@ graph. On the CPU, which runs steps one at a time, top-p reads back one number (
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 
 from . import cpu_kernels
+from .parallel import unseeded_seed
 
 NEG_INF = float("-inf")
 GREEDY_BELOW = 1e-6  # temperatures below this are greedy (|logits| / T stays far from overflow)
@@ -293,7 +293,7 @@ class Sampler:
         params.check_vocab(vocab_size)
         self.params = params
         self.vocab_size = vocab_size
-        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+        seed = params.seed if params.seed is not None else unseeded_seed()
         self.key = mx.random.key(seed)
         window = [*prompt_ids, *generated_ids][-params.repetition_context_size :]
         self.recent = mx.array([window], mx.int32) if window else None  # [1, <=W]

@@ -25,6 +25,7 @@ from .options import (
     UsageError,
     add_cache_options,
     add_model_options,
+    add_parallel_option,
     add_sampling_options,
     version_string,
 )
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file")
     add_model_options(gen)
+    add_parallel_option(gen)
     gen.add_argument(
         "--raw",
         action="store_true",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -85,6 +86,10 @@ def run_generate(args: argparse.Namespace) -> int:
     model, tokenizer = loaded
     from ..backend import blas_status
     from ..generate import stream_generate
+
+    if model.group is not None and model.group.rank() != 0:
+        # Every rank runs the generation (each holds part of every layer); rank 0 prints it.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of this process)
 
     request = conversation(tokenizer, prompt, args)
     progress = PrefillProgress()

@@ -124,6 +124,16 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_parallel_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--parallel",
+        choices=["tensor"],
+        default=None,
+        help="shard the model over the ranks `mlx.launch` started (MLX's distributed group): "
+        "tensor = each rank holds a slice of every layer; the text is printed by rank 0",
+    )
+
+
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     sampling = parser.add_argument_group("sampling (default: greedy)")
     sampling.add_argument(
@@ -246,7 +256,8 @@ def load_model(args: argparse.Namespace):
     except ValueError as e:  # MLXINFER_KERNELS set to something else than cpu or mlx
         raise UsageError(str(e)) from None
     try:
-        return load(args.model, compute=args.compute, kernels=args.kernels)
+        parallel = getattr(args, "parallel", None)
+        return load(args.model, compute=args.compute, kernels=args.kernels, parallel=parallel)
     except (FileNotFoundError, ValueError) as e:  # ModelLoadError is a ValueError
         print(f"mlxinfer {args.command}: error: {e}", file=sys.stderr)
         return None

@@ -1,0 +1,291 @@
+"""Tensor parallelism (parallel.py) over MLX's ring backend: two real rank processes on loopback,
+each loading its slice, against one process running the whole model (itself checked against
+transformers elsewhere). Plus the sharding plan as plain functions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlxinfer.bench.servers import free_port
+from mlxinfer.config import ModelConfig, ModelLoadError
+from mlxinfer.parallel import head_shard, shard_config
+
+from .reference import make_tiny_checkpoint, rel_err
+
+WORKER = Path(__file__).parent / "tools" / "parallel_worker.py"
+ROOT = Path(__file__).parent.parent
+
+
+def _config(heads: int, kv_heads: int, intermediate: int = 128) -> ModelConfig:
+    return ModelConfig(
+        model_type="llama",
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=intermediate,
+        num_hidden_layers=1,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=16,
+    )
+
+
+# -- the plan ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, size, expected",
+    [
+        (4, 2, 2, [(0, 2, 0, 1), (2, 4, 1, 2)]),  # GQA, one KV head each
+        (9, 3, 2, [(0, 6, 0, 2), (6, 9, 2, 3)]),  # SmolLM2: 2 + 1 KV heads with their groups
+        (9, 1, 2, [(0, 5, 0, 1), (5, 9, 0, 1)]),  # MQA: the KV head on both, queries split
+        (8, 2, 4, [(0, 2, 0, 1), (2, 4, 0, 1), (4, 6, 1, 2), (6, 8, 1, 2)]),
+        (8, 8, 3, [(0, 3, 0, 3), (3, 6, 3, 6), (6, 8, 6, 8)]),  # MHA over 3 ranks
+    ],
+)
+def test_heads_go_to_ranks_with_their_query_groups(heads, kv_heads, size, expected):
+    config = _config(heads, kv_heads)
+    shards = [head_shard(config, rank, size) for rank in range(size)]
+    assert [(s.q0, s.q1, s.kv0, s.kv1) for s in shards] == expected
+    for s in shards:  # every rank runs plain GQA: whole query groups per local KV head
+        assert (s.q1 - s.q0) % (s.kv1 - s.kv0) == 0
+    # every query head exactly once, and with the KV head it has in the full model
+    groups = heads // kv_heads
+    owned = [(q, q // groups) for s in shards for q in range(s.q0, s.q1)]
+    assert sorted(q for q, _ in owned) == list(range(heads))
+    for s in shards:
+        local_groups = (s.q1 - s.q0) // (s.kv1 - s.kv0)
+        for q in range(s.q0, s.q1):
+            assert s.kv0 + (q - s.q0) // local_groups == q // groups
+
+
+def test_impossible_head_splits_are_refused_by_name():
+    with pytest.raises(ModelLoadError, match="3 KV heads"):
+        head_shard(_config(9, 3), 0, 4)  # 4 ranks: more than 3 and not a multiple
+    with pytest.raises(ModelLoadError, match="serves 1 query heads"):
+        head_shard(_config(2, 2), 0, 4)  # each KV head would be split over 2 ranks
+
+
+def test_mlp_widths_add_up_over_the_ranks():
+    config = _config(6, 3, intermediate=130)
+    widths = [shard_config(config, r, 3).intermediate_size for r in range(3)]
+    assert widths == [44, 43, 43]
+
+
+# -- two ranks on loopback -----------------------------------------------------------------------
+
+
+def start_ranks(
+    models: list[Path], out: Path, *extra: str, worker: Path = WORKER
+) -> list[subprocess.Popen]:
+    """One worker process per entry of `models` (rank r loads models[r]), as one ring group on
+    127.0.0.1 (a fresh port each)."""
+    hostfile = out / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in models]))
+    procs = []
+    for rank, model in enumerate(models):
+        env = {
+            **os.environ,
+            "MLX_HOSTFILE": str(hostfile),
+            "MLX_RANK": str(rank),
+            "PYTHONPATH": str(ROOT),
+        }
+        command = [sys.executable, str(worker), str(model), str(out), "--parallel", "tensor"]
+        procs.append(
+            subprocess.Popen(
+                [*command, *extra],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    return procs
+
+
+def finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str]]:
+    """Each rank's (exit status, output); all are killed if any outlives `timeout` seconds."""
+    results = []
+    for p in procs:
+        try:
+            results.append((p.returncode, p.communicate(timeout=timeout)[0]))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    return [(p.returncode, text) for p, (_, text) in zip(procs, results, strict=True)]
+
+
+def run_ranks(model: Path, out: Path, *extra: str, ranks: int = 2, timeout: int = 240) -> None:
+    """Run `ranks` workers on `model` as one group and wait for all; any rank failing fails the
+    test with its output."""
+    results = finish(start_ranks([model] * ranks, out, *extra), timeout)
+    if any(code != 0 for code, _ in results):  # every rank's story: the first to fail may be any
+        pytest.fail(
+            "\n".join(
+                f"rank {rank} exited {code}:\n{text[-2000:]}"
+                for rank, (code, text) in enumerate(results)
+            )
+        )
+
+
+def run_alone(model: Path, out: Path, *extra: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("MLX_HOSTFILE", None)
+    env.pop("MLX_RANK", None)
+    result = subprocess.run(
+        [sys.executable, str(WORKER), str(model), str(out), *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dict(np.load(out / "rank0.npz"))
+
+
+TP_CASES = {  # family, checkpoint overrides, worker flags
+    "llama-gqa": ("llama", {}, []),
+    "llama-mqa": ("llama", {"num_key_value_heads": 1, "num_attention_heads": 4}, []),
+    "qwen2-bias": ("qwen2", {}, []),
+    "qwen3-qk-norm": ("qwen3", {}, ["--kernels", "mlx"]),
+    "phi3-fused": ("phi3", {}, []),
+    "mistral-window": ("mistral", {"sliding_window": 8}, ["--kernels", "mlx"]),
+    "mixtral-moe": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}, []),
+    "qwen2-moe-shared": (  # routed experts, a gated shared expert, and a dense layer
+        "qwen2_moe",
+        {
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 96,
+            "mlp_only_layers": [1],
+        },
+        [],
+    ),
+    "llama-quantized-kv": ("llama", {"head_dim": 32}, ["--kv-bits", "8"]),  # groups of 32
+    "llama-rotating": ("llama", {}, ["--max-kv-size", "10"]),
+}
+
+
+@pytest.mark.parametrize("case", list(TP_CASES), ids=str)
+def test_tensor_parallel_matches_one_process(case, tmp_path):
+    """Two ranks give the logits of one process (full forward, and prefill + decode through the
+    cache) within 1e-5 relative, the same greedy tokens, the same seeded sample, and each holds
+    its own slices (less than the whole model's bytes)."""
+    family, overrides, flags = TP_CASES[case]
+    model = tmp_path / "model"
+    make_tiny_checkpoint(model, family, **overrides)
+    alone_dir, ranks_dir = tmp_path / "alone", tmp_path / "ranks"
+    alone_dir.mkdir()
+    ranks_dir.mkdir()
+    alone = run_alone(model, alone_dir, *flags)
+    run_ranks(model, ranks_dir, *flags)
+    results = [dict(np.load(ranks_dir / f"rank{r}.npz")) for r in range(2)]
+    _compare(results, alone)
+    assert sum(int(r["heads"][0]) for r in results) == int(alone["heads"][0])
+
+
+def _compare(results: list[dict], alone: dict) -> None:
+    for rank, got in enumerate(results):
+        assert rel_err(got["full"], alone["full"]) < 1e-5, rank
+        assert rel_err(got["steps"], alone["steps"]) < 1e-5, rank
+        assert got["tokens"].tolist() == alone["tokens"].tolist(), rank
+        assert str(got["sampled"]) == str(alone["sampled"]), rank
+        assert got["nbytes"] < alone["nbytes"], rank
+
+
+@pytest.mark.parametrize("compute", ["native", "float32"])
+def test_tensor_parallel_reads_a_4bit_mlx_lm_directory(compute, tmp_path):
+    """A directory written by mlx_lm.convert (4-bit, groups of 32): quantized layers sliced
+    between groups (o_proj and down_proj by their packed columns), run quantized or dequantized."""
+    import mlx_lm
+
+    source, model = tmp_path / "hf", tmp_path / "q4"
+    make_tiny_checkpoint(source, "llama")
+    mlx_lm.convert(str(source), str(model), quantize=True, q_group_size=32, q_bits=4)
+    alone_dir, ranks_dir = tmp_path / "alone", tmp_path / "ranks"
+    alone_dir.mkdir()
+    ranks_dir.mkdir()
+    alone = run_alone(model, alone_dir, "--compute", compute)
+    run_ranks(model, ranks_dir, "--compute", compute)
+    _compare([dict(np.load(ranks_dir / f"rank{r}.npz")) for r in range(2)], alone)
+
+
+@pytest.fixture
+def default_model_path() -> Path:
+    """The default model's file (skipped where conftest's default_model would be)."""
+    import mlxinfer
+
+    try:
+        return mlxinfer.default_model_path()
+    except FileNotFoundError:
+        if os.environ.get("MLXINFER_TESTS_WITHOUT_DEFAULT_MODEL") == "1":
+            pytest.skip("the default model is not installed here")
+        raise
+
+
+def test_tensor_parallel_on_the_default_model(default_model_path, tmp_path):
+    """SmolLM2-135M (GGUF): 9 query heads over 3 KV heads on 2 ranks, 6 + 3 heads; each rank holds
+    its heads, half of each MLP, and the replicated embedding (tied LM head) and norms."""
+    alone_dir, ranks_dir = tmp_path / "alone", tmp_path / "ranks"
+    alone_dir.mkdir()
+    ranks_dir.mkdir()
+    flags = ("--prompt-tokens", "40")
+    alone = run_alone(default_model_path, alone_dir, *flags)
+    run_ranks(default_model_path, ranks_dir, *flags)
+    results = [dict(np.load(ranks_dir / f"rank{r}.npz")) for r in range(2)]
+    _compare(results, alone)
+    assert [r["heads"].tolist() for r in results] == [[6, 2], [3, 1]]
+    # measured: 135M parameters, of which the 28M-entry embedding is on both ranks
+    assert 0.5 < results[0]["nbytes"] / alone["nbytes"] < 0.75
+
+
+def test_ranks_that_load_different_models_say_so(tmp_path):
+    """Two ranks given different checkpoints: both stop with an error naming the mismatch,
+    never a hang or different answers."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_tiny_checkpoint(a, "llama")
+    make_tiny_checkpoint(b, "llama", intermediate_size=192)
+    out = tmp_path / "out"
+    out.mkdir()
+    results = finish(start_ranks([a, b], out), timeout=120)
+    for rank, (code, text) in enumerate(results):
+        assert code != 0, rank
+        assert "the ranks loaded different models" in text, text[-2000:]
+
+
+def test_mlx_launch_runs_generate_in_tensor_parallel(tmp_path):
+    """`mlx.launch --backend ring -n 2 python -m mlxinfer generate --parallel tensor ...`: the
+    text once (rank 0), equal to one process's; mlx.launch can exit 0 although ranks failed, so
+    the output itself is checked."""
+    model = tmp_path / "model"
+    make_tiny_checkpoint(model, "llama")
+    args = ["generate", "--model", str(model), "--raw", "--prompt", "a b c", "--max-tokens", "8"]
+    args += ["--json", "--kernels", "mlx"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    alone = subprocess.run(
+        [sys.executable, "-m", "mlxinfer", *args], env=env, capture_output=True, text=True
+    )
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    launch = Path(sys.executable).with_name("mlx.launch")
+    ranks = subprocess.run(
+        [str(launch), "--backend", "ring", "-n", "2", "--starting-port", str(free_port())]
+        + [sys.executable, "-m", "mlxinfer", *args, "--parallel", "tensor"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    lines = [line for line in ranks.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, ranks.stdout[-2000:] + ranks.stderr[-2000:]  # rank 0 only
+    expected = json.loads(alone.stdout)
+    got = json.loads(lines[0])
+    assert got["token_ids"] == expected["token_ids"]
+    assert got["text"] == expected["text"]

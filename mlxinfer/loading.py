@@ -29,7 +29,7 @@ from .mlp import SwiGLU
 from .model import Model
 from .moe import QuantizedSwitchLinear
 from .ops import resolve_kernels
-from .parallel import PARALLEL_MODES, join_group, shard_weights
+from .parallel import PARALLEL_MODES, init_group, join_group, shard_weights
 from .streams import own_streams
 from .tokenizer import Tokenizer
 
@@ -95,7 +95,7 @@ def parallel_group(
         raise ValueError(
             f"parallel must be one of {', '.join(PARALLEL_MODES)} or None, got {parallel!r}"
         )
-    group = group if group is not None else mx.distributed.init()
+    group = group if group is not None else init_group()
     return group if group.size() > 1 else None
 
 

@@ -22,11 +22,14 @@ the model code only adds the two all_sums (`Attention.group`, the MLP's `group`)
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import hashlib
 import json
+import os
 import random
 import re
 import secrets
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -34,6 +37,32 @@ import numpy as np
 from .config import ModelConfig, ModelLoadError
 
 PARALLEL_MODES = ("tensor",)
+CONNECT_TIMEOUT_ENV = "MLXINFER_PARALLEL_TIMEOUT"  # seconds the ranks have to find each other
+CONNECT_TIMEOUT_S = 60.0
+
+
+def init_group(timeout_s: float | None = None) -> mx.distributed.Group:
+    """MLX's distributed group, as `mlx.launch` (or MLX_HOSTFILE and MLX_RANK) describes it; a
+    group of one without either. MLX's ring backend waits for every rank forever, holding the
+    interpreter's lock, so no Python timer can end the wait: faulthandler's watchdog thread (plain
+    C) exits the process with status 1 and a traceback ending here if the ranks have not
+    connected after `timeout_s` (default $MLXINFER_PARALLEL_TIMEOUT, else 60 s)."""
+    if "MLX_HOSTFILE" not in os.environ and "MLX_RANK" not in os.environ:
+        return mx.distributed.init()  # no launcher: a group of one, nothing to wait for
+    if timeout_s is None:
+        timeout_s = float(os.environ.get(CONNECT_TIMEOUT_ENV) or CONNECT_TIMEOUT_S)
+    print(
+        f"mlxinfer: rank {os.environ.get('MLX_RANK', '?')} connecting to the other ranks "
+        f"({os.environ.get('MLX_HOSTFILE', 'no hostfile')}); this process exits if they have not "
+        f"connected within {timeout_s:g} s (${CONNECT_TIMEOUT_ENV})",
+        file=sys.stderr,
+        flush=True,
+    )
+    faulthandler.dump_traceback_later(timeout_s, exit=True)
+    try:
+        return mx.distributed.init()  # the other ranks did not connect in time: see above
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -289,3 +289,52 @@ def test_mlx_launch_runs_generate_in_tensor_parallel(tmp_path):
     got = json.loads(lines[0])
     assert got["token_ids"] == expected["token_ids"]
     assert got["text"] == expected["text"]
+
+
+def test_a_rank_whose_peers_never_start_stops_with_an_error(tmp_path):
+    """Rank 0 of 2 started alone: it says what it waits for and how long, and exits with an
+    error after that (MLX's ring backend would wait forever)."""
+    model = tmp_path / "model"
+    make_tiny_checkpoint(model, "llama")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "hosts.json").write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(2)]))
+    env = {
+        **os.environ,
+        "MLX_HOSTFILE": str(out / "hosts.json"),
+        "MLX_RANK": "0",
+        "PYTHONPATH": str(ROOT),
+        "MLXINFER_PARALLEL_TIMEOUT": "5",
+    }
+    result = subprocess.run(
+        [sys.executable, str(WORKER), str(model), str(out), "--parallel", "tensor"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "connecting to the other ranks" in result.stderr
+    assert "exits if they have not connected within 5 s" in result.stderr
+    assert "Timeout (0:00:05)!" in result.stderr and "init_group" in result.stderr
+
+
+def test_a_rank_that_dies_mid_generation_stops_its_peer(tmp_path):
+    """Rank 1 killed while both decode: rank 0 ends with MLX's error about the lost peer within
+    60 s, never a hang."""
+    model = tmp_path / "model"
+    make_tiny_checkpoint(model, "llama")
+    out = tmp_path / "out"
+    out.mkdir()
+    procs = start_ranks([model, model], out, "--forever")
+    try:
+        for line in procs[1].stdout:  # both ranks are past loading and into the decode loop
+            if "decoding" in line:
+                break
+        procs[1].kill()
+        text = procs[0].communicate(timeout=60)[0]
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode != 0
+    assert "[ring]" in text and ("lost" in text or "closed" in text), text[-2000:]

@@ -2,7 +2,7 @@
 MLX_HOSTFILE and MLX_RANK set (MLX's ring backend over loopback), or alone (one process, no group).
 
     python tests/tools/parallel_worker.py MODEL OUT_DIR [--parallel tensor] [--kernels cpu|mlx]
-        [--compute native|float32] [--kv-bits N] [--max-kv-size N]
+        [--compute native|float32] [--kv-bits N] [--max-kv-size N] [--forever]
 
 Writes OUT_DIR/rank{R}.npz: the logits of a full forward pass over a fixed prompt, the logits of a
 prefill and 6 decode steps through a KV cache (greedy tokens fed back), those greedy tokens, a
@@ -34,12 +34,20 @@ def main() -> None:
     parser.add_argument("--kv-bits", type=int, default=None)
     parser.add_argument("--max-kv-size", type=int, default=None)
     parser.add_argument("--prompt-tokens", type=int, default=12)
+    parser.add_argument("--forever", action="store_true", help="decode until killed (fault tests)")
     args = parser.parse_args()
 
     model, tokenizer = mlxinfer.load(
         args.model, compute=args.compute, kernels=args.kernels, parallel=args.parallel
     )
     rank = model.group.rank() if model.group is not None else 0
+    if args.forever:
+        cache = model.make_cache()
+        token = mx.array([1])
+        print("decoding", flush=True)
+        while True:
+            token = mx.argmax(decode_step(model, token, cache), axis=-1)
+            mx.eval(token)
     vocab = model.config.vocab_size
     ids = np.random.default_rng(0).integers(3, vocab - 1, args.prompt_tokens)
     full = np.array(model(mx.array(ids[None])).astype(mx.float32))[0]  # [T, vocab]

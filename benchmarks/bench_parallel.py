@@ -1,0 +1,142 @@
+"""Tensor parallelism on one machine: two ranks (MLX's ring backend over loopback) against one
+process, on the default model.
+
+    python benchmarks/bench_parallel.py [--reps 3] [--prompt-tokens 128] [--tokens 64] [--out FILE]
+
+Each configuration runs in fresh processes: one process alone, then the two ranks together
+(MLX_HOSTFILE / MLX_RANK, as mlx.launch sets them), --reps times, alternating. Each process loads
+the default model (float32, the CPU's policy), prefills a --prompt-tokens prompt of KJV Genesis and
+decodes --tokens tokens greedily (EOS ignored), and reports: the weight bytes it holds, prefill and
+decode tok/s (rank 0's for the pair), its peak memory, and the communication a decode token needs,
+measured apart: the model's 60 all_sums of one token's activations ([1, 1, 576] float32) timed in
+a loop between the two ranks (the same sums a decode step makes, without the compute between).
+Two ranks on 2 cores share the cores the one process had: slower, and the report says where the
+time goes rather than predicting the speed-up of two machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# isort: off
+import mlxinfer  # first: it loads OpenBLAS, which must happen before mlx.core is imported
+
+# isort: on
+import mlx.core as mx
+from common import machine_info, save_result, summary
+
+from mlxinfer.bench.servers import free_port
+
+
+def rank_worker(prompt_tokens: int, tokens: int, parallel: bool) -> None:
+    """One process (alone, or one rank of the pair): prints its figures as one JSON line."""
+    model, tokenizer = mlxinfer.load(compute="float32", parallel="tensor" if parallel else None)
+    text = (Path(mlxinfer.__file__).parent / "bench" / "kjv_genesis.txt").read_text()
+    prompt = tokenizer.encode(text)[:prompt_tokens]
+    params = mlxinfer.SamplingParams(ignore_eos=True)
+    mlxinfer.generate(model, tokenizer, prompt, max_tokens=4, sampling=params)  # warm-up
+    _, metrics = mlxinfer.generate(
+        model, tokenizer, prompt, max_tokens=tokens, sampling=params, return_metrics=True
+    )
+    result = {
+        "rank": model.group.rank() if model.group is not None else 0,
+        "weight_bytes": model.nbytes,
+        "prefill_tps": metrics.prefill_tps,
+        "decode_tps": metrics.decode_tps,
+        "peak_mb": metrics.peak_memory_mb,
+    }
+    if model.group is not None:  # the all_sums of one decode token, without the compute
+        layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+        x = mx.ones((1, 1, hidden))
+        mx.eval(mx.distributed.all_sum(x, group=model.group))
+        start = time.perf_counter()
+        for _ in range(20):
+            for _ in range(2 * layers):
+                x = mx.distributed.all_sum(x, group=model.group) * 0.5
+            mx.eval(x)
+        result["comm_ms_per_token"] = (time.perf_counter() - start) / 20 * 1000
+        result["all_sums_per_token"] = 2 * layers
+        result["bytes_per_all_sum"] = hidden * 4
+    print(json.dumps(result), flush=True)
+
+
+def run(parallel: bool, prompt_tokens: int, tokens: int) -> list[dict]:
+    command = [sys.executable, __file__, "--rank-worker", "--prompt-tokens", str(prompt_tokens)]
+    command += ["--tokens", str(tokens)] + (["--parallel"] if parallel else [])
+    env = {**os.environ}
+    env.pop("MLX_HOSTFILE", None)
+    env.pop("MLX_RANK", None)
+    ranks = 2 if parallel else 1
+    with tempfile.TemporaryDirectory() as tmp:
+        if parallel:
+            hostfile = Path(tmp) / "hosts.json"
+            hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(ranks)]))
+            env["MLX_HOSTFILE"] = str(hostfile)
+        procs = []
+        for rank in range(ranks):
+            if parallel:
+                env = {**env, "MLX_RANK": str(rank)}
+            procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True))
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise SystemExit(f"a worker failed: {[p.returncode for p in procs]}")
+    return [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--parallel", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rank_worker:
+        rank_worker(args.prompt_tokens, args.tokens, args.parallel)
+        return
+    alone, pair = [], []
+    for _ in range(args.reps):
+        alone += run(False, args.prompt_tokens, args.tokens)
+        pair.append(run(True, args.prompt_tokens, args.tokens))
+    rank0 = [p[0] for p in pair]
+
+    def stat(rows, key):
+        return summary([r[key] for r in rows])
+
+    result = {
+        "machine": machine_info(),
+        "prompt_tokens": args.prompt_tokens,
+        "tokens": args.tokens,
+        "reps": args.reps,
+        "one_process": {k: stat(alone, k) for k in ("prefill_tps", "decode_tps", "peak_mb")},
+        "two_ranks": {
+            k: stat(rank0, k) for k in ("prefill_tps", "decode_tps", "peak_mb", "comm_ms_per_token")
+        },
+        "weight_bytes": {"one_process": alone[0]["weight_bytes"]}
+        | {f"rank{r['rank']}": r["weight_bytes"] for r in pair[0]},
+        "peak_mb_per_rank": {f"rank{r['rank']}": r["peak_mb"] for r in pair[0]},
+        "all_sums_per_token": rank0[0]["all_sums_per_token"],
+        "bytes_per_all_sum": rank0[0]["bytes_per_all_sum"],
+    }
+    one, two = result["one_process"], result["two_ranks"]
+    print(
+        f"one process: prefill {one['prefill_tps']['mean']:.0f} tok/s, decode "
+        f"{one['decode_tps']['mean']:.1f} tok/s; two ranks: prefill "
+        f"{two['prefill_tps']['mean']:.0f}, decode {two['decode_tps']['mean']:.1f} tok/s, "
+        f"communication {two['comm_ms_per_token']['mean']:.2f} ms a token; weight bytes "
+        f"{result['weight_bytes']}",
+        file=sys.stderr,
+    )
+    save_result(result, "parallel-two-ranks", args.out)
+
+
+if __name__ == "__main__":
+    main()

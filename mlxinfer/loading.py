@@ -29,7 +29,14 @@ from .mlp import SwiGLU
 from .model import Model
 from .moe import QuantizedSwitchLinear
 from .ops import resolve_kernels
-from .parallel import PARALLEL_MODES, init_group, join_group, shard_weights
+from .parallel import (
+    PARALLEL_MODES,
+    Sharding,
+    init_group,
+    join_group,
+    pipeline_weights,
+    shard_weights,
+)
 from .streams import own_streams
 from .tokenizer import Tokenizer
 
@@ -72,31 +79,32 @@ def load(
     tuned for MLX's CPU backend), "auto" (MLXINFER_KERNELS if set, else "cpu" on the CPU device,
     "mlx" elsewhere). The choices are `model.compute_policy` and `model.kernels`.
 
-    `parallel="tensor"` shards the model over `group` (default: `mx.distributed.init()`, the
-    group `mlx.launch` started): each rank reads and holds only its slice of every block
-    (parallel.py), and every rank must load the same model (checked across the group)."""
+    `parallel` splits the model over `group` (default: `mx.distributed.init()`, the group
+    `mlx.launch` started; parallel.py): "tensor" gives each rank a slice of every block,
+    "pipeline" a run of consecutive blocks. Each rank reads and holds only its part, and every
+    rank must load the same model (checked across the group)."""
     resolve_compute_policy(compute)  # bad values fail before anything is read
     resolve_kernels(kernels)
-    group = parallel_group(parallel, group)
+    sharding = parallel_sharding(parallel, group)
     own_streams()  # the weights are evaluated on this thread
-    model, tokenizer = _load_as_stored(path, dtype, group)
+    model, tokenizer = _load_as_stored(path, dtype, sharding)
     return prepare(model, compute, kernels), tokenizer
 
 
-def parallel_group(
-    parallel: str | None, group: mx.distributed.Group | None
-) -> mx.distributed.Group | None:
-    """The group a model is sharded over, or None to run alone (no `parallel`, or one rank)."""
+def parallel_sharding(parallel: str | None, group: mx.distributed.Group | None) -> Sharding | None:
+    """How a model is split over a group, or None to run alone (no `parallel`, or one rank)."""
     if parallel is None:
         if group is not None:
-            raise ValueError("a group was given without parallel=; pass parallel='tensor'")
+            raise ValueError(
+                "a group was given without parallel=; pass parallel='tensor' or 'pipeline'"
+            )
         return None
     if parallel not in PARALLEL_MODES:
         raise ValueError(
             f"parallel must be one of {', '.join(PARALLEL_MODES)} or None, got {parallel!r}"
         )
     group = group if group is not None else init_group()
-    return group if group.size() > 1 else None
+    return Sharding(parallel, group) if group.size() > 1 else None
 
 
 def prepare(model: Model, compute: str = "auto", kernels: str = "auto") -> Model:
@@ -117,7 +125,7 @@ def prepare(model: Model, compute: str = "auto", kernels: str = "auto") -> Model
 
 
 def _load_as_stored(
-    path: str | Path | None, dtype: mx.Dtype | None, group: mx.distributed.Group | None = None
+    path: str | Path | None, dtype: mx.Dtype | None, sharding: Sharding | None = None
 ) -> tuple[Model, Tokenizer]:
     path = Path(path) if path is not None else default_model_path()
     if not path.exists():
@@ -131,20 +139,20 @@ def _load_as_stored(
         raise FileNotFoundError(f"{path}: no such model file or directory")
     if path.is_file():
         if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
-            return load_gguf(path, dtype, group)
+            return load_gguf(path, dtype, sharding)
         raise ModelLoadError(f"{path}: not a .gguf file; pass a GGUF file or a model directory")
     if (path / "config.json").is_file():
-        return load_hf(path, dtype, group)
+        return load_hf(path, dtype, sharding)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return load_gguf(model_file(path, ggufs[0].name), dtype, group)
+        return load_gguf(model_file(path, ggufs[0].name), dtype, sharding)
     raise ModelLoadError(
         f"{path}: no config.json (Hugging Face or MLX model) and no single .gguf file"
     )
 
 
 def load_hf(
-    path: Path, dtype: mx.Dtype | None = None, group: mx.distributed.Group | None = None
+    path: Path, dtype: mx.Dtype | None = None, sharding: Sharding | None = None
 ) -> tuple[Model, Tokenizer]:
     """A Hugging Face or mlx-community directory: config.json + safetensors (+ tokenizer files)."""
     config = ModelConfig.from_file(model_file(path, "config.json"))
@@ -156,12 +164,12 @@ def load_hf(
         weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
     if config.num_experts:
         weights = stack_experts(weights, config.num_experts, source=str(path))
-    model = build_model(config, weights, source=str(path), dtype=dtype, group=group)
+    model = build_model(config, weights, source=str(path), dtype=dtype, sharding=sharding)
     return model, tokenizer
 
 
 def load_gguf(
-    path: Path, dtype: mx.Dtype | None = None, group: mx.distributed.Group | None = None
+    path: Path, dtype: mx.Dtype | None = None, sharding: Sharding | None = None
 ) -> tuple[Model, Tokenizer]:
     """A llama.cpp GGUF file: config, weights, tokenizer and chat template all come from it."""
     source = str(path)
@@ -180,7 +188,9 @@ def load_gguf(
     config = ModelConfig.from_dict(config_dict, source=source)
     tokenizer = Tokenizer.from_gguf(metadata, source)
     check_vocabulary(config, tokenizer, source, "its metadata")
-    model = build_model(config, weights, source=source, dtype=dtype or mx.float32, group=group)
+    model = build_model(
+        config, weights, source=source, dtype=dtype or mx.float32, sharding=sharding
+    )
     return model, tokenizer
 
 
@@ -260,15 +270,19 @@ def build_model(
     weights: dict[str, mx.array],
     source: str,
     dtype: mx.Dtype | None = None,
-    group: mx.distributed.Group | None = None,
+    sharding: Sharding | None = None,
 ) -> Model:
     """Instantiate the model, quantize the layers stored quantized, check and assign all weights.
-    With a group (tensor parallel), this rank's slices of them, after every rank has shown it
-    loaded the same model."""
+    With a sharding (parallel.py), this rank's part of them, after every rank has shown it loaded
+    the same model."""
     check_layer_count(config, weights, source)
-    if group is not None:
+    if sharding is not None:
+        group = sharding.group
         join_group(config, weights, group)
-        config, weights = shard_weights(config, weights, group.rank(), group.size(), source)
+        if sharding.mode == "tensor":
+            config, weights = shard_weights(config, weights, group.rank(), group.size(), source)
+        else:
+            config, weights = pipeline_weights(config, weights, group.rank(), group.size())
     model = Model(config, kernels="mlx")  # the caller's op set comes with prepare()
     _quantize_like(model, weights, config.quantization or {})
     if dtype is not None:
@@ -277,7 +291,10 @@ def build_model(
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     model.eval()
-    model.set_group(group)
+    if sharding is not None and sharding.mode == "tensor":
+        model.set_group(sharding.group)
+    elif sharding is not None:
+        model.set_pipeline(sharding.group)
     return model
 
 

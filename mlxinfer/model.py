@@ -68,6 +68,7 @@ class Model(nn.Module):
         self.config = config
         self.compute_policy = "native"  # set by load(): "native" or "float32"
         self.group: mx.distributed.Group | None = None  # tensor parallel's ranks (set_group)
+        self.pipeline: mx.distributed.Group | None = None  # pipeline's ranks (set_pipeline)
         self.model = DecoderStack(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -90,6 +91,16 @@ class Model(nn.Module):
             layer.self_attn.group = group
             layer.mlp.group = group  # SwiGLU or SparseMoE (whose shared expert is inside its sum)
 
+    @property
+    def ranks(self) -> mx.distributed.Group | None:
+        """The group this model is split over (tensor or pipeline parallel), or None."""
+        return self.group if self.group is not None else self.pipeline
+
+    def set_pipeline(self, group: mx.distributed.Group | None) -> None:
+        """Pipeline parallel (parallel.py): this model holds one stage's blocks; hidden_states
+        receives the previous stage's output, sends its own on, and ends with the last stage's."""
+        self.pipeline = group
+
     def __call__(self, tokens: mx.array, cache: list[Cache] | None = None) -> mx.array:
         return self.logits(self.hidden_states(tokens, cache))
 
@@ -98,10 +109,15 @@ class Model(nn.Module):
         the last position. Without a cache, `tokens` are positions 0..T-1. Looking inside walks
         the same blocks one at a time: `walk`."""
         h = self.embed(tokens)  # [B, T, D]
+        group = self.pipeline
+        if group is not None and group.rank() > 0:  # a later stage: the previous one's output
+            h = mx.distributed.recv_like(h, group.rank() - 1, group=group)
         layer_caches = cache if cache is not None else [None] * len(self.model.layers)
         masks: dict = {}  # one attention mask per distinct (cache state, window), shared by layers
         for layer, layer_cache in zip(self.model.layers, layer_caches, strict=True):
             h = layer(h, layer_cache, masks)
+        if group is not None:
+            h = _last_stage(h, group)
         return self.model.norm(h)
 
     def walk(
@@ -164,6 +180,16 @@ class Model(nn.Module):
     def nbytes(self) -> int:
         """Bytes of all weights as stored (packed for quantized layers)."""
         return _nbytes(self.parameters())
+
+
+def _last_stage(h: mx.array, group: mx.distributed.Group) -> mx.array:
+    """Every stage ends with the last stage's output: the others send theirs on, then all add
+    zeros to the last one's (the zeros computed from what was sent, so the send runs first)."""
+    rank, last = group.rank(), group.size() - 1
+    if rank < last:
+        sent = mx.distributed.send(h, rank + 1, group=group)
+        h = mx.where(mx.array(False), sent, mx.zeros_like(sent))  # zeros, NaN-safe, after the send
+    return mx.distributed.all_sum(h, group=group)
 
 
 def _nbytes(tree) -> int:

@@ -1,5 +1,7 @@
-"""Tensor parallelism over mx.distributed: each rank of a group holds a slice of every block and the
-ranks add their partial results (Megatron's layout, as mlx-lm's `shard` does):
+"""Tensor and pipeline parallelism over mx.distributed.
+
+Tensor parallel: each rank of a group holds a slice of every block and the ranks add their partial
+results (Megatron's layout, as mlx-lm's `shard` does):
 
     attention  q/k/v projections split by heads (column-parallel), o_proj by its input columns
                (row-parallel): each rank attends with its own heads; one all_sum of [B, T, D]
@@ -17,6 +19,17 @@ ranks / kv_heads ranks, which split its query heads (mlx-lm refuses these models
 Sharding is a rewrite of the stored tensors (Hugging Face names, from safetensors or GGUF) and of
 the config, before the model is built (`shard_weights`), so a rank holds only its own slices and
 the model code only adds the two all_sums (`Attention.group`, the MLP's `group`).
+
+Pipeline parallel: each rank holds a run of consecutive blocks (`layer_range`: an even split, the
+first ranks taking one more) and their KV caches; a forward pass goes rank to rank:
+
+    rank 0: embed -> its blocks -> send h to rank 1      rank r: recv h -> its blocks -> send
+    last rank: recv -> its blocks;   then every rank: h = all_sum(the last rank's h, zeros elsewhere)
+
+so every rank ends with the same final hidden states, computes the same logits with its own copy
+of the final norm and LM head (replicated, as the embedding), and samples the same token: the
+generation code runs unchanged on every rank. Per token: one send of [B, 1, D] per stage boundary
+and one all_sum of it.
 """
 
 from __future__ import annotations
@@ -36,7 +49,7 @@ import numpy as np
 
 from .config import ModelConfig, ModelLoadError
 
-PARALLEL_MODES = ("tensor",)
+PARALLEL_MODES = ("tensor", "pipeline")
 CONNECT_TIMEOUT_ENV = "MLXINFER_PARALLEL_TIMEOUT"  # seconds the ranks have to find each other
 CONNECT_TIMEOUT_S = 60.0
 
@@ -63,6 +76,14 @@ def init_group(timeout_s: float | None = None) -> mx.distributed.Group:
         return mx.distributed.init()  # the other ranks did not connect in time: see above
     finally:
         faulthandler.cancel_dump_traceback_later()
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharding:
+    """How a model is split: `mode` one of PARALLEL_MODES, over `group` (two or more ranks)."""
+
+    mode: str
+    group: mx.distributed.Group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,6 +276,37 @@ def shared_seed(group: mx.distributed.Group) -> int:
     halves = list(secrets.randbits(32).to_bytes(4, "little")) if group.rank() == 0 else [0] * 4
     total = np.array(mx.distributed.all_sum(mx.array(halves, dtype=mx.float32), group=group))
     return int.from_bytes(bytes(int(b) for b in total), "little")
+
+
+def layer_range(layers: int, rank: int, size: int) -> tuple[int, int]:
+    """The blocks [start, stop) rank `rank` of `size` holds in a pipeline."""
+    if layers < size:
+        raise ModelLoadError(
+            f"pipeline parallelism over {size} ranks: the model has only {layers} layers"
+        )
+    return _even_range(layers, rank, size)
+
+
+def pipeline_weights(
+    config: ModelConfig, weights: dict[str, mx.array], rank: int, size: int
+) -> tuple[ModelConfig, dict[str, mx.array]]:
+    """Rank `rank`'s stage: its blocks' tensors, renumbered from 0, and the replicated rest
+    (embeddings, final norm, LM head); its config has those blocks' windows and MLP kinds."""
+    start, stop = layer_range(config.num_hidden_layers, rank, size)
+    out = {}
+    for name, tensor in weights.items():
+        match = _LAYER.match(name)
+        if not match:
+            out[name] = tensor
+        elif start <= int(match.group(1)) < stop:
+            out[f"model.layers.{int(match.group(1)) - start}.{match.group(2)}"] = tensor
+    local = dataclasses.replace(
+        config,
+        num_hidden_layers=stop - start,
+        layer_windows=config.layer_windows[start:stop],
+        layer_moe=config.layer_moe[start:stop],
+    )
+    return local, out
 
 
 def weights_fingerprint(config: ModelConfig, weights: dict[str, mx.array]) -> str:

@@ -42,8 +42,10 @@ def prefill_pass(
 def prefill_chunk(model: Model, ids: mx.array, cache: list) -> None:
     """A prompt chunk `[B, T]` that is not the prompt's last: into `cache`, evaluated now (its
     logits are never needed, so the LM head does not run)."""
-    model.hidden_states(ids, cache)
-    mx.eval([c.state for c in cache])
+    h = model.hidden_states(ids, cache)
+    # In a pipeline the states of this rank's caches need nothing from the stages after it, but
+    # those wait for what this one sends (in h's graph): evaluated too, or they wait forever.
+    mx.eval([c.state for c in cache] + ([h] if model.pipeline is not None else []))
 
 
 def prefill(

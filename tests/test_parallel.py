@@ -1,6 +1,7 @@
-"""Tensor parallelism (parallel.py) over MLX's ring backend: two real rank processes on loopback,
-each loading its slice, against one process running the whole model (itself checked against
-transformers elsewhere). Plus the sharding plan as plain functions."""
+"""Tensor and pipeline parallelism (parallel.py) over MLX's ring backend: two (or three) real rank
+processes on loopback, each loading its part, against one process running the whole model (itself
+checked against transformers elsewhere); the faults (a rank alone, a rank killed, different models
+per rank); the sharding plan as plain functions."""
 
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ def test_mlp_widths_add_up_over_the_ranks():
 
 
 def start_ranks(
-    models: list[Path], out: Path, *extra: str, worker: Path = WORKER
+    models: list[Path], out: Path, *extra: str, mode: str = "tensor"
 ) -> list[subprocess.Popen]:
     """One worker process per entry of `models` (rank r loads models[r]), as one ring group on
     127.0.0.1 (a fresh port each)."""
@@ -96,7 +97,7 @@ def start_ranks(
             "MLX_RANK": str(rank),
             "PYTHONPATH": str(ROOT),
         }
-        command = [sys.executable, str(worker), str(model), str(out), "--parallel", "tensor"]
+        command = [sys.executable, str(WORKER), str(model), str(out), "--parallel", mode]
         procs.append(
             subprocess.Popen(
                 [*command, *extra],
@@ -122,10 +123,12 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str
     return [(p.returncode, text) for p, (_, text) in zip(procs, results, strict=True)]
 
 
-def run_ranks(model: Path, out: Path, *extra: str, ranks: int = 2, timeout: int = 240) -> None:
+def run_ranks(
+    model: Path, out: Path, *extra: str, ranks: int = 2, mode: str = "tensor", timeout: int = 240
+) -> None:
     """Run `ranks` workers on `model` as one group and wait for all; any rank failing fails the
     test with its output."""
-    results = finish(start_ranks([model] * ranks, out, *extra), timeout)
+    results = finish(start_ranks([model] * ranks, out, *extra, mode=mode), timeout)
     if any(code != 0 for code, _ in results):  # every rank's story: the first to fail may be any
         pytest.fail(
             "\n".join(
@@ -261,8 +264,9 @@ def test_ranks_that_load_different_models_say_so(tmp_path):
         assert "the ranks loaded different models" in text, text[-2000:]
 
 
-def test_mlx_launch_runs_generate_in_tensor_parallel(tmp_path):
-    """`mlx.launch --backend ring -n 2 python -m mlxinfer generate --parallel tensor ...`: the
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+def test_mlx_launch_runs_generate_in_parallel(mode, tmp_path):
+    """`mlx.launch --backend ring -n 2 python -m mlxinfer generate --parallel MODE ...`: the
     text once (rank 0), equal to one process's; mlx.launch can exit 0 although ranks failed, so
     the output itself is checked."""
     model = tmp_path / "model"
@@ -277,7 +281,7 @@ def test_mlx_launch_runs_generate_in_tensor_parallel(tmp_path):
     launch = Path(sys.executable).with_name("mlx.launch")
     ranks = subprocess.run(
         [str(launch), "--backend", "ring", "-n", "2", "--starting-port", str(free_port())]
-        + [sys.executable, "-m", "mlxinfer", *args, "--parallel", "tensor"],
+        + [sys.executable, "-m", "mlxinfer", *args, "--parallel", mode],
         env=env,
         capture_output=True,
         text=True,
@@ -338,3 +342,41 @@ def test_a_rank_that_dies_mid_generation_stops_its_peer(tmp_path):
             p.kill()
     assert procs[0].returncode != 0
     assert "[ring]" in text and ("lost" in text or "closed" in text), text[-2000:]
+
+
+PIPELINE_CASES = [
+    "llama-gqa",
+    "qwen3-qk-norm",
+    "phi3-fused",
+    "mistral-window",
+    "qwen2-moe-shared",
+    "llama-quantized-kv",
+    "llama-rotating",
+]
+
+
+@pytest.mark.parametrize("case", PIPELINE_CASES, ids=str)
+def test_pipeline_parallel_matches_one_process(case, tmp_path):
+    """Two stages (one block each on these 2-layer models): the logits of one process, full
+    forward and through the caches, the same greedy and seeded tokens on both ranks."""
+    family, overrides, flags = TP_CASES[case]
+    model = tmp_path / "model"
+    make_tiny_checkpoint(model, family, **overrides)
+    alone_dir, ranks_dir = tmp_path / "alone", tmp_path / "ranks"
+    alone_dir.mkdir()
+    ranks_dir.mkdir()
+    alone = run_alone(model, alone_dir, *flags)
+    run_ranks(model, ranks_dir, *flags, mode="pipeline")
+    _compare([dict(np.load(ranks_dir / f"rank{r}.npz")) for r in range(2)], alone)
+
+
+def test_pipeline_parallel_on_the_default_model(default_model_path, tmp_path):
+    """SmolLM2-135M (GGUF, 30 layers): 15 blocks a rank, on three ranks 10 each."""
+    for ranks in (2, 3):
+        alone_dir, ranks_dir = tmp_path / f"alone{ranks}", tmp_path / f"ranks{ranks}"
+        alone_dir.mkdir()
+        ranks_dir.mkdir()
+        flags = ("--prompt-tokens", "40")
+        alone = run_alone(default_model_path, alone_dir, *flags)
+        run_ranks(default_model_path, ranks_dir, *flags, ranks=ranks, mode="pipeline")
+        _compare([dict(np.load(ranks_dir / f"rank{r}.npz")) for r in range(ranks)], alone)

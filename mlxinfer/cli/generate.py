@@ -87,7 +87,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from ..backend import blas_status
     from ..generate import stream_generate
 
-    if model.group is not None and model.group.rank() != 0:
+    if model.ranks is not None and model.ranks.rank() != 0:
         # Every rank runs the generation (each holds part of every layer); rank 0 prints it.
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of this process)
 

@@ -127,10 +127,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def add_parallel_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--parallel",
-        choices=["tensor"],
+        choices=["tensor", "pipeline"],
         default=None,
-        help="shard the model over the ranks `mlx.launch` started (MLX's distributed group): "
-        "tensor = each rank holds a slice of every layer; the text is printed by rank 0",
+        help="split the model over the ranks `mlx.launch` started (MLX's distributed group): "
+        "tensor = each rank holds a slice of every layer, pipeline = a run of layers; the text is "
+        "printed by rank 0",
     )
 
 

@@ -40,7 +40,7 @@ def main() -> None:
     model, tokenizer = mlxinfer.load(
         args.model, compute=args.compute, kernels=args.kernels, parallel=args.parallel
     )
-    rank = model.group.rank() if model.group is not None else 0
+    rank = model.ranks.rank() if model.ranks is not None else 0
     if args.forever:
         cache = model.make_cache()
         token = mx.array([1])

@@ -1,15 +1,16 @@
-"""Tensor parallelism on one machine: two ranks (MLX's ring backend over loopback) against one
-process, on the default model.
+"""Tensor or pipeline parallelism on one machine: two ranks (MLX's ring backend over loopback)
+against one process, on the default model.
 
-    python benchmarks/bench_parallel.py [--reps 3] [--prompt-tokens 128] [--tokens 64] [--out FILE]
+    python benchmarks/bench_parallel.py [--mode tensor|pipeline] [--reps 3] [--prompt-tokens 128]
+        [--tokens 64] [--out FILE]
 
 Each configuration runs in fresh processes: one process alone, then the two ranks together
 (MLX_HOSTFILE / MLX_RANK, as mlx.launch sets them), --reps times, alternating. Each process loads
 the default model (float32, the CPU's policy), prefills a --prompt-tokens prompt of KJV Genesis and
 decodes --tokens tokens greedily (EOS ignored), and reports: the weight bytes it holds, prefill and
 decode tok/s (rank 0's for the pair), its peak memory, and the communication a decode token needs,
-measured apart: the model's 60 all_sums of one token's activations ([1, 1, 576] float32) timed in
-a loop between the two ranks (the same sums a decode step makes, without the compute between).
+measured apart, without the compute between: tensor, the model's 60 all_sums of one token's
+activations ([1, 1, 576] float32); pipeline, one send from rank 0 to rank 1 and one all_sum.
 Two ranks on 2 cores share the cores the one process had: slower, and the report says where the
 time goes rather than predicting the speed-up of two machines.
 """
@@ -35,9 +36,9 @@ from common import machine_info, save_result, summary
 from mlxinfer.bench.servers import free_port
 
 
-def rank_worker(prompt_tokens: int, tokens: int, parallel: bool) -> None:
+def rank_worker(prompt_tokens: int, tokens: int, mode: str | None) -> None:
     """One process (alone, or one rank of the pair): prints its figures as one JSON line."""
-    model, tokenizer = mlxinfer.load(compute="float32", parallel="tensor" if parallel else None)
+    model, tokenizer = mlxinfer.load(compute="float32", parallel=mode)
     text = (Path(mlxinfer.__file__).parent / "bench" / "kjv_genesis.txt").read_text()
     prompt = tokenizer.encode(text)[:prompt_tokens]
     params = mlxinfer.SamplingParams(ignore_eos=True)
@@ -46,30 +47,38 @@ def rank_worker(prompt_tokens: int, tokens: int, parallel: bool) -> None:
         model, tokenizer, prompt, max_tokens=tokens, sampling=params, return_metrics=True
     )
     result = {
-        "rank": model.group.rank() if model.group is not None else 0,
+        "rank": model.ranks.rank() if model.ranks is not None else 0,
         "weight_bytes": model.nbytes,
         "prefill_tps": metrics.prefill_tps,
         "decode_tps": metrics.decode_tps,
         "peak_mb": metrics.peak_memory_mb,
     }
-    if model.group is not None:  # the all_sums of one decode token, without the compute
-        layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    group = model.ranks
+    if group is not None:  # one decode token's communication, without the compute
+        hidden = model.config.hidden_size
+        sums = 2 * model.config.num_hidden_layers if mode == "tensor" else 1
         x = mx.ones((1, 1, hidden))
-        mx.eval(mx.distributed.all_sum(x, group=model.group))
+        mx.eval(mx.distributed.all_sum(x, group=group))
         start = time.perf_counter()
         for _ in range(20):
-            for _ in range(2 * layers):
-                x = mx.distributed.all_sum(x, group=model.group) * 0.5
+            if mode == "pipeline" and group.rank() == 0:
+                sent = mx.distributed.send(x, 1, group=group)
+                x = mx.where(mx.array(False), sent, mx.zeros_like(sent))
+            elif mode == "pipeline":
+                x = mx.distributed.recv_like(x, 0, group=group)
+            for _ in range(sums):
+                x = mx.distributed.all_sum(x, group=group) * 0.5
             mx.eval(x)
         result["comm_ms_per_token"] = (time.perf_counter() - start) / 20 * 1000
-        result["all_sums_per_token"] = 2 * layers
+        result["all_sums_per_token"] = sums
         result["bytes_per_all_sum"] = hidden * 4
     print(json.dumps(result), flush=True)
 
 
-def run(parallel: bool, prompt_tokens: int, tokens: int) -> list[dict]:
+def run(mode: str | None, prompt_tokens: int, tokens: int) -> list[dict]:
+    parallel = mode is not None
     command = [sys.executable, __file__, "--rank-worker", "--prompt-tokens", str(prompt_tokens)]
-    command += ["--tokens", str(tokens)] + (["--parallel"] if parallel else [])
+    command += ["--tokens", str(tokens)] + (["--parallel", mode] if mode else [])
     env = {**os.environ}
     env.pop("MLX_HOSTFILE", None)
     env.pop("MLX_RANK", None)
@@ -95,17 +104,18 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--mode", choices=["tensor", "pipeline"], default="tensor")
     parser.add_argument("--out", default=None)
     parser.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--parallel", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--parallel", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank_worker:
         rank_worker(args.prompt_tokens, args.tokens, args.parallel)
         return
     alone, pair = [], []
     for _ in range(args.reps):
-        alone += run(False, args.prompt_tokens, args.tokens)
-        pair.append(run(True, args.prompt_tokens, args.tokens))
+        alone += run(None, args.prompt_tokens, args.tokens)
+        pair.append(run(args.mode, args.prompt_tokens, args.tokens))
     rank0 = [p[0] for p in pair]
 
     def stat(rows, key):
@@ -113,6 +123,7 @@ def main() -> None:
 
     result = {
         "machine": machine_info(),
+        "mode": args.mode,
         "prompt_tokens": args.prompt_tokens,
         "tokens": args.tokens,
         "reps": args.reps,
@@ -135,7 +146,7 @@ def main() -> None:
         f"{result['weight_bytes']}",
         file=sys.stderr,
     )
-    save_result(result, "parallel-two-ranks", args.out)
+    save_result(result, f"parallel-{args.mode}-two-ranks", args.out)
 
 
 if __name__ == "__main__":

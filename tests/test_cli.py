@@ -485,6 +485,30 @@ def test_env_json():
     assert facts["default model"] == str(mlxinfer.default_model_path())
 
 
+def test_env_shows_the_distributed_group_it_would_join(tmp_path):
+    """Alone: a group of one. Under a launcher's environment: this rank and the group's size,
+    read from the hostfile without joining (which would wait for the other ranks)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLX_RANK", "MLX_HOSTFILE")}
+    alone = subprocess.run(
+        [sys.executable, "-m", "mlxinfer", "env", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert json.loads(alone.stdout)["distributed"].startswith("available; not launched")
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([["127.0.0.1:5000"], ["127.0.0.1:5001"], ["127.0.0.1:5002"]]))
+    launched = subprocess.run(
+        [sys.executable, "-m", "mlxinfer", "env", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "MLX_RANK": "2", "MLX_HOSTFILE": str(hostfile)},
+    )
+    assert json.loads(launched.stdout)["distributed"] == f"rank 2 of 3 (hostfile {hostfile})"
+
+
 def test_prompt_that_is_not_utf8_is_a_usage_error():
     """Bytes that are not UTF-8 on the command line or stdin: exit 2, one line, no traceback."""
     for args, stdin in ((["--prompt", "\udcff hi"], None), (["--prompt", "-"], b"\xff\xfe hi")):

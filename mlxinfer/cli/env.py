@@ -43,7 +43,29 @@ def environment() -> dict:
         "prefill kernels": facts["prefill_kernel"],
         "c compiler": c_compiler() or "none found",
         "default model": default_model,
+        "distributed": _distributed(),
     }
+
+
+def _distributed() -> str:
+    """MLX's distributed layer: whether it is there, and the group this process would join (as
+    `mlx.launch` describes it in the environment; not joined here, which would wait for the
+    other ranks)."""
+    import mlx.core as mx
+
+    if not mx.distributed.is_available():
+        return "not available in this MLX"
+    rank, hostfile = os.environ.get("MLX_RANK"), os.environ.get("MLX_HOSTFILE")
+    if rank is None and hostfile is None:
+        return "available; not launched (a group of one: run under mlx.launch to use --parallel)"
+    size = "?"
+    if hostfile:
+        try:
+            with open(hostfile, encoding="utf-8") as f:
+                size = str(len(json.load(f)))
+        except (OSError, ValueError):
+            size = "? (hostfile unreadable)"
+    return f"rank {rank if rank is not None else '?'} of {size} (hostfile {hostfile or 'none'})"
 
 
 def _auto_kernels() -> str:

@@ -177,6 +177,7 @@ TP_CASES = {  # family, checkpoint overrides, worker flags
 }
 
 
+@pytest.mark.exactness  # CI runs these under each op set
 @pytest.mark.parametrize("case", list(TP_CASES), ids=str)
 def test_tensor_parallel_matches_one_process(case, tmp_path):
     """Two ranks give the logits of one process (full forward, and prefill + decode through the
@@ -204,6 +205,7 @@ def _compare(results: list[dict], alone: dict) -> None:
         assert got["nbytes"] < alone["nbytes"], rank
 
 
+@pytest.mark.exactness  # CI runs these under each op set
 @pytest.mark.parametrize("compute", ["native", "float32"])
 def test_tensor_parallel_reads_a_4bit_mlx_lm_directory(compute, tmp_path):
     """A directory written by mlx_lm.convert (4-bit, groups of 32): quantized layers sliced
@@ -234,6 +236,7 @@ def default_model_path() -> Path:
         raise
 
 
+@pytest.mark.exactness  # CI runs these under each op set
 def test_tensor_parallel_on_the_default_model(default_model_path, tmp_path):
     """SmolLM2-135M (GGUF): 9 query heads over 3 KV heads on 2 ranks, 6 + 3 heads; each rank holds
     its heads, half of each MLP, and the replicated embedding (tied LM head) and norms."""
@@ -355,6 +358,7 @@ PIPELINE_CASES = [
 ]
 
 
+@pytest.mark.exactness  # CI runs these under each op set
 @pytest.mark.parametrize("case", PIPELINE_CASES, ids=str)
 def test_pipeline_parallel_matches_one_process(case, tmp_path):
     """Two stages (one block each on these 2-layer models): the logits of one process, full
@@ -370,6 +374,7 @@ def test_pipeline_parallel_matches_one_process(case, tmp_path):
     _compare([dict(np.load(ranks_dir / f"rank{r}.npz")) for r in range(2)], alone)
 
 
+@pytest.mark.exactness  # CI runs these under each op set
 def test_pipeline_parallel_on_the_default_model(default_model_path, tmp_path):
     """SmolLM2-135M (GGUF, 30 layers): 15 blocks a rank, on three ranks 10 each."""
     for ranks in (2, 3):

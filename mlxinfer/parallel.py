@@ -179,8 +179,8 @@ def shard_weights(
     config: ModelConfig, weights: dict[str, mx.array], rank: int, size: int, source: str
 ) -> tuple[ModelConfig, dict[str, mx.array]]:
     """Slice stored tensors (Hugging Face names) for rank `rank` of `size`: (its config, its
-    tensors). Replicated tensors are passed through; nothing is evaluated here, so a lazily loaded
-    file is read only for the slices kept."""
+    tensors). Replicated tensors are passed through; nothing is evaluated here: the model built
+    from them holds only this rank's slices."""
     heads = head_shard(config, rank, size)
     hd, unit = config.head_dim, _width_unit(config, weights)
     H, KV = config.num_attention_heads, config.num_key_value_heads
@@ -273,8 +273,8 @@ def unseeded_seed() -> int:
 def shared_seed(group: mx.distributed.Group) -> int:
     """A random 32-bit seed drawn by rank 0 and known to every rank of `group` (its 4 bytes summed
     in float32 with the other ranks' zeros: exact)."""
-    halves = list(secrets.randbits(32).to_bytes(4, "little")) if group.rank() == 0 else [0] * 4
-    total = np.array(mx.distributed.all_sum(mx.array(halves, dtype=mx.float32), group=group))
+    parts = list(secrets.randbits(32).to_bytes(4, "little")) if group.rank() == 0 else [0] * 4
+    total = np.array(mx.distributed.all_sum(mx.array(parts, dtype=mx.float32), group=group))
     return int.from_bytes(bytes(int(b) for b in total), "little")
 
 

@@ -457,48 +457,28 @@ static void attention_task(void *arg) {
   free(scratch);
 }
 
-typedef struct {
-  const attention_job *job;
-  attention_fn attention;
-  size_t floats; /* scratch per thread */
-  int items, next, failed;
-} decode_call;
-
-static void decode_task(void *arg) {
-  decode_call *call = arg;
-  float *scratch = malloc(sizeof(float) * call->floats);
-  for (;;) {
-    int i = __atomic_fetch_add(&call->next, 1, __ATOMIC_RELAXED);
-    if (i >= call->items) break;
-    if (!scratch) { /* no other thread may be left to take it */
-      __atomic_store_n(&call->failed, 1, __ATOMIC_RELAXED);
-      break;
-    }
-    call->attention(call->job, i, scratch);
-  }
-  free(scratch);
-}
-
 /* Work below which a decode step's attention stays on the calling thread: waking the pool costs
  * about as much as ~8 rows x 9 heads x 512 keys of it (a few tens of microseconds). */
 enum { DECODE_ON_CALLER = 1 << 21 }; /* query heads x keys x head dims */
 
 /* A decode step (T = 1): work items of one row's KV head with its query groups
- * (decode_attention.h), each with a row of scores per group. */
+ * (decode_attention.h), each with a row of scores per group; attention_task shares them out
+ * (one block per head: item i is row i / KV's KV head i % KV). */
 static int decode_attention(const attention_job *job, int index) {
   int longest = job->S;
   if (job->lengths) {
     longest = 0;
     for (int b = 0; b < job->B; b++) longest = job->lengths[b] > longest ? job->lengths[b] : longest;
   }
-  decode_call call = {job, KERNELS[index].decode_attention,
-                      (size_t)(job->H / job->KV) * (size_t)(longest > 0 ? longest : 1),
-                      job->B * job->KV, 0, 0};
+  const int heads = job->B * job->KV;
+  attention_call call = {job, KERNELS[index].decode_attention,
+                         (size_t)(job->H / job->KV) * (size_t)(longest > 0 ? longest : 1),
+                         heads, 1, heads, 0, 0};
   if ((long)job->B * job->H * longest * job->hd <= DECODE_ON_CALLER)
-    decode_task(&call);
+    attention_task(&call);
   else
-    pool_run(decode_task, &call);
-  return call.failed ? 3 : 0;
+    pool_run(attention_task, &call);
+  return call.workers ? 0 : 3;
 }
 
 /* The variant a prefill kernel runs: `variant`, or the one chosen at init for -1; -1 when this
@@ -512,8 +492,8 @@ static int prefill_variant(int variant) {
  * one KV head with all its query groups: about ATTENTION_ROWS rows) shared by the pool's threads.
  * `variant` is an index of KERNELS, or -1 for the one chosen at init. Returns 0; 1 for a shape
  * the kernels do not take (a head dim that is not a multiple of the vector width or is over 512,
- * H not a multiple of KV, fewer keys than queries in a row); 2 for a variant this CPU cannot run; 3 when
- * out of memory. */
+ * H not a multiple of KV, fewer keys than queries in a row); 2 for a variant this CPU cannot run;
+ * 3 when out of memory. */
 int mlxinfer_attention(attention_job *job, int variant) {
   const int index = prefill_variant(variant);
   if (index < 0) return 2;

@@ -1,6 +1,6 @@
-/* One instruction set's vector types, exp2, the sum of a vector's lanes and SwiGLU, for the kernels that MLX's CPU backend runs
- * scalar and on one thread (its exp costs ~9-17 ns a float). Included by gemv_shim.c once per
- * variant, before flash_attention.h, with
+/* One instruction set's vector types, exp2, the sum of a vector's lanes and SwiGLU, for the kernels
+ * that MLX's CPU backend runs scalar and on one thread (its exp costs ~9-17 ns a float). Included
+ * by gemv_shim.c once per variant, before decode_attention.h and flash_attention.h, with
  *   PREFIX  the variant's name prefix   TARGET its target attribute (or nothing)
  *   VW      floats per vector register */
 

@@ -153,6 +153,24 @@ def run_alone(model: Path, out: Path, *extra: str) -> dict:
     return dict(np.load(out / "rank0.npz"))
 
 
+def matches_one_process(
+    model: Path, tmp_path: Path, *flags: str, mode: str = "tensor", sizes: tuple = (2,)
+) -> tuple[dict, dict[int, list[dict]]]:
+    """The worker alone, then as a group of each of `sizes` ranks: every rank gives one process's
+    figures (_compare). Returns (alone, {size: each rank's figures})."""
+    alone_dir = tmp_path / "alone"
+    alone_dir.mkdir()
+    alone = run_alone(model, alone_dir, *flags)
+    groups = {}
+    for size in sizes:
+        ranks_dir = tmp_path / f"ranks{size}"
+        ranks_dir.mkdir()
+        run_ranks(model, ranks_dir, *flags, ranks=size, mode=mode)
+        groups[size] = [dict(np.load(ranks_dir / f"rank{r}.npz")) for r in range(size)]
+        _compare(groups[size], alone)
+    return alone, groups
+
+
 TP_CASES = {  # family, checkpoint overrides, worker flags
     "llama-gqa": ("llama", {}, []),
     "llama-mqa": ("llama", {"num_key_value_heads": 1, "num_attention_heads": 4}, []),
@@ -186,14 +204,8 @@ def test_tensor_parallel_matches_one_process(case, tmp_path):
     family, overrides, flags = TP_CASES[case]
     model = tmp_path / "model"
     make_tiny_checkpoint(model, family, **overrides)
-    alone_dir, ranks_dir = tmp_path / "alone", tmp_path / "ranks"
-    alone_dir.mkdir()
-    ranks_dir.mkdir()
-    alone = run_alone(model, alone_dir, *flags)
-    run_ranks(model, ranks_dir, *flags)
-    results = [dict(np.load(ranks_dir / f"rank{r}.npz")) for r in range(2)]
-    _compare(results, alone)
-    assert sum(int(r["heads"][0]) for r in results) == int(alone["heads"][0])
+    alone, groups = matches_one_process(model, tmp_path, *flags)
+    assert sum(int(r["heads"][0]) for r in groups[2]) == int(alone["heads"][0])
 
 
 def _compare(results: list[dict], alone: dict) -> None:
@@ -215,12 +227,7 @@ def test_tensor_parallel_reads_a_4bit_mlx_lm_directory(compute, tmp_path):
     source, model = tmp_path / "hf", tmp_path / "q4"
     make_tiny_checkpoint(source, "llama")
     mlx_lm.convert(str(source), str(model), quantize=True, q_group_size=32, q_bits=4)
-    alone_dir, ranks_dir = tmp_path / "alone", tmp_path / "ranks"
-    alone_dir.mkdir()
-    ranks_dir.mkdir()
-    alone = run_alone(model, alone_dir, "--compute", compute)
-    run_ranks(model, ranks_dir, "--compute", compute)
-    _compare([dict(np.load(ranks_dir / f"rank{r}.npz")) for r in range(2)], alone)
+    matches_one_process(model, tmp_path, "--compute", compute)
 
 
 @pytest.fixture
@@ -240,14 +247,8 @@ def default_model_path() -> Path:
 def test_tensor_parallel_on_the_default_model(default_model_path, tmp_path):
     """SmolLM2-135M (GGUF): 9 query heads over 3 KV heads on 2 ranks, 6 + 3 heads; each rank holds
     its heads, half of each MLP, and the replicated embedding (tied LM head) and norms."""
-    alone_dir, ranks_dir = tmp_path / "alone", tmp_path / "ranks"
-    alone_dir.mkdir()
-    ranks_dir.mkdir()
-    flags = ("--prompt-tokens", "40")
-    alone = run_alone(default_model_path, alone_dir, *flags)
-    run_ranks(default_model_path, ranks_dir, *flags)
-    results = [dict(np.load(ranks_dir / f"rank{r}.npz")) for r in range(2)]
-    _compare(results, alone)
+    alone, groups = matches_one_process(default_model_path, tmp_path, "--prompt-tokens", "40")
+    results = groups[2]
     assert [r["heads"].tolist() for r in results] == [[6, 2], [3, 1]]
     # measured: 135M parameters, of which the 28M-entry embedding is on both ranks
     assert 0.5 < results[0]["nbytes"] / alone["nbytes"] < 0.75
@@ -366,22 +367,11 @@ def test_pipeline_parallel_matches_one_process(case, tmp_path):
     family, overrides, flags = TP_CASES[case]
     model = tmp_path / "model"
     make_tiny_checkpoint(model, family, **overrides)
-    alone_dir, ranks_dir = tmp_path / "alone", tmp_path / "ranks"
-    alone_dir.mkdir()
-    ranks_dir.mkdir()
-    alone = run_alone(model, alone_dir, *flags)
-    run_ranks(model, ranks_dir, *flags, mode="pipeline")
-    _compare([dict(np.load(ranks_dir / f"rank{r}.npz")) for r in range(2)], alone)
+    matches_one_process(model, tmp_path, *flags, mode="pipeline")
 
 
 @pytest.mark.exactness  # CI runs these under each op set
 def test_pipeline_parallel_on_the_default_model(default_model_path, tmp_path):
     """SmolLM2-135M (GGUF, 30 layers): 15 blocks a rank, on three ranks 10 each."""
-    for ranks in (2, 3):
-        alone_dir, ranks_dir = tmp_path / f"alone{ranks}", tmp_path / f"ranks{ranks}"
-        alone_dir.mkdir()
-        ranks_dir.mkdir()
-        flags = ("--prompt-tokens", "40")
-        alone = run_alone(default_model_path, alone_dir, *flags)
-        run_ranks(default_model_path, ranks_dir, *flags, ranks=ranks, mode="pipeline")
-        _compare([dict(np.load(ranks_dir / f"rank{r}.npz")) for r in range(ranks)], alone)
+    flags = ("--prompt-tokens", "40")
+    matches_one_process(default_model_path, tmp_path, *flags, mode="pipeline", sizes=(2, 3))

@@ -375,3 +375,26 @@ def test_pipeline_parallel_on_the_default_model(default_model_path, tmp_path):
     """SmolLM2-135M (GGUF, 30 layers): 15 blocks a rank, on three ranks 10 each."""
     flags = ("--prompt-tokens", "40")
     matches_one_process(default_model_path, tmp_path, *flags, mode="pipeline", sizes=(2, 3))
+
+
+def test_parallel_arguments_are_checked_by_name(tiny):
+    """A mode that does not exist, or a group without a mode: ValueError naming `parallel`.
+    Without a launcher the group has one rank: the model loads whole and runs alone."""
+    import mlx.core as mx
+
+    import mlxinfer
+
+    with pytest.raises(ValueError, match="parallel must be one of tensor, pipeline or None"):
+        mlxinfer.load(tiny, parallel="data")
+    with pytest.raises(ValueError, match="a group was given without parallel="):
+        mlxinfer.load(tiny, group=mx.distributed.init())
+    env = {k: v for k, v in os.environ.items() if k not in ("MLX_RANK", "MLX_HOSTFILE")}
+    code = (
+        f"import mlxinfer; m, _ = mlxinfer.load({tiny!r}, parallel='tensor'); "
+        "print(m.ranks, m.config.num_attention_heads)"
+    )
+    alone = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert alone.stdout.split() == ["None", "4"]

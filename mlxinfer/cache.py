@@ -458,13 +458,27 @@ def kv_cache_bytes(
     `itemsize` bytes) per group of `kv_group_size`. (A rotating cache that has only been
     prefilled holds just its tokens until its first decoded one.)"""
     slots = -(-tokens // KVCache.step) * KVCache.step
-    per_token = config.num_key_value_heads * (
-        config.head_dim * itemsize
-        if kv_bits is None
-        else config.head_dim * kv_bits // 8 + 2 * itemsize * config.head_dim // kv_group_size
-    )
+    per_token = _head_bytes(config, kv_bits, kv_group_size, itemsize)
     total = 0
     for window in config.layer_windows:
         cap = window if window is not None else max_kv_size
         total += 2 * per_token * (slots if cap is None else min(slots, cap))
     return batch * total
+
+
+def kv_bytes_per_token(
+    config, kv_bits: int | None = None, kv_group_size: int = 64, itemsize: int = 4
+) -> int:
+    """Bytes one token's keys and values take in every layer (no slots around them): what a
+    prefix-cache entry holds per token."""
+    layers = len(config.layer_windows)
+    return 2 * layers * _head_bytes(config, kv_bits, kv_group_size, itemsize)
+
+
+def _head_bytes(config, kv_bits: int | None, kv_group_size: int, itemsize: int) -> int:
+    """One token's keys (or values) in one layer."""
+    return config.num_key_value_heads * (
+        config.head_dim * itemsize
+        if kv_bits is None
+        else config.head_dim * kv_bits // 8 + 2 * itemsize * config.head_dim // kv_group_size
+    )

@@ -28,6 +28,13 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .cache import CacheSpec, cache_spec
+from .engine_ranks import (
+    IDLE_TICK_S,
+    STALL_TIMEOUT_ENV,
+    RankLink,
+    stall_timeout,
+    wait_for_leader,
+)
 from .generate import GenerationResponse, Prompt, check_max_tokens, encode_prompt
 from .metrics import RequestMetrics
 from .model import Model
@@ -175,7 +182,9 @@ class Engine:
         )
         self.scheduler = Scheduler(model, tokenizer, self.options)
         self._ids = itertools.count()
-        self._worker = _Worker(self.scheduler)
+        group = model.ranks
+        link = RankLink(group) if group is not None and group.size() > 1 else None
+        self._worker = _Worker(self.scheduler, link)
         # dropped unclosed: cancel and stop the thread, without waiting (this may run in any
         # thread's garbage collection); at exit, track_engine waits for it
         weakref.finalize(self, self._worker.close, True, 0).atexit = False
@@ -195,6 +204,11 @@ class Engine:
         as stream_generate and batch_generate clip it: the reply then ends with finish_reason
         "length". A request that can never run (a prompt that leaves no room, a KV budget it
         cannot fit, parameters the model cannot take) is refused here with a ValueError."""
+        if (link := self._worker.link) is not None and not link.leader:
+            raise RuntimeError(
+                f"this is rank {link.rank} of {link.size}: rank 0 takes the requests (here, "
+                "engine.wait() runs the steps rank 0 plans until it closes the engine)"
+            )
         params = sampling or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {type(params).__name__}")
@@ -209,8 +223,21 @@ class Engine:
 
     def close(self, cancel: bool = False, timeout: float | None = None) -> None:
         """Stop taking requests; finish those accepted (or with `cancel=True` cancel them), then
-        stop the engine's thread and free the prefix cache."""
+        stop the engine's thread and free the prefix cache. On a rank other than 0 of a split
+        model, wait (at most `timeout` seconds) for rank 0 to close it."""
         self._worker.close(cancel, timeout)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait until the engine's thread ends (TimeoutError after `timeout` seconds); raise
+        RuntimeError if it stopped on an error. On the ranks other than 0 of a model split over
+        several (`load(..., parallel=...)`), this is their whole part: their engine runs the
+        steps rank 0 plans (its requests, cancellations and seeds) until rank 0 closes it."""
+        if not self._worker.ended.wait(timeout):
+            raise TimeoutError(f"the engine still runs after {timeout} s")
+        if not self._worker.stalled:
+            self._worker.thread.join()  # (its last lines, after it set `ended`)
+        if self._worker.error is not None:
+            raise RuntimeError(self._worker.error)
 
     @property
     def closed(self) -> bool:
@@ -233,6 +260,11 @@ class Engine:
         """Run `function(*args, **kwargs)` on the engine's thread, between two generation steps,
         and return its result (or raise its exception): other MLX work on the model (a trace, a
         forward pass to look inside) without a second thread using MLX."""
+        if self._worker.link is not None:  # the other ranks would not run it: their halves of
+            raise RuntimeError(  # the model's collectives would never pair up
+                f"Engine.call: the model is split over {self._worker.link.size} ranks, and a "
+                "function run on rank 0 alone cannot use it"
+            )
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._worker.post(("call", (lambda: function(*args, **kwargs), future)))
         return future.result(timeout)
@@ -253,16 +285,25 @@ class Engine:
 
 class _Worker:
     """The engine's thread and what it shares with the callers: the inbox of messages, the handles
-    of requests in flight, and the scheduler it alone steps."""
+    of requests in flight, and the scheduler it alone steps. With a `link` (a model split over
+    ranks, engine_ranks.py) rank 0 shares each turn's messages and the other ranks take theirs
+    from it instead of an inbox."""
 
-    def __init__(self, scheduler: Scheduler):
+    def __init__(self, scheduler: Scheduler, link: RankLink | None = None):
         self.scheduler = scheduler
+        self.link = link
         self.inbox: queue.Queue = queue.Queue()
         self.handles: dict[int, RequestHandle] = {}
         self.lock = threading.RLock()  # a finalizer's close may run on a thread that holds it
         self.closed = False
+        self.error: str | None = None  # why the thread stopped, if it failed
+        self.ended = threading.Event()  # the thread ended, or (over ranks) stalled for good
+        self.stalled = False  # over ranks: it waits for a rank that is gone (_watch), forever
+        self.beat = time.monotonic()  # when the thread last finished a turn or a step
         self.thread = threading.Thread(target=self._run, name="mlxinfer-engine", daemon=True)
         self.thread.start()
+        if link is not None:
+            threading.Thread(target=self._watch, name="mlxinfer-engine-watch", daemon=True).start()
 
     def post(self, message: tuple) -> None:
         with self.lock:
@@ -281,18 +322,40 @@ class _Worker:
         with self.lock:
             if not self.closed:
                 self.closed = True
-                self.inbox.put(("close", cancel))
-        if threading.current_thread() is not self.thread:
+                self.inbox.put(("close", cancel))  # (on ranks other than 0, rank 0 closes)
+        if threading.current_thread() is not self.thread and not self.stalled:
             self.thread.join(timeout)
+
+    def _watch(self) -> None:
+        """Over ranks, while the thread runs: MLX's ring backend waits forever for a rank that
+        died or hung (after a connection error its pending transfers never complete, and
+        nothing raises), so a thread that has not finished a turn or a step in the group's
+        timeout (engine_ranks.stall_timeout) is given up: every request ends with an error
+        saying so, the engine closes, and wait() raises."""
+        timeout = stall_timeout()
+        while not self.ended.wait(min(1.0, timeout / 4)):
+            if time.monotonic() - self.beat > timeout:
+                link = self.link
+                assert link is not None
+                self.error = (
+                    f"engine stopped: rank {link.rank} of {link.size} had no reply from the other "
+                    f"ranks for {timeout:g} s (a rank stopped, or the connection between them "
+                    f"failed; ${STALL_TIMEOUT_ENV} sets the wait)"
+                )
+                self.stalled = True
+                self._fail_all(self.error)
+                self.ended.set()
+                return
 
     def _run(self) -> None:
         scheduler, closing = self.scheduler, False
         try:
             while True:
+                self.beat = time.monotonic()
                 block = not scheduler.has_work()
-                if closing and block:
+                if (closing and block) or self.ended.is_set():  # (set: given up on, see _watch)
                     return
-                for message in self._messages(block):
+                for message in self._turn(block):
                     kind, arg = message
                     if kind == "submit":
                         scheduler.add(arg)
@@ -311,9 +374,14 @@ class _Worker:
                             for request in _active(scheduler):
                                 self._deliver(scheduler.cancel(request))
                 if scheduler.has_work():
-                    self._deliver(scheduler.step())
+                    events = scheduler.step()
+                    if self.link is not None:
+                        self.link.stepped(events)
+                    self._deliver(events)
         except BaseException as e:  # nothing is lost: every accepted request gets its last response
-            self._fail_all(f"engine stopped: {type(e).__name__}: {e}")
+            if not self.ended.is_set():
+                self.error = f"engine stopped: {type(e).__name__}: {e}"
+                self._fail_all(self.error)
             raise
         finally:
             if scheduler.prefix_cache is not None:  # nothing can use it once the thread ends
@@ -323,9 +391,29 @@ class _Worker:
             # clear a thread's streams at its end.
             mx.synchronize()
             mx.clear_streams()
+            self.ended.set()  # last: a caller of wait() may exit the process next
 
-    def _messages(self, block: bool) -> list[tuple]:
-        messages = [self.inbox.get()] if block else []
+    def _turn(self, block: bool) -> list[tuple]:
+        """This turn's messages: the inbox's; over ranks, rank 0 shares them (engine_ranks.py)."""
+        link = self.link
+        if link is None:
+            return self._messages(block)
+        if not link.leader:
+            messages, idle_s = link.receive()
+            wait_for_leader(idle_s)
+            return messages
+        messages = self._messages(block, IDLE_TICK_S)
+        idle = block and not messages
+        link.send([m for m in messages if m[0] != "call"], IDLE_TICK_S if idle else 0.0)
+        return messages
+
+    def _messages(self, block: bool, timeout: float | None = None) -> list[tuple]:
+        messages = []
+        if block:
+            try:
+                messages.append(self.inbox.get(timeout=timeout))
+            except queue.Empty:
+                return messages
         while True:
             try:
                 messages.append(self.inbox.get_nowait())
@@ -333,6 +421,8 @@ class _Worker:
                 return messages
 
     def _deliver(self, events) -> None:
+        if self.link is not None:
+            self.link.forget(events)
         for request, response in events:
             handle = self.handles.get(request.id)
             if handle is None:

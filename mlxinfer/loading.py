@@ -276,6 +276,7 @@ def build_model(
     With a sharding (parallel.py), this rank's part of them, after every rank has shown it loaded
     the same model."""
     check_layer_count(config, weights, source)
+    whole_config = config
     if sharding is not None:
         group = sharding.group
         join_group(config, weights, group)
@@ -284,6 +285,7 @@ def build_model(
         else:
             config, weights = pipeline_weights(config, weights, group.rank(), group.size())
     model = Model(config, kernels="mlx")  # the caller's op set comes with prepare()
+    model.whole_config = whole_config
     _quantize_like(model, weights, config.quantization or {})
     if dtype is not None:
         weights = {k: v.astype(dtype) if _is_float(v) else v for k, v in weights.items()}

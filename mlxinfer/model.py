@@ -65,7 +65,8 @@ class Model(nn.Module):
 
     def __init__(self, config: ModelConfig, kernels: str = "auto"):
         super().__init__()
-        self.config = config
+        self.config = config  # this rank's part, when split over ranks (parallel.py)
+        self.whole_config = config  # the whole model's (load() sets it on a split model)
         self.compute_policy = "native"  # set by load(): "native" or "float32"
         self.group: mx.distributed.Group | None = None  # tensor parallel's ranks (set_group)
         self.pipeline: mx.distributed.Group | None = None  # pipeline's ranks (set_pipeline)

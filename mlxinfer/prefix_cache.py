@@ -28,8 +28,13 @@ MIN_MATCH = 16  # shorter matches are not worth a copy of the cache
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int):
+    """At most `max_bytes` of entries: their arrays' bytes, or with `bytes_per_token` that many
+    per token (a model split over ranks counts the whole model's bytes, so that every rank keeps
+    and evicts the same entries)."""
+
+    def __init__(self, max_bytes: int, bytes_per_token: int | None = None):
         self.max_bytes = max_bytes
+        self.bytes_per_token = bytes_per_token
         self.entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, list, int]] = OrderedDict()
         self.nbytes = 0
         self.hits = 0
@@ -76,6 +81,8 @@ class PrefixCache:
             values = tuple(mx.contiguous(a[..., :n, :]) for a in c.values)
             stored.append((keys, values))
         nbytes = sum(a.nbytes for kv in stored for part in kv for a in part)
+        if self.bytes_per_token is not None:
+            nbytes = n * self.bytes_per_token
         if nbytes > self.max_bytes:
             return
         # A stored prompt that this one extends is redundant: this one answers its lookups too.

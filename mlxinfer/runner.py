@@ -97,6 +97,7 @@ class Runner:
             logits = prefill_pass(self.model, mx.array([ids]), cache)  # [1, vocab]
             request.prefilled += len(ids)
         except Exception as e:  # this request fails; the others are untouched
+            self._stop_if_split()
             return Sampled.failed(requests, f"prefill failed: {e}")
         return self._first_tokens(requests, logits, [cache])
 
@@ -111,6 +112,7 @@ class Runner:
             last = [len(r.prompt_ids) - 1 for r in group]
             logits = prefill_pass(self.model, mx.array(padded), cache, last)  # [k, vocab]
         except Exception as e:
+            self._stop_if_split()
             return Sampled.failed(group, f"prefill failed: {e}")
         for request in group:
             request.prefilled = len(request.prompt_ids)
@@ -137,9 +139,17 @@ class Runner:
             values = _ints(mx.concatenate(tokens))
             host = [_to_host(lp) for lp in lps]
         except Exception as e:
+            self._stop_if_split()
             return Sampled.failed(requests, f"prefill failed: {e}")
         _bad_rows(_ints(bad), errors)
         return Sampled(requests, values, host, errors)
+
+    def _stop_if_split(self) -> None:
+        """Called in an `except` whose pass failed: alone, its requests fail and the engine goes
+        on; over ranks, the ranks are out of step (a transfer failed, or one rank's pass did),
+        so the exception stops the engine (engine.py) on this rank."""
+        if self.model.ranks is not None:
+            raise
 
     @property
     def ring_size(self) -> int | None:
@@ -199,6 +209,7 @@ class Runner:
             values, bad = _ints(step.tokens), _ints(step.bad)  # waits for the step
             lps = [_to_host(lp) for lp in step.lps]
         except Exception as e:  # the whole step failed: every running request ends
+            self._stop_if_split()
             self._ahead = None
             return Sampled.failed(list(requests), f"decode step failed: {e}")
         _bad_rows(bad, step.failed)

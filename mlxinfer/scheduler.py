@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .cache import CacheSpec
+from .cache import CacheSpec, kv_bytes_per_token
 from .metrics import RequestMetrics, request_metrics
 from .model import Model
 from .prefix_cache import PrefixCache
@@ -109,7 +109,14 @@ class Scheduler:
         self.kv_budget = None if budget is None else budget * 2**20
         self.prefill_chunk = options.chunk
         mb = options.prefix_cache_mb
-        prefix_cache = PrefixCache(int(mb * 2**20)) if mb else None
+        per_token = None
+        if model.ranks is not None:  # every rank must keep and evict the same entries: count
+            spec = options.cache  # them in the whole model's bytes, not this rank's part
+            itemsize = model.compute_dtype.size
+            per_token = kv_bytes_per_token(
+                model.whole_config, spec.kv_bits, spec.kv_group_size, itemsize
+            )
+        prefix_cache = PrefixCache(int(mb * 2**20), per_token) if mb else None
         self.runner = Runner(model, options.cache, self.max_batch, prefix_cache)
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []
@@ -143,9 +150,11 @@ class Scheduler:
             )
 
     def kv_bytes(self, rows: int, length: int) -> int:
-        """Bytes of KV storage for `rows` rows of `length` tokens, as the caches allocate it."""
+        """Bytes of KV storage for `rows` rows of `length` tokens, as the caches allocate it; for a
+        model split over ranks, the whole model's (all ranks together: every rank then admits
+        the same requests)."""
         itemsize = self.model.compute_dtype.size
-        return self.options.cache.nbytes(self.model.config, length, rows, itemsize)
+        return self.options.cache.nbytes(self.model.whole_config, length, rows, itemsize)
 
     def add(self, request: Request) -> None:
         request.status = Status.WAITING

@@ -21,6 +21,7 @@ from mlxinfer.parallel import head_shard, shard_config
 from .reference import make_tiny_checkpoint, rel_err
 
 WORKER = Path(__file__).parent / "tools" / "parallel_worker.py"
+ENGINE_WORKER = Path(__file__).parent / "tools" / "engine_worker.py"
 ROOT = Path(__file__).parent.parent
 
 
@@ -83,10 +84,17 @@ def test_mlp_widths_add_up_over_the_ranks():
 
 
 def start_ranks(
-    models: list[Path], out: Path, *extra: str, mode: str = "tensor"
+    models: list[Path],
+    out: Path,
+    *extra: str,
+    mode: str = "tensor",
+    worker: Path = WORKER,
+    rank_flags: dict[int, list[str]] | None = None,
+    timeout_s: int | None = None,
 ) -> list[subprocess.Popen]:
-    """One worker process per entry of `models` (rank r loads models[r]), as one ring group on
-    127.0.0.1 (a fresh port each)."""
+    """One `worker` process per entry of `models` (rank r loads models[r], with rank_flags[r] if
+    any), as one ring group on 127.0.0.1 (a fresh port each); `timeout_s` is the ranks'
+    MLXINFER_PARALLEL_TIMEOUT."""
     hostfile = out / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in models]))
     procs = []
@@ -97,10 +105,12 @@ def start_ranks(
             "MLX_RANK": str(rank),
             "PYTHONPATH": str(ROOT),
         }
-        command = [sys.executable, str(WORKER), str(model), str(out), "--parallel", mode]
+        if timeout_s is not None:
+            env["MLXINFER_PARALLEL_TIMEOUT"] = str(timeout_s)
+        command = [sys.executable, str(worker), str(model), str(out), "--parallel", mode]
         procs.append(
             subprocess.Popen(
-                [*command, *extra],
+                [*command, *extra, *(rank_flags or {}).get(rank, [])],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -124,11 +134,18 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str
 
 
 def run_ranks(
-    model: Path, out: Path, *extra: str, ranks: int = 2, mode: str = "tensor", timeout: int = 240
+    model: Path,
+    out: Path,
+    *extra: str,
+    ranks: int = 2,
+    mode: str = "tensor",
+    timeout: int = 240,
+    worker: Path = WORKER,
 ) -> None:
     """Run `ranks` workers on `model` as one group and wait for all; any rank failing fails the
     test with its output."""
-    results = finish(start_ranks([model] * ranks, out, *extra, mode=mode), timeout)
+    procs = start_ranks([model] * ranks, out, *extra, mode=mode, worker=worker)
+    results = finish(procs, timeout)
     if any(code != 0 for code, _ in results):  # every rank's story: the first to fail may be any
         pytest.fail(
             "\n".join(
@@ -138,18 +155,20 @@ def run_ranks(
         )
 
 
-def run_alone(model: Path, out: Path, *extra: str) -> dict:
+def run_alone(model: Path, out: Path, *extra: str, worker: Path = WORKER) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("MLX_HOSTFILE", None)
     env.pop("MLX_RANK", None)
     result = subprocess.run(
-        [sys.executable, str(WORKER), str(model), str(out), *extra],
+        [sys.executable, str(worker), str(model), str(out), *extra],
         env=env,
         capture_output=True,
         text=True,
         timeout=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    if worker == ENGINE_WORKER:
+        return json.loads((out / "rank0.json").read_text())
     return dict(np.load(out / "rank0.npz"))
 
 
@@ -398,3 +417,92 @@ def test_parallel_arguments_are_checked_by_name(tiny):
     )
     assert alone.returncode == 0, alone.stderr[-2000:]
     assert alone.stdout.split() == ["None", "4"]
+
+
+# -- the Engine over ranks -----------------------------------------------------------------------
+
+
+def said_rank_lost(output: str) -> bool:
+    """The engine stopped on a lost rank: MLX's error from a failed transfer, or the engine's own
+    when no reply came in the ranks' timeout (10 s in these tests)."""
+    return "engine stopped: " in output and (
+        "[ring] connection to a peer was lost" in output
+        or "had no reply from the other ranks for 10 s" in output
+    )
+
+
+MARGIN = 1e-3  # as test_engine.py: past a near tie, other rounding may rightly pick the other token
+
+
+@pytest.mark.exactness  # CI runs these under each op set
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+def test_the_engine_over_ranks_gives_one_process_tokens(mode, tmp_path):
+    """An Engine of 4 rows over two ranks, rank 0 taking 8 ragged requests (greedy, seeded and
+    unseeded sampling), one cancelled after its second token, then a prefix-cache hit: every
+    greedy request gets the tokens of its prompt run alone in one process (up to a near tie), the
+    seeded ones the tokens of one process's Engine, the cancelled one a prefix of its own; both
+    ranks take the same number of steps (each checks its tokens against rank 0's every step)."""
+    model = tmp_path / "model"
+    make_tiny_checkpoint(model, "llama")
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "ranks").mkdir()
+    alone = run_alone(model, tmp_path / "alone", worker=ENGINE_WORKER)
+    run_ranks(model, tmp_path / "ranks", mode=mode, worker=ENGINE_WORKER)
+    got = json.loads((tmp_path / "ranks" / "rank0.json").read_text())
+    other = json.loads((tmp_path / "ranks" / "rank1.json").read_text())
+
+    assert got["reasons"] == alone["reasons"] == [*["length"] * 4, "cancelled", *["length"] * 4]
+    assert got["errors"] == [None] * 9
+    compared = 0
+    for i in (0, 3, 6, 8):  # greedy; 8 shares 24 prompt tokens with an earlier prompt
+        tokens, margins = alone["reference"][i]
+        near_tie = next((j for j, m in enumerate(margins) if m < MARGIN), len(tokens) - 1)
+        assert got["tokens"][i][: near_tie + 1] == tokens[: near_tie + 1], i
+        compared += near_tie + 1
+    assert compared >= 20  # near ties cut a comparison short only now and then
+    for i in (1, 7):  # seeded sampling
+        assert got["tokens"][i] == alone["tokens"][i], i
+    cancelled, (reference, _) = got["tokens"][4], alone["reference"][4]
+    assert 2 <= len(cancelled) < len(reference) and cancelled == reference[: len(cancelled)]
+    assert got["prefix_cache_hits"] >= 1
+    assert got["steps"] == other["steps"] > 0
+
+
+def test_ranks_whose_tokens_differ_stop_with_an_error(tmp_path):
+    """Rank 1's logits perturbed: it sees that its tokens differ from rank 0's after the first
+    step and stops saying so; rank 0, left waiting, gives up within the ranks' timeout and ends
+    its requests with an error. Neither hangs."""
+    model = tmp_path / "model"
+    make_tiny_checkpoint(model, "llama")
+    procs = start_ranks(
+        [model, model],
+        tmp_path,
+        worker=ENGINE_WORKER,
+        rank_flags={1: ["--perturb"]},
+        timeout_s=10,
+    )
+    (code0, text0), (code1, text1) = finish(procs, timeout=120)
+    assert code1 != 0 and "this rank sampled other tokens than rank 0" in text1, text1[-2000:]
+    assert code0 != 0 and said_rank_lost(text0), text0[-2000:]
+
+
+@pytest.mark.parametrize("killed", [1, 0])
+def test_an_engine_whose_rank_dies_ends_with_an_error(killed, tmp_path):
+    """One rank killed while the Engine decodes: the survivor ends every request with an error
+    (rank 0) or stops waiting (rank 1) within the ranks' timeout, and exits with an error."""
+    model = tmp_path / "model"
+    make_tiny_checkpoint(model, "llama")
+    procs = start_ranks([model, model], tmp_path, "--forever", worker=ENGINE_WORKER, timeout_s=10)
+    survivor = procs[1 - killed]
+    try:
+        for p in procs:  # both are past loading and in the engine's loop
+            for line in p.stdout:
+                if "decoding" in line:
+                    break
+        procs[killed].kill()
+        text = survivor.communicate(timeout=60)[0]
+    finally:
+        for p in procs:
+            p.kill()
+    assert survivor.returncode not in (0, None)
+    assert said_rank_lost(text), text[-2000:]

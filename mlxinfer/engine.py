@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -29,7 +30,6 @@ import mlx.core as mx
 
 from .cache import CacheSpec, cache_spec
 from .engine_ranks import (
-    IDLE_TICK_S,
     STALL_TIMEOUT_ENV,
     RankLink,
     stall_timeout,
@@ -240,6 +240,12 @@ class Engine:
             raise RuntimeError(self._worker.error)
 
     @property
+    def error(self) -> str | None:
+        """Why the engine's thread stopped, if it failed (e.g. a rank of a split model was lost);
+        None while it runs or after close()."""
+        return self._worker.error
+
+    @property
     def closed(self) -> bool:
         """Whether it takes no more requests (closed, or its thread stopped on an error)."""
         return self._worker.closed
@@ -343,6 +349,7 @@ class _Worker:
                     f"failed; ${STALL_TIMEOUT_ENV} sets the wait)"
                 )
                 self.stalled = True
+                print(f"mlxinfer: {self.error}", file=sys.stderr, flush=True)
                 self._fail_all(self.error)
                 self.ended.set()
                 return
@@ -402,9 +409,8 @@ class _Worker:
             messages, idle_s = link.receive()
             wait_for_leader(idle_s)
             return messages
-        messages = self._messages(block, IDLE_TICK_S)
-        idle = block and not messages
-        link.send([m for m in messages if m[0] != "call"], IDLE_TICK_S if idle else 0.0)
+        messages = self._messages(block, link.wait_s)  # (what the last header said)
+        link.send([m for m in messages if m[0] != "call"], idle=block and not messages)
         return messages
 
     def _messages(self, block: bool, timeout: float | None = None) -> list[tuple]:

@@ -16,9 +16,9 @@ whose own tokens differ stops with an error naming the step, instead of going on
 (its collectives would then pair with the wrong ones).
 
 MLX's ring backend waits for data by polling, a core kept busy. While the engine has nothing to do,
-rank 0 sends a header every IDLE_TICK_S saying when the next comes, and the other ranks sleep
-until then: an idle group costs a few all_sums a second, and a request that arrives while it is
-idle starts at most IDLE_TICK_S later.
+rank 0 sends headers further and further apart (2 ms, doubling up to IDLE_WAIT_MAX_S), each saying
+when the next comes, and the other ranks sleep until then: an idle group costs about 20 all_sums a
+second, and a request that arrives while it is idle starts at most IDLE_WAIT_MAX_S later.
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ from .request import Request
 from .responses import GenerationResponse
 from .sampling import SamplingParams
 
-IDLE_TICK_S = 0.02
+IDLE_WAIT_MIN_S = 0.002
+IDLE_WAIT_MAX_S = 0.05
 STALL_TIMEOUT_ENV = CONNECT_TIMEOUT_ENV  # one setting: how long ranks wait for each other
-_HEADER = 4  # payload bytes, digest of the last step's tokens, step number, ms until next header
+_HEADER = 4  # payload bytes, digest of the last step's tokens, step number, µs to the next header
 
 
 class RankLink:
@@ -53,6 +54,8 @@ class RankLink:
         self.steps = 0  # steps taken: the header's step number, for error messages
         self.digest = 0  # this rank's tokens in its last step
         self.requests: dict[int, Request] = {}  # on the other ranks: those not yet finished
+        self.wait_s = 0.0  # rank 0: how long the last header said the next one would take
+        self.idle_turns = 0  # rank 0: turns in a row with nothing to do
 
     @property
     def leader(self) -> bool:
@@ -60,10 +63,15 @@ class RankLink:
 
     # -- rank 0 ----------------------------------------------------------------------------------
 
-    def send(self, messages: list[tuple], idle_s: float) -> None:
-        """Rank 0: share this turn's messages (submit, cancel, close); `idle_s` > 0 tells the other
-        ranks that nothing runs and the next header comes that much later. A submitted request's
-        sampling gets a seed here if it had none, the same on every rank."""
+    def send(self, messages: list[tuple], idle: bool) -> None:
+        """Rank 0: share this turn's messages (submit, cancel, close). `idle` (nothing to run and
+        no messages) makes the next header come later (`wait_s`), which this one tells the other
+        ranks. A submitted request's sampling gets a seed here if it had none, the same on every
+        rank."""
+        self.idle_turns = self.idle_turns + 1 if idle else 0
+        self.wait_s = (
+            min(IDLE_WAIT_MAX_S, IDLE_WAIT_MIN_S * 2 ** min(self.idle_turns - 1, 10)) if idle else 0
+        )
         encoded = []
         for kind, arg in messages:
             if kind == "submit":
@@ -75,7 +83,7 @@ class RankLink:
             elif kind == "close":
                 encoded.append(["close", bool(arg)])
         payload = json.dumps(encoded).encode() if encoded else b""
-        header = [len(payload), self.digest, self.steps, round(idle_s * 1000)]
+        header = [len(payload), self.digest, self.steps, round(self.wait_s * 1e6)]
         self._all_sum(np.array(header, dtype=np.int32))
         if payload:
             self._all_sum(np.frombuffer(payload, dtype=np.uint8))
@@ -87,7 +95,7 @@ class RankLink:
         (("submit", Request), ("cancel", Request), ("close", cancel)), and the seconds to sleep
         before the next turn (nothing runs until then)."""
         header = self._all_sum(np.zeros(_HEADER, dtype=np.int32))
-        nbytes, digest, step, idle_ms = (int(x) for x in header)
+        nbytes, digest, step, wait_us = (int(x) for x in header)
         if step == self.steps and digest != self.digest:
             raise RuntimeError(
                 f"rank {self.rank} of {self.size}: in step {step} this rank sampled other tokens "
@@ -107,7 +115,7 @@ class RankLink:
                         messages.append(("cancel", self.requests[arg]))
                 elif kind == "close":
                     messages.append(("close", arg))
-        return messages, idle_ms / 1000
+        return messages, wait_us / 1e6
 
     # -- every rank ------------------------------------------------------------------------------
 

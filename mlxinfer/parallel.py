@@ -54,12 +54,23 @@ CONNECT_TIMEOUT_ENV = "MLXINFER_PARALLEL_TIMEOUT"  # seconds the ranks have to f
 CONNECT_TIMEOUT_S = 60.0
 
 
+_group: mx.distributed.Group | None = None  # init_group's, once made
+
+
 def init_group(timeout_s: float | None = None) -> mx.distributed.Group:
     """MLX's distributed group, as `mlx.launch` (or MLX_HOSTFILE and MLX_RANK) describes it; a
-    group of one without either. MLX's ring backend waits for every rank forever, holding the
-    interpreter's lock, so no Python timer can end the wait: faulthandler's watchdog thread (plain
-    C) exits the process with status 1 and a traceback ending here if the ranks have not
-    connected after `timeout_s` (default $MLXINFER_PARALLEL_TIMEOUT, else 60 s)."""
+    group of one without either. Made once per process: each mx.distributed.init() of the ring
+    backend binds its ports and connects anew. MLX's ring backend waits for every rank forever,
+    holding the interpreter's lock, so no Python timer can end the wait: faulthandler's watchdog
+    thread (plain C) exits the process with status 1 and a traceback ending here if the ranks have
+    not connected after `timeout_s` (default $MLXINFER_PARALLEL_TIMEOUT, else 60 s)."""
+    global _group
+    if _group is None:
+        _group = _connect(timeout_s)
+    return _group
+
+
+def _connect(timeout_s: float | None) -> mx.distributed.Group:
     if "MLX_HOSTFILE" not in os.environ and "MLX_RANK" not in os.environ:
         return mx.distributed.init()  # no launcher: a group of one, nothing to wait for
     if timeout_s is None:

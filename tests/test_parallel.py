@@ -506,3 +506,130 @@ def test_an_engine_whose_rank_dies_ends_with_an_error(killed, tmp_path):
             p.kill()
     assert survivor.returncode not in (0, None)
     assert said_rank_lost(text), text[-2000:]
+
+
+# -- mlxinfer serve over ranks -------------------------------------------------------------------
+
+
+def start_serving(model: Path, out: Path, mode: str = "tensor") -> tuple[list, str]:
+    """`mlxinfer serve --parallel MODE` as two ranks on loopback, as mlx.launch starts it (each
+    with MLX_HOSTFILE and MLX_RANK); (processes, rank 0's URL) once /health answers 200."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    hostfile = out / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(2)]))
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "MLX_HOSTFILE": str(hostfile),
+            "MLX_RANK": str(rank),
+            "MLXINFER_PARALLEL_TIMEOUT": "10",
+        }
+        command = [sys.executable, "-m", "mlxinfer", "serve", "--model", str(model)]
+        command += [
+            "--parallel",
+            mode,
+            "--port",
+            str(port),
+            "--model-name",
+            "SmolLM2-135M-Instruct",
+        ]
+        log = open(out / f"rank{rank}.log", "w")  # noqa: SIM115  (open while it runs)
+        procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return procs, url
+        except (OSError, urllib.error.HTTPError):
+            pass
+        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+            logs = [(out / f"rank{r}.log").read_text()[-2000:] for r in range(2)]
+            pytest.fail("the ranks did not start serving:\n" + "\n".join(logs))
+        time.sleep(0.5)
+
+
+def ask(url: str, content: str, max_tokens: int = 8) -> tuple[int, dict]:
+    """(status, JSON) of a greedy chat completion."""
+    import urllib.error
+    import urllib.request
+
+    body = {
+        "model": "SmolLM2-135M-Instruct",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    request = urllib.request.Request(
+        f"{url}/v1/chat/completions", data=json.dumps(body).encode(), method="POST"
+    )
+    request.add_header("content-type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def health(url: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_serve_over_ranks_answers_and_both_ranks_stop_at_sigterm(default_model_path, tmp_path):
+    """`mlxinfer serve --parallel tensor` as two ranks: rank 0 answers the default model's known
+    answer; SIGTERM to every rank (what mlx.launch forwards) stops both with status 0: rank 1
+    keeps running rank 0's steps until rank 0 has drained and closed the engine."""
+    import signal
+
+    procs, url = start_serving(default_model_path, tmp_path)
+    try:
+        status, reply = ask(url, "What is the capital of France?")
+        assert status == 200, reply
+        assert "Paris" in reply["choices"][0]["message"]["content"]
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(2)]
+    assert codes == [0, 0], logs
+    assert "split over 2 ranks (tensor parallel)" in logs[0]
+    assert "on http://" not in logs[1]  # only rank 0 serves
+
+
+def test_serve_answers_503_once_a_rank_is_lost(default_model_path, tmp_path):
+    """Rank 1 killed: rank 0's engine stops within the ranks' timeout (10 s here) and the server
+    says so: /health and new requests answer 503 naming the lost rank, never a hang."""
+    import time
+
+    procs, url = start_serving(default_model_path, tmp_path, mode="pipeline")
+    try:
+        assert ask(url, "What is the capital of France?")[0] == 200
+        procs[1].kill()
+        deadline = time.monotonic() + 30
+        while health(url) != 503:
+            assert time.monotonic() < deadline, "rank 0 still says it is healthy"
+            time.sleep(0.5)
+        status, reply = ask(url, "And of Germany?")
+        assert status == 503, reply
+        message = reply["error"]["message"]  # MLX's error, or ours after the timeout
+        assert said_rank_lost(message), message
+    finally:
+        for p in procs:
+            p.kill()

@@ -1,6 +1,12 @@
 """`mlxinfer serve`: the HTTP server (mlxinfer.server) on one model and one Engine, in the
 foreground until SIGTERM or Ctrl-C, which stop it taking requests, let those in flight finish for
-a few seconds and cancel the rest; SIGTERM then exits 0, Ctrl-C 130."""
+a few seconds and cancel the rest; SIGTERM then exits 0, Ctrl-C 130.
+
+Under `mlx.launch` with --parallel, rank 0 serves HTTP and owns the Engine's queue; the other ranks
+load their parts and run the steps rank 0 plans (engine_ranks.py), printing nothing but errors,
+until rank 0 closes the engine. They outlive a signal by rank 0's drain (mlx.launch signals every
+rank), so the replies in flight finish; a rank that is lost makes rank 0's engine stop, and the
+server then answers 503."""
 
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ OMP_WAIT_ENV = "OMP_WAIT_POLICY"
 
 
 def add_parser(commands) -> None:
-    from .options import add_cache_options, add_model_options
+    from .options import add_cache_options, add_model_options, add_parallel_option
 
     serve = commands.add_parser(
         "serve",
@@ -29,6 +35,7 @@ def add_parser(commands) -> None:
         "--host says otherwise.",
     )
     add_model_options(serve)
+    add_parallel_option(serve)
     serve.add_argument("--host", default="127.0.0.1", metavar="ADDRESS", help="default 127.0.0.1")
     serve.add_argument("--port", type=int, default=8080, metavar="N", help="default 8080")
     serve.add_argument(
@@ -119,10 +126,22 @@ def run_serve(args: argparse.Namespace) -> int:
             sys.stdout.flush()  # the same interpreter, flags and entry point; the same process
             os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
+    group = None
+    if args.parallel is not None:  # the ranks connect first: only rank 0 serves HTTP
+        from ..parallel import init_group
+
+        group = init_group()
+
     def load() -> Engine:
         from ..loading import load as load_model
 
-        model, tokenizer = load_model(args.model, compute=args.compute, kernels=args.kernels)
+        model, tokenizer = load_model(
+            args.model,
+            compute=args.compute,
+            kernels=args.kernels,
+            parallel=args.parallel,
+            group=group,
+        )
         return Engine(
             model,
             tokenizer,
@@ -134,6 +153,9 @@ def run_serve(args: argparse.Namespace) -> int:
             cache=cache,
         )
 
+    if group is not None and group.rank() > 0:
+        return follow(load, group)
+
     options = ServerOptions(
         model_id=args.model_name or model_id(args.model),
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
@@ -141,8 +163,52 @@ def run_serve(args: argparse.Namespace) -> int:
         max_waiting=args.max_waiting,
     )
     server = Server(options, load)
-    print(f"mlxinfer serve: {options.model_id} on http://{args.host}:{args.port}", flush=True)
+    split = ""
+    if group is not None and group.size() > 1:
+        split = f", split over {group.size()} ranks ({args.parallel} parallel)"
+    print(
+        f"mlxinfer serve: {options.model_id} on http://{args.host}:{args.port}{split}", flush=True
+    )
     code = run(server, args.host, args.port)
     if server.error is not None:
         print(f"mlxinfer serve: error: {server.error}", flush=True)
     return code
+
+
+def follow(load, group) -> int:
+    """A rank other than 0: load this rank's part and run rank 0's steps until it closes the
+    engine (exit 0, or 130 after Ctrl-C). A signal here waits for rank 0 to close the engine
+    (its drain) at most FOLLOW_AFTER_SIGNAL_S; an engine stopped by a lost rank exits 1."""
+    import signal
+    import time
+
+    from ..server.run import DRAIN_S
+
+    signals: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda number, _: signals.append(number))
+    rank = f"mlxinfer serve: rank {group.rank()} of {group.size()}"
+    try:
+        engine = load()
+    except (FileNotFoundError, ValueError) as e:
+        print(f"{rank}: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    deadline = None
+    while True:
+        try:
+            engine.wait(timeout=0.5)
+            break
+        except TimeoutError:
+            pass
+        except RuntimeError as e:  # a lost rank: the engine's thread may be stuck in MLX for
+            print(f"{rank}: {e}", file=sys.stderr, flush=True)  # good, so no orderly exit
+            os._exit(1)
+        if signals and deadline is None:
+            deadline = time.monotonic() + DRAIN_S + FOLLOW_AFTER_SIGNAL_S
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"{rank}: rank 0 did not close the engine after the signal", file=sys.stderr)
+            os._exit(1)
+    return 130 if signal.SIGINT in signals else 0
+
+
+FOLLOW_AFTER_SIGNAL_S = 10.0  # beyond rank 0's drain

@@ -188,7 +188,7 @@ async def _submit(server: Server, job: Job) -> list[RequestHandle]:
     except RuntimeError as e:  # the engine stopped (shutting down, or failed)
         for handle in handles:
             handle.cancel()
-        raise ApiError(503, f"the engine is not running: {e}") from None
+        raise ApiError(503, f"the engine is not running: {engine.error or e}") from None
     return handles
 
 
@@ -288,7 +288,8 @@ def create_app(server: Server) -> Starlette:
             status = "failed" if server.error else "loading"
             return JSONResponse({"status": status, "error": server.error}, status_code=503)
         if server.engine.closed:  # its thread stopped (shutting down, or an error)
-            return JSONResponse({"status": "stopped", "error": None}, status_code=503)
+            error = server.engine.error  # None when it was closed (shutting down)
+            return JSONResponse({"status": "stopped", "error": error}, status_code=503)
         return JSONResponse({"status": "ok", "model": opts.model_id})
 
     async def models(request: Request) -> Response:

@@ -318,6 +318,27 @@ def test_mlx_launch_runs_generate_in_parallel(mode, tmp_path):
     assert got["text"] == expected["text"]
 
 
+def test_mlx_launch_runs_chat_in_parallel(default_model_path):
+    """`mlx.launch ... mlxinfer chat --parallel tensor --json` with two turns piped in: rank 0
+    answers each once (the default model's known answers, the second using the first's
+    history); the other rank follows rank 0's engine and ends with it."""
+    launch = Path(sys.executable).with_name("mlx.launch")
+    command = [sys.executable, "-m", "mlxinfer", "chat", "--model", str(default_model_path)]
+    command += ["--parallel", "tensor", "--max-tokens", "12", "--json"]
+    ranks = subprocess.run(
+        [str(launch), "--backend", "ring", "-n", "2", "--starting-port", str(free_port())]
+        + command,
+        input="What is the capital of France?\nAnd of Germany?\n",
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    lines = [json.loads(line) for line in ranks.stdout.splitlines() if line.startswith("{")]
+    assert ranks.returncode == 0 and len(lines) == 2, ranks.stdout[-2000:] + ranks.stderr[-2000:]
+    assert "Paris" in lines[0]["text"] and "Berlin" in lines[1]["text"], lines
+
+
 def test_a_rank_whose_peers_never_start_stops_with_an_error(tmp_path):
     """Rank 0 of 2 started alone: it says what it waits for and how long, and exits with an
     error after that (MLX's ring backend would wait forever)."""

@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "quits. When standard input is not a terminal, each line is one user turn.",
     )
     add_model_options(chat)
+    add_parallel_option(chat)
     chat.add_argument("--system", metavar="TEXT", help="a system message for the conversation")
     chat.add_argument(
         "--json",

@@ -6,6 +6,10 @@ input is not a terminal each line is one user turn and each reply ends with a ne
 each reply is one JSON line (replies may hold newlines), so a conversation can be scripted. Ctrl-C
 stops the reply being generated (what was said stays in the history); at the prompt it quits, like
 Ctrl-D.
+
+With --parallel under `mlx.launch`, rank 0 holds the conversation (standard input, the replies) and
+an Engine of one row whose steps the other ranks run with it (engine_ranks.py); they print nothing
+and end when rank 0 does.
 """
 
 from __future__ import annotations
@@ -40,8 +44,22 @@ def run_chat(args: argparse.Namespace) -> int:
         raise UsageError(
             "this model has no chat template; use `mlxinfer generate --raw` to complete text"
         )
-    from ..generate import stream_generate
+    engine = None
+    if model.ranks is not None:  # every rank runs each reply: rank 0's engine plans them
+        from ..engine import Engine
+        from .serve import follow_engine
 
+        engine = Engine(model, tokenizer, max_batch=1, prefix_cache_mb=0, cache=cache)
+        if model.ranks.rank() != 0:
+            return follow_engine(engine, "chat", interrupt_ends=False)
+    try:
+        return _chat_loop(args, model, tokenizer, sampling, cache, engine)
+    finally:
+        if engine is not None:
+            engine.close(cancel=True)
+
+
+def _chat_loop(args, model, tokenizer, sampling, cache, engine) -> int:
     interactive = sys.stdin.isatty()
     conversation = Conversation(tokenizer, model.config.max_position_embeddings, args.system)
     if interactive:
@@ -91,9 +109,7 @@ def run_chat(args: argparse.Namespace) -> int:
             )
         progress = PrefillProgress()
         reply, last = [], None
-        stream = stream_generate(
-            model, tokenizer, messages, sampling=sampling, cache=cache, prefill_progress=progress
-        )
+        stream = _reply(model, tokenizer, messages, sampling, cache, progress, engine)
         try:
             for response in stream:
                 progress.clear()
@@ -139,3 +155,26 @@ def finish(args: argparse.Namespace, reply: list[str], last, stopped_mark: str) 
         "metrics": last.metrics.to_dict() if last is not None and last.metrics else None,
     }
     print(json.dumps(result), flush=True)
+
+
+def _reply(model, tokenizer, messages, sampling, cache, progress, engine):
+    """The reply's responses as they come, as a generator whose close() stops it (nothing starts
+    before its first response is asked for): from stream_generate, or over ranks from rank 0's
+    engine (closing it cancels the request)."""
+    if engine is None:
+        from ..generate import stream_generate
+
+        return stream_generate(
+            model, tokenizer, messages, sampling=sampling, cache=cache, prefill_progress=progress
+        )
+
+    def responses():
+        handle = engine.submit(messages, sampling=sampling)  # (a ValueError: the caller's)
+        try:
+            yield from handle
+        finally:
+            if not handle.done:  # stopped midway (Ctrl-C): cancel, and let it end
+                handle.cancel()
+                handle.result(timeout=60)
+
+    return responses()

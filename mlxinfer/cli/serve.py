@@ -177,22 +177,35 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def follow(load, group) -> int:
     """A rank other than 0: load this rank's part and run rank 0's steps until it closes the
-    engine (exit 0, or 130 after Ctrl-C). A signal here waits for rank 0 to close the engine
-    (its drain) at most FOLLOW_AFTER_SIGNAL_S; an engine stopped by a lost rank exits 1."""
+    engine (see follow_engine); a model that cannot be loaded exits 1."""
+    try:
+        engine = load()
+    except (FileNotFoundError, ValueError) as e:
+        label = f"mlxinfer serve: rank {group.rank()} of {group.size()}"
+        print(f"{label}: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return follow_engine(engine, "serve", interrupt_ends=True)
+
+
+def follow_engine(engine, command: str, interrupt_ends: bool) -> int:
+    """A rank other than 0 of a split model: run the steps rank 0 plans until it closes the engine
+    (exit 0, or 130 after Ctrl-C). SIGTERM (and Ctrl-C if `interrupt_ends`; chat's rank 0 takes
+    Ctrl-C to stop a reply, so its other ranks ignore it) gives rank 0 its drain and
+    FOLLOW_AFTER_SIGNAL_S more to close the engine, then exits 1; an engine stopped by a lost rank
+    exits 1 at once (its thread may be stuck in MLX for good, so no orderly exit)."""
     import signal
     import time
 
     from ..server.run import DRAIN_S
 
     signals: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda number, _: signals.append(number))
-    rank = f"mlxinfer serve: rank {group.rank()} of {group.size()}"
-    try:
-        engine = load()
-    except (FileNotFoundError, ValueError) as e:
-        print(f"{rank}: error: {e}", file=sys.stderr, flush=True)
-        return 1
+    signal.signal(signal.SIGTERM, lambda number, _: signals.append(number))
+    if interrupt_ends:
+        signal.signal(signal.SIGINT, lambda number, _: signals.append(number))
+    else:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    link = engine._worker.link
+    label = f"mlxinfer {command}: rank {link.rank} of {link.size}"
     deadline = None
     while True:
         try:
@@ -200,13 +213,15 @@ def follow(load, group) -> int:
             break
         except TimeoutError:
             pass
-        except RuntimeError as e:  # a lost rank: the engine's thread may be stuck in MLX for
-            print(f"{rank}: {e}", file=sys.stderr, flush=True)  # good, so no orderly exit
+        except RuntimeError as e:
+            print(f"{label}: {e}", file=sys.stderr, flush=True)
+            sys.stderr.flush()
             os._exit(1)
         if signals and deadline is None:
             deadline = time.monotonic() + DRAIN_S + FOLLOW_AFTER_SIGNAL_S
         if deadline is not None and time.monotonic() > deadline:
-            print(f"{rank}: rank 0 did not close the engine after the signal", file=sys.stderr)
+            print(f"{label}: rank 0 did not close the engine after the signal", file=sys.stderr)
+            sys.stderr.flush()
             os._exit(1)
     return 130 if signal.SIGINT in signals else 0
 

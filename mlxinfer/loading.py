@@ -8,6 +8,7 @@ import importlib.util
 import json
 import re
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ def load(
     kernels: str = "auto",
     parallel: str | None = None,
     group: mx.distributed.Group | None = None,
+    pipeline_split: Sequence[int] | None = None,
 ) -> tuple[Model, Tokenizer]:
     """Load a model and its tokenizer. `path=None` loads the default model.
 
@@ -81,18 +83,30 @@ def load(
 
     `parallel` splits the model over `group` (default: `mx.distributed.init()`, the group
     `mlx.launch` started; parallel.py): "tensor" gives each rank a slice of every block,
-    "pipeline" a run of consecutive blocks. Each rank reads and holds only its part, and every
-    rank must load the same model (checked across the group)."""
+    "pipeline" a run of consecutive blocks (an even split, or `pipeline_split`: blocks per rank,
+    e.g. (20, 10) for a faster first machine). Each rank reads and holds only its part, and every
+    rank must load the same model with the same settings (checked across the group)."""
     resolve_compute_policy(compute)  # bad values fail before anything is read
     resolve_kernels(kernels)
-    sharding = parallel_sharding(parallel, group)
+    sharding = parallel_sharding(parallel, group, pipeline_split)
     own_streams()  # the weights are evaluated on this thread
     model, tokenizer = _load_as_stored(path, dtype, sharding)
     return prepare(model, compute, kernels), tokenizer
 
 
-def parallel_sharding(parallel: str | None, group: mx.distributed.Group | None) -> Sharding | None:
+def parallel_sharding(
+    parallel: str | None,
+    group: mx.distributed.Group | None,
+    pipeline_split: Sequence[int] | None = None,
+) -> Sharding | None:
     """How a model is split over a group, or None to run alone (no `parallel`, or one rank)."""
+    split = None
+    if pipeline_split is not None:
+        if parallel != "pipeline":
+            raise ValueError("pipeline_split is for parallel='pipeline'")
+        split = tuple(pipeline_split)
+        if not split or not all(isinstance(n, int) and not isinstance(n, bool) for n in split):
+            raise ValueError(f"pipeline_split must be block counts, one per rank, got {split!r}")
     if parallel is None:
         if group is not None:
             raise ValueError(
@@ -104,7 +118,7 @@ def parallel_sharding(parallel: str | None, group: mx.distributed.Group | None) 
             f"parallel must be one of {', '.join(PARALLEL_MODES)} or None, got {parallel!r}"
         )
     group = group if group is not None else init_group()
-    return Sharding(parallel, group) if group.size() > 1 else None
+    return Sharding(parallel, group, split) if group.size() > 1 else None
 
 
 def prepare(model: Model, compute: str = "auto", kernels: str = "auto") -> Model:
@@ -279,11 +293,13 @@ def build_model(
     whole_config = config
     if sharding is not None:
         group = sharding.group
-        join_group(config, weights, group)
+        join_group(config, weights, sharding)
         if sharding.mode == "tensor":
             config, weights = shard_weights(config, weights, group.rank(), group.size(), source)
         else:
-            config, weights = pipeline_weights(config, weights, group.rank(), group.size())
+            config, weights = pipeline_weights(
+                config, weights, group.rank(), group.size(), sharding.split
+            )
     model = Model(config, kernels="mlx")  # the caller's op set comes with prepare()
     model.whole_config = whole_config
     _quantize_like(model, weights, config.quantization or {})

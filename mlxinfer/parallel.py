@@ -95,6 +95,7 @@ class Sharding:
 
     mode: str
     group: mx.distributed.Group
+    split: tuple[int, ...] | None = None  # pipeline: blocks per rank (None: an even split)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,8 +290,14 @@ def shared_seed(group: mx.distributed.Group) -> int:
     return int.from_bytes(bytes(int(b) for b in total), "little")
 
 
-def layer_range(layers: int, rank: int, size: int) -> tuple[int, int]:
-    """The blocks [start, stop) rank `rank` of `size` holds in a pipeline."""
+def layer_range(
+    layers: int, rank: int, size: int, split: tuple[int, ...] | None = None
+) -> tuple[int, int]:
+    """The blocks [start, stop) rank `rank` of `size` holds in a pipeline: `split[r]` blocks for
+    rank r, or an even split (the first ranks taking one more)."""
+    if split is not None:
+        check_split(split, layers, size)
+        return sum(split[:rank]), sum(split[: rank + 1])
     if layers < size:
         raise ModelLoadError(
             f"pipeline parallelism over {size} ranks: the model has only {layers} layers"
@@ -298,12 +305,32 @@ def layer_range(layers: int, rank: int, size: int) -> tuple[int, int]:
     return _even_range(layers, rank, size)
 
 
+def check_split(split: tuple[int, ...], layers: int, size: int) -> None:
+    """A pipeline split names each rank's block count: one per rank, each at least 1, adding up
+    to the model's layers (ModelLoadError naming pipeline_split otherwise)."""
+    given = ",".join(str(n) for n in split)
+    if len(split) != size:
+        raise ModelLoadError(
+            f"pipeline_split {given} has {len(split)} parts for {size} ranks; give one per rank"
+        )
+    if any(n < 1 for n in split) or sum(split) != layers:
+        raise ModelLoadError(
+            f"pipeline_split {given}: each rank needs at least one block and the parts must add "
+            f"up to the model's {layers} layers"
+        )
+
+
 def pipeline_weights(
-    config: ModelConfig, weights: dict[str, mx.array], rank: int, size: int
+    config: ModelConfig,
+    weights: dict[str, mx.array],
+    rank: int,
+    size: int,
+    split: tuple[int, ...] | None = None,
 ) -> tuple[ModelConfig, dict[str, mx.array]]:
-    """Rank `rank`'s stage: its blocks' tensors, renumbered from 0, and the replicated rest
-    (embeddings, final norm, LM head); its config has those blocks' windows and MLP kinds."""
-    start, stop = layer_range(config.num_hidden_layers, rank, size)
+    """Rank `rank`'s stage (layer_range): its blocks' tensors, renumbered from 0, and the
+    replicated rest (embeddings, final norm, LM head); its config has those blocks' windows and
+    MLP kinds."""
+    start, stop = layer_range(config.num_hidden_layers, rank, size, split)
     out = {}
     for name, tensor in weights.items():
         match = _LAYER.match(name)
@@ -330,11 +357,15 @@ def weights_fingerprint(config: ModelConfig, weights: dict[str, mx.array]) -> st
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def join_group(config: ModelConfig, weights: dict[str, mx.array], group: mx.distributed.Group):
-    """Before a rank shards its model: every rank has loaded the same model (else ModelLoadError
-    on every rank), and unseeded requests draw the same seeds on every rank."""
+def join_group(config: ModelConfig, weights: dict[str, mx.array], sharding: Sharding) -> None:
+    """Before a rank shards its model: every rank has loaded the same model with the same split
+    (else ModelLoadError on every rank), and unseeded requests draw the same seeds on every
+    rank."""
     global _unseeded
-    check_same_model(weights_fingerprint(config, weights), group)
+    group = sharding.group
+    plan = hashlib.sha256(f"{sharding.mode} {sharding.split}".encode()).hexdigest()
+    fingerprint = hashlib.sha256((weights_fingerprint(config, weights) + plan).encode())
+    check_same_model(fingerprint.hexdigest(), group)
     _unseeded = random.Random(shared_seed(group))
 
 
@@ -348,5 +379,6 @@ def check_same_model(fingerprint: str, group: mx.distributed.Group) -> None:
     if not np.array_equal(total, np.array(mine) * group.size()):
         raise ModelLoadError(
             f"rank {group.rank()} of {group.size()}: the ranks loaded different models (their "
-            "configs or tensor shapes differ); give every rank the same model"
+            "configs or tensor shapes differ) or split them differently (parallel, "
+            "pipeline_split); give every rank the same model and settings"
         )

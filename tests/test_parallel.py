@@ -418,6 +418,29 @@ def test_pipeline_parallel_on_the_default_model(default_model_path, tmp_path):
     matches_one_process(default_model_path, tmp_path, *flags, mode="pipeline", sizes=(2, 3))
 
 
+def test_an_explicit_pipeline_split_gives_each_rank_its_blocks(default_model_path, tmp_path):
+    """pipeline_split=(22, 8) on the default model's 30 layers: rank 0 holds 22 blocks and rank 1
+    8, with one process's logits (the comparison of matches_one_process)."""
+    flags = ("--prompt-tokens", "24", "--pipeline-split", "22,8")
+    _, groups = matches_one_process(default_model_path, tmp_path, *flags, mode="pipeline")
+    assert [int(r["layers"]) for r in groups[2]] == [22, 8]
+
+
+@pytest.mark.parametrize(
+    "split, message",
+    [
+        ((1, 1, 1), "has 3 parts for 2 ranks"),
+        ((2, 0), "each rank needs at least one block"),
+        ((1, 2), "add up to the model's 2 layers"),
+    ],
+)
+def test_a_pipeline_split_that_does_not_fit_is_refused_by_name(split, message):
+    from mlxinfer.parallel import layer_range
+
+    with pytest.raises(ModelLoadError, match=f"pipeline_split .*{message}"):
+        layer_range(2, 0, 2, split)
+
+
 def test_parallel_arguments_are_checked_by_name(tiny):
     """A mode that does not exist, or a group without a mode: ValueError naming `parallel`.
     Without a launcher the group has one rank: the model loads whole and runs alone."""
@@ -429,6 +452,8 @@ def test_parallel_arguments_are_checked_by_name(tiny):
         mlxinfer.load(tiny, parallel="data")
     with pytest.raises(ValueError, match="a group was given without parallel="):
         mlxinfer.load(tiny, group=mx.distributed.init())
+    with pytest.raises(ValueError, match="pipeline_split is for parallel='pipeline'"):
+        mlxinfer.load(tiny, parallel="tensor", pipeline_split=[1, 1])
     env = {k: v for k, v in os.environ.items() if k not in ("MLX_RANK", "MLX_HOSTFILE")}
     code = (
         f"import mlxinfer; m, _ = mlxinfer.load({tiny!r}, parallel='tensor'); "

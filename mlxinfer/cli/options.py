@@ -133,6 +133,27 @@ def add_parallel_option(parser: argparse.ArgumentParser) -> None:
         "tensor = each rank holds a slice of every layer, pipeline = a run of layers; the text is "
         "printed by rank 0",
     )
+    parser.add_argument(
+        "--pipeline-split",
+        type=_block_counts,
+        default=None,
+        metavar="N,N,...",
+        help="with --parallel pipeline: blocks per rank, in rank order (default: even)",
+    )
+
+
+def check_parallel_args(args: argparse.Namespace) -> None:
+    if getattr(args, "pipeline_split", None) is not None and args.parallel != "pipeline":
+        raise UsageError("--pipeline-split is for --parallel pipeline")
+
+
+def _block_counts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected block counts separated by commas, e.g. 20,10; got {text!r}"
+        ) from None
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -256,9 +277,17 @@ def load_model(args: argparse.Namespace):
         resolve_kernels(args.kernels)
     except ValueError as e:  # MLXINFER_KERNELS set to something else than cpu or mlx
         raise UsageError(str(e)) from None
+    check_parallel_args(args)
     try:
         parallel = getattr(args, "parallel", None)
-        return load(args.model, compute=args.compute, kernels=args.kernels, parallel=parallel)
+        split = getattr(args, "pipeline_split", None)
+        return load(
+            args.model,
+            compute=args.compute,
+            kernels=args.kernels,
+            parallel=parallel,
+            pipeline_split=split,
+        )
     except (FileNotFoundError, ValueError) as e:  # ModelLoadError is a ValueError
         print(f"mlxinfer {args.command}: error: {e}", file=sys.stderr)
         return None

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from .options import UsageError, cache_options
+from .options import UsageError, cache_options, check_parallel_args
 
 API_KEY_ENV = "MLXINFER_API_KEY"
 # The kernels' OpenMP threads spin for a while after each product by default; beside a server's
@@ -100,6 +100,7 @@ def run_serve(args: argparse.Namespace) -> int:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.max_body_mb <= 0:
         raise UsageError("--max-body-mb must be above 0")
+    check_parallel_args(args)
     cache = cache_options(args)
     try:
         resolve_kernels(args.kernels)
@@ -141,6 +142,7 @@ def run_serve(args: argparse.Namespace) -> int:
             kernels=args.kernels,
             parallel=args.parallel,
             group=group,
+            pipeline_split=args.pipeline_split,
         )
         return Engine(
             model,

@@ -3,6 +3,7 @@ MLX_HOSTFILE and MLX_RANK set (MLX's ring backend over loopback), or alone (one 
 
     python tests/tools/parallel_worker.py MODEL OUT_DIR [--parallel tensor] [--kernels cpu|mlx]
         [--compute native|float32] [--kv-bits N] [--max-kv-size N] [--forever]
+        [--pipeline-split N,N]
 
 Writes OUT_DIR/rank{R}.npz: the logits of a full forward pass over a fixed prompt, the logits of a
 prefill and 6 decode steps through a KV cache (greedy tokens fed back), those greedy tokens, a
@@ -35,10 +36,18 @@ def main() -> None:
     parser.add_argument("--max-kv-size", type=int, default=None)
     parser.add_argument("--prompt-tokens", type=int, default=12)
     parser.add_argument("--forever", action="store_true", help="decode until killed (fault tests)")
+    parser.add_argument("--pipeline-split", default=None, help="blocks per rank, e.g. 20,10")
     args = parser.parse_args()
 
+    split = None  # (alone, the flag is ignored: the run to compare with)
+    if args.pipeline_split is not None and args.parallel is not None:
+        split = [int(n) for n in args.pipeline_split.split(",")]
     model, tokenizer = mlxinfer.load(
-        args.model, compute=args.compute, kernels=args.kernels, parallel=args.parallel
+        args.model,
+        compute=args.compute,
+        kernels=args.kernels,
+        parallel=args.parallel,
+        pipeline_split=split,
     )
     rank = model.ranks.rank() if model.ranks is not None else 0
     if args.forever:
@@ -76,6 +85,7 @@ def main() -> None:
         sampled=np.array(sampled),
         nbytes=np.array(model.nbytes),
         heads=np.array([model.config.num_attention_heads, model.config.num_key_value_heads]),
+        layers=np.array(model.config.num_hidden_layers),
     )
     print(f"rank {rank} done", file=sys.stderr)
 

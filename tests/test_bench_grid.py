@@ -3,6 +3,8 @@ before anything runs, and the expansion into configurations."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from mlxinfer.bench.grid import AXES, DEFAULTS, config_key, expand, parse_axes, parse_kv
@@ -44,6 +46,9 @@ def test_lists_and_single_values_as_a_toml_table_gives_them():
         ({"temprature": "0"}, "unknown sweep axis 'temprature'"),
         ({"temperature": "0,0"}, "repeats a value"),
         ({"concurrency": []}, "has no values"),
+        ({"parallel": "data:2"}, "sweep axis 'parallel': 'data:2' is not none, tensor:N or"),
+        ({"parallel": "tensor:1"}, "sweep axis 'parallel': 'tensor:1': at least 2 ranks"),
+        ({"parallel": "pipeline:x"}, "'pipeline:x': ranks must be an integer"),
     ],
 )
 def test_a_bad_value_names_its_axis(raw, message):
@@ -153,3 +158,18 @@ def test_a_comma_too_many_is_named_not_called_a_bad_number(text):
     message = str(err.value)
     assert message.startswith("sweep axis 'temperature'") and "''" not in message
     assert "empty value between commas" in message or "has no values" in message
+
+
+def test_parallel_values_are_normalized_and_older_runs_keep_their_keys():
+    """ "tensor" is two ranks; a configuration at parallel=none has the key it had before the
+    axis existed (a run recorded then resumes), and settings read back get the axis filled in."""
+    from mlxinfer.bench.grid import config_key, with_defaults
+
+    axes = parse_axes({"parallel": "none,tensor,pipeline:3"})
+    assert axes["parallel"] == ["none", "tensor:2", "pipeline:3"]
+    config = dict(DEFAULTS)
+    older = {k: v for k, v in config.items() if k != "parallel"}
+    assert config_key(config) == config_key(older)
+    assert "parallel" not in json.loads(config_key(config))
+    assert json.loads(config_key({**config, "parallel": "tensor:2"}))["parallel"] == "tensor:2"
+    assert with_defaults(older)["parallel"] == "none"

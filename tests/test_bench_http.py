@@ -340,6 +340,36 @@ def test_baseline_mlx_lm_server_alternates_two_real_servers(tmp_path, monkeypatc
     assert all(s.process.poll() is not None for s in started)
 
 
+def test_a_parallel_configuration_is_measured_on_ranks_started_for_it(tmp_path, monkeypatch):
+    """`parallel: none,tensor:2`: the unsplit configuration in process, the split one through
+    `mlxinfer serve --parallel tensor` started as two ranks on loopback (both gone afterwards);
+    the run's machine facts name the group and its backend."""
+    from mlxinfer.bench import servers
+
+    started = []
+    real_init = servers.ServerProcess.__init__
+
+    def init(self, *args, **kwargs):
+        started.append(self)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(servers.ServerProcess, "__init__", init)
+    db = RunsDB(tmp_path / "runs.sqlite")
+    axes = parse_axes({"prompt_tokens": "16", "gen_tokens": "8", "parallel": "none,tensor"})
+    sweep = Sweep(axes, reps=1, db=db)
+    events = list(sweep.run())
+    assert [e.kind for e in events if e.kind in ("measured", "failed")] == ["measured"] * 2, [
+        e.error for e in events
+    ]
+    measurements = db.measurements(sweep.run_id)
+    assert [m["settings"]["parallel"] for m in measurements] == ["none", "tensor:2"]
+    assert all(m["status"] == "ok" and m["decode_tps"] > 0 for m in measurements)
+    assert len(started) == 1 and len(started[0].processes) == 2
+    assert all(p.poll() is not None for p in started[0].processes)
+    facts = db.machine(db.runs()[0]["machine_id"])
+    assert facts["distributed"] == {"backend": "ring", "hosts": "127.0.0.1", "groups": ["tensor:2"]}
+
+
 def test_runs_of_different_engines_compare_where_their_settings_match(tmp_path):
     """A run in process and a run of a server (same settings) compare their own engines:
     "mlxinfer → URL", B / A of the means, paired by repetition; settings that differ do not."""

@@ -25,6 +25,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .grid import with_defaults
+
 SCHEMA_VERSION = 5  # 2: runs.pid; 3: measurements.output_tps; 4: requests; 5: runs.target
 DB_ENV = "MLXINFER_DB"
 METRICS = (
@@ -135,6 +137,8 @@ def _decoded(rows: Sequence[sqlite3.Row], *columns: str) -> list[dict]:
         item = dict(row)
         for column in columns:
             item[column] = None if item[column] is None else json.loads(item[column])
+        if item.get("settings") is not None:
+            item["settings"] = with_defaults(item["settings"])
         out.append(item)
     return out
 
@@ -394,7 +398,7 @@ class RunsDB:
         rows = self.conn.execute(
             "SELECT settings FROM configurations WHERE run_id = ? ORDER BY position", (run_id,)
         ).fetchall()
-        return [json.loads(r[0]) for r in rows]
+        return [with_defaults(json.loads(r[0])) for r in rows]
 
     def done(self, run_id: int) -> set[tuple[str, str, int]]:
         """(configuration key, engine, repetition) of every measurement a run has, failed or not."""
@@ -438,7 +442,7 @@ class RunsDB:
             "JOIN configurations c ON c.id = m.configuration_id "
             "WHERE m.status = 'ok' AND m.prefill_tps > 0 AND m.decode_tps > 0"
         ).fetchall()
-        return [(engine, json.loads(settings), p, d) for engine, settings, p, d in rows]
+        return [(engine, with_defaults(json.loads(s)), p, d) for engine, s, p, d in rows]
 
     def run_of_process(self, pid: int, run_id: int | None = None, since: float = 0.0) -> int | None:
         """The run a worker process `pid` is measuring: `run_id` if that run is now its (a run it

@@ -10,7 +10,8 @@ Axes (the first value of each is its default):
     lengths    prompt_tokens, gen_tokens, depth (tokens already in the cache before the prompt)
     engine     concurrency (requests at once, through the Engine), kv ("full", "rotating:N",
                "q8", "q4", "q8:rotating:N", ...), compute ("float32" or "native"), model (a path,
-               or "default")
+               or "default"), parallel ("none", or "tensor:N" / "pipeline:N": the model split
+               over N ranks on this machine, measured through `mlxinfer serve --parallel`)
 
 A bad value anywhere is a ValueError naming the axis and the value, raised before anything runs;
 so is a grid of more than MAX_CONFIGURATIONS configurations (counted, never expanded, to say so).
@@ -33,7 +34,7 @@ SAMPLING_AXES = (
     "frequency_penalty",
 )
 LENGTH_AXES = ("prompt_tokens", "gen_tokens", "depth")
-ENGINE_AXES = ("concurrency", "kv", "compute", "model")
+ENGINE_AXES = ("concurrency", "kv", "compute", "model", "parallel")
 AXES = SAMPLING_AXES + LENGTH_AXES + ENGINE_AXES
 
 # (no MLX import here: `mlxinfer --help` builds the bench parser from these names)
@@ -52,7 +53,11 @@ DEFAULTS: dict[str, object] = {  # SamplingParams' own defaults, then the sweep'
     "kv": "full",
     "compute": "float32",
     "model": "default",
+    "parallel": "none",
 }
+# Axes added after runs were recorded: at their default they are left out of a configuration's
+# key (so a run recorded before them resumes), and filled in when read back (with_defaults).
+_LATER_AXES = ("parallel",)
 MAX_CONFIGURATIONS = 10_000  # a grid past this is a typo or a week of measuring, not a sweep
 _INT_AXES = {"top_k", "prompt_tokens", "gen_tokens", "depth", "concurrency"}
 _POSITIVE = {"prompt_tokens", "gen_tokens", "concurrency"}
@@ -128,6 +133,8 @@ def _with_sampling_combos(raw: dict, combos: object) -> dict[str, list]:
 def check_value(axis: str, raw: object) -> object:
     """One value of `axis`, converted and checked."""
     text = raw.strip() if isinstance(raw, str) else raw
+    if axis == "parallel":
+        return parse_parallel(str(text))
     if axis in ("model", "kv", "compute"):
         value = str(text)
         if axis == "kv":
@@ -239,7 +246,37 @@ def expand(axes: Mapping[str, list]) -> Iterator[dict]:
 
 def config_key(config: Mapping[str, object]) -> str:
     """A stable text key for a configuration (what a resumed sweep matches on)."""
-    return json.dumps({name: config[name] for name in AXES}, sort_keys=True)
+    config = with_defaults(config)
+    return json.dumps(
+        {
+            name: config[name]
+            for name in AXES
+            if not (name in _LATER_AXES and config[name] == DEFAULTS[name])
+        },
+        sort_keys=True,
+    )
+
+
+def with_defaults(settings: Mapping[str, object]) -> dict:
+    """A configuration's settings with the axes it predates at their defaults."""
+    return {**{a: DEFAULTS[a] for a in _LATER_AXES if a not in settings}, **settings}
+
+
+def parse_parallel(value: str) -> str:
+    """The `parallel` axis: "none", or a mode and a rank count ("tensor:2"; "tensor" is
+    "tensor:2"), normalized."""
+    if value == "none":
+        return value
+    mode, _, count = value.partition(":")
+    if mode not in ("tensor", "pipeline"):
+        raise ValueError(f"sweep axis 'parallel': {value!r} is not none, tensor:N or pipeline:N")
+    try:
+        ranks = int(count or 2)
+    except ValueError:
+        raise ValueError(f"sweep axis 'parallel': {value!r}: ranks must be an integer") from None
+    if ranks < 2:
+        raise ValueError(f"sweep axis 'parallel': {value!r}: at least 2 ranks")
+    return f"{mode}:{ranks}"
 
 
 def sampling_params(config: Mapping[str, object], seed: int):

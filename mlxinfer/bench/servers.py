@@ -13,6 +13,7 @@ mlxinfer's gemv shim (baseline.NO_SHIM).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -43,17 +44,35 @@ class ServerProcess:
         command: Sequence[str],
         model_id: str | None = None,
         env: Mapping[str, str] | None = None,
+        ranks: int = 1,
     ):
+        """With `ranks` > 1, `command` runs once per rank as one MLX ring group on loopback (as
+        `mlx.launch` starts it: MLX_HOSTFILE and MLX_RANK), and rank 0 serves; the ranks share
+        this machine's cores (OMP_NUM_THREADS = cores / ranks each, unless it is set)."""
         self.name = name
         port = free_port()
-        self.log = tempfile.TemporaryFile(mode="w+")  # its output, for the error if it dies
-        self.process = subprocess.Popen(
-            [*command, "--host", "127.0.0.1", "--port", str(port)],
-            stdin=subprocess.DEVNULL,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
+        self.hosts: str | None = None  # the group's hostfile
+        if ranks > 1:
+            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as hosts:
+                json.dump([[f"127.0.0.1:{free_port()}"] for _ in range(ranks)], hosts)
+            self.hosts = hosts.name
+        self.logs, self.processes = [], []
+        for rank in range(ranks):
+            log = tempfile.TemporaryFile(mode="w+")  # its output, for the error if it dies
+            group = (
+                {} if self.hosts is None else {"MLX_HOSTFILE": self.hosts, "MLX_RANK": str(rank)}
+            )
+            self.logs.append(log)
+            self.processes.append(
+                subprocess.Popen(
+                    [*command, "--host", "127.0.0.1", "--port", str(port)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, **(env or {}), **group},
+                )
+            )
+        self.log, self.process = self.logs[0], self.processes[0]  # rank 0: the server
         self.target = Target(f"http://127.0.0.1:{port}", model_id=model_id)
         try:
             self._wait_ready()
@@ -64,30 +83,37 @@ class ServerProcess:
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + READY_S
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} exited with {self.process.returncode} before it was ready: "
-                    f"{self.output()[-600:].strip()}"
-                )
+            for rank, process in enumerate(self.processes):
+                if process.poll() is not None:
+                    which = f" (rank {rank})" if len(self.processes) > 1 else ""
+                    raise RuntimeError(
+                        f"{self.name}{which} exited with {process.returncode} before it was "
+                        f"ready: {self.output(rank)[-600:].strip()}"
+                    )
             if self.target.ready():
                 return
             time.sleep(0.25)
         raise RuntimeError(f"{self.name} was not ready after {READY_S:.0f} s")
 
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
+    def output(self, rank: int = 0) -> str:
+        self.logs[rank].seek(0)
+        return self.logs[rank].read()
 
     def close(self) -> None:
-        """SIGTERM, then SIGKILL after 30 s."""
-        if self.process.poll() is None:
-            self.process.terminate()
+        """SIGTERM to every rank (as mlx.launch forwards it), then SIGKILL after 30 s."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
             try:
-                self.process.wait(timeout=30)
+                process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
+                process.kill()
+                process.wait()
+        for log in self.logs:
+            log.close()
+        if self.hosts is not None:
+            Path(self.hosts).unlink(missing_ok=True)
 
     def __enter__(self) -> ServerProcess:
         return self
@@ -98,8 +124,8 @@ class ServerProcess:
     @classmethod
     def mlxinfer(cls, model: str, config: Mapping) -> ServerProcess:
         """`mlxinfer serve` on `model` ("default" or a path) with the configuration's engine
-        settings (rows = concurrency, KV cache kind, compute policy). Its prefix cache is on only
-        with `depth`, as in process."""
+        settings (rows = concurrency, KV cache kind, compute policy; split over ranks on this
+        machine by `parallel`). Its prefix cache is on only with `depth`, as in process."""
         from .grid import parse_kv
 
         command = [sys.executable, "-m", "mlxinfer", "serve", "--compute", config["compute"]]
@@ -114,7 +140,12 @@ class ServerProcess:
         ):
             if kv.get(key) is not None:
                 command += [flag, str(kv[key])]
-        return cls("mlxinfer serve", command)
+        ranks = 1
+        if config.get("parallel", "none") != "none":
+            mode, _, count = config["parallel"].partition(":")
+            command += ["--parallel", mode]
+            ranks = int(count)
+        return cls("mlxinfer serve", command, ranks=ranks)
 
     @classmethod
     def mlx_lm(cls, model_dir: str | Path, config: Mapping) -> ServerProcess:

@@ -73,8 +73,11 @@ def check_engines(baseline: str | None, target: str | None) -> None:
         )
 
 
-def over_http(name: str) -> bool:
-    """Whether engine `name` is measured over HTTP (a server, not an in-process engine)."""
+def over_http(name: str, config: Mapping | None = None) -> bool:
+    """Whether engine `name` is measured over HTTP (a server, not an in-process engine): ours is,
+    in a configuration whose model is split over ranks (`mlxinfer serve --parallel` on them)."""
+    if name == ENGINE and config is not None and config.get("parallel", "none") != "none":
+        return True
     return name not in (ENGINE, BASELINE)
 
 
@@ -128,9 +131,11 @@ class Sweep:
         self._models: dict = {}
         check_grid(configs, self._model, target)
         db = db or RunsDB()
-        run_id = db.start_run(
-            command, machine.machine_facts(), reps, sweep_text, baseline, target=target
-        )
+        facts = machine.machine_facts()
+        split = sorted({c["parallel"] for c in configs} - {"none"})
+        if split:  # the groups this run starts: ranks on this machine, MLX's ring over loopback
+            facts["distributed"] = {"backend": "ring", "hosts": "127.0.0.1", "groups": split}
+        run_id = db.start_run(command, facts, reps, sweep_text, baseline, target=target)
         self._attach(db, run_id, configs, reps, seed, baseline, target, api_key)
 
     @classmethod
@@ -240,7 +245,7 @@ class Sweep:
                     if name in broken:
                         continue
                     try:
-                        if over_http(name):
+                        if over_http(name, config):
                             self._server_for(name, config)
                         self._measure_with(name, engine, prompts, config, rep=None)
                     except Exception as e:
@@ -272,6 +277,8 @@ class Sweep:
         yield event("finished", total)
 
     def _measure_with(self, name: str, engine, prompts, config: Mapping, rep: int | None):
+        if over_http(name, config):
+            return self._measure_http(name, config, rep)
         if name == ENGINE:
             return self._measure(engine, prompts, config, rep)
         if name == BASELINE:
@@ -290,7 +297,8 @@ class Sweep:
         shared, rest = text[:depth], text[depth:]
         prompts = [shared + rest[i * n : (i + 1) * n] for i in range(config["concurrency"])]
         weights, kv = predicted_memory(model, config)
-        self.predicted_mb = None if self.target else (weights + kv) / 2**20
+        split = config["parallel"] != "none"  # (then each rank holds a part: not predicted)
+        self.predicted_mb = None if self.target or split else (weights + kv) / 2**20
         available = machine.available_memory_mb()
         if (
             self.predicted_mb is not None
@@ -301,7 +309,7 @@ class Sweep:
                 f"needs ~{self.predicted_mb:.0f} MB (weights {weights / 2**20:.0f} MB + KV "
                 f"cache {kv / 2**20:.0f} MB), {available:.0f} MB available: not run"
             )
-        if ENGINE not in self.engines:  # measured over HTTP only
+        if ENGINE not in self.engines or over_http(ENGINE, config):  # measured over HTTP only
             return None, prompts
         engine = Engine(
             model,
@@ -377,14 +385,14 @@ class Sweep:
             if self._target is None:
                 self._target = Target(name, self.api_key)
             return self._target
-        settings = {k: config[k] for k in ("model", "compute", "kv", "concurrency")}
+        settings = {k: config[k] for k in ("model", "compute", "kv", "concurrency", "parallel")}
         settings["prefix_cache"] = bool(config["depth"])
         held = self._servers.get(name)
         if held is not None and held[0] == settings:
             return held[1].target
         if held is not None:
             self._servers.pop(name)[1].close()
-        if name == SERVER:
+        if name in (SERVER, ENGINE):  # (ours over HTTP: beside mlx_lm.server, or split)
             server = ServerProcess.mlxinfer(config["model"], config)
         else:
             server = ServerProcess.mlx_lm(
@@ -468,7 +476,7 @@ def check_grid(configs: list[dict], load, target: str | None = None) -> None:
     from ..cache import CacheSpec, make_cache
 
     if target is not None:
-        for axis in ("kv", "compute"):
+        for axis in ("kv", "compute", "parallel"):
             values = sorted({c[axis] for c in configs} - {DEFAULTS[axis]})
             if values:
                 raise ValueError(

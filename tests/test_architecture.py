@@ -89,7 +89,7 @@ LAYERS = [
     ["config", "rope", "attention", "mlp", "moe", "model", "cache", "batch_cache", "parallel"],
     ["chat_template", "tokenizer", "gguf", "loading"],
     ["steps", "sampling", "responses", "metrics", "conversation"],
-    ["request", "prefix_cache", "runner", "scheduler", "generate", "engine"],
+    ["request", "prefix_cache", "runner", "scheduler", "generate", "engine", "engine_ranks"],
     ["inspect", "bench", "server"],
     ["cli", "__main__"],
 ]

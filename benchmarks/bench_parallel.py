@@ -2,7 +2,7 @@
 against one process, on the default model.
 
     python benchmarks/bench_parallel.py [--mode tensor|pipeline] [--reps 3] [--prompt-tokens 128]
-        [--tokens 64] [--out FILE]
+        [--tokens 64] [--engine N] [--out FILE]
 
 Each configuration runs in fresh processes: one process alone, then the two ranks together
 (MLX_HOSTFILE / MLX_RANK, as mlx.launch sets them), --reps times, alternating. Each process loads
@@ -13,6 +13,11 @@ measured apart, without the compute between: tensor, the model's 60 all_sums of 
 activations ([1, 1, 576] float32); pipeline, one send from rank 0 to rank 1 and one all_sum.
 Two ranks on 2 cores share the cores the one process had: slower, and the report says where the
 time goes rather than predicting the speed-up of two machines.
+
+With --engine N, each process then runs an Engine of N rows (over the ranks: rank 0 submits, the
+other follows its plan) on N different prompts at once, and reports the total output tok/s
+(N x --tokens / the wall time from the first submit to the last token) and the mean per-request
+decode tok/s.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from common import machine_info, save_result, summary
 from mlxinfer.bench.servers import free_port
 
 
-def rank_worker(prompt_tokens: int, tokens: int, mode: str | None) -> None:
+def rank_worker(prompt_tokens: int, tokens: int, mode: str | None, engine_rows: int = 0) -> None:
     """One process (alone, or one rank of the pair): prints its figures as one JSON line."""
     model, tokenizer = mlxinfer.load(compute="float32", parallel=mode)
     text = (Path(mlxinfer.__file__).parent / "bench" / "kjv_genesis.txt").read_text()
@@ -72,13 +77,35 @@ def rank_worker(prompt_tokens: int, tokens: int, mode: str | None) -> None:
         result["comm_ms_per_token"] = (time.perf_counter() - start) / 20 * 1000
         result["all_sums_per_token"] = sums
         result["bytes_per_all_sum"] = hidden * 4
+    if engine_rows:
+        result.update(engine_figures(model, tokenizer, text, prompt_tokens, tokens, engine_rows))
     print(json.dumps(result), flush=True)
 
 
-def run(mode: str | None, prompt_tokens: int, tokens: int) -> list[dict]:
+def engine_figures(model, tokenizer, text, prompt_tokens, tokens, rows) -> dict:
+    """An Engine of `rows` rows on `rows` prompts at once (rank 0 submits; over ranks the other
+    follows): total output tok/s and mean decode tok/s, on rank 0."""
+    engine = mlxinfer.Engine(model, tokenizer, max_batch=rows, prefix_cache_mb=0)
+    if model.ranks is not None and model.ranks.rank() != 0:
+        engine.wait()
+        return {}
+    ids = tokenizer.encode(text)
+    prompts = [ids[(i + 1) * prompt_tokens : (i + 2) * prompt_tokens] for i in range(rows)]
+    params = mlxinfer.SamplingParams(ignore_eos=True, max_tokens=tokens)
+    engine.submit(prompts[0], sampling=params, max_tokens=4).result()  # warm-up
+    start = time.perf_counter()
+    results = [h.result() for h in [engine.submit(p, sampling=params) for p in prompts]]
+    wall = time.perf_counter() - start
+    engine.close()
+    decode = [r.metrics.decode_tps for r in results]
+    return {"engine_output_tps": rows * tokens / wall, "engine_decode_tps": sum(decode) / rows}
+
+
+def run(mode: str | None, prompt_tokens: int, tokens: int, engine_rows: int = 0) -> list[dict]:
     parallel = mode is not None
     command = [sys.executable, __file__, "--rank-worker", "--prompt-tokens", str(prompt_tokens)]
     command += ["--tokens", str(tokens)] + (["--parallel", mode] if mode else [])
+    command += ["--engine", str(engine_rows)]
     env = {**os.environ}
     env.pop("MLX_HOSTFILE", None)
     env.pop("MLX_RANK", None)
@@ -105,17 +132,18 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--mode", choices=["tensor", "pipeline"], default="tensor")
+    parser.add_argument("--engine", type=int, default=0, metavar="N", help="an Engine of N rows")
     parser.add_argument("--out", default=None)
     parser.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--parallel", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank_worker:
-        rank_worker(args.prompt_tokens, args.tokens, args.parallel)
+        rank_worker(args.prompt_tokens, args.tokens, args.parallel, args.engine)
         return
     alone, pair = [], []
     for _ in range(args.reps):
-        alone += run(None, args.prompt_tokens, args.tokens)
-        pair.append(run(args.mode, args.prompt_tokens, args.tokens))
+        alone += run(None, args.prompt_tokens, args.tokens, args.engine)
+        pair.append(run(args.mode, args.prompt_tokens, args.tokens, args.engine))
     rank0 = [p[0] for p in pair]
 
     def stat(rows, key):
@@ -134,9 +162,14 @@ def main() -> None:
         "weight_bytes": {"one_process": alone[0]["weight_bytes"]}
         | {f"rank{r['rank']}": r["weight_bytes"] for r in pair[0]},
         "peak_mb_per_rank": {f"rank{r['rank']}": r["peak_mb"] for r in pair[0]},
+        "engine_rows": args.engine,
         "all_sums_per_token": rank0[0]["all_sums_per_token"],
         "bytes_per_all_sum": rank0[0]["bytes_per_all_sum"],
     }
+    if args.engine:
+        for key in ("engine_output_tps", "engine_decode_tps"):
+            result["one_process"][key] = stat(alone, key)
+            result["two_ranks"][key] = stat(rank0, key)
     one, two = result["one_process"], result["two_ranks"]
     print(
         f"one process: prefill {one['prefill_tps']['mean']:.0f} tok/s, decode "
@@ -146,6 +179,12 @@ def main() -> None:
         f"{result['weight_bytes']}",
         file=sys.stderr,
     )
+    if args.engine:
+        print(
+            f"Engine of {args.engine} rows: output {one['engine_output_tps']['mean']:.1f} vs "
+            f"{two['engine_output_tps']['mean']:.1f} tok/s (one process vs two ranks)",
+            file=sys.stderr,
+        )
     save_result(result, f"parallel-{args.mode}-two-ranks", args.out)
 
 

@@ -183,7 +183,9 @@ class Engine:
         self.scheduler = Scheduler(model, tokenizer, self.options)
         self._ids = itertools.count()
         group = model.ranks
-        link = RankLink(group) if group is not None and group.size() > 1 else None
+        link = None
+        if group is not None and group.size() > 1:
+            link = RankLink(group, pipeline=model.pipeline is not None)
         self._worker = _Worker(self.scheduler, link)
         # dropped unclosed: cancel and stop the thread, without waiting (this may run in any
         # thread's garbage collection); at exit, track_engine waits for it
@@ -405,6 +407,8 @@ class _Worker:
         link = self.link
         if link is None:
             return self._messages(block)
+        if link.pipeline and self.scheduler.partial_prefill:  # chunks back to back: see
+            return []  # engine_ranks.py (the same on every rank: their schedulers agree)
         if not link.leader:
             messages, idle_s = link.receive()
             wait_for_leader(idle_s)

@@ -11,7 +11,9 @@ sends then pair up) and samples the same tokens from the same logits and seeds:
     rank r:                         all_sum(zeros)  [+ all_sum(zeros)  ] --> apply --> step
 
 A turn costs one all_sum of a 4-int header, and one of the messages' bytes (JSON) when there are
-any. The header also carries a digest of the tokens rank 0 sampled in the previous step: a rank
+any. In a pipeline, the turns between the chunks of one prompt's prefill exchange nothing (every
+rank knows it is mid-prompt from its own scheduler), so that a stage can start the next chunk
+while the next stage computes this one; messages that arrive meanwhile wait for the last chunk. The header also carries a digest of the tokens rank 0 sampled in the previous step: a rank
 whose own tokens differ stops with an error naming the step, instead of going on out of step
 (its collectives would then pair with the wrong ones).
 
@@ -47,8 +49,9 @@ _HEADER = 4  # payload bytes, digest of the last step's tokens, step number, µs
 class RankLink:
     """One rank's end of the engine's plan sharing over `group` (rank 0 sends, the others receive)."""
 
-    def __init__(self, group: mx.distributed.Group):
+    def __init__(self, group: mx.distributed.Group, pipeline: bool = False):
         self.group = group
+        self.pipeline = pipeline  # the model is split in stages (else by tensors)
         self.rank = group.rank()
         self.size = group.size()
         self.steps = 0  # steps taken: the header's step number, for error messages

@@ -105,10 +105,17 @@ class Model(nn.Module):
     def __call__(self, tokens: mx.array, cache: list[Cache] | None = None) -> mx.array:
         return self.logits(self.hidden_states(tokens, cache))
 
-    def hidden_states(self, tokens: mx.array, cache: list[Cache] | None = None) -> mx.array:
+    def hidden_states(
+        self, tokens: mx.array, cache: list[Cache] | None = None, last_stage: bool = True
+    ) -> mx.array:
         """Final-norm hidden states `[B, T, D]`; prefill uses this to skip the LM head on all but
         the last position. Without a cache, `tokens` are positions 0..T-1. Looking inside walks
-        the same blocks one at a time: `walk`."""
+        the same blocks one at a time: `walk`.
+
+        In a pipeline, `last_stage=False` (a prompt chunk whose output nobody needs: only the
+        caches) stops after this stage's blocks and their send to the next stage, without the
+        final all_sum that waits for the last stage: evaluated, it returns once the next stage has
+        the activations, so this stage can start the next chunk while the next one computes."""
         h = self.embed(tokens)  # [B, T, D]
         group = self.pipeline
         if group is not None and group.rank() > 0:  # a later stage: the previous one's output
@@ -117,6 +124,10 @@ class Model(nn.Module):
         masks: dict = {}  # one attention mask per distinct (cache state, window), shared by layers
         for layer, layer_cache in zip(self.model.layers, layer_caches, strict=True):
             h = layer(h, layer_cache, masks)
+        if group is not None and not last_stage:
+            if group.rank() < group.size() - 1:
+                h = mx.distributed.send(h, group.rank() + 1, group=group)
+            return h  # (not normed: nothing reads it but the send)
         if group is not None:
             h = _last_stage(h, group)
         return self.model.norm(h)

@@ -121,6 +121,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []
         self.running: list[Request] = []  # running[r] owns batch row r
+        self.partial_prefill = False  # the last step only advanced a prompt, more chunks to come
 
     @property
     def prefix_cache(self) -> PrefixCache | None:
@@ -275,8 +276,10 @@ class Scheduler:
             request.cache = None
         if plan.decode:
             events += self._update_decode(self.runner.decode(self.running))
+        self.partial_prefill = False
         if plan.prefill:
             sampled = self.runner.prefill(plan.prefill, plan.chunk)
+            self.partial_prefill = sampled is None and not plan.decode
             if sampled is None:  # a chunk that was not its prompt's last
                 request = plan.prefill[0]
                 if request.progress is not None:

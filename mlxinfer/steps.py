@@ -42,10 +42,15 @@ def prefill_pass(
 def prefill_chunk(model: Model, ids: mx.array, cache: list) -> None:
     """A prompt chunk `[B, T]` that is not the prompt's last: into `cache`, evaluated now (its
     logits are never needed, so the LM head does not run)."""
-    h = model.hidden_states(ids, cache)
-    # In a pipeline the states of this rank's caches need nothing from the stages after it, but
-    # those wait for what this one sends (in h's graph): evaluated too, or they wait forever.
-    mx.eval([c.state for c in cache] + ([h] if model.pipeline is not None else []))
+    if model.pipeline is None:
+        model.hidden_states(ids, cache)
+        mx.eval([c.state for c in cache])
+        return
+    # In a pipeline, this stage's blocks and the send of their output (which the next stage
+    # waits for: evaluated, or it waits forever), without the final all_sum: this stage goes on
+    # to the next chunk while the next stage computes this one (Model.hidden_states).
+    sent = model.hidden_states(ids, cache, last_stage=False)
+    mx.eval([c.state for c in cache] + [sent])
 
 
 def prefill(

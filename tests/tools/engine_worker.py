@@ -4,7 +4,7 @@ MLX_HOSTFILE and MLX_RANK set (MLX's ring backend over loopback), or alone (one 
     python tests/tools/engine_worker.py MODEL OUT_DIR [--parallel tensor|pipeline] [--perturb]
         [--forever]
 
-Rank 0 (or the lone process) runs an Engine of 4 rows on 8 ragged requests (greedy, seeded
+Rank 0 (or the lone process) runs an Engine of 4 rows (prompt chunks of 8) on 8 ragged requests (greedy, seeded
 sampled and unseeded sampled), cancels one after its second token, then sends a prompt that shares
 a prefix with an earlier one (a prefix-cache hit), and writes OUT_DIR/rank0.json: each request's
 tokens and finish reason, the steps taken and the prefix cache's hits. Alone, it also writes each
@@ -77,7 +77,8 @@ def main() -> None:
         scale = mx.linspace(0.5, 1.5, model.config.hidden_size)
         model.model.norm.weight = model.model.norm.weight * scale
         mx.eval(model.parameters())  # here: the engine's thread cannot run this thread's arrays
-    engine = Engine(model, tokenizer, max_batch=4, prefix_cache_mb=64)
+    # chunks of 8 prompt tokens: most prompts take several steps (a pipeline runs them back to back)
+    engine = Engine(model, tokenizer, max_batch=4, prefix_cache_mb=64, prefill_chunk=8)
     out = Path(args.out) / f"rank{rank}.json"
     if rank != 0:
         if args.forever:

@@ -2,7 +2,7 @@
 against one process, on the default model.
 
     python benchmarks/bench_parallel.py [--mode tensor|pipeline] [--reps 3] [--prompt-tokens 128]
-        [--tokens 64] [--engine N] [--out FILE]
+        [--tokens 64] [--engine N] [--prefill-chunk N] [--out FILE]
 
 Each configuration runs in fresh processes: one process alone, then the two ranks together
 (MLX_HOSTFILE / MLX_RANK, as mlx.launch sets them), --reps times, alternating. Each process loads
@@ -17,7 +17,9 @@ time goes rather than predicting the speed-up of two machines.
 With --engine N, each process then runs an Engine of N rows (over the ranks: rank 0 submits, the
 other follows its plan) on N different prompts at once, and reports the total output tok/s
 (N x --tokens / the wall time from the first submit to the last token) and the mean per-request
-decode tok/s.
+decode tok/s. With --prefill-chunk N, each process also times the prompt's prefill in chunks of N
+tokens (steps.prefill): in a pipeline a stage starts the next chunk while the next stage computes
+this one.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ from common import machine_info, save_result, summary
 from mlxinfer.bench.servers import free_port
 
 
-def rank_worker(prompt_tokens: int, tokens: int, mode: str | None, engine_rows: int = 0) -> None:
+def rank_worker(
+    prompt_tokens: int, tokens: int, mode: str | None, engine_rows: int = 0, chunk: int = 0
+) -> None:
     """One process (alone, or one rank of the pair): prints its figures as one JSON line."""
     model, tokenizer = mlxinfer.load(compute="float32", parallel=mode)
     text = (Path(mlxinfer.__file__).parent / "bench" / "kjv_genesis.txt").read_text()
@@ -77,6 +81,15 @@ def rank_worker(prompt_tokens: int, tokens: int, mode: str | None, engine_rows: 
         result["comm_ms_per_token"] = (time.perf_counter() - start) / 20 * 1000
         result["all_sums_per_token"] = sums
         result["bytes_per_all_sum"] = hidden * 4
+    if chunk:
+        from mlxinfer.steps import prefill
+
+        ids = mx.array([prompt])
+        mx.eval(prefill(model, ids[:, : 2 * chunk], model.make_cache(), chunk))  # warm-up
+        cache = model.make_cache()
+        start = time.perf_counter()
+        mx.eval(prefill(model, ids, cache, chunk))
+        result["chunked_prefill_tps"] = len(prompt) / (time.perf_counter() - start)
     if engine_rows:
         result.update(engine_figures(model, tokenizer, text, prompt_tokens, tokens, engine_rows))
     print(json.dumps(result), flush=True)
@@ -101,11 +114,13 @@ def engine_figures(model, tokenizer, text, prompt_tokens, tokens, rows) -> dict:
     return {"engine_output_tps": rows * tokens / wall, "engine_decode_tps": sum(decode) / rows}
 
 
-def run(mode: str | None, prompt_tokens: int, tokens: int, engine_rows: int = 0) -> list[dict]:
+def run(
+    mode: str | None, prompt_tokens: int, tokens: int, engine_rows: int = 0, chunk: int = 0
+) -> list[dict]:
     parallel = mode is not None
     command = [sys.executable, __file__, "--rank-worker", "--prompt-tokens", str(prompt_tokens)]
     command += ["--tokens", str(tokens)] + (["--parallel", mode] if mode else [])
-    command += ["--engine", str(engine_rows)]
+    command += ["--engine", str(engine_rows), "--prefill-chunk", str(chunk)]
     env = {**os.environ}
     env.pop("MLX_HOSTFILE", None)
     env.pop("MLX_RANK", None)
@@ -133,17 +148,19 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--mode", choices=["tensor", "pipeline"], default="tensor")
     parser.add_argument("--engine", type=int, default=0, metavar="N", help="an Engine of N rows")
+    parser.add_argument("--prefill-chunk", type=int, default=0, metavar="N", help="time prefill")
     parser.add_argument("--out", default=None)
     parser.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--parallel", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank_worker:
-        rank_worker(args.prompt_tokens, args.tokens, args.parallel, args.engine)
+        rank_worker(args.prompt_tokens, args.tokens, args.parallel, args.engine, args.prefill_chunk)
         return
     alone, pair = [], []
+    extra = (args.engine, args.prefill_chunk)
     for _ in range(args.reps):
-        alone += run(None, args.prompt_tokens, args.tokens, args.engine)
-        pair.append(run(args.mode, args.prompt_tokens, args.tokens, args.engine))
+        alone += run(None, args.prompt_tokens, args.tokens, *extra)
+        pair.append(run(args.mode, args.prompt_tokens, args.tokens, *extra))
     rank0 = [p[0] for p in pair]
 
     def stat(rows, key):
@@ -163,11 +180,14 @@ def main() -> None:
         | {f"rank{r['rank']}": r["weight_bytes"] for r in pair[0]},
         "peak_mb_per_rank": {f"rank{r['rank']}": r["peak_mb"] for r in pair[0]},
         "engine_rows": args.engine,
+        "prefill_chunk": args.prefill_chunk,
         "all_sums_per_token": rank0[0]["all_sums_per_token"],
         "bytes_per_all_sum": rank0[0]["bytes_per_all_sum"],
     }
-    if args.engine:
-        for key in ("engine_output_tps", "engine_decode_tps"):
+    keys = ["engine_output_tps", "engine_decode_tps"] if args.engine else []
+    keys += ["chunked_prefill_tps"] if args.prefill_chunk else []
+    if keys:
+        for key in keys:
             result["one_process"][key] = stat(alone, key)
             result["two_ranks"][key] = stat(rank0, key)
     one, two = result["one_process"], result["two_ranks"]
@@ -183,6 +203,12 @@ def main() -> None:
         print(
             f"Engine of {args.engine} rows: output {one['engine_output_tps']['mean']:.1f} vs "
             f"{two['engine_output_tps']['mean']:.1f} tok/s (one process vs two ranks)",
+            file=sys.stderr,
+        )
+    if args.prefill_chunk:
+        print(
+            f"prefill in chunks of {args.prefill_chunk}: {one['chunked_prefill_tps']['mean']:.0f} "
+            f"vs {two['chunked_prefill_tps']['mean']:.0f} tok/s (one process vs two ranks)",
             file=sys.stderr,
         )
     save_result(result, f"parallel-{args.mode}-two-ranks", args.out)

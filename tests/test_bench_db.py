@@ -209,7 +209,8 @@ def test_every_request_of_a_measurement_is_kept(tmp_path):
         (m, 1, "mlxinfer", 0),
     ]
     assert [{k: r[k] for k in requests[0]} for r in rows] == requests
-    assert rows[0]["settings"] == {"concurrency": 2}
+    assert rows[0]["settings"] == {"concurrency": 2, "parallel": "none"}  # (axes added later:
+    # at their defaults, grid.with_defaults)
 
 
 def test_a_version_3_database_keeps_its_runs_and_gains_the_requests_table(tmp_path):

@@ -30,6 +30,7 @@ import mlx.core as mx
 
 from .cache import CacheSpec, cache_spec
 from .engine_ranks import (
+    FIRST_TURN_ALLOWANCE,
     STALL_TIMEOUT_ENV,
     RankLink,
     stall_timeout,
@@ -185,6 +186,7 @@ class Engine:
         group = model.ranks
         link = None
         if group is not None and group.size() > 1:
+            stall_timeout()  # a bad $MLXINFER_PARALLEL_TIMEOUT: ValueError here, not in a thread
             link = RankLink(group, pipeline=model.pipeline is not None)
         self._worker = _Worker(self.scheduler, link)
         # dropped unclosed: cancel and stop the thread, without waiting (this may run in any
@@ -331,8 +333,10 @@ class _Worker:
             if not self.closed:
                 self.closed = True
                 self.inbox.put(("close", cancel))  # (on ranks other than 0, rank 0 closes)
-        if threading.current_thread() is not self.thread and not self.stalled:
-            self.thread.join(timeout)
+        if threading.current_thread() is not self.thread:
+            # (`ended`, not a join: the watchdog may give up on a thread stuck in MLX meanwhile)
+            if self.ended.wait(timeout) and not self.stalled:
+                self.thread.join()  # its last lines, after it set `ended`
 
     def _watch(self) -> None:
         """Over ranks, while the thread runs: MLX's ring backend waits forever for a rank that
@@ -341,14 +345,16 @@ class _Worker:
         timeout (engine_ranks.stall_timeout) is given up: every request ends with an error
         saying so, the engine closes, and wait() raises."""
         timeout = stall_timeout()
+        first = FIRST_TURN_ALLOWANCE * timeout  # the ranks may finish loading far apart
         while not self.ended.wait(min(1.0, timeout / 4)):
-            if time.monotonic() - self.beat > timeout:
+            allowed = timeout if self.link is not None and self.link.turns else first
+            if time.monotonic() - self.beat > allowed:
                 link = self.link
                 assert link is not None
                 self.error = (
                     f"engine stopped: rank {link.rank} of {link.size} had no reply from the other "
-                    f"ranks for {timeout:g} s (a rank stopped, or the connection between them "
-                    f"failed; ${STALL_TIMEOUT_ENV} sets the wait)"
+                    f"ranks for {allowed:g} s (a rank stopped, or the connection between them "
+                    f"failed; ${STALL_TIMEOUT_ENV} sets the wait, which must exceed a step)"
                 )
                 self.stalled = True
                 print(f"mlxinfer: {self.error}", file=sys.stderr, flush=True)
@@ -388,7 +394,7 @@ class _Worker:
                         self.link.stepped(events)
                     self._deliver(events)
         except BaseException as e:  # nothing is lost: every accepted request gets its last response
-            if not self.ended.is_set():
+            if not self.stalled:  # (the watchdog's reason stands)
                 self.error = f"engine stopped: {type(e).__name__}: {e}"
                 self._fail_all(self.error)
             raise
@@ -435,11 +441,11 @@ class _Worker:
             self.link.forget(events)
         for request, response in events:
             handle = self.handles.get(request.id)
-            if handle is None:
+            if handle is None:  # (or the watchdog's _fail_all took them all meanwhile)
                 continue
             handle.put(response)
             if response.finish_reason is not None:
-                del self.handles[request.id]
+                self.handles.pop(request.id, None)
 
     def _fail_all(self, reason: str) -> None:
         with self.lock:

@@ -43,6 +43,7 @@ from .sampling import SamplingParams
 IDLE_WAIT_MIN_S = 0.002
 IDLE_WAIT_MAX_S = 0.05
 STALL_TIMEOUT_ENV = CONNECT_TIMEOUT_ENV  # one setting: how long ranks wait for each other
+FIRST_TURN_ALLOWANCE = 10  # x the timeout, for the first turn (ranks finish loading apart)
 _HEADER = 4  # payload bytes, digest of the last step's tokens, step number, µs to the next header
 
 
@@ -54,7 +55,8 @@ class RankLink:
         self.pipeline = pipeline  # the model is split in stages (else by tensors)
         self.rank = group.rank()
         self.size = group.size()
-        self.steps = 0  # steps taken: the header's step number, for error messages
+        self.steps = 0  # steps taken: the header's step number, checked by the other ranks
+        self.turns = 0  # headers exchanged
         self.digest = 0  # this rank's tokens in its last step
         self.requests: dict[int, Request] = {}  # on the other ranks: those not yet finished
         self.wait_s = 0.0  # rank 0: how long the last header said the next one would take
@@ -78,9 +80,10 @@ class RankLink:
         encoded = []
         for kind, arg in messages:
             if kind == "submit":
-                if arg.params.seed is None:
+                drew = arg.params.seed is None
+                if drew:
                     arg.params = dataclasses.replace(arg.params, seed=unseeded_seed())
-                encoded.append(["submit", _request_to_json(arg)])
+                encoded.append(["submit", {**_request_to_json(arg), "drew_seed": drew}])
             elif kind == "cancel":
                 encoded.append(["cancel", arg.id])
             elif kind == "close":
@@ -88,6 +91,7 @@ class RankLink:
         payload = json.dumps(encoded).encode() if encoded else b""
         header = [len(payload), self.digest, self.steps, round(self.wait_s * 1e6)]
         self._all_sum(np.array(header, dtype=np.int32))
+        self.turns += 1
         if payload:
             self._all_sum(np.frombuffer(payload, dtype=np.uint8))
 
@@ -99,7 +103,13 @@ class RankLink:
         before the next turn (nothing runs until then)."""
         header = self._all_sum(np.zeros(_HEADER, dtype=np.int32))
         nbytes, digest, step, wait_us = (int(x) for x in header)
-        if step == self.steps and digest != self.digest:
+        self.turns += 1
+        if step != self.steps:
+            raise RuntimeError(
+                f"rank {self.rank} of {self.size}: rank 0 has taken {step} steps and this rank "
+                f"{self.steps}; the ranks are out of step"
+            )
+        if digest != self.digest:
             raise RuntimeError(
                 f"rank {self.rank} of {self.size}: in step {step} this rank sampled other tokens "
                 "than rank 0; the ranks are out of step (did they load the same weights, kernels "
@@ -111,6 +121,8 @@ class RankLink:
             for kind, arg in json.loads(payload):
                 if kind == "submit":
                     request = _request_from_json(arg)
+                    if arg["drew_seed"]:  # rank 0 drew it from the shared sequence: this rank
+                        unseeded_seed()  # draws too, so later unseeded draws stay the same
                     self.requests[request.id] = request
                     messages.append(("submit", request))
                 elif kind == "cancel":
@@ -145,8 +157,16 @@ class RankLink:
 
 def stall_timeout() -> float:
     """Seconds an engine's turn or step may wait for the other ranks before the engine gives up
-    on them ($MLXINFER_PARALLEL_TIMEOUT, else 60)."""
-    return float(os.environ.get(STALL_TIMEOUT_ENV) or CONNECT_TIMEOUT_S)
+    on them ($MLXINFER_PARALLEL_TIMEOUT, else 60; the first turn gets FIRST_TURN_ALLOWANCE times
+    that)."""
+    raw = os.environ.get(STALL_TIMEOUT_ENV) or str(CONNECT_TIMEOUT_S)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"${STALL_TIMEOUT_ENV} must be a number of seconds above 0, got {raw!r}")
+    return value
 
 
 def wait_for_leader(idle_s: float) -> None:

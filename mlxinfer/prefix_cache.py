@@ -35,6 +35,7 @@ class PrefixCache:
     def __init__(self, max_bytes: int, bytes_per_token: int | None = None):
         self.max_bytes = max_bytes
         self.bytes_per_token = bytes_per_token
+        self.max_tokens: int | None = None  # over ranks: the whole model's smallest ring
         self.entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, list, int]] = OrderedDict()
         self.nbytes = 0
         self.hits = 0
@@ -69,6 +70,8 @@ class PrefixCache:
         """Keep the KV of a just-prefilled prompt (unless a cache evicted some of it)."""
         if not self.max_bytes or not all(_holds_all(c) for c in caches):
             return
+        if self.max_tokens is not None and len(prompt_ids) > self.max_tokens:
+            return  # (a stage's own caches may all hold it; another stage's ring has wrapped)
         key = tuple(prompt_ids)
         covering = [k for k in self.entries if len(k) >= len(key) and k[: len(key)] == key]
         if covering:  # a stored sequence already starts with all of it: keep that one fresh

@@ -24,7 +24,7 @@ from typing import cast
 import mlx.core as mx
 
 from .batch_cache import make_batch_cache, remove_row
-from .cache import CacheSpec, RotatingKVCache
+from .cache import CacheSpec, RotatingKVCache, make_cache
 from .model import Model
 from .prefix_cache import PrefixCache
 from .request import Request
@@ -64,6 +64,12 @@ class Runner:
         self.max_batch = max_batch
         self.prefix_cache = prefix_cache
         self.template = model.make_cache(cache)  # checks it against the model
+        # What decides a plan comes from the whole model's layers: over ranks, a pipeline stage
+        # may hold only windowed layers, or none, and every rank must decide alike.
+        self.split = model.ranks is not None
+        self.whole = make_cache(model.whole_config, cache)  # (empty: never filled)
+        if prefix_cache is not None and self.split:
+            prefix_cache.max_tokens = self.ring_size  # (see PrefixCache.store)
         self.run_ahead = pipelines_decode()  # queue decode step n+1 before reading step n (GPU)
         self._ahead: _Step | None = None
         self._new_batch()
@@ -155,9 +161,7 @@ class Runner:
     def ring_size(self) -> int | None:
         """The smallest rotating cache's size (None without one): the longest prompt a padded
         pass of several may hold, since padding must not evict real tokens."""
-        return min(
-            (c.max_size for c in self.template if isinstance(c, RotatingKVCache)), default=None
-        )
+        return min((c.max_size for c in self.whole if isinstance(c, RotatingKVCache)), default=None)
 
     # -- the batch -------------------------------------------------------------------------------
 
@@ -186,6 +190,10 @@ class Runner:
 
     @property
     def batch_slots(self) -> int:
+        """Slots the batch holds (0 over ranks: a stage of windowed layers holds fewer than the
+        whole model's, and admission must not depend on the stage)."""
+        if self.split:
+            return 0
         return max((c.capacity for c in self.batch), default=0)
 
     def _new_batch(self) -> None:
@@ -273,16 +281,15 @@ class Runner:
         try:
             self.prefix_cache.store(token_ids, caches)
         except Exception:
-            pass
+            self._stop_if_split()  # (over ranks, the others kept it: they would plan otherwise)
 
     def store_conversation(self, token_ids: list[int], row: int) -> None:
         """Keep the KV of a finished request's prompt and reply (`token_ids`): the next turn of a
         chat starts with both. The row holds the first `offset` of them (the last one generated,
         unless a step ran ahead, was never fed to the model)."""
         n = self.rows.offsets[row]
-        if self.prefix_cache is None or any(
-            c.max_size is not None and n > c.max_size for c in self.batch
-        ):
+        ring = self.ring_size  # (the whole model's: see __init__)
+        if self.prefix_cache is None or (ring is not None and n > ring):
             return  # a ring has overwritten the start
         self.remember(token_ids[:n], self._row_caches(self.batch, row, n))
 

@@ -230,6 +230,8 @@ class Scheduler:
         try:
             self.runner.start(request)
         except Exception as e:  # this request fails; the others are untouched
+            if self.model.ranks is not None:  # over ranks, unless it failed on this rank alone
+                raise  # (the engine stops: see Runner._stop_if_split)
             plan.failed.append((request, f"prefill failed: {e}"))
         request.stream = TextStream(self.tokenizer, request.params, request.max_tokens)
 

@@ -311,11 +311,10 @@ def test_bench_target_measures_a_real_mlxinfer_serve_without_prefix_cache_hits(t
         server.wait(timeout=60)
 
 
-def test_baseline_mlx_lm_server_alternates_two_real_servers(tmp_path, monkeypatch):
-    """`--baseline mlx-lm-server`: the sweep starts `mlxinfer serve` and `mlx_lm.server` on the
-    same weights, measures both, alternating, and reports the speed ratios; both servers have
-    exited once the run ends."""
-    from mlxinfer.bench import report, servers
+@pytest.fixture
+def started_servers(monkeypatch) -> list:
+    """The ServerProcesses a test's sweep starts, in order."""
+    from mlxinfer.bench import servers
 
     started = []
     real_init = servers.ServerProcess.__init__
@@ -325,6 +324,16 @@ def test_baseline_mlx_lm_server_alternates_two_real_servers(tmp_path, monkeypatc
         real_init(self, *args, **kwargs)
 
     monkeypatch.setattr(servers.ServerProcess, "__init__", init)
+    return started
+
+
+def test_baseline_mlx_lm_server_alternates_two_real_servers(tmp_path, started_servers):
+    """`--baseline mlx-lm-server`: the sweep starts `mlxinfer serve` and `mlx_lm.server` on the
+    same weights, measures both, alternating, and reports the speed ratios; both servers have
+    exited once the run ends."""
+    from mlxinfer.bench import report
+
+    started = started_servers
     db = RunsDB(tmp_path / "runs.sqlite")
     axes = parse_axes({"prompt_tokens": "16", "gen_tokens": "8", "concurrency": "2"})
     sweep = Sweep(axes, reps=2, db=db, baseline="mlx-lm-server")
@@ -340,20 +349,11 @@ def test_baseline_mlx_lm_server_alternates_two_real_servers(tmp_path, monkeypatc
     assert all(s.process.poll() is not None for s in started)
 
 
-def test_a_parallel_configuration_is_measured_on_ranks_started_for_it(tmp_path, monkeypatch):
+def test_a_parallel_configuration_is_measured_on_ranks_started_for_it(tmp_path, started_servers):
     """`parallel: none,tensor:2`: the unsplit configuration in process, the split one through
     `mlxinfer serve --parallel tensor` started as two ranks on loopback (both gone afterwards);
     the run's machine facts name the group and its backend."""
-    from mlxinfer.bench import servers
-
-    started = []
-    real_init = servers.ServerProcess.__init__
-
-    def init(self, *args, **kwargs):
-        started.append(self)
-        real_init(self, *args, **kwargs)
-
-    monkeypatch.setattr(servers.ServerProcess, "__init__", init)
+    started = started_servers
     db = RunsDB(tmp_path / "runs.sqlite")
     axes = parse_axes({"prompt_tokens": "16", "gen_tokens": "8", "parallel": "none,tensor"})
     sweep = Sweep(axes, reps=1, db=db)

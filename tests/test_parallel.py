@@ -469,6 +469,15 @@ def test_parallel_arguments_are_checked_by_name(tiny):
 # -- the Engine over ranks -----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "inf"])
+def test_a_bad_parallel_timeout_is_refused_by_name(value, monkeypatch):
+    from mlxinfer.engine_ranks import stall_timeout
+
+    monkeypatch.setenv("MLXINFER_PARALLEL_TIMEOUT", value)
+    with pytest.raises(ValueError, match="MLXINFER_PARALLEL_TIMEOUT must be a number of seconds"):
+        stall_timeout()
+
+
 def said_rank_lost(output: str) -> bool:
     """The engine stopped on a lost rank: MLX's error from a failed transfer, or the engine's own
     when no reply came in the ranks' timeout (10 s in these tests)."""
@@ -481,16 +490,30 @@ def said_rank_lost(output: str) -> bool:
 MARGIN = 1e-3  # as test_engine.py: past a near tie, other rounding may rightly pick the other token
 
 
+ENGINE_CASES = {  # mode, family, checkpoint overrides
+    "tensor": ("tensor", "llama", {}),
+    "pipeline": ("pipeline", "llama", {}),
+    # stage 0 holds a full-attention layer, stage 1 a windowed one: what the stages' own caches
+    # would say about the prefix cache differs, what the whole model says does not
+    "pipeline-mixed-windows": (
+        "pipeline",
+        "qwen2",
+        {"use_sliding_window": True, "sliding_window": 24, "max_window_layers": 1},
+    ),
+}
+
+
 @pytest.mark.exactness  # CI runs these under each op set
-@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
-def test_the_engine_over_ranks_gives_one_process_tokens(mode, tmp_path):
+@pytest.mark.parametrize("case", list(ENGINE_CASES))
+def test_the_engine_over_ranks_gives_one_process_tokens(case, tmp_path):
     """An Engine of 4 rows over two ranks, rank 0 taking 8 ragged requests (greedy, seeded and
     unseeded sampling), one cancelled after its second token, then a prefix-cache hit: every
     greedy request gets the tokens of its prompt run alone in one process (up to a near tie), the
     seeded ones the tokens of one process's Engine, the cancelled one a prefix of its own; both
     ranks take the same number of steps (each checks its tokens against rank 0's every step)."""
+    mode, family, overrides = ENGINE_CASES[case]
     model = tmp_path / "model"
-    make_tiny_checkpoint(model, "llama")
+    make_tiny_checkpoint(model, family, **overrides)
     (tmp_path / "alone").mkdir()
     (tmp_path / "ranks").mkdir()
     alone = run_alone(model, tmp_path / "alone", worker=ENGINE_WORKER)
@@ -511,8 +534,9 @@ def test_the_engine_over_ranks_gives_one_process_tokens(mode, tmp_path):
         assert got["tokens"][i] == alone["tokens"][i], i
     cancelled, (reference, _) = got["tokens"][4], alone["reference"][4]
     assert 2 <= len(cancelled) < len(reference) and cancelled == reference[: len(cancelled)]
-    assert got["prefix_cache_hits"] >= 1
+    assert got["prefix_cache_hits"] == alone["prefix_cache_hits"] >= 1
     assert got["steps"] == other["steps"] > 0
+    assert got["next_seed"] == other["next_seed"]  # unseeded draws after the engine stay shared
 
 
 def test_ranks_whose_tokens_differ_stop_with_an_error(tmp_path):

@@ -59,9 +59,11 @@ class ServerProcess:
         self.logs, self.processes = [], []
         for rank in range(ranks):
             log = tempfile.TemporaryFile(mode="w+")  # its output, for the error if it dies
-            group = (
-                {} if self.hosts is None else {"MLX_HOSTFILE": self.hosts, "MLX_RANK": str(rank)}
-            )
+            group = {}
+            if self.hosts is not None:
+                group = {"MLX_HOSTFILE": self.hosts, "MLX_RANK": str(rank)}
+                if "OMP_NUM_THREADS" not in os.environ:  # the ranks share this machine's cores
+                    group["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
             self.logs.append(log)
             self.processes.append(
                 subprocess.Popen(

@@ -311,6 +311,8 @@ class Sweep:
             )
         if ENGINE not in self.engines or over_http(ENGINE, config):  # measured over HTTP only
             return None, prompts
+        if ENGINE in self._servers:  # a split configuration's ranks: not beside this one
+            self._servers.pop(ENGINE)[1].close()
         engine = Engine(
             model,
             tokenizer,

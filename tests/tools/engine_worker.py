@@ -4,14 +4,16 @@ MLX_HOSTFILE and MLX_RANK set (MLX's ring backend over loopback), or alone (one 
     python tests/tools/engine_worker.py MODEL OUT_DIR [--parallel tensor|pipeline] [--perturb]
         [--forever]
 
-Rank 0 (or the lone process) runs an Engine of 4 rows (prompt chunks of 8) on 8 ragged requests (greedy, seeded
-sampled and unseeded sampled), cancels one after its second token, then sends a prompt that shares
-a prefix with an earlier one (a prefix-cache hit), and writes OUT_DIR/rank0.json: each request's
-tokens and finish reason, the steps taken and the prefix cache's hits. Alone, it also writes each
-greedy prompt's tokens and top-2 margins through the single-sequence caches ("reference"). The
-other ranks run `engine.wait()` and write their step counts. `--perturb` scales this rank's final
-norm (its logits then differ from the other ranks'); with `--forever` rank 0 sends the 8 requests
-again and again until one fails (fault tests)."""
+Rank 0 (or the lone process) runs an Engine of 4 rows (prompt chunks of 8) on 8 ragged requests
+(greedy, seeded sampled and unseeded sampled), cancels one after its second token, then sends a
+prompt that shares a prefix with an earlier one (a prefix-cache hit unless a window is shorter),
+then a 20-token prompt and one sharing 18 of its tokens (a hit), and writes OUT_DIR/rank0.json:
+each request's tokens and finish reason, the steps taken and the prefix cache's hits. Alone, it
+also writes each greedy prompt's tokens and top-2 margins through the single-sequence caches
+("reference"). The other ranks run `engine.wait()` and write their step counts. `--perturb` scales
+this rank's final norm (its logits then differ from the other ranks'); with `--forever` rank 0
+sends the 8 requests again and again until one fails (fault tests). Every rank also writes the
+next unseeded seed it would draw after the engine ("next_seed": the same on every rank)."""
 
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ import mlx.core as mx
 import numpy as np
 
 from mlxinfer import Engine, SamplingParams
-from mlxinfer.steps import decode_step, prefill
+from mlxinfer.parallel import unseeded_seed
+from tests.test_engine import alone  # greedy tokens and top-2 margins through the single caches
 
 
 def requests(vocab: int) -> list[tuple[list[int], SamplingParams]]:
@@ -47,19 +50,6 @@ def requests(vocab: int) -> list[tuple[list[int], SamplingParams]]:
             params = SamplingParams(temperature=0.8, max_tokens=n, ignore_eos=True)
         out.append((ids, params))
     return out
-
-
-def alone(model, ids: list[int], n: int) -> tuple[list[int], list[float]]:
-    """Greedy tokens of one sequence through the single caches, and each step's top-2 margin."""
-    cache = model.make_cache()
-    logits = prefill(model, mx.array([ids]), cache, 16)
-    tokens, margins = [], []
-    for _ in range(n):
-        top2 = mx.sort(logits[0])[-2:].tolist()
-        margins.append(top2[1] - top2[0])
-        tokens.append(int(mx.argmax(logits[0]).item()))
-        logits = decode_step(model, mx.array(tokens[-1:]), cache)
-    return tokens, margins
 
 
 def main() -> None:
@@ -86,7 +76,8 @@ def main() -> None:
         try:
             engine.wait()
         finally:
-            out.write_text(json.dumps({"steps": engine._worker.link.steps}))
+            seed = unseeded_seed()
+            out.write_text(json.dumps({"steps": engine._worker.link.steps, "next_seed": seed}))
         print(f"rank {rank} done", file=sys.stderr)
         return
 
@@ -111,6 +102,10 @@ def main() -> None:
     longest = max(range(8), key=lambda i: len(work[i][0]))
     shared = work[longest][0][:24] + [5, 6, 7, 8]
     hit = engine.submit(shared, sampling=SamplingParams(max_tokens=8, ignore_eos=True)).result(120)
+    # (with a window shorter than that prompt nothing of it was kept: a short one then, surely)
+    base = list(range(40, 60))
+    for prompt in (base, base[:18] + [5, 6, 7]):
+        engine.submit(prompt, sampling=SamplingParams(max_tokens=2, ignore_eos=True)).result(120)
     stats = engine.stats
     engine.close()
     report = {
@@ -119,6 +114,7 @@ def main() -> None:
         "errors": [r.error for r in [*results, hit]],
         "prefix_cache_hits": stats["prefix_cache_hits"],
         "steps": engine._worker.link.steps if engine._worker.link else None,
+        "next_seed": unseeded_seed(),
     }
     if model.ranks is None:
         prompts = [ids for ids, _ in work] + [shared]

@@ -1,8 +1,10 @@
 """GGUF files: llama.cpp metadata -> a Hugging Face style config dict, tensor names -> ours.
 
 `mx.load` reads GGUF natively: F32/F16 tensors as arrays, Q4_0/Q4_1/Q8_0 as MLX affine-quantized
-triples (`weight`, `scales`, `biases`, group size 32). llama.cpp stores the q/k projections of
-llama-architecture models with RoPE pairs interleaved, so those models run with traditional RoPE.
+triples (`weight`, `scales`, `biases`, group size 32). A file holding other types (K-quants:
+Q2_K-Q6_K, Q8_K; Q5_0, Q5_1, IQ4_NL, BF16) is read here instead, every tensor dequantized to
+float32 (gguf_quants.py). llama.cpp stores the q/k projections of llama-architecture models with
+RoPE pairs interleaved, so those models run with traditional RoPE.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from .config import ModelLoadError, kind_problem
+from .gguf_quants import TYPES as QUANT_TYPES
+from .gguf_quants import dequantize
 
 # general.architecture -> (Hugging Face model_type, rope interleaved as llama.cpp's LLAMA rope type)
 ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
@@ -198,23 +203,14 @@ def metadata_to_python(metadata: dict[str, Any]) -> dict[str, Any]:
 
 
 # ggml tensor types mx.load turns into exact MLX arrays (F32/F16 as is, Q4_0/Q4_1/Q8_0 as affine-quantized).
-SUPPORTED_TENSOR_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
-_TYPE_NAMES = {
-    **SUPPORTED_TENSOR_TYPES,
-    6: "Q5_0",
-    7: "Q5_1",
-    9: "Q8_1",
-    10: "Q2_K",
-    11: "Q3_K",
-    12: "Q4_K",
-    13: "Q5_K",
-    14: "Q6_K",
-    15: "Q8_K",
-    20: "IQ4_NL",
-    30: "BF16",
-}
+MX_LOAD_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
+# Every type this reader takes: a file with others than MX_LOAD_TYPES is read by read_tensors
+# (dequantized to float32, gguf_quants.py) instead of mx.load.
+SUPPORTED_TENSOR_TYPES = {kind: name for kind, (name, _, _) in QUANT_TYPES.items()}
+_TYPE_NAMES = {**SUPPORTED_TENSOR_TYPES, 9: "Q8_1", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS"}
+_TYPE_NAMES |= {19: "IQ1_S", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 29: "IQ1_M"}
 # Elements and bytes per block of the supported tensor types (ggml's block sizes).
-_BLOCKS = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 8: (32, 34)}
+_BLOCKS = {kind: (block, nbytes) for kind, (_, block, nbytes) in QUANT_TYPES.items()}
 
 # GGUF metadata value types. Scalars by struct format; a string is a u64 length and the bytes, an
 # array an item type (u32), a u64 count and the items.
@@ -466,6 +462,24 @@ class _HeaderReader:
         return GGUFHeader(
             version, metadata, value_types, tensors, alignment, data_offset, self.size
         )
+
+
+def needs_own_reader(header: GGUFHeader) -> bool:
+    """Whether the file holds tensor types mx.load does not read exactly (K-quants, ...)."""
+    return any(info.type not in MX_LOAD_TYPES for info in header.tensors.values())
+
+
+def read_tensors(path: str | Path, header: GGUFHeader) -> dict[str, mx.array]:
+    """Every tensor of a (checked) file, dequantized to float32 block by block (gguf_quants.py),
+    each read from its own byte range of the mapped file."""
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    tensors = {}
+    for name, info in header.tensors.items():
+        block, nbytes = _BLOCKS[info.type]
+        end = info.offset + math.prod(info.dims) // block * nbytes
+        weights = dequantize(data[info.offset : end], info.type)
+        tensors[name] = mx.array(weights.reshape(info.shape))
+    return tensors
 
 
 def check_tensor_types(path: Path) -> GGUFHeader:

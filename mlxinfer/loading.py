@@ -187,12 +187,16 @@ def load_gguf(
 ) -> tuple[Model, Tokenizer]:
     """A llama.cpp GGUF file: config, weights, tokenizer and chat template all come from it."""
     source = str(path)
-    gguf.check_tensor_types(path)
-    try:
-        tensors, metadata = mx.load(source, return_metadata=True)
-    except Exception as e:  # MLX raises RuntimeError/ValueError with its own wording
-        raise ModelLoadError(f"{source}: cannot read GGUF file ({e})") from None
-    metadata = gguf.metadata_to_python(metadata)
+    header = gguf.check_tensor_types(path)
+    if gguf.needs_own_reader(header):  # K-quants and others mx.load does not read: float32
+        metadata = gguf.read_header(path).metadata
+        tensors = gguf.read_tensors(path, header)
+    else:
+        try:
+            tensors, raw = mx.load(source, return_metadata=True)
+        except Exception as e:  # MLX raises RuntimeError/ValueError with its own wording
+            raise ModelLoadError(f"{source}: cannot read GGUF file ({e})") from None
+        metadata = gguf.metadata_to_python(raw)
     gguf.check_tokenizer_metadata(metadata, source)  # the config reads the token count and ids
     config_dict = gguf.config_from_metadata(metadata, source)
     weights = gguf.rename_tensors(tensors, source)

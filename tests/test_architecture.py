@@ -87,7 +87,7 @@ def test_the_cycle_finder_finds_a_cycle():
 LAYERS = [
     ["backend", "streams", "masks", "cpu_kernels", "ops"],
     ["config", "rope", "attention", "mlp", "moe", "model", "cache", "batch_cache", "parallel"],
-    ["chat_template", "tokenizer", "gguf", "loading"],
+    ["chat_template", "tokenizer", "gguf", "gguf_quants", "loading"],
     ["steps", "sampling", "responses", "metrics", "conversation"],
     ["request", "prefix_cache", "runner", "scheduler", "generate", "engine", "engine_ranks"],
     ["inspect", "bench", "server"],

@@ -100,11 +100,20 @@ GGUF_TYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"]
 
 
 def write_gguf(
-    path, torch_model, qtype: str, arch: str = "llama", extra=None, linear_rope=None, tokens=None
+    path,
+    torch_model,
+    qtype: str,
+    arch: str = "llama",
+    extra=None,
+    linear_rope=None,
+    tokens=None,
+    blocks=None,
 ) -> None:
     """Write a GGUF the way llama.cpp's convert_hf_to_gguf.py does: for llama, q/k rows permuted to
     the interleaved RoPE layout (qwen2/qwen3 keep the half-split layout); 1-D tensors (norms,
-    biases) in F32, matrices in `qtype`. `tokens`: the tokenizer's size, if not vocab_size."""
+    biases) in F32, matrices in `qtype`. `tokens`: the tokenizer's size, if not vocab_size.
+    `blocks(name, w)`: (raw block bytes, ggml type) to store for matrix `name` instead (gguf's
+    writer cannot make K-quants), or None."""
     import gguf
 
     cfg = torch_model.config
@@ -172,7 +181,10 @@ def write_gguf(
         else:
             gguf_name = names[stem]
         full_name = f"{gguf_name}.{suffix}"
-        if w.ndim == 1 or qtype == "F32":
+        raw = blocks(full_name, w) if blocks is not None and w.ndim == 2 else None
+        if raw is not None:
+            writer.add_tensor(full_name, raw[0], raw_dtype=raw[1])
+        elif w.ndim == 1 or qtype == "F32":
             writer.add_tensor(full_name, w.astype(np.float32))
         elif qtype == "F16":
             writer.add_tensor(full_name, w.astype(np.float16))
@@ -460,18 +472,77 @@ def test_corrupt_gguf_header(tmp_path):
 def test_unsupported_gguf_tensor_type_names_tensor(tmp_path):
     import gguf
 
-    path = tmp_path / "k_quant.gguf"
+    path = tmp_path / "i_quant.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
-    kind = gguf.GGMLQuantizationType.Q4_K
-    writer.add_tensor("blk.0.attn_q.weight", np.zeros((4, 144), np.uint8), raw_dtype=kind)
+    kind = gguf.GGMLQuantizationType.IQ2_XXS
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((4, 66), np.uint8), raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     with pytest.raises(
-        ModelLoadError, match=r"'blk\.0\.attn_q\.weight' has GGUF type Q4_K.*supported: F32"
+        ModelLoadError, match=r"'blk\.0\.attn_q\.weight' has GGUF type IQ2_XXS.*supported: F32"
     ):
         mlxinfer.load(path)
+
+
+def random_blocks(rng, kind: str, rows: int, columns: int) -> np.ndarray:
+    """Random `rows x columns` weights of ggml type `kind` as raw blocks: random quants, with
+    each block's float16 scales (and mins) set to small normal values (gguf_quants' layouts)."""
+    from mlxinfer.gguf_quants import TYPES
+
+    scale_fields = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q2_K": (80, 82)}
+    scale_fields |= {"Q3_K": (108,), "Q5_0": (0,), "Q5_1": (0, 2), "IQ4_NL": (0,), "Q8_0": (0,)}
+    _, block, nbytes = next(t for t in TYPES.values() if t[0] == kind)
+    raw = rng.integers(0, 256, (rows * columns // block, nbytes), dtype=np.uint8)
+    for offset in scale_fields[kind]:
+        scales = rng.normal(0, 0.02 if offset == 0 or kind == "Q6_K" else 0.005, (len(raw), 1))
+        raw[:, offset : offset + 2] = scales.astype(np.float16).view(np.uint8)
+    return raw.reshape(rows, columns // block * nbytes)
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory):
+    """A tiny llama whose matrices have rows of 256 or 512 (whole K-quant blocks)."""
+    path = tmp_path_factory.mktemp("wide")
+    return path, make_tiny_checkpoint(
+        path, "llama", hidden_size=256, intermediate_size=512, num_attention_heads=4
+    )
+
+
+@pytest.mark.parametrize(
+    "kinds",
+    [("Q4_K", "Q6_K"), ("Q5_K", "Q3_K"), ("Q2_K", "Q8_0"), ("Q5_0", "Q5_1"), ("IQ4_NL", "Q4_K")],
+    ids="+".join,
+)
+def test_a_k_quant_gguf_matches_transformers_gguf_loader(wide_llama, tmp_path, kinds):
+    """A GGUF whose matrices are K-quant (and other) blocks, two types mixed as llama.cpp's
+    Q4_K_M mixes Q4_K and Q6_K: read by our own reader (mx.load refuses these), dequantized to
+    float32, against transformers loading the same file (it dequantizes with the gguf
+    package): logits within 1e-4 relative under both compute policies."""
+    import gguf
+    import torch
+    import transformers
+
+    _, ref = wide_llama
+    rng = np.random.default_rng(7)
+    chosen = {}
+
+    def blocks(name, w):
+        kind = kinds[len(chosen) % 2]
+        chosen[name] = kind
+        return random_blocks(rng, kind, *w.shape), gguf.GGMLQuantizationType[kind]
+
+    path = tmp_path / "tiny-k.gguf"
+    write_gguf(path, ref, "F32", blocks=blocks)
+    assert set(chosen.values()) == set(kinds)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    expected = torch_logits(reference, IDS)
+    for compute in ("native", "float32"):
+        model, _ = mlxinfer.load(path, compute=compute)
+        assert rel_err(np.array(model(mx.array(IDS))), expected) <= 1e-4
 
 
 def test_not_a_model_file(tmp_path):

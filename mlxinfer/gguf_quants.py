@@ -1,0 +1,235 @@
+"""ggml's block-quantized tensor types, dequantized to float32 with vectorised numpy.
+
+`mx.load` reads F32, F16, Q4_0, Q4_1 and Q8_0; the files people download are mostly K-quants
+(Q4_K_M mixes Q4_K and Q6_K), which it refuses. Each type here is a fixed-size block of bytes
+holding `block` weights; a tensor's data is `n / block` blocks back to back (ggml-common.h):
+
+    type    weights/block  bytes  layout (per block)
+    Q4_0    32             18     d f16, 16 bytes of 4-bit q:            w = d (q - 8)
+    Q4_1    32             20     d, m f16, 16 bytes of 4-bit q:         w = d q + m
+    Q5_0    32             22     d f16, 32 high bits, 16 bytes of low:  w = d (q - 16)
+    Q5_1    32             24     d, m f16, high bits, low nibbles:      w = d q + m
+    Q8_0    32             34     d f16, 32 int8:                        w = d q
+    Q2_K    256            84     16 scale/min nibbles, 64 bytes of 2-bit q, d, dmin f16
+    Q3_K    256            110    32 bytes of high bits, 64 bytes of 2-bit q, 12 bytes of 6-bit
+                                  scales, d f16:                         w = d (s - 32) (q - 4 h')
+    Q4_K    256            144    d, dmin f16, 12 bytes of 6-bit scales and mins, 128 of 4-bit q
+    Q5_K    256            176    d, dmin f16, scales and mins, 32 bytes of high bits, 128 of low
+    Q6_K    256            210    128 bytes of low 4 bits, 64 of high 2 bits, 16 int8 scales, d
+    Q8_K    256            292    d f32, 256 int8, 16 int16 block sums (unused here)
+    IQ4_NL  32             18     d f16, 16 bytes of 4-bit indices into a fixed non-linear table
+    BF16    1              2      the upper half of a float32
+
+K-quants split a block into sub-blocks of 16 or 32 weights, each with its own scale (and min), the
+scales themselves quantized against the block's d (and dmin). Every function takes the raw bytes
+of whole blocks and returns float32 weights in order; tests check each against the `gguf`
+package's own dequantizers on random blocks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# ggml type id -> (name, weights per block, bytes per block)
+TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    15: ("Q8_K", 256, 292),
+    20: ("IQ4_NL", 32, 18),
+    30: ("BF16", 1, 2),
+}
+
+IQ4_NL_VALUES = np.array(
+    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32
+)
+
+
+def dequantize(data: np.ndarray, kind: int) -> np.ndarray:
+    """The float32 weights of `data` (uint8, whole blocks of ggml type `kind`), flat."""
+    name, block, nbytes = TYPES[kind]
+    raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
+    if raw.size % nbytes:
+        raise ValueError(f"{raw.size} bytes is not a whole number of {name} blocks of {nbytes}")
+    blocks = raw.reshape(-1, nbytes)
+    with np.errstate(invalid="ignore", over="ignore"):  # (a file's NaN scale gives NaN weights)
+        return _DEQUANTIZE[name](blocks).reshape(-1)
+
+
+def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
+    """A float16 field at byte `start` of each block, as float32 `[n, 1]`."""
+    return blocks[:, start : start + 2].copy().view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """`[n, k]` bytes -> `[n, 2k]`: the k low nibbles, then the k high ones (ggml's order)."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
+def _f32(blocks: np.ndarray) -> np.ndarray:
+    return blocks.copy().view(np.float32)
+
+
+def _f16_plain(blocks: np.ndarray) -> np.ndarray:
+    return blocks.copy().view(np.float16).astype(np.float32)
+
+
+def _bf16(blocks: np.ndarray) -> np.ndarray:
+    return (blocks.copy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def _q4_0(blocks: np.ndarray) -> np.ndarray:
+    q = _nibbles(blocks[:, 2:]).astype(np.float32)
+    return _f16(blocks, 0) * (q - 8)
+
+
+def _q4_1(blocks: np.ndarray) -> np.ndarray:
+    q = _nibbles(blocks[:, 4:]).astype(np.float32)
+    return _f16(blocks, 0) * q + _f16(blocks, 2)
+
+
+def _fifth_bits(blocks: np.ndarray, start: int) -> np.ndarray:
+    """Q5_0/Q5_1's 32 high bits (a little-endian uint32 at `start`), bit j for weight j, as 0/16."""
+    high = blocks[:, start : start + 4].copy().view("<u4")  # [n, 1]
+    return (((high >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.uint8)
+
+
+def _q5_0(blocks: np.ndarray) -> np.ndarray:
+    q = (_nibbles(blocks[:, 6:]) | _fifth_bits(blocks, 2)).astype(np.float32)
+    return _f16(blocks, 0) * (q - 16)
+
+
+def _q5_1(blocks: np.ndarray) -> np.ndarray:
+    q = (_nibbles(blocks[:, 8:]) | _fifth_bits(blocks, 4)).astype(np.float32)
+    return _f16(blocks, 0) * q + _f16(blocks, 2)
+
+
+def _q8_0(blocks: np.ndarray) -> np.ndarray:
+    return _f16(blocks, 0) * blocks[:, 2:].view(np.int8).astype(np.float32)
+
+
+def _q8_k(blocks: np.ndarray) -> np.ndarray:
+    d = blocks[:, :4].copy().view(np.float32)
+    return d * blocks[:, 4:260].view(np.int8).astype(np.float32)
+
+
+def _iq4_nl(blocks: np.ndarray) -> np.ndarray:
+    return _f16(blocks, 0) * IQ4_NL_VALUES[_nibbles(blocks[:, 2:])]
+
+
+def _two_bits(qs: np.ndarray) -> np.ndarray:
+    """Q2_K/Q3_K's 64 bytes of 2-bit values -> `[n, 256]` in ggml's order: for each half of 32
+    bytes, the 4 bit pairs (shifts 0, 2, 4, 6) in turn, each over the half's 32 bytes."""
+    halves = qs.reshape(-1, 2, 1, 32)
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    return ((halves >> shifts) & 3).reshape(-1, 256)
+
+
+def _q2_k(blocks: np.ndarray) -> np.ndarray:
+    scales = blocks[:, :16]  # one byte per 16 weights: low nibble scale, high nibble min
+    q = _two_bits(blocks[:, 16:80]).astype(np.float32).reshape(-1, 16, 16)
+    d, dmin = _f16(blocks, 80), _f16(blocks, 82)
+    scale = (d * (scales & 0x0F)).reshape(-1, 16, 1)
+    low = (dmin * (scales >> 4)).reshape(-1, 16, 1)
+    return (scale * q - low).reshape(-1, 256)
+
+
+def _q3_k_scales(packed: np.ndarray) -> np.ndarray:
+    """Q3_K's 16 6-bit scales from 12 bytes: the low 4 bits of scales 0-7 in bytes 0-7's low
+    nibbles and of 8-15 in their high nibbles, the top 2 bits of all 16 in bytes 8-11."""
+    low = np.concatenate([packed[:, :8] & 0x0F, packed[:, :8] >> 4], axis=1)  # [n, 16]
+    top = packed[:, 8:12]  # scale i's top bits: byte 8 + i % 4, bits 2 * (i // 4)
+    index = np.arange(16)
+    high = (top[:, index % 4] >> (2 * (index // 4)).astype(np.uint8)) & 3
+    return (low | (high << 4)).astype(np.int8).astype(np.float32) - 32
+
+
+def _q3_k(blocks: np.ndarray) -> np.ndarray:
+    hmask = blocks[:, :32]  # bit k of byte l: weight l (+16 ...) of the k-th group of 32
+    q = _two_bits(blocks[:, 32:96]).astype(np.float32)  # [n, 256]
+    scales = _q3_k_scales(blocks[:, 96:108])  # [n, 16]
+    d = _f16(blocks, 108)
+    # weight w = 128 * half + 32 * pair + l (l < 32): its high bit is bit (4 * half + pair) of
+    # hmask[l]; without it the value is 4 less
+    bit = np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+    high = ((hmask.reshape(-1, 1, 32) >> bit) & 1).reshape(-1, 256).astype(np.float32)
+    q = q - 4 * (1 - high)
+    return ((d * scales).reshape(-1, 16, 1) * q.reshape(-1, 16, 16)).reshape(-1, 256)
+
+
+def _k4_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's 8 6-bit scales and 8 6-bit mins from 12 bytes (ggml's get_scale_min_k4): for
+    sub-blocks 0-3 the low 6 bits of bytes 0-3 (scales) and 4-7 (mins); for 4-7 the nibbles of
+    bytes 8-11 with the top 2 bits of bytes 0-3 (scales) and 4-7 (mins)."""
+    first_scale, first_min = packed[:, 0:4] & 63, packed[:, 4:8] & 63
+    last_scale = (packed[:, 8:12] & 0x0F) | ((packed[:, 0:4] >> 6) << 4)
+    last_min = (packed[:, 8:12] >> 4) | ((packed[:, 4:8] >> 6) << 4)
+    scales = np.concatenate([first_scale, last_scale], axis=1).astype(np.float32)
+    mins = np.concatenate([first_min, last_min], axis=1).astype(np.float32)
+    return scales, mins
+
+
+def _k4_values(qs: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K's 128 bytes of nibbles -> `[n, 256]`: each 32 bytes give 32 low nibbles then
+    32 high ones (sub-blocks 2i and 2i + 1)."""
+    chunks = qs.reshape(-1, 4, 1, 32)
+    return np.concatenate([chunks & 0x0F, chunks >> 4], axis=2).reshape(-1, 256)
+
+
+def _q4_k(blocks: np.ndarray) -> np.ndarray:
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    scales, mins = _k4_scales(blocks[:, 4:16])
+    q = _k4_values(blocks[:, 16:144]).astype(np.float32).reshape(-1, 8, 32)
+    return ((d * scales)[..., None] * q - (dmin * mins)[..., None]).reshape(-1, 256)
+
+
+def _q5_k(blocks: np.ndarray) -> np.ndarray:
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    scales, mins = _k4_scales(blocks[:, 4:16])
+    qh = blocks[:, 16:48]  # bit j of byte l: the fifth bit of weight 32 j + l
+    q = _k4_values(blocks[:, 48:176]).reshape(-1, 8, 32)
+    bit = np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+    q = (q | (((qh.reshape(-1, 1, 32) >> bit) & 1) << 4)).astype(np.float32)
+    return ((d * scales)[..., None] * q - (dmin * mins)[..., None]).reshape(-1, 256)
+
+
+def _q6_k(blocks: np.ndarray) -> np.ndarray:
+    ql = blocks[:, :128].reshape(-1, 2, 2, 32)  # [half, which 32 bytes, l]
+    qh = blocks[:, 128:192].reshape(-1, 2, 1, 32)  # [half, -, l]
+    scales = blocks[:, 192:208].view(np.int8).astype(np.float32)  # one per 16 weights
+    d = _f16(blocks, 208)
+    # within a half of 128: weights 0-31 low nibbles of ql[0:32] with qh bits 0-1, 32-63 low
+    # nibbles of ql[32:64] with bits 2-3, 64-95 high nibbles of ql[0:32] with bits 4-5, 96-127
+    # high nibbles of ql[32:64] with bits 6-7
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=2)  # [n, half, 4, 32]
+    shifts = (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)
+    q = (low | (((qh >> shifts) & 3) << 4)).astype(np.float32) - 32
+    return ((d * scales).reshape(-1, 16, 1) * q.reshape(-1, 16, 16)).reshape(-1, 256)
+
+
+_DEQUANTIZE = {
+    "F32": _f32,
+    "F16": _f16_plain,
+    "BF16": _bf16,
+    "Q4_0": _q4_0,
+    "Q4_1": _q4_1,
+    "Q5_0": _q5_0,
+    "Q5_1": _q5_1,
+    "Q8_0": _q8_0,
+    "Q2_K": _q2_k,
+    "Q3_K": _q3_k,
+    "Q4_K": _q4_k,
+    "Q5_K": _q5_k,
+    "Q6_K": _q6_k,
+    "Q8_K": _q8_k,
+    "IQ4_NL": _iq4_nl,
+}

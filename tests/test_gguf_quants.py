@@ -1,0 +1,60 @@
+"""ggml's block types (mlxinfer/gguf_quants.py) against the gguf package's own dequantizers, type by
+type, on random blocks: bit for bit. (Loading whole K-quant files: tests/test_loading.py.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mlxinfer.gguf_quants import TYPES, dequantize
+
+# byte offsets of each type's float16 scales (d, and dmin / m): random bytes there could be NaN
+SCALES = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,)}
+SCALES |= {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+SCALES |= {"IQ4_NL": (0,)}
+
+
+def random_blocks(name: str, nbytes: int, n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (n, nbytes), dtype=np.uint8)
+    for offset in SCALES.get(name, ()):
+        raw[:, offset : offset + 2] = rng.normal(0, 0.1, (n, 1)).astype(np.float16).view(np.uint8)
+    if name == "Q8_K":
+        raw[:, :4] = rng.normal(0, 0.1, (n, 1)).astype(np.float32).view(np.uint8)
+    if name in ("F32", "F16", "BF16"):  # plain numbers
+        values = rng.normal(0, 1, n).astype(np.float32)
+        if name == "F16":
+            return values.astype(np.float16).view(np.uint8).reshape(n, 2)
+        if name == "BF16":
+            return (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(n, 2)
+        return values.view(np.uint8).reshape(n, 4)
+    return raw
+
+
+@pytest.mark.parametrize("kind", [k for k, (name, _, _) in TYPES.items() if name != "Q8_K"])
+def test_every_type_equals_the_gguf_packages_dequantizer(kind):
+    import gguf
+    from gguf.quants import dequantize as reference
+
+    name, block, nbytes = TYPES[kind]
+    raw = random_blocks(name, nbytes, 96, seed=kind)
+    expected = reference(raw.reshape(-1), gguf.GGMLQuantizationType[name]).reshape(-1)
+    got = dequantize(raw, kind)
+    assert got.dtype == np.float32 and got.shape == (96 * block,)
+    assert np.array_equal(got, expected)
+    assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]] == (block, nbytes)
+
+
+def test_q8_k_is_its_scale_times_its_int8_values():
+    """The gguf package has no Q8_K dequantizer: ggml's definition, d (float32) x qs (int8)."""
+    kind = next(k for k, t in TYPES.items() if t[0] == "Q8_K")
+    raw = random_blocks("Q8_K", 292, 8)
+    d = raw[:, :4].copy().view(np.float32)
+    expected = (d * raw[:, 4:260].view(np.int8).astype(np.float32)).reshape(-1)
+    assert np.array_equal(dequantize(raw, kind), expected)
+
+
+def test_a_partial_block_is_refused():
+    kind = next(k for k, t in TYPES.items() if t[0] == "Q4_K")
+    with pytest.raises(ValueError, match="not a whole number of Q4_K blocks of 144"):
+        dequantize(np.zeros(200, np.uint8), kind)

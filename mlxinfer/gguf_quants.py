@@ -49,6 +49,8 @@ TYPES: dict[int, tuple[str, int, int]] = {
     30: ("BF16", 1, 2),
 }
 
+CHUNK_WEIGHTS = 1 << 16  # weights dequantized a pass (256 KB of float32)
+
 IQ4_NL_VALUES = np.array(
     [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32
 )
@@ -61,8 +63,13 @@ def dequantize(data: np.ndarray, kind: int) -> np.ndarray:
     if raw.size % nbytes:
         raise ValueError(f"{raw.size} bytes is not a whole number of {name} blocks of {nbytes}")
     blocks = raw.reshape(-1, nbytes)
+    out = np.empty(len(blocks) * block, np.float32)
+    step = max(1, CHUNK_WEIGHTS // block)  # blocks a pass: its temporaries stay in the cache
     with np.errstate(invalid="ignore", over="ignore"):  # (a file's NaN scale gives NaN weights)
-        return _DEQUANTIZE[name](blocks).reshape(-1)
+        for start in range(0, len(blocks), step):
+            part = blocks[start : start + step]
+            out[start * block : (start + len(part)) * block] = _DEQUANTIZE[name](part).reshape(-1)
+    return out
 
 
 def _f16(blocks: np.ndarray, start: int) -> np.ndarray:

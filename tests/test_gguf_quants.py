@@ -31,10 +31,15 @@ def random_blocks(name: str, nbytes: int, n: int, seed: int = 0) -> np.ndarray:
     return raw
 
 
+@pytest.mark.parametrize("chunk", [1 << 16, 64], ids=["one-pass", "block-or-two-a-pass"])
 @pytest.mark.parametrize("kind", [k for k, (name, _, _) in TYPES.items() if name != "Q8_K"])
-def test_every_type_equals_the_gguf_packages_dequantizer(kind):
+def test_every_type_equals_the_gguf_packages_dequantizer(kind, chunk, monkeypatch):
     import gguf
     from gguf.quants import dequantize as reference
+
+    from mlxinfer import gguf_quants
+
+    monkeypatch.setattr(gguf_quants, "CHUNK_WEIGHTS", chunk)  # passes of whole blocks
 
     name, block, nbytes = TYPES[kind]
     raw = random_blocks(name, nbytes, 96, seed=kind)

@@ -77,7 +77,7 @@ class RankLink:
         self.wait_s = (
             min(IDLE_WAIT_MAX_S, IDLE_WAIT_MIN_S * 2 ** min(self.idle_turns - 1, 10)) if idle else 0
         )
-        encoded = []
+        encoded: list[list] = []
         for kind, arg in messages:
             if kind == "submit":
                 drew = arg.params.seed is None

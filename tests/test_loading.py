@@ -17,6 +17,7 @@ import mlxinfer
 from mlxinfer import ModelLoadError
 
 from .reference import make_tiny_checkpoint, rel_err, torch_logits, write_tiny_tokenizer
+from .test_gguf_quants import SCALES
 
 pytestmark = pytest.mark.exactness  # CI runs these under each op set
 
@@ -198,6 +199,18 @@ def write_gguf(
     writer.close()
 
 
+def transformers_gguf_logits(path) -> np.ndarray:
+    """The logits of IDS from transformers' own GGUF loader on the file at `path` (it
+    dequantizes with the gguf package): the reference for our reading of it."""
+    import torch
+    import transformers
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    return torch_logits(reference, IDS)
+
+
 def llama3_rope_factors(cfg) -> np.ndarray:
     """The `rope_freqs` tensor llama.cpp's converter writes for llama3 RoPE scaling (one divisor of
     each frequency), as in convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors."""
@@ -243,16 +256,10 @@ def test_gguf_linear_rope_scaling_from_metadata(tmp_path):
 
 @pytest.mark.parametrize("qtype", GGUF_TYPES)
 def test_gguf_matches_transformers_gguf_loader(llama_dir, tmp_path, qtype):
-    import torch
-    import transformers
-
     _, ref = llama_dir
     path = tmp_path / f"tiny-{qtype}.gguf"
     write_gguf(path, ref, qtype)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path, gguf_file=path.name, dtype=torch.float32
-    ).eval()
-    expected = torch_logits(reference, IDS)
+    expected = transformers_gguf_logits(path)
     for compute in ("native", "float32"):
         model, _ = mlxinfer.load(path, compute=compute)
         assert model.config.rope_traditional and model.compute_policy == compute
@@ -266,18 +273,12 @@ def test_gguf_matches_transformers_gguf_loader(llama_dir, tmp_path, qtype):
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
 def test_qwen_gguf_matches_transformers_gguf_loader(tmp_path, family, qtype):
     """qwen2 (q/k/v biases) and qwen3 (q/k norms) GGUFs, half-split RoPE as llama.cpp keeps them."""
-    import torch
-    import transformers
-
     ref = make_tiny_checkpoint(tmp_path / "hf", family, tie_word_embeddings=True)
     path = tmp_path / f"{family}.gguf"
     write_gguf(path, ref, qtype, arch=family)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path, gguf_file=path.name, dtype=torch.float32
-    ).eval()
     model, _ = mlxinfer.load(path)
     assert model.config.model_type == family and not model.config.rope_traditional
-    assert rel_err(np.array(model(mx.array(IDS))), torch_logits(reference, IDS)) <= 1e-4
+    assert rel_err(np.array(model(mx.array(IDS))), transformers_gguf_logits(path)) <= 1e-4
 
 
 def test_directory_holding_one_gguf(llama_dir, tmp_path):
@@ -488,14 +489,13 @@ def test_unsupported_gguf_tensor_type_names_tensor(tmp_path):
 
 def random_blocks(rng, kind: str, rows: int, columns: int) -> np.ndarray:
     """Random `rows x columns` weights of ggml type `kind` as raw blocks: random quants, with
-    each block's float16 scales (and mins) set to small normal values (gguf_quants' layouts)."""
+    each block's float16 scales (and mins, at test_gguf_quants.SCALES) set to small normal
+    values."""
     from mlxinfer.gguf_quants import TYPES
 
-    scale_fields = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q2_K": (80, 82)}
-    scale_fields |= {"Q3_K": (108,), "Q5_0": (0,), "Q5_1": (0, 2), "IQ4_NL": (0,), "Q8_0": (0,)}
     _, block, nbytes = next(t for t in TYPES.values() if t[0] == kind)
     raw = rng.integers(0, 256, (rows * columns // block, nbytes), dtype=np.uint8)
-    for offset in scale_fields[kind]:
+    for offset in SCALES[kind]:
         scales = rng.normal(0, 0.02 if offset == 0 or kind == "Q6_K" else 0.005, (len(raw), 1))
         raw[:, offset : offset + 2] = scales.astype(np.float16).view(np.uint8)
     return raw.reshape(rows, columns // block * nbytes)
@@ -521,8 +521,6 @@ def test_a_k_quant_gguf_matches_transformers_gguf_loader(wide_llama, tmp_path, k
     float32, against transformers loading the same file (it dequantizes with the gguf
     package): logits within 1e-4 relative under both compute policies."""
     import gguf
-    import torch
-    import transformers
 
     _, ref = wide_llama
     rng = np.random.default_rng(7)
@@ -536,10 +534,7 @@ def test_a_k_quant_gguf_matches_transformers_gguf_loader(wide_llama, tmp_path, k
     path = tmp_path / "tiny-k.gguf"
     write_gguf(path, ref, "F32", blocks=blocks)
     assert set(chosen.values()) == set(kinds)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path, gguf_file=path.name, dtype=torch.float32
-    ).eval()
-    expected = torch_logits(reference, IDS)
+    expected = transformers_gguf_logits(path)
     for compute in ("native", "float32"):
         model, _ = mlxinfer.load(path, compute=compute)
         assert rel_err(np.array(model(mx.array(IDS))), expected) <= 1e-4

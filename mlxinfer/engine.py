@@ -420,7 +420,7 @@ class _Worker:
             wait_for_leader(idle_s)
             return messages
         messages = self._messages(block, link.wait_s)  # (what the last header said)
-        link.send([m for m in messages if m[0] != "call"], idle=block and not messages)
+        link.send(messages, idle=block and not messages)  # (no "call": refused when split)
         return messages
 
     def _messages(self, block: bool, timeout: float | None = None) -> list[tuple]:

@@ -30,6 +30,10 @@ def _started_as_the_command() -> bool:
 
 if _started_as_the_command() and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
     _signal.signal(_signal.SIGINT, _exit_on_ctrl_c)  # (not where the shell left Ctrl-C ignored)
+    # Held (blocked) until cli._begin releases it, so that the threads OpenBLAS and MLX start
+    # meanwhile hold it too: a Ctrl-C while MLX asks for its compiler then waits instead of
+    # being dropped (see cli._probe_mlx_compiler). A held Ctrl-C exits 130 when released.
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGINT})
 
 from .backend import load_fast_blas
 

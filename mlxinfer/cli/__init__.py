@@ -142,7 +142,7 @@ def _begin(args: argparse.Namespace) -> None:
     Ctrl-C exits 130 at once (mlxinfer/__init__.py): an exception raised inside an import can
     turn into another (MLX's extension: an ImportError, or an abort; a class being made: a
     RuntimeError) or be lost (in a weakref callback)."""
-    if args.command in ("generate", "chat") or (
+    if args.command in ("generate", "chat", "serve") or (
         args.command == "bench" and args.bench_command is None
     ):
         from .. import engine, loading  # noqa: F401
@@ -150,8 +150,31 @@ def _begin(args: argparse.Namespace) -> None:
         import mlx.core  # noqa: F401
     from .. import _exit_on_ctrl_c
 
+    if signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, set()):  # held since the import
+        if "mlx.core" in sys.modules:
+            _probe_mlx_compiler()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a held Ctrl-C: exits here
     if signal.getsignal(signal.SIGINT) is _exit_on_ctrl_c:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _probe_mlx_compiler() -> None:
+    """Have MLX ask now, with Ctrl-C held, whether it can compile. Its CPU backend asks once per
+    process, when a compiled function first runs, by `system("g++ --version")`, and system()
+    ignores SIGINT until the child ends: a Ctrl-C then was dropped, and the command ran to the end
+    with status 0. Held, a Ctrl-C that comes during the probe stays pending (Linux never drops a
+    blocked signal; every thread holds it, see mlxinfer/__init__.py) and exits when released.
+    One pending before the probe is taken first (unblocking runs its handler), as setting SIGINT
+    ignored, which system() does, would discard it. On a GPU MLX runs no probe."""
+    import mlx.core as mx
+
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    mx.compile(_plus_one)(mx.array(0))  # traced, never evaluated: only the probe runs
+
+
+def _plus_one(x):
+    return x + 1
 
 
 def run_command(args: argparse.Namespace) -> int:

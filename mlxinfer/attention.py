@@ -14,6 +14,7 @@ import mlx.nn as nn
 from .cache import KVCache, RotatingKVCache
 from .config import ModelConfig
 from .masks import Mask, causal_mask
+from .norms import rms_norm
 from .ops import OPS, MLXOps
 from .rope import RoPE
 
@@ -29,7 +30,8 @@ class Attention(nn.Module):
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = hd
-        self.scale = hd**-0.5
+        self.scale = config.query_scale or hd**-0.5
+        self.softcap = config.attn_logit_softcap
         self.fused = config.fused_qkv
         q_out, kv_out = self.n_heads * hd, self.n_kv_heads * hd
         if self.fused:
@@ -41,8 +43,8 @@ class Attention(nn.Module):
             self.v_proj = nn.Linear(D, kv_out, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_out, D, bias=config.o_bias)
         if config.qk_norm:
-            self.q_norm = nn.RMSNorm(hd, eps=config.rms_norm_eps)
-            self.k_norm = nn.RMSNorm(hd, eps=config.rms_norm_eps)
+            self.q_norm = rms_norm(config, hd)
+            self.k_norm = rms_norm(config, hd)
         self.qk_norm = config.qk_norm
         self.rope = rope  # one module shared by all layers: its cos/sin table is built once a pass
 
@@ -62,7 +64,12 @@ class Attention(nn.Module):
         else:
             mask = _shared(masks, ("none", T, self.window), causal_mask, T, T, self.window)
 
-        if cache is not None and cache.bits is not None:  # k, v: (packed, scales, biases)
+        if self.softcap is not None:
+            if cache is not None and cache.bits is not None:  # (packed, scales, biases)
+                k = mx.dequantize(*k, group_size=cache.group_size, bits=cache.bits)
+                v = mx.dequantize(*v, group_size=cache.group_size, bits=cache.bits)
+            out = self.ops.softcapped_attention(q, k, v, self.scale, self.softcap, mask)
+        elif cache is not None and cache.bits is not None:  # k, v: (packed, scales, biases)
             out = self.ops.quantized_attention(
                 q, k, v, self.scale, mask, cache.group_size, cache.bits
             )
@@ -103,6 +110,8 @@ class Attention(nn.Module):
         groups = self.n_heads // self.n_kv_heads  # GQA / MQA: each KV head serves a group
         k = mx.repeat(k, groups, axis=1) if groups > 1 else k
         scores = (q.astype(mx.float32) * self.scale) @ k.astype(mx.float32).transpose(0, 1, 3, 2)
+        if self.softcap is not None:
+            scores = mx.tanh(scores / self.softcap) * self.softcap
         positions = mx.arange(T)
         visible = positions[None, :] <= positions[:, None]
         if self.window is not None:

@@ -62,6 +62,12 @@ _KINDS: dict[str, str] = {
     "torch_dtype": "a string",
     "dtype": "a string",
     "rms_norm_eps": "a number",
+    "query_pre_attn_scalar": "a number",
+    "attn_logit_softcapping": "a number",
+    "final_logit_softcapping": "a number",
+    "rope_local_base_freq": "a number",
+    "sliding_window_pattern": "an integer",
+    "_sliding_window_pattern": "an integer",
     "rope_theta": "a number",
     "partial_rotary_factor": "a number",
     "num_hidden_layers": "an integer",
@@ -87,7 +93,7 @@ _KINDS: dict[str, str] = {
     "quantization_config": "an object",
 }
 # Inside rope_scaling / rope_parameters and quantization (a per-layer-type rope_parameters, which
-# holds objects, is refused by _parse_rope).
+# holds an object for each layer type, is checked by _parse_rope).
 _NESTED_KINDS: dict[str, dict[str, str]] = {
     "rope": {
         "rope_type": "a string",
@@ -221,16 +227,59 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "mlp_bias": False,
         "sliding": "every_layer_if_used",
     },
+    # Gemma 2: GeGLU; RMSNorm scaled by (1 + weight), before and after both attention and MLP;
+    # embeddings scaled by sqrt(hidden_size); queries scaled by query_pre_attn_scalar ** -0.5;
+    # attention scores and final logits soft-capped; every other layer slides (even ones);
+    # `attention_bias` from config.json.
+    "gemma2": {
+        "gemma": True,
+        "mlp_bias": False,
+        "sliding": "gemma2",
+        # transformers' Gemma2Config defaults, for keys config.json leaves out (a null: none)
+        "defaults": {
+            "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0,
+            "query_pre_attn_scalar": 256,
+            "sliding_window": 4096,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "tie_word_embeddings": True,
+        },
+    },
+    # Gemma 3 (text): Gemma 2's layout with RMSNorm on each head of q and k and no soft-capping;
+    # five sliding layers to each full one, the sliding ones with their own RoPE base.
+    "gemma3_text": {
+        "gemma": True,
+        "qk_norm": True,
+        "mlp_bias": False,
+        "sliding": "gemma3",
+        "defaults": {
+            "query_pre_attn_scalar": 256,
+            "sliding_window": 4096,
+            "rope_theta": 1_000_000.0,
+            "rope_local_base_freq": 10_000.0,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "tie_word_embeddings": True,
+        },
+    },
 }
 # How a family picks its sliding-window layers (transformers' rules):
 #   "every_layer"          all layers slide when `sliding_window` is set (Mistral, Mixtral, Phi-3)
 #   "above_max_window"     with `use_sliding_window`, layers i >= `max_window_layers` (Qwen2/3)
 #   "qwen2_moe"            with `use_sliding_window`, even layers i < `max_window_layers`
 #   "every_layer_if_used"  with `use_sliding_window`, all layers (Qwen3-MoE)
-# "above_max_window" and "qwen2_moe" read an explicit `layer_types` list first.
+#   "gemma2"               always: even layers
+#   "gemma3"               always: all but every `sliding_window_pattern`-th layer (default 6)
+# All but "every_layer" and "every_layer_if_used" read an explicit `layer_types` list first.
 _SLIDING_DEFAULT = {"qwen2": "above_max_window", "qwen3": "above_max_window"}
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# The MLP's activation: config.json's `hidden_act` (`hidden_activation` in Gemma) -> ours.
+ACTIVATIONS = {
+    "silu": "silu",  # SwiGLU
+    "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh",  # GeGLU with tanh-approximated GELU
+    "gelu_new": "gelu_tanh",  # (the same formula)
+}
 
 _REQUIRED_KEYS = (
     "hidden_size",
@@ -251,6 +300,7 @@ class ModelConfig:
     num_attention_heads: int  # H query heads
     num_key_value_heads: int  # KV heads: H (MHA), 1 (MQA) or a divisor of H (GQA)
     head_dim: int  # explicit in config.json, or hidden_size // num_attention_heads
+    hidden_act: str = "silu"  # the MLP's gate activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
@@ -261,7 +311,20 @@ class ModelConfig:
     rope_traditional: bool = False
     # Per-dimension wavelengths overriding rope_theta (GGUF `rope_freqs` tensors hold llama3 factors).
     rope_freqs: list[float] | None = None
+    # Sliding-window layers' own RoPE (Gemma 3): its base and scaling, or None for the model's.
+    local_rope_theta: float | None = None
+    local_rope_scaling: dict[str, Any] | None = None
     tie_word_embeddings: bool = False
+    # Gemma: RMSNorm weights are offsets from 1 (the norm multiplies by 1 + weight, in float32);
+    # a norm after attention and after the MLP as well as before each; embeddings times
+    # sqrt(hidden_size).
+    gemma_norms: bool = False
+    scale_embeddings: bool = False
+    # Attention's query scale (query_pre_attn_scalar ** -0.5), or None for head_dim ** -0.5.
+    query_scale: float | None = None
+    # Soft-capping, cap * tanh(x / cap), of attention scores and of the final logits (Gemma 2).
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
@@ -301,6 +364,8 @@ class ModelConfig:
         """Build a config from a Hugging Face config.json dict; unknown keys are ignored. Anything
         wrong with it is a ModelLoadError naming `source`."""
         _check_values(config, source)
+        family = FAMILIES.get(config.get("model_type"), {})  # (checked to be a string)
+        config = {**family.get("defaults", {}), **config}  # a null given is kept: no default
         config = {key: value for key, value in config.items() if value is not None}  # null: unset
         try:
             return cls._from_dict(config, source)
@@ -322,13 +387,15 @@ class ModelConfig:
         for key in _REQUIRED_KEYS:
             if config.get(key) is None:
                 raise ModelLoadError(f"{source}: missing required key {key!r}")
-        act = config.get("hidden_act", config.get("hidden_activation", "silu"))
-        if act not in ("silu", "swish"):
-            raise ModelLoadError(
-                f"{source}: hidden_act {act!r} is not supported (SwiGLU needs 'silu')"
-            )
-
         family = FAMILIES[model_type]
+        act_keys = ("hidden_act", "hidden_activation")  # Gemma's modules read the second
+        act_keys = act_keys[::-1] if family.get("gemma") else act_keys
+        act_key = next((key for key in act_keys if key in config), act_keys[0])
+        act = config.get(act_key, "silu")
+        if act not in ACTIVATIONS:
+            raise ModelLoadError(
+                f"{source}: {act_key} {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}"
+            )
         heads = int(config["num_attention_heads"])
         kv_heads = int(config.get("num_key_value_heads") or heads)
         if heads % kv_heads:
@@ -337,7 +404,7 @@ class ModelConfig:
                 f"num_key_value_heads ({kv_heads})"
             )
         head_dim = config.get("head_dim") or int(config["hidden_size"]) // heads
-        rope_theta, rope_scaling, partial = _parse_rope(config, source)
+        rope_theta, rope_scaling, partial, local_rope = _parse_rope(config, source)
         _check_rope_freqs(config.get("rope_freqs"), int(head_dim * partial) // 2, source)
         attention_bias = bool(config.get("attention_bias", False))
         n_layers = int(config["num_hidden_layers"])
@@ -347,6 +414,9 @@ class ModelConfig:
             )
         window, layer_windows = _parse_sliding(config, family, n_layers, source)
         moe = _parse_moe(config, family, n_layers, source)
+        if any(moe["layer_moe"]) and ACTIVATIONS[act] != "silu":
+            raise ModelLoadError(f"{source}: mixture-of-experts layers need {act_key} 'silu'")
+        gemma = _parse_gemma(config, family, source)
 
         return cls(
             model_type=model_type,
@@ -357,6 +427,7 @@ class ModelConfig:
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=int(head_dim),
+            hidden_act=ACTIVATIONS[act],
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
             rope_theta=rope_theta,
@@ -364,6 +435,8 @@ class ModelConfig:
             partial_rotary_factor=partial,
             rope_traditional=bool(config.get("rope_traditional", False)),
             rope_freqs=config.get("rope_freqs"),
+            local_rope_theta=local_rope[0] if local_rope else None,
+            local_rope_scaling=local_rope[1] if local_rope else None,
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=family.get("qkv_bias", attention_bias),
             o_bias=family.get("o_bias", attention_bias),
@@ -374,6 +447,7 @@ class ModelConfig:
             sliding_window=window,
             layer_windows=layer_windows,
             **moe,
+            **gemma,
             quantization=config.get("quantization") or config.get("quantization_config"),
             bos_token_id=config.get("bos_token_id"),
             eos_token_ids=token_ids(config.get("eos_token_id")),
@@ -448,7 +522,8 @@ def _parse_sliding(
     model_type = config["model_type"]
     rule = family.get("sliding", _SLIDING_DEFAULT.get(model_type, "every_layer"))
     window = config.get("sliding_window") or None
-    if rule != "every_layer" and not config.get("use_sliding_window", False):
+    always = rule in ("every_layer", "gemma2", "gemma3")  # no `use_sliding_window` switch
+    if not always and not config.get("use_sliding_window", False):
         window = None
     if window is None:
         return None, [None] * n_layers
@@ -456,7 +531,7 @@ def _parse_sliding(
     if window < 1:
         raise ModelLoadError(f"{source}: sliding_window must be >= 1, got {window}")
     layer_types = config.get("layer_types")
-    if layer_types is not None and rule in ("above_max_window", "qwen2_moe"):
+    if layer_types is not None and rule not in ("every_layer", "every_layer_if_used"):
         if len(layer_types) != n_layers:
             raise ModelLoadError(
                 f"{source}: layer_types has {len(layer_types)} entries for {n_layers} layers"
@@ -464,11 +539,18 @@ def _parse_sliding(
         sliding = [t == "sliding_attention" for t in layer_types]
     else:
         max_window_layers = int(config.get("max_window_layers", n_layers))
+        pattern = int(
+            config.get("sliding_window_pattern", config.get("_sliding_window_pattern", 6))
+        )
+        if pattern < 1:
+            raise ModelLoadError(f"{source}: sliding_window_pattern must be >= 1, got {pattern}")
         sliding = {
             "every_layer": lambda i: True,
             "every_layer_if_used": lambda i: True,
             "above_max_window": lambda i: i >= max_window_layers,
             "qwen2_moe": lambda i: i % 2 == 0 and i < max_window_layers,
+            "gemma2": lambda i: i % 2 == 0,
+            "gemma3": lambda i: (i + 1) % pattern != 0,
         }[rule]
         sliding = [sliding(i) for i in range(n_layers)]
     return window, [window if s else None for s in sliding]
@@ -505,12 +587,60 @@ def _parse_moe(
     }
 
 
-def _parse_rope(config: dict[str, Any], source: str) -> tuple[float, dict | None, float]:
+def _parse_gemma(config: dict[str, Any], family: dict[str, Any], source: str) -> dict[str, Any]:
+    """The Gemma fields of ModelConfig: soft-capping and the query scale come from config.json
+    (with the family's defaults, FAMILIES)."""
+    if not family.get("gemma"):
+        return {}
+    out: dict[str, Any] = {"gemma_norms": True, "scale_embeddings": True}
+    for key, field_name in (
+        ("attn_logit_softcapping", "attn_logit_softcap"),
+        ("final_logit_softcapping", "final_logit_softcap"),
+        ("query_pre_attn_scalar", "query_scale"),
+    ):
+        value = config.get(key)
+        if value is None:
+            continue
+        if value <= 0:
+            raise ModelLoadError(f"{source}: {key} must be > 0, got {brief(value)}")
+        out[field_name] = float(value) ** -0.5 if key == "query_pre_attn_scalar" else float(value)
+    return out
+
+
+def _parse_rope(
+    config: dict[str, Any], source: str
+) -> tuple[float, dict | None, float, tuple[float, dict | None] | None]:
     """Accept both spellings: classic `rope_theta` + `rope_scaling`, and transformers-5
-    `rope_parameters: {rope_type, rope_theta, ...}`. Returns (theta, scaling or None, partial factor)."""
+    `rope_parameters: {rope_type, rope_theta, ...}`, or one such object per layer type
+    (`full_attention`, `sliding_attention`). Returns (theta, scaling or None, partial factor,
+    the sliding layers' own (theta, scaling) or None): Gemma 3's `rope_local_base_freq` or the
+    `sliding_attention` parameters."""
     params = dict(config.get("rope_parameters") or {})
     if params and all(isinstance(v, dict) for v in params.values()):
-        raise ModelLoadError(f"{source}: per-layer-type 'rope_parameters' are not supported")
+        unknown = set(params) - {"full_attention", "sliding_attention"}
+        if unknown or "full_attention" not in params:
+            raise ModelLoadError(
+                f"{source}: per-layer-type 'rope_parameters' must hold 'full_attention' (and "
+                f"'sliding_attention'), got {brief(sorted(params))}"
+            )
+        for layer_type, inner in params.items():
+            for key, kind in _NESTED_KINDS["rope"].items():
+                where = f"rope_parameters.{layer_type}.{key}"
+                if problem := kind_problem(inner.get(key), kind, where):
+                    raise ModelLoadError(f"{source}: invalid config ({problem})")
+        theta, scaling, partial, _ = _parse_rope(
+            {**config, "rope_parameters": params["full_attention"]}, source
+        )
+        local = None
+        if "sliding_attention" in params:
+            local_theta, local_scaling, _, _ = _parse_rope(
+                {**config, "rope_parameters": params["sliding_attention"]}, source
+            )
+            local = (local_theta, local_scaling)
+        return theta, scaling, partial, local
+    local = None
+    if config.get("rope_local_base_freq") is not None:
+        local = (float(config["rope_local_base_freq"]), None)
     scaling = dict(config.get("rope_scaling") or {})
     merged = {**scaling, **params}
     theta = float(merged.pop("rope_theta", config.get("rope_theta", 10000.0)))
@@ -524,7 +654,7 @@ def _parse_rope(config: dict[str, Any], source: str) -> tuple[float, dict | None
             f"{source}: rope type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
         )
     if rope_type == "default":
-        return theta, None, partial
+        return theta, None, partial, local
     if rope_type in ("llama3", "yarn"):
         # transformers falls back to the top-level value when the dict does not carry it.
         merged.setdefault(
@@ -536,7 +666,7 @@ def _parse_rope(config: dict[str, Any], source: str) -> tuple[float, dict | None
         if merged.get(key) is None:
             raise ModelLoadError(f"{source}: rope type {rope_type!r} needs key {key!r}")
     merged["rope_type"] = rope_type
-    return theta, merged, partial
+    return theta, merged, partial, local
 
 
 def _check_rope_freqs(freqs: list[float] | None, pairs: int, source: str) -> None:

@@ -344,12 +344,14 @@ def _rope_table(
     """cos and sin `[length, dims / 2]` (`[B, 1, length, dims / 2]` for per-row offsets), built once
     per forward pass: every layer asks for the same positions. The memo holds the inv_freq array
     (and an offsets array) itself: compared by identity, it cannot be mistaken for another model's
-    (an id() could be reused once an array is freed)."""
-    memo = getattr(_tables, "last", None)
-    if memo is not None and memo[0] is inv_freq and memo[2] == length:
-        cached = memo[1]
-        if cached is offset or (type(cached) is type(offset) is int and cached == offset):
-            return memo[3], memo[4]
+    (an id() could be reused once an array is freed). It keeps the last table of each of two
+    frequency sets: Gemma 3's sliding layers rotate with their own, between full layers."""
+    memos = getattr(_tables, "last", ())
+    for memo in memos:
+        if memo[0] is inv_freq and memo[2] == length:
+            cached = memo[1]
+            if cached is offset or (type(cached) is type(offset) is int and cached == offset):
+                return memo[3], memo[4]
     if isinstance(offset, mx.array):  # [B] -> positions [B, 1, length, 1]
         steps = mx.arange(length, dtype=mx.float32)
         positions = (offset.astype(mx.float32)[:, None] + steps[None, :])[:, None, :, None]
@@ -360,7 +362,8 @@ def _rope_table(
     cos, sin = mx.cos(angles), mx.sin(angles)
     if attention_factor != 1.0:  # yarn scales cos and sin
         cos, sin = cos * attention_factor, sin * attention_factor
-    _tables.last = (inv_freq, offset, length, cos, sin)
+    others = tuple(memo for memo in memos if memo[0] is not inv_freq)
+    _tables.last = ((inv_freq, offset, length, cos, sin), *others[:1])
     return cos, sin
 
 

@@ -1,5 +1,6 @@
-"""The feed-forward block: SwiGLU, `down(silu(gate(x)) * up(x))`. `moe.SparseMoE` is the sparse
-alternative with the same call signature."""
+"""The feed-forward block, a gated MLP: SwiGLU, `down(silu(gate(x)) * up(x))`, or GeGLU (Gemma)
+with tanh-approximated GELU in silu's place. `moe.SparseMoE` is the sparse alternative with the
+same call signature."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class SwiGLU(nn.Module):
         D, bias = config.hidden_size, config.mlp_bias
         F = intermediate_size or config.intermediate_size
         self.fused = config.fused_gate_up
+        self.gelu = config.hidden_act == "gelu_tanh"
         if self.fused:
             # Phi-3 stores [gate; up] stacked along the output dim.
             self.gate_up_proj = nn.Linear(D, 2 * F, bias=bias)
@@ -32,7 +34,8 @@ class SwiGLU(nn.Module):
             gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)  # each [B, T, F]
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        out = self.down_proj(self.ops.swiglu(gate, up))  # silu(gate) * up
+        gated = self.ops.geglu(gate, up) if self.gelu else self.ops.swiglu(gate, up)
+        out = self.down_proj(gated)  # act(gate) * up
         if self.group is not None:  # each rank's columns of F: a partial sum of down_proj
             out = mx.distributed.all_sum(out, group=self.group)
         return out

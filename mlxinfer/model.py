@@ -18,21 +18,31 @@ from .cache import CacheSpec, KVCache, RotatingKVCache, cache_spec, make_cache
 from .config import ModelConfig
 from .mlp import SwiGLU
 from .moe import SparseMoE
+from .norms import rms_norm
 from .ops import op_set
-from .rope import RoPE
+from .rope import RoPE, local_rope
 
 Cache = KVCache | RotatingKVCache
 
 
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)). Layer `index` picks its attention
-    window and whether its MLP is dense or mixture-of-experts."""
+    window and whether its MLP is dense or mixture-of-experts.
+
+    Gemma's blocks norm each output too: h = x + norm(attn(norm(x))), then
+    h + norm(mlp(norm(h))). Its names follow transformers': `post_attention_layernorm` is then the
+    norm after attention, and `pre_feedforward_layernorm` the one before the MLP."""
 
     def __init__(self, config: ModelConfig, rope: RoPE, index: int):
         super().__init__()
-        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        D = config.hidden_size
+        self.input_layernorm = rms_norm(config, D)
         self.self_attn = Attention(config, rope, window=config.layer_windows[index])
-        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = rms_norm(config, D)
+        self.sandwich = config.gemma_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = rms_norm(config, D)
+            self.post_feedforward_layernorm = rms_norm(config, D)
         self.mlp = SparseMoE(config) if config.layer_moe[index] else SwiGLU(config)
 
     def __call__(self, x: mx.array, cache: Cache | None, masks: dict | None = None) -> mx.array:
@@ -44,7 +54,12 @@ class TransformerBlock(nn.Module):
         """(output, the attention's input, the MLP's input): the block's result and the two
         normed activations that looking inside it needs (inspect.trace)."""
         attention_in = self.input_layernorm(x)
-        h = x + self.self_attn(attention_in, cache, masks)
+        attended = self.self_attn(attention_in, cache, masks)
+        if self.sandwich:
+            h = x + self.post_attention_layernorm(attended)
+            mlp_in = self.pre_feedforward_layernorm(h)
+            return h + self.post_feedforward_layernorm(self.mlp(mlp_in)), attention_in, mlp_in
+        h = x + attended
         mlp_in = self.post_attention_layernorm(h)
         return h + self.mlp(mlp_in), attention_in, mlp_in
 
@@ -56,8 +71,12 @@ class DecoderStack(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         rope = RoPE(config)  # shared: every layer rotates by the same positions
-        self.layers = [TransformerBlock(config, rope, i) for i in range(config.num_hidden_layers)]
-        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        local = local_rope(config) or rope  # sliding-window layers' own (Gemma 3)
+        self.layers = [
+            TransformerBlock(config, rope if config.layer_windows[i] is None else local, i)
+            for i in range(config.num_hidden_layers)
+        ]
+        self.norm = rms_norm(config, config.hidden_size)
 
 
 class Model(nn.Module):
@@ -151,14 +170,22 @@ class Model(nn.Module):
             yield index, layer, parts
 
     def embed(self, tokens: mx.array) -> mx.array:
-        """Token embeddings `[B, T, D]` in the compute dtype."""
-        return self.model.embed_tokens(tokens).astype(self.compute_dtype)
+        """Token embeddings `[B, T, D]` in the compute dtype (Gemma: times sqrt(hidden_size), a
+        factor rounded to the embeddings' dtype as in transformers)."""
+        h = self.model.embed_tokens(tokens)
+        if self.config.scale_embeddings:
+            h = h * mx.array(self.config.hidden_size**0.5, dtype=h.dtype)
+        return h.astype(self.compute_dtype)
 
     def logits(self, h: mx.array) -> mx.array:
-        """LM head: `[B, T, D]` -> `[B, T, vocab]`, through the tied embedding when there is no lm_head."""
+        """LM head: `[B, T, D]` -> `[B, T, vocab]`, through the tied embedding when there is no
+        lm_head; soft-capped where the family says (Gemma 2)."""
         if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+            logits = self.model.embed_tokens.as_linear(h)
+        else:
+            logits = self.lm_head(h)
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else mx.tanh(logits / cap) * cap
 
     @property
     def compute_dtype(self) -> mx.Dtype:

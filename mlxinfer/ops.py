@@ -36,6 +36,10 @@ class MLXOps:
     def swiglu(self, gate: mx.array, up: mx.array) -> mx.array:
         return nn.silu(gate) * up
 
+    def geglu(self, gate: mx.array, up: mx.array) -> mx.array:
+        """tanh-approximated GELU (transformers' gelu_pytorch_tanh) of gate, times up."""
+        return nn.gelu_approx(gate) * up
+
     def rope(self, rope, x: mx.array, offset: int | mx.array) -> mx.array:
         """`rope` is the model's RoPE module (its dims, frequencies and layout); `offset` is the
         position of x's first token, or an int array `[B]` of each row's."""
@@ -44,6 +48,20 @@ class MLXOps:
     def attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask):
         """q `[B, H, T, hd]` over k, v `[B, KV, S, hd]`; GQA by broadcasting."""
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+    def softcapped_attention(
+        self, q: mx.array, k: mx.array, v: mx.array, scale: float, cap: float, mask: Mask
+    ) -> mx.array:
+        """Attention whose scores are soft-capped, cap * tanh(score / cap), before the mask and
+        softmax (Gemma 2): no fused kernel takes that. The query groups are a batch dimension
+        over broadcast keys, as in quantized_attention."""
+        B, H, T, hd = q.shape
+        kv_heads = k.shape[1]
+        q = (q * scale).reshape(B, kv_heads, H // kv_heads, T, hd)
+        scores = q @ k[:, :, None].swapaxes(-1, -2)  # [B, KV, G, T, S]
+        scores = masked(mx.tanh(scores / cap) * cap, mask)
+        weights = mx.softmax(scores, axis=-1, precise=True)
+        return (weights @ v[:, :, None]).reshape(B, H, T, hd)
 
     def quantized_attention(
         self, q: mx.array, k: tuple, v: tuple, scale: float, mask: Mask, group_size: int, bits: int

@@ -89,6 +89,20 @@ def _yarn_inv_freq(dims: int, base: float, s: dict, max_positions: int) -> tuple
     return inv_freq, float(attention_factor)
 
 
+def local_rope(config: ModelConfig) -> RoPE | None:
+    """The RoPE of sliding-window layers where they have their own (Gemma 3), else None."""
+    if config.local_rope_theta is None:
+        return None
+    return RoPE(
+        replace(
+            config,
+            rope_theta=config.local_rope_theta,
+            rope_scaling=config.local_rope_scaling,
+            rope_freqs=None,
+        )
+    )
+
+
 class RoPE(nn.Module):
     """Applies rotary embeddings to `[B, heads, T, head_dim]` queries or keys at positions offset..,
     through the model's op set: mx.fast.rope ("mlx"), or a cos/sin table shared by the layers of a

@@ -86,7 +86,18 @@ def test_the_cycle_finder_finds_a_cycle():
 # The layers of ARCHITECTURE.md, lowest first: a module may import its own layer and those below.
 LAYERS = [
     ["backend", "streams", "masks", "cpu_kernels", "ops"],
-    ["config", "rope", "attention", "mlp", "moe", "model", "cache", "batch_cache", "parallel"],
+    [
+        "config",
+        "rope",
+        "norms",
+        "attention",
+        "mlp",
+        "moe",
+        "model",
+        "cache",
+        "batch_cache",
+        "parallel",
+    ],
     ["chat_template", "tokenizer", "gguf", "gguf_quants", "loading"],
     ["steps", "sampling", "responses", "metrics", "conversation"],
     ["request", "prefix_cache", "runner", "scheduler", "generate", "engine", "engine_ranks"],

@@ -18,7 +18,7 @@ from mlxinfer.batch_cache import BatchKVCache, Rows, make_batch_cache, remove_ro
 from mlxinfer.cache import KVCache, RotatingKVCache
 from mlxinfer.generate import decode_step, prefill
 
-from .reference import make_tiny_checkpoint, rel_err, torch_logits
+from .reference import GEMMA3_ROPE, make_tiny_checkpoint, rel_err, torch_logits
 
 pytestmark = pytest.mark.exactness  # CI runs these under each op set
 
@@ -37,6 +37,20 @@ CASES = {
         dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
     ),
     "mixtral-moe": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "gemma2-softcap": (
+        "gemma2",
+        dict(sliding_window=WINDOW, head_dim=32, attn_logit_softcapping=2.0),
+    ),
+    "gemma3-window": (
+        "gemma3_text",
+        dict(
+            sliding_window=WINDOW,
+            num_hidden_layers=3,
+            head_dim=32,
+            sliding_window_pattern=2,
+            rope_parameters=GEMMA3_ROPE,
+        ),
+    ),
     "qwen2-moe-shared": (
         "qwen2_moe",
         dict(

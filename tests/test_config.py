@@ -126,6 +126,16 @@ SLIDING = {
         dict(use_sliding_window=True, sliding_window=8, max_window_layers=2, num_experts=4, **MOE),
     ),
     "qwen3_moe-unused": ("qwen3_moe", dict(sliding_window=8, num_experts=4, **MOE)),
+    # Gemma: always on (no use_sliding_window); 2: even layers; 3: all but every 6th (or
+    # sliding_window_pattern-th), or its layer_types.
+    "gemma2-window": ("gemma2", dict(sliding_window=8)),
+    "gemma2-default-window": ("gemma2", {}),
+    "gemma3-pattern-6": ("gemma3_text", dict(sliding_window=8)),
+    "gemma3-pattern-4": ("gemma3_text", dict(sliding_window=8, sliding_window_pattern=4)),
+    "gemma3-layer-types": (
+        "gemma3_text",
+        dict(sliding_window=8, layer_types=["full_attention", "sliding_attention"] * 3),
+    ),
 }
 
 
@@ -472,7 +482,10 @@ def test_from_file_names_the_file(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(model_type="gpt2"), r"unsupported model_type 'gpt2'; supported: llama, mistral"),
+        (
+            dict(model_type="gpt2"),
+            r"unsupported model_type 'gpt2'; supported: gemma2, gemma3_text, llama, mistral",
+        ),
         (dict(hidden_act="gelu"), r"hidden_act 'gelu' is not supported"),
         (dict(num_attention_heads=4, num_key_value_heads=3), r"must be a multiple of"),
         (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), r"rope type 'dynamic'"),
@@ -482,8 +495,8 @@ def test_from_file_names_the_file(tmp_path):
             r"needs key 'high_freq_factor'",
         ),
         (
-            dict(rope_parameters={"full_attention": {"rope_type": "default"}}),
-            r"per-layer-type 'rope_parameters'",
+            dict(rope_parameters={"chunked_attention": {"rope_type": "default"}}),
+            r"per-layer-type 'rope_parameters' must hold 'full_attention'.*'chunked_attention'",
         ),
         (dict(model_type="mistral", sliding_window=-1), r"sliding_window must be >= 1"),
         (
@@ -710,3 +723,43 @@ def test_model_file_refuses_symlinks_leading_outside(tmp_path):
     assert model_file(snapshot, "config.json") == snapshot / "config.json"
     with pytest.raises(ModelLoadError, match="stray.json: a symlink leading outside"):
         model_file(snapshot, "stray.json")
+
+
+# -- Gemma --------------------------------------------------------------------------------------
+
+
+def test_gemma2_soft_caps_default_as_transformers_and_a_null_turns_them_off():
+    """Gemma 2 config.json files written before the keys existed mean transformers' defaults
+    (50 and 30); a null given means no soft-capping, as in transformers."""
+    left_out = ModelConfig.from_dict(raw_dict("gemma2"))
+    assert (left_out.attn_logit_softcap, left_out.final_logit_softcap) == (50.0, 30.0)
+    expected = hf_config("gemma2")
+    assert (expected.attn_logit_softcapping, expected.final_logit_softcapping) == (50.0, 30.0)
+    nulls = raw_dict("gemma2", attn_logit_softcapping=None, final_logit_softcapping=None)
+    turned_off = ModelConfig.from_dict(nulls)
+    assert (turned_off.attn_logit_softcap, turned_off.final_logit_softcap) == (None, None)
+
+
+def test_gemma_query_scale_and_activation():
+    config = ModelConfig.from_dict(raw_dict("gemma3_text", head_dim=32, query_pre_attn_scalar=24))
+    assert config.query_scale == pytest.approx(24**-0.5)
+    assert config.hidden_act == "gelu_tanh" and config.qk_norm and config.gemma_norms
+    assert config.tie_word_embeddings  # Gemma's default when config.json leaves it out
+    with pytest.raises(ModelLoadError, match=r"query_pre_attn_scalar must be > 0, got 0"):
+        ModelConfig.from_dict(raw_dict("gemma2", query_pre_attn_scalar=0))
+    with pytest.raises(ModelLoadError, match=r"hidden_activation 'gelu' is not supported"):
+        ModelConfig.from_dict(raw_dict("gemma2", hidden_activation="gelu"))
+    with pytest.raises(ModelLoadError, match=r"rope_parameters.sliding_attention.rope_theta must"):
+        ModelConfig.from_dict(
+            raw_dict(
+                "gemma3_text",
+                rope_parameters={
+                    "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": "10000"},
+                },
+            )
+        )
+    with pytest.raises(ModelLoadError, match=r"mixture-of-experts layers need hidden_act 'silu'"):
+        ModelConfig.from_dict(
+            raw_dict("mixtral", hidden_act="gelu_pytorch_tanh", num_local_experts=4, **MOE)
+        )

@@ -25,6 +25,8 @@ CASES = {
     "mqa": ("llama", {"num_key_value_heads": 1}),
     "sliding-window": ("mistral", {"sliding_window": 6, "head_dim": 32}),
     "qk-norm": ("qwen3", {"head_dim": 32}),
+    "gemma2": ("gemma2", {"head_dim": 32, "sliding_window": 6, "attn_logit_softcapping": 2.0}),
+    "gemma3": ("gemma3_text", {"head_dim": 32, "sliding_window": 6, "sliding_window_pattern": 2}),
     "moe": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "moe-shared": (
         "qwen2_moe",
@@ -124,7 +126,11 @@ def test_logit_lens_equals_transformers_hidden_states_through_its_own_head(case)
     for i, state in enumerate(theirs.hidden_states):
         with torch.no_grad():
             h = state if i == last else reference.model.norm(state)
-            probs = torch.softmax(reference.lm_head(h)[0].float(), -1).numpy()  # [T, V]
+            logits = reference.lm_head(h)[0].float()
+            cap = getattr(reference.config, "final_logit_softcapping", None)
+            if cap is not None:  # Gemma 2's head soft-caps what it gives (its forward does)
+                logits = torch.tanh(logits / cap) * cap
+            probs = torch.softmax(logits, -1).numpy()  # [T, V]
         for position, top in enumerate(lens[i]):
             ranked = np.sort(probs[position])[::-1]
             ids = [t for t, _, _ in top]

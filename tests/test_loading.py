@@ -338,7 +338,8 @@ def test_unsupported_model_type_lists_supported(llama_dir, tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(
         ModelLoadError,
-        match="'gpt_neox'.*supported: llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe",
+        match="'gpt_neox'.*supported: gemma2, gemma3_text, llama, mistral, mixtral, phi3, qwen2, "
+        "qwen2_moe, qwen3, qwen3_moe",
     ):
         mlxinfer.load(path)
 

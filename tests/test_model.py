@@ -12,7 +12,7 @@ import pytest
 import mlxinfer
 from mlxinfer.generate import prefill
 
-from .reference import make_tiny_checkpoint, rel_err, torch_logits
+from .reference import GEMMA3_ROPE, make_tiny_checkpoint, rel_err, torch_logits
 
 pytestmark = pytest.mark.exactness  # CI runs these under each op set
 
@@ -51,6 +51,29 @@ CASES = {
     "qwen3-qk-norm": ("qwen3", dict(head_dim=32)),
     "phi3-fused": ("phi3", dict(num_key_value_heads=2)),
     "phi3-partial-rotary": ("phi3", dict(num_key_value_heads=4, partial_rotary_factor=0.5)),
+    # Soft-caps low enough to bend random scores and logits; a query scale not head_dim's.
+    "gemma2-softcap": (
+        "gemma2",
+        dict(
+            head_dim=32,
+            num_hidden_layers=3,
+            sliding_window=8,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+            query_pre_attn_scalar=24,
+        ),
+    ),
+    "gemma3-local-rope": (
+        "gemma3_text",
+        dict(
+            head_dim=32,
+            num_hidden_layers=3,
+            sliding_window=8,
+            query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters=GEMMA3_ROPE,
+        ),
+    ),
 }
 
 
@@ -112,6 +135,34 @@ def test_classic_rope_spelling_gives_same_logits(tmp_path):
     config_file.write_text(json.dumps(config))
     model, _ = mlxinfer.load(tmp_path)
     assert model.config.rope_scaling["rope_type"] == "llama3"
+    ids = random_ids()
+    assert rel_err(np.array(model(mx.array(ids))), torch_logits(ref, ids)) <= TOL
+
+
+def test_gemma3_classic_spelling_gives_same_logits(tmp_path):
+    """Gemma 3 checkpoints on the hub spell the sliding layers' RoPE as `rope_local_base_freq`
+    and their pattern as `sliding_window_pattern` (no layer_types, no per-type rope_parameters)."""
+    ref = make_tiny_checkpoint(
+        tmp_path,
+        "gemma3_text",
+        head_dim=32,
+        num_hidden_layers=4,
+        sliding_window=8,
+        sliding_window_pattern=2,
+        rope_parameters=GEMMA3_ROPE,
+    )
+    config_file = tmp_path / "config.json"
+    config = json.loads(config_file.read_text())
+    assert config.pop("layer_types") == ["sliding_attention", "full_attention"] * 2
+    params = config.pop("rope_parameters")
+    config["rope_theta"] = params["full_attention"].pop("rope_theta")
+    config["rope_scaling"] = params["full_attention"]
+    config["rope_local_base_freq"] = params["sliding_attention"]["rope_theta"]
+    config["sliding_window_pattern"] = config.pop("_sliding_window_pattern", 2)
+    config_file.write_text(json.dumps(config))
+    model, _ = mlxinfer.load(tmp_path)
+    assert model.config.layer_windows == [8, None, 8, None]
+    assert (model.config.rope_theta, model.config.local_rope_theta) == (1e6, 1e4)
     ids = random_ids()
     assert rel_err(np.array(model(mx.array(ids))), torch_logits(ref, ids)) <= TOL
 

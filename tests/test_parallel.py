@@ -18,7 +18,7 @@ from mlxinfer.bench.servers import free_port
 from mlxinfer.config import ModelConfig, ModelLoadError
 from mlxinfer.parallel import head_shard, shard_config
 
-from .reference import make_tiny_checkpoint, rel_err
+from .reference import GEMMA3_ROPE, make_tiny_checkpoint, rel_err
 
 WORKER = Path(__file__).parent / "tools" / "parallel_worker.py"
 ENGINE_WORKER = Path(__file__).parent / "tools" / "engine_worker.py"
@@ -211,6 +211,13 @@ TP_CASES = {  # family, checkpoint overrides, worker flags
     ),
     "llama-quantized-kv": ("llama", {"head_dim": 32}, ["--kv-bits", "8"]),  # groups of 32
     "llama-rotating": ("llama", {}, ["--max-kv-size", "10"]),
+    # norms after attention and MLP (outside the sums), soft-caps, a local RoPE
+    "gemma2-softcap": ("gemma2", {"sliding_window": 8, "attn_logit_softcapping": 2.0}, []),
+    "gemma3-local-rope": (
+        "gemma3_text",
+        {"sliding_window": 8, "sliding_window_pattern": 2, "rope_parameters": GEMMA3_ROPE},
+        [],
+    ),
 }
 
 
@@ -397,6 +404,7 @@ PIPELINE_CASES = [
     "qwen2-moe-shared",
     "llama-quantized-kv",
     "llama-rotating",
+    "gemma3-local-rope",
 ]
 
 

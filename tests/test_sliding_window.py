@@ -12,7 +12,7 @@ import mlxinfer
 from mlxinfer.cache import KVCache, RotatingKVCache
 from mlxinfer.generate import prefill
 
-from .reference import make_tiny_checkpoint, rel_err, torch_logits
+from .reference import GEMMA3_ROPE, make_tiny_checkpoint, rel_err, torch_logits
 
 pytestmark = pytest.mark.exactness  # CI runs these under each op set
 
@@ -47,6 +47,19 @@ CASES = {
             num_experts_per_tok=2,
             moe_intermediate_size=32,
             shared_expert_intermediate_size=48,
+        ),
+    ),
+    # Gemma 2: even layers slide; Gemma 3: all but every third here (sliding_window_pattern),
+    # the sliding ones with their own RoPE base.
+    "gemma2": ("gemma2", dict(sliding_window=WINDOW, num_hidden_layers=3, head_dim=32)),
+    "gemma3": (
+        "gemma3_text",
+        dict(
+            sliding_window=WINDOW,
+            num_hidden_layers=4,
+            head_dim=32,
+            sliding_window_pattern=3,
+            rope_parameters=GEMMA3_ROPE,
         ),
     ),
 }

@@ -1,0 +1,28 @@
+"""RMSNorm in the two conventions checkpoints use: `x / rms(x) * weight` (Llama and most), and
+Gemma's `x / rms(x) * (1 + weight)`, computed in float32 and cast back as transformers does
+(its weights start at zero, and 1 + weight in bfloat16 would round away their low bits)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ModelConfig
+
+
+class GemmaRMSNorm(nn.Module):
+    def __init__(self, dims: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = mx.zeros((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        scale = 1.0 + self.weight.astype(mx.float32)
+        return mx.fast.rms_norm(x.astype(mx.float32), scale, self.eps).astype(x.dtype)
+
+
+def rms_norm(config: ModelConfig, dims: int) -> nn.Module:
+    """The family's RMSNorm over the last `dims`."""
+    if config.gemma_norms:
+        return GemmaRMSNorm(dims, eps=config.rms_norm_eps)
+    return nn.RMSNorm(dims, eps=config.rms_norm_eps)

@@ -41,6 +41,24 @@ CHAT_TEMPLATE_SECONDS = 2.0
 CHAT_TEMPLATE_MAX_SIZE = 2**22  # characters of a string or of the output, items of a container
 _MAX_INT_BITS = 4096  # a template counts messages; no integer it needs comes near this
 
+# Gemma's turn format, for Gemma GGUF files that carry no template (llama.cpp, too, knows this
+# format by name): `model` for the assistant's role; a system message opens the first user turn;
+# roles alternate, starting with the user.
+GEMMA_CHAT_TEMPLATE = """{{ bos_token }}
+{%- set first_prefix = messages[0]['content'] + '\n\n' if messages[0]['role'] == 'system' else '' -%}
+{%- set turns = messages[1:] if messages[0]['role'] == 'system' else messages -%}
+{%- for message in turns -%}
+{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
+{%- endif -%}
+{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}
+{{- (first_prefix if loop.first else '') + message['content'] | trim }}<end_of_turn>
+{% endfor -%}
+{%- if add_generation_prompt -%}
+{{ '<start_of_turn>model\n' }}
+{%- endif -%}
+"""
+
 
 @dataclass
 class _Rendering:

@@ -395,7 +395,7 @@ class TransposedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.weight_t = mx.contiguous(linear.weight.T)
+        self.weight_t = transposed(linear.weight)
         if "bias" in linear:
             self.bias = linear.bias
 
@@ -411,13 +411,22 @@ class TransposedEmbedding(nn.Module):
 
     def __init__(self, embedding: nn.Embedding):
         super().__init__()
-        self.weight_t = mx.contiguous(embedding.weight.T)
+        self.weight_t = transposed(embedding.weight)
 
     def __call__(self, ids: mx.array) -> mx.array:
         return mx.moveaxis(mx.take(self.weight_t, ids, axis=1), 0, -1)  # [..., dim]
 
     def as_linear(self, x: mx.array) -> mx.array:
         return x @ self.weight_t
+
+
+def transposed(weight: mx.array, rows: int = 256) -> mx.array:
+    """`weight.T`, contiguous, copied a band of `rows` rows at a time: MLX's CPU copy of a whole
+    transpose reads a column at a time (2.3 s for a 262144 x 640 embedding; 0.43 s in bands)."""
+    if weight.shape[0] <= rows:
+        return mx.contiguous(weight.T)
+    bands = [weight[i : i + rows].T for i in range(0, weight.shape[0], rows)]
+    return mx.concatenate(bands, axis=1)
 
 
 def is_wide(weight: mx.array) -> bool:

@@ -5,6 +5,12 @@ triples (`weight`, `scales`, `biases`, group size 32). A file holding other type
 Q2_K-Q6_K, Q8_K; Q5_0, Q5_1, IQ4_NL, BF16) is read here instead, every tensor dequantized to
 float32 (gguf_quants.py). llama.cpp stores the q/k projections of llama-architecture models with
 RoPE pairs interleaved, so those models run with traditional RoPE.
+
+Gemma files differ from their checkpoints in three ways llama.cpp's converter chose: the RMSNorm
+weights hold 1 + w (taken back to w here, exactly: w was rounded as 1 + w), the norm before the
+MLP is `ffn_norm` beside `post_attention_norm` and `post_ffw_norm`, and what the metadata leaves
+out llama.cpp fixes per architecture (the sliding layer pattern, Gemma 3's local RoPE base, the
+query scale), as `config_from_metadata` does here.
 """
 
 from __future__ import annotations
@@ -25,7 +31,17 @@ from .gguf_quants import TYPES as QUANT_TYPES
 from .gguf_quants import dequantize
 
 # general.architecture -> (Hugging Face model_type, rope interleaved as llama.cpp's LLAMA rope type)
-ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
+ARCHITECTURES = {
+    "llama": ("llama", True),
+    "qwen2": ("qwen2", False),
+    "qwen3": ("qwen3", False),
+    "gemma2": ("gemma2", False),
+    "gemma3": ("gemma3_text", False),
+}
+GEMMA = ("gemma2", "gemma3")
+# Gemma's 27B models scale queries by hidden_size / heads, the others by head_dim (their
+# query_pre_attn_scalar); llama.cpp tells the 27B ones by their block count.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 _TOP_LEVEL = {
     "token_embd": "model.embed_tokens",
@@ -44,6 +60,12 @@ _PER_LAYER = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+_GEMMA_PER_LAYER = {  # Gemma's norms around attention and the MLP
+    **_PER_LAYER,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias|scales|biases)$")
 _TOP_NAME = re.compile(r"([a-z_]+)\.(weight|bias|scales|biases)$")
@@ -152,6 +174,8 @@ def config_from_metadata(metadata: dict[str, Any], source: str) -> dict[str, Any
             f"{source}: GGUF metadata {arch}.embedding_length ({hidden}) is smaller than "
             f"{arch}.attention.head_count ({heads}) and {arch}.attention.key_length is not given"
         )
+    if arch in GEMMA:
+        config.update(_gemma_config(arch, config, get))
     scaling = get("rope.scaling.type")
     if scaling == "linear":
         factor = get("rope.scaling.factor", 1.0, kind="positive")
@@ -159,6 +183,25 @@ def config_from_metadata(metadata: dict[str, Any], source: str) -> dict[str, Any
     elif scaling not in (None, "none"):
         raise ModelLoadError(f"{source}: GGUF rope scaling {_brief(scaling)} is not supported")
     return config
+
+
+def _gemma_config(arch: str, config: dict[str, Any], get) -> dict[str, Any]:
+    """What llama.cpp reads or fixes for Gemma (llama-model.cpp): soft-caps and the window from
+    the metadata; the sliding pattern (every other layer; five in six for Gemma 3), Gemma 3's
+    local RoPE base (10000) and the query scale by architecture."""
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    is_27b = config["num_hidden_layers"] == _GEMMA_27B_LAYERS[arch]
+    out: dict[str, Any] = {
+        "query_pre_attn_scalar": hidden // heads if is_27b else config["head_dim"],
+        "sliding_window": get("attention.sliding_window", 4096, kind="size"),
+    }
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if (value := get(key, kind="positive")) is not None:  # else the family's default, as
+            out[key] = value  # llama.cpp's (Gemma 2: 50 and 30; Gemma 3: none)
+    if arch == "gemma3":
+        out["sliding_window_pattern"] = 6
+        out["rope_local_base_freq"] = get("rope.freq_base_swa", 10000.0, kind="positive")
+    return out
 
 
 def _is_int(value: Any, minimum: int) -> bool:
@@ -171,18 +214,24 @@ def _is_number(value: Any, positive: bool) -> bool:
     return value > 0 if positive else value >= 0
 
 
-def rename_tensors(tensors: dict[str, mx.array], source: str) -> dict[str, mx.array]:
+def rename_tensors(
+    tensors: dict[str, mx.array], source: str, arch: str | None = None
+) -> dict[str, mx.array]:
     """llama.cpp tensor names -> Hugging Face names (`blk.0.attn_q.weight` ->
-    `model.layers.0.self_attn.q_proj.weight`). `rope_freqs` is returned under its own name."""
+    `model.layers.0.self_attn.q_proj.weight`). `rope_freqs` is returned under its own name.
+    Gemma (`arch`): its own norm names, and each norm's 1 + w back to w."""
+    per_layer = _GEMMA_PER_LAYER if arch in GEMMA else _PER_LAYER
     renamed = {}
     for name, value in tensors.items():
         if name == "rope_freqs.weight":
             renamed[name] = value
             continue
+        if arch in GEMMA and name.endswith("norm.weight"):
+            value = value.astype(mx.float32) - 1.0
         match = _LAYER_NAME.match(name)
-        if match and match.group(2) in _PER_LAYER:
+        if match and match.group(2) in per_layer:
             layer, part, kind = match.groups()
-            renamed[f"model.layers.{layer}.{_PER_LAYER[part]}.{kind}"] = value
+            renamed[f"model.layers.{layer}.{per_layer[part]}.{kind}"] = value
             continue
         match = _TOP_NAME.match(name)
         if match and match.group(1) in _TOP_LEVEL:
@@ -529,6 +578,8 @@ def check_shapes(config: dict[str, Any], header: GGUFHeader, source: str) -> Non
     per_layer = {
         "attn_norm": (hidden,),
         "ffn_norm": (hidden,),
+        "post_attention_norm": (hidden,),
+        "post_ffw_norm": (hidden,),
         "attn_q": (q, hidden),
         "attn_k": (kv, hidden),
         "attn_v": (kv, hidden),

@@ -199,7 +199,7 @@ def load_gguf(
         metadata = gguf.metadata_to_python(raw)
     gguf.check_tokenizer_metadata(metadata, source)  # the config reads the token count and ids
     config_dict = gguf.config_from_metadata(metadata, source)
-    weights = gguf.rename_tensors(tensors, source)
+    weights = gguf.rename_tensors(tensors, source, metadata.get("general.architecture"))
     if "rope_freqs.weight" in weights:
         config_dict["rope_freqs"] = weights.pop("rope_freqs.weight").tolist()
     config_dict["tie_word_embeddings"] = "lm_head.weight" not in weights

@@ -1,6 +1,6 @@
-"""Tokenizer: `tokenizers` for tokenizer.json or a BPE rebuilt from GGUF metadata, the model's
-special tokens and chat template (found in its files; rendered by chat_template.py), and a
-streaming detokenizer."""
+"""Tokenizer: `tokenizers` for tokenizer.json or a BPE rebuilt from GGUF metadata (byte-level, or
+Gemma's SentencePiece vocabulary), the model's special tokens and chat template (found in its
+files; rendered by chat_template.py), and a streaming detokenizer."""
 
 from __future__ import annotations
 
@@ -10,14 +10,19 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import Template
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from .chat_template import compile_chat_template, render_chat_template
+from .chat_template import GEMMA_CHAT_TEMPLATE, compile_chat_template, render_chat_template
 from .config import ModelLoadError, brief, kind_problem, model_file, read_json, token_ids
 
 # GGUF token types (llama.cpp's llama_token_type).
-_GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
+_GGUF_UNKNOWN, _GGUF_CONTROL, _GGUF_USER_DEFINED = 2, 3, 4
+# Architectures whose `llama` (SentencePiece) vocabulary is rebuilt here, and the control tokens
+# that end a turn there (llama.cpp finds them by their text: the metadata names only <eos>).
+_SENTENCEPIECE_ARCHITECTURES = {"gemma2": ("<end_of_turn>",), "gemma3": ("<end_of_turn>",)}
+# The chat template of a GGUF file that carries none, by architecture.
+_GGUF_CHAT_TEMPLATES = {"gemma2": GEMMA_CHAT_TEMPLATE, "gemma3": GEMMA_CHAT_TEMPLATE}
 
 # llama.cpp `tokenizer.ggml.pre` names -> the pre-tokenizer the original tokenizer.json used.
 _LLAMA3_PATTERN = (
@@ -221,28 +226,30 @@ class Tokenizer:
         """Rebuild the tokenizer stored in GGUF metadata (`tokenizer.ggml.*`), which
         gguf.check_tokenizer_metadata has checked (loading does, before the config reads it)."""
         kind = metadata.get("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise ModelLoadError(
-                f"{source}: GGUF tokenizer model {kind!r} is not supported (supported: 'gpt2', "
-                "byte-level BPE)"
-            )
+        arch = metadata.get("general.architecture")
         tokens: list[str] = metadata["tokenizer.ggml.tokens"]
-        merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
         types = metadata.get("tokenizer.ggml.token_type")
-        vocab = {token: i for i, token in enumerate(tokens)}
-        try:
-            tokenizer = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
-        except Exception as e:  # a merge of tokens not in the vocabulary: a bare Exception
-            raise ModelLoadError(f"{source}: invalid GGUF tokenizer ({e})") from None
-        tokenizer.pre_tokenizer = _gguf_pre_tokenizer(
-            metadata.get("tokenizer.ggml.pre", "default"), source
-        )
-        tokenizer.decoder = decoders.ByteLevel()
+        end_of_turn: tuple[str, ...] = ()
+        if kind == "gpt2":
+            tokenizer = _gguf_byte_level_bpe(metadata, source)
+        elif kind == "llama" and arch in _SENTENCEPIECE_ARCHITECTURES:
+            tokenizer = _gguf_sentencepiece(metadata, source)
+            end_of_turn = _SENTENCEPIECE_ARCHITECTURES[arch]
+        else:
+            raise ModelLoadError(
+                f"{source}: GGUF tokenizer model {kind!r} is not supported for architecture "
+                f"{brief(arch)} (supported: 'gpt2', byte-level BPE; 'llama', SentencePiece, for "
+                f"{', '.join(_SENTENCEPIECE_ARCHITECTURES)})"
+            )
         if types is not None:
+            # matched whole in the text, as the vocabulary spells them (Gemma's runs of spaces
+            # as "▁"s); a repeated token is added once, as its last id
+            special = (_GGUF_CONTROL, _GGUF_UNKNOWN)
             added = [
-                AddedToken(tokens[i], special=t == _GGUF_CONTROL, normalized=False)
+                AddedToken(text, special=t in special, normalized=False)
                 for i, t in enumerate(types)
-                if t in (_GGUF_CONTROL, _GGUF_USER_DEFINED)
+                if t in (*special, _GGUF_USER_DEFINED)
+                and (text := tokenizer.id_to_token(i)) is not None
             ]
             tokenizer.add_tokens(added)
 
@@ -255,14 +262,83 @@ class Tokenizer:
             for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
             if k in metadata
         ]
+        for text in end_of_turn:
+            if (i := tokenizer.token_to_id(text)) is not None and types and types[i] == 3:
+                eos_ids.append(i)
         return cls(
             tokenizer,
             eos_token_ids=eos_ids,
             bos_token=token("tokenizer.ggml.bos_token_id"),
             eos_token=token("tokenizer.ggml.eos_token_id"),
-            chat_template=metadata.get("tokenizer.chat_template"),
+            chat_template=metadata.get("tokenizer.chat_template")
+            or _GGUF_CHAT_TEMPLATES.get(str(arch)),
             add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
         )
+
+
+def _gguf_byte_level_bpe(metadata: dict[str, Any], source: str) -> HFTokenizer:
+    """`tokenizer.ggml.model` "gpt2": byte-level BPE from the tokens and merges."""
+    tokens: list[str] = metadata["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    try:
+        tokenizer = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+    except Exception as e:  # a merge of tokens not in the vocabulary: a bare Exception
+        raise ModelLoadError(f"{source}: invalid GGUF tokenizer ({e})") from None
+    tokenizer.pre_tokenizer = _gguf_pre_tokenizer(
+        metadata.get("tokenizer.ggml.pre", "default"), source
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _gguf_sentencepiece(metadata: dict[str, Any], source: str) -> HFTokenizer:
+    """`tokenizer.ggml.model` "llama" of a Gemma file: SentencePiece's BPE with byte fallback, as
+    Gemma's own tokenizer.json has it (spaces as "▁", no pre-tokenizer, `<0x..>` byte tokens).
+    The file has no merges: they are the vocabulary's tokens cut in two known pieces, ranked by
+    the merged token's place in the file (Gemma's scores do not follow its merge order). Runs of
+    spaces are stored as spaces, but looked up as "▁"s."""
+    tokens = [
+        "\u2581" * len(t) if t and not t.strip(" ") else t
+        for t in metadata["tokenizer.ggml.tokens"]
+    ]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    unk = metadata.get("tokenizer.ggml.unknown_token_id")
+    unk_token = tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else None
+    try:
+        tokenizer = HFTokenizer(
+            models.BPE(
+                vocab=vocab,
+                merges=_merges_by_rank(tokens, vocab),
+                unk_token=unk_token,
+                fuse_unk=True,
+                byte_fallback=True,
+            )
+        )
+    except Exception as e:  # tokenizers raises a bare Exception
+        raise ModelLoadError(f"{source}: invalid GGUF tokenizer ({e})") from None
+    tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    return tokenizer
+
+
+def _merges_by_rank(tokens: list[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """Every (left, right) cut of a token whose two pieces are tokens too, best first: by the
+    token's rank (its last place in `tokens`), then longer left pieces, then longer right ones,
+    then by the pieces' ids (the order transformers' converter gives them)."""
+    ranked: list[tuple[int, int, int, tuple[str, str]]] = []
+    for token, rank in vocab.items():
+        cuts = [
+            (token[:k], token[k:])
+            for k in range(1, len(token))
+            if token[:k] in vocab and token[k:] in vocab
+        ]
+        cuts.sort(key=lambda cut: (vocab[cut[0]], vocab[cut[1]]))
+        ranked.extend((rank, -len(left), -len(right), (left, right)) for left, right in cuts)
+    ranked.sort(key=lambda entry: entry[:3])  # stable: equal keys keep the pieces' id order
+    return [cut for *_, cut in ranked]
 
 
 @functools.cache

@@ -80,6 +80,98 @@ def tiny_gguf(tmp_path_factory):
     return path
 
 
+def write_tiny_gemma_k_gguf(path, seed: int = 0) -> None:
+    """A small Gemma 3 GGUF as llama.cpp writes one: Q4_K and Q6_K matrices (read by our own
+    reader), norms in F32 around attention and the MLP, and a SentencePiece ("llama") vocabulary
+    of control tokens, byte tokens and "▁"-words, with no merges."""
+    import gguf as gguf_py
+
+    from .test_loading import random_blocks
+
+    hidden, ffn, heads, kv_heads, head_dim, layers = 256, 256, 4, 2, 64, 2
+    writer = gguf_py.GGUFWriter(str(path), "gemma3")
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(1e6)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_sliding_window(8)
+    control = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    tokens = control + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += ["\u2581", "\u2581a", "\u2581ab", "a", "b", "ab", "  "] + [
+        chr(c) for c in range(99, 123)
+    ]
+    types = [3] * len(control) + [6] * 256 + [1] * (len(tokens) - len(control) - 256)
+    types[control.index("<unk>")] = 2
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_add_bos_token(True)
+    rng = np.random.default_rng(seed)
+    kinds = ["Q4_K", "Q6_K"]
+
+    def matrix(name, rows, columns):
+        kind = kinds[len(writer.tensors[0]) % 2] if writer.tensors else kinds[0]
+        raw = random_blocks(rng, kind, rows, columns)
+        writer.add_tensor(name, raw, raw_dtype=gguf_py.GGMLQuantizationType[kind])
+
+    def norm(name, size):
+        writer.add_tensor(name, (1 + 0.1 * rng.standard_normal(size)).astype(np.float32))
+
+    matrix("token_embd.weight", len(tokens), hidden)
+    for i in range(layers):
+        for part in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"):
+            norm(f"blk.{i}.{part}.weight", hidden)
+        norm(f"blk.{i}.attn_q_norm.weight", head_dim)
+        norm(f"blk.{i}.attn_k_norm.weight", head_dim)
+        matrix(f"blk.{i}.attn_q.weight", heads * head_dim, hidden)
+        matrix(f"blk.{i}.attn_k.weight", kv_heads * head_dim, hidden)
+        matrix(f"blk.{i}.attn_v.weight", kv_heads * head_dim, hidden)
+        matrix(f"blk.{i}.attn_output.weight", hidden, heads * head_dim)
+        matrix(f"blk.{i}.ffn_gate.weight", ffn, hidden)
+        matrix(f"blk.{i}.ffn_up.weight", ffn, hidden)
+        matrix(f"blk.{i}.ffn_down.weight", hidden, ffn)
+    norm("output_norm.weight", hidden)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma_k_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-k") / "tiny-gemma-k.gguf"
+    write_tiny_gemma_k_gguf(path)
+    return path
+
+
+def test_tiny_gemma_k_quant_gguf_loads_and_tokenizes(tiny_gemma_k_gguf):
+    """The file the K-quant fuzz damages: it loads through our reader, and its SentencePiece
+    vocabulary tokenizes with the merges its token order implies and byte fallback."""
+    model, tokenizer = mlxinfer.load(tiny_gemma_k_gguf)
+    assert model.config.model_type == "gemma3_text" and model.config.gemma_norms
+    assert model.config.layer_windows == [8, 8]  # five in six slide: both of two layers
+    ids = tokenizer.encode("ab  ab€")
+    pieces = [tokenizer.id_to_token(i) for i in ids]
+    # merges by the merged token's place: "▁a" before "▁ab" before "ab" before "▁▁" (the
+    # stored "  "), so the second run of spaces ends up split as "▁" + "▁ab"
+    assert pieces == ["<bos>", "ab", "\u2581", "\u2581ab", "<0xE2>", "<0x82>", "<0xAC>"]
+    assert tokenizer.decode(ids[1:]) == "ab  ab€"
+    assert tokenizer.token_to_id("<end_of_turn>") in tokenizer.eos_token_ids
+    logits = model(mx.array([ids]))
+    assert logits.shape == (1, len(ids), 6 + 256 + 7 + 24) and mx.isfinite(logits).all()
+
+
 # -- fuzzing ------------------------------------------------------------------------------------
 
 
@@ -156,6 +248,10 @@ def fuzz_family(name: str, tiny, default_path):
         return random_files()
     if name == "truncated":
         return truncations(tiny)
+    if name == "k-quant-truncated":
+        return truncations(tiny, n=100)
+    if name == "k-quant-bit-flips":
+        return bit_flips(tiny, n=150)
     if name == "default-model-truncated":
         # The default model cut inside its 1.8 MB of metadata (vocabulary, merges) and tensor infos.
         with open(default_path, "rb") as f:
@@ -178,17 +274,29 @@ def load_outcome(path) -> str:
     return "ok"
 
 
-@pytest.mark.parametrize("family", ["random", "truncated", "default-model-truncated", "bit-flips"])
-def test_fuzzed_gguf_files_raise_model_load_error(tiny_gguf, tmp_path, family):
+@pytest.mark.parametrize(
+    "family",
+    [
+        "random",
+        "truncated",
+        "default-model-truncated",
+        "bit-flips",
+        "k-quant-truncated",
+        "k-quant-bit-flips",
+    ],
+)
+def test_fuzzed_gguf_files_raise_model_load_error(tiny_gguf, tiny_gemma_k_gguf, tmp_path, family):
     """Every damaged file gives a ModelLoadError naming it (a harmless bit flip may load), fast
     and without large allocations: random bytes after b"GGUF" (half with version 3), truncations
     at every offset of the fixed header and at random ones, single bit flips of the header,
-    every scalar value and three tensor infos."""
+    every scalar value and three tensor infos; of a Q8_0 llama file and of a K-quant Gemma 3
+    one (our own reader, its SentencePiece vocabulary)."""
     path = tmp_path / "fuzz.gguf"
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     start = time.perf_counter()
     outcomes, failures = {}, []
-    for label, data in fuzz_family(family, tiny_gguf, mlxinfer.default_model_path()):
+    tiny = tiny_gemma_k_gguf if family.startswith("k-quant") else tiny_gguf
+    for label, data in fuzz_family(family, tiny, mlxinfer.default_model_path()):
         path.write_bytes(data)
         outcome = load_outcome(path)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
@@ -198,7 +306,7 @@ def test_fuzzed_gguf_files_raise_model_load_error(tiny_gguf, tmp_path, family):
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     assert not failures, f"{len(failures)} of {sum(outcomes.values())}:\n" + "\n".join(failures)
     assert outcomes.get("ModelLoadError", 0) > 0
-    if family != "bit-flips":
+    if not family.endswith("bit-flips"):
         assert "ok" not in outcomes
     assert elapsed < 30, f"{sum(outcomes.values())} files took {elapsed:.1f} s"
     assert grown_mb < 200
@@ -629,14 +737,20 @@ def test_config_from_metadata_reads_every_key():
 
 @pytest.mark.parametrize(
     "arch, model_type, interleaved",
-    [("llama", "llama", True), ("qwen2", "qwen2", False), ("qwen3", "qwen3", False)],
+    [
+        ("llama", "llama", True),
+        ("qwen2", "qwen2", False),
+        ("qwen3", "qwen3", False),
+        ("gemma2", "gemma2", False),
+        ("gemma3", "gemma3_text", False),
+    ],
 )
 def test_architecture_table(arch, model_type, interleaved):
     metadata = {k.replace("llama.", f"{arch}."): v for k, v in BASE.items()}
     metadata["general.architecture"] = arch
     config = gguf.config_from_metadata(metadata, "m.gguf")
     assert config["model_type"] == model_type and config["rope_traditional"] is interleaved
-    assert set(gguf.ARCHITECTURES) == {"llama", "qwen2", "qwen3"}
+    assert set(gguf.ARCHITECTURES) == {"llama", "qwen2", "qwen3", "gemma2", "gemma3"}
 
 
 @pytest.mark.parametrize(
@@ -652,7 +766,7 @@ def test_required_keys_are_named(key):
     [
         (
             {"general__architecture": "gemma"},
-            "architecture 'gemma' is not supported; supported: llama, qwen2, qwen3",
+            "architecture 'gemma' is not supported; supported: llama, qwen2, qwen3, gemma2, gemma3",
         ),
         ({"general__architecture": ["llama"]}, r"architecture \['llama'\] is not supported"),
         ({"block_count": 0}, "'llama.block_count' is 0, not a positive integer"),

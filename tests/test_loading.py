@@ -126,12 +126,20 @@ def write_gguf(
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    rope = cfg.rope_parameters
+    writer.add_rope_freq_base((rope.get("full_attention") or rope)["rope_theta"])
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_dimension_count(head_dim)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_vocab_size(cfg.vocab_size)
+    gemma = arch in ("gemma2", "gemma3")
+    if gemma:
+        writer.add_sliding_window(cfg.sliding_window)
+        if getattr(cfg, "attn_logit_softcapping", None) is not None:
+            writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        if getattr(cfg, "final_logit_softcapping", None) is not None:
+            writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
     if linear_rope is not None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(linear_rope)
@@ -166,6 +174,10 @@ def write_gguf(
         "self_attn.q_norm": "attn_q_norm",
         "self_attn.k_norm": "attn_k_norm",
     }
+    if gemma:  # llama.cpp's names for Gemma's four norms a block
+        parts["post_attention_layernorm"] = "post_attention_norm"
+        parts["pre_feedforward_layernorm"] = "ffn_norm"
+        parts["post_feedforward_layernorm"] = "post_ffw_norm"
     kind = gguf.GGMLQuantizationType[qtype]
     for name, tensor in torch_model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -182,6 +194,8 @@ def write_gguf(
         else:
             gguf_name = names[stem]
         full_name = f"{gguf_name}.{suffix}"
+        if gemma and stem.endswith("norm"):
+            w = w + 1.0  # llama.cpp's converter stores Gemma's norms as 1 + w
         raw = blocks(full_name, w) if blocks is not None and w.ndim == 2 else None
         if raw is not None:
             writer.add_tensor(full_name, raw[0], raw_dtype=raw[1])
@@ -539,6 +553,49 @@ def test_a_k_quant_gguf_matches_transformers_gguf_loader(wide_llama, tmp_path, k
     for compute in ("native", "float32"):
         model, _ = mlxinfer.load(path, compute=compute)
         assert rel_err(np.array(model(mx.array(IDS))), expected) <= 1e-4
+
+
+GEMMA_GGUF_CASES = {
+    # llama.cpp's conventions, which a converted checkpoint follows: the query scale is the
+    # head dim's (query_pre_attn_scalar = head_dim); Gemma 3 slides five layers in six.
+    "gemma2": (
+        "gemma2",
+        dict(
+            num_hidden_layers=3,
+            head_dim=32,
+            query_pre_attn_scalar=32,
+            sliding_window=8,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+        ),
+    ),
+    "gemma3": (
+        "gemma3_text",
+        dict(num_hidden_layers=7, head_dim=32, query_pre_attn_scalar=32, sliding_window=8),
+    ),
+}
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("arch", sorted(GEMMA_GGUF_CASES))
+def test_gemma_gguf_matches_its_checkpoint(tmp_path, arch):
+    """A Gemma checkpoint converted as llama.cpp does (norms stored as 1 + w, its norm names,
+    soft-caps and window in the metadata, the layer pattern and local RoPE base left to the
+    reader): its logits, against transformers on the checkpoint itself, past the window."""
+    family, overrides = GEMMA_GGUF_CASES[arch]
+    ref = make_tiny_checkpoint(tmp_path / "hf", family, **overrides)
+    path = tmp_path / f"{arch}.gguf"
+    write_gguf(path, ref, "F32", arch=arch)
+    model, _ = mlxinfer.load(path)
+    assert model.config.layer_windows == [
+        8 if t == "sliding_attention" else None for t in ref.config.layer_types
+    ]
+    ids = np.random.default_rng(2).integers(0, 128, size=(2, 30))
+    assert rel_err(np.array(model(mx.array(ids))), torch_logits(ref, ids)) <= 1e-4
+    cache = model.make_cache()  # and one token at a time through the caches
+    steps = [np.array(model(mx.array(ids[:, :5]), cache))]
+    steps += [np.array(model(mx.array(ids[:, t : t + 1]), cache)) for t in range(5, 30)]
+    assert rel_err(np.concatenate(steps, axis=1), torch_logits(ref, ids)) <= 1e-4
 
 
 def test_not_a_model_file(tmp_path):

@@ -10,7 +10,7 @@ sends then pair up) and samples the same tokens from the same logits and seeds:
     rank 0:   callers' messages --> all_sum(header) [+ all_sum(payload)] --> apply --> step
     rank r:                         all_sum(zeros)  [+ all_sum(zeros)  ] --> apply --> step
 
-A turn costs one all_sum of a 4-int header, and one of the messages' bytes (JSON) when there are
+A turn costs one all_sum of a 5-int header, and one of the messages' bytes (JSON) when there are
 any. In a pipeline, the turns between the chunks of one prompt's prefill exchange nothing (every
 rank knows it is mid-prompt from its own scheduler), so that a stage can start the next chunk
 while the next stage computes this one; messages that arrive meanwhile wait for the last chunk. The header also carries a digest of the tokens rank 0 sampled in the previous step: a rank
@@ -44,7 +44,10 @@ IDLE_WAIT_MIN_S = 0.002
 IDLE_WAIT_MAX_S = 0.05
 STALL_TIMEOUT_ENV = CONNECT_TIMEOUT_ENV  # one setting: how long ranks wait for each other
 FIRST_TURN_ALLOWANCE = 10  # x the timeout, for the first turn (ranks finish loading apart)
-_HEADER = 4  # payload bytes, digest of the last step's tokens, step number, µs to the next header
+# payload bytes, digest of the last step's tokens, step number, µs to the next header, and the
+# payload's CRC-32: a rank lost while the payload is summed can leave the others holding part of
+# it (MLX's ring fails its pending transfers without raising), which must not be read as messages
+_HEADER = 5
 
 
 class RankLink:
@@ -89,7 +92,7 @@ class RankLink:
             elif kind == "close":
                 encoded.append(["close", bool(arg)])
         payload = json.dumps(encoded).encode() if encoded else b""
-        header = [len(payload), self.digest, self.steps, round(self.wait_s * 1e6)]
+        header = [len(payload), self.digest, self.steps, round(self.wait_s * 1e6), _crc(payload)]
         self._all_sum(np.array(header, dtype=np.int32))
         self.turns += 1
         if payload:
@@ -102,7 +105,7 @@ class RankLink:
         (("submit", Request), ("cancel", Request), ("close", cancel)), and the seconds to sleep
         before the next turn (nothing runs until then)."""
         header = self._all_sum(np.zeros(_HEADER, dtype=np.int32))
-        nbytes, digest, step, wait_us = (int(x) for x in header)
+        nbytes, digest, step, wait_us, crc = (int(x) for x in header)
         self.turns += 1
         if step != self.steps:
             raise RuntimeError(
@@ -118,6 +121,11 @@ class RankLink:
         messages: list[tuple] = []
         if nbytes:
             payload = self._all_sum(np.zeros(nbytes, dtype=np.uint8)).tobytes()
+            if _crc(payload) != crc:
+                raise RuntimeError(
+                    f"rank {self.rank} of {self.size}: rank 0's messages of turn {self.turns} "
+                    "arrived damaged; the connection to a peer was lost or broke"
+                )
             for kind, arg in json.loads(payload):
                 if kind == "submit":
                     request = _request_from_json(arg)
@@ -196,3 +204,8 @@ def _request_from_json(data: dict) -> Request:
         SamplingParams(**params),
         int(data["max_tokens"]),
     )
+
+
+def _crc(payload: bytes) -> int:
+    """CRC-32 of `payload` as a signed 32-bit int (what an int32 header holds)."""
+    return int(np.array(zlib.crc32(payload), dtype=np.uint32).view(np.int32))

@@ -27,8 +27,8 @@ import mlx.core as mx
 import numpy as np
 
 from .config import ModelLoadError, kind_problem
+from .gguf_quants import AFFINE_BITS, AFFINE_GROUP, affine, dequantize, pack
 from .gguf_quants import TYPES as QUANT_TYPES
-from .gguf_quants import dequantize
 
 # general.architecture -> (Hugging Face model_type, rope interleaved as llama.cpp's LLAMA rope type)
 ARCHITECTURES = {
@@ -518,16 +518,57 @@ def needs_own_reader(header: GGUFHeader) -> bool:
     return any(info.type not in MX_LOAD_TYPES for info in header.tensors.values())
 
 
-def read_tensors(path: str | Path, header: GGUFHeader) -> dict[str, mx.array]:
-    """Every tensor of a (checked) file, dequantized to float32 block by block (gguf_quants.py),
-    each read from its own byte range of the mapped file."""
+# Under the native policy, the quantized types that are not MLX affine groups as they stand
+# (sub-blocks of 16, non-linear values) are dequantized and either quantized again, to these MLX
+# bits in groups of 32, or (None) kept as float: the error and memory of each choice on the real
+# Gemma-3-270M Q4_K_M are in BENCHMARKS.md ("K-quants under the native policy").
+REQUANTIZE_BITS: dict[str, int | None] = {
+    "Q6_K": None,  # kept as float: 8 bits cost 2000 times the error for 9% less memory
+    "Q3_K": 8,
+    "Q2_K": 8,
+    "IQ4_NL": 8,
+    "Q8_K": 8,
+}
+
+
+def read_tensors(
+    path: str | Path, header: GGUFHeader, keep_quantized: bool = False
+) -> dict[str, mx.array]:
+    """Every tensor of a (checked) file, each read from its own byte range of the mapped file:
+    dequantized to float32 block by block (gguf_quants.py), or with `keep_quantized` (the native
+    policy) each quantized matrix as MLX affine groups of 32, `name` (packed), `name.scales` and
+    `name.biases` as mx.load gives Q4_0: without loss where the blocks are such groups
+    (AFFINE_BITS), else quantized again (REQUANTIZE_BITS)."""
     data = np.memmap(path, dtype=np.uint8, mode="r")
     tensors = {}
     for name, info in header.tensors.items():
         block, nbytes = _BLOCKS[info.type]
         end = info.offset + math.prod(info.dims) // block * nbytes
-        weights = dequantize(data[info.offset : end], info.type)
-        tensors[name] = mx.array(weights.reshape(info.shape))
+        raw = data[info.offset : end]
+        kind = QUANT_TYPES[info.type][0]
+        quantize = keep_quantized and len(info.shape) == 2 and block > 1
+        if quantize and kind in AFFINE_BITS:
+            q, scales, biases = affine(raw, info.type)
+            rows = info.shape[0]
+            stem = name.removesuffix(".weight")
+            tensors[name] = mx.array(pack(q.reshape(rows, -1), AFFINE_BITS[kind]))
+            tensors[f"{stem}.scales"] = mx.array(scales.reshape(rows, -1))
+            tensors[f"{stem}.biases"] = mx.array(biases.reshape(rows, -1))
+            continue
+        weights = mx.array(dequantize(raw, info.type).reshape(info.shape))
+        if quantize and REQUANTIZE_BITS.get(kind) is not None:
+            stem = name.removesuffix(".weight")
+            packed, scales, biases = mx.quantize(
+                weights, group_size=AFFINE_GROUP, bits=REQUANTIZE_BITS[kind]
+            )
+            tensors[name], tensors[f"{stem}.scales"], tensors[f"{stem}.biases"] = (
+                packed,
+                scales,
+                biases,
+            )
+            mx.eval(packed, scales, biases)  # the float32 copy is freed tensor by tensor
+            continue
+        tensors[name] = weights
     return tensors
 
 

@@ -240,3 +240,89 @@ _DEQUANTIZE = {
     "Q8_K": _q8_k,
     "IQ4_NL": _iq4_nl,
 }
+
+
+# -- as MLX affine quantization -----------------------------------------------------------------
+
+# Types whose blocks are MLX affine groups of 32 as they stand, w = scale * q + bias with q
+# unsigned (int8 q offset by 128): -> the MLX bits of their q.
+AFFINE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q8_0": 8}
+AFFINE_GROUP = 32
+
+
+def affine(data: np.ndarray, kind: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The blocks of `data` (ggml type `kind`, one of AFFINE_BITS) as MLX affine groups of 32,
+    without loss: (q uint8 `[n]`, scales float32 `[n / 32]`, biases float32 `[n / 32]`), with
+    scale * q + bias the weights `dequantize` gives (scales and biases are products of a float16
+    and a small integer: exact in float32)."""
+    name, _, nbytes = TYPES[kind]
+    blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, nbytes)
+    with np.errstate(invalid="ignore", over="ignore"):
+        q, scales, biases = _AFFINE[name](blocks)
+    return (
+        q.astype(np.uint8).reshape(-1),
+        scales.astype(np.float32).reshape(-1),
+        biases.astype(np.float32).reshape(-1),
+    )
+
+
+def pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned `bits`-bit values (2 to 8), rows of `[..., k]` (k * bits a multiple of 32), packed
+    as MLX packs them: a little-endian stream of bits, the first value in the lowest ones, read
+    as uint32 words. Eight values at a time make `bits` whole bytes."""
+    eights = q.astype(np.uint64).reshape(*q.shape[:-1], -1, 8)
+    shifts = (bits * np.arange(8, dtype=np.uint64)).astype(np.uint64)
+    words = np.bitwise_or.reduce(eights << shifts, axis=-1)  # [..., k / 8] of 8 * bits bits
+    stream = words.astype("<u8").view(np.uint8).reshape(*words.shape, 8)[..., :bits]
+    return np.ascontiguousarray(stream).reshape(*q.shape[:-1], -1).view("<u4").astype(np.uint32)
+
+
+def _affine_q4_0(blocks):
+    d = _f16(blocks, 0)
+    return _nibbles(blocks[:, 2:]), d, -8 * d
+
+
+def _affine_q4_1(blocks):
+    return _nibbles(blocks[:, 4:]), _f16(blocks, 0), _f16(blocks, 2)
+
+
+def _affine_q5_0(blocks):
+    d = _f16(blocks, 0)
+    return _nibbles(blocks[:, 6:]) | _fifth_bits(blocks, 2), d, -16 * d
+
+
+def _affine_q5_1(blocks):
+    return _nibbles(blocks[:, 8:]) | _fifth_bits(blocks, 4), _f16(blocks, 0), _f16(blocks, 2)
+
+
+def _affine_q8_0(blocks):
+    d = _f16(blocks, 0)
+    q = (blocks[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    return q, d, -128 * d
+
+
+def _affine_q4_k(blocks):
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    scales, mins = _k4_scales(blocks[:, 4:16])
+    return _k4_values(blocks[:, 16:144]), d * scales, -(dmin * mins)
+
+
+def _affine_q5_k(blocks):
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    scales, mins = _k4_scales(blocks[:, 4:16])
+    qh = blocks[:, 16:48]
+    q = _k4_values(blocks[:, 48:176]).reshape(-1, 8, 32)
+    bit = np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+    q = q | (((qh.reshape(-1, 1, 32) >> bit) & 1) << 4)
+    return q.reshape(-1, 256), d * scales, -(dmin * mins)
+
+
+_AFFINE = {
+    "Q4_0": _affine_q4_0,
+    "Q4_1": _affine_q4_1,
+    "Q5_0": _affine_q5_0,
+    "Q5_1": _affine_q5_1,
+    "Q8_0": _affine_q8_0,
+    "Q4_K": _affine_q4_k,
+    "Q5_K": _affine_q5_k,
+}

@@ -90,7 +90,7 @@ def load(
     resolve_kernels(kernels)
     sharding = parallel_sharding(parallel, group, pipeline_split)
     own_streams()  # the weights are evaluated on this thread
-    model, tokenizer = _load_as_stored(path, dtype, sharding)
+    model, tokenizer = _load_as_stored(path, dtype, sharding, resolve_compute_policy(compute))
     return prepare(model, compute, kernels), tokenizer
 
 
@@ -139,8 +139,13 @@ def prepare(model: Model, compute: str = "auto", kernels: str = "auto") -> Model
 
 
 def _load_as_stored(
-    path: str | Path | None, dtype: mx.Dtype | None, sharding: Sharding | None = None
+    path: str | Path | None,
+    dtype: mx.Dtype | None,
+    sharding: Sharding | None = None,
+    policy: str = "float32",
 ) -> tuple[Model, Tokenizer]:
+    """The model as its files hold it (`policy`, the resolved compute policy, decides only how
+    a GGUF file's K-quants are read: see load_gguf), before `prepare`."""
     path = Path(path) if path is not None else default_model_path()
     if not path.exists():
         if looks_like_hub_id(str(path)):
@@ -153,13 +158,13 @@ def _load_as_stored(
         raise FileNotFoundError(f"{path}: no such model file or directory")
     if path.is_file():
         if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
-            return load_gguf(path, dtype, sharding)
+            return load_gguf(path, dtype, sharding, policy)
         raise ModelLoadError(f"{path}: not a .gguf file; pass a GGUF file or a model directory")
     if (path / "config.json").is_file():
         return load_hf(path, dtype, sharding)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return load_gguf(model_file(path, ggufs[0].name), dtype, sharding)
+        return load_gguf(model_file(path, ggufs[0].name), dtype, sharding, policy)
     raise ModelLoadError(
         f"{path}: no config.json (Hugging Face or MLX model) and no single .gguf file"
     )
@@ -183,14 +188,19 @@ def load_hf(
 
 
 def load_gguf(
-    path: Path, dtype: mx.Dtype | None = None, sharding: Sharding | None = None
+    path: Path,
+    dtype: mx.Dtype | None = None,
+    sharding: Sharding | None = None,
+    policy: str = "float32",
 ) -> tuple[Model, Tokenizer]:
-    """A llama.cpp GGUF file: config, weights, tokenizer and chat template all come from it."""
+    """A llama.cpp GGUF file: config, weights, tokenizer and chat template all come from it.
+    K-quants and the other types mx.load does not read: float32 under the float32 policy, MLX
+    affine groups under the native one (gguf.read_tensors)."""
     source = str(path)
     header = gguf.check_tensor_types(path)
-    if gguf.needs_own_reader(header):  # K-quants and others mx.load does not read: float32
+    if gguf.needs_own_reader(header):
         metadata = gguf.read_header(path).metadata
-        tensors = gguf.read_tensors(path, header)
+        tensors = gguf.read_tensors(path, header, keep_quantized=policy == "native")
     else:
         try:
             tensors, raw = mx.load(source, return_metadata=True)

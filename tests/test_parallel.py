@@ -492,6 +492,7 @@ def said_rank_lost(output: str) -> bool:
     return "engine stopped: " in output and (
         "[ring] connection to a peer was lost" in output
         or "had no reply from the other ranks for 10 s" in output
+        or "arrived damaged; the connection to a peer was lost" in output
     )
 
 
@@ -712,3 +713,39 @@ def test_serve_answers_503_once_a_rank_is_lost(default_model_path, tmp_path):
     finally:
         for p in procs:
             p.kill()
+
+
+class _FakeGroup:
+    def __init__(self, rank: int):
+        self._rank = rank
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return 2
+
+
+def test_a_damaged_turn_is_an_error_naming_a_lost_connection():
+    """Rank 0 killed while its messages were being summed left rank 1 holding part of them (MLX's
+    ring fails its pending transfers without raising): read as JSON, that was a
+    UnicodeDecodeError. The header's CRC of the payload tells a damaged turn from a whole one."""
+    from mlxinfer.engine_ranks import RankLink
+
+    sent: list[np.ndarray] = []
+    leader = RankLink(_FakeGroup(0))
+    leader._all_sum = lambda values: sent.append(values.copy()) or values  # type: ignore[method-assign]
+    leader.send([("close", True)], idle=False)
+    header, payload = sent
+
+    def follower(received: list[np.ndarray]) -> RankLink:
+        link = RankLink(_FakeGroup(1))
+        link._all_sum = lambda values: received.pop(0)  # type: ignore[method-assign]
+        return link
+
+    messages, _ = follower([header, payload]).receive()
+    assert messages == [("close", True)]
+    damaged = payload.copy()
+    damaged[len(damaged) // 2 :] = 0  # what a transfer failed halfway leaves
+    with pytest.raises(RuntimeError, match="arrived damaged; the connection to a peer was lost"):
+        follower([header, damaged]).receive()

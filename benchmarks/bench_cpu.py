@@ -1,6 +1,6 @@
 """mlxinfer against mlx-lm on the default model, same weights, same run (the CPU speed issue).
 
-    python benchmarks/bench_cpu.py [--prompt-tokens 256] [--tokens 64] [--reps 5]
+    python benchmarks/bench_cpu.py [--prompt-tokens 256] [--tokens 64] [--reps 5] [--model M]
     python benchmarks/bench_cpu.py --ttft-sweep 16,64,256,1024,2048 --reps 3
 
 Both engines run the default model's weights dequantized to float32 (mlx-lm's best CPU
@@ -120,6 +120,11 @@ def main() -> None:
         action="store_true",
         help="run mlx-lm in this process (it then also gets the gemv shim)",
     )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a model (default: the default model); mlx-lm gets it exported (llama, gemma3_text)",
+    )
     parser.add_argument("--serve-mlx-lm", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_mlx_lm:
@@ -128,7 +133,7 @@ def main() -> None:
 
     import mlx_lm
 
-    model, tokenizer = mlxinfer.load(compute="float32")
+    model, tokenizer = mlxinfer.load(args.model, compute="float32")
     tmp = tempfile.TemporaryDirectory()
     export_for_mlx_lm(model, tokenizer, Path(tmp.name))
     if args.same_process:
@@ -140,7 +145,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     result = {
         "machine": machine_info(),
-        "model": "SmolLM2-135M-Instruct, float32 weights (dequantized from the Q4_1 GGUF) in both engines",
+        "model": (args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF)")
+        + ", float32 weights (dequantized) in both engines",
         "mlx_lm": mlx_lm.__version__,
         "mlx_lm_process": "same" if args.same_process else "separate",
         "mlx_lm_blas": mlx_lm_blas,

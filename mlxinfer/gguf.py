@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import re
 import struct
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -538,37 +541,54 @@ def read_tensors(
     dequantized to float32 block by block (gguf_quants.py), or with `keep_quantized` (the native
     policy) each quantized matrix as MLX affine groups of 32, `name` (packed), `name.scales` and
     `name.biases` as mx.load gives Q4_0: without loss where the blocks are such groups
-    (AFFINE_BITS), else quantized again (REQUANTIZE_BITS)."""
+    (AFFINE_BITS), else quantized again (REQUANTIZE_BITS).
+
+    The numpy work (numpy releases the GIL) runs on a thread per core, a few tensors ahead of
+    this thread, which alone makes MLX arrays of the results (MLX arrays belong to the thread
+    that makes them)."""
     data = np.memmap(path, dtype=np.uint8, mode="r")
-    tensors = {}
-    for name, info in header.tensors.items():
+
+    def decode(name: str, info: TensorInfo) -> tuple[str, tuple[np.ndarray, ...]]:
         block, nbytes = _BLOCKS[info.type]
-        end = info.offset + math.prod(info.dims) // block * nbytes
-        raw = data[info.offset : end]
+        raw = data[info.offset : info.offset + math.prod(info.dims) // block * nbytes]
         kind = QUANT_TYPES[info.type][0]
-        quantize = keep_quantized and len(info.shape) == 2 and block > 1
-        if quantize and kind in AFFINE_BITS:
-            q, scales, biases = affine(raw, info.type)
+        if keep_quantized and len(info.shape) == 2 and block > 1:
             rows = info.shape[0]
+            if kind in AFFINE_BITS:
+                q, scales, biases = affine(raw, info.type)
+                packed = pack(q.reshape(rows, -1), AFFINE_BITS[kind])
+                return "affine", (packed, scales.reshape(rows, -1), biases.reshape(rows, -1))
+            if REQUANTIZE_BITS.get(kind) is not None:
+                return "requantize", (dequantize(raw, info.type).reshape(info.shape),)
+        return "float", (dequantize(raw, info.type).reshape(info.shape),)
+
+    tensors: dict[str, mx.array] = {}
+    workers = max(1, min(os.cpu_count() or 1, 8))
+    with ThreadPoolExecutor(workers, thread_name_prefix="mlxinfer-gguf") as pool:
+        items = list(header.tensors.items())
+        ahead = 2 * workers  # results waiting at most: bounded memory
+        pending = deque(pool.submit(decode, *item) for item in items[:ahead])
+        for i, (name, info) in enumerate(items):
+            how, arrays = pending.popleft().result()
+            if i + ahead < len(items):
+                pending.append(pool.submit(decode, *items[i + ahead]))
             stem = name.removesuffix(".weight")
-            tensors[name] = mx.array(pack(q.reshape(rows, -1), AFFINE_BITS[kind]))
-            tensors[f"{stem}.scales"] = mx.array(scales.reshape(rows, -1))
-            tensors[f"{stem}.biases"] = mx.array(biases.reshape(rows, -1))
-            continue
-        weights = mx.array(dequantize(raw, info.type).reshape(info.shape))
-        if quantize and REQUANTIZE_BITS.get(kind) is not None:
-            stem = name.removesuffix(".weight")
-            packed, scales, biases = mx.quantize(
-                weights, group_size=AFFINE_GROUP, bits=REQUANTIZE_BITS[kind]
-            )
+            if how == "affine":
+                packed, scales, biases = (mx.array(a) for a in arrays)
+            elif how == "requantize":
+                kind = QUANT_TYPES[info.type][0]
+                packed, scales, biases = mx.quantize(
+                    mx.array(arrays[0]), group_size=AFFINE_GROUP, bits=REQUANTIZE_BITS[kind]
+                )
+                mx.eval(packed, scales, biases)  # the float32 copy is freed tensor by tensor
+            else:
+                tensors[name] = mx.array(arrays[0])
+                continue
             tensors[name], tensors[f"{stem}.scales"], tensors[f"{stem}.biases"] = (
                 packed,
                 scales,
                 biases,
             )
-            mx.eval(packed, scales, biases)  # the float32 copy is freed tensor by tensor
-            continue
-        tensors[name] = weights
     return tensors
 
 

@@ -442,19 +442,30 @@ with tabs[5]:
         ),
         (
             "Embeddings",
-            "each id picks one row of the embedding table",
+            "each id picks one row of the embedding table"
+            + (f", scaled by √{c.hidden_size}" if c.scale_embeddings else ""),
             f"[1, {T}, {c.hidden_size}]",
         ),
         (
             f"{c.num_hidden_layers} blocks",
-            "each: RMSNorm → attention (every token looks at the "
-            "earlier ones) → add; RMSNorm → MLP → add",
+            (
+                "each: RMSNorm → attention (every token looks at the earlier ones) → RMSNorm → "
+                "add; RMSNorm → MLP (GeGLU) → RMSNorm → add"
+                if c.gemma_norms
+                else "each: RMSNorm → attention (every token looks at the "
+                "earlier ones) → add; RMSNorm → MLP → add"
+            ),
             f"[1, {T}, {c.hidden_size}]",
         ),
         ("Final norm", "RMSNorm of the last block's output", f"[1, {T}, {c.hidden_size}]"),
         (
             "LM head",
-            "one score (logit) per vocabulary entry, for every position",
+            "one score (logit) per vocabulary entry, for every position"
+            + (
+                f", soft-capped to ±{c.final_logit_softcap:g}"
+                if c.final_logit_softcap is not None
+                else ""
+            ),
             f"[1, {T}, {c.vocab_size}]",
         ),
         (

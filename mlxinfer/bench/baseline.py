@@ -29,7 +29,8 @@ NO_SHIM = {"MLXINFER_GEMV_SHIM": "0"}
 
 
 def export_for_mlx_lm(model, tokenizer, path: Path) -> None:
-    """Our float32 weights under Hugging Face names, a llama config.json and the tokenizer."""
+    """Our float32 weights under Hugging Face names, a config.json mlx-lm reads (llama, or
+    gemma3_text) and the tokenizer."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
@@ -51,7 +52,7 @@ def export_for_mlx_lm(model, tokenizer, path: Path) -> None:
         else:
             weights[name] = value
     mx.save_safetensors(str(path / "model.safetensors"), weights)
-    config = {
+    config: dict = {
         "model_type": "llama",
         "hidden_size": c.hidden_size,
         "intermediate_size": c.intermediate_size,
@@ -67,6 +68,23 @@ def export_for_mlx_lm(model, tokenizer, path: Path) -> None:
         "max_position_embeddings": c.max_position_embeddings,
         "eos_token_id": sorted(tokenizer.eos_token_ids),
     }
+    if c.model_type == "gemma3_text":  # mlx-lm's gemma3_text reads the classic spellings
+        config.update(
+            model_type="gemma3_text",
+            query_pre_attn_scalar=round(c.query_scale**-2) if c.query_scale else c.head_dim,
+            sliding_window=c.sliding_window,
+            layer_types=[
+                "full_attention" if w is None else "sliding_attention" for w in c.layer_windows
+            ],
+            sliding_window_pattern=c.layer_windows.index(None) + 1
+            if None in c.layer_windows
+            else len(c.layer_windows) + 1,
+            rope_local_base_freq=c.local_rope_theta,
+            rope_scaling=c.rope_scaling,
+            hidden_activation="gelu_pytorch_tanh",
+        )
+    elif c.model_type != "llama":
+        raise ValueError(f"no mlx-lm export for model_type {c.model_type!r} (llama, gemma3_text)")
     (path / "config.json").write_text(json.dumps(config))
     tokenizer.save_tokenizer_json(path / "tokenizer.json")
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": tokenizer.eos_token}))

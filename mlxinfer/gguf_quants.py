@@ -255,26 +255,44 @@ def affine(data: np.ndarray, kind: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     without loss: (q uint8 `[n]`, scales float32 `[n / 32]`, biases float32 `[n / 32]`), with
     scale * q + bias the weights `dequantize` gives (scales and biases are products of a float16
     and a small integer: exact in float32)."""
-    name, _, nbytes = TYPES[kind]
+    name, block, nbytes = TYPES[kind]
     blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, nbytes)
+    groups = block // AFFINE_GROUP  # groups of 32 a block
+    q = np.empty(len(blocks) * block, np.uint8)
+    scales = np.empty(len(blocks) * groups, np.float32)
+    biases = np.empty(len(blocks) * groups, np.float32)
+    step = max(1, CHUNK_WEIGHTS // block)  # blocks a pass, as in dequantize
     with np.errstate(invalid="ignore", over="ignore"):
-        q, scales, biases = _AFFINE[name](blocks)
-    return (
-        q.astype(np.uint8).reshape(-1),
-        scales.astype(np.float32).reshape(-1),
-        biases.astype(np.float32).reshape(-1),
-    )
+        for start in range(0, len(blocks), step):
+            part_q, part_scales, part_biases = _AFFINE[name](blocks[start : start + step])
+            end = start + len(part_q)
+            q[start * block : end * block] = part_q.reshape(-1)
+            scales[start * groups : end * groups] = part_scales.reshape(-1)
+            biases[start * groups : end * groups] = part_biases.reshape(-1)
+    return q, scales, biases
 
 
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
     """Unsigned `bits`-bit values (2 to 8), rows of `[..., k]` (k * bits a multiple of 32), packed
     as MLX packs them: a little-endian stream of bits, the first value in the lowest ones, read
-    as uint32 words. Eight values at a time make `bits` whole bytes."""
-    eights = q.astype(np.uint64).reshape(*q.shape[:-1], -1, 8)
+    as uint32 words. 8 and 4 bits are bytes and nibble pairs; other widths go eight values (a
+    whole number of bytes) at a time, a pass of CHUNK_WEIGHTS values at once."""
+    q = np.ascontiguousarray(q, dtype=np.uint8)
+    shape = q.shape[:-1]
+    if bits == 8:
+        return q.view("<u4").reshape(*shape, -1).astype(np.uint32, copy=False)
+    if bits == 4:
+        pairs = q[..., 0::2] | (q[..., 1::2] << 4)
+        return np.ascontiguousarray(pairs).view("<u4").reshape(*shape, -1).astype(np.uint32)
+    eights = q.reshape(-1, 8)
+    out = np.empty((len(eights), bits), np.uint8)
     shifts = (bits * np.arange(8, dtype=np.uint64)).astype(np.uint64)
-    words = np.bitwise_or.reduce(eights << shifts, axis=-1)  # [..., k / 8] of 8 * bits bits
-    stream = words.astype("<u8").view(np.uint8).reshape(*words.shape, 8)[..., :bits]
-    return np.ascontiguousarray(stream).reshape(*q.shape[:-1], -1).view("<u4").astype(np.uint32)
+    step = max(1, CHUNK_WEIGHTS // 8)
+    for start in range(0, len(eights), step):
+        part = eights[start : start + step].astype(np.uint64) << shifts
+        words = np.bitwise_or.reduce(part, axis=-1).astype("<u8")  # 8 * bits bits each
+        out[start : start + step] = words.view(np.uint8).reshape(-1, 8)[:, :bits]
+    return out.reshape(-1).view("<u4").reshape(*shape, -1).astype(np.uint32)
 
 
 def _affine_q4_0(blocks):

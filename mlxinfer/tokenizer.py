@@ -309,7 +309,7 @@ def _gguf_sentencepiece(metadata: dict[str, Any], source: str) -> HFTokenizer:
         tokenizer = HFTokenizer(
             models.BPE(
                 vocab=vocab,
-                merges=_merges_by_rank(tokens, vocab),
+                merges=_merges_by_rank(vocab),
                 unk_token=unk_token,
                 fuse_unk=True,
                 byte_fallback=True,
@@ -324,21 +324,18 @@ def _gguf_sentencepiece(metadata: dict[str, Any], source: str) -> HFTokenizer:
     return tokenizer
 
 
-def _merges_by_rank(tokens: list[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
+def _merges_by_rank(vocab: dict[str, int]) -> list[tuple[str, str]]:
     """Every (left, right) cut of a token whose two pieces are tokens too, best first: by the
-    token's rank (its last place in `tokens`), then longer left pieces, then longer right ones,
-    then by the pieces' ids (the order transformers' converter gives them)."""
-    ranked: list[tuple[int, int, int, tuple[str, str]]] = []
-    for token, rank in vocab.items():
-        cuts = [
-            (token[:k], token[k:])
-            for k in range(1, len(token))
-            if token[:k] in vocab and token[k:] in vocab
-        ]
-        cuts.sort(key=lambda cut: (vocab[cut[0]], vocab[cut[1]]))
-        ranked.extend((rank, -len(left), -len(right), (left, right)) for left, right in cuts)
-    ranked.sort(key=lambda entry: entry[:3])  # stable: equal keys keep the pieces' id order
-    return [cut for *_, cut in ranked]
+    token's rank (its last place in the file), then longer left pieces first. (transformers'
+    converter also orders by the pieces' ids, which never decides: a token and the length of
+    its left piece make one cut.)"""
+    merges = []
+    for token, _ in sorted(vocab.items(), key=lambda item: item[1]):
+        for k in range(len(token) - 1, 0, -1):
+            left, right = token[:k], token[k:]
+            if left in vocab and right in vocab:
+                merges.append((left, right))
+    return merges
 
 
 @functools.cache

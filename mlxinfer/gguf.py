@@ -40,7 +40,12 @@ ARCHITECTURES = {
     "qwen3": ("qwen3", False),
     "gemma2": ("gemma2", False),
     "gemma3": ("gemma3_text", False),
+    "qwen2moe": ("qwen2_moe", False),
+    "qwen3moe": ("qwen3_moe", False),
 }
+# A `llama` file with experts is Mixtral (llama.cpp writes Mixtral as llama + expert_count).
+_LLAMA_WITH_EXPERTS = "mixtral"
+_MOE_ARCHITECTURES = ("llama", "qwen2moe", "qwen3moe")
 GEMMA = ("gemma2", "gemma3")
 # Gemma's 27B models scale queries by hidden_size / heads, the others by head_dim (their
 # query_pre_attn_scalar); llama.cpp tells the 27B ones by their block count.
@@ -63,6 +68,15 @@ _PER_LAYER = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # mixture of experts: the router, the experts stacked [E, out, in], the shared expert
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
+    "ffn_up_exps": "mlp.switch_mlp.up_proj",
+    "ffn_down_exps": "mlp.switch_mlp.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 _GEMMA_PER_LAYER = {  # Gemma's norms around attention and the MLP
     **_PER_LAYER,
@@ -143,12 +157,15 @@ def config_from_metadata(metadata: dict[str, Any], source: str) -> dict[str, Any
             )
         return value
 
-    if get("expert_count", kind="count"):
+    experts = get("expert_count", kind="count")
+    if experts and arch not in _MOE_ARCHITECTURES:
         raise ModelLoadError(
-            f"{source}: mixture-of-experts GGUF files ({arch}.expert_count = "
-            f"{get('expert_count')}) are not supported; load the Hugging Face or mlx-community "
-            "checkpoint instead"
+            f"{source}: mixture-of-experts GGUF files of architecture {arch!r} ({arch}."
+            f"expert_count = {experts}) are not supported; supported: "
+            f"{', '.join(_MOE_ARCHITECTURES)}"
         )
+    if experts and arch == "llama":
+        model_type = _LLAMA_WITH_EXPERTS
     heads = get("attention.head_count", required=True, kind="size")
     hidden = get("embedding_length", required=True, kind="size")
     vocab = get("vocab_size", kind="count") or len(metadata.get("tokenizer.ggml.tokens", []))
@@ -179,6 +196,21 @@ def config_from_metadata(metadata: dict[str, Any], source: str) -> dict[str, Any
         )
     if arch in GEMMA:
         config.update(_gemma_config(arch, config, get))
+    if experts:
+        config.update(
+            num_experts=experts,
+            num_local_experts=experts,
+            num_experts_per_tok=get("expert_used_count", required=True, kind="size"),
+            moe_intermediate_size=get(
+                "expert_feed_forward_length", config["intermediate_size"], kind="size"
+            ),
+            shared_expert_intermediate_size=get(
+                "expert_shared_feed_forward_length", 0, kind="count"
+            ),
+            # llama.cpp renormalises the top-k weights of Qwen3-MoE (and Mixtral), not of
+            # Qwen2-MoE, unless the file says
+            norm_topk_prob=bool(metadata.get(f"{arch}.expert_weights_norm", arch != "qwen2moe")),
+        )
     scaling = get("rope.scaling.type")
     if scaling == "linear":
         factor = get("rope.scaling.factor", 1.0, kind="positive")
@@ -234,6 +266,8 @@ def rename_tensors(
         match = _LAYER_NAME.match(name)
         if match and match.group(2) in per_layer:
             layer, part, kind = match.groups()
+            if part == "ffn_gate_inp_shexp" and value.ndim == 1:  # llama.cpp stores it as [D]
+                value = value[None]
             renamed[f"model.layers.{layer}.{per_layer[part]}.{kind}"] = value
             continue
         match = _TOP_NAME.match(name)
@@ -517,8 +551,12 @@ class _HeaderReader:
 
 
 def needs_own_reader(header: GGUFHeader) -> bool:
-    """Whether the file holds tensor types mx.load does not read exactly (K-quants, ...)."""
-    return any(info.type not in MX_LOAD_TYPES for info in header.tensors.values())
+    """Whether the file holds tensor types mx.load does not read exactly (K-quants, ...), or
+    quantized tensors of more than two dimensions (a MoE's stacked experts)."""
+    return any(
+        info.type not in MX_LOAD_TYPES or (len(info.dims) > 2 and info.type not in (0, 1))
+        for info in header.tensors.values()
+    )
 
 
 # Under the native policy, the quantized types that are not MLX affine groups as they stand
@@ -552,12 +590,12 @@ def read_tensors(
         block, nbytes = _BLOCKS[info.type]
         raw = data[info.offset : info.offset + math.prod(info.dims) // block * nbytes]
         kind = QUANT_TYPES[info.type][0]
-        if keep_quantized and len(info.shape) == 2 and block > 1:
-            rows = info.shape[0]
+        if keep_quantized and len(info.shape) >= 2 and block > 1:
+            rows = info.shape[:-1]  # (a MoE's experts: [E, out])
             if kind in AFFINE_BITS:
                 q, scales, biases = affine(raw, info.type)
-                packed = pack(q.reshape(rows, -1), AFFINE_BITS[kind])
-                return "affine", (packed, scales.reshape(rows, -1), biases.reshape(rows, -1))
+                packed = pack(q.reshape(*rows, -1), AFFINE_BITS[kind])
+                return "affine", (packed, scales.reshape(*rows, -1), biases.reshape(*rows, -1))
             if REQUANTIZE_BITS.get(kind) is not None:
                 return "requantize", (dequantize(raw, info.type).reshape(info.shape),)
         return "float", (dequantize(raw, info.type).reshape(info.shape),)
@@ -651,6 +689,21 @@ def check_shapes(config: dict[str, Any], header: GGUFHeader, source: str) -> Non
         "ffn_up": (ffn, hidden),
         "ffn_down": (hidden, ffn),
     }
+    experts = config.get("num_experts", 0)
+    if experts:
+        expert_ffn, shared = (
+            config["moe_intermediate_size"],
+            config["shared_expert_intermediate_size"],
+        )
+        per_layer.update(
+            ffn_gate_inp=(experts, hidden),
+            ffn_gate_exps=(experts, expert_ffn, hidden),
+            ffn_up_exps=(experts, expert_ffn, hidden),
+            ffn_down_exps=(experts, hidden, expert_ffn),
+            ffn_gate_shexp=(shared, hidden),
+            ffn_up_shexp=(shared, hidden),
+            ffn_down_shexp=(hidden, shared),
+        )
     top = {"token_embd": (vocab, hidden), "output": (vocab, hidden), "output_norm": (hidden,)}
     layers = set()
     for name, info in header.tensors.items():

@@ -743,6 +743,8 @@ def test_config_from_metadata_reads_every_key():
         ("qwen3", "qwen3", False),
         ("gemma2", "gemma2", False),
         ("gemma3", "gemma3_text", False),
+        ("qwen2moe", "qwen2_moe", False),
+        ("qwen3moe", "qwen3_moe", False),
     ],
 )
 def test_architecture_table(arch, model_type, interleaved):
@@ -750,7 +752,15 @@ def test_architecture_table(arch, model_type, interleaved):
     metadata["general.architecture"] = arch
     config = gguf.config_from_metadata(metadata, "m.gguf")
     assert config["model_type"] == model_type and config["rope_traditional"] is interleaved
-    assert set(gguf.ARCHITECTURES) == {"llama", "qwen2", "qwen3", "gemma2", "gemma3"}
+    assert set(gguf.ARCHITECTURES) == {
+        "llama",
+        "qwen2",
+        "qwen3",
+        "gemma2",
+        "gemma3",
+        "qwen2moe",
+        "qwen3moe",
+    }
 
 
 @pytest.mark.parametrize(
@@ -783,7 +793,11 @@ def test_required_keys_are_named(key):
         ({"vocab_size": None, "tokenizer__ggml__tokens": None}, "lacks llama.vocab_size and"),
         ({"rope__scaling__type": "yarn"}, "rope scaling 'yarn' is not supported"),
         ({"rope__scaling__type": "linear", "rope__scaling__factor": -2.0}, "factor' is -2.0"),
-        ({"expert_count": 8}, r"mixture-of-experts GGUF files \(llama.expert_count = 8\)"),
+        ({"expert_count": 8}, "GGUF metadata lacks 'llama.expert_used_count'"),
+        (
+            {"expert_count": 8, "expert_used_count": 0},
+            "'llama.expert_used_count' is 0, not a positive integer",
+        ),
     ],
 )
 def test_bad_metadata_values_are_named(changes, message):
@@ -827,19 +841,30 @@ def test_rename_tensors_maps_every_llama_cpp_name():
         "ffn_gate": "mlp.gate_proj",
         "ffn_up": "mlp.up_proj",
         "ffn_down": "mlp.down_proj",
+        "ffn_gate_inp": "mlp.gate",
+        "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
+        "ffn_up_exps": "mlp.switch_mlp.up_proj",
+        "ffn_down_exps": "mlp.switch_mlp.down_proj",
+        "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+        "ffn_up_shexp": "mlp.shared_expert.up_proj",
+        "ffn_down_shexp": "mlp.shared_expert.down_proj",
+        "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
     }.items():
         names[f"blk.3.{part}.weight"] = f"model.layers.3.{ours}.weight"
-    arrays = {name: mx.array([i]) for i, name in enumerate(names)}
+    arrays = {name: mx.array([[i]]) for i, name in enumerate(names)}
     renamed = gguf.rename_tensors(arrays, "m.gguf")
     assert set(renamed) == set(names.values())
     for name, ours in names.items():
         assert renamed[ours] is arrays[name]
+    # llama.cpp's 1-D shared-expert gate becomes the [1, D] weight of a Linear
+    gate = gguf.rename_tensors({"blk.0.ffn_gate_inp_shexp.weight": mx.ones(8)}, "m.gguf")
+    assert gate["model.layers.0.mlp.shared_expert_gate.weight"].shape == (1, 8)
 
 
 @pytest.mark.parametrize(
     "name",
     [
-        "blk.0.ffn_gate_exps.weight",
+        "blk.0.ffn_gate_chexps.weight",
         "blk.x.attn_q.weight",
         "token_embd.weight.extra",
         "pos_embd.weight",

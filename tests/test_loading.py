@@ -146,6 +146,14 @@ def write_gguf(
             writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
         if getattr(cfg, "final_logit_softcapping", None) is not None:
             writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    if experts:  # as convert_hf_to_gguf.py writes Mixtral and Qwen-MoE
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
+        if getattr(cfg, "moe_intermediate_size", None):
+            writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        if getattr(cfg, "shared_expert_intermediate_size", None):
+            writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     if linear_rope is not None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(linear_rope)
@@ -179,16 +187,44 @@ def write_gguf(
         "mlp.down_proj": "ffn_down",
         "self_attn.q_norm": "attn_q_norm",
         "self_attn.k_norm": "attn_k_norm",
+        "mlp.gate": "ffn_gate_inp",
+        "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+        "mlp.shared_expert.up_proj": "ffn_up_shexp",
+        "mlp.shared_expert.down_proj": "ffn_down_shexp",
+        "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
     }
     if gemma:  # llama.cpp's names for Gemma's four norms a block
         parts["post_attention_layernorm"] = "post_attention_norm"
         parts["pre_feedforward_layernorm"] = "ffn_norm"
         parts["post_feedforward_layernorm"] = "post_ffw_norm"
     kind = gguf.GGMLQuantizationType[qtype]
+
+    def emit(full_name: str, w: np.ndarray) -> None:
+        raw = blocks(full_name, w) if blocks is not None and w.ndim >= 2 else None
+        if raw is not None:
+            writer.add_tensor(full_name, raw[0], raw_dtype=raw[1])
+        elif w.ndim == 1 or qtype == "F32":
+            writer.add_tensor(full_name, w.astype(np.float32))
+        elif qtype == "F16":
+            writer.add_tensor(full_name, w.astype(np.float16))
+        else:
+            writer.add_tensor(full_name, gguf.quants.quantize(w, kind), raw_dtype=kind)
+
     for name, tensor in torch_model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         w = tensor.float().numpy()
+        if ".mlp.experts." in name:  # transformers' fused experts: [E, 2F, D] and [E, D, F]
+            layer = name.split(".")[2]
+            if name.endswith("gate_up_proj"):
+                gate, up = np.split(w, 2, axis=1)
+                emit(f"blk.{layer}.ffn_gate_exps.weight", gate)
+                emit(f"blk.{layer}.ffn_up_exps.weight", up)
+            else:
+                emit(f"blk.{layer}.ffn_down_exps.weight", w)
+            continue
+        if name.endswith("shared_expert_gate.weight"):
+            w = w[0]  # llama.cpp stores it as [D]
         stem, suffix = name.rsplit(".", 1)  # suffix: weight or bias
         if stem.startswith("model.layers."):
             _, _, layer, part = stem.split(".", 3)
@@ -202,15 +238,7 @@ def write_gguf(
         full_name = f"{gguf_name}.{suffix}"
         if gemma and stem.endswith("norm"):
             w = w + 1.0  # llama.cpp's converter stores Gemma's norms as 1 + w
-        raw = blocks(full_name, w) if blocks is not None and w.ndim == 2 else None
-        if raw is not None:
-            writer.add_tensor(full_name, raw[0], raw_dtype=raw[1])
-        elif w.ndim == 1 or qtype == "F32":
-            writer.add_tensor(full_name, w.astype(np.float32))
-        elif qtype == "F16":
-            writer.add_tensor(full_name, w.astype(np.float16))
-        else:
-            writer.add_tensor(full_name, gguf.quants.quantize(w, kind), raw_dtype=kind)
+        emit(full_name, w)
     for name, value in (extra or {}).items():
         writer.add_tensor(name, value)
     writer.write_header_to_file()
@@ -219,14 +247,17 @@ def write_gguf(
     writer.close()
 
 
-def transformers_gguf_logits(path) -> np.ndarray:
+def transformers_gguf_logits(path, config=None) -> np.ndarray:
     """The logits of IDS from transformers' own GGUF loader on the file at `path` (it
-    dequantizes with the gguf package): the reference for our reading of it."""
+    dequantizes with the gguf package): the reference for our reading of it. `config`: the
+    checkpoint's, where transformers' reading of the metadata falls short (its Qwen2-MoE
+    mapping skips the experts' sizes)."""
     import torch
     import transformers
 
+    extra = {"config": config} if config is not None else {}
     reference = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
+        path.parent, gguf_file=path.name, dtype=torch.float32, **extra
     ).eval()
     return torch_logits(reference, IDS)
 
@@ -616,6 +647,82 @@ def test_gemma_gguf_matches_its_checkpoint(tmp_path, arch):
     assert rel_err(np.concatenate(steps, axis=1), torch_logits(ref, ids)) <= 1e-4
 
 
+MOE_GGUF_CASES = {  # GGUF architecture, family, checkpoint overrides
+    # llama.cpp writes Mixtral as `llama` with experts (q/k permuted for its RoPE layout)
+    "mixtral": ("llama", "mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2moe-shared": (
+        "qwen2moe",
+        "qwen2_moe",
+        dict(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=96,
+        ),
+    ),
+    # llama.cpp renormalises Qwen3-MoE's top-k weights, as its released checkpoints ask
+    "qwen3moe": (
+        "qwen3moe",
+        "qwen3_moe",
+        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True),
+    ),
+}
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("case", sorted(MOE_GGUF_CASES))
+def test_moe_gguf_matches_its_checkpoint(tmp_path, case):
+    """A MoE checkpoint converted as llama.cpp does (the experts merged in `ffn_*_exps` tensors
+    [E, out, in], the router `ffn_gate_inp`, Qwen2-MoE's shared expert `*_shexp`): its logits
+    against transformers on the checkpoint itself, under both compute policies."""
+    arch, family, overrides = MOE_GGUF_CASES[case]
+    ref = make_tiny_checkpoint(tmp_path / "hf", family, **overrides)
+    path = tmp_path / f"{case}.gguf"
+    write_gguf(path, ref, "F32", arch=arch)
+    expected = torch_logits(ref, IDS)
+    for compute in ("float32", "native"):
+        model, _ = mlxinfer.load(path, compute=compute)
+        assert model.config.model_type == family and all(model.config.layer_moe)
+        assert rel_err(np.array(model(mx.array(IDS))), expected) <= 1e-4
+
+
+@pytest.mark.parametrize("kinds", [("Q4_K", "Q6_K"), ("Q5_K", "Q8_0")], ids="+".join)
+def test_a_k_quant_moe_gguf_matches_transformers_gguf_loader(tmp_path, kinds):
+    """A Qwen2-MoE GGUF whose matrices (the stacked experts too) are K-quant blocks, against
+    transformers loading the same file: float32, and native (the experts' Q4_K and Q5_K blocks
+    as MLX groups for gather_qmm, bit for bit)."""
+    import gguf
+
+    ref = make_tiny_checkpoint(
+        tmp_path / "hf",
+        "qwen2_moe",
+        hidden_size=256,
+        intermediate_size=512,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=256,
+        shared_expert_intermediate_size=256,
+    )
+    rng = np.random.default_rng(11)
+    chosen: dict[str, str] = {}
+
+    def blocks(name, w):
+        if name.endswith("ffn_gate_inp_shexp.weight") or w.shape[-1] % 256:
+            return None  # (rows of whole K blocks only)
+        kind = kinds[len(chosen) % 2]
+        chosen[name] = kind
+        raw = random_blocks(rng, kind, int(np.prod(w.shape[:-1])), w.shape[-1])
+        return raw.reshape(*w.shape[:-1], -1), gguf.GGMLQuantizationType[kind]
+
+    path = tmp_path / "moe-k.gguf"
+    write_gguf(path, ref, "F32", arch="qwen2moe", blocks=blocks)
+    assert any("_exps" in name for name in chosen)
+    expected = transformers_gguf_logits(path, config=ref.config)
+    for compute in ("float32", "native"):
+        model, _ = mlxinfer.load(path, compute=compute)
+        assert rel_err(np.array(model(mx.array(IDS))), expected) <= 1e-4, compute
+
+
 def test_not_a_model_file(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("hello")
@@ -634,8 +741,8 @@ def test_default_model_missing_says_how_to_install(monkeypatch):
 def test_moe_gguf_is_a_clear_error(tmp_path):
     import gguf
 
-    path = tmp_path / "mixtral.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
+    path = tmp_path / "moe.gguf"
+    writer = gguf.GGUFWriter(str(path), "qwen2")  # experts in an architecture without them
     writer.add_block_count(1)
     writer.add_expert_count(8)
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
@@ -643,7 +750,11 @@ def test_moe_gguf_is_a_clear_error(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ModelLoadError, match=r"mixtral\.gguf: mixture-of-experts GGUF.*= 8"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"moe\.gguf: mixture-of-experts GGUF files of architecture 'qwen2' \(qwen2\."
+        r"expert_count = 8\) are not supported; supported: llama, qwen2moe, qwen3moe",
+    ):
         mlxinfer.load(path)
 
 

@@ -170,3 +170,63 @@ def test_seeded_requests_draw_the_same_tokens_alone_and_batched(default_model):
         for p, s, b in zip(prompts, params, batched, strict=True)
     )
     assert differ <= 1
+
+
+def reencode(source: Path, target: Path, kind: str) -> list[str]:
+    """The default model's file again, its matrices with rows of a multiple of 256 (the MLPs'
+    down projections: its hidden size, 576, is not one) as `kind` (Q4_K or Q6_K, our own plain
+    quantizer from their float weights), everything else as stored, as llama.cpp's quantizer
+    leaves rows that are not whole K blocks. Returns the re-encoded tensors' names."""
+    import gguf
+
+    from .tools.kquants import quantize_q4_k, quantize_q6_k
+
+    quantize = {"Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k}[kind]
+    reader = gguf.GGUFReader(source)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(target, arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        array = field.types[0] == gguf.GGUFValueType.ARRAY
+        writer.add_key_value(
+            name, field.contents(), field.types[0], sub_type=field.types[-1] if array else None
+        )
+    changed = []
+    for tensor in reader.tensors:
+        rows_of = int(tensor.shape[0])  # GGUF order: the row length first
+        if tensor.data.ndim == 2 and rows_of % 256 == 0:
+            weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            raw = quantize(weights.reshape(-1, rows_of))
+            writer.add_tensor(tensor.name, raw, raw_dtype=gguf.GGMLQuantizationType[kind])
+            changed.append(tensor.name)
+        else:
+            writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return changed
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
+def test_the_default_model_re_encoded_as_k_quants_loads_and_answers(tmp_path, kind):
+    """Against transformers loading the same re-encoded file (logits within 1e-4), and the
+    capital of France under both compute policies."""
+    import gguf
+
+    path = tmp_path / f"smollm2-{kind}.gguf"
+    changed = reencode(mlxinfer.default_model_path(), path, kind)
+    assert len(changed) == 30  # every layer's ffn_down
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert {types[name] for name in changed} == {kind}
+    from .reference import transformers_gguf_reference
+
+    reference, _ = transformers_gguf_reference(path)
+    ids = np.array([GOLDEN["chat_prompt_ids"]])
+    expected = torch_logits(reference, ids)
+    for compute in ("float32", "native"):
+        model, tokenizer = mlxinfer.load(path, compute=compute)
+        assert rel_err(np.array(model(mx.array(ids))), expected) <= 1e-4, compute
+        text = mlxinfer.generate(model, tokenizer, "What is the capital of France?", chat=True)
+        assert "Paris" in text, (compute, text)

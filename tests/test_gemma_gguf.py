@@ -57,10 +57,11 @@ def test_logits_match_transformers_on_a_paragraph(gemma, reference):
 
 
 @pytest.mark.exactness
-def test_native_policy_keeps_the_blocks_without_loss(gemma, reference):
+def test_native_policy_keeps_memory_near_the_files(gemma, reference):
     """The native policy (a GPU's): Q4_K, Q5_0 and Q8_0 blocks become MLX affine groups of 32
-    bit for bit, Q6_K stays float (see gguf.REQUANTIZE_BITS): the same logits in under a third
-    of the float32 policy's memory (measured 316.8 MiB against 1022.7; the file is 241.4)."""
+    bit for bit, Q6_K is quantized again to 8 bits (see gguf.REQUANTIZE_BITS): under a third of
+    the float32 policy's memory (measured 285.8 MiB against 1022.7; the file is 241.4), the
+    logits within 5.4e-3 (measured) and the same top token almost everywhere (60 of 61)."""
     path, float32_model, tokenizer = gemma
     ref_model, _ = reference
     model, _ = mlxinfer.load(path, compute="native")
@@ -68,7 +69,9 @@ def test_native_policy_keeps_the_blocks_without_loss(gemma, reference):
     assert bits == {4, 5, 8}
     assert model.nbytes < float32_model.nbytes / 3
     ids = np.array([tokenizer.encode(PARAGRAPH)])
-    assert rel_err(np.array(model(mx.array(ids))), torch_logits(ref_model, ids)) <= 1e-4
+    ours, expected = np.array(model(mx.array(ids))), torch_logits(ref_model, ids)
+    assert rel_err(ours, expected) <= 1e-2
+    assert (ours.argmax(-1) == expected.argmax(-1)).mean() >= 0.95
 
 
 def test_tokenizer_matches_transformers(gemma, reference):

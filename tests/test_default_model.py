@@ -211,8 +211,8 @@ def reencode(source: Path, target: Path, kind: str) -> list[str]:
 
 @pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
 def test_the_default_model_re_encoded_as_k_quants_loads_and_answers(tmp_path, kind):
-    """Against transformers loading the same re-encoded file (logits within 1e-4), and the
-    capital of France under both compute policies."""
+    """Against transformers loading the same re-encoded file (logits within 1e-4, but for Q6_K
+    under the native policy), and the capital of France under both compute policies."""
     import gguf
 
     path = tmp_path / f"smollm2-{kind}.gguf"
@@ -227,6 +227,9 @@ def test_the_default_model_re_encoded_as_k_quants_loads_and_answers(tmp_path, ki
     expected = torch_logits(reference, ids)
     for compute in ("float32", "native"):
         model, tokenizer = mlxinfer.load(path, compute=compute)
-        assert rel_err(np.array(model(mx.array(ids))), expected) <= 1e-4, compute
+        # native: Q4_K blocks become MLX groups without loss; Q6_K ones are quantized again to
+        # 8 bits (gguf.REQUANTIZE_BITS): measured 1.4e-2
+        tolerance = 0.05 if compute == "native" and kind == "Q6_K" else 1e-4
+        assert rel_err(np.array(model(mx.array(ids))), expected) <= tolerance, compute
         text = mlxinfer.generate(model, tokenizer, "What is the capital of France?", chat=True)
         assert "Paris" in text, (compute, text)

@@ -24,6 +24,10 @@ K-quants split a block into sub-blocks of 16 or 32 weights, each with its own sc
 scales themselves quantized against the block's d (and dmin). Every function takes the raw bytes
 of whole blocks and returns float32 weights in order; tests check each against the `gguf`
 package's own dequantizers on random blocks.
+
+Q4_0/1, Q5_0/1, Q8_0, Q4_K and Q5_K are MLX affine groups of 32 as they stand: `_PARTS` reads
+each layout once, as (q, scale, bias), which `affine` hands to the native policy and from which
+the float32 weights of Q4_1, Q5_1, Q4_K and Q5_K are computed.
 """
 
 from __future__ import annotations
@@ -94,30 +98,21 @@ def _bf16(blocks: np.ndarray) -> np.ndarray:
     return (blocks.copy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
-def _q4_0(blocks: np.ndarray) -> np.ndarray:
-    q = _nibbles(blocks[:, 2:]).astype(np.float32)
-    return _f16(blocks, 0) * (q - 8)
-
-
-def _q4_1(blocks: np.ndarray) -> np.ndarray:
-    q = _nibbles(blocks[:, 4:]).astype(np.float32)
-    return _f16(blocks, 0) * q + _f16(blocks, 2)
-
-
 def _fifth_bits(blocks: np.ndarray, start: int) -> np.ndarray:
     """Q5_0/Q5_1's 32 high bits (a little-endian uint32 at `start`), bit j for weight j, as 0/16."""
     high = blocks[:, start : start + 4].copy().view("<u4")  # [n, 1]
     return (((high >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.uint8)
 
 
+# The symmetric types dequantize as d (q - offset) directly (one product: Q8_0 at ~1.45x the
+# speed of going through its affine parts); the others through theirs (_from_parts).
+def _q4_0(blocks: np.ndarray) -> np.ndarray:
+    return _f16(blocks, 0) * (_nibbles(blocks[:, 2:]).astype(np.float32) - 8)
+
+
 def _q5_0(blocks: np.ndarray) -> np.ndarray:
     q = (_nibbles(blocks[:, 6:]) | _fifth_bits(blocks, 2)).astype(np.float32)
     return _f16(blocks, 0) * (q - 16)
-
-
-def _q5_1(blocks: np.ndarray) -> np.ndarray:
-    q = (_nibbles(blocks[:, 8:]) | _fifth_bits(blocks, 4)).astype(np.float32)
-    return _f16(blocks, 0) * q + _f16(blocks, 2)
 
 
 def _q8_0(blocks: np.ndarray) -> np.ndarray:
@@ -192,23 +187,6 @@ def _k4_values(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([chunks & 0x0F, chunks >> 4], axis=2).reshape(-1, 256)
 
 
-def _q4_k(blocks: np.ndarray) -> np.ndarray:
-    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
-    scales, mins = _k4_scales(blocks[:, 4:16])
-    q = _k4_values(blocks[:, 16:144]).astype(np.float32).reshape(-1, 8, 32)
-    return ((d * scales)[..., None] * q - (dmin * mins)[..., None]).reshape(-1, 256)
-
-
-def _q5_k(blocks: np.ndarray) -> np.ndarray:
-    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
-    scales, mins = _k4_scales(blocks[:, 4:16])
-    qh = blocks[:, 16:48]  # bit j of byte l: the fifth bit of weight 32 j + l
-    q = _k4_values(blocks[:, 48:176]).reshape(-1, 8, 32)
-    bit = np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
-    q = (q | (((qh.reshape(-1, 1, 32) >> bit) & 1) << 4)).astype(np.float32)
-    return ((d * scales)[..., None] * q - (dmin * mins)[..., None]).reshape(-1, 256)
-
-
 def _q6_k(blocks: np.ndarray) -> np.ndarray:
     ql = blocks[:, :128].reshape(-1, 2, 2, 32)  # [half, which 32 bytes, l]
     qh = blocks[:, 128:192].reshape(-1, 2, 1, 32)  # [half, -, l]
@@ -223,22 +201,88 @@ def _q6_k(blocks: np.ndarray) -> np.ndarray:
     return ((d * scales).reshape(-1, 16, 1) * q.reshape(-1, 16, 16)).reshape(-1, 256)
 
 
+# -- the types that are affine groups of 32 ----------------------------------------------------
+
+AFFINE_GROUP = 32
+
+
+def _parts_q4_0(blocks):
+    d = _f16(blocks, 0)
+    return _nibbles(blocks[:, 2:]), d, -8 * d
+
+
+def _parts_q4_1(blocks):
+    return _nibbles(blocks[:, 4:]), _f16(blocks, 0), _f16(blocks, 2)
+
+
+def _parts_q5_0(blocks):
+    d = _f16(blocks, 0)
+    return _nibbles(blocks[:, 6:]) | _fifth_bits(blocks, 2), d, -16 * d
+
+
+def _parts_q5_1(blocks):
+    return _nibbles(blocks[:, 8:]) | _fifth_bits(blocks, 4), _f16(blocks, 0), _f16(blocks, 2)
+
+
+def _parts_q8_0(blocks):
+    d = _f16(blocks, 0)
+    q = (blocks[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    return q, d, -128 * d
+
+
+def _parts_q4_k(blocks):
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    scales, mins = _k4_scales(blocks[:, 4:16])
+    return _k4_values(blocks[:, 16:144]), d * scales, -(dmin * mins)
+
+
+def _parts_q5_k(blocks):
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    scales, mins = _k4_scales(blocks[:, 4:16])
+    qh = blocks[:, 16:48]  # bit j of byte l: the fifth bit of weight 32 j + l
+    q = _k4_values(blocks[:, 48:176]).reshape(-1, 8, 32)
+    bit = np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+    q = q | (((qh.reshape(-1, 1, 32) >> bit) & 1) << 4)
+    return q.reshape(-1, 256), d * scales, -(dmin * mins)
+
+
+_PARTS = {  # type -> its blocks as (q, scale, bias) of each group of 32
+    "Q4_0": _parts_q4_0,
+    "Q4_1": _parts_q4_1,
+    "Q5_0": _parts_q5_0,
+    "Q5_1": _parts_q5_1,
+    "Q8_0": _parts_q8_0,
+    "Q4_K": _parts_q4_k,
+    "Q5_K": _parts_q5_k,
+}
+
+
+def _from_parts(parts):
+    """The float32 dequantizer of a type whose blocks are affine groups of 32 (`_PARTS`):
+    w = scale * q + bias, ggml's own formula for these (Q4_K's d sc q - dmin m)."""
+
+    def dequantize_blocks(blocks: np.ndarray) -> np.ndarray:
+        q, scales, biases = parts(blocks)
+        n = len(blocks)
+        q = q.reshape(n, -1, AFFINE_GROUP).astype(np.float32)
+        return (scales.reshape(n, -1, 1) * q + biases.reshape(n, -1, 1)).reshape(n, -1)
+
+    return dequantize_blocks
+
+
 _DEQUANTIZE = {
     "F32": _f32,
     "F16": _f16_plain,
     "BF16": _bf16,
-    "Q4_0": _q4_0,
-    "Q4_1": _q4_1,
-    "Q5_0": _q5_0,
-    "Q5_1": _q5_1,
-    "Q8_0": _q8_0,
     "Q2_K": _q2_k,
     "Q3_K": _q3_k,
-    "Q4_K": _q4_k,
-    "Q5_K": _q5_k,
     "Q6_K": _q6_k,
     "Q8_K": _q8_k,
     "IQ4_NL": _iq4_nl,
+    "Q4_0": _q4_0,
+    "Q5_0": _q5_0,
+    "Q8_0": _q8_0,
+    **{name: _from_parts(_PARTS[name]) for name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K")},
 }
 
 
@@ -247,7 +291,6 @@ _DEQUANTIZE = {
 # Types whose blocks are MLX affine groups of 32 as they stand, w = scale * q + bias with q
 # unsigned (int8 q offset by 128): -> the MLX bits of their q.
 AFFINE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q8_0": 8}
-AFFINE_GROUP = 32
 
 
 def affine(data: np.ndarray, kind: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -264,7 +307,7 @@ def affine(data: np.ndarray, kind: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     step = max(1, CHUNK_WEIGHTS // block)  # blocks a pass, as in dequantize
     with np.errstate(invalid="ignore", over="ignore"):
         for start in range(0, len(blocks), step):
-            part_q, part_scales, part_biases = _AFFINE[name](blocks[start : start + step])
+            part_q, part_scales, part_biases = _PARTS[name](blocks[start : start + step])
             end = start + len(part_q)
             q[start * block : end * block] = part_q.reshape(-1)
             scales[start * groups : end * groups] = part_scales.reshape(-1)
@@ -293,54 +336,3 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
         words = np.bitwise_or.reduce(part, axis=-1).astype("<u8")  # 8 * bits bits each
         out[start : start + step] = words.view(np.uint8).reshape(-1, 8)[:, :bits]
     return out.reshape(-1).view("<u4").reshape(*shape, -1).astype(np.uint32)
-
-
-def _affine_q4_0(blocks):
-    d = _f16(blocks, 0)
-    return _nibbles(blocks[:, 2:]), d, -8 * d
-
-
-def _affine_q4_1(blocks):
-    return _nibbles(blocks[:, 4:]), _f16(blocks, 0), _f16(blocks, 2)
-
-
-def _affine_q5_0(blocks):
-    d = _f16(blocks, 0)
-    return _nibbles(blocks[:, 6:]) | _fifth_bits(blocks, 2), d, -16 * d
-
-
-def _affine_q5_1(blocks):
-    return _nibbles(blocks[:, 8:]) | _fifth_bits(blocks, 4), _f16(blocks, 0), _f16(blocks, 2)
-
-
-def _affine_q8_0(blocks):
-    d = _f16(blocks, 0)
-    q = (blocks[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-    return q, d, -128 * d
-
-
-def _affine_q4_k(blocks):
-    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
-    scales, mins = _k4_scales(blocks[:, 4:16])
-    return _k4_values(blocks[:, 16:144]), d * scales, -(dmin * mins)
-
-
-def _affine_q5_k(blocks):
-    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
-    scales, mins = _k4_scales(blocks[:, 4:16])
-    qh = blocks[:, 16:48]
-    q = _k4_values(blocks[:, 48:176]).reshape(-1, 8, 32)
-    bit = np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
-    q = q | (((qh.reshape(-1, 1, 32) >> bit) & 1) << 4)
-    return q.reshape(-1, 256), d * scales, -(dmin * mins)
-
-
-_AFFINE = {
-    "Q4_0": _affine_q4_0,
-    "Q4_1": _affine_q4_1,
-    "Q5_0": _affine_q5_0,
-    "Q5_1": _affine_q5_1,
-    "Q8_0": _affine_q8_0,
-    "Q4_K": _affine_q4_k,
-    "Q5_K": _affine_q5_k,
-}

@@ -15,7 +15,7 @@ from .cache import KVCache, RotatingKVCache
 from .config import ModelConfig
 from .masks import Mask, causal_mask
 from .norms import rms_norm
-from .ops import OPS, MLXOps
+from .ops import OPS, MLXOps, softcap
 from .rope import RoPE
 
 
@@ -111,7 +111,7 @@ class Attention(nn.Module):
         k = mx.repeat(k, groups, axis=1) if groups > 1 else k
         scores = (q.astype(mx.float32) * self.scale) @ k.astype(mx.float32).transpose(0, 1, 3, 2)
         if self.softcap is not None:
-            scores = mx.tanh(scores / self.softcap) * self.softcap
+            scores = softcap(scores, self.softcap)
         positions = mx.arange(T)
         visible = positions[None, :] <= positions[:, None]
         if self.window is not None:

@@ -19,7 +19,7 @@ from .config import ModelConfig
 from .mlp import SwiGLU
 from .moe import SparseMoE
 from .norms import rms_norm
-from .ops import op_set
+from .ops import op_set, softcap
 from .rope import RoPE, local_rope
 
 Cache = KVCache | RotatingKVCache
@@ -185,7 +185,7 @@ class Model(nn.Module):
         else:
             logits = self.lm_head(h)
         cap = self.config.final_logit_softcap
-        return logits if cap is None else mx.tanh(logits / cap) * cap
+        return logits if cap is None else softcap(logits, cap)
 
     @property
     def compute_dtype(self) -> mx.Dtype:

@@ -59,7 +59,7 @@ class MLXOps:
         kv_heads = k.shape[1]
         q = (q * scale).reshape(B, kv_heads, H // kv_heads, T, hd)
         scores = q @ k[:, :, None].swapaxes(-1, -2)  # [B, KV, G, T, S]
-        scores = masked(mx.tanh(scores / cap) * cap, mask)
+        scores = masked(softcap(scores, cap), mask)
         weights = mx.softmax(scores, axis=-1, precise=True)
         return (weights @ v[:, :, None]).reshape(B, H, T, hd)
 
@@ -117,6 +117,11 @@ class CPUOps(MLXOps):
 
 
 OPS = {"mlx": MLXOps(), "cpu": CPUOps()}
+
+
+def softcap(x: mx.array, cap: float) -> mx.array:
+    """cap * tanh(x / cap): Gemma 2's bound on attention scores and final logits."""
+    return mx.tanh(x / cap) * cap
 
 
 def masked(scores: mx.array, mask: Mask) -> mx.array:

@@ -147,7 +147,7 @@ class RankLink:
         the next header)."""
         tokens = [x for request, response in events for x in (request.id, response.token)]
         self.steps += 1
-        self.digest = zlib.crc32(np.array(tokens, dtype=np.int64).tobytes()) & 0x7FFFFFFF
+        self.digest = _crc(np.array(tokens, dtype=np.int64).tobytes())
 
     def forget(self, events: Iterable[tuple[Request, GenerationResponse]]) -> None:
         """Requests that ended (in a step or cancelled) can no longer be cancelled."""
@@ -207,5 +207,6 @@ def _request_from_json(data: dict) -> Request:
 
 
 def _crc(payload: bytes) -> int:
-    """CRC-32 of `payload` as a signed 32-bit int (what an int32 header holds)."""
+    """CRC-32 of `payload` as a signed 32-bit int (what an int32 header holds): the payload's
+    check, and the digest of a step's tokens."""
     return int(np.array(zlib.crc32(payload), dtype=np.uint32).view(np.int32))

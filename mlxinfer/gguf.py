@@ -2,8 +2,9 @@
 
 `mx.load` reads GGUF natively: F32/F16 tensors as arrays, Q4_0/Q4_1/Q8_0 as MLX affine-quantized
 triples (`weight`, `scales`, `biases`, group size 32). A file holding other types (K-quants:
-Q2_K-Q6_K, Q8_K; Q5_0, Q5_1, IQ4_NL, BF16) is read here instead, every tensor dequantized to
-float32 (gguf_quants.py). llama.cpp stores the q/k projections of llama-architecture models with
+Q2_K-Q6_K, Q8_K; Q5_0, Q5_1, IQ4_NL, BF16) or stacked quantized experts is read here instead
+(`read_tensors`): every tensor dequantized to float32 under the float32 policy; under the native
+one, blocks that are MLX affine groups kept as such and the others quantized again. llama.cpp stores the q/k projections of llama-architecture models with
 RoPE pairs interleaved, so those models run with traditional RoPE.
 
 Gemma files differ from their checkpoints in three ways llama.cpp's converter chose: the RMSNorm
@@ -291,7 +292,7 @@ def metadata_to_python(metadata: dict[str, Any]) -> dict[str, Any]:
 # ggml tensor types mx.load turns into exact MLX arrays (F32/F16 as is, Q4_0/Q4_1/Q8_0 as affine-quantized).
 MX_LOAD_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
 # Every type this reader takes: a file with others than MX_LOAD_TYPES is read by read_tensors
-# (dequantized to float32, gguf_quants.py) instead of mx.load.
+# (gguf_quants.py) instead of mx.load.
 SUPPORTED_TENSOR_TYPES = {kind: name for kind, (name, _, _) in QUANT_TYPES.items()}
 _TYPE_NAMES = {**SUPPORTED_TENSOR_TYPES, 9: "Q8_1", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS"}
 _TYPE_NAMES |= {19: "IQ1_S", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 29: "IQ1_M"}

@@ -263,7 +263,8 @@ class Tokenizer:
             if k in metadata
         ]
         for text in end_of_turn:
-            if (i := tokenizer.token_to_id(text)) is not None and types and types[i] == 3:
+            i = tokenizer.token_to_id(text)
+            if i is not None and types and types[i] == _GGUF_CONTROL:
                 eos_ids.append(i)
         return cls(
             tokenizer,

@@ -26,8 +26,11 @@ of whole blocks and returns float32 weights in order; tests check each against t
 package's own dequantizers on random blocks.
 
 Q4_0/1, Q5_0/1, Q8_0, Q4_K and Q5_K are MLX affine groups of 32 as they stand: `_PARTS` reads
-each layout once, as (q, scale, bias), which `affine` hands to the native policy and from which
-the float32 weights of Q4_1, Q5_1, Q4_K and Q5_K are computed.
+each layout once, as (q, scale, bias), from which the float32 weights of Q4_1, Q5_1, Q4_K and
+Q5_K are computed. `to_mlx` gives the native policy its MLX quantization: the 4-bit types'
+nibbles repacked byte by byte, the 5- and 8-bit ones packed from their parts, and every other
+type (or bit width) dequantized and quantized again as mx.quantize does it, bit for bit, in numpy
+so that it runs on the loading threads.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ TYPES: dict[int, tuple[str, int, int]] = {
 }
 
 CHUNK_WEIGHTS = 1 << 16  # weights dequantized a pass (256 KB of float32)
+CONVERT_WEIGHTS = 1 << 17  # weights converted to MLX's quantization a pass (`to_mlx`; measured
+# fastest of 2^16-2^18: numpy's per-call overhead is felt in the byte-level repacking)
 
 IQ4_NL_VALUES = np.array(
     [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32
@@ -206,13 +211,27 @@ def _q6_k(blocks: np.ndarray) -> np.ndarray:
 AFFINE_GROUP = 32
 
 
-def _parts_q4_0(blocks):
+def _scales_q4_0(blocks):
     d = _f16(blocks, 0)
-    return _nibbles(blocks[:, 2:]), d, -8 * d
+    return d, -8 * d
+
+
+def _scales_q4_1(blocks):
+    return _f16(blocks, 0), _f16(blocks, 2)
+
+
+def _scales_q4_k(blocks):
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    scales, mins = _k4_scales(blocks[:, 4:16])
+    return d * scales, -(dmin * mins)
+
+
+def _parts_q4_0(blocks):
+    return _nibbles(blocks[:, 2:]), *_scales_q4_0(blocks)
 
 
 def _parts_q4_1(blocks):
-    return _nibbles(blocks[:, 4:]), _f16(blocks, 0), _f16(blocks, 2)
+    return _nibbles(blocks[:, 4:]), *_scales_q4_1(blocks)
 
 
 def _parts_q5_0(blocks):
@@ -231,9 +250,7 @@ def _parts_q8_0(blocks):
 
 
 def _parts_q4_k(blocks):
-    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
-    scales, mins = _k4_scales(blocks[:, 4:16])
-    return _k4_values(blocks[:, 16:144]), d * scales, -(dmin * mins)
+    return _k4_values(blocks[:, 16:144]), *_scales_q4_k(blocks)
 
 
 def _parts_q5_k(blocks):
@@ -245,6 +262,8 @@ def _parts_q5_k(blocks):
     q = q | (((qh.reshape(-1, 1, 32) >> bit) & 1) << 4)
     return q.reshape(-1, 256), d * scales, -(dmin * mins)
 
+
+_SCALES = {"Q4_0": _scales_q4_0, "Q4_1": _scales_q4_1, "Q4_K": _scales_q4_k}  # (scale, bias)
 
 _PARTS = {  # type -> its blocks as (q, scale, bias) of each group of 32
     "Q4_0": _parts_q4_0,
@@ -292,47 +311,136 @@ _DEQUANTIZE = {
 # unsigned (int8 q offset by 128): -> the MLX bits of their q.
 AFFINE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q8_0": 8}
 
+# The 4-bit types' nibbles, already packed two to a byte but in ggml's order (each run of bytes
+# holds one run of weights in its low nibbles, the next in its high ones): (first byte, last
+# byte, run), so `_mlx_nibbles` repacks the bytes without unpacking them.
+_NIBBLE_BYTES = {"Q4_0": (2, 18, 16), "Q4_1": (4, 20, 16), "Q4_K": (16, 144, 32)}
+
 
 def affine(data: np.ndarray, kind: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The blocks of `data` (ggml type `kind`, one of AFFINE_BITS) as MLX affine groups of 32,
     without loss: (q uint8 `[n]`, scales float32 `[n / 32]`, biases float32 `[n / 32]`), with
     scale * q + bias the weights `dequantize` gives (scales and biases are products of a float16
     and a small integer: exact in float32)."""
+    name, block, _ = TYPES[kind]
+    return _by_chunks(data, kind, block, _PARTS[name], CHUNK_WEIGHTS)
+
+
+def to_mlx(data: np.ndarray, kind: int, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The blocks of `data` (ggml type `kind`) as MLX affine groups of 32 at `bits`: (packed
+    uint8 `[n * bits / 8]`, the bytes of MLX's uint32 words; scales and biases float32
+    `[n / 32]`). A type of AFFINE_BITS at its own bits converts without loss; any other is
+    dequantized and quantized again exactly as `mx.quantize` does it (`_mlx_quantize`), a pass of
+    CONVERT_WEIGHTS at a time on this thread (numpy, so a thread per tensor runs in parallel,
+    where mx.quantize would run on MLX's one stream)."""
+    name, block, _ = TYPES[kind]
+    if AFFINE_BITS.get(name) == bits and name in _NIBBLE_BYTES:
+        first, last, run = _NIBBLE_BYTES[name]
+        scales = _SCALES[name]
+
+        def convert(part: np.ndarray):
+            return (_mlx_nibbles(part[:, first:last], run), *scales(part))
+    elif AFFINE_BITS.get(name) == bits:
+
+        def convert(part: np.ndarray):
+            q, part_scales, part_biases = _PARTS[name](part)
+            return _pack_bytes(q.reshape(-1), bits), part_scales, part_biases
+    else:
+
+        def convert(part: np.ndarray):
+            w = _DEQUANTIZE[name](part).reshape(-1, AFFINE_GROUP)
+            q, part_scales, part_biases = _mlx_quantize(w, bits)
+            return _pack_bytes(q.reshape(-1), bits), part_scales, part_biases
+
+    return _by_chunks(data, kind, block * bits // 8, convert, CONVERT_WEIGHTS)
+
+
+def _by_chunks(data: np.ndarray, kind: int, first_width: int, convert, weights: int):
+    """`convert` over the blocks of `data` a pass of `weights` weights at a time, its three
+    results (first: `first_width` values a block; then one scale and bias a group of 32)
+    written into flat arrays."""
     name, block, nbytes = TYPES[kind]
     blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, nbytes)
     groups = block // AFFINE_GROUP  # groups of 32 a block
-    q = np.empty(len(blocks) * block, np.uint8)
+    first = np.empty(len(blocks) * first_width, np.uint8)
     scales = np.empty(len(blocks) * groups, np.float32)
     biases = np.empty(len(blocks) * groups, np.float32)
-    step = max(1, CHUNK_WEIGHTS // block)  # blocks a pass, as in dequantize
-    with np.errstate(invalid="ignore", over="ignore"):
+    step = max(1, weights // block)  # blocks a pass
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         for start in range(0, len(blocks), step):
-            part_q, part_scales, part_biases = _PARTS[name](blocks[start : start + step])
-            end = start + len(part_q)
-            q[start * block : end * block] = part_q.reshape(-1)
+            part_first, part_scales, part_biases = convert(blocks[start : start + step])
+            end = min(start + step, len(blocks))
+            first[start * first_width : end * first_width] = part_first.reshape(-1)
             scales[start * groups : end * groups] = part_scales.reshape(-1)
             biases[start * groups : end * groups] = part_biases.reshape(-1)
-    return q, scales, biases
+    return first, scales, biases
+
+
+def _mlx_nibbles(qs: np.ndarray, run: int) -> np.ndarray:
+    """ggml's packed nibbles (each `run` bytes: weights 0..run-1 in the low nibbles, run..2run-1
+    in the high ones) -> MLX's (byte k: weight 2k low, 2k + 1 high), as bytes, never unpacked."""
+    chunks = qs.reshape(-1, run)
+    even, odd = chunks[:, 0::2], chunks[:, 1::2]
+    low = (even & 0x0F) | (odd << 4)  # weights 0..run-1 (uint8 shifts drop the high bits)
+    high = (even >> 4) | (odd & 0xF0)  # weights run..2run-1
+    return np.concatenate([low, high], axis=1)
+
+
+def _mlx_quantize(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MLX's affine quantization of groups `w` (float32 `[g, 32]`), step for step as its CPU
+    backend computes it (mlx/backend/cpu/quantized.cpp, in float32): the edge of larger
+    magnitude is represented exactly, the scale spans max - min in 2^bits - 1 steps.
+    -> (q uint8 `[g, 32]`, scales `[g]`, biases `[g]`); the tests hold it equal to
+    mx.quantize bit for bit."""
+    n_bins = np.float32((1 << bits) - 1)
+    columns = np.ascontiguousarray(w.T)  # [32, g]: the group reductions run along rows
+    w_max, w_min = columns.max(axis=0), columns.min(axis=0)
+    mask = np.abs(w_min) > np.abs(w_max)
+    scale = np.maximum((w_max - w_min) / n_bins, np.float32(1e-7))
+    scale = np.where(mask, scale, -scale)
+    edge = np.where(mask, w_min, w_max)
+    q0 = np.rint(edge / scale)
+    nonzero = q0 != 0
+    scale = np.where(nonzero, edge / np.where(nonzero, q0, 1), scale)
+    bias = np.where(nonzero, edge, np.float32(0))
+    q = np.subtract(w, bias[:, None], out=columns.reshape(w.shape))  # (a buffer reused)
+    np.divide(q, scale[:, None], out=q)
+    np.rint(q, out=q)
+    np.clip(q, 0, n_bins, out=q)
+    return q.astype(np.uint8), scale, bias
 
 
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
     """Unsigned `bits`-bit values (2 to 8), rows of `[..., k]` (k * bits a multiple of 32), packed
     as MLX packs them: a little-endian stream of bits, the first value in the lowest ones, read
-    as uint32 words. 8 and 4 bits are bytes and nibble pairs; other widths go eight values (a
-    whole number of bytes) at a time, a pass of CHUNK_WEIGHTS values at once."""
+    as uint32 words."""
     q = np.ascontiguousarray(q, dtype=np.uint8)
     shape = q.shape[:-1]
+    return _pack_bytes(q.reshape(-1), bits).view("<u4").reshape(*shape, -1).astype(np.uint32)
+
+
+def _pack_bytes(q: np.ndarray, bits: int) -> np.ndarray:
+    """The bytes of `pack`: 8 bits are the values; 4, nibble pairs; 5, eight values in five
+    bytes (uint8 arithmetic: shifts drop what spills into the next byte); other widths eight
+    values at a time through a uint64, a pass of CHUNK_WEIGHTS values at once."""
     if bits == 8:
-        return q.view("<u4").reshape(*shape, -1).astype(np.uint32, copy=False)
+        return q
     if bits == 4:
-        pairs = q[..., 0::2] | (q[..., 1::2] << 4)
-        return np.ascontiguousarray(pairs).view("<u4").reshape(*shape, -1).astype(np.uint32)
-    eights = q.reshape(-1, 8)
-    out = np.empty((len(eights), bits), np.uint8)
+        return q[0::2] | (q[1::2] << 4)
+    v = q.reshape(-1, 8)
+    if bits == 5:
+        out = np.empty((len(v), 5), np.uint8)
+        out[:, 0] = v[:, 0] | (v[:, 1] << 5)
+        out[:, 1] = (v[:, 1] >> 3) | (v[:, 2] << 2) | (v[:, 3] << 7)
+        out[:, 2] = (v[:, 3] >> 1) | (v[:, 4] << 4)
+        out[:, 3] = (v[:, 4] >> 4) | (v[:, 5] << 1) | (v[:, 6] << 6)
+        out[:, 4] = (v[:, 6] >> 2) | (v[:, 7] << 3)
+        return out.reshape(-1)
+    out = np.empty((len(v), bits), np.uint8)
     shifts = (bits * np.arange(8, dtype=np.uint64)).astype(np.uint64)
     step = max(1, CHUNK_WEIGHTS // 8)
-    for start in range(0, len(eights), step):
-        part = eights[start : start + step].astype(np.uint64) << shifts
+    for start in range(0, len(v), step):
+        part = v[start : start + step].astype(np.uint64) << shifts
         words = np.bitwise_or.reduce(part, axis=-1).astype("<u8")  # 8 * bits bits each
         out[start : start + step] = words.view(np.uint8).reshape(-1, 8)[:, :bits]
-    return out.reshape(-1).view("<u4").reshape(*shape, -1).astype(np.uint32)
+    return out.reshape(-1)

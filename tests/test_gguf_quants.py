@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlxinfer.gguf_quants import AFFINE_BITS, TYPES, affine, dequantize, pack
+from mlxinfer.gguf_quants import AFFINE_BITS, TYPES, affine, dequantize, pack, to_mlx
 
 # byte offsets of each type's float16 scales (d, and dmin / m): random bytes there could be NaN
 SCALES = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,)}
@@ -88,6 +88,80 @@ def test_affine_groups_give_the_same_weights_through_mlx(kind):
         bits=bits,
     )
     assert np.array_equal(np.array(ours), expected)
+
+
+@pytest.mark.parametrize("chunk", [1 << 17, 256], ids=["one-pass", "a-block-a-pass"])
+@pytest.mark.parametrize("kind", sorted(AFFINE_BITS))
+def test_to_mlx_packs_affine_types_without_loss(kind, chunk, monkeypatch):
+    """The native policy's fast path (4-bit nibbles repacked as bytes, 5 bits eight values to
+    five bytes) gives what `affine` and `pack` give, packed q and its scales and biases."""
+    from mlxinfer import gguf_quants
+
+    from .test_loading import random_blocks
+
+    monkeypatch.setattr(gguf_quants, "CONVERT_WEIGHTS", chunk)
+    type_id = next(i for i, t in TYPES.items() if t[0] == kind)
+    rows, columns, bits = 24, 1024, AFFINE_BITS[kind]
+    raw = random_blocks(np.random.default_rng(4), kind, rows, columns)
+    packed, scales, biases = to_mlx(raw, type_id, bits)
+    q, expected_scales, expected_biases = affine(raw, type_id)
+    words = packed.view("<u4").reshape(rows, -1)
+    assert np.array_equal(words, pack(q.reshape(rows, columns), bits))
+    assert np.array_equal(scales, expected_scales) and np.array_equal(biases, expected_biases)
+
+
+@pytest.mark.parametrize(
+    "kind, bits",
+    [(k, b) for k in ("Q6_K", "Q2_K", "Q3_K", "IQ4_NL") for b in (8, 4)]
+    + [("Q4_K", 8), ("Q8_0", 4)],  # (at their own bits these two convert without loss)
+)
+def test_to_mlx_quantizes_again_exactly_as_mx_quantize(kind, bits, monkeypatch):
+    """Types quantized again (and any type at other bits) are dequantized and quantized by numpy
+    on the loading threads: bit for bit what mx.quantize makes of the dequantized weights, over
+    several passes, with all-zero groups and a group whose edges tie in magnitude."""
+    import mlx.core as mx
+
+    from mlxinfer import gguf_quants
+
+    from .test_loading import random_blocks
+
+    monkeypatch.setattr(gguf_quants, "CONVERT_WEIGHTS", 1 << 12)
+    type_id = next(i for i, t in TYPES.items() if t[0] == kind)
+    name, block, nbytes = TYPES[type_id]
+    rows, columns = 40, 1024
+    raw = random_blocks(np.random.default_rng(5), kind, rows, columns).reshape(-1, nbytes)
+    raw[:3] = 0  # blocks of zeros: scale 0, every weight 0
+    weights = dequantize(raw, type_id).reshape(rows, columns)
+    assert (weights == 0).any() and (weights != 0).any()
+    packed, scales, biases = to_mlx(raw, type_id, bits)
+    expected = mx.quantize(mx.array(weights), group_size=32, bits=bits)
+    assert np.array_equal(packed.view("<u4").reshape(rows, -1), np.array(expected[0]))
+    assert np.array_equal(scales.reshape(rows, -1), np.array(expected[1]))
+    assert np.array_equal(biases.reshape(rows, -1), np.array(expected[2]))
+
+
+def test_mlx_quantize_emulation_on_ties_and_constants():
+    """Groups built to reach MLX's branches: |min| == |max| (the maximum is the edge), a constant
+    group (q0 == 0 after the eps floor), a group of one sign; equal to mx.quantize."""
+    import mlx.core as mx
+
+    from mlxinfer.gguf_quants import _mlx_quantize
+
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((6, 32)).astype(np.float32)
+    w[0, :2] = [-2.0, 2.0]
+    w[0, 2:] = np.clip(w[0, 2:], -1.9, 1.9)
+    w[1] = 0.25
+    w[2] = np.abs(w[2]) + 1
+    w[3] = -np.abs(w[3]) - 1
+    w[4] = 0
+    w[5, :] = 1e-9
+    for bits in (8, 4):
+        q, scales, biases = _mlx_quantize(w, bits)
+        expected = mx.quantize(mx.array(w), group_size=32, bits=bits)
+        assert np.array_equal(pack(q, bits), np.array(expected[0]))
+        assert np.array_equal(scales, np.array(expected[1]).reshape(-1))
+        assert np.array_equal(biases, np.array(expected[2]).reshape(-1))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])

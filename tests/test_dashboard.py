@@ -822,3 +822,35 @@ def test_inside_a_mixture_of_experts_shows_the_routing(tmp_path, monkeypatch):
         assert usage.groupby("layer")["tokens"].sum().eq(4 * 2).all()  # 4 tokens x 2 experts
     finally:
         st.cache_resource.clear()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_a_gemma_model_chats_and_shows_its_inside(tmp_path, monkeypatch, family):
+    """The pages unchanged on a tiny random Gemma: a chat reply with its metrics, and the inside
+    view's trace, attention, logit lens and step by step (which names Gemma's norms, GeGLU and,
+    for Gemma 2, the soft-capped head)."""
+    path = tmp_path / family
+    make_tiny_checkpoint(path, family)
+    monkeypatch.setenv("MLXINFER_DB", str(tmp_path / "runs.sqlite"))
+    monkeypatch.setenv("MLXINFER_MODEL", str(path))
+    st.cache_resource.clear()
+    try:
+        at = app()
+        max_tokens(at, 12)
+        at.chat_input[0].set_value("Hello there").run()
+        healthy(at)
+        assert [m.name for m in at.chat_message] == ["user", "assistant"]
+        assert at.session_state["messages"][1]["metrics"]["generated_tokens"] > 0
+        at = app("views/inside.py")
+        at.text_area(key="inside_prompt").set_value("w5 w9 w17 w33 w64").run()
+        healthy(at)
+        assert list(at.dataframe[0].value["id"]) == [5, 9, 17, 33, 64]
+        attention = chart_data(at.get("vega_lite_chart")[1])
+        assert attention.groupby("q")["weight"].sum().round(5).eq(1).all()
+        steps = next(t.value for t in at.table if "what happens" in t.value.columns)
+        blocks = steps["what happens"].iloc[2]
+        assert "GeGLU" in blocks and blocks.count("RMSNorm") == 4
+        head = steps["what happens"].iloc[4]
+        assert ("soft-capped" in head) == (family == "gemma2")
+    finally:
+        st.cache_resource.clear()

@@ -16,18 +16,25 @@ chunked, with sliding windows and sinks), then `add_row` copies that cache into 
 history once; the rest stay where they are. Rows are always 0..n-1, so the decode step reads a
 plain slice of the storage.
 
-Only decode (one new token per row) runs through a batch cache.
+Decode steps run through a batch cache: one new token per row, or (speculative decoding's
+verify pass, speculative.py) T tokens per row at once, each row's own positions. A ring that takes
+T tokens at once needs `slack` slots beyond its window: writing them in place must not overwrite
+keys that the pass's earlier queries still see. Rolling back rejected tokens is `Rows.advance`
+by fewer than were written: a slot past a row's offset is never visible, and is written again.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
-import numpy as np
 
 from .cache import KVCache, RotatingKVCache, Stored, StoredKV, check_quantization
 from .masks import Mask
 
 SingleCache = KVCache | RotatingKVCache
+
+# Slots a batch's rings hold beyond their window: a verify pass of speculative decoding writes a
+# row's last token and up to this many proposed ones at once (see the module's note).
+RING_SLACK = 8
 
 
 class Rows:
@@ -50,9 +57,13 @@ class Rows:
             self._positions = mx.array(self.offsets, dtype=mx.int32)
         return self._positions
 
-    def advance(self) -> None:
-        """After a decode step: every row has one token more."""
-        self.offsets = [o + 1 for o in self.offsets]
+    def advance(self, counts: list[int] | None = None) -> None:
+        """After a decode step: every row has one token more, or row r `counts[r]` more (a verify
+        pass keeps each row's accepted tokens; the slots of its rejected ones are forgotten)."""
+        if counts is None:
+            self.offsets = [o + 1 for o in self.offsets]
+        else:
+            self.offsets = [o + n for o, n in zip(self.offsets, counts, strict=True)]
         self._positions = None
 
     def add(self, offset: int) -> None:
@@ -69,8 +80,9 @@ class Rows:
 
 class BatchKVCache(StoredKV):
     """One layer's keys and values for all rows of a batch. `max_size=None` grows; otherwise a
-    ring of `max_size` slots keeping `keep` sinks (like RotatingKVCache, which a sliding-window
-    layer uses with keep=0 and max_size = its window)."""
+    ring keeping `keep` sinks and the latest `max_size - keep` tokens (like RotatingKVCache, which
+    a sliding-window layer uses with keep=0 and max_size = its window), in `max_size + slack`
+    slots: `slack` more than a pass of several tokens per row writes (see the module's note)."""
 
     step = 256
 
@@ -81,6 +93,7 @@ class BatchKVCache(StoredKV):
         keep: int = 0,
         bits: int | None = None,
         group_size: int = 64,
+        slack: int = 0,
     ):
         check_quantization(bits, group_size)
         self.bits = bits
@@ -90,24 +103,27 @@ class BatchKVCache(StoredKV):
         self.rows = rows
         self.max_size = max_size
         self.keep = keep
+        self.slack = slack if max_size is not None else 0
+        # the ring's slots: its window plus the slack
+        self.slots = None if max_size is None else max_size + self.slack
 
     @classmethod
-    def like(cls, cache: SingleCache, rows: Rows) -> BatchKVCache:
+    def like(cls, cache: SingleCache, rows: Rows, slack: int = 0) -> BatchKVCache:
         """The batch cache holding the same kind of cache as a single-sequence `cache`."""
         if isinstance(cache, RotatingKVCache):
-            return cls(rows, cache.max_size, cache.keep, cache.bits, cache.group_size)
+            return cls(rows, cache.max_size, cache.keep, cache.bits, cache.group_size, slack)
         return cls(rows, None, 0, cache.bits, cache.group_size)
 
     # -- positions and slots -------------------------------------------------------------------
 
     def slot(self, position: int) -> int:
-        if self.max_size is None or position < self.max_size:
+        if self.slots is None or position < self.slots:
             return position
-        return self.keep + (position - self.keep) % (self.max_size - self.keep)
+        return self.keep + (position - self.keep) % (self.slots - self.keep)
 
     def held(self, offset: int) -> int:
         """Slots in use by a row that has seen `offset` tokens."""
-        return offset if self.max_size is None else min(offset, self.max_size)
+        return offset if self.slots is None else min(offset, self.slots)
 
     @property
     def offset(self) -> mx.array:
@@ -132,8 +148,8 @@ class BatchKVCache(StoredKV):
             if self.rows.max_rows is not None:
                 new_rows = max(rows, min(new_rows, self.rows.max_rows))
         new_slots = max(have_slots, -(-slots // self.step) * self.step)
-        if self.max_size is not None:
-            new_slots = min(new_slots, self.max_size)
+        if self.slots is not None:
+            new_slots = min(new_slots, self.slots)
         k = _empty(like, new_rows, new_slots)
         v = _empty(like_v, new_rows, new_slots)
         if self.keys is not None:
@@ -165,21 +181,26 @@ class BatchKVCache(StoredKV):
                 a[row : row + 1, :, end:] = 0  # what the row held before (see add_row)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        """Write one new token per row, `[rows, kv_heads, 1, head_dim]`, at each row's slot; return
-        the slots in use `[rows, kv_heads, S, ...]` (S = the longest row's)."""
-        if keys.shape[2] != 1:
-            raise ValueError("a batch cache takes one token per row; prefill single sequences")
-        n = len(self.rows)
+        """Write T new tokens per row, `[rows, kv_heads, T, head_dim]`, at each row's slots;
+        return the slots in use `[rows, kv_heads, S, ...]` (S = the longest row's)."""
+        n, T = len(self.rows), keys.shape[2]
+        if T > 1 and self.slots is not None and T - 1 > self.slack:
+            raise ValueError(
+                f"a batch ring cache with {self.slack} slack slots takes at most "
+                f"{self.slack + 1} tokens a row at once, got {T}"
+            )
         k, v = self._encode(keys), self._encode(values)
         offsets = self.rows.offsets
-        end = max(self.held(o + 1) for o in offsets)
+        end = max(self.held(o + T) for o in offsets)
         self._reserve(n, end, k, v)
-        slots = [self.slot(o) for o in offsets]
-        if len(set(slots)) == 1:  # every row writes the same slot (one row, or equal lengths)
+        slots = [[self.slot(o + t) for t in range(T)] for o in offsets]
+        first = slots[0][0]
+        if all(row == list(range(first, first + T)) for row in slots):
+            # every row writes the same slots (one row, or equal lengths)
             for dst, src in zip((*self.keys, *self.values), (*k, *v), strict=True):
-                dst[:n, :, slots[0] : slots[0] + 1] = src
+                dst[:n, :, first : first + T] = src
         else:
-            index = mx.array(slots, dtype=mx.int32)[:, None, None, None]
+            index = mx.array(slots, dtype=mx.int32)[:, None, :, None]
             self.keys = _put_rows(self.keys, index, k, n)
             self.values = _put_rows(self.values, index, v, n)
         return self._fetch_rows(self.keys, n, end), self._fetch_rows(self.values, n, end)
@@ -203,36 +224,48 @@ class BatchKVCache(StoredKV):
     # -- masks ---------------------------------------------------------------------------------
 
     def mask_key(self, T: int, window: int | None) -> tuple:
-        return ("batch", id(self.rows), tuple(self.rows.offsets), self.max_size, self.keep, window)
+        state = (tuple(self.rows.offsets), self.max_size, self.keep, self.slack)
+        return ("batch", id(self.rows), *state, T, window)
 
     def make_mask(self, T: int, window: int | None = None) -> Mask:
-        """`[rows, 1, 1, S]` bool for the one new token of each row over the slots just returned;
-        None when every row sees every slot."""
-        offsets = [o + 1 for o in self.rows.offsets]  # including the new token
+        """`[rows, 1, T, S]` bool for the T new tokens of each row over the slots just returned;
+        None when every row's token sees every slot (one token a row)."""
+        offsets = [o + T for o in self.rows.offsets]  # including the new tokens
         end = max(self.held(o) for o in offsets)
-        every_slot = all(self.held(o) == end for o in offsets)
-        hides = window is not None and any(self._window_hides(o, window) for o in offsets)
-        if every_slot and not hides:
-            return None
-        q = mx.array(offsets, dtype=mx.int32)[:, None] - 1  # [rows, 1]: each new token's position
-        s = mx.arange(end, dtype=mx.int32)[None, :]  # [1, S]
-        if self.max_size is None:
-            position = mx.broadcast_to(s, (len(offsets), end))
+        if T == 1:
+            every_slot = all(self.held(o) == end for o in offsets)
+            hides = window is not None and any(self._window_hides(o, window) for o in offsets)
+            hides = hides or (self.slack and any(self._ring_hides(o) for o in offsets))
+            if every_slot and not hides:
+                return None
+        # each new token's position, [rows, T, 1]
+        q = (mx.array(self.rows.offsets, dtype=mx.int32)[:, None] + mx.arange(T))[:, :, None]
+        s = mx.arange(end, dtype=mx.int32)[None, None, :]  # [1, 1, S]
+        if self.slots is None:
+            position = mx.broadcast_to(s, (len(offsets), T, end))
         else:
             # the latest position <= q stored in slot s (rows past the ring: it has wrapped)
-            ring = self.max_size - self.keep
+            ring = self.slots - self.keep
             wrapped = q - ((q - s) % ring)
-            position = mx.where((s < self.keep) | (q < self.max_size), s, wrapped)
+            position = mx.where((s < self.keep) | (q < self.slots), s, wrapped)
         visible = position <= q  # also hides the slots a shorter row has not filled
+        if self.slack:  # the ring holds slack older tokens than its window: hidden
+            recent = self.max_size - self.keep
+            visible = visible & ((position < self.keep) | (q - position < recent))
         if window is not None:
             visible = visible & (q - position < window)
-        return visible[:, None, None, :]
+        return visible[:, None, :, :]
 
     def _window_hides(self, offset: int, window: int) -> bool:
         """Whether a row that has seen `offset` tokens holds a key outside the layer's window."""
-        wrapped = self.max_size is not None and offset > self.max_size
-        oldest = offset - self.max_size if wrapped and not self.keep else 0
+        wrapped = self.slots is not None and offset > self.slots
+        oldest = offset - self.slots if wrapped and not self.keep else 0
         return offset - 1 - oldest >= window
+
+    def _ring_hides(self, offset: int) -> bool:
+        """Whether a ring with slack holds, for a row that has seen `offset` tokens, a non-sink key
+        older than its window (`max_size - keep` latest tokens)."""
+        return offset > self.max_size
 
 
 def _empty(like: Stored, rows: int, slots: int) -> Stored:
@@ -240,13 +273,13 @@ def _empty(like: Stored, rows: int, slots: int) -> Stored:
 
 
 def _put_rows(stored: Stored, index: mx.array, new: Stored, n: int) -> Stored:
-    """Each row r < n of `new` `[n, H, 1, d]` written at slot index[r] of `stored`. Rows past n
+    """Each row r < n of `new` `[n, H, T, d]` written at slots index[r] of `stored`. Rows past n
     (allocated, unused) get zeros in slot 0: harmless, and it lets the scatter update the whole
     buffer in place instead of copying a slice of it."""
     out = []
     spare = stored[0].shape[0] - n
     if spare:
-        index = mx.concatenate([index, mx.zeros((spare, 1, 1, 1), index.dtype)])
+        index = mx.concatenate([index, mx.zeros((spare, *index.shape[1:]), index.dtype)])
     for dst, src in zip(stored, new, strict=True):
         if spare:
             src = mx.concatenate([src, mx.zeros((spare, *src.shape[1:]), src.dtype)])
@@ -255,8 +288,9 @@ def _put_rows(stored: Stored, index: mx.array, new: Stored, n: int) -> Stored:
 
 
 def _held_in_slot_order(cache: SingleCache, batch: BatchKVCache) -> tuple[Stored, Stored]:
-    """The keys/values a single cache holds, reordered so that index i is batch slot i (the
-    slots of the positions a cache holds are always 0..n-1, in some order)."""
+    """The keys/values a single cache holds laid out as the batch's slots: index i is batch slot
+    i. A ring with slack has more slots than the cache holds tokens: the slots of tokens older
+    than the window stay zeros (the mask hides them)."""
     if cache.keys is None:
         raise ValueError("add_row needs a prefilled cache")
     if isinstance(cache, RotatingKVCache):
@@ -265,9 +299,20 @@ def _held_in_slot_order(cache: SingleCache, batch: BatchKVCache) -> tuple[Stored
         values = tuple(a[..., :n, :] for a in cache.values)
         slots = [batch.slot(p) for p in cache.positions().tolist()]
         if slots != list(range(n)):
-            order = mx.array(np.argsort(slots), dtype=mx.int32)
-            keys = tuple(mx.take(a, order, axis=2) for a in keys)
-            values = tuple(mx.take(a, order, axis=2) for a in values)
+            index = mx.array(slots, dtype=mx.int32)[None, None, :, None]
+            width = max(slots) + 1
+            keys, values = (
+                tuple(
+                    mx.put_along_axis(
+                        mx.zeros((*a.shape[:2], width, a.shape[3]), a.dtype),
+                        mx.broadcast_to(index, a.shape),
+                        a,
+                        axis=2,
+                    )
+                    for a in stored
+                )
+                for stored in (keys, values)
+            )
         return keys, values
     n = cache.offset
     return tuple(a[..., :n, :] for a in cache.keys), tuple(a[..., :n, :] for a in cache.values)
@@ -281,9 +326,9 @@ def remove_row(rows: Rows, caches: list[BatchKVCache], row: int) -> None:
 
 
 def make_batch_cache(
-    template: list[SingleCache], max_rows: int | None = None
+    template: list[SingleCache], max_rows: int | None = None, slack: int = 0
 ) -> tuple[Rows, list[BatchKVCache]]:
     """Batch caches matching a model's single-sequence caches (`model.make_cache(...)`), one per
-    layer, sharing one `Rows`."""
+    layer, sharing one `Rows`; rings with `slack` slots for passes of up to slack + 1 tokens."""
     rows = Rows(max_rows)
-    return rows, [BatchKVCache.like(c, rows) for c in template]
+    return rows, [BatchKVCache.like(c, rows, slack) for c in template]

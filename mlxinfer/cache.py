@@ -393,10 +393,19 @@ class CacheSpec:
                 f"{config.head_dim}"
             )
 
-    def nbytes(self, config, tokens: int, batch: int = 1, itemsize: int = 4) -> int:
+    def nbytes(
+        self, config, tokens: int, batch: int = 1, itemsize: int = 4, ring_slack: int = 0
+    ) -> int:
         """kv_cache_bytes for caches of this kind."""
         return kv_cache_bytes(
-            config, tokens, batch, self.max_kv_size, self.kv_bits, self.kv_group_size, itemsize
+            config,
+            tokens,
+            batch,
+            self.max_kv_size,
+            self.kv_bits,
+            self.kv_group_size,
+            itemsize,
+            ring_slack,
         )
 
     @property
@@ -450,19 +459,21 @@ def kv_cache_bytes(
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     itemsize: int = 4,
+    ring_slack: int = 0,
 ) -> int:
     """Bytes of KV storage `batch` sequences of `tokens` tokens take, as the caches allocate it
     once decoding has begun (and the Engine's batch caches always): keys and values of every
     layer, in slots that grow 256 at a time, capped by each layer's window (sliding-window layers)
-    or `max_kv_size`; quantized ones hold `kv_bits`-bit values plus a scale and a bias (of
-    `itemsize` bytes) per group of `kv_group_size`. (A rotating cache that has only been
-    prefilled holds just its tokens until its first decoded one.)"""
+    or `max_kv_size` (plus `ring_slack` slots: a batch's rings, batch_cache.RING_SLACK);
+    quantized ones hold `kv_bits`-bit values plus a scale and a bias (of `itemsize` bytes) per
+    group of `kv_group_size`. (A rotating cache that has only been prefilled holds just its
+    tokens until its first decoded one.)"""
     slots = -(-tokens // KVCache.step) * KVCache.step
     per_token = _head_bytes(config, kv_bits, kv_group_size, itemsize)
     total = 0
     for window in config.layer_windows:
         cap = window if window is not None else max_kv_size
-        total += 2 * per_token * (slots if cap is None else min(slots, cap))
+        total += 2 * per_token * (slots if cap is None else min(slots, cap + ring_slack))
     return batch * total
 
 

@@ -11,6 +11,9 @@ Definitions (BENCHMARKS.md, Protocol; the README repeats them):
     itl_ms         gaps t_{i+1} - t_i, with p50 / p90 / p99
     e2e_ms         request start -> last token
     bandwidth_gbs  weight bytes read per decode step * decode_tps  (gpt-fast's "bandwidth achieved")
+    draft_tokens, accepted_draft_tokens, acceptance_rate
+                   speculative decoding: tokens proposed, how many the model accepted, and
+                   accepted / proposed
 """
 
 from __future__ import annotations
@@ -156,6 +159,9 @@ class RequestMetrics:
     bandwidth_gbs: float = 0.0
     queue_ms: float = 0.0
     cached_prompt_tokens: int = 0
+    draft_tokens: int = 0  # speculative decoding: tokens proposed
+    accepted_draft_tokens: int = 0  # of those, accepted by the model
+    acceptance_rate: float = 0.0  # accepted / proposed (0 when none proposed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -188,6 +194,8 @@ def request_metrics(
     active_memory_bytes: int = 0,
     kv_cache_bytes: int = 0,
     queue_s: float = 0.0,
+    draft_tokens: int = 0,
+    accepted_draft_tokens: int = 0,
 ) -> RequestMetrics:
     """All metrics of one request from its start time and the arrival time of each token."""
     n = len(token_times)
@@ -214,4 +222,7 @@ def request_metrics(
         bandwidth_gbs=weight_bytes_per_step * tps / 1e9,
         queue_ms=queue_s * 1e3,
         cached_prompt_tokens=cached_prompt_tokens,
+        draft_tokens=draft_tokens,
+        accepted_draft_tokens=accepted_draft_tokens,
+        acceptance_rate=accepted_draft_tokens / draft_tokens if draft_tokens else 0.0,
     )

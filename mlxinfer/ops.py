@@ -107,12 +107,13 @@ class CPUOps(MLXOps):
         return cpu_kernels.attention(q, k, v, scale, mask)  # BLAS + fast exp, causal blocks
 
     def quantized_attention(self, q, k, v, scale, mask, group_size, bits):
-        if q.shape[2] > 1:
+        if q.shape[2] > 1 and (mask is None or isinstance(mask, str) or mask.ndim == 2):
             # A prefill chunk: MLX's CPU quantized matmuls don't use BLAS, so dequantize (the same
             # numbers quantized_matmul uses) and take the BLAS kernels.
             k = mx.dequantize(*k, group_size=group_size, bits=bits)
             v = mx.dequantize(*v, group_size=group_size, bits=bits)
             return cpu_kernels.attention(q, k, v, scale, mask)
+        # a decode step, or a batch's verify pass (speculative decoding: [B, 1, T, S] masks)
         return cpu_kernels.quantized_decode_attention(q, k, v, scale, mask, group_size, bits)
 
 

@@ -45,6 +45,9 @@ class Request:
     sampler: Sampler | None = None
     stream: TextStream | None = None  # detokenizing, stop strings, EOS, the token budget
     last_token: int = -1
+    proposer: object | None = None  # speculative decoding's (speculative.Proposer), if asked
+    draft_tokens: int = 0  # tokens it proposed
+    accepted_draft_tokens: int = 0  # of those, accepted by the model
     peak_memory: int = 0
     kv_bytes: int = 0
 

@@ -23,14 +23,15 @@ from typing import cast
 
 import mlx.core as mx
 
-from .batch_cache import make_batch_cache, remove_row
+from .batch_cache import RING_SLACK, make_batch_cache, remove_row
 from .cache import CacheSpec, RotatingKVCache, make_cache
 from .model import Model
 from .prefix_cache import PrefixCache
 from .request import Request
 from .responses import TokenLogprobs
 from .sampling import Sampler, invalid_logits, top_logprobs
-from .steps import decode_step, pipelines_decode, prefill_chunk, prefill_pass
+from .speculative import Verdict, make_proposer, verify
+from .steps import decode_step, pipelines_decode, prefill_chunk, prefill_pass, verify_step
 
 
 @dataclass
@@ -42,6 +43,12 @@ class Sampled:
     logprobs: list[TokenLogprobs | None]
     errors: dict[int, str] = field(default_factory=dict)  # rows that failed, and why
     at: float = field(default_factory=time.perf_counter)  # when the tokens reached the host
+    more: dict[int, list[int]] = field(default_factory=dict)  # a verify pass's further tokens
+
+    def tokens_of(self, row: int) -> list[int]:
+        """Row `row`'s tokens in order: one, or (speculative decoding) the accepted proposals
+        and the model's own token after them."""
+        return [self.tokens[row], *self.more.get(row, ())]
 
     @classmethod
     def failed(cls, requests: list[Request], reason: str) -> Sampled:
@@ -86,6 +93,9 @@ class Runner:
                 self.prefix_cache.restore(key, matched, request.cache)
                 request.prefilled = request.cached_prompt_tokens = matched
         request.sampler = Sampler(request.params, self.model.config.vocab_size, request.prompt_ids)
+        params = request.params
+        if params.speculation is not None and not params.logprobs:
+            request.proposer = make_proposer(params.speculation, params.lookup_ngram)
 
     def prefill(self, requests: list[Request], chunk: int) -> Sampled | None:
         """One request's next `chunk` prompt tokens (None unless they were its last), or several
@@ -197,7 +207,7 @@ class Runner:
         return max((c.capacity for c in self.batch), default=0)
 
     def _new_batch(self) -> None:
-        self.rows, self.batch = make_batch_cache(self.template, self.max_batch)
+        self.rows, self.batch = make_batch_cache(self.template, self.max_batch, RING_SLACK)
         self._ahead = None  # a step queued for rows that have all gone
 
     # -- decode ----------------------------------------------------------------------------------
@@ -207,12 +217,14 @@ class Runner:
         next step is queued before this one's tokens are read back, so the device never waits for
         the host; its rows are the ones running then, and a row that finishes meanwhile has
         computed one token too many, which the scheduler drops (its request is finished)."""
+        if self._ahead is None and (proposals := self._proposals(requests)):
+            return self._verify(requests, proposals)
         try:
             if self._ahead is not None:
                 step, self._ahead = self._ahead, None
             else:
                 step = self._queue(requests, mx.array([r.last_token for r in requests]))
-            if self.run_ahead:
+            if self.run_ahead and not any(r.proposer is not None for r in requests):
                 self._ahead = self._queue(requests, self._inputs_after(step, requests))
             values, bad = _ints(step.tokens), _ints(step.bad)  # waits for the step
             lps = [_to_host(lp) for lp in step.lps]
@@ -222,6 +234,92 @@ class Runner:
             return Sampled.failed(list(requests), f"decode step failed: {e}")
         _bad_rows(bad, step.failed)
         return Sampled(step.requests, values, lps, step.failed)
+
+    # -- speculative decoding (speculative.py) ----------------------------------------------------
+
+    def _proposals(self, requests: list[Request]) -> dict[int, list[int]]:
+        """Each speculating row's proposals (rows with none are left out): at most its num_draft,
+        and fewer than the tokens its budget has left (the last one is the model's own)."""
+        proposals = {}
+        for row, request in enumerate(requests):
+            if request.proposer is None or request.stream is None:
+                continue
+            generated = request.stream.tokens
+            k = min(request.params.num_draft, request.max_tokens - len(generated) - 1)
+            if k <= 0:
+                continue
+            found = request.proposer.propose([*request.prompt_ids, *generated], k)  # type: ignore[attr-defined]
+            if found:
+                proposals[row] = found
+        return proposals
+
+    def _verify(self, requests: list[Request], proposals: dict[int, list[int]]) -> Sampled:
+        """One pass over every row's last token and its proposals (rows without any: an ordinary
+        decode step, padded), then each row's tokens: the accepted proposals and one of the
+        model's own. The caches keep exactly those (Rows.advance by each row's count)."""
+        requests = list(requests)
+        width = 1 + max(len(d) for d in proposals.values())
+        inputs = []
+        for row, request in enumerate(requests):
+            d = proposals.get(row, [])
+            inputs.append([request.last_token, *d] + [0] * (width - 1 - len(d)))
+        failed: dict[int, str] = {}
+        try:
+            logits = verify_step(self.model, mx.array(inputs), self.batch)  # [rows, T, vocab]
+            verdicts: dict[int, Verdict] = {}
+            plain: dict[int, tuple] = {}
+            for row, request in enumerate(requests):
+                if row not in proposals:
+                    token, lp, check, error = _sample(request, logits[row, :1])
+                    plain[row] = (token, lp, check, invalid_logits(logits[row, :1]))
+                    if error is not None:
+                        failed[row] = error
+                    continue
+                d = proposals[row]
+                try:
+                    sampler = cast(Sampler, request.sampler)
+                    verdicts[row] = verify(sampler, logits[row, : len(d) + 1], d)
+                except Exception as e:
+                    failed[row] = f"sampling failed: {e}"
+            mx.eval(
+                [v.arrays() for v in verdicts.values()],
+                [[a for a in p if a is not None] for p in plain.values()],
+                [c.state for c in self.batch],
+            )
+            tokens: list[int] = []
+            lps: list = []
+            more: dict[int, list[int]] = {}
+            counts = []
+            for row, request in enumerate(requests):
+                if row in plain:
+                    token, lp, check, model_bad = plain[row]
+                    tokens.append(int(token.item()))
+                    lps.append(_to_host(lp))
+                    if model_bad.item():
+                        failed.setdefault(row, BAD_LOGITS[1])
+                    elif check is not None and check.item():
+                        failed.setdefault(row, BAD_LOGITS[2])
+                    counts.append(1)
+                    continue
+                lps.append(None)
+                if row not in verdicts:  # its sampler failed
+                    tokens.append(-1)
+                    counts.append(1)
+                    continue
+                kept, invalid = verdicts[row].tokens()
+                if invalid:
+                    failed.setdefault(row, BAD_LOGITS[2])
+                request.sampler.record(kept)  # type: ignore[union-attr]
+                request.draft_tokens += len(proposals[row])
+                request.accepted_draft_tokens += len(kept) - 1
+                tokens.append(kept[0])
+                more[row] = kept[1:]
+                counts.append(len(kept))
+            self.rows.advance(counts)
+        except Exception as e:  # the whole pass failed: every running request ends
+            self._stop_if_split()
+            return Sampled.failed(requests, f"decode step failed: {e}")
+        return Sampled(requests, tokens, lps, failed, more=more)
 
     def _queue(self, requests: list[Request], inputs: mx.array) -> _Step:
         """Build (lazily) and start one decode step for the batch rows, fed `inputs` `[rows]`."""
@@ -286,8 +384,9 @@ class Runner:
     def store_conversation(self, token_ids: list[int], row: int) -> None:
         """Keep the KV of a finished request's prompt and reply (`token_ids`): the next turn of a
         chat starts with both. The row holds the first `offset` of them (the last one generated,
-        unless a step ran ahead, was never fed to the model)."""
-        n = self.rows.offsets[row]
+        unless a step ran ahead, was never fed to the model; a verify pass may have fed it tokens
+        past the one the request finished at, which are not kept)."""
+        n = min(self.rows.offsets[row], len(token_ids))
         ring = self.ring_size  # (the whole model's: see __init__)
         if self.prefix_cache is None or (ring is not None and n > ring):
             return  # a ring has overwritten the start

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from . import cpu_kernels
+from .batch_cache import RING_SLACK
 from .parallel import unseeded_seed
 
 NEG_INF = float("-inf")
@@ -44,6 +45,11 @@ class SamplingParams:
     max_tokens: int = 256
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
     logprobs: int = 0  # return the n most likely alternatives of each token; 0 = off
+    # speculative decoding (speculative.py): None = off, "prompt-lookup"; the same tokens (greedy)
+    # or the same distribution (sampled) as without it
+    speculation: str | None = None
+    num_draft: int = 4  # proposals checked per pass, 1..RING_SLACK
+    lookup_ngram: int = 3  # prompt lookup: the longest context suffix it looks up, in tokens
 
     def __post_init__(self):
         stop = () if self.stop is None else self.stop
@@ -68,6 +74,14 @@ class SamplingParams:
                 raise ValueError(
                     f"logit_bias: token ids must be >= 0 and biases finite, got {token}: {bias}"
                 )
+        if self.speculation not in (None, "prompt-lookup"):
+            raise ValueError(
+                f"speculation must be None or 'prompt-lookup', got {self.speculation!r}"
+            )
+        _check_int("num_draft", self.num_draft, 1)
+        if self.num_draft > RING_SLACK:
+            raise ValueError(f"num_draft must be at most {RING_SLACK}, got {self.num_draft}")
+        _check_int("lookup_ngram", self.lookup_ngram, 1)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop: stop strings must be non-empty strings, got {self.stop!r}")
         if self.seed is not None:
@@ -321,6 +335,28 @@ class Sampler:
         if self.bias is not None:
             logits = logits + self.bias
         return logits
+
+    def process_ahead(self, logits: mx.array, proposals: Sequence[int]) -> mx.array:
+        """The penalty stage of a verify pass (speculative.py): logits `[T, V]` at a row's last
+        token and up to T - 1 proposed tokens; row i as `process` would give it once proposals
+        0..i-1 had been generated. Nothing is recorded."""
+        p = self.params
+        if p.repetition_penalty == 1.0 and not (p.presence_penalty or p.frequency_penalty):
+            return self.process(logits)  # nothing depends on the tokens so far
+        rows = []
+        for i in range(logits.shape[0]):
+            ahead = Sampler.__new__(Sampler)
+            ahead.params, ahead.bias = p, self.bias
+            ahead.recent, ahead.counts = self.recent, self.counts
+            for token in proposals[:i]:
+                ahead._record(mx.array([token], mx.int32))
+            rows.append(ahead.process(logits[i : i + 1]))
+        return mx.concatenate(rows, axis=0)
+
+    def record(self, tokens: Sequence[int]) -> None:
+        """Tokens a verify pass kept, for the penalties of the steps after it."""
+        for token in tokens:
+            self._record(mx.array([token], mx.int32))
 
     def __call__(self, logits: mx.array) -> mx.array:
         """logits [1, V] -> token [1]; records the token for the penalties of the next step, and

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from .batch_cache import RING_SLACK
 from .cache import CacheSpec, kv_bytes_per_token
 from .metrics import RequestMetrics, request_metrics
 from .model import Model
@@ -155,7 +156,8 @@ class Scheduler:
         model split over ranks, the whole model's (all ranks together: every rank then admits
         the same requests)."""
         itemsize = self.model.compute_dtype.size
-        return self.options.cache.nbytes(self.model.whole_config, length, rows, itemsize)
+        config = self.model.whole_config
+        return self.options.cache.nbytes(config, length, rows, itemsize, RING_SLACK)
 
     def add(self, request: Request) -> None:
         request.status = Status.WAITING
@@ -321,7 +323,11 @@ class Scheduler:
             if row in sampled.errors:
                 events.append(self._leave(request, "error", sampled.errors[row]))
                 continue
-            events.append(self._emit(request, sampled, row))
+            for i, token in enumerate(sampled.tokens_of(row)):  # (several: speculative decoding)
+                logprobs = sampled.logprobs[row] if i == 0 else None
+                events.append(self._emit_token(request, token, logprobs, sampled.at))
+                if request.finished:  # the tokens after its last are dropped
+                    break
         for request, _ in events:
             if request.finished and request in self.running:
                 self._remove_row(request)
@@ -332,12 +338,14 @@ class Scheduler:
     def _emit(self, request: Request, sampled: Sampled, row: int) -> Event:
         """Host-side work for one new token (row `row` of `sampled`): EOS, detokenizing, stop
         strings, the token budget."""
-        token, logprobs = sampled.tokens[row], sampled.logprobs[row]
+        return self._emit_token(request, sampled.tokens[row], sampled.logprobs[row], sampled.at)
+
+    def _emit_token(self, request: Request, token: int, logprobs, at: float) -> Event:
         request.last_token = token
         try:
             if request.stream is None:
                 raise RuntimeError("the request has no text stream: it was never started")
-            text, reason = request.stream.add(token, sampled.at)
+            text, reason = request.stream.add(token, at)
         except Exception as e:
             return self._finish(request, token, "", logprobs, "error", f"detokenizing failed: {e}")
         if reason is not None:
@@ -374,6 +382,8 @@ class Scheduler:
             peak_memory_bytes=max(request.peak_memory, mx.get_peak_memory()),  # incl. this step
             active_memory_bytes=mx.get_active_memory(),
             kv_cache_bytes=request.kv_bytes,
+            draft_tokens=request.draft_tokens,
+            accepted_draft_tokens=request.accepted_draft_tokens,
         )
 
     def _leave(self, request: Request, reason: str, error: str | None = None) -> Event:

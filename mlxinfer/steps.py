@@ -79,6 +79,13 @@ def decode_step(model: Model, tokens: mx.array, cache: list) -> mx.array:
     return model(tokens[:, None], cache)[:, -1, :]
 
 
+def verify_step(model: Model, tokens: mx.array, cache: list) -> mx.array:
+    """Speculative decoding's pass: T tokens per sequence `[B, T]` (each row's last token and
+    the tokens proposed to follow it) -> the logits at every position `[B, T, vocab]`. The
+    caches take all T; the caller keeps only the accepted ones (Rows.advance)."""
+    return model(tokens, cache)
+
+
 def pipelines_decode() -> bool:
     """Whether decode steps are queued ahead of the host (on a GPU) or run one at a time (CPU).
     On the CPU the queued step competes with the host thread for the same cores: token n was read

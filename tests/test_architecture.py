@@ -99,7 +99,7 @@ LAYERS = [
         "parallel",
     ],
     ["chat_template", "tokenizer", "gguf", "gguf_quants", "loading"],
-    ["steps", "sampling", "responses", "metrics", "conversation"],
+    ["steps", "sampling", "speculative", "responses", "metrics", "conversation"],
     ["request", "prefix_cache", "runner", "scheduler", "generate", "engine", "engine_ranks"],
     ["inspect", "bench", "server"],
     ["cli", "__main__"],

@@ -567,12 +567,13 @@ def output_tps(generated: list[int], e2e_ms: list[float]) -> float:
 def predicted_memory(model, config: Mapping) -> tuple[int, int]:
     """(weight bytes, KV cache bytes) a configuration needs: the KV of its `concurrency` rows as
     the batch allocates it, plus the prefix cache's copy of the context with `depth`."""
+    from ..batch_cache import RING_SLACK
     from ..cache import CacheSpec
 
     spec = CacheSpec(**parse_kv(config["kv"]))
     itemsize = model.compute_dtype.size
     tokens = config["depth"] + config["prompt_tokens"] + config["gen_tokens"]
-    kv = spec.nbytes(model.config, tokens, config["concurrency"], itemsize)
+    kv = spec.nbytes(model.config, tokens, config["concurrency"], itemsize, RING_SLACK)
     if config["depth"]:
         kv += spec.nbytes(model.config, config["depth"], 1, itemsize)
     return model.nbytes, kv

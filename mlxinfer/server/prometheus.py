@@ -46,7 +46,13 @@ class ServerMetrics:
         self.lock = threading.Lock()
         self.gauges = gauges  # name -> value, read at each scrape (the engine's stats)
         self.requests: dict[tuple[str, int], int] = {}  # (endpoint, status) -> count
-        self.tokens = {"prompt": 0, "generation": 0, "cached_prompt": 0}
+        self.tokens = {
+            "prompt": 0,
+            "generation": 0,
+            "cached_prompt": 0,
+            "draft": 0,  # speculative decoding: proposed
+            "accepted_draft": 0,  # of those, accepted
+        }
         self.cancelled_requests = 0  # choices cancelled because their client went away
         self.histograms = {
             "ttft": Histogram(f"{PREFIX}_time_to_first_token_seconds", "Time to first token."),
@@ -78,6 +84,8 @@ class ServerMetrics:
             if metrics is None:
                 return
             self.tokens["cached_prompt"] += metrics.cached_prompt_tokens
+            self.tokens["draft"] += metrics.draft_tokens
+            self.tokens["accepted_draft"] += metrics.accepted_draft_tokens
             if generated:
                 self.histograms["ttft"].observe(metrics.ttft_ms / 1e3)
                 self.histograms["e2e"].observe(metrics.e2e_ms / 1e3)

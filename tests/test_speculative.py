@@ -1,0 +1,308 @@
+"""Speculative decoding (mlxinfer/speculative.py, the runner's verify pass): greedy tokens equal
+plain decoding's, whoever proposes (prompt lookup; an oracle always right; one always wrong),
+alone and batched, for every cache kind; the caches keep exactly the accepted tokens (against a
+cold prefill); sampled rows draw from exactly the plain sampling distribution (chi-square); the
+same seed gives the same tokens alone and batched.
+
+Greedy runs are compared with plain decoding (single caches, one token a step: test_engine.py's
+`alone`) up to the first near tie, as test_engine.py does: a verify pass computes a row's logits
+with other kernels than a decode step (T queries at once), and past a near tie float rounding may
+rightly pick the other token."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlxinfer
+import mlxinfer.runner
+from mlxinfer import SamplingParams
+from mlxinfer.batch_cache import RING_SLACK, make_batch_cache
+from mlxinfer.sampling import Sampler, filter_logits
+from mlxinfer.speculative import PromptLookup, verify
+from mlxinfer.steps import prefill, verify_step
+
+from .reference import make_tiny_checkpoint
+from .test_engine import alone, assert_same_greedy, prompts
+from .test_sampling import CHI2_CRITICAL
+
+CASES = {
+    "llama": ("llama", dict(head_dim=32)),
+    "mistral-window": ("mistral", dict(sliding_window=8, head_dim=32)),
+    "gemma2": ("gemma2", {}),  # soft-capped attention and logits, sandwich norms
+}
+CACHES = {
+    "growing": {},
+    "sinks": dict(max_kv_size=12, kv_keep=2),
+    "q8": dict(kv_bits=8, kv_group_size=32),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def tiny(request, tmp_path_factory):
+    family, overrides = CASES[request.param]
+    path = tmp_path_factory.mktemp(request.param)
+    make_tiny_checkpoint(path, family, **overrides)
+    return mlxinfer.load(path)
+
+
+# -- the proposer ----------------------------------------------------------------------------------
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_longest_match():
+    lookup = PromptLookup(max_ngram=3, min_ngram=2)
+    #          0  1  2  3  4  5  6  7  8  9 10 11 12
+    history = [5, 6, 7, 8, 9, 1, 6, 7, 2, 3, 4, 6, 7]
+    # the suffix (6, 7) last appeared at 6-7 (followed by 2, 3, 4); (4, 6, 7) never did
+    assert lookup.propose(history, 3) == [2, 3, 4]
+    assert lookup.propose(history, 1) == [2]
+    assert lookup.propose([*history[:-1], 8, 9], 5) == [1, 6, 7, 2, 3]  # (8, 9) at 3-4
+    assert lookup.propose([1, 2, 3, 4], 4) == []  # no bigram repeats
+    assert lookup.propose([1, 2, 1], 4) == []  # a lone token is not evidence enough here
+    assert PromptLookup(1, 1).propose([1, 2, 1], 4) == [2, 1]
+    longest = PromptLookup(max_ngram=3, min_ngram=1)
+    # (2, 3) matches at the start and later; the 3-gram (1, 2, 3) only at the start
+    assert longest.propose([1, 2, 3, 9, 2, 3, 8, 1, 2, 3], 2) == [9, 2]
+    with pytest.raises(ValueError, match="min_ngram"):
+        PromptLookup(2, 3)
+
+
+def test_speculation_settings_are_checked():
+    with pytest.raises(ValueError, match="speculation must be None or 'prompt-lookup'"):
+        SamplingParams(speculation="draft-model")
+    with pytest.raises(ValueError, match=f"num_draft must be at most {RING_SLACK}"):
+        SamplingParams(speculation="prompt-lookup", num_draft=RING_SLACK + 1)
+    with pytest.raises(ValueError, match="num_draft must be an integer >= 1"):
+        SamplingParams(num_draft=0)
+    with pytest.raises(ValueError, match="lookup_ngram must be an integer >= 1"):
+        SamplingParams(lookup_ngram=0)
+
+
+# -- greedy: the same tokens -------------------------------------------------------------------
+
+
+class Oracle:
+    """Proposes plain decoding's own continuation (always right up to a near tie), or with
+    `wrong`, a token that is never it (every proposal rejected)."""
+
+    def __init__(self, references: dict[tuple, list[int]], vocab: int, wrong: bool = False):
+        self.references, self.vocab, self.wrong = references, vocab, wrong
+
+    def propose(self, history, k):
+        for prompt, tokens in self.references.items():
+            if tuple(history[: len(prompt)]) == prompt:
+                done = len(history) - len(prompt)
+                proposed = tokens[done : done + k]
+                return [(t + 1) % self.vocab for t in proposed] if self.wrong else proposed
+        raise AssertionError("no reference for this history")
+
+
+def repetitive_prompts(n: int, seed: int) -> list[list[int]]:
+    """Prompts that repeat themselves, so that prompt lookup finds n-grams to propose."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        phrase = rng.integers(3, 128, int(rng.integers(3, 7))).tolist()
+        out.append((phrase * 6)[: int(rng.integers(12, 30))])
+    return out
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("cache", sorted(CACHES))
+@pytest.mark.parametrize("proposer", ["lookup", "oracle", "wrong"])
+def test_greedy_tokens_are_plain_decodings_alone_and_batched(tiny, cache, proposer, monkeypatch):
+    model, tokenizer = tiny
+    options = CACHES[cache]
+    if "kv_bits" in options and model.config.head_dim % options["kv_group_size"]:
+        pytest.skip("head_dim not a multiple of the group size")
+    n = 20
+    batch = repetitive_prompts(3, seed=2) + prompts(2, seed=3)
+    expected = {tuple(ids): alone(model, ids, n, **options) for ids in batch}
+    if proposer != "lookup":
+        references = {prompt: tokens for prompt, (tokens, _) in expected.items()}
+        oracle = Oracle(references, model.config.vocab_size, wrong=proposer == "wrong")
+        monkeypatch.setattr(mlxinfer.runner, "make_proposer", lambda name, ngram: oracle)
+    spec = SamplingParams(ignore_eos=True, speculation="prompt-lookup", num_draft=5)
+    plain = SamplingParams(ignore_eos=True)
+    # alone, and batched with a row that does not speculate
+    results = [
+        mlxinfer.batch_generate(model, tokenizer, [ids], max_tokens=n, sampling=spec, **options)[0]
+        for ids in batch[:2]
+    ]
+    mixed = [spec] * len(batch) + [plain]
+    results += mlxinfer.batch_generate(
+        model, tokenizer, [*batch, batch[-1]], max_tokens=n, sampling=mixed, **options
+    )
+    compared = proposed = accepted = 0
+    for ids, result in zip(batch[:2] + batch + batch[-1:], results, strict=True):
+        assert result.finish_reason == "length" and len(result.tokens) == n
+        compared += assert_same_greedy(result.tokens, expected[tuple(ids)])
+        proposed += result.metrics.draft_tokens
+        accepted += result.metrics.accepted_draft_tokens
+    assert compared >= len(results) * n // 2
+    assert results[-1].metrics.draft_tokens == 0  # the plain row
+    if proposer == "wrong":
+        assert proposed > 0 and accepted == 0
+    elif proposer == "oracle":
+        assert accepted > 0.5 * proposed > 0
+    else:
+        assert proposed > 0  # the repetitive prompts give lookups something to find
+
+
+# -- rollback -------------------------------------------------------------------------------------
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("cache", sorted(CACHES))
+def test_after_rejections_the_caches_hold_exactly_the_accepted_tokens(tiny, cache):
+    """Two rows run a verify pass of 1 + 5 tokens; row 0 keeps 2 of them, row 1 keeps 6; then
+    a verify pass again (keeping 4 and 1) and one decode step: each row's logits equal a cold
+    prefill of the tokens it kept, over a window and a ring that wrap."""
+    model, _ = tiny
+    options = CACHES[cache]
+    if "kv_bits" in options and model.config.head_dim % options["kv_group_size"]:
+        pytest.skip("head_dim not a multiple of the group size")
+    rng = np.random.default_rng(7)
+    histories = [rng.integers(3, 128, 9).tolist(), rng.integers(3, 128, 14).tolist()]
+    template = model.make_cache(**options)
+    rows, batch = make_batch_cache(template, 4, RING_SLACK)
+    for ids in histories:
+        single = model.make_cache(**options)
+        prefill(model, mx.array([ids[:-1]]), single, 16)
+        rows.add(single[0].offset)
+        for b, s in zip(batch, single, strict=True):
+            b.add_row(s)
+    for keep in ([2, 6], [4, 1]):
+        fed = [rng.integers(3, 128, 6).tolist() for _ in histories]
+        for row, history in enumerate(histories):
+            fed[row][0] = history[-1]  # each row's last token comes first
+        verify_step(model, mx.array(fed), batch)
+        rows.advance(keep)
+        for row, n in enumerate(keep):
+            # kept: the last token and n - 1 proposals; the model's own token comes next
+            histories[row] = histories[row][:-1] + fed[row][:n] + [int(rng.integers(3, 128))]
+    logits = verify_step(model, mx.array([[h[-1]] for h in histories]), batch)[:, -1]
+    for row, history in enumerate(histories):
+        cold = prefill(model, mx.array([history]), model.make_cache(**options), 16)[0]
+        assert mx.allclose(logits[row], cold, atol=2e-4 if "kv_bits" not in options else 0.05)
+
+
+# -- sampling: the same distribution ---------------------------------------------------------
+
+
+@pytest.mark.exactness
+def test_sampled_tokens_follow_plain_samplings_distribution(llama_model):
+    """The first two tokens after a fixed prefix, 20,000 seeded draws through `verify` with two
+    proposals (a likely token, then a plausible one), with top-k, top-p, min-p, temperature and
+    the three penalties on: their frequencies against the distribution plain sampling draws from
+    (the sampling chain's own filters and softmax, step by step), by chi-square."""
+    model = llama_model
+    V = model.config.vocab_size
+    prompt = [5, 9, 17, 33, 9, 17, 64, 9]
+    params = SamplingParams(
+        temperature=0.9,
+        top_k=24,
+        top_p=0.9,
+        min_p=0.02,
+        repetition_penalty=1.3,
+        presence_penalty=0.4,
+        frequency_penalty=0.3,
+    )
+
+    def chain(history: list[int]) -> np.ndarray:
+        """Plain sampling's distribution of the token after `history`."""
+        sampler = Sampler(params, V, prompt, history[len(prompt) :])
+        logits = sampler.process(model(mx.array([history]))[:, -1])
+        return np.array(mx.softmax(filter_logits(logits, params), axis=-1)[0])
+
+    first = chain(prompt)
+    d1 = int(np.argsort(-first)[1])  # the second most likely: accepted about half the time
+    second_after_d1 = chain(prompt + [d1])
+    d2 = int(np.argsort(-second_after_d1)[0])
+    expected = {}
+    for t1 in np.flatnonzero(first):
+        after = second_after_d1 if t1 == d1 else chain(prompt + [int(t1)])
+        for t2 in np.flatnonzero(after):
+            expected[(int(t1), int(t2))] = first[t1] * after[t2]
+
+    logits = model(mx.array([prompt + [d1, d2]]))[0, len(prompt) - 1 :]  # [3, V]
+    second_logits = {}
+    counts: dict[tuple[int, int], int] = {}
+    draws = 20_000
+    for seed in range(draws):
+        sampler = Sampler(SamplingParams(**{**params.__dict__, "seed": seed}), V, prompt)
+        kept, invalid = verify(sampler, logits, [d1, d2]).tokens()
+        assert not invalid
+        if len(kept) == 1:  # rejected at once: the second token comes from a plain step
+            sampler.record(kept)
+            t1 = kept[0]
+            if t1 not in second_logits:
+                second_logits[t1] = model(mx.array([prompt + [t1]]))[:, -1]
+            kept.append(int(sampler(second_logits[t1]).item()))
+        pair = (kept[0], kept[1])
+        counts[pair] = counts.get(pair, 0) + 1
+    assert set(counts) <= set(expected)  # nothing outside the filters' support
+    # the 8 likeliest pairs and the rest pooled: 8 degrees of freedom
+    top = sorted(expected, key=expected.get, reverse=True)[:8]
+    observed = np.array([counts.get(pair, 0) for pair in top] + [0], dtype=float)
+    observed[-1] = draws - observed[:-1].sum()
+    wanted = np.array([expected[pair] for pair in top] + [0.0]) * draws
+    wanted[-1] = draws - wanted[:-1].sum()
+    assert wanted.min() >= 5  # a distribution, not a near-certain pair
+    stat = float(((observed - wanted) ** 2 / wanted).sum())
+    assert stat < CHI2_CRITICAL[8], f"chi-square {stat:.1f} with 8 dof: {observed} {wanted}"
+    accepted_first = sum(n for (t1, _), n in counts.items() if t1 == d1) / draws
+    assert math.isclose(accepted_first, first[d1], abs_tol=0.02)
+
+
+@pytest.fixture(scope="module")
+def llama_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    make_tiny_checkpoint(path, "llama")
+    return mlxinfer.load(path)[0]
+
+
+@pytest.mark.exactness
+def test_the_same_seed_gives_the_same_tokens_alone_and_batched(tmp_path):
+    make_tiny_checkpoint(tmp_path, "llama")
+    model, tokenizer = mlxinfer.load(tmp_path)
+    batch = repetitive_prompts(4, seed=5)
+    params = [
+        SamplingParams(
+            temperature=0.8,
+            top_p=0.95,
+            seed=100 + i,
+            ignore_eos=True,
+            speculation="prompt-lookup",
+            num_draft=4,
+            lookup_ngram=1,  # (a random model rarely repeats a bigram of its prompt)
+        )
+        for i in range(len(batch))
+    ]
+    together = mlxinfer.batch_generate(model, tokenizer, batch, max_tokens=24, sampling=params)
+    for ids, p, result in zip(batch, params, together, strict=True):
+        lone = mlxinfer.batch_generate(model, tokenizer, [ids], max_tokens=24, sampling=p)[0]
+        assert lone.tokens == result.tokens
+    assert sum(r.metrics.draft_tokens for r in together) > 0
+
+
+def test_a_verify_pass_penalises_each_position_as_if_the_proposals_were_generated():
+    """`process_ahead` row i equals the penalty stage of a sampler that generated proposals
+    0..i-1 (repetition window, presence and frequency counts, logit bias)."""
+    params = SamplingParams(
+        temperature=0.7,
+        repetition_penalty=1.5,
+        repetition_context_size=4,
+        presence_penalty=0.5,
+        frequency_penalty=0.25,
+        logit_bias={3: 1.0},
+    )
+    prompt, proposals = [1, 2, 3, 4, 5], [6, 6, 2]
+    logits = mx.array(np.random.default_rng(0).normal(size=(4, 16)).astype(np.float32))
+    ahead = Sampler(params, 16, prompt).process_ahead(logits, proposals)
+    for i in range(4):
+        plain = Sampler(params, 16, prompt, proposals[:i]).process(logits[i : i + 1])
+        assert mx.array_equal(ahead[i : i + 1], plain), i

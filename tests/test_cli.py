@@ -625,3 +625,17 @@ def test_request_that_ends_in_error_exits_non_zero_with_the_reason(
     if json_output:
         result = json.loads(out)
         assert result["finish_reason"] == "error" and result["error"] == "sampling failed: boom"
+
+
+def test_generate_with_prompt_lookup_copies_and_reports_its_drafts():
+    """`--prompt-lookup` on the default model: a reply that copies its prompt, with the proposed
+    and accepted tokens in the JSON metrics (greedy tokens equal plain decoding's:
+    tests/test_speculative.py)."""
+    prompt = "Repeat exactly: the quick brown fox jumps over the lazy dog. " * 2
+    out = run_json("--prompt-lookup", "--num-draft", "6", "--max-tokens", "12", "--prompt", prompt)
+    assert out["text"].startswith("The quick brown fox jumps over the lazy dog.")
+    metrics = out["metrics"]
+    assert metrics["accepted_draft_tokens"] > 0
+    assert metrics["acceptance_rate"] == metrics["accepted_draft_tokens"] / metrics["draft_tokens"]
+    one_line_error(run_cli("generate", "--num-draft", "9", "--prompt", "x"), "--num-draft")
+    one_line_error(run_cli("generate", "--lookup-ngram", "0", "--prompt", "x"), "--lookup-ngram")

@@ -29,6 +29,8 @@ SAMPLING_FLAGS = {  # SamplingParams field -> the flag that sets it (for error m
     "stop": "--stop",
     "max_tokens": "--max-tokens",
     "logprobs": "--logprobs",
+    "num_draft": "--num-draft",
+    "lookup_ngram": "--lookup-ngram",
 }
 
 
@@ -179,6 +181,29 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         help="a stop string (repeat for several)",
     )
     sampling.add_argument("--ignore-eos", action="store_true", help="generate exactly max tokens")
+    spec = parser.add_argument_group(
+        "speculative decoding (the same tokens, or the same distribution, faster where the "
+        "reply copies the prompt)"
+    )
+    spec.add_argument(
+        "--prompt-lookup",
+        action="store_true",
+        help="propose what followed the context's latest n-gram where it appeared before",
+    )
+    spec.add_argument(
+        "--num-draft",
+        type=int,
+        default=4,
+        metavar="N",
+        help="tokens proposed a step (4, at most 8)",
+    )
+    spec.add_argument(
+        "--lookup-ngram",
+        type=int,
+        default=3,
+        metavar="N",
+        help="the longest n-gram prompt lookup matches (3; it needs at least 2, or 1 if N is 1)",
+    )
 
 
 def add_cache_options(parser: argparse.ArgumentParser) -> None:
@@ -225,6 +250,9 @@ def sampling_params(args: argparse.Namespace, logprobs: int = 0) -> SamplingPara
             max_tokens=args.max_tokens,
             ignore_eos=args.ignore_eos,
             logprobs=logprobs,
+            speculation="prompt-lookup" if args.prompt_lookup else None,
+            num_draft=args.num_draft,
+            lookup_ngram=args.lookup_ngram,
         )
     except ValueError as e:
         message = str(e)

@@ -48,6 +48,7 @@ class Request:
     proposer: object | None = None  # speculative decoding's (speculative.Proposer), if asked
     draft_tokens: int = 0  # tokens it proposed
     accepted_draft_tokens: int = 0  # of those, accepted by the model
+    draft_length: int = 0  # proposals its next pass may check (adapted: runner.py)
     peak_memory: int = 0
     kv_bytes: int = 0
 

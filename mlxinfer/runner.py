@@ -30,7 +30,7 @@ from .prefix_cache import PrefixCache
 from .request import Request
 from .responses import TokenLogprobs
 from .sampling import Sampler, invalid_logits, top_logprobs
-from .speculative import Verdict, make_proposer, verify
+from .speculative import Verdict, make_proposer, next_draft_length, verify
 from .steps import decode_step, pipelines_decode, prefill_chunk, prefill_pass, verify_step
 
 
@@ -96,6 +96,7 @@ class Runner:
         params = request.params
         if params.speculation is not None and not params.logprobs:
             request.proposer = make_proposer(params.speculation, params.lookup_ngram)
+            request.draft_length = params.num_draft
 
     def prefill(self, requests: list[Request], chunk: int) -> Sampled | None:
         """One request's next `chunk` prompt tokens (None unless they were its last), or several
@@ -245,7 +246,7 @@ class Runner:
             if request.proposer is None or request.stream is None:
                 continue
             generated = request.stream.tokens
-            k = min(request.params.num_draft, request.max_tokens - len(generated) - 1)
+            k = min(request.draft_length, request.max_tokens - len(generated) - 1)
             if k <= 0:
                 continue
             found = request.proposer.propose([*request.prompt_ids, *generated], k)  # type: ignore[attr-defined]
@@ -312,6 +313,9 @@ class Runner:
                 request.sampler.record(kept)  # type: ignore[union-attr]
                 request.draft_tokens += len(proposals[row])
                 request.accepted_draft_tokens += len(kept) - 1
+                request.draft_length = next_draft_length(
+                    request.draft_length, len(proposals[row]), len(kept) - 1, request.params
+                )
                 tokens.append(kept[0])
                 more[row] = kept[1:]
                 counts.append(len(kept))

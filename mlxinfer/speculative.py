@@ -78,6 +78,17 @@ def make_proposer(name: str, max_ngram: int) -> Proposer:
     raise ValueError(f"speculation must be one of {PROPOSERS}, got {name!r}")
 
 
+def next_draft_length(length: int, proposed: int, accepted: int, params) -> int:
+    """How many proposals a row's next pass checks: all accepted doubles it (up to num_draft), a
+    rejection sets it to one more than were accepted. A pass's cost grows with the tokens it
+    checks (on a CPU nearly in proportion: a batch of 8 checking 6 proposals each ran at 0.47x
+    of plain decoding with a quarter of them accepted), so proposals that keep failing shrink
+    to one a pass, and a run of copied text grows them back in a few passes."""
+    if accepted == proposed:
+        return min(params.num_draft, max(length, 2 * proposed))
+    return max(1, accepted + 1)
+
+
 @dataclass
 class Verdict:
     """One row's verify pass, lazy on the device until `tokens` reads it: the model's tokens at

@@ -48,7 +48,8 @@ class Request:
     proposer: object | None = None  # speculative decoding's (speculative.Proposer), if asked
     draft_tokens: int = 0  # tokens it proposed
     accepted_draft_tokens: int = 0  # of those, accepted by the model
-    draft_length: int = 0  # proposals its next pass may check (adapted: runner.py)
+    spec_accepted: float = 0.0  # its decayed record of accepted proposals (speculative.py)
+    spec_rejected: float = 0.0  # and of passes a rejection ended
     peak_memory: int = 0
     kv_bytes: int = 0
 

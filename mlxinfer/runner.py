@@ -30,7 +30,7 @@ from .prefix_cache import PrefixCache
 from .request import Request
 from .responses import TokenLogprobs
 from .sampling import Sampler, invalid_logits, top_logprobs
-from .speculative import Verdict, make_proposer, next_draft_length, verify
+from .speculative import DECAY, Verdict, draft_length, make_proposer, verify, worth
 from .steps import decode_step, pipelines_decode, prefill_chunk, prefill_pass, verify_step
 
 
@@ -96,7 +96,6 @@ class Runner:
         params = request.params
         if params.speculation is not None and not params.logprobs:
             request.proposer = make_proposer(params.speculation, params.lookup_ngram)
-            request.draft_length = params.num_draft
 
     def prefill(self, requests: list[Request], chunk: int) -> Sampled | None:
         """One request's next `chunk` prompt tokens (None unless they were its last), or several
@@ -218,7 +217,12 @@ class Runner:
         next step is queued before this one's tokens are read back, so the device never waits for
         the host; its rows are the ones running then, and a row that finishes meanwhile has
         computed one token too many, which the scheduler drops (its request is finished)."""
-        if self._ahead is None and (proposals := self._proposals(requests)):
+        proposals = self._proposals(requests) if self._ahead is None else {}
+        for request in requests:  # each speculating row's record decays a step (to nothing)
+            if request.proposer is not None:
+                request.spec_accepted = _decayed(request.spec_accepted)
+                request.spec_rejected = _decayed(request.spec_rejected)
+        if proposals:
             return self._verify(requests, proposals)
         try:
             if self._ahead is not None:
@@ -239,14 +243,19 @@ class Runner:
     # -- speculative decoding (speculative.py) ----------------------------------------------------
 
     def _proposals(self, requests: list[Request]) -> dict[int, list[int]]:
-        """Each speculating row's proposals (rows with none are left out): at most its num_draft,
-        and fewer than the tokens its budget has left (the last one is the model's own)."""
+        """Each speculating row's proposals (rows with none are left out): as many as its record
+        says are worth checking (speculative.draft_length), at most its num_draft, and fewer
+        than the tokens its budget has left (the last one is the model's own)."""
         proposals = {}
+        least = worth()
         for row, request in enumerate(requests):
             if request.proposer is None or request.stream is None:
                 continue
             generated = request.stream.tokens
-            k = min(request.draft_length, request.max_tokens - len(generated) - 1)
+            k = draft_length(
+                request.params.num_draft, request.spec_accepted, request.spec_rejected, least
+            )
+            k = min(k, request.max_tokens - len(generated) - 1)
             if k <= 0:
                 continue
             found = request.proposer.propose([*request.prompt_ids, *generated], k)  # type: ignore[attr-defined]
@@ -313,9 +322,8 @@ class Runner:
                 request.sampler.record(kept)  # type: ignore[union-attr]
                 request.draft_tokens += len(proposals[row])
                 request.accepted_draft_tokens += len(kept) - 1
-                request.draft_length = next_draft_length(
-                    request.draft_length, len(proposals[row]), len(kept) - 1, request.params
-                )
+                request.spec_accepted += len(kept) - 1
+                request.spec_rejected += len(kept) - 1 < len(proposals[row])
                 tokens.append(kept[0])
                 more[row] = kept[1:]
                 counts.append(len(kept))
@@ -456,6 +464,14 @@ def _sample(
         return token.astype(mx.uint32), _logprobs(request, logits, token), sampler.invalid, None
     except Exception as e:
         return mx.zeros((1,), mx.uint32), None, None, f"sampling failed: {e}"
+
+
+def _decayed(count: float) -> float:
+    """A row's record one step older: DECAY of it, and nothing once under 0.05 (so that a row
+    that gave up proposing gets back to its prior and probes again, ~30 steps after a
+    rejection)."""
+    count *= DECAY
+    return count if count >= 0.05 else 0.0
 
 
 def _caches(request: Request) -> list:

@@ -78,15 +78,36 @@ def make_proposer(name: str, max_ngram: int) -> Proposer:
     raise ValueError(f"speculation must be one of {PROPOSERS}, got {name!r}")
 
 
-def next_draft_length(length: int, proposed: int, accepted: int, params) -> int:
-    """How many proposals a row's next pass checks: all accepted doubles it (up to num_draft), a
-    rejection sets it to one more than were accepted. A pass's cost grows with the tokens it
-    checks (on a CPU nearly in proportion: a batch of 8 checking 6 proposals each ran at 0.47x
-    of plain decoding with a quarter of them accepted), so proposals that keep failing shrink
-    to one a pass, and a run of copied text grows them back in a few passes."""
-    if accepted == proposed:
-        return min(params.num_draft, max(length, 2 * proposed))
-    return max(1, accepted + 1)
+# Each row decides alone how many proposals to check, from its own record (never from the batch
+# or the clock: a seeded request must draw the same tokens alone and batched): the j-th proposal
+# is checked when its chance of being reached and accepted, alpha ** j, is at least WORTH. The
+# record decays each step, so a row that stopped proposing probes again (alpha drifts to 1/2).
+DECAY = 0.9
+
+
+def worth() -> float:
+    """The least chance of acceptance a proposal is checked for. On a CPU a pass costs nearly in
+    proportion to the tokens it checks (bench_speculative.py: a batch of 8 checking 6 proposals
+    a row ran at 0.47x of plain decoding with a quarter of them accepted), so a proposal must
+    more likely than not be accepted; on a GPU a pass costs about one step (not measured here:
+    a guess, to revisit with a device)."""
+    return 0.5 if mx.default_device() == mx.cpu else 0.2
+
+
+def acceptance(accepted: float, rejected: float) -> float:
+    """A row's estimated chance that a proposal is accepted, given the one before it was: its
+    decayed count of accepted proposals and of passes ended by a rejection, with a prior of one
+    of each."""
+    return (accepted + 1.0) / (accepted + rejected + 2.0)
+
+
+def draft_length(num_draft: int, accepted: float, rejected: float, least: float) -> int:
+    """Proposals worth checking: the largest j <= num_draft with alpha ** j >= least."""
+    alpha = acceptance(accepted, rejected)
+    k = 0
+    while k < num_draft and alpha ** (k + 1) >= least:
+        k += 1
+    return k
 
 
 @dataclass

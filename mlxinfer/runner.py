@@ -319,7 +319,10 @@ class Runner:
                 kept, invalid = verdicts[row].tokens()
                 if invalid:
                     failed.setdefault(row, BAD_LOGITS[2])
-                request.sampler.record(kept)  # type: ignore[union-attr]
+                sampler = cast(Sampler, request.sampler)
+                sampler.record(kept)
+                if (key := verdicts[row].key_after(len(kept))) is not None:
+                    sampler.key = key
                 request.draft_tokens += len(proposals[row])
                 request.accepted_draft_tokens += len(kept) - 1
                 request.spec_accepted += len(kept) - 1

@@ -367,13 +367,28 @@ class Sampler:
             self.invalid = invalid_logits(logits)
         else:
             self.key, step_key = mx.random.split(self.key)
-            filtered, ids = filter_candidates(logits, self.params)
-            token = draw(filtered, step_key)  # [1]
-            self.invalid = invalid_logits(filtered)
-            if ids is not None:  # an index among the candidates
-                token = mx.take_along_axis(ids, token[:, None], axis=-1)[:, 0]
+            token, self.invalid = self.draw_processed(logits, step_key)
         self._record(token)
         return token
+
+    def draw_processed(self, logits: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
+        """The draw of a sampled step from logits `[1, V]` already through the penalty stage,
+        with the step's `key`: (token `[1]`, whether the distribution was invalid `[1]`). The
+        filters, then the Gumbel-max draw among the survivors."""
+        filtered, ids = filter_candidates(logits, self.params)
+        token = draw(filtered, key)  # [1]
+        if ids is not None:  # an index among the candidates
+            token = mx.take_along_axis(ids, token[:, None], axis=-1)[:, 0]
+        return token, invalid_logits(filtered)
+
+    def step_keys(self, n: int) -> list[tuple[mx.array, mx.array]]:
+        """The keys of the next n sampled steps, as __call__ would split them: (the sampler's key
+        after step i, step i's key), without moving the sampler's own."""
+        keys, key = [], self.key
+        for _ in range(n):
+            key, step_key = mx.random.split(key)
+            keys.append((key, step_key))
+        return keys
 
     def _record(self, token: mx.array) -> None:
         p = self.params

@@ -8,13 +8,13 @@ ones costs little more than a step, and each proposal the model agrees with is a
     [last, d_1..d_k] --one forward pass--> logits at each of the k + 1 positions
     verify: accept d_1..d_m, then one token of the model's own at position m  (m + 1 tokens)
 
-`verify` keeps the output distribution exactly that of plain sampling. A greedy row accepts the
-longest prefix equal to the model's argmax (after the penalties); a sampled row accepts d_i with
-probability p_i(d_i), p_i being the whole sampling chain's distribution (penalties as if d_1..d_i-1
-had been generated, top-k, top-p, min-p, temperature), and on a rejection draws from p_i without
-d_i, renormalised: rejection sampling with a proposal q that puts all its mass on d_i, for which
-min(1, p/q) is p(d_i) and the residual max(0, p - q) is p without d_i. If every proposal is
-accepted the pass's last position gives one more token.
+`verify` keeps the output exactly that of plain decoding: at each position it computes the token
+plain decoding would pick there (the argmax after the penalties; or the draw of the whole
+sampling chain with the key plain sampling would use for that token) and accepts a proposal when
+it is that token. For a sampled row that is rejection sampling with a point-mass proposal (see
+`verify`): the distribution is plain sampling's, and the tokens are plain sampling's own for the
+same seed, so whether a pass checks proposals, and how many, never changes what a row generates.
+If every proposal is accepted the pass's last position gives one more token.
 
 The runner (runner.py) runs the pass for every batch row at once, rows without proposals included
 (their one token is an ordinary decode step), and rolls the caches back to the accepted tokens
@@ -32,7 +32,7 @@ import mlx.core as mx
 import numpy as np
 
 from .batch_cache import RING_SLACK
-from .sampling import Sampler, filter_candidates, invalid_logits
+from .sampling import Sampler, invalid_logits
 
 PROPOSERS = ("prompt-lookup",)
 MAX_DRAFT = RING_SLACK  # proposals a row may check in one pass
@@ -112,15 +112,17 @@ def draft_length(num_draft: int, accepted: float, rejected: float, least: float)
 
 @dataclass
 class Verdict:
-    """One row's verify pass, lazy on the device until `tokens` reads it: the model's tokens at
-    each position (`picked`, `[k + 1]`: its argmax for a greedy row; for a sampled row the draw
-    from the residual at positions 0..k-1 and from p_k at position k), which proposals it accepts
-    (`accepted`, `[k]` bool), and whether each position's distribution was invalid (NaN/inf)."""
+    """One row's verify pass, lazy on the device until `tokens` reads it: the model's token at
+    each position (`picked`, `[k + 1]`: the argmax for a greedy row, the sampler's own draw for a
+    sampled one), which proposals it accepts (`accepted`, `[k]` bool: equal to the pick), whether
+    each position's distribution was invalid (NaN/inf), and for a sampled row the sampler's key
+    after each position (`keys`)."""
 
     proposals: list[int]
     picked: mx.array
     accepted: mx.array
     invalid: mx.array
+    keys: list[mx.array] | None = None
 
     def arrays(self) -> list[mx.array]:
         return [self.picked, self.accepted, self.invalid]
@@ -134,32 +136,33 @@ class Verdict:
         invalid = any(cast(list[bool], self.invalid.tolist())[: m + 1])
         return [*self.proposals[:m], int(picked[m])], invalid
 
+    def key_after(self, kept: int) -> mx.array | None:
+        """A sampled row's key once `kept` tokens were drawn (None for a greedy row)."""
+        return None if self.keys is None else self.keys[kept - 1]
+
 
 def verify(sampler: Sampler, logits: mx.array, proposals: list[int]) -> Verdict:
     """The verify step of one row: `logits` `[k + 1, V]` at the row's last token and its k
-    `proposals`. Draws from the sampler's random key (one split a pass) but records nothing: the
-    caller records the tokens it keeps (`Sampler.record`)."""
+    `proposals`. Position j is processed as plain sampling would process it once proposals
+    0..j-1 had been generated (`Sampler.process_ahead`), and its token is the one plain sampling
+    would pick there: the argmax, or the draw with the key plain sampling would use for that
+    token (`Sampler.step_keys`). A proposal is accepted when it is that token.
+
+    For a sampled row this is rejection sampling with a proposal q that is a point mass on d:
+    the draw equals d with probability p(d), which is min(1, p(d) / q(d)), the most any exact
+    scheme accepts; and when it is not d it is a draw from p without d, renormalised, which is
+    the residual max(0, p - q). So the tokens follow plain sampling's distribution, and more:
+    they are plain sampling's own tokens for the same seed (up to the float rounding between a
+    verify pass and a decode step), whether a pass checks proposals or not. Records nothing: the
+    caller records the tokens it keeps (`Sampler.record`) and moves the key (`key_after`)."""
     k = len(proposals)
     processed = sampler.process_ahead(logits[: k + 1], proposals)  # [k + 1, V]
-    d = mx.array(proposals + [0], dtype=mx.int32)  # (position k proposes nothing)
+    d = mx.array(proposals, dtype=mx.uint32)
     if sampler.params.greedy:
-        picked = mx.argmax(processed, axis=-1)
-        accepted = picked[:k] == d[:k].astype(picked.dtype)
-        return Verdict(proposals, picked, accepted, invalid_logits(processed))
-    sampler.key, step_key = mx.random.split(sampler.key)
-    uniform_key, residual_key = mx.random.split(step_key)
-    filtered, ids = filter_candidates(processed, sampler.params)  # [k + 1, n] (ids or vocab)
-    if ids is None:
-        is_proposal = mx.arange(filtered.shape[-1])[None, :] == d[:, None]
-    else:
-        is_proposal = ids == d[:, None]
-    probs = mx.softmax(filtered, axis=-1, precise=True)
-    p_proposal = mx.where(is_proposal, probs, 0.0).sum(axis=-1)  # p_i(d_i)
-    accepted = (mx.random.uniform(shape=(k + 1,), key=uniform_key) < p_proposal)[:k]
-    # the residual: p_i without d_i (position k keeps p_k: its proposal index is masked off)
-    residual = mx.where(is_proposal & (mx.arange(k + 1) < k)[:, None], -mx.inf, filtered)
-    noise = mx.random.gumbel(residual.shape, key=residual_key)
-    picked = mx.argmax(residual + noise, axis=-1)  # an index among the candidates
-    if ids is not None:
-        picked = mx.take_along_axis(ids, picked[:, None], axis=-1)[:, 0]
-    return Verdict(proposals, picked, accepted, invalid_logits(filtered))
+        picked = mx.argmax(processed, axis=-1).astype(mx.uint32)
+        return Verdict(proposals, picked, picked[:k] == d, invalid_logits(processed))
+    keys = sampler.step_keys(k + 1)
+    draws = [sampler.draw_processed(processed[j : j + 1], keys[j][1]) for j in range(k + 1)]
+    picked = mx.concatenate([token.astype(mx.uint32) for token, _ in draws])
+    invalid = mx.concatenate([bad for _, bad in draws])
+    return Verdict(proposals, picked, picked[:k] == d, invalid, [key for key, _ in keys])

@@ -12,6 +12,7 @@ rightly pick the other token."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
@@ -234,10 +235,12 @@ def test_sampled_tokens_follow_plain_samplings_distribution(llama_model):
     draws = 20_000
     for seed in range(draws):
         sampler = Sampler(SamplingParams(**{**params.__dict__, "seed": seed}), V, prompt)
-        kept, invalid = verify(sampler, logits, [d1, d2]).tokens()
+        verdict = verify(sampler, logits, [d1, d2])
+        kept, invalid = verdict.tokens()
         assert not invalid
         if len(kept) == 1:  # rejected at once: the second token comes from a plain step
             sampler.record(kept)
+            sampler.key = verdict.key_after(1)  # (as the runner moves it)
             t1 = kept[0]
             if t1 not in second_logits:
                 second_logits[t1] = model(mx.array([prompt + [t1]]))[:, -1]
@@ -266,7 +269,13 @@ def llama_model(tmp_path_factory):
 
 
 @pytest.mark.exactness
-def test_the_same_seed_gives_the_same_tokens_alone_and_batched(tmp_path):
+@pytest.mark.parametrize("proposer", ["lookup", "oracle"])
+def test_the_same_seed_gives_plain_samplings_tokens_alone_and_batched(
+    tmp_path, proposer, monkeypatch
+):
+    """Sampled rows with speculation draw plain sampling's own tokens for their seed (verify
+    draws each position with the key plain sampling would use), alone and batched; an oracle
+    that proposes exactly those tokens has them accepted."""
     make_tiny_checkpoint(tmp_path, "llama")
     model, tokenizer = mlxinfer.load(tmp_path)
     batch = repetitive_prompts(4, seed=5)
@@ -274,6 +283,7 @@ def test_the_same_seed_gives_the_same_tokens_alone_and_batched(tmp_path):
         SamplingParams(
             temperature=0.8,
             top_p=0.95,
+            repetition_penalty=1.1,
             seed=100 + i,
             ignore_eos=True,
             speculation="prompt-lookup",
@@ -282,11 +292,21 @@ def test_the_same_seed_gives_the_same_tokens_alone_and_batched(tmp_path):
         )
         for i in range(len(batch))
     ]
+    plain = [replace(p, speculation=None) for p in params]
+    without = mlxinfer.batch_generate(model, tokenizer, batch, max_tokens=24, sampling=plain)
+    if proposer == "oracle":
+        references = {tuple(ids): r.tokens for ids, r in zip(batch, without, strict=True)}
+        oracle = Oracle(references, model.config.vocab_size)
+        monkeypatch.setattr(mlxinfer.runner, "make_proposer", lambda name, ngram: oracle)
     together = mlxinfer.batch_generate(model, tokenizer, batch, max_tokens=24, sampling=params)
-    for ids, p, result in zip(batch, params, together, strict=True):
+    for ids, p, result, reference in zip(batch, params, together, without, strict=True):
         lone = mlxinfer.batch_generate(model, tokenizer, [ids], max_tokens=24, sampling=p)[0]
-        assert lone.tokens == result.tokens
-    assert sum(r.metrics.draft_tokens for r in together) > 0
+        assert lone.tokens == result.tokens == reference.tokens
+    proposed = sum(r.metrics.draft_tokens for r in together)
+    accepted = sum(r.metrics.accepted_draft_tokens for r in together)
+    assert proposed > 0
+    if proposer == "oracle":
+        assert accepted == proposed
 
 
 def test_a_verify_pass_penalises_each_position_as_if_the_proposals_were_generated():

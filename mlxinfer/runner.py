@@ -30,7 +30,17 @@ from .prefix_cache import PrefixCache
 from .request import Request
 from .responses import TokenLogprobs
 from .sampling import Sampler, invalid_logits, top_logprobs
-from .speculative import DECAY, Verdict, draft_length, make_proposer, verify, worth
+from .speculative import (
+    DECAY,
+    PassCost,
+    Verdict,
+    acceptance,
+    draft_length,
+    make_proposer,
+    verify,
+    width,
+    worth,
+)
 from .steps import decode_step, pipelines_decode, prefill_chunk, prefill_pass, verify_step
 
 
@@ -78,6 +88,7 @@ class Runner:
         if prefix_cache is not None and self.split:
             prefix_cache.max_tokens = self.ring_size  # (see PrefixCache.store)
         self.run_ahead = pipelines_decode()  # queue decode step n+1 before reading step n (GPU)
+        self.pass_cost = PassCost()  # how long decode passes take, by their size
         self._ahead: _Step | None = None
         self._new_batch()
 
@@ -222,8 +233,11 @@ class Runner:
             if request.proposer is not None:
                 request.spec_accepted = _decayed(request.spec_accepted)
                 request.spec_rejected = _decayed(request.spec_rejected)
+        if proposals and not self.split:  # (over ranks no clock decides: they must agree)
+            proposals = self._worth_a_pass(requests, proposals)
         if proposals:
             return self._verify(requests, proposals)
+        started = time.perf_counter()
         try:
             if self._ahead is not None:
                 step, self._ahead = self._ahead, None
@@ -237,6 +251,8 @@ class Runner:
             self._stop_if_split()
             self._ahead = None
             return Sampled.failed(list(requests), f"decode step failed: {e}")
+        if not self.run_ahead:  # (a step queued ahead overlaps the host: not its own time)
+            self.pass_cost.observe(len(step.requests), time.perf_counter() - started)
         _bad_rows(bad, step.failed)
         return Sampled(step.requests, values, lps, step.failed)
 
@@ -263,17 +279,31 @@ class Runner:
                 proposals[row] = found
         return proposals
 
+    def _worth_a_pass(
+        self, requests: list[Request], proposals: dict[int, list[int]]
+    ) -> dict[int, list[int]]:
+        """The proposals this step checks: each row's cut to the width that is expected to keep
+        the most tokens a second (speculative.width, from the timed passes); none when a plain
+        step does better. What the rows generate is the same either way."""
+        alphas = {
+            row: acceptance(requests[row].spec_accepted, requests[row].spec_rejected)
+            for row in proposals
+        }
+        t = width(self.pass_cost, len(requests), proposals, alphas)
+        return {row: d[: t - 1] for row, d in proposals.items()} if t > 1 else {}
+
     def _verify(self, requests: list[Request], proposals: dict[int, list[int]]) -> Sampled:
         """One pass over every row's last token and its proposals (rows without any: an ordinary
         decode step, padded), then each row's tokens: the accepted proposals and one of the
         model's own. The caches keep exactly those (Rows.advance by each row's count)."""
         requests = list(requests)
-        width = 1 + max(len(d) for d in proposals.values())
+        positions = 1 + max(len(d) for d in proposals.values())
         inputs = []
         for row, request in enumerate(requests):
             d = proposals.get(row, [])
-            inputs.append([request.last_token, *d] + [0] * (width - 1 - len(d)))
+            inputs.append([request.last_token, *d] + [0] * (positions - 1 - len(d)))
         failed: dict[int, str] = {}
+        started = time.perf_counter()
         try:
             logits = verify_step(self.model, mx.array(inputs), self.batch)  # [rows, T, vocab]
             verdicts: dict[int, Verdict] = {}
@@ -334,6 +364,7 @@ class Runner:
         except Exception as e:  # the whole pass failed: every running request ends
             self._stop_if_split()
             return Sampled.failed(requests, f"decode step failed: {e}")
+        self.pass_cost.observe(len(requests) * positions, time.perf_counter() - started)
         return Sampled(requests, tokens, lps, failed, more=more)
 
     def _queue(self, requests: list[Request], inputs: mx.array) -> _Step:

@@ -110,6 +110,58 @@ def draft_length(num_draft: int, accepted: float, rejected: float, least: float)
     return k
 
 
+class PassCost:
+    """Seconds a decode pass takes as a + b * tokens (its rows x positions), fitted to the passes
+    a runner times, the older weighing less (DECAY_COST a pass). On a GPU b is small (a pass reads
+    the weights once, whatever it checks); on a CPU it is most of the cost. Whether and how much a
+    batch checks is decided from it (`width`): that changes how fast the rows go, never what they
+    generate (`verify`)."""
+
+    DECAY_COST = 0.95
+
+    def __init__(self) -> None:
+        self.sums = [0.0] * 5  # weights, x, x^2, y, x y
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        w, x, xx, y, xy = (v * self.DECAY_COST for v in self.sums)
+        self.sums = [w + 1, x + tokens, xx + tokens * tokens, y + seconds, xy + tokens * seconds]
+
+    def predict(self, tokens: int) -> float | None:
+        """None until passes of different sizes were timed."""
+        w, x, xx, y, xy = self.sums
+        if w == 0:
+            return None
+        spread = xx / w - (x / w) ** 2
+        if spread < 0.25:  # (one size of pass so far)
+            return None
+        b = max(0.0, (xy / w - (x / w) * (y / w)) / spread)
+        a = max(1e-6, y / w - b * x / w)
+        return a + b * tokens
+
+
+def width(
+    cost: PassCost, rows: int, proposals: dict[int, list[int]], alphas: dict[int, float]
+) -> int:
+    """The positions a batch's pass should have (1: a plain step): the one that maximises the
+    tokens the rows are expected to keep per second. Row r keeps 1 + sum of alpha_r ** j over
+    the proposals it checks (proposal j is reached and accepted with that chance); every row
+    pays for the widest. Full width while the cost is not known yet (those passes teach it)."""
+    widest = 1 + max(len(d) for d in proposals.values())
+    costs = [cost.predict(rows * t) for t in range(1, widest + 1)]
+    if any(c is None for c in costs):
+        return widest
+    best, best_rate = 1, 0.0
+    for t, seconds in zip(range(1, widest + 1), costs, strict=True):
+        kept = rows + sum(
+            sum(alphas[row] ** j for j in range(1, min(len(d), t - 1) + 1))
+            for row, d in proposals.items()
+        )
+        rate = kept / cast(float, seconds)
+        if rate > best_rate:
+            best, best_rate = t, rate
+    return best
+
+
 @dataclass
 class Verdict:
     """One row's verify pass, lazy on the device until `tokens` reads it: the model's token at

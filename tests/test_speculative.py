@@ -343,3 +343,25 @@ def test_a_row_checks_as_many_proposals_as_its_record_says_are_worth_it():
     while rejected:  # a row that gave up probes again after a while
         rejected, steps = _decayed(rejected), steps + 1
     assert 20 < steps < 40 and draft_length(6, 0, rejected, 0.5) == 1
+
+
+def test_a_batch_checks_the_width_that_keeps_the_most_tokens_a_second():
+    from mlxinfer.speculative import PassCost, width
+
+    cost = PassCost()
+    proposals = {0: [1, 2, 3, 4], 2: [5, 6]}
+    assert cost.predict(8) is None and width(cost, 4, proposals, {0: 0.9, 2: 0.9}) == 5
+    for _ in range(5):  # a CPU: 10 ms a pass plus 5 ms a token
+        cost.observe(4, 0.03)
+        cost.observe(12, 0.07)
+    assert cost.predict(20) == pytest.approx(0.11)
+    assert width(cost, 4, proposals, {0: 0.3, 2: 0.3}) == 1  # a plain step does better
+    # two rows of four copying: the others' padding costs more than the copies save
+    assert width(cost, 4, proposals, {0: 0.99, 2: 0.99}) == 1
+    every = {row: [1, 2, 3, 4] for row in range(4)}  # every row copying: all of them
+    assert width(cost, 4, every, dict.fromkeys(range(4), 0.99)) == 5
+    flat = PassCost()
+    for _ in range(5):  # a GPU: a pass costs the same whatever it checks
+        flat.observe(4, 0.02)
+        flat.observe(12, 0.02)
+    assert width(flat, 4, proposals, {0: 0.2, 2: 0.2}) == 5

@@ -223,6 +223,25 @@ def test_stop_strings_seeds_and_n_choices(client):
     assert [c.index for c in many.choices] == [0, 1, 2]
 
 
+def test_prompt_lookup_gives_the_same_reply_and_reports_its_drafts(server, client):
+    """Speculative decoding by request (`prompt_lookup`, our extension): the same greedy and
+    seeded replies as without it, the proposed and accepted tokens in the reply's metrics."""
+    prompt = "w11 w12 w13 w14 w11 w12 w13 w14 w11 w12 w13 w14 w11 w12"
+    for sampling in (dict(temperature=0), dict(temperature=1.0, seed=5)):
+        base = dict(model=MODEL, prompt=prompt, max_tokens=16, **sampling)
+        plain = client.completions.create(**base, extra_body={"ignore_eos": True})
+        fast = client.completions.create(
+            **base, extra_body={"ignore_eos": True, "prompt_lookup": True, "num_draft": 6}
+        )
+        assert fast.choices[0].text == plain.choices[0].text
+    status, body = post(
+        f"{server}/v1/completions",
+        {"model": MODEL, "prompt": prompt, "max_tokens": 16, "temperature": 0,
+         "ignore_eos": True, "prompt_lookup": True, "num_draft": 6},
+    )  # fmt: skip
+    assert status == 200 and body["metrics"]["draft_tokens"] > 0, body
+
+
 def test_anthropic_messages_plain_streamed_and_counted(server, checkpoint):
     """Anthropic counts cached prompt tokens apart: the second (streamed) request of the same
     prompt reads most of it from the prefix cache, and input + cache read is the prompt."""

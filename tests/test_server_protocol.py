@@ -84,6 +84,8 @@ def chat(**fields):
         ({"max_tokens": 0}, "max_tokens", "max_tokens must be in"),
         ({"temperature": "hot"}, "temperature", "must be a number"),
         ({"n": True}, "n", "must be an integer"),
+        ({"prompt_lookup": "yes"}, "prompt_lookup", "must be true or false"),
+        ({"num_draft": 9}, "num_draft", "num_draft must be in"),
     ],
 )  # fmt: skip
 def test_a_bad_field_is_refused_by_name(fields, param, words):
@@ -102,6 +104,16 @@ def test_what_a_request_asks_is_what_sampling_gets():
     assert chat(logprobs=True).params.logprobs == 1  # the chosen token's, no alternatives
     assert chat().params.temperature == 1.0  # OpenAI's default
     assert chat(tools=[], tool_choice="none").tools is None
+    spec = chat(prompt_lookup=True, num_draft=6).params  # speculative decoding (our extension)
+    assert (spec.speculation, spec.num_draft) == ("prompt-lookup", 6)
+    assert chat().params.speculation is None
+    messages = protocol.parse_messages(
+        {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
+         "prompt_lookup": True},
+        "m",
+        TOKENIZER,
+    )  # fmt: skip
+    assert messages.params.speculation == "prompt-lookup"
 
 
 @pytest.mark.parametrize(

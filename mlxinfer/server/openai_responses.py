@@ -22,6 +22,7 @@ from typing import Any
 from ..tokenizer import Tokenizer
 from . import tools as tool_calls
 from .protocol import (
+    SPECULATION,
     ApiError,
     Job,
     _flag,
@@ -45,6 +46,8 @@ FIELDS = {
     "top_k",  # (the extensions every local server takes)
     "min_p",
     "seed",
+    "prompt_lookup",  # (mlxinfer's extension: speculative decoding)
+    "num_draft",
     "stream",
     "store",
     "tools",
@@ -78,7 +81,11 @@ def parse(body: Any, model_id: str, tokenizer: Tokenizer) -> Job:
         tokenizer,
     )
     sampling = _sampling(
-        {k: body[k] for k in ("temperature", "top_p", "top_k", "min_p", "seed") if k in body},
+        {
+            k: body[k]
+            for k in ("temperature", "top_p", "top_k", "min_p", "seed", *SPECULATION)
+            if k in body
+        },
         tokenizer,
     )
     stream = _flag(body, "stream")

@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..batch_cache import RING_SLACK
 from ..engine import GenerationResult
 from ..generate import check_utf8
 from ..metrics import RequestMetrics
@@ -165,7 +166,14 @@ def _sampling(body: dict, tokenizer: Tokenizer, stop_field: str = "stop") -> dic
         "stop": _stops(body, stop_field),
         "logit_bias": _logit_bias(body, tokenizer.vocab_size),
         "ignore_eos": _flag(body, "ignore_eos"),
+        # speculative decoding (mlxinfer's extension): the same tokens, sooner where the reply
+        # copies the prompt
+        "speculation": "prompt-lookup" if _flag(body, "prompt_lookup") else None,
+        "num_draft": _number(body, "num_draft", 4, 1, RING_SLACK, integer=True),
     }
+
+
+SPECULATION = ("prompt_lookup", "num_draft")  # the request fields of speculative decoding
 
 
 def _flag(body: dict, name: str) -> bool:
@@ -257,6 +265,8 @@ CHAT_FIELDS = {
     "stream_options",
     "response_format",
     "ignore_eos",  # vLLM's extension: generate exactly max_tokens (benchmarks)
+    "prompt_lookup",  # mlxinfer's: speculative decoding by prompt lookup
+    "num_draft",
     "tools",
     "tool_choice",
     "parallel_tool_calls",
@@ -460,6 +470,8 @@ MESSAGES_FIELDS = {
     "top_k",
     "stop_sequences",
     "stream",
+    "prompt_lookup",  # (mlxinfer's extension, as in CHAT_FIELDS)
+    "num_draft",
 }
 
 
@@ -496,7 +508,7 @@ def parse_messages(body: Any, model_id: str, tokenizer: Tokenizer) -> Job:
     if body.get("max_tokens") is None:
         raise bad("max_tokens is required", "max_tokens")
     sampling = _sampling(
-        {k: body[k] for k in ("temperature", "top_p", "top_k") if k in body}
+        {k: body[k] for k in ("temperature", "top_p", "top_k", *SPECULATION) if k in body}
         | {"stop_sequences": body.get("stop_sequences"), "ignore_eos": False},
         tokenizer,
         "stop_sequences",
@@ -565,6 +577,8 @@ def metrics_extension(metrics: RequestMetrics | None) -> dict | None:
         "queue_ms": round(metrics.queue_ms, 3),
         "e2e_ms": round(metrics.e2e_ms, 3),
         "peak_memory_mb": round(metrics.peak_memory_mb, 3),
+        "draft_tokens": metrics.draft_tokens,  # speculative decoding: proposed
+        "accepted_draft_tokens": metrics.accepted_draft_tokens,
     }
 
 

@@ -189,6 +189,8 @@ class Runner:
     def join(self, request: Request) -> None:
         """A prefilled request takes the next batch row; its single caches are copied in and go."""
         cache = _caches(request)
+        if not len(self.rows):  # the first row decides whether the rings get slack
+            self._new_batch(speculating=request.proposer is not None)
         self.rows.add(cache[0].offset)
         for batch, single in zip(self.batch, cache, strict=True):
             batch.add_row(single)
@@ -217,8 +219,15 @@ class Runner:
             return 0
         return max((c.capacity for c in self.batch), default=0)
 
-    def _new_batch(self) -> None:
-        self.rows, self.batch = make_batch_cache(self.template, self.max_batch, RING_SLACK)
+    def _new_batch(self, speculating: bool = False) -> None:
+        """Empty batch caches. Their rings hold RING_SLACK more slots when the batch starts with
+        a speculating row: a verify pass must not overwrite keys it reads. Only then, since the
+        slack's older keys need a mask every step, which keeps a decode step off the CPU's
+        prefix-mask kernel (batch_cache.py). A batch without it checks no proposals while it
+        has rings (`verifiable`): its rows decode plainly, which generates the same tokens."""
+        slack = RING_SLACK if speculating else 0
+        self.rows, self.batch = make_batch_cache(self.template, self.max_batch, slack)
+        self.verifiable = slack > 0 or all(c.max_size is None for c in self.batch)
         self._ahead = None  # a step queued for rows that have all gone
 
     # -- decode ----------------------------------------------------------------------------------
@@ -228,7 +237,7 @@ class Runner:
         next step is queued before this one's tokens are read back, so the device never waits for
         the host; its rows are the ones running then, and a row that finishes meanwhile has
         computed one token too many, which the scheduler drops (its request is finished)."""
-        proposals = self._proposals(requests) if self._ahead is None else {}
+        proposals = self._proposals(requests) if self._ahead is None and self.verifiable else {}
         for request in requests:  # each speculating row's record decays a step (to nothing)
             if request.proposer is not None:
                 request.spec_accepted = _decayed(request.spec_accepted)
@@ -238,6 +247,7 @@ class Runner:
         if proposals:
             return self._verify(requests, proposals)
         started = time.perf_counter()
+        timed = self._ahead is None  # a step queued before this call: not its own time
         try:
             if self._ahead is not None:
                 step, self._ahead = self._ahead, None
@@ -245,13 +255,14 @@ class Runner:
                 step = self._queue(requests, mx.array([r.last_token for r in requests]))
             if self.run_ahead and not any(r.proposer is not None for r in requests):
                 self._ahead = self._queue(requests, self._inputs_after(step, requests))
+                timed = False  # (the next step overlaps this one)
             values, bad = _ints(step.tokens), _ints(step.bad)  # waits for the step
             lps = [_to_host(lp) for lp in step.lps]
         except Exception as e:  # the whole step failed: every running request ends
             self._stop_if_split()
             self._ahead = None
             return Sampled.failed(list(requests), f"decode step failed: {e}")
-        if not self.run_ahead:  # (a step queued ahead overlaps the host: not its own time)
+        if timed:
             self.pass_cost.observe(len(step.requests), time.perf_counter() - started)
         _bad_rows(bad, step.failed)
         return Sampled(step.requests, values, lps, step.failed)
@@ -284,7 +295,8 @@ class Runner:
     ) -> dict[int, list[int]]:
         """The proposals this step checks: each row's cut to the width that is expected to keep
         the most tokens a second (speculative.width, from the timed passes); none when a plain
-        step does better. What the rows generate is the same either way."""
+        step does better. What the rows generate is the same either way (up to the float
+        rounding between a wide pass and a one-token step, at near ties, as with batching)."""
         alphas = {
             row: acceptance(requests[row].spec_accepted, requests[row].spec_rejected)
             for row in proposals
@@ -307,6 +319,7 @@ class Runner:
         try:
             logits = verify_step(self.model, mx.array(inputs), self.batch)  # [rows, T, vocab]
             verdicts: dict[int, Verdict] = {}
+            raw_bad: dict[int, mx.array] = {}
             plain: dict[int, tuple] = {}
             for row, request in enumerate(requests):
                 if row not in proposals:
@@ -319,10 +332,12 @@ class Runner:
                 try:
                     sampler = cast(Sampler, request.sampler)
                     verdicts[row] = verify(sampler, logits[row, : len(d) + 1], d)
+                    raw_bad[row] = invalid_logits(logits[row, : len(d) + 1])  # the model's own
                 except Exception as e:
                     failed[row] = f"sampling failed: {e}"
             mx.eval(
                 [v.arrays() for v in verdicts.values()],
+                list(raw_bad.values()),
                 [[a for a in p if a is not None] for p in plain.values()],
                 [c.state for c in self.batch],
             )
@@ -347,7 +362,9 @@ class Runner:
                     counts.append(1)
                     continue
                 kept, invalid = verdicts[row].tokens()
-                if invalid:
+                if any(cast(list[bool], raw_bad[row].tolist())[: len(kept)]):
+                    failed.setdefault(row, BAD_LOGITS[1])  # (as a decode step says it)
+                elif invalid:
                     failed.setdefault(row, BAD_LOGITS[2])
                 sampler = cast(Sampler, request.sampler)
                 sampler.record(kept)

@@ -365,3 +365,21 @@ def test_a_batch_checks_the_width_that_keeps_the_most_tokens_a_second():
         flat.observe(4, 0.02)
         flat.observe(12, 0.02)
     assert width(flat, 4, proposals, {0: 0.2, 2: 0.2}) == 5
+
+
+@pytest.mark.exactness
+def test_a_batch_a_plain_row_started_keeps_its_rings_tight_and_checks_nothing(tiny):
+    """Rings get their slack only when the batch's first row speculates (the slack costs a
+    mask every step); in a batch a plain row started, rows that ask for speculation decode
+    plainly where the model has rings, and generate the same tokens."""
+    model, tokenizer = tiny
+    options = CACHES["sinks"]
+    batch = repetitive_prompts(3, seed=4)
+    plain = SamplingParams(ignore_eos=True)
+    spec = SamplingParams(ignore_eos=True, speculation="prompt-lookup", num_draft=4)
+    results = mlxinfer.batch_generate(
+        model, tokenizer, batch, max_tokens=12, sampling=[plain, spec, spec], **options
+    )
+    for ids, result in zip(batch, results, strict=True):
+        assert_same_greedy(result.tokens, alone(model, ids, 12, **options))
+        assert result.metrics.draft_tokens == 0

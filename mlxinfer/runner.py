@@ -31,10 +31,10 @@ from .request import Request
 from .responses import TokenLogprobs
 from .sampling import Sampler, invalid_logits, top_logprobs
 from .speculative import (
-    DECAY,
     PassCost,
     Verdict,
     acceptance,
+    decayed,
     draft_length,
     make_proposer,
     verify,
@@ -240,8 +240,8 @@ class Runner:
         proposals = self._proposals(requests) if self._ahead is None and self.verifiable else {}
         for request in requests:  # each speculating row's record decays a step (to nothing)
             if request.proposer is not None:
-                request.spec_accepted = _decayed(request.spec_accepted)
-                request.spec_rejected = _decayed(request.spec_rejected)
+                request.spec_accepted = decayed(request.spec_accepted)
+                request.spec_rejected = decayed(request.spec_rejected)
         if proposals and not self.split:  # (over ranks no clock decides: they must agree)
             proposals = self._worth_a_pass(requests, proposals)
         if proposals:
@@ -320,11 +320,12 @@ class Runner:
             logits = verify_step(self.model, mx.array(inputs), self.batch)  # [rows, T, vocab]
             verdicts: dict[int, Verdict] = {}
             raw_bad: dict[int, mx.array] = {}
-            plain: dict[int, tuple] = {}
+            plain: dict[int, tuple] = {}  # rows without proposals: (token, logprobs)
+            checks: list[mx.array | None] = [None] * len(requests)
             for row, request in enumerate(requests):
                 if row not in proposals:
-                    token, lp, check, error = _sample(request, logits[row, :1])
-                    plain[row] = (token, lp, check, invalid_logits(logits[row, :1]))
+                    token, lp, checks[row], error = _sample(request, logits[row, :1])
+                    plain[row] = (token, lp)
                     if error is not None:
                         failed[row] = error
                     continue
@@ -335,25 +336,26 @@ class Runner:
                     raw_bad[row] = invalid_logits(logits[row, : len(d) + 1])  # the model's own
                 except Exception as e:
                     failed[row] = f"sampling failed: {e}"
+            # every row's first position, as a decode step checks it (a verified row's further
+            # positions below)
+            bad = _bad_logits(logits[:, 0], checks)
             mx.eval(
                 [v.arrays() for v in verdicts.values()],
                 list(raw_bad.values()),
                 [[a for a in p if a is not None] for p in plain.values()],
+                bad,
                 [c.state for c in self.batch],
             )
+            _bad_rows(_ints(bad), failed)
             tokens: list[int] = []
             lps: list = []
             more: dict[int, list[int]] = {}
             counts = []
             for row, request in enumerate(requests):
                 if row in plain:
-                    token, lp, check, model_bad = plain[row]
+                    token, lp = plain[row]
                     tokens.append(int(token.item()))
                     lps.append(_to_host(lp))
-                    if model_bad.item():
-                        failed.setdefault(row, BAD_LOGITS[1])
-                    elif check is not None and check.item():
-                        failed.setdefault(row, BAD_LOGITS[2])
                     counts.append(1)
                     continue
                 lps.append(None)
@@ -515,14 +517,6 @@ def _sample(
         return token.astype(mx.uint32), _logprobs(request, logits, token), sampler.invalid, None
     except Exception as e:
         return mx.zeros((1,), mx.uint32), None, None, f"sampling failed: {e}"
-
-
-def _decayed(count: float) -> float:
-    """A row's record one step older: DECAY of it, and nothing once under 0.05 (so that a row
-    that gave up proposing gets back to its prior and probes again, ~30 steps after a
-    rejection)."""
-    count *= DECAY
-    return count if count >= 0.05 else 0.0
 
 
 def _caches(request: Request) -> list:

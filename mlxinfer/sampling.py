@@ -24,6 +24,7 @@ from .batch_cache import RING_SLACK
 from .parallel import unseeded_seed
 
 NEG_INF = float("-inf")
+PROPOSERS = ("prompt-lookup",)  # SamplingParams.speculation's values (speculative.py)
 GREEDY_BELOW = 1e-6  # temperatures below this are greedy (|logits| / T stays far from overflow)
 
 
@@ -74,10 +75,9 @@ class SamplingParams:
                 raise ValueError(
                     f"logit_bias: token ids must be >= 0 and biases finite, got {token}: {bias}"
                 )
-        if self.speculation not in (None, "prompt-lookup"):
-            raise ValueError(
-                f"speculation must be None or 'prompt-lookup', got {self.speculation!r}"
-            )
+        if self.speculation is not None and self.speculation not in PROPOSERS:
+            allowed = " or ".join(repr(name) for name in PROPOSERS)
+            raise ValueError(f"speculation must be None or {allowed}, got {self.speculation!r}")
         _check_int("num_draft", self.num_draft, 1)
         if self.num_draft > RING_SLACK:
             raise ValueError(f"num_draft must be at most {RING_SLACK}, got {self.num_draft}")

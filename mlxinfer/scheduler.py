@@ -306,7 +306,8 @@ class Scheduler:
                 continue
             if request.cache is not None:
                 self.runner.remember(request.prompt_ids, request.cache)
-            events.append(self._emit(request, sampled, row))
+            at = sampled.at
+            events.append(self._emit(request, sampled.tokens[row], sampled.logprobs[row], at))
             if not request.finished:
                 self.runner.join(request)
                 request.status = Status.RUNNING
@@ -325,7 +326,7 @@ class Scheduler:
                 continue
             for i, token in enumerate(sampled.tokens_of(row)):  # (several: speculative decoding)
                 logprobs = sampled.logprobs[row] if i == 0 else None
-                events.append(self._emit_token(request, token, logprobs, sampled.at))
+                events.append(self._emit(request, token, logprobs, sampled.at))
                 if request.finished:  # the tokens after its last are dropped
                     break
         for request, _ in events:
@@ -335,12 +336,9 @@ class Scheduler:
 
     # -- responses -------------------------------------------------------------------------------
 
-    def _emit(self, request: Request, sampled: Sampled, row: int) -> Event:
-        """Host-side work for one new token (row `row` of `sampled`): EOS, detokenizing, stop
+    def _emit(self, request: Request, token: int, logprobs, at: float) -> Event:
+        """Host-side work for one new token (reaching the host at `at`): EOS, detokenizing, stop
         strings, the token budget."""
-        return self._emit_token(request, sampled.tokens[row], sampled.logprobs[row], sampled.at)
-
-    def _emit_token(self, request: Request, token: int, logprobs, at: float) -> Event:
         request.last_token = token
         try:
             if request.stream is None:

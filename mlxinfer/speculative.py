@@ -31,11 +31,7 @@ from typing import Protocol, cast
 import mlx.core as mx
 import numpy as np
 
-from .batch_cache import RING_SLACK
-from .sampling import Sampler, invalid_logits
-
-PROPOSERS = ("prompt-lookup",)
-MAX_DRAFT = RING_SLACK  # proposals a row may check in one pass
+from .sampling import PROPOSERS, Sampler, invalid_logits
 
 
 class Proposer(Protocol):
@@ -92,6 +88,14 @@ def worth() -> float:
     more likely than not be accepted; on a GPU a pass costs about one step (not measured here:
     a guess, to revisit with a device)."""
     return 0.5 if mx.default_device() == mx.cpu else 0.2
+
+
+def decayed(count: float) -> float:
+    """A row's record one step older: DECAY of it, and nothing once under 0.05 (so that a row
+    that gave up proposing gets back to its prior and probes again, ~30 steps after a
+    rejection)."""
+    count *= DECAY
+    return count if count >= 0.05 else 0.0
 
 
 def acceptance(accepted: float, rejected: float) -> float:

@@ -329,8 +329,7 @@ def test_a_verify_pass_penalises_each_position_as_if_the_proposals_were_generate
 
 
 def test_a_row_checks_as_many_proposals_as_its_record_says_are_worth_it():
-    from mlxinfer.runner import _decayed
-    from mlxinfer.speculative import acceptance, draft_length
+    from mlxinfer.speculative import acceptance, decayed, draft_length
 
     assert acceptance(0, 0) == 0.5
     assert draft_length(6, 0, 0, 0.5) == 1  # the prior: one proposal, a probe
@@ -341,7 +340,7 @@ def test_a_row_checks_as_many_proposals_as_its_record_says_are_worth_it():
     assert draft_length(6, 1, 1, 0.2) == 2  # a GPU's threshold: (1/2)^2 >= 0.2 > (1/2)^3
     rejected, steps = 1.0, 0
     while rejected:  # a row that gave up probes again after a while
-        rejected, steps = _decayed(rejected), steps + 1
+        rejected, steps = decayed(rejected), steps + 1
     assert 20 < steps < 40 and draft_length(6, 0, rejected, 0.5) == 1
 
 

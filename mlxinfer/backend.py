@@ -284,7 +284,7 @@ def cpu_features() -> str:
 def gemv_kernel_summary(timings: bool = True) -> str:
     """One line for reports: the few-row kernel in use (see gemv_kernel), or why there is none.
     `timings=False` drops the check's figures, which differ from process to process ("avx512,
-    4-16 rows"): for the machine facts runs are grouped by."""
+    2-16 rows"): for the machine facts runs are grouped by."""
     kernel = gemv_kernel()
     if kernel is None:
         return f"none (gemv shim {gemv_shim_status()})"

@@ -147,16 +147,20 @@ def native_attention(
 
 
 def decode_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array | None:
-    """One new query per row (a decode step), q `[B, H, 1, hd]` over k, v `[B, KV, S, hd]`, by the
-    shim's kernel where `mask` lets each row see a prefix of the slots: None (every slot), or a
-    batch cache's bool `[B, 1, 1, S]` over rows of different lengths (a growing cache). None where
-    the kernel does not apply, or the mask is not prefixes (a rotating cache that has wrapped, a
-    sliding window): MLX's attention then runs."""
-    if q.shape[2] != 1:
-        return None
+    """A batch's new queries, q `[B, H, T, hd]` over k, v `[B, KV, S, hd]`: one per row (a decode
+    step), or each row's last token and its proposals (speculative decoding's verify pass), by the
+    shim's kernel where `mask` lets each row see a prefix of the slots, its T queries causally the
+    last T of that prefix: None (one query a row, every slot), or a batch cache's bool
+    `[B, 1, T, S]` over rows of different lengths (a growing cache). None where the kernel does
+    not apply, or the mask is not such prefixes (a rotating cache that has wrapped, a sliding
+    window): MLX's attention then runs."""
+    T = q.shape[2]
     lengths = None
-    if mask is not None:
-        if isinstance(mask, str) or mask.ndim != 4 or mask.shape[1:3] != (1, 1):
+    if mask is None:
+        if T != 1:
+            return None
+    else:
+        if isinstance(mask, str) or mask.ndim != 4 or mask.shape[1:3] != (1, T):
             return None
         lengths = _prefix_lengths(mask)
         if lengths is None:
@@ -168,15 +172,18 @@ _last_mask = threading.local()  # the layers of a step share one mask: read it o
 
 
 def _prefix_lengths(mask: mx.array) -> np.ndarray | None:
-    """The visible slots of each row of a bool mask `[B, 1, 1, S]` when they are a prefix of the
-    row (int32 `[B]`), else None."""
+    """The slots each row holds (int32 `[B]`) when a bool mask `[B, 1, T, S]` lets row b's
+    query t see exactly its first lengths[b] - (T - 1 - t) slots (causal, the queries the last T
+    of the row's slots), else None."""
     seen = getattr(_last_mask, "value", None)
     if seen is not None and seen[0] is mask:
         return seen[1]
     visible = np.asarray(mask)  # evaluates it once, no copy (a reshape here would be a new array)
-    visible = visible.reshape(visible.shape[0], visible.shape[-1])
-    lengths = visible.sum(axis=1, dtype=np.int32)
-    if not np.array_equal(visible, np.arange(visible.shape[1]) < lengths[:, None]):
+    B, _, T, S = visible.shape
+    visible = visible.reshape(B, T, S)
+    lengths = visible[:, -1].sum(axis=1, dtype=np.int32)
+    sees = lengths[:, None] - (T - 1) + np.arange(T)  # [B, T]: the slots query t sees
+    if not np.array_equal(visible, np.arange(S) < sees[:, :, None]):
         lengths = None
     _last_mask.value = (mask, lengths)
     return lengths

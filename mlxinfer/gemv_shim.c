@@ -8,9 +8,12 @@
  *
  * A batched decode step multiplies a few rows by each weight matrix, and OpenBLAS's GEMM costs
  * about 3x a GEMV for any M from 2 to 16 on the default model's layers (it packs the whole weight
- * matrix first). So 2 or 3 rows go to one GEMV each, and 4 to 16 rows (when N >= 256) to
- * small_gemm below, which streams the weights once with all rows in registers: the LM head at
- * M = 8 in 9.5 ms instead of 16-18 ms, the smaller layers 2x faster (2-core Xeon, OpenMP).
+ * matrix first). So 2 to 16 rows (when N >= 256) go to small_gemm below, which streams the weights
+ * once with all rows in registers: the LM head at M = 8 in 9.5 ms instead of 16-18 ms, the smaller
+ * layers 2x faster (2-core Xeon, OpenMP). 2 and 3 rows (padded to 4 there) went to one GEMV each
+ * before, which reads the weights once a row: on a 2-core EPYC (Zen 2) the LM head at 3 rows took
+ * 11.2 ms that way, 3.4 ms in small_gemm (a verify pass of speculative decoding has 2 to 9 rows
+ * alone). Where small_gemm is not in use, 2 or 3 rows still go to one GEMV each.
  * Products too small for any threads (a decode step's attention, see `tiny_rows`) are computed
  * on the calling thread.
  *
@@ -221,7 +224,7 @@ static int cpu_can_run(int index) {
 static int feature_kernel = -1; /* the first of KERNELS this CPU can run */
 static int chosen = -1;         /* the kernel in use: an index of KERNELS, or -1 for OpenBLAS */
 static int prefill_kernel = -1; /* KERNELS' variant for the prefill kernels: by features, or forced */
-static int checked_rows = 0;    /* small_gemm takes products of 4..checked_rows rows */
+static int checked_rows = 0;    /* small_gemm takes products of 2..checked_rows rows */
 static int unchecked = 0; /* forced by MLXINFER_GEMV_KERNEL, or MLXINFER_GEMV_CHECK=0 */
 static char status[256] = "not checked yet";
 static pthread_once_t check_once = PTHREAD_ONCE_INIT;
@@ -313,7 +316,7 @@ static void check_kernel(void) {
       chosen = -1;
     } else {
       snprintf(status, sizeof status,
-               "%s, 4-%d rows (16 rows: %.2f ms vs OpenBLAS %.2f ms; 8 rows: %.2f vs %.2f)", name,
+               "%s, 2-%d rows (16 rows: %.2f ms vs OpenBLAS %.2f ms; 8 rows: %.2f vs %.2f)", name,
                checked_rows, ms[0][0], ms[0][1], ms[1][0], ms[1][1]);
     }
   }
@@ -622,6 +625,18 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float
     tiny_rows(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     return;
   }
+  if (order == RowMajor && M > 1 && M <= SMALL_ROWS && N >= 256 && chosen >= 0) {
+    pthread_once(&check_once, check_kernel);
+    if (chosen >= 0 && M <= checked_rows) {
+      float *a = malloc(sizeof(float) * (size_t)((M + 3) / 4 * 4) * K); /* A's rows, contiguous */
+      if (a) {
+        small_gemm(chosen, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C,
+                   ldc, a);
+        free(a);
+        return;
+      }
+    }
+  }
   if (order == RowMajor && M <= GEMV_ROWS && N > 1) {
     /* Row i: C[i, :] = alpha * a_i[1, K] @ op(B)[K, N] + beta * C[i, :]. a_i is A's row i
      * (stride 1), or A's column i when A is stored transposed [K, M] (stride lda). */
@@ -635,18 +650,6 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float
         real_sgemv(RowMajor, Trans, K, N, alpha, B, ldb, a, inc_a, beta, c, 1);
     }
     return;
-  }
-  if (order == RowMajor && M <= SMALL_ROWS && N >= 256 && chosen >= 0) {
-    pthread_once(&check_once, check_kernel);
-    if (chosen >= 0 && M <= checked_rows) {
-      float *a = malloc(sizeof(float) * (size_t)((M + 3) / 4 * 4) * K); /* A's rows, contiguous */
-      if (a) {
-        small_gemm(chosen, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C,
-                   ldc, a);
-        free(a);
-        return;
-      }
-    }
   }
   if (order == RowMajor && N == 1 && M > 1) {
     /* C[M, 1] = alpha * op(A)[M, K] @ b[K, 1] + beta * C, b stride ldb (stored [K, 1]) or 1. */

@@ -99,8 +99,9 @@ class CPUOps(MLXOps):
 
     def attention(self, q, k, v, scale, mask):
         if mask is None or (not isinstance(mask, str) and mask.ndim == 4):
-            # A decode step (a batch's masks are [B, 1, 1, S]): the shim's kernel where each row
-            # sees a prefix of its slots; MLX's fallback makes a one-row product per row and head.
+            # A batch's decode step or verify pass (masks [B, 1, T, S]): the shim's kernel where
+            # each row sees a prefix of its slots; MLX's fallback makes a one-row product per row
+            # and head.
             if (out := cpu_kernels.decode_attention(q, k, v, scale, mask)) is not None:
                 return out
             return super().attention(q, k, v, scale, mask)

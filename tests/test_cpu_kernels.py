@@ -246,6 +246,32 @@ def test_decode_attention_reads_the_mask_of_a_batch_cache():
         cpu_kernels.native_attention(q, k, v, 0.125, lengths=np.array([40, 7]))
 
 
+def test_decode_attention_takes_a_verify_pass_of_several_tokens_a_row():
+    """Speculative decoding's verify pass: T tokens a row, the batch cache's mask letting query t
+    of row b see its first lengths[b] - (T - 1 - t) slots. The kernel takes it, and gives float64
+    numpy's causal attention of each row over its own prefix; a mask whose queries all see the
+    same slots (not causal) is declined."""
+    if not _runnable_kernels():
+        pytest.skip("no gemv shim on this machine")
+    rng = np.random.default_rng(10)
+    B, H, KV, T, S, hd = 3, 9, 3, 4, 60, 64
+    q = rng.normal(size=(B, H, T, hd)).astype(np.float32)
+    k, v = (rng.normal(size=(B, KV, S, hd)).astype(np.float32) for _ in "kv")
+    lengths = np.array([60, 9, 33])  # each row's slots, its T new tokens included
+    sees = lengths[:, None] - (T - 1) + np.arange(T)  # [B, T]
+    mask = mx.array(np.arange(S)[None, None, :] < sees[:, :, None])[:, None]  # [B, 1, T, S]
+    ours = cpu_kernels.decode_attention(*map(mx.array, (q, k, v)), 0.125, mask)
+    assert ours is not None
+    for b, n in enumerate(lengths):
+        expected = _reference_attention(
+            q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], 0.125
+        )
+        assert np.abs(np.array(ours[b : b + 1]) - expected).max() < 1e-5
+    every = mx.array(np.arange(S)[None, None, :] < np.repeat(lengths[:, None, None], T, 1))[:, None]
+    assert cpu_kernels.decode_attention(*map(mx.array, (q, k, v)), 0.125, every) is None
+    assert cpu_kernels.decode_attention(*map(mx.array, (q, k, v)), 0.125, None) is None
+
+
 def test_native_attention_declines_what_it_does_not_take(monkeypatch):
     """bfloat16 inputs, or the kernel turned off: None, so the caller runs MLX's ops."""
     if not _runnable_kernels():

@@ -153,7 +153,9 @@ class Engine:
     says what each trades); `prefill_chunk` is the prompt tokens per prefill pass (the per-step
     token budget under "chunked"); `prefix_cache_mb` bounds the cache of prompt prefixes
     (0 turns it off). The KV cache kind is `cache` (a CacheSpec) or its fields as keywords, as
-    stream_generate takes them. `engine.options` holds all of them, checked, as one EngineOptions.
+    stream_generate takes them. `draft_model` (a loaded model that shares the tokenizer) proposes
+    for requests with SamplingParams(speculation="draft"). `engine.options` holds all of them,
+    checked, as one EngineOptions.
 
     The engine's thread holds only its `_Worker` (never the Engine), so an engine dropped without
     `close()` is collected like any object: its finalizer closes it, cancelling what it ran (its
@@ -169,6 +171,7 @@ class Engine:
         prefill_chunk: int | None = None,
         prefix_cache_mb: float = 256,
         cache: CacheSpec | None = None,
+        draft_model: Model | None = None,
         **cache_options,
     ):
         self.model = model
@@ -180,6 +183,7 @@ class Engine:
             prefill_chunk,
             prefix_cache_mb,
             cache_spec(cache, **cache_options),
+            draft_model,
         )
         self.scheduler = Scheduler(model, tokenizer, self.options)
         self._ids = itertools.count()
@@ -470,13 +474,14 @@ def batch_generate(
     max_batch: int | None = None,
     prefill_chunk: int | None = None,
     cache: CacheSpec | None = None,
+    draft_model: Model | None = None,
     **cache_options,
 ) -> list[GenerationResult]:
     """Generate for every prompt at once (continuous batching on the calling thread); one result
     per prompt, in order. `sampling` is one SamplingParams for all or one per prompt; each prompt
     is text, token ids or chat messages as in stream_generate. At most `max_batch` run together
     (default: all). `cache` and `cache_options` are stream_generate's (a CacheSpec, or max_kv_size,
-    kv_keep, kv_bits, kv_group_size)."""
+    kv_keep, kv_bits, kv_group_size); `draft_model` is the Engine's."""
     own_streams()  # this thread's MLX streams are cleared as it ends (streams.py)
     if isinstance(prompts, (str, dict)):
         raise ValueError("prompts must be a list of prompts; for one prompt use generate()")
@@ -495,6 +500,7 @@ def batch_generate(
         max_batch=max_batch or len(prompts),
         prefill_chunk=prefill_chunk,
         cache=cache_spec(cache, **cache_options),
+        draft_model=draft_model,
     )
     scheduler = Scheduler(model, tokenizer, options)
     requests = []

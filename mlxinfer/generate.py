@@ -113,6 +113,7 @@ def stream_generate(
     chat: bool = False,
     cache: CacheSpec | None = None,
     prefill_progress: PrefillProgress | None = None,
+    draft_model: Model | None = None,
     **cache_options,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from `prompt`, yielding one GenerationResponse per token.
@@ -127,12 +128,17 @@ def stream_generate(
     KV cache: `cache`, a CacheSpec, or its fields as keywords: `max_kv_size` bounds it to that
     many tokens per layer (a rotating cache keeping the first `kv_keep` tokens as attention sinks
     and the latest ones after them); `kv_bits` (8 or 4) stores keys and values quantized in groups
-    of `kv_group_size`. See `Model.make_cache`."""
+    of `kv_group_size`. See `Model.make_cache`.
+
+    `draft_model`: a second, smaller loaded model that shares the tokenizer, proposing tokens
+    for speculative decoding when `sampling.speculation` is "draft" (the same tokens, sooner)."""
     own_streams()  # this thread's MLX streams are cleared as it ends (streams.py)
     params = sampling or SamplingParams()
     max_tokens = params.max_tokens if max_tokens is None else max_tokens
     check_max_tokens(max_tokens)
-    options = EngineOptions(max_batch=1, cache=cache_spec(cache, **cache_options))
+    options = EngineOptions(
+        max_batch=1, cache=cache_spec(cache, **cache_options), draft_model=draft_model
+    )
     prompt_ids = encode_prompt(tokenizer, prompt, chat)
     scheduler = Scheduler(model, tokenizer, options)
     request = Request(0, prompt_ids, params, max_tokens)
@@ -167,15 +173,24 @@ def generate(
     chat: bool = False,
     return_metrics: bool = False,
     cache: CacheSpec | None = None,
+    draft_model: Model | None = None,
     **cache_options,
 ) -> str | tuple[str, RequestMetrics]:
     """Generate from `prompt` and return the text, or (text, metrics) with return_metrics=True.
     Greedy unless `sampling` says otherwise; stops at EOS, a stop string or max_tokens.
-    `cache` and `cache_options` are stream_generate's."""
+    `cache`, `cache_options` and `draft_model` are stream_generate's."""
     text: list[str] = []
     metrics: RequestMetrics | None = None
     responses = stream_generate(
-        model, tokenizer, prompt, max_tokens, sampling, chat, cache, **cache_options
+        model,
+        tokenizer,
+        prompt,
+        max_tokens,
+        sampling,
+        chat,
+        cache,
+        draft_model=draft_model,
+        **cache_options,
     )
     for response in responses:
         text.append(response.text)

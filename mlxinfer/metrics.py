@@ -131,6 +131,15 @@ DEFINITIONS = (
         "llama.cpp reports the cache it allocates for the whole context.",
     ),
     Definition(
+        "acceptance_rate",
+        "acceptance rate",
+        "proposed tokens the model accepted / tokens proposed (speculative decoding)",
+        "How often the cheap guesses of speculative decoding were the model's own tokens: each "
+        "accepted one is a token without a step of its own. In a sweep, over all the "
+        "measurement's requests; none without speculation.",
+        "vLLM: spec decode acceptance rate (same). llama.cpp: draft acceptance rate.",
+    ),
+    Definition(
         "bandwidth_gbs",
         "bandwidth (GB/s)",
         "weight bytes read per decode step × decode_tps",

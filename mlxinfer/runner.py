@@ -75,8 +75,10 @@ class Runner:
         cache: CacheSpec,
         max_batch: int,
         prefix_cache: PrefixCache | None = None,
+        draft: Model | None = None,
     ):
         self.model = model
+        self.draft = draft  # speculative decoding's draft model (speculation="draft"), if any
         self.cache = cache
         self.max_batch = max_batch
         self.prefix_cache = prefix_cache
@@ -106,7 +108,9 @@ class Runner:
         request.sampler = Sampler(request.params, self.model.config.vocab_size, request.prompt_ids)
         params = request.params
         if params.speculation is not None and not params.logprobs:
-            request.proposer = make_proposer(params.speculation, params.lookup_ngram)
+            request.proposer = make_proposer(
+                params.speculation, params.lookup_ngram, self.draft, self.model.config.vocab_size
+            )
 
     def prefill(self, requests: list[Request], chunk: int) -> Sampled | None:
         """One request's next `chunk` prompt tokens (None unless they were its last), or several

@@ -24,7 +24,7 @@ from .batch_cache import RING_SLACK
 from .parallel import unseeded_seed
 
 NEG_INF = float("-inf")
-PROPOSERS = ("prompt-lookup",)  # SamplingParams.speculation's values (speculative.py)
+PROPOSERS = ("prompt-lookup", "draft")  # SamplingParams.speculation's values (speculative.py)
 GREEDY_BELOW = 1e-6  # temperatures below this are greedy (|logits| / T stays far from overflow)
 
 
@@ -46,8 +46,8 @@ class SamplingParams:
     max_tokens: int = 256
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
     logprobs: int = 0  # return the n most likely alternatives of each token; 0 = off
-    # speculative decoding (speculative.py): None = off, "prompt-lookup"; the same tokens (greedy)
-    # or the same distribution (sampled) as without it
+    # speculative decoding (speculative.py): None = off, "prompt-lookup", "draft" (the engine's
+    # draft model); the same tokens (greedy) or the same distribution (sampled) as without it
     speculation: str | None = None
     num_draft: int = 4  # proposals checked per pass, 1..RING_SLACK
     lookup_ngram: int = 3  # prompt lookup: the longest context suffix it looks up, in tokens

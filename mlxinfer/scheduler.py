@@ -46,6 +46,7 @@ from .prefix_cache import PrefixCache
 from .request import Request, Status
 from .responses import GenerationResponse, TextStream
 from .runner import Runner, Sampled
+from .speculative import NO_DRAFT, check_draft
 from .steps import DEFAULT_PREFILL_CHUNK
 from .tokenizer import Tokenizer
 
@@ -73,7 +74,9 @@ class EngineOptions:
     stream_generate build one from their keywords): at most `max_batch` requests at once, the
     `policy` (see above), `kv_budget_mb` bounding their KV cache (None: no bound), `prefill_chunk`
     prompt tokens per pass (None: 512, or 128 a step under "chunked"), `prefix_cache_mb` for the
-    prefix cache (0: off), and the KV cache kind (`cache`)."""
+    prefix cache (0: off), the KV cache kind (`cache`), and a draft model for speculative
+    decoding (`draft_model`, a loaded model sharing the tokenizer; requests ask for it with
+    SamplingParams(speculation="draft"))."""
 
     max_batch: int = 8
     policy: str = "prefill-first"
@@ -81,6 +84,7 @@ class EngineOptions:
     prefill_chunk: int | None = None
     prefix_cache_mb: float = 0
     cache: CacheSpec = field(default_factory=CacheSpec)
+    draft_model: Model | None = None
 
     def __post_init__(self) -> None:
         check_engine_options(
@@ -118,7 +122,10 @@ class Scheduler:
                 model.whole_config, spec.kv_bits, spec.kv_group_size, itemsize
             )
         prefix_cache = PrefixCache(int(mb * 2**20), per_token) if mb else None
-        self.runner = Runner(model, options.cache, self.max_batch, prefix_cache)
+        check_draft(model, options.draft_model)
+        self.runner = Runner(
+            model, options.cache, self.max_batch, prefix_cache, options.draft_model
+        )
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []
         self.running: list[Request] = []  # running[r] owns batch row r
@@ -135,6 +142,8 @@ class Scheduler:
         to the context its prompt leaves: the one rule every entry point (stream_generate,
         batch_generate, Engine.submit) gets by coming here."""
         request.params.check_vocab(self.model.config.vocab_size)
+        if request.params.speculation == "draft" and self.options.draft_model is None:
+            raise ValueError(NO_DRAFT)
         request.max_tokens = token_budget(self.model, request.prompt_ids, request.max_tokens)
         need = len(request.prompt_ids) + request.max_tokens
         rows = self.model.config.vocab_size
@@ -352,6 +361,7 @@ class Scheduler:
 
     def _finish(self, request, token, text, logprobs, reason, error=None) -> Event:
         request.status = Status.FINISHED
+        request.proposer = None  # (a draft model's proposer holds caches of its own)
         if request in self.running:  # its share of the batch: the slots its row fills
             row = self.running.index(request)
             request.kv_bytes = self.runner.row_kv_bytes(row)

@@ -4,7 +4,8 @@ Decoding reads every weight once per token, so a pass over a row's last token an
 ones costs little more than a step, and each proposal the model agrees with is a token for free:
 
     history --Proposer.propose--> d_1..d_k      (prompt lookup: what followed the context's
-                                                 latest n-gram where it appeared before)
+                                                 latest n-gram where it appeared before; or a
+                                                 draft model's greedy continuation)
     [last, d_1..d_k] --one forward pass--> logits at each of the k + 1 positions
     verify: accept d_1..d_m, then one token of the model's own at position m  (m + 1 tokens)
 
@@ -24,6 +25,7 @@ never overwrites a key its queries still see).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
@@ -31,7 +33,10 @@ from typing import Protocol, cast
 import mlx.core as mx
 import numpy as np
 
+from .cache import KVCache
+from .model import Model
 from .sampling import PROPOSERS, Sampler, invalid_logits
+from .steps import decode_step, prefill
 
 
 class Proposer(Protocol):
@@ -68,10 +73,76 @@ class PromptLookup:
         return []
 
 
-def make_proposer(name: str, max_ngram: int) -> Proposer:
+class DraftModel:
+    """Proposals from a second, smaller model that shares the tokenizer: its greedy continuation
+    of the history, k tokens. One per request, with caches of its own (growing, whatever the
+    target's: a rejected proposal is forgotten by trimming them back to what the history still
+    shares with what the draft has seen; a sliding-window layer masks its window as it grows).
+
+    The proposals are point masses (the draft's argmax), checked as prompt lookup's are (`verify`):
+    the target's output is exactly plain decoding's, and for a sampled row a proposal is accepted
+    with the target's probability of it (rejection sampling against the draft's whole
+    distribution would accept sum(min(p, q)), more where the target is unsure; its resample
+    would no longer be plain sampling's own draw for the seed)."""
+
+    def __init__(self, model: Model, vocab_size: int):
+        self.model = model
+        self.vocab_size = vocab_size  # the target's: a proposal past it is never checked
+        self.cache = [KVCache() for _ in model.model.layers]
+        self.seen: list[int] = []  # the tokens in self.cache, in order
+
+    def propose(self, history: Sequence[int], k: int) -> list[int]:
+        if k <= 0 or not history:
+            return []
+        history = list(history)
+        shared = zip(self.seen, history[:-1], strict=False)  # (its last token is new to it)
+        common = sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], shared))
+        for cache in self.cache:
+            cache.trim(cache.offset - common)
+        logits = prefill(self.model, mx.array([history[common:]]), self.cache)  # [1, vocab]
+        token = mx.argmax(logits, axis=-1)
+        drafts = [token]
+        for _ in range(k - 1):  # built lazily: one evaluation for the k tokens
+            token = mx.argmax(decode_step(self.model, token, self.cache), axis=-1)
+            drafts.append(token)
+        proposed = cast(list[int], mx.concatenate(drafts).tolist())
+        self.seen = history + proposed[:-1]  # the last proposal has not been through it
+        return list(itertools.takewhile(lambda t: t < self.vocab_size, proposed))
+
+
+def make_proposer(
+    name: str, max_ngram: int, draft: Model | None = None, vocab: int = 0
+) -> Proposer:
+    """A request's proposer: "prompt-lookup", or "draft" (`draft`, the engine's draft model;
+    `vocab` the target's vocabulary size)."""
     if name == "prompt-lookup":
         return PromptLookup(max_ngram, min(2, max_ngram))
+    if name == "draft":
+        if draft is None:
+            raise ValueError(NO_DRAFT)
+        return DraftModel(draft, vocab)
     raise ValueError(f"speculation must be one of {PROPOSERS}, got {name!r}")
+
+
+NO_DRAFT = (
+    "speculation='draft' needs a draft model: pass draft_model= to the engine (a loaded model "
+    "that shares the tokenizer), or --draft-model PATH on the command line"
+)
+
+
+def check_draft(model: Model, draft: Model | None) -> None:
+    """Refuse a draft model that cannot propose for `model` (ValueError saying why)."""
+    if draft is None:
+        return
+    if not isinstance(draft, Model):
+        raise ValueError(f"draft_model must be a loaded model, got {type(draft).__name__}")
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise ValueError(
+            f"the draft model's vocabulary ({draft.config.vocab_size} tokens) is not the "
+            f"model's ({model.config.vocab_size}): a draft must share the tokenizer"
+        )
+    if model.ranks is not None or draft.ranks is not None:
+        raise ValueError("a draft model with a model split over ranks is not supported yet")
 
 
 # Each row decides alone how many proposals to check, from its own record (never from the batch

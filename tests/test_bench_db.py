@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from mlxinfer.bench.db import METRICS, RunsDB, default_db_path
+from mlxinfer.bench.db import METRICS, SCHEMA_VERSION, RunsDB, default_db_path
 
 MACHINE = {"cpu": "test cpu", "backend": "cpu", "mlx": "0.32.4"}
 
@@ -160,12 +160,12 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
             "PRAGMA user_version=1;"
         )
     db = RunsDB(path)
-    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 5
+    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     (run,) = db.runs()
     assert run["command"] == "old" and run["pid"] is None
     new = db.start_run("new", MACHINE, reps=1)
     assert db.run(new)["pid"] == os.getpid()
-    again = RunsDB(path)  # opened again: already version 5
+    again = RunsDB(path)  # opened again: already the current version
     assert [r["command"] for r in again.runs()] == ["old", "new"]
 
 
@@ -179,11 +179,11 @@ def test_a_version_2_database_keeps_its_measurements_and_gains_output_tps(tmp_pa
     db.record(config, "mlxinfer", 0, {"decode_tps": 7.0}, [1, 2], [10.0, 20.0])
     db.conn.executescript(  # back to version 2, as that mlxinfer wrote it
         "ALTER TABLE measurements DROP COLUMN output_tps; ALTER TABLE runs DROP COLUMN target; "
-        "PRAGMA user_version=2;"
+        "ALTER TABLE measurements DROP COLUMN acceptance_rate; PRAGMA user_version=2;"
     )
     db.close()
     db = RunsDB(path)
-    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 5
+    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     (old,) = db.measurements(run)
     assert old["decode_tps"] == 7.0 and old["output_tps"] is None
     (config2,) = db.add_configurations(run, [("b", {"temperature": 0.5})])
@@ -209,7 +209,11 @@ def test_every_request_of_a_measurement_is_kept(tmp_path):
         (m, 1, "mlxinfer", 0),
     ]
     assert [{k: r[k] for k in requests[0]} for r in rows] == requests
-    assert rows[0]["settings"] == {"concurrency": 2, "parallel": "none"}  # (axes added later:
+    assert rows[0]["settings"] == {
+        "concurrency": 2,
+        "parallel": "none",
+        "spec": "none",
+    }  # (axes added later:
     # at their defaults, grid.with_defaults)
 
 
@@ -222,11 +226,12 @@ def test_a_version_3_database_keeps_its_runs_and_gains_the_requests_table(tmp_pa
     (config,) = db.add_configurations(run, [("a", {"temperature": 0.0})])
     db.record(config, "mlxinfer", 0, {"decode_tps": 7.0}, [1, 2], [10.0, 20.0])
     db.conn.executescript(
-        "DROP TABLE requests; ALTER TABLE runs DROP COLUMN target; PRAGMA user_version=3;"
+        "DROP TABLE requests; ALTER TABLE runs DROP COLUMN target; "
+        "ALTER TABLE measurements DROP COLUMN acceptance_rate; PRAGMA user_version=3;"
     )
     db.close()
     db = RunsDB(path)
-    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 5
+    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert db.measurements(run)[0]["decode_tps"] == 7.0 and db.requests(run) == []
     (config2,) = db.add_configurations(run, [("b", {"temperature": 0.5})])
     figures = {"ttft_ms": 10.0, "e2e_ms": 20.0, "tokens": 2, "gaps": [10.0]}
@@ -240,13 +245,37 @@ def test_a_version_4_database_keeps_its_runs_and_gains_their_target(tmp_path):
     path = tmp_path / "v4.sqlite"
     db = RunsDB(path)
     old = db.start_run("old", MACHINE, reps=1, baseline="mlx-lm")
-    db.conn.executescript("ALTER TABLE runs DROP COLUMN target; PRAGMA user_version=4;")
+    db.conn.executescript(
+        "ALTER TABLE runs DROP COLUMN target; ALTER TABLE measurements DROP COLUMN acceptance_rate; "
+        "PRAGMA user_version=4;"
+    )
     db.close()
     db = RunsDB(path)
-    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 5
+    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert db.run(old)["target"] is None and db.run(old)["baseline"] == "mlx-lm"
     new = db.start_run("new", MACHINE, reps=1, target="http://127.0.0.1:8080")
     assert db.run(new)["target"] == "http://127.0.0.1:8080"
+
+
+def test_a_version_5_database_keeps_its_measurements_and_gains_the_acceptance_rate(tmp_path):
+    """Schema 6 added speculative decoding's acceptance rate: a version 5 database keeps its
+    measurements (rate None) and new ones record it."""
+    path = tmp_path / "v5.sqlite"
+    db = RunsDB(path)
+    run = db.start_run("old", MACHINE, reps=1)
+    (config,) = db.add_configurations(run, [("a", {"temperature": 0.0})])
+    db.record(config, "mlxinfer", 0, {"decode_tps": 7.0}, [1, 2], [10.0, 20.0])
+    db.conn.executescript(
+        "ALTER TABLE measurements DROP COLUMN acceptance_rate; PRAGMA user_version=5;"
+    )
+    db.close()
+    db = RunsDB(path)
+    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    (old,) = db.measurements(run)
+    assert old["decode_tps"] == 7.0 and old["acceptance_rate"] is None
+    (config2,) = db.add_configurations(run, [("b", {"spec": "prompt-lookup"})])
+    db.record(config2, "mlxinfer", 0, {"decode_tps": 8.0, "acceptance_rate": 0.75}, [1], [10.0])
+    assert sorted(m["acceptance_rate"] or 0 for m in db.measurements(run)) == [0, 0.75]
 
 
 def test_a_measurement_is_recorded_whole_or_not_at_all(tmp_path):

@@ -49,6 +49,9 @@ def test_lists_and_single_values_as_a_toml_table_gives_them():
         ({"parallel": "data:2"}, "sweep axis 'parallel': 'data:2' is not none, tensor:N or"),
         ({"parallel": "tensor:1"}, "sweep axis 'parallel': 'tensor:1': at least 2 ranks"),
         ({"parallel": "pipeline:x"}, "'pipeline:x': ranks must be an integer"),
+        ({"spec": "draft"}, "sweep axis 'spec': 'draft' is not none, prompt-lookup or"),
+        ({"spec": "prompt-lookup:9"}, "'prompt-lookup:9': N must be a whole number of proposals"),
+        ({"spec": "none:2"}, "sweep axis 'spec': 'none:2' is not none"),
     ],
 )
 def test_a_bad_value_names_its_axis(raw, message):
@@ -173,3 +176,22 @@ def test_parallel_values_are_normalized_and_older_runs_keep_their_keys():
     assert "parallel" not in json.loads(config_key(config))
     assert json.loads(config_key({**config, "parallel": "tensor:2"}))["parallel"] == "tensor:2"
     assert with_defaults(older)["parallel"] == "none"
+
+
+def test_the_spec_axis_sets_speculation_and_older_runs_keep_their_keys():
+    """spec (speculative decoding) reaches each request's SamplingParams; at "none" a
+    configuration has the key it had before the axis existed."""
+    from mlxinfer.bench.grid import sampling_params, with_defaults
+
+    axes = parse_axes({"spec": "none,prompt-lookup,prompt-lookup:6"})
+    params = [sampling_params({**DEFAULTS, "spec": s}, 0) for s in axes["spec"]]
+    assert [(p.speculation, p.num_draft) for p in params] == [
+        (None, 4),
+        ("prompt-lookup", 4),
+        ("prompt-lookup", 6),
+    ]
+    config = dict(DEFAULTS)
+    older = {k: v for k, v in config.items() if k != "spec"}
+    assert config_key(config) == config_key(older)
+    assert with_defaults(older)["spec"] == "none"
+    assert sampling_params(older, 0).speculation is None

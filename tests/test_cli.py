@@ -639,3 +639,36 @@ def test_generate_with_prompt_lookup_copies_and_reports_its_drafts():
     assert metrics["acceptance_rate"] == metrics["accepted_draft_tokens"] / metrics["draft_tokens"]
     one_line_error(run_cli("generate", "--num-draft", "9", "--prompt", "x"), "--num-draft")
     one_line_error(run_cli("generate", "--lookup-ngram", "0", "--prompt", "x"), "--lookup-ngram")
+
+
+def test_generate_with_a_draft_model_gives_the_same_reply_and_reports_its_drafts(tmp_path):
+    """`--draft-model` on the default model, with itself as the draft (always right but at a
+    near tie): the reply of plain decoding, nearly every proposal accepted. A draft that cannot
+    propose for the model (another vocabulary) is one line and exit 1; asking for two proposers,
+    or a draft that is not there, a usage error."""
+    from mlxinfer.loading import default_model_path
+
+    from .reference import make_tiny_checkpoint
+
+    path = str(default_model_path())
+    ask = ["--chat", "--max-tokens", "16", "--prompt", FRANCE]
+    plain = run_json(*ask)
+    fast = run_json("--draft-model", path, "--num-draft", "4", *ask)
+    assert fast["text"] == plain["text"]
+    metrics = fast["metrics"]
+    assert metrics["accepted_draft_tokens"] >= 0.8 * metrics["draft_tokens"] > 0
+    other = tmp_path / "other"
+    make_tiny_checkpoint(other, "llama")
+    result = run_cli("generate", "--draft-model", str(other), "--prompt", "x")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"mlxinfer generate: error: --draft-model {other}: the draft model's vocabulary"
+        )
+    )
+    both = run_cli("generate", "--prompt-lookup", "--draft-model", path, "--prompt", "x")
+    one_line_error(both, "--prompt-lookup", "--draft-model")
+    missing = run_cli("generate", "--draft-model", str(tmp_path / "nope"), "--prompt", "x")
+    one_line_error(missing, "--draft-model")

@@ -242,6 +242,29 @@ def test_prompt_lookup_gives_the_same_reply_and_reports_its_drafts(server, clien
     assert status == 200 and body["metrics"]["draft_tokens"] > 0, body
 
 
+def test_a_draft_model_serves_the_same_replies_unless_a_request_declines_it(server, checkpoint):
+    """`serve --draft-model` (here the model itself: always right but at a near tie): every
+    request speculates with it unless it says `draft: false`, and gets the same reply; a server
+    without one refuses `draft: true` by name."""
+    process, url = start(checkpoint, "--draft-model", str(checkpoint))
+    try:
+        prompt = "w11 w12 w13 w14 w15"
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0,
+                "ignore_eos": True}  # fmt: skip
+        status, drafted = post(f"{url}/v1/completions", body)
+        assert status == 200 and drafted["metrics"]["draft_tokens"] > 0, drafted
+        status, declined = post(f"{url}/v1/completions", {**body, "draft": False})
+        assert status == 200 and declined["metrics"]["draft_tokens"] == 0, declined
+        assert drafted["choices"][0]["text"] == declined["choices"][0]["text"]
+        status, both = post(f"{url}/v1/completions", {**body, "draft": True, "prompt_lookup": True})
+        assert status == 400 and both["error"]["param"] == "draft", both
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    status, refused = post(f"{server}/v1/completions", {**body, "draft": True})
+    assert status == 400 and "needs a draft model" in refused["error"]["message"], refused
+
+
 def test_anthropic_messages_plain_streamed_and_counted(server, checkpoint):
     """Anthropic counts cached prompt tokens apart: the second (streamed) request of the same
     prompt reads most of it from the prefix cache, and input + cache read is the prompt."""

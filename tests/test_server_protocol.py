@@ -86,6 +86,8 @@ def chat(**fields):
         ({"n": True}, "n", "must be an integer"),
         ({"prompt_lookup": "yes"}, "prompt_lookup", "must be true or false"),
         ({"num_draft": 9}, "num_draft", "num_draft must be in"),
+        ({"draft": 1}, "draft", "must be true or false"),
+        ({"draft": True, "prompt_lookup": True}, "draft", "choose one"),
     ],
 )  # fmt: skip
 def test_a_bad_field_is_refused_by_name(fields, param, words):
@@ -107,6 +109,10 @@ def test_what_a_request_asks_is_what_sampling_gets():
     spec = chat(prompt_lookup=True, num_draft=6).params  # speculative decoding (our extension)
     assert (spec.speculation, spec.num_draft) == ("prompt-lookup", 6)
     assert chat().params.speculation is None
+    assert chat(draft=True).params.speculation == "draft"
+    # no proposer asked: the server's draft model if it has one; `draft: false` declines it
+    assert chat().draft_default and not chat(draft=False).draft_default
+    assert not chat(prompt_lookup=True).draft_default
     messages = protocol.parse_messages(
         {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
          "prompt_lookup": True},

@@ -23,7 +23,7 @@ import mlxinfer.runner
 from mlxinfer import SamplingParams
 from mlxinfer.batch_cache import RING_SLACK, make_batch_cache
 from mlxinfer.sampling import Sampler, filter_logits
-from mlxinfer.speculative import PromptLookup, verify
+from mlxinfer.speculative import DraftModel, PromptLookup, verify
 from mlxinfer.steps import prefill, verify_step
 
 from .reference import make_tiny_checkpoint
@@ -72,7 +72,7 @@ def test_prompt_lookup_proposes_what_followed_the_latest_longest_match():
 
 
 def test_speculation_settings_are_checked():
-    with pytest.raises(ValueError, match="speculation must be None or 'prompt-lookup'"):
+    with pytest.raises(ValueError, match="speculation must be None or 'prompt-lookup' or 'draft'"):
         SamplingParams(speculation="draft-model")
     with pytest.raises(ValueError, match=f"num_draft must be at most {RING_SLACK}"):
         SamplingParams(speculation="prompt-lookup", num_draft=RING_SLACK + 1)
@@ -125,7 +125,7 @@ def test_greedy_tokens_are_plain_decodings_alone_and_batched(tiny, cache, propos
     if proposer != "lookup":
         references = {prompt: tokens for prompt, (tokens, _) in expected.items()}
         oracle = Oracle(references, model.config.vocab_size, wrong=proposer == "wrong")
-        monkeypatch.setattr(mlxinfer.runner, "make_proposer", lambda name, ngram: oracle)
+        monkeypatch.setattr(mlxinfer.runner, "make_proposer", lambda *args: oracle)
     spec = SamplingParams(ignore_eos=True, speculation="prompt-lookup", num_draft=5)
     plain = SamplingParams(ignore_eos=True)
     # alone, and batched with a row that does not speculate
@@ -297,7 +297,7 @@ def test_the_same_seed_gives_plain_samplings_tokens_alone_and_batched(
     if proposer == "oracle":
         references = {tuple(ids): r.tokens for ids, r in zip(batch, without, strict=True)}
         oracle = Oracle(references, model.config.vocab_size)
-        monkeypatch.setattr(mlxinfer.runner, "make_proposer", lambda name, ngram: oracle)
+        monkeypatch.setattr(mlxinfer.runner, "make_proposer", lambda *args: oracle)
     together = mlxinfer.batch_generate(model, tokenizer, batch, max_tokens=24, sampling=params)
     for ids, p, result, reference in zip(batch, params, together, without, strict=True):
         lone = mlxinfer.batch_generate(model, tokenizer, [ids], max_tokens=24, sampling=p)[0]
@@ -382,3 +382,130 @@ def test_a_batch_a_plain_row_started_keeps_its_rings_tight_and_checks_nothing(ti
     for ids, result in zip(batch, results, strict=True):
         assert_same_greedy(result.tokens, alone(model, ids, 12, **options))
         assert result.metrics.draft_tokens == 0
+
+
+# -- a draft model -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def drafts(tiny, tmp_path_factory):
+    """For each tiny target, a draft of the same family and vocabulary with other random weights
+    (its greedy tokens are almost never the target's)."""
+    model, _ = tiny
+    family = model.config.model_type
+    overrides = next(o for f, o in CASES.values() if f == family)
+    path = tmp_path_factory.mktemp(f"{family}-draft")
+    make_tiny_checkpoint(path, family, seed=7, num_hidden_layers=1, **overrides)
+    return mlxinfer.load(path)[0]
+
+
+@pytest.mark.exactness
+def test_a_draft_model_proposes_its_greedy_continuation_and_forgets_rejected_tokens(tiny):
+    """DraftModel.propose: the draft's own greedy continuation (here the target itself, so
+    plain decoding's tokens, up to a near tie); when the history then departs from what it
+    proposed, its caches are trimmed back and hold exactly what it has seen (against a cold
+    prefill of those tokens)."""
+    model, _ = tiny
+    draft = DraftModel(model, model.config.vocab_size)
+    history = prompts(1, seed=11)[0]
+    assert_same_greedy(draft.propose(history, 5), alone(model, history, 5))
+    assert len(draft.seen) == len(history) + 4 == draft.cache[0].offset
+    # the target kept 2 of the 5 proposals, then a token of its own
+    kept = draft.seen[: len(history) + 2] + [5]
+    again = draft.propose(kept, 3)
+    assert_same_greedy(again, alone(model, kept, 3))
+    assert draft.seen == kept + again[:2]
+    cold = model.make_cache()
+    prefill(model, mx.array([draft.seen]), cold, 16)
+    for ours, theirs in zip(draft.cache, cold, strict=True):
+        n = len(draft.seen)
+        for a, b in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
+            if isinstance(theirs, mlxinfer.cache.RotatingKVCache):
+                continue  # (the target's windows are rings; the draft's caches grow)
+            assert mx.allclose(a[0][:, :, :n], b[0][:, :, :n], atol=1e-5)  # (stored: (keys,))
+    assert draft.propose(kept, 0) == []
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("cache", sorted(CACHES))
+@pytest.mark.parametrize("which", ["itself", "other"])
+def test_greedy_tokens_with_a_draft_model_are_plain_decodings(tiny, drafts, cache, which):
+    """A draft model that is always right (the target itself, where its caches hold what the
+    target's do) and one that is nearly always wrong (other random weights): the target's tokens
+    are plain decoding's, alone and batched beside a row that does not speculate, for every
+    cache kind."""
+    model, tokenizer = tiny
+    options = CACHES[cache]
+    if "kv_bits" in options and model.config.head_dim % options["kv_group_size"]:
+        pytest.skip("head_dim not a multiple of the group size")
+    draft = model if which == "itself" else drafts
+    n = 16
+    batch = prompts(3, seed=12)
+    expected = {tuple(ids): alone(model, ids, n, **options) for ids in batch}
+    spec = SamplingParams(ignore_eos=True, speculation="draft", num_draft=4)
+    plain = SamplingParams(ignore_eos=True)
+    run = dict(max_tokens=n, draft_model=draft, **options)
+    results = [mlxinfer.batch_generate(model, tokenizer, [batch[0]], sampling=spec, **run)[0]]
+    results += mlxinfer.batch_generate(
+        model, tokenizer, [*batch, batch[-1]], sampling=[spec] * 3 + [plain], **run
+    )
+    proposed = accepted = 0
+    for ids, result in zip(batch[:1] + batch + batch[-1:], results, strict=True):
+        assert result.finish_reason == "length" and len(result.tokens) == n
+        assert_same_greedy(result.tokens, expected[tuple(ids)])
+        proposed += result.metrics.draft_tokens
+        accepted += result.metrics.accepted_draft_tokens
+    assert results[-1].metrics.draft_tokens == 0  # the plain row
+    assert proposed > 0
+    if which == "itself" and cache == "growing":
+        assert accepted >= 0.8 * proposed  # (all of them but past a near tie)
+    elif which == "itself":  # a bounded or quantized cache: the target sees its context otherwise
+        assert accepted > 0
+    else:
+        assert accepted <= 0.3 * proposed
+
+
+@pytest.mark.exactness
+def test_with_a_draft_model_the_same_seed_gives_plain_samplings_tokens(llama_model, tmp_path):
+    """Sampled rows with a draft model draw plain sampling's own tokens for their seed, alone
+    and batched (the draft's proposals are point masses, checked as prompt lookup's are)."""
+    make_tiny_checkpoint(tmp_path, "llama")
+    model, tokenizer = mlxinfer.load(tmp_path)
+    batch = prompts(3, seed=13)
+    params = [
+        SamplingParams(
+            temperature=0.7,
+            top_k=20,
+            min_p=0.05,
+            seed=200 + i,
+            ignore_eos=True,
+            speculation="draft",
+            num_draft=3,
+        )
+        for i in range(len(batch))
+    ]
+    plain = [replace(p, speculation=None) for p in params]
+    without = mlxinfer.batch_generate(model, tokenizer, batch, max_tokens=20, sampling=plain)
+    run = dict(max_tokens=20, draft_model=model)
+    together = mlxinfer.batch_generate(model, tokenizer, batch, sampling=params, **run)
+    for ids, p, result, reference in zip(batch, params, together, without, strict=True):
+        lone = mlxinfer.batch_generate(model, tokenizer, [ids], sampling=p, **run)[0]
+        assert lone.tokens == result.tokens == reference.tokens
+    assert sum(r.metrics.accepted_draft_tokens for r in together) > 0
+
+
+def test_a_draft_model_is_asked_for_and_must_share_the_vocabulary(llama_model, tmp_path):
+    """speculation="draft" without a draft model, or a draft of another vocabulary: a clear
+    error before anything runs."""
+    make_tiny_checkpoint(tmp_path, "llama")
+    model, tokenizer = mlxinfer.load(tmp_path)
+    spec = SamplingParams(speculation="draft")
+    with pytest.raises(ValueError, match="speculation='draft' needs a draft model"):
+        mlxinfer.batch_generate(model, tokenizer, [[5, 6, 7]], max_tokens=2, sampling=spec)
+    other = tmp_path / "other"
+    make_tiny_checkpoint(other, "llama", vocab_size=200)
+    wrong = mlxinfer.load(other)[0]
+    with pytest.raises(ValueError, match="draft model's vocabulary .200 tokens."):
+        mlxinfer.Engine(model, tokenizer, draft_model=wrong)
+    with pytest.raises(ValueError, match="draft_model must be a loaded model"):
+        mlxinfer.batch_generate(model, tokenizer, [[5]], max_tokens=1, draft_model="path")

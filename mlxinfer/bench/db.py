@@ -27,7 +27,9 @@ from pathlib import Path
 
 from .grid import with_defaults
 
-SCHEMA_VERSION = 5  # 2: runs.pid; 3: measurements.output_tps; 4: requests; 5: runs.target
+# 2: runs.pid; 3: measurements.output_tps; 4: requests; 5: runs.target;
+# 6: measurements.acceptance_rate
+SCHEMA_VERSION = 6
 DB_ENV = "MLXINFER_DB"
 METRICS = (
     "ttft_ms",
@@ -43,6 +45,7 @@ METRICS = (
     "bandwidth_gbs",
     "predicted_memory_mb",  # weights + the KV cache as allocated, from the architecture
     "output_tps",  # all of a measurement's generated tokens / its wall time (schema 3)
+    "acceptance_rate",  # speculative decoding: accepted / proposed tokens (schema 6)
 )
 
 _SCHEMA = f"""
@@ -204,6 +207,8 @@ class RunsDB:
                     self.conn.execute("ALTER TABLE measurements ADD COLUMN output_tps REAL")
                 if version in (1, 2, 3, 4):  # runs gained the server they measured
                     self.conn.execute("ALTER TABLE runs ADD COLUMN target TEXT")
+                if version in (1, 2, 3, 4, 5) and has_measurements:  # gained speculation's rate
+                    self.conn.execute("ALTER TABLE measurements ADD COLUMN acceptance_rate REAL")
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         self.conn.execute(statement)
@@ -220,7 +225,7 @@ class RunsDB:
         finally:
             if self.conn.in_transaction:  # (a file that is not SQLite fails before it begins)
                 self.conn.execute("ROLLBACK")
-        if version not in (0, 1, 2, 3, 4, SCHEMA_VERSION):
+        if version not in (0, 1, 2, 3, 4, 5, SCHEMA_VERSION):
             raise ValueError(
                 f"{self.path}: runs database schema version {version}; this mlxinfer reads "
                 f"version {SCHEMA_VERSION}"
@@ -235,6 +240,8 @@ class RunsDB:
             expected["measurements"] -= {"output_tps"}  # added by the migration to version 3
         if version in (1, 2, 3, 4):
             expected["runs"] -= {"target"}  # added by the migration to version 5
+        if version in (1, 2, 3, 4, 5):
+            expected["measurements"] -= {"acceptance_rate"}  # added by the migration to 6
         for name, columns in tables.items():
             lacking = expected.get(name, set()) - columns
             if lacking:

@@ -11,7 +11,9 @@ Axes (the first value of each is its default):
     engine     concurrency (requests at once, through the Engine), kv ("full", "rotating:N",
                "q8", "q4", "q8:rotating:N", ...), compute ("float32" or "native"), model (a path,
                or "default"), parallel ("none", or "tensor:N" / "pipeline:N": the model split
-               over N ranks on this machine, measured through `mlxinfer serve --parallel`)
+               over N ranks on this machine, measured through `mlxinfer serve --parallel`),
+               spec (speculative decoding: "none", "prompt-lookup", or "prompt-lookup:N" with
+               N proposals a pass, 1-8; mlx-lm has no prompt lookup)
 
 A bad value anywhere is a ValueError naming the axis and the value, raised before anything runs;
 so is a grid of more than MAX_CONFIGURATIONS configurations (counted, never expanded, to say so).
@@ -34,7 +36,7 @@ SAMPLING_AXES = (
     "frequency_penalty",
 )
 LENGTH_AXES = ("prompt_tokens", "gen_tokens", "depth")
-ENGINE_AXES = ("concurrency", "kv", "compute", "model", "parallel")
+ENGINE_AXES = ("concurrency", "kv", "compute", "model", "parallel", "spec")
 AXES = SAMPLING_AXES + LENGTH_AXES + ENGINE_AXES
 
 # (no MLX import here: `mlxinfer --help` builds the bench parser from these names)
@@ -54,10 +56,11 @@ DEFAULTS: dict[str, object] = {  # SamplingParams' own defaults, then the sweep'
     "compute": "float32",
     "model": "default",
     "parallel": "none",
+    "spec": "none",
 }
 # Axes added after runs were recorded: at their default they are left out of a configuration's
 # key (so a run recorded before them resumes), and filled in when read back (with_defaults).
-_LATER_AXES = ("parallel",)
+_LATER_AXES = ("parallel", "spec")
 MAX_CONFIGURATIONS = 10_000  # a grid past this is a typo or a week of measuring, not a sweep
 _INT_AXES = {"top_k", "prompt_tokens", "gen_tokens", "depth", "concurrency"}
 _POSITIVE = {"prompt_tokens", "gen_tokens", "concurrency"}
@@ -135,6 +138,9 @@ def check_value(axis: str, raw: object) -> object:
     text = raw.strip() if isinstance(raw, str) else raw
     if axis == "parallel":
         return parse_parallel(str(text))
+    if axis == "spec":
+        parse_spec(str(text))
+        return str(text)
     if axis in ("model", "kv", "compute"):
         value = str(text)
         if axis == "kv":
@@ -279,15 +285,40 @@ def parse_parallel(value: str) -> str:
     return f"{mode}:{ranks}"
 
 
+def parse_spec(text: str) -> tuple[str | None, int]:
+    """ "none", "prompt-lookup" or "prompt-lookup:N" -> (SamplingParams.speculation, num_draft)."""
+    name, _, count = text.partition(":")
+    if name == "none" and not count:
+        return None, DEFAULT_NUM_DRAFT
+    if name != "prompt-lookup":
+        raise ValueError(
+            f"sweep axis 'spec': {text!r} is not none, prompt-lookup or prompt-lookup:N"
+        )
+    if not count:
+        return name, DEFAULT_NUM_DRAFT
+    if not count.isdigit() or not 1 <= int(count) <= MAX_NUM_DRAFT:
+        raise ValueError(
+            f"sweep axis 'spec': {text!r}: N must be a whole number of proposals, "
+            f"1 to {MAX_NUM_DRAFT}"
+        )
+    return name, int(count)
+
+
+DEFAULT_NUM_DRAFT, MAX_NUM_DRAFT = 4, 8  # SamplingParams' num_draft default and RING_SLACK
+
+
 def sampling_params(config: Mapping[str, object], seed: int):
     """The configuration's SamplingParams, EOS ignored, exactly gen_tokens tokens."""
     from ..sampling import SamplingParams
 
+    speculation, num_draft = parse_spec(str(config.get("spec", "none")))
     return SamplingParams(
         **{name: config[name] for name in SAMPLING_AXES},
         seed=seed,
         max_tokens=int(config["gen_tokens"]),
         ignore_eos=True,
+        speculation=speculation,
+        num_draft=num_draft,
     )
 
 

@@ -161,6 +161,9 @@ def markdown_table(items: Sequence[dict]) -> str:
         "decode vs mlx-lm (95% CI)": _mlx_lm_cell,
         "total vs mlx-lm": lambda i: _mlx_lm_cell(i, "output_tps"),
         "same tokens": _same_tokens_cell,
+        "acceptance": lambda i: (
+            "" if not i.get("acceptance_rate") else f"{i['acceptance_rate']['mean']:.2f}"
+        ),
     }
     ok = [i for i in items if i["decode_tps"] is not None]
     compare = {name: cell for name, cell in compare.items() if any(cell(i) for i in ok)}

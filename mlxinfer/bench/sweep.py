@@ -37,7 +37,15 @@ from pathlib import Path
 from . import machine
 from .db import METRICS as _METRICS
 from .db import RunsDB
-from .grid import DEFAULTS, SAMPLING_AXES, config_key, expand, parse_kv, sampling_params
+from .grid import (
+    DEFAULTS,
+    SAMPLING_AXES,
+    config_key,
+    expand,
+    parse_kv,
+    parse_spec,
+    sampling_params,
+)
 
 ENGINE = "mlxinfer"
 BASELINE = "mlx-lm"
@@ -345,6 +353,8 @@ class Sweep:
         return metrics, results[0].tokens, times, [request_figures(f) for f in figures]
 
     def _measure_baseline(self, config: Mapping, prompts: list[list[int]], rep: int | None):
+        if config["spec"] != "none":
+            raise RuntimeError(f"mlx-lm has no prompt lookup (spec {config['spec']})")
         worker = self._worker(config["model"], config["compute"])
         sampling = {name: config[name] for name in SAMPLING_AXES}
         reply = worker.run(
@@ -421,6 +431,8 @@ class Sweep:
         return self._exports[key].name
 
     def _measure_http(self, name: str, config: Mapping, rep: int | None):
+        if name == BASELINE_SERVER and config["spec"] != "none":
+            raise RuntimeError(f"mlx_lm.server has no prompt lookup (spec {config['spec']})")
         target = self._server_for(name, config)
         _, tokenizer = self._model(config["model"], config["compute"])
         depth, n, c = config["depth"], config["prompt_tokens"], config["concurrency"]
@@ -524,6 +536,9 @@ def http_body(config: Mapping, prompt: str, seed: int, eos: list[int] | None = N
             body[axis] = config[axis]
     if config["temperature"] > 0:
         body["seed"] = seed
+    speculation, num_draft = parse_spec(str(config.get("spec", "none")))
+    if speculation is not None:  # (our server's extension; a baseline server refuses it)
+        body.update(prompt_lookup=True, num_draft=num_draft)
     if eos is None:
         body["ignore_eos"] = True
     else:
@@ -539,9 +554,13 @@ def measurement_metrics(figures: list[Mapping], predicted_mb: float | None) -> d
     metrics = {}
     for name in _METRICS:
         values = [f[name] for f in figures if f.get(name) is not None]
-        if values and name not in ("predicted_memory_mb", "output_tps"):
+        if values and name not in ("predicted_memory_mb", "output_tps", "acceptance_rate"):
             metrics[name] = sum(values) / len(values)
     metrics["predicted_memory_mb"] = predicted_mb
+    # speculative decoding: over all the requests' proposals (None where none proposed)
+    proposed = sum(f.get("draft_tokens") or 0 for f in figures)
+    accepted = sum(f.get("accepted_draft_tokens") or 0 for f in figures)
+    metrics["acceptance_rate"] = accepted / proposed if proposed else None
     metrics["output_tps"] = output_tps(
         [f["generated_tokens"] for f in figures], [f["e2e_ms"] for f in figures]
     )

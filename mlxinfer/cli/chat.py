@@ -26,6 +26,7 @@ from .options import (
     UsageError,
     cache_options,
     check_text,
+    load_draft,
     load_model,
     sampling_params,
 )
@@ -44,6 +45,9 @@ def run_chat(args: argparse.Namespace) -> int:
         raise UsageError(
             "this model has no chat template; use `mlxinfer generate --raw` to complete text"
         )
+    draft = load_draft(args, model, tokenizer)
+    if draft is False:
+        return EXIT_LOAD
     engine = None
     if model.ranks is not None:  # every rank runs each reply: rank 0's engine plans them
         from ..engine import Engine
@@ -53,13 +57,13 @@ def run_chat(args: argparse.Namespace) -> int:
         if model.ranks.rank() != 0:
             return follow_engine(engine, "chat", interrupt_ends=False)
     try:
-        return _chat_loop(args, model, tokenizer, sampling, cache, engine)
+        return _chat_loop(args, model, tokenizer, sampling, cache, engine, draft)
     finally:
         if engine is not None:
             engine.close(cancel=True)
 
 
-def _chat_loop(args, model, tokenizer, sampling, cache, engine) -> int:
+def _chat_loop(args, model, tokenizer, sampling, cache, engine, draft=None) -> int:
     interactive = sys.stdin.isatty()
     conversation = Conversation(tokenizer, model.config.max_position_embeddings, args.system)
     if interactive:
@@ -109,7 +113,7 @@ def _chat_loop(args, model, tokenizer, sampling, cache, engine) -> int:
             )
         progress = PrefillProgress()
         reply, last = [], None
-        stream = _reply(model, tokenizer, messages, sampling, cache, progress, engine)
+        stream = _reply(model, tokenizer, messages, sampling, cache, progress, engine, draft)
         try:
             for response in stream:
                 progress.clear()
@@ -157,7 +161,7 @@ def finish(args: argparse.Namespace, reply: list[str], last, stopped_mark: str) 
     print(json.dumps(result), flush=True)
 
 
-def _reply(model, tokenizer, messages, sampling, cache, progress, engine):
+def _reply(model, tokenizer, messages, sampling, cache, progress, engine, draft=None):
     """The reply's responses as they come, as a generator whose close() stops it (nothing starts
     before its first response is asked for): from stream_generate, or over ranks from rank 0's
     engine (closing it cancels the request)."""
@@ -165,7 +169,13 @@ def _reply(model, tokenizer, messages, sampling, cache, progress, engine):
         from ..generate import stream_generate
 
         return stream_generate(
-            model, tokenizer, messages, sampling=sampling, cache=cache, prefill_progress=progress
+            model,
+            tokenizer,
+            messages,
+            sampling=sampling,
+            cache=cache,
+            prefill_progress=progress,
+            draft_model=draft,
         )
 
     def responses():

@@ -17,6 +17,7 @@ from .options import (
     UsageError,
     cache_options,
     check_text,
+    load_draft,
     load_model,
     sampling_params,
 )
@@ -84,6 +85,9 @@ def run_generate(args: argparse.Namespace) -> int:
     if loaded is None:
         return EXIT_LOAD
     model, tokenizer = loaded
+    draft = load_draft(args, model, tokenizer)
+    if draft is False:
+        return EXIT_LOAD
     from ..backend import blas_status
     from ..generate import stream_generate
 
@@ -95,7 +99,13 @@ def run_generate(args: argparse.Namespace) -> int:
     progress = PrefillProgress()
     pieces, responses = [], []
     stream = stream_generate(
-        model, tokenizer, request, sampling=sampling, cache=cache, prefill_progress=progress
+        model,
+        tokenizer,
+        request,
+        sampling=sampling,
+        cache=cache,
+        prefill_progress=progress,
+        draft_model=draft,
     )
     try:
         for response in stream:

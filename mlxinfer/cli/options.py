@@ -8,6 +8,7 @@ import difflib
 import sys
 import time
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -190,6 +191,7 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="propose what followed the context's latest n-gram where it appeared before",
     )
+    add_draft_option(spec)
     spec.add_argument(
         "--num-draft",
         type=int,
@@ -203,6 +205,15 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         default=3,
         metavar="N",
         help="the longest n-gram prompt lookup matches (3; it needs at least 2, or 1 if N is 1)",
+    )
+
+
+def add_draft_option(group) -> None:
+    group.add_argument(
+        "--draft-model",
+        default=None,
+        metavar="PATH",
+        help="a smaller model sharing the tokenizer proposes the tokens (loaded as --model is)",
     )
 
 
@@ -250,7 +261,7 @@ def sampling_params(args: argparse.Namespace, logprobs: int = 0) -> SamplingPara
             max_tokens=args.max_tokens,
             ignore_eos=args.ignore_eos,
             logprobs=logprobs,
-            speculation="prompt-lookup" if args.prompt_lookup else None,
+            speculation=speculation(args),
             num_draft=args.num_draft,
             lookup_ngram=args.lookup_ngram,
         )
@@ -261,6 +272,44 @@ def sampling_params(args: argparse.Namespace, logprobs: int = 0) -> SamplingPara
                 message = flag + message[len(field) :]
                 break
         raise UsageError(message) from None
+
+
+def speculation(args: argparse.Namespace) -> str | None:
+    """SamplingParams.speculation from --prompt-lookup and --draft-model."""
+    if args.prompt_lookup and args.draft_model is not None:
+        raise UsageError("--prompt-lookup and --draft-model: choose one proposer")
+    if args.draft_model is not None:
+        if not Path(args.draft_model).expanduser().exists():
+            raise UsageError(f"--draft-model {args.draft_model}: no such file or directory")
+        return "draft"
+    return "prompt-lookup" if args.prompt_lookup else None
+
+
+def load_draft(args: argparse.Namespace, model, tokenizer):
+    """The draft model --draft-model names (None without one), loaded with the model's compute
+    policy and op set; None after printing one line when it cannot be loaded or cannot propose
+    for `model` (another vocabulary, another tokenizer)."""
+    if getattr(args, "draft_model", None) is None:
+        return None
+    from ..loading import load
+    from ..speculative import check_draft
+
+    try:
+        draft, draft_tokenizer = load(args.draft_model, compute=args.compute, kernels=args.kernels)
+        check_draft(model, draft)
+        check_draft_tokenizer(tokenizer, draft_tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        where = f"--draft-model {args.draft_model}"
+        print(f"mlxinfer {args.command}: error: {where}: {e}", file=sys.stderr)
+        return False
+    return draft
+
+
+def check_draft_tokenizer(tokenizer, draft_tokenizer) -> None:
+    """A draft's tokenizer must be the model's: ValueError where a probe text encodes otherwise."""
+    probe = "Speculative decoding, 2026: the quick brown fox -> 12,345 naïve tokens!"
+    if draft_tokenizer.encode(probe) != tokenizer.encode(probe):
+        raise ValueError("its tokenizer encodes text differently from the model's")
 
 
 def cache_options(args: argparse.Namespace) -> CacheSpec:

@@ -25,7 +25,7 @@ OMP_WAIT_ENV = "OMP_WAIT_POLICY"
 
 
 def add_parser(commands) -> None:
-    from .options import add_cache_options, add_model_options, add_parallel_option
+    from .options import add_cache_options, add_draft_option, add_model_options, add_parallel_option
 
     serve = commands.add_parser(
         "serve",
@@ -75,6 +75,7 @@ def add_parser(commands) -> None:
     engine.add_argument(
         "--max-body-mb", type=float, default=8, metavar="MB", help="largest request body (8)"
     )
+    add_draft_option(engine)  # (requests use it unless they say "draft": false)
     add_cache_options(serve)
 
 
@@ -93,8 +94,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
-    if args.model is not None and not Path(args.model).expanduser().exists():
-        raise UsageError(f"--model {args.model}: no such file or directory")
+    for flag, path in (("--model", args.model), ("--draft-model", args.draft_model)):
+        if path is not None and not Path(path).expanduser().exists():
+            raise UsageError(f"{flag} {path}: no such file or directory")
+    if args.draft_model is not None and args.parallel is not None:
+        raise UsageError("--draft-model with --parallel is not supported yet")
     for flag in ("max_batch", "max_waiting"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")
@@ -144,6 +148,19 @@ def run_serve(args: argparse.Namespace) -> int:
             group=group,
             pipeline_split=args.pipeline_split,
         )
+        draft = None
+        if args.draft_model is not None:
+            from ..speculative import check_draft
+            from .options import check_draft_tokenizer
+
+            try:
+                draft, draft_tokenizer = load_model(
+                    args.draft_model, compute=args.compute, kernels=args.kernels
+                )
+                check_draft(model, draft)
+                check_draft_tokenizer(tokenizer, draft_tokenizer)
+            except (FileNotFoundError, ValueError) as e:
+                raise ValueError(f"--draft-model {args.draft_model}: {e}") from None
         return Engine(
             model,
             tokenizer,
@@ -153,6 +170,7 @@ def run_serve(args: argparse.Namespace) -> int:
             prefill_chunk=args.prefill_chunk,
             prefix_cache_mb=args.prefix_cache_mb,
             cache=cache,
+            draft_model=draft,
         )
 
     if group is not None and group.rank() > 0:

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -176,9 +176,10 @@ async def _submit(server: Server, job: Job) -> list[RequestHandle]:
             render = functools.partial(engine.tokenizer.apply_chat_template, prompt, **options)
             prompt, chat = await anyio.to_thread.run_sync(render, limiter=server.limiter), False
         for index in range(job.n):
-            submit = functools.partial(
-                engine.submit, prompt, job.params_for(index), max_tokens, chat=chat
-            )
+            params = job.params_for(index)
+            if job.draft_default and engine.options.draft_model is not None:
+                params = replace(params, speculation="draft")  # (unless it said draft: false)
+            submit = functools.partial(engine.submit, prompt, params, max_tokens, chat=chat)
             handles.append(await anyio.to_thread.run_sync(submit, limiter=server.limiter))
     except PROMPT_ERRORS as e:
         for handle in handles:

@@ -47,6 +47,7 @@ FIELDS = {
     "min_p",
     "seed",
     "prompt_lookup",  # (mlxinfer's extension: speculative decoding)
+    "draft",
     "num_draft",
     "stream",
     "store",

@@ -79,6 +79,7 @@ class Job:
     logprobs: int | None = None  # None: not asked; else the alternatives per token (0..20)
     echo: bool = False
     tools: list[dict] | None = None  # for the chat template; the reply is read for calls
+    draft_default: bool = False  # no proposer asked, nor `draft: false`: the server's draft model
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -154,6 +155,7 @@ def _logit_bias(body: dict, vocab_size: int) -> dict[int, float]:
 def _sampling(body: dict, tokenizer: Tokenizer, stop_field: str = "stop") -> dict:
     """SamplingParams' fields from the OpenAI names (and the extensions every local server
     takes: top_k, min_p, repetition_penalty)."""
+    speculation = {k: body.get(k) for k in ("prompt_lookup", "draft")}
     return {
         "temperature": float(_number(body, "temperature", 1.0, 0, 2)),
         "top_p": float(_number(body, "top_p", 1.0, 0, 1)) or 1e-9,
@@ -167,13 +169,23 @@ def _sampling(body: dict, tokenizer: Tokenizer, stop_field: str = "stop") -> dic
         "logit_bias": _logit_bias(body, tokenizer.vocab_size),
         "ignore_eos": _flag(body, "ignore_eos"),
         # speculative decoding (mlxinfer's extension): the same tokens, sooner where the reply
-        # copies the prompt
-        "speculation": "prompt-lookup" if _flag(body, "prompt_lookup") else None,
+        # copies the prompt (prompt lookup) or a draft model guesses it
+        "speculation": _speculation(body),
         "num_draft": _number(body, "num_draft", 4, 1, RING_SLACK, integer=True),
+        "draft_default": all(v is None for v in speculation.values()),
     }
 
 
-SPECULATION = ("prompt_lookup", "num_draft")  # the request fields of speculative decoding
+SPECULATION = ("prompt_lookup", "draft", "num_draft")  # the request fields of speculative decoding
+
+
+def _speculation(body: dict) -> str | None:
+    """SamplingParams.speculation from `prompt_lookup` and `draft` (the server's draft model:
+    a server started with --draft-model uses it unless `draft` is false; see Job.draft_default)."""
+    lookup, draft = _flag(body, "prompt_lookup"), _flag(body, "draft")
+    if lookup and draft:
+        raise bad("prompt_lookup and draft: choose one proposer", "draft")
+    return "prompt-lookup" if lookup else "draft" if draft else None
 
 
 def _flag(body: dict, name: str) -> bool:
@@ -266,6 +278,7 @@ CHAT_FIELDS = {
     "response_format",
     "ignore_eos",  # vLLM's extension: generate exactly max_tokens (benchmarks)
     "prompt_lookup",  # mlxinfer's: speculative decoding by prompt lookup
+    "draft",  # or by the server's draft model (--draft-model)
     "num_draft",
     "tools",
     "tool_choice",
@@ -471,6 +484,7 @@ MESSAGES_FIELDS = {
     "stop_sequences",
     "stream",
     "prompt_lookup",  # (mlxinfer's extension, as in CHAT_FIELDS)
+    "draft",
     "num_draft",
 }
 
@@ -520,6 +534,7 @@ def parse_messages(body: Any, model_id: str, tokenizer: Tokenizer) -> Job:
 
 
 def _job(api, model, prompt, chat, sampling, max_tokens, n, stream, usage=False, logprobs=None):
+    draft_default = sampling.pop("draft_default")
     try:
         params = SamplingParams(
             **sampling,
@@ -528,7 +543,9 @@ def _job(api, model, prompt, chat, sampling, max_tokens, n, stream, usage=False,
         )
     except ValueError as e:
         raise bad(str(e), str(e).split(" ")[0]) from None
-    return Job(api, model, prompt, chat, params, max_tokens, n, stream, usage, logprobs)
+    job = Job(api, model, prompt, chat, params, max_tokens, n, stream, usage, logprobs)
+    job.draft_default = draft_default
+    return job
 
 
 # -- writing ---------------------------------------------------------------------------------------

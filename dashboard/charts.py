@@ -31,6 +31,26 @@ def itl_by_position(itl_ms: list[float]) -> alt.Chart:
     )
 
 
+def acceptance_by_position(rates: list[float]) -> alt.Chart:
+    """Speculative decoding in one reply: the chance that a pass's j-th proposal was accepted once
+    every proposal before it was (how far ahead proposing paid)."""
+    frame = pd.DataFrame({"position": range(1, len(rates) + 1), "acceptance": rates})
+    return (
+        alt.Chart(frame, height=160)
+        .mark_bar()
+        .encode(
+            x=alt.X("position:O", title="proposal's position in the pass"),
+            y=alt.Y(
+                "acceptance:Q",
+                title="accepted once reached",
+                scale=alt.Scale(domain=[0, 1]),
+                axis=alt.Axis(format="%"),
+            ),
+            tooltip=["position", alt.Tooltip("acceptance:Q", format=".0%", title="accepted")],
+        )
+    )
+
+
 def metric_name(metric: str) -> str:
     """ "decode speed (tokens/s)" -> "decode speed"."""
     return LABELS.get(metric, metric).split(" (")[0]

@@ -14,6 +14,9 @@ Definitions (BENCHMARKS.md, Protocol; the README repeats them):
     draft_tokens, accepted_draft_tokens, acceptance_rate
                    speculative decoding: tokens proposed, how many the model accepted, and
                    accepted / proposed
+    acceptance_by_position
+                   for j = 1, 2, ...: accepted / reached of a pass's j-th proposal (reached:
+                   every proposal before it accepted)
 """
 
 from __future__ import annotations
@@ -171,6 +174,9 @@ class RequestMetrics:
     draft_tokens: int = 0  # speculative decoding: tokens proposed
     accepted_draft_tokens: int = 0  # of those, accepted by the model
     acceptance_rate: float = 0.0  # accepted / proposed (0 when none proposed)
+    # the chance the j-th proposal of a pass was accepted once reached (every one before it
+    # accepted), j = 1, 2, ...: how far ahead proposing pays
+    acceptance_by_position: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -205,6 +211,7 @@ def request_metrics(
     queue_s: float = 0.0,
     draft_tokens: int = 0,
     accepted_draft_tokens: int = 0,
+    draft_positions: tuple[list[int], list[int]] = ([], []),
 ) -> RequestMetrics:
     """All metrics of one request from its start time and the arrival time of each token."""
     n = len(token_times)
@@ -234,4 +241,5 @@ def request_metrics(
         draft_tokens=draft_tokens,
         accepted_draft_tokens=accepted_draft_tokens,
         acceptance_rate=accepted_draft_tokens / draft_tokens if draft_tokens else 0.0,
+        acceptance_by_position=[a / r for r, a in zip(*draft_positions, strict=True) if r],
     )

@@ -48,6 +48,10 @@ class Request:
     proposer: object | None = None  # speculative decoding's (speculative.Proposer), if asked
     draft_tokens: int = 0  # tokens it proposed
     accepted_draft_tokens: int = 0  # of those, accepted by the model
+    # by position in a pass (0: the first proposal): how often it was reached (every proposal
+    # before it accepted) and how often it was then accepted
+    draft_reached: list[int] = field(default_factory=list)
+    draft_accepted_at: list[int] = field(default_factory=list)
     spec_accepted: float = 0.0  # its decayed record of accepted proposals (speculative.py)
     spec_rejected: float = 0.0  # and of passes a rejection ended
     peak_memory: int = 0

@@ -378,6 +378,7 @@ class Runner:
                     sampler.key = key
                 request.draft_tokens += len(proposals[row])
                 request.accepted_draft_tokens += len(kept) - 1
+                _count_positions(request, len(proposals[row]), len(kept) - 1)
                 request.spec_accepted += len(kept) - 1
                 request.spec_rejected += len(kept) - 1 < len(proposals[row])
                 tokens.append(kept[0])
@@ -553,3 +554,15 @@ def _to_host(lp) -> TokenLogprobs | None:
         return None
     chosen, ids, values = lp
     return TokenLogprobs(chosen.item(), list(zip(ids[0].tolist(), values[0].tolist(), strict=True)))
+
+
+def _count_positions(request: Request, proposed: int, accepted: int) -> None:
+    """A pass's proposals by position: the first `accepted` were accepted, and the one after them
+    (if any was proposed) reached and rejected."""
+    reached = min(accepted + 1, proposed)
+    for counts in (request.draft_reached, request.draft_accepted_at):
+        counts.extend([0] * (proposed - len(counts)))
+    for j in range(reached):
+        request.draft_reached[j] += 1
+    for j in range(accepted):
+        request.draft_accepted_at[j] += 1

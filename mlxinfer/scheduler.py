@@ -392,6 +392,7 @@ class Scheduler:
             kv_cache_bytes=request.kv_bytes,
             draft_tokens=request.draft_tokens,
             accepted_draft_tokens=request.accepted_draft_tokens,
+            draft_positions=(request.draft_reached, request.draft_accepted_at),
         )
 
     def _leave(self, request: Request, reason: str, error: str | None = None) -> Event:

@@ -264,6 +264,39 @@ def test_the_default_model_answers_in_the_chat(tmp_path, monkeypatch):
         st.cache_resource.clear()
 
 
+def test_a_reply_by_prompt_lookup_shows_its_acceptance_by_position(tmp_path, monkeypatch):
+    """Speculative decoding from the chat (the default model copying its prompt): the same
+    reply as without it, and under it how many proposals were accepted and, by position in a
+    pass, how often each was accepted once reached."""
+    monkeypatch.setenv("MLXINFER_DB", str(tmp_path / "runs.sqlite"))
+    monkeypatch.delenv("MLXINFER_MODEL", raising=False)
+    st.cache_resource.clear()
+    ask = "Repeat exactly: the quick brown fox jumps over the lazy dog. " * 2
+    try:
+        at = app()
+        max_tokens(at, 16)
+        at.chat_input[0].set_value(ask).run()
+        plain = at.chat_message[1].markdown[0].value
+        next(b for b in at.button if b.label == "New conversation").click().run()
+        next(t for t in at.sidebar.toggle if t.label == "Prompt lookup").set_value(True).run()
+        at.chat_input[0].set_value(ask).run()
+        healthy(at)
+        reply = at.chat_message[1]
+        assert reply.markdown[0].value == plain
+        metrics = at.session_state["messages"][1]["metrics"]
+        assert metrics["accepted_draft_tokens"] > 0
+        said = [c.value for c in reply.caption]
+        assert any(c.startswith("Speculative decoding: ") for c in said), said
+        assert any("prompt lookup (4 a step)" in c for c in said), said
+        (chart,) = [c for c in reply.get("vega_lite_chart") if "acceptance" in c.proto.spec]
+        frame = chart_data(chart)
+        assert list(frame["position"]) == list(range(1, len(frame) + 1))
+        assert list(frame["acceptance"]) == metrics["acceptance_by_position"]
+        assert 0 < frame["acceptance"].iloc[0] <= 1
+    finally:
+        st.cache_resource.clear()
+
+
 def chart_data(chart, column: str | None = None):
     """The frame a chart draws, as Streamlit sent it to the browser (Arrow); of a layered chart,
     the one that has `column`."""

@@ -1,6 +1,8 @@
 """Chat: the loaded model through the process's Engine, replies streamed, each with its metrics
 (TTFT, decode speed, memory) and its inter-token latency by position."""
 
+from dataclasses import replace
+
 import charts
 import common
 import streamlit as st
@@ -33,6 +35,17 @@ with st.sidebar:
         sampling, max_tokens, wrong = common.sampling_controls("chat_")
     if wrong is not None:  # (the expander may be closed)
         st.error(f"Sampling: {wrong}")
+    with st.expander("Speculative decoding", expanded=False):
+        lookup = st.toggle(
+            "Prompt lookup",
+            key="chat_lookup",
+            help="Propose what followed the context's last few tokens where they appeared "
+            "before, and check the proposals in one pass: the same reply, sooner where it "
+            "copies the prompt.",
+        )
+        drafts = st.slider("Proposals a step", 1, 8, 4, key="chat_num_draft", disabled=not lookup)
+    if sampling is not None and lookup:
+        sampling = replace(sampling, speculation="prompt-lookup", num_draft=drafts)
     with st.expander("KV cache", expanded=False):
         cache = common.cache_controls("chat_")
     if cache.kv_bits == 4:
@@ -59,6 +72,15 @@ def show_reply_metrics(metrics: dict) -> None:
     common.metric_row(metrics)
     if len(metrics.get("itl_ms") or []) > 1:
         st.altair_chart(charts.itl_by_position(metrics["itl_ms"]), width="stretch")
+    if metrics.get("draft_tokens"):
+        st.caption(
+            f"Speculative decoding: {metrics['accepted_draft_tokens']} of "
+            f"{metrics['draft_tokens']} proposed tokens accepted "
+            f"({metrics['acceptance_rate']:.0%}); each accepted one came without a step of its own."
+        )
+        if metrics.get("acceptance_by_position"):
+            chart = charts.acceptance_by_position(metrics["acceptance_by_position"])
+            st.altair_chart(chart, width="stretch")
 
 
 FINISHED = {
@@ -135,6 +157,8 @@ if prompt and engine is not None and sampling is not None:
         # In the history before it streams: a click mid-reply (which stops this script) leaves
         # the part received, marked stopped, and the conversation keeps its turns in order.
         settings = f"{common.sampling_label(sampling)} · KV cache {cache.label}"
+        if sampling.speculation is not None:
+            settings += f" · prompt lookup ({sampling.num_draft} a step)"
         reply = {"role": "assistant", "content": "", "metrics": None, "stopped": True}
         reply |= {"tokens": 0, "settings": settings}
         state.messages.append(reply)

@@ -17,6 +17,7 @@ of a `Sampled` is requests[r]'s token, logprobs, or the reason it failed.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import cast
@@ -34,6 +35,7 @@ from .speculative import (
     PassCost,
     Verdict,
     acceptance,
+    affordable,
     decayed,
     draft_length,
     make_proposer,
@@ -42,6 +44,8 @@ from .speculative import (
     worth,
 )
 from .steps import decode_step, pipelines_decode, prefill_chunk, prefill_pass, verify_step
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -91,6 +95,7 @@ class Runner:
             prefix_cache.max_tokens = self.ring_size  # (see PrefixCache.store)
         self.run_ahead = pipelines_decode()  # queue decode step n+1 before reading step n (GPU)
         self.pass_cost = PassCost()  # how long decode passes take, by their size
+        self.step_seconds: float | None = None  # the last timed plain step's
         self._ahead: _Step | None = None
         self._new_batch()
 
@@ -267,7 +272,8 @@ class Runner:
             self._ahead = None
             return Sampled.failed(list(requests), f"decode step failed: {e}")
         if timed:
-            self.pass_cost.observe(len(step.requests), time.perf_counter() - started)
+            self.step_seconds = time.perf_counter() - started
+            self.pass_cost.observe(len(step.requests), self.step_seconds)
         _bad_rows(bad, step.failed)
         return Sampled(step.requests, values, lps, step.failed)
 
@@ -287,9 +293,21 @@ class Runner:
                 request.params.num_draft, request.spec_accepted, request.spec_rejected, least
             )
             k = min(k, request.max_tokens - len(generated) - 1)
+            token_seconds = getattr(request.proposer, "token_seconds", None)
+            step = self.pass_cost.predict(len(requests)) or self.step_seconds
+            if token_seconds is not None and step is not None:  # proposals that cost a pass
+                alpha = acceptance(request.spec_accepted, request.spec_rejected)
+                k = affordable(k, alpha, step, len(requests), token_seconds)
             if k <= 0:
                 continue
-            found = request.proposer.propose([*request.prompt_ids, *generated], k)  # type: ignore[attr-defined]
+            try:
+                found = request.proposer.propose([*request.prompt_ids, *generated], k)  # type: ignore[attr-defined]
+            except Exception as e:  # (a draft model's pass failed): this row decodes plainly
+                request.proposer = None
+                logger.warning(
+                    "request %s stops speculating: its proposer failed: %s", request.id, e
+                )
+                continue
             if found:
                 proposals[row] = found
         return proposals

@@ -122,7 +122,7 @@ class Scheduler:
                 model.whole_config, spec.kv_bits, spec.kv_group_size, itemsize
             )
         prefix_cache = PrefixCache(int(mb * 2**20), per_token) if mb else None
-        check_draft(model, options.draft_model)
+        check_draft(model, options.draft_model, tokenizer.vocab_size)
         self.runner = Runner(
             model, options.cache, self.max_batch, prefix_cache, options.draft_model
         )

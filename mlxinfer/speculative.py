@@ -26,6 +26,7 @@ never overwrites a key its queries still see).
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
@@ -33,6 +34,7 @@ from typing import Protocol, cast
 import mlx.core as mx
 import numpy as np
 
+from .batch_cache import RING_SLACK
 from .cache import KVCache
 from .model import Model
 from .sampling import PROPOSERS, Sampler, invalid_logits
@@ -90,10 +92,14 @@ class DraftModel:
         self.vocab_size = vocab_size  # the target's: a proposal past it is never checked
         self.cache = [KVCache() for _ in model.model.layers]
         self.seen: list[int] = []  # the tokens in self.cache, in order
+        # seconds a proposal costs (its share of a propose call; calls that caught up on more
+        # than a pass's tokens, a prompt's prefill, not counted): see `affordable`
+        self.token_seconds: float | None = None
 
     def propose(self, history: Sequence[int], k: int) -> list[int]:
         if k <= 0 or not history:
             return []
+        started = time.perf_counter()
         history = list(history)
         shared = zip(self.seen, history[:-1], strict=False)  # (its last token is new to it)
         common = sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], shared))
@@ -106,6 +112,10 @@ class DraftModel:
             token = mx.argmax(decode_step(self.model, token, self.cache), axis=-1)
             drafts.append(token)
         proposed = cast(list[int], mx.concatenate(drafts).tolist())
+        if len(history) - common <= RING_SLACK + 1:  # (not a prefill)
+            seconds = (time.perf_counter() - started) / k
+            known = self.token_seconds
+            self.token_seconds = seconds if known is None else 0.7 * known + 0.3 * seconds
         self.seen = history + proposed[:-1]  # the last proposal has not been through it
         return list(itertools.takewhile(lambda t: t < self.vocab_size, proposed))
 
@@ -130,16 +140,20 @@ NO_DRAFT = (
 )
 
 
-def check_draft(model: Model, draft: Model | None) -> None:
-    """Refuse a draft model that cannot propose for `model` (ValueError saying why)."""
+def check_draft(model: Model, draft: Model | None, tokens: int) -> None:
+    """Refuse a draft model that cannot propose for `model`, whose tokenizer has `tokens` ids
+    (ValueError saying why). Their embedding tables may differ in padding (Qwen2.5's 0.5B and 7B
+    checkpoints: 151,936 and 152,064 rows for one tokenizer); the draft must hold every id the
+    tokenizer gives. That the draft's tokenizer is the same one, only its caller can tell
+    (`mlxinfer.cli.options.open_draft` compares them)."""
     if draft is None:
         return
     if not isinstance(draft, Model):
         raise ValueError(f"draft_model must be a loaded model, got {type(draft).__name__}")
-    if draft.config.vocab_size != model.config.vocab_size:
+    if draft.config.vocab_size < tokens:
         raise ValueError(
-            f"the draft model's vocabulary ({draft.config.vocab_size} tokens) is not the "
-            f"model's ({model.config.vocab_size}): a draft must share the tokenizer"
+            f"the draft model's vocabulary ({draft.config.vocab_size} tokens) is smaller than "
+            f"the tokenizer's ({tokens}): a draft must share the model's tokenizer"
         )
     if model.ranks is not None or draft.ranks is not None:
         raise ValueError("a draft model with a model split over ranks is not supported yet")
@@ -174,6 +188,18 @@ def acceptance(accepted: float, rejected: float) -> float:
     decayed count of accepted proposals and of passes ended by a rejection, with a prior of one
     of each."""
     return (accepted + 1.0) / (accepted + rejected + 2.0)
+
+
+def affordable(k: int, alpha: float, step_seconds: float, rows: int, token_seconds: float) -> int:
+    """How many of k proposals are worth drafting when each costs `token_seconds` before the
+    pass (a draft model's step, run for this row alone): the j-th while its chance of being
+    reached and accepted, alpha ** j, times what an accepted token saves (a plain step of the
+    batch makes `rows` tokens in `step_seconds`) is at least its cost. A draft as slow as the
+    model is never worth it; on a GPU a small draft costs a tenth of a step or less."""
+    n = 0
+    while n < k and alpha ** (n + 1) * step_seconds / rows >= token_seconds:
+        n += 1
+    return n
 
 
 def draft_length(num_draft: int, accepted: float, rejected: float, least: float) -> int:

@@ -195,3 +195,7 @@ def test_the_spec_axis_sets_speculation_and_older_runs_keep_their_keys():
     assert config_key(config) == config_key(older)
     assert with_defaults(older)["spec"] == "none"
     assert sampling_params(older, 0).speculation is None
+    from mlxinfer.batch_cache import RING_SLACK
+    from mlxinfer.bench.grid import MAX_NUM_DRAFT
+
+    assert MAX_NUM_DRAFT == RING_SLACK  # (the grid imports no MLX: it restates the bound)

@@ -229,6 +229,8 @@ def test_a_target_sweep_refuses_what_only_the_server_sets(tmp_path, scripted):
         _sweep(db, scripted.url, kv="full,q8")
     with pytest.raises(ValueError, match="axis 'compute'"):
         _sweep(db, scripted.url, compute="native")
+    with pytest.raises(ValueError, match="'spec': prompt-lookup cannot be measured on a --target"):
+        _sweep(db, scripted.url, spec="none,prompt-lookup")
     with pytest.raises(ValueError, match="mlx-lm runs in process"):
         Sweep(parse_axes({}), reps=1, db=db, target=scripted.url, baseline="mlx-lm")
     assert db.runs() == []  # refused before a run was started

@@ -262,7 +262,8 @@ def test_a_draft_model_serves_the_same_replies_unless_a_request_declines_it(serv
         process.terminate()
         process.wait(timeout=30)
     status, refused = post(f"{server}/v1/completions", {**body, "draft": True})
-    assert status == 400 and "needs a draft model" in refused["error"]["message"], refused
+    assert status == 400 and refused["error"]["param"] == "draft", refused
+    assert "no draft model (--draft-model)" in refused["error"]["message"]
 
 
 def test_anthropic_messages_plain_streamed_and_counted(server, checkpoint):

@@ -22,6 +22,7 @@ import mlxinfer
 import mlxinfer.runner
 from mlxinfer import SamplingParams
 from mlxinfer.batch_cache import RING_SLACK, make_batch_cache
+from mlxinfer.cache import KVCache
 from mlxinfer.sampling import Sampler, filter_logits
 from mlxinfer.speculative import DraftModel, PromptLookup, verify
 from mlxinfer.steps import prefill, verify_step
@@ -410,18 +411,17 @@ def test_a_draft_model_proposes_its_greedy_continuation_and_forgets_rejected_tok
     history = prompts(1, seed=11)[0]
     assert_same_greedy(draft.propose(history, 5), alone(model, history, 5))
     assert len(draft.seen) == len(history) + 4 == draft.cache[0].offset
-    # the target kept 2 of the 5 proposals, then a token of its own
-    kept = draft.seen[: len(history) + 2] + [5]
+    # the target kept 2 of the 5 proposals, then a token of its own (not the draft's third)
+    kept = draft.seen[: len(history) + 2] + [6 if draft.seen[len(history) + 2] == 5 else 5]
     again = draft.propose(kept, 3)
     assert_same_greedy(again, alone(model, kept, 3))
     assert draft.seen == kept + again[:2]
-    cold = model.make_cache()
+    cold = [KVCache() for _ in model.model.layers]  # growing, as the draft's (windows masked)
     prefill(model, mx.array([draft.seen]), cold, 16)
+    n = len(draft.seen)
     for ours, theirs in zip(draft.cache, cold, strict=True):
-        n = len(draft.seen)
+        assert ours.offset == theirs.offset == n
         for a, b in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
-            if isinstance(theirs, mlxinfer.cache.RotatingKVCache):
-                continue  # (the target's windows are rings; the draft's caches grow)
             assert mx.allclose(a[0][:, :, :n], b[0][:, :, :n], atol=1e-5)  # (stored: (keys,))
     assert draft.propose(kept, 0) == []
 
@@ -429,7 +429,9 @@ def test_a_draft_model_proposes_its_greedy_continuation_and_forgets_rejected_tok
 @pytest.mark.exactness
 @pytest.mark.parametrize("cache", sorted(CACHES))
 @pytest.mark.parametrize("which", ["itself", "other"])
-def test_greedy_tokens_with_a_draft_model_are_plain_decodings(tiny, drafts, cache, which):
+def test_greedy_tokens_with_a_draft_model_are_plain_decodings(
+    tiny, drafts, cache, which, monkeypatch
+):
     """A draft model that is always right (the target itself, where its caches hold what the
     target's do) and one that is nearly always wrong (other random weights): the target's tokens
     are plain decoding's, alone and batched beside a row that does not speculate, for every
@@ -439,6 +441,8 @@ def test_greedy_tokens_with_a_draft_model_are_plain_decodings(tiny, drafts, cach
     if "kv_bits" in options and model.config.head_dim % options["kv_group_size"]:
         pytest.skip("head_dim not a multiple of the group size")
     draft = model if which == "itself" else drafts
+    # every pass drafts (on a CPU a draft this slow would soon not be worth its cost: affordable)
+    monkeypatch.setattr(mlxinfer.runner, "affordable", lambda k, *costs: k)
     n = 16
     batch = prompts(3, seed=12)
     expected = {tuple(ids): alone(model, ids, n, **options) for ids in batch}
@@ -466,7 +470,9 @@ def test_greedy_tokens_with_a_draft_model_are_plain_decodings(tiny, drafts, cach
 
 
 @pytest.mark.exactness
-def test_with_a_draft_model_the_same_seed_gives_plain_samplings_tokens(llama_model, tmp_path):
+def test_with_a_draft_model_the_same_seed_gives_plain_samplings_tokens(
+    llama_model, tmp_path, monkeypatch
+):
     """Sampled rows with a draft model draw plain sampling's own tokens for their seed, alone
     and batched (the draft's proposals are point masses, checked as prompt lookup's are)."""
     make_tiny_checkpoint(tmp_path, "llama")
@@ -486,6 +492,7 @@ def test_with_a_draft_model_the_same_seed_gives_plain_samplings_tokens(llama_mod
     ]
     plain = [replace(p, speculation=None) for p in params]
     without = mlxinfer.batch_generate(model, tokenizer, batch, max_tokens=20, sampling=plain)
+    monkeypatch.setattr(mlxinfer.runner, "affordable", lambda k, *costs: k)  # (every pass drafts)
     run = dict(max_tokens=20, draft_model=model)
     together = mlxinfer.batch_generate(model, tokenizer, batch, sampling=params, **run)
     for ids, p, result, reference in zip(batch, params, together, without, strict=True):
@@ -495,17 +502,33 @@ def test_with_a_draft_model_the_same_seed_gives_plain_samplings_tokens(llama_mod
 
 
 def test_a_draft_model_is_asked_for_and_must_share_the_vocabulary(llama_model, tmp_path):
-    """speculation="draft" without a draft model, or a draft of another vocabulary: a clear
-    error before anything runs."""
+    """speculation="draft" without a draft model, or a draft whose vocabulary lacks some of the
+    tokenizer's ids: a clear error before anything runs. A larger one (padding) is fine."""
     make_tiny_checkpoint(tmp_path, "llama")
     model, tokenizer = mlxinfer.load(tmp_path)
     spec = SamplingParams(speculation="draft")
     with pytest.raises(ValueError, match="speculation='draft' needs a draft model"):
         mlxinfer.batch_generate(model, tokenizer, [[5, 6, 7]], max_tokens=2, sampling=spec)
     other = tmp_path / "other"
-    make_tiny_checkpoint(other, "llama", vocab_size=200)
+    make_tiny_checkpoint(other, "llama", vocab_size=64)
     wrong = mlxinfer.load(other)[0]
-    with pytest.raises(ValueError, match="draft model's vocabulary .200 tokens."):
+    with pytest.raises(ValueError, match=r"draft model's vocabulary \(64 tokens\) is smaller"):
         mlxinfer.Engine(model, tokenizer, draft_model=wrong)
+    padded = tmp_path / "padded"
+    make_tiny_checkpoint(padded, "llama", vocab_size=160)
+    mlxinfer.Engine(model, tokenizer, draft_model=mlxinfer.load(padded)[0]).close()
     with pytest.raises(ValueError, match="draft_model must be a loaded model"):
         mlxinfer.batch_generate(model, tokenizer, [[5]], max_tokens=1, draft_model="path")
+
+
+def test_a_draft_is_asked_for_only_the_proposals_worth_its_cost():
+    """A proposal a draft model must compute is drafted while alpha ** j times what an accepted
+    token saves (a batch step's share of one row) is at least what drafting it costs."""
+    from mlxinfer.speculative import affordable
+
+    # alone, steps of 30 ms: a 3 ms draft token pays while alpha ** j >= 0.1
+    assert affordable(8, 0.7, 0.030, 1, 0.003) == 6  # 0.7 ** 6 = 0.118, 0.7 ** 7 = 0.082
+    assert affordable(3, 0.7, 0.030, 1, 0.003) == 3  # (never more than asked)
+    assert affordable(8, 0.9, 0.030, 1, 0.030) == 0  # a draft as slow as the model: never
+    # a batch of 8 makes 8 tokens a step: an accepted token saves an eighth of it
+    assert affordable(8, 0.7, 0.060, 8, 0.003) == 2  # 0.7 ** 2 * 7.5 ms = 3.7 ms >= 3 ms

@@ -497,6 +497,12 @@ def check_grid(configs: list[dict], load, target: str | None = None) -> None:
                     f"sweep axis {axis!r}: {', '.join(values)} cannot be set on a --target "
                     f"server (it is the server's own setting): leave it at {DEFAULTS[axis]}"
                 )
+        specs = sorted({c["spec"] for c in configs} - {"none"})
+        if specs:  # (a request field of ours alone: another server would ignore it)
+            raise ValueError(
+                f"sweep axis 'spec': {', '.join(specs)} cannot be measured on a --target server "
+                "(prompt lookup is mlxinfer's request extension): measure it in process"
+            )
         models = sorted({c["model"] for c in configs})
         if len(models) > 1:
             raise ValueError(

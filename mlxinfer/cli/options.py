@@ -278,6 +278,8 @@ def speculation(args: argparse.Namespace) -> str | None:
     """SamplingParams.speculation from --prompt-lookup and --draft-model."""
     if args.prompt_lookup and args.draft_model is not None:
         raise UsageError("--prompt-lookup and --draft-model: choose one proposer")
+    if args.draft_model is not None and getattr(args, "parallel", None) is not None:
+        raise UsageError("--draft-model with --parallel is not supported yet")
     if args.draft_model is not None:
         if not Path(args.draft_model).expanduser().exists():
             raise UsageError(f"--draft-model {args.draft_model}: no such file or directory")
@@ -291,25 +293,32 @@ def load_draft(args: argparse.Namespace, model, tokenizer):
     for `model` (another vocabulary, another tokenizer)."""
     if getattr(args, "draft_model", None) is None:
         return None
+    try:
+        return open_draft(args, model, tokenizer)
+    except ValueError as e:
+        print(f"mlxinfer {args.command}: error: {e}", file=sys.stderr)
+        return False
+
+
+def open_draft(args: argparse.Namespace, model, tokenizer, **load_options):
+    """Load --draft-model as the model was loaded (its compute policy and op set) and check it
+    can propose for `model`: the same tokenizer (a probe text encoded alike) and every token id
+    in its vocabulary. ValueError naming the flag and the path otherwise."""
     from ..loading import load
     from ..speculative import check_draft
 
+    where = f"--draft-model {args.draft_model}"
     try:
-        draft, draft_tokenizer = load(args.draft_model, compute=args.compute, kernels=args.kernels)
-        check_draft(model, draft)
-        check_draft_tokenizer(tokenizer, draft_tokenizer)
-    except (FileNotFoundError, ValueError) as e:
-        where = f"--draft-model {args.draft_model}"
-        print(f"mlxinfer {args.command}: error: {where}: {e}", file=sys.stderr)
-        return False
+        draft, draft_tokenizer = load(
+            args.draft_model, compute=args.compute, kernels=args.kernels, **load_options
+        )
+        check_draft(model, draft, tokenizer.vocab_size)
+        probe = "Speculative decoding, 2026: the quick brown fox -> 12,345 naïve tokens!"
+        if draft_tokenizer.encode(probe) != tokenizer.encode(probe):
+            raise ValueError("its tokenizer encodes text differently from the model's")
+    except (FileNotFoundError, ValueError) as e:  # ModelLoadError is a ValueError
+        raise ValueError(f"{where}: {e}") from None
     return draft
-
-
-def check_draft_tokenizer(tokenizer, draft_tokenizer) -> None:
-    """A draft's tokenizer must be the model's: ValueError where a probe text encodes otherwise."""
-    probe = "Speculative decoding, 2026: the quick brown fox -> 12,345 naïve tokens!"
-    if draft_tokenizer.encode(probe) != tokenizer.encode(probe):
-        raise ValueError("its tokenizer encodes text differently from the model's")
 
 
 def cache_options(args: argparse.Namespace) -> CacheSpec:

@@ -150,17 +150,9 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         draft = None
         if args.draft_model is not None:
-            from ..speculative import check_draft
-            from .options import check_draft_tokenizer
+            from .options import open_draft
 
-            try:
-                draft, draft_tokenizer = load_model(
-                    args.draft_model, compute=args.compute, kernels=args.kernels
-                )
-                check_draft(model, draft)
-                check_draft_tokenizer(tokenizer, draft_tokenizer)
-            except (FileNotFoundError, ValueError) as e:
-                raise ValueError(f"--draft-model {args.draft_model}: {e}") from None
+            draft = open_draft(args, model, tokenizer)
         return Engine(
             model,
             tokenizer,

@@ -175,9 +175,12 @@ async def _submit(server: Server, job: Job) -> list[RequestHandle]:
             options: dict[str, Any] = {"tools": job.tools} if job.tools else {}
             render = functools.partial(engine.tokenizer.apply_chat_template, prompt, **options)
             prompt, chat = await anyio.to_thread.run_sync(render, limiter=server.limiter), False
+        has_draft = engine.options.draft_model is not None
+        if job.params.speculation == "draft" and not has_draft:
+            raise ApiError(400, "draft: this server has no draft model (--draft-model)", "draft")
         for index in range(job.n):
             params = job.params_for(index)
-            if job.draft_default and engine.options.draft_model is not None:
+            if job.draft_default and has_draft:
                 params = replace(params, speculation="draft")  # (unless it said draft: false)
             submit = functools.partial(engine.submit, prompt, params, max_tokens, chat=chat)
             handles.append(await anyio.to_thread.run_sync(submit, limiter=server.limiter))

@@ -79,7 +79,8 @@ class Job:
     logprobs: int | None = None  # None: not asked; else the alternatives per token (0..20)
     echo: bool = False
     tools: list[dict] | None = None  # for the chat template; the reply is read for calls
-    draft_default: bool = False  # no proposer asked, nor `draft: false`: the server's draft model
+    draft_default: bool = False  # neither prompt lookup asked nor `draft: false`: the server's
+    # draft model, if it has one
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -155,7 +156,6 @@ def _logit_bias(body: dict, vocab_size: int) -> dict[int, float]:
 def _sampling(body: dict, tokenizer: Tokenizer, stop_field: str = "stop") -> dict:
     """SamplingParams' fields from the OpenAI names (and the extensions every local server
     takes: top_k, min_p, repetition_penalty)."""
-    speculation = {k: body.get(k) for k in ("prompt_lookup", "draft")}
     return {
         "temperature": float(_number(body, "temperature", 1.0, 0, 2)),
         "top_p": float(_number(body, "top_p", 1.0, 0, 1)) or 1e-9,
@@ -172,7 +172,7 @@ def _sampling(body: dict, tokenizer: Tokenizer, stop_field: str = "stop") -> dic
         # copies the prompt (prompt lookup) or a draft model guesses it
         "speculation": _speculation(body),
         "num_draft": _number(body, "num_draft", 4, 1, RING_SLACK, integer=True),
-        "draft_default": all(v is None for v in speculation.values()),
+        "draft_default": body.get("draft") is None and not _flag(body, "prompt_lookup"),
     }
 
 

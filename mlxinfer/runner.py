@@ -32,6 +32,7 @@ from .request import Request
 from .responses import TokenLogprobs
 from .sampling import Sampler, invalid_logits, top_logprobs
 from .speculative import (
+    DraftModel,
     PassCost,
     Verdict,
     acceptance,
@@ -96,6 +97,7 @@ class Runner:
         self.run_ahead = pipelines_decode()  # queue decode step n+1 before reading step n (GPU)
         self.pass_cost = PassCost()  # how long decode passes take, by their size
         self.step_seconds: float | None = None  # the last timed plain step's
+        self.draft_seconds: float | None = None  # what a draft model's proposal last cost
         self._ahead: _Step | None = None
         self._new_batch()
 
@@ -293,9 +295,12 @@ class Runner:
                 request.params.num_draft, request.spec_accepted, request.spec_rejected, least
             )
             k = min(k, request.max_tokens - len(generated) - 1)
-            token_seconds = getattr(request.proposer, "token_seconds", None)
+            draft = request.proposer if isinstance(request.proposer, DraftModel) else None
+            token_seconds = None  # what a proposal costs before the pass (a draft model's)
+            if draft is not None:  # not timed yet: as the engine's draft was for another row
+                token_seconds = draft.token_seconds or self.draft_seconds  # (before a prefill)
             step = self.pass_cost.predict(len(requests)) or self.step_seconds
-            if token_seconds is not None and step is not None:  # proposals that cost a pass
+            if token_seconds is not None and step is not None:
                 alpha = acceptance(request.spec_accepted, request.spec_rejected)
                 k = affordable(k, alpha, step, len(requests), token_seconds)
             if k <= 0:
@@ -310,6 +315,8 @@ class Runner:
                 continue
             if found:
                 proposals[row] = found
+            if draft is not None and draft.token_seconds is not None:
+                self.draft_seconds = draft.token_seconds
         return proposals
 
     def _worth_a_pass(

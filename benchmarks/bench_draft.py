@@ -36,7 +36,7 @@ import mlxinfer  # first: it loads OpenBLAS, which must happen before mlx.core i
 
 # isort: on
 import mlx.core as mx
-from bench_speculative import task_prompts
+from bench_speculative import decode_rate, task_prompts
 from common import machine_info, save_result, summary
 
 from mlxinfer import SamplingParams
@@ -61,13 +61,8 @@ def ours(model, tokenizer, prompts, draft, args) -> dict:
         model, tokenizer, prompts, sampling=params, chat=True, draft_model=draft
     )
     metrics = [r.metrics for r in results]
-    if len(metrics) == 1:
-        tps = metrics[0].decode_tps
-    else:
-        span = (max(m.e2e_ms for m in metrics) - min(m.ttft_ms for m in metrics)) / 1e3
-        tps = sum(m.generated_tokens - 1 for m in metrics) / span
     return {
-        "decode_tps": tps,
+        "decode_tps": decode_rate(metrics),
         "proposed": sum(m.draft_tokens for m in metrics),
         "accepted": sum(m.accepted_draft_tokens for m in metrics),
         "tokens": [list(r.tokens) for r in results],

@@ -63,6 +63,15 @@ def task_prompts(task: str, tokenizer, n: int) -> list[list[dict]]:
     ]
 
 
+def decode_rate(metrics: list) -> float:
+    """One request's decode_tps; a batch's aggregate sum(N_i - 1) / (last token - first first
+    token), prefill excluded."""
+    if len(metrics) == 1:
+        return metrics[0].decode_tps
+    span = (max(m.e2e_ms for m in metrics) - min(m.ttft_ms for m in metrics)) / 1e3
+    return sum(m.generated_tokens - 1 for m in metrics) / span
+
+
 def run(model, tokenizer, prompts, temperature: float, spec: bool, args) -> dict:
     params = [
         SamplingParams(
@@ -80,13 +89,8 @@ def run(model, tokenizer, prompts, temperature: float, spec: bool, args) -> dict
     metrics = [r.metrics for r in results]
     proposed = sum(m.draft_tokens for m in metrics)
     accepted = sum(m.accepted_draft_tokens for m in metrics)
-    if len(metrics) == 1:
-        tps = metrics[0].decode_tps
-    else:
-        span = (max(m.e2e_ms for m in metrics) - min(m.ttft_ms for m in metrics)) / 1e3
-        tps = sum(m.generated_tokens - 1 for m in metrics) / span
     return {
-        "decode_tps": tps,
+        "decode_tps": decode_rate(metrics),
         "tokens": sum(m.generated_tokens for m in metrics),
         "proposed": proposed,
         "accepted": accepted,

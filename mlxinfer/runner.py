@@ -287,6 +287,7 @@ class Runner:
         than the tokens its budget has left (the last one is the model's own)."""
         proposals = {}
         least = worth()
+        untimed = False  # a draft not timed yet ran this pass: the others wait for its figure
         for row, request in enumerate(requests):
             if request.proposer is None or request.stream is None:
                 continue
@@ -299,6 +300,9 @@ class Runner:
             token_seconds = None  # what a proposal costs before the pass (a draft model's)
             if draft is not None:  # not timed yet: as the engine's draft was for another row
                 token_seconds = draft.token_seconds or self.draft_seconds  # (before a prefill)
+                if token_seconds is None and untimed:
+                    continue
+                untimed = untimed or token_seconds is None
             step = self.pass_cost.predict(len(requests)) or self.step_seconds
             if token_seconds is not None and step is not None:
                 alpha = acceptance(request.spec_accepted, request.spec_rejected)

@@ -98,6 +98,7 @@ class Runner:
         self.pass_cost = PassCost()  # how long decode passes take, by their size
         self.step_seconds: float | None = None  # the last timed plain step's
         self.draft_seconds: float | None = None  # what a draft model's proposal last cost
+        self.last_pass: tuple[int, float] | None = None  # the last verify pass: (positions, s)
         self._ahead: _Step | None = None
         self._new_batch()
 
@@ -297,16 +298,17 @@ class Runner:
             )
             k = min(k, request.max_tokens - len(generated) - 1)
             draft = request.proposer if isinstance(request.proposer, DraftModel) else None
-            token_seconds = None  # what a proposal costs before the pass (a draft model's)
-            if draft is not None:  # not timed yet: as the engine's draft was for another row
-                token_seconds = draft.token_seconds or self.draft_seconds  # (before a prefill)
-                if token_seconds is None and untimed:
-                    continue
-                untimed = untimed or token_seconds is None
-            step = self.pass_cost.predict(len(requests)) or self.step_seconds
-            if token_seconds is not None and step is not None:
-                alpha = acceptance(request.spec_accepted, request.spec_rejected)
-                k = affordable(k, alpha, step, len(requests), token_seconds)
+            if draft is not None:  # proposals that cost a pass of a draft model
+                # not timed yet: as the engine's draft was for another row (before a prefill)
+                token_seconds = draft.token_seconds or self.draft_seconds
+                step = self._step_estimate(len(requests))
+                if token_seconds is None or step is None:  # one row a pass until both are known
+                    if untimed:
+                        continue
+                    untimed = True
+                else:
+                    alpha = acceptance(request.spec_accepted, request.spec_rejected)
+                    k = affordable(k, alpha, step, len(requests), token_seconds)
             if k <= 0:
                 continue
             try:
@@ -322,6 +324,16 @@ class Runner:
             if draft is not None and draft.token_seconds is not None:
                 self.draft_seconds = draft.token_seconds
         return proposals
+
+    def _step_estimate(self, rows: int) -> float | None:
+        """Seconds a plain step of `rows` rows takes: from the timed passes' fit, else the last
+        plain step, else the last verify pass per position (a CPU's passes cost about that much
+        a position; on a GPU it is an underestimate, so drafting starts cautiously)."""
+        estimate = self.pass_cost.predict(rows) or self.step_seconds
+        if estimate is None and self.last_pass is not None:
+            positions, seconds = self.last_pass
+            estimate = seconds / positions
+        return estimate
 
     def _worth_a_pass(
         self, requests: list[Request], proposals: dict[int, list[int]]
@@ -417,7 +429,9 @@ class Runner:
         except Exception as e:  # the whole pass failed: every running request ends
             self._stop_if_split()
             return Sampled.failed(requests, f"decode step failed: {e}")
-        self.pass_cost.observe(len(requests) * positions, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.pass_cost.observe(len(requests) * positions, seconds)
+        self.last_pass = (positions, seconds)
         return Sampled(requests, tokens, lps, failed, more=more)
 
     def _queue(self, requests: list[Request], inputs: mx.array) -> _Step:

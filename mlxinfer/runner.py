@@ -289,6 +289,7 @@ class Runner:
         proposals = {}
         least = worth()
         untimed = False  # a draft not timed yet ran this pass: the others wait for its figure
+        step = None  # a plain step's seconds, for rows a draft model proposes for
         for row, request in enumerate(requests):
             if request.proposer is None or request.stream is None:
                 continue
@@ -301,7 +302,7 @@ class Runner:
             if draft is not None:  # proposals that cost a pass of a draft model
                 # not timed yet: as the engine's draft was for another row (before a prefill)
                 token_seconds = draft.token_seconds or self.draft_seconds
-                step = self._step_estimate(len(requests))
+                step = step or self._step_estimate(len(requests))
                 if token_seconds is None or step is None:  # one row a pass until both are known
                     if untimed:
                         continue

@@ -196,19 +196,20 @@ def affordable(k: int, alpha: float, step_seconds: float, rows: int, token_secon
     reached and accepted, alpha ** j, times what an accepted token saves (a plain step of the
     batch makes `rows` tokens in `step_seconds`) is at least its cost. A draft as slow as the
     model is never worth it; on a GPU a small draft costs a tenth of a step or less."""
-    n = 0
-    while n < k and alpha ** (n + 1) * step_seconds / rows >= token_seconds:
-        n += 1
-    return n
+    return _reached(k, alpha, token_seconds * rows / step_seconds)
 
 
 def draft_length(num_draft: int, accepted: float, rejected: float, least: float) -> int:
     """Proposals worth checking: the largest j <= num_draft with alpha ** j >= least."""
-    alpha = acceptance(accepted, rejected)
-    k = 0
-    while k < num_draft and alpha ** (k + 1) >= least:
-        k += 1
-    return k
+    return _reached(num_draft, acceptance(accepted, rejected), least)
+
+
+def _reached(k: int, alpha: float, least: float) -> int:
+    """The largest j <= k whose chance of being reached and accepted, alpha ** j, is >= least."""
+    j = 0
+    while j < k and alpha ** (j + 1) >= least:
+        j += 1
+    return j
 
 
 class PassCost:

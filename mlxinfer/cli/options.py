@@ -278,13 +278,18 @@ def speculation(args: argparse.Namespace) -> str | None:
     """SamplingParams.speculation from --prompt-lookup and --draft-model."""
     if args.prompt_lookup and args.draft_model is not None:
         raise UsageError("--prompt-lookup and --draft-model: choose one proposer")
-    if args.draft_model is not None and getattr(args, "parallel", None) is not None:
-        raise UsageError("--draft-model with --parallel is not supported yet")
     if args.draft_model is not None:
-        if not Path(args.draft_model).expanduser().exists():
-            raise UsageError(f"--draft-model {args.draft_model}: no such file or directory")
+        check_draft_flag(args)
         return "draft"
     return "prompt-lookup" if args.prompt_lookup else None
+
+
+def check_draft_flag(args: argparse.Namespace) -> None:
+    """--draft-model, before anything loads: a path that exists, and no --parallel."""
+    if not Path(args.draft_model).expanduser().exists():
+        raise UsageError(f"--draft-model {args.draft_model}: no such file or directory")
+    if getattr(args, "parallel", None) is not None:
+        raise UsageError("--draft-model with --parallel is not supported yet")
 
 
 def load_draft(args: argparse.Namespace, model, tokenizer):

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from .options import UsageError, cache_options, check_parallel_args
+from .options import UsageError, cache_options, check_draft_flag, check_parallel_args, open_draft
 
 API_KEY_ENV = "MLXINFER_API_KEY"
 # The kernels' OpenMP threads spin for a while after each product by default; beside a server's
@@ -94,11 +94,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
-    for flag, path in (("--model", args.model), ("--draft-model", args.draft_model)):
-        if path is not None and not Path(path).expanduser().exists():
-            raise UsageError(f"{flag} {path}: no such file or directory")
-    if args.draft_model is not None and args.parallel is not None:
-        raise UsageError("--draft-model with --parallel is not supported yet")
+    if args.model is not None and not Path(args.model).expanduser().exists():
+        raise UsageError(f"--model {args.model}: no such file or directory")
+    if args.draft_model is not None:
+        check_draft_flag(args)
     for flag in ("max_batch", "max_waiting"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")
@@ -150,8 +149,6 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         draft = None
         if args.draft_model is not None:
-            from .options import open_draft
-
             draft = open_draft(args, model, tokenizer)
         return Engine(
             model,

@@ -471,9 +471,7 @@ def test_greedy_tokens_with_a_draft_model_are_plain_decodings(
 
 
 @pytest.mark.exactness
-def test_with_a_draft_model_the_same_seed_gives_plain_samplings_tokens(
-    llama_model, tmp_path, monkeypatch
-):
+def test_with_a_draft_model_the_same_seed_gives_plain_samplings_tokens(tmp_path, monkeypatch):
     """Sampled rows with a draft model draw plain sampling's own tokens for their seed, alone
     and batched (the draft's proposals are point masses, checked as prompt lookup's are)."""
     make_tiny_checkpoint(tmp_path, "llama")
@@ -502,7 +500,7 @@ def test_with_a_draft_model_the_same_seed_gives_plain_samplings_tokens(
     assert sum(r.metrics.draft_tokens for r in together) > 0
 
 
-def test_a_draft_model_is_asked_for_and_must_share_the_vocabulary(llama_model, tmp_path):
+def test_a_draft_model_is_asked_for_and_must_share_the_vocabulary(tmp_path):
     """speculation="draft" without a draft model, or a draft whose vocabulary lacks some of the
     tokenizer's ids: a clear error before anything runs. A larger one (padding) is fine."""
     make_tiny_checkpoint(tmp_path, "llama")

@@ -4,28 +4,36 @@
  * vector_math.h (its vector types and EXP2), with
  *   ATTENTION the function's name   TARGET its target attribute (or nothing)
  *   VW  floats per vector register  VECS   vectors per row in a register block
+ *   ATT_ROWS  rows in a register block (4 unless defined: ATT_ROWS x VECS accumulators, plus
+ *             VECS loaded vectors and a broadcast, must fit the variant's registers)
  *
  * Why in C: MLX's CPU elementwise kernels are scalar and single-threaded (exp ~9-17 ns a float),
  * so a softmax over a long context costs ~15x its two matrix products. Here the exponentials are a
  * vectorised polynomial (exp2 of scores already in log2 units), and the scores of one key block
  * ([rows, KEY_BLOCK], in L2) are produced, exponentiated and consumed before the next block:
- *   S = q k^T          4 rows x VECS vectors of keys in registers, k transposed per key block
+ *   S = q k^T          ATT_ROWS rows x VECS vectors of keys in registers, k transposed per key
+ *                      block
  *   m, l               each row's running max and sum of exp2(S - m); o rescaled when m grows
- *   o += exp2(S - m) v 4 rows x VECS vectors of head dims in registers
+ *   o += exp2(S - m) v ATT_ROWS rows x VECS vectors of head dims in registers
  * Keys past a query's position are never exponentiated (each row stops at its last visible key),
  * so masked keys contribute exactly 0, as in a softmax over -inf. */
 
+#ifndef ATT_ROWS
+#define ATT_ROWS 4
+#endif
+
 TARGET static void ATTENTION(const attention_job *job, int item, float *scratch) {
-  enum { BLOCK = VW * VECS, KB = ATTENTION_KEY_BLOCK };
+  enum { BLOCK = VW * VECS, KB = ATTENTION_KEY_BLOCK, R = ATT_ROWS };
   const int hd = job->hd, groups = job->H / job->KV, qb = job->query_block;
   const int blocks_per_head = (job->T + qb - 1) / qb;
   const int b = item / (job->KV * blocks_per_head), rest = item % (job->KV * blocks_per_head);
   const int kv = rest / blocks_per_head, t0 = (rest % blocks_per_head) * qb;
-  const int tq = job->T - t0 < qb ? job->T - t0 : qb, rows = groups * tq, rows4 = (rows + 3) / 4 * 4;
+  const int tq = job->T - t0 < qb ? job->T - t0 : qb, rows = groups * tq, rows4 = (rows + R - 1) / R * R;
   const int S = job->lengths ? job->lengths[b] : job->S; /* keys this row holds */
   const int first = S - job->T + t0; /* the position of the block's first query */
   const int hd_vec = hd / BLOCK * BLOCK;  /* head dims in full register blocks; hd % VW == 0 */
 
+  /* (rows4: rows padded to a multiple of R; the scratch holds them padded to a multiple of 12) */
   float *qs = scratch;               /* [rows4, hd]: queries * scale * log2(e), padded with 0 */
   float *kt = qs + rows4 * hd;       /* [hd, KB]: the key block, transposed */
   float *sc = kt + hd * KB;          /* [rows4, KB]: scores, then their exp2 */
@@ -56,21 +64,21 @@ TARGET static void ATTENTION(const attention_job *job, int item, float *scratch)
     for (int d = 0; d < hd; d++)
       for (int j = kb; j < kbp; j++) kt[(long)d * KB + j] = 0.0f;
 
-    /* S = qs kt: 4 rows x BLOCK keys at a time */
-    for (int i0 = 0; i0 < rows4; i0 += 4)
+    /* S = qs kt: R rows x BLOCK keys at a time */
+    for (int i0 = 0; i0 < rows4; i0 += R)
       for (int j = 0; j < kbp; j += BLOCK) {
-        AVEC acc[4][VECS];
-        for (int r = 0; r < 4; r++)
+        AVEC acc[R][VECS];
+        for (int r = 0; r < R; r++)
           for (int c = 0; c < VECS; c++) acc[r][c] = (AVEC){0};
         for (int d = 0; d < hd; d++) {
           AVEC key[VECS];
           for (int c = 0; c < VECS; c++) key[c] = ALOAD(kt + (long)d * KB + j + c * VW);
-          for (int r = 0; r < 4; r++) {
+          for (int r = 0; r < R; r++) {
             float x = qs[(long)(i0 + r) * hd + d];
             for (int c = 0; c < VECS; c++) acc[r][c] += x * key[c];
           }
         }
-        for (int r = 0; r < 4; r++)
+        for (int r = 0; r < R; r++)
           for (int c = 0; c < VECS; c++) ASTORE(sc + (long)(i0 + r) * KB + j + c * VW, acc[r][c]);
       }
 
@@ -119,32 +127,32 @@ TARGET static void ATTENTION(const attention_job *job, int item, float *scratch)
         for (int d = 0; d < hd; d++) o[(long)r * hd + d] *= rescale;
     }
 
-    /* o += P v: 4 rows x BLOCK head dims at a time, then single vectors for the rest */
-    for (int i0 = 0; i0 < rows4; i0 += 4) {
+    /* o += P v: R rows x BLOCK head dims at a time, then single vectors for the rest */
+    for (int i0 = 0; i0 < rows4; i0 += R) {
       for (int d0 = 0; d0 < hd_vec; d0 += BLOCK) {
-        AVEC acc[4][VECS];
-        for (int r = 0; r < 4; r++)
+        AVEC acc[R][VECS];
+        for (int r = 0; r < R; r++)
           for (int c = 0; c < VECS; c++) acc[r][c] = ALOAD(o + (long)(i0 + r) * hd + d0 + c * VW);
         for (int j = 0; j < kb; j++) {
           const float *value = v_head + (long)(j0 + j) * job->v_strides[2] + d0;
           AVEC val[VECS];
           for (int c = 0; c < VECS; c++) val[c] = ALOAD(value + c * VW);
-          for (int r = 0; r < 4; r++) {
+          for (int r = 0; r < R; r++) {
             float p = sc[(long)(i0 + r) * KB + j];
             for (int c = 0; c < VECS; c++) acc[r][c] += p * val[c];
           }
         }
-        for (int r = 0; r < 4; r++)
+        for (int r = 0; r < R; r++)
           for (int c = 0; c < VECS; c++) ASTORE(o + (long)(i0 + r) * hd + d0 + c * VW, acc[r][c]);
       }
       for (int d0 = hd_vec; d0 < hd; d0 += VW) {
-        AVEC acc[4];
-        for (int r = 0; r < 4; r++) acc[r] = ALOAD(o + (long)(i0 + r) * hd + d0);
+        AVEC acc[R];
+        for (int r = 0; r < R; r++) acc[r] = ALOAD(o + (long)(i0 + r) * hd + d0);
         for (int j = 0; j < kb; j++) {
           AVEC val = ALOAD(v_head + (long)(j0 + j) * job->v_strides[2] + d0);
-          for (int r = 0; r < 4; r++) acc[r] += sc[(long)(i0 + r) * KB + j] * val;
+          for (int r = 0; r < R; r++) acc[r] += sc[(long)(i0 + r) * KB + j] * val;
         }
-        for (int r = 0; r < 4; r++) ASTORE(o + (long)(i0 + r) * hd + d0, acc[r]);
+        for (int r = 0; r < R; r++) ASTORE(o + (long)(i0 + r) * hd + d0, acc[r]);
       }
     }
   }
@@ -165,3 +173,4 @@ TARGET static void ATTENTION(const attention_job *job, int item, float *scratch)
 #undef ALOAD
 #undef ASTORE
 #undef ATTENTION
+#undef ATT_ROWS

@@ -120,6 +120,7 @@ enum { DECODE_MAX_GROUPS = 16 };
 #define DECODE_ATTENTION decode_attention_avx2
 #include "decode_attention.h"
 #define ATTENTION attention_avx2
+#define ATT_ROWS 6 /* 12 accumulators of 16: two FMA units of 5 cycles' latency need 10 */
 #include "flash_attention.h"
 #include "small_gemm.h"
 
@@ -509,12 +510,14 @@ int mlxinfer_attention(attention_job *job, int variant) {
       if (job->lengths[b] < job->T || job->lengths[b] > job->S) return 1;
   if (job->T <= 0 || job->B <= 0) return 0;
   if (job->T == 1 && groups <= DECODE_MAX_GROUPS) return decode_attention(job, index);
-  job->query_block = (ATTENTION_ROWS + groups - 1) / groups;
+  /* rounded down: with 3 groups, 42 queries make 126 rows (a multiple of 6), not 43 make 129 */
+  job->query_block = groups < ATTENTION_ROWS ? ATTENTION_ROWS / groups : 1;
   const int blocks = (job->T + job->query_block - 1) / job->query_block, heads = job->B * job->KV;
-  const int rows4 = (groups * job->query_block + 3) / 4 * 4;
+  /* rows padded to a multiple of 12: of every variant's register block (4 or 6 rows) */
+  const int padded = (groups * job->query_block + 11) / 12 * 12;
   attention_call call = {job, KERNELS[index].attention,
-                         (size_t)rows4 * job->hd * 2 + (size_t)job->hd * ATTENTION_KEY_BLOCK +
-                             (size_t)rows4 * ATTENTION_KEY_BLOCK + 2 * (size_t)rows4,
+                         (size_t)padded * job->hd * 2 + (size_t)job->hd * ATTENTION_KEY_BLOCK +
+                             (size_t)padded * ATTENTION_KEY_BLOCK + 2 * (size_t)padded,
                          heads * blocks, blocks, heads, 0, 0};
   pool_run(attention_task, &call);
   return call.workers ? 0 : 3;

@@ -103,6 +103,8 @@ NATIVE_SHAPES = [  # B, H, KV, T, S, hd
     (1, 3, 3, 300, 300, 16),  # query blocks of 128 rows, key blocks of 128, remainders
     (1, 2, 1, 1, 257, 64),  # one query over a key block and a bit
     (1, 2, 1, 9, 40, 20),  # a head dim only the 4-wide variants take (the others decline)
+    (1, 5, 1, 11, 150, 40),  # 55 rows (no multiple of a 4- or 6-row block), a head dim of
+    # 2.5 register blocks (the last vectors one at a time)
 ]
 
 

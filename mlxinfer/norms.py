@@ -8,21 +8,36 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
+from .ops import OPS, MLXOps
 
 
-class GemmaRMSNorm(nn.Module):
-    def __init__(self, dims: int, eps: float = 1e-6):
+class RMSNorm(nn.Module):
+    """`x / rms(x) * weight` through the model's op set (mx.fast.rms_norm, or on the CPU, where
+    that is several ops, a compiled one: cpu_kernels.rms_norm)."""
+
+    ops: MLXOps = OPS["mlx"]  # the model's op set, assigned by Model.set_kernels
+
+    def __init__(self, dims: int, eps: float = 1e-5):
         super().__init__()
-        self.weight = mx.zeros((dims,))
+        self.weight = mx.ones((dims,))
         self.eps = eps
 
     def __call__(self, x: mx.array) -> mx.array:
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+
+class GemmaRMSNorm(RMSNorm):
+    def __init__(self, dims: int, eps: float = 1e-6):
+        super().__init__(dims, eps)
+        self.weight = mx.zeros((dims,))
+
+    def __call__(self, x: mx.array) -> mx.array:
         scale = 1.0 + self.weight.astype(mx.float32)
-        return mx.fast.rms_norm(x.astype(mx.float32), scale, self.eps).astype(x.dtype)
+        return self.ops.rms_norm(x.astype(mx.float32), scale, self.eps).astype(x.dtype)
 
 
-def rms_norm(config: ModelConfig, dims: int) -> nn.Module:
+def rms_norm(config: ModelConfig, dims: int) -> RMSNorm:
     """The family's RMSNorm over the last `dims`."""
     if config.gemma_norms:
         return GemmaRMSNorm(dims, eps=config.rms_norm_eps)
-    return nn.RMSNorm(dims, eps=config.rms_norm_eps)
+    return RMSNorm(dims, eps=config.rms_norm_eps)

@@ -5,7 +5,8 @@
            CPU backend implements them too, so this path is tested on every machine.
     "cpu"  the CPU-tuned kernels of cpu_kernels.py: causal attention and SwiGLU of prefill
            chunks in C (the gemv shim's library), elsewhere a polynomial exp for SwiGLU and
-           softmax (MLX's CPU transcendentals are scalar) and attention in causal query blocks
+           softmax (MLX's CPU transcendentals are scalar), RMSNorm compiled (three kernels, not
+           eight ops), attention in causal query blocks
            through BLAS, one cos/sin table per forward pass for RoPE, and quantized caches read
            through dequantize for prefill chunks and with folded query groups for decode.
 
@@ -35,6 +36,9 @@ class MLXOps:
 
     def swiglu(self, gate: mx.array, up: mx.array) -> mx.array:
         return nn.silu(gate) * up
+
+    def rms_norm(self, x: mx.array, weight: mx.array, eps: float) -> mx.array:
+        return mx.fast.rms_norm(x, weight, eps)
 
     def geglu(self, gate: mx.array, up: mx.array) -> mx.array:
         """tanh-approximated GELU (transformers' gelu_pytorch_tanh) of gate, times up."""
@@ -91,6 +95,9 @@ class CPUOps(MLXOps):
             if (out := cpu_kernels.native_swiglu(gate, up)) is not None:
                 return out
         return cpu_kernels.swiglu(gate, up)  # MLX's CPU sigmoid is scalar
+
+    def rms_norm(self, x: mx.array, weight: mx.array, eps: float) -> mx.array:
+        return cpu_kernels.rms_norm(x, weight, eps)
 
     def rope(self, rope, x: mx.array, offset: int | mx.array) -> mx.array:
         return cpu_kernels.rope(

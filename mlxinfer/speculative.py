@@ -145,7 +145,7 @@ def check_draft(model: Model, draft: Model | None, tokens: int) -> None:
     (ValueError saying why). Their embedding tables may differ in padding (Qwen2.5's 0.5B and 7B
     checkpoints: 151,936 and 152,064 rows for one tokenizer); the draft must hold every id the
     tokenizer gives. That the draft's tokenizer is the same one, only its caller can tell
-    (`mlxinfer.cli.options.open_draft` compares them)."""
+    (`check_draft_tokenizer`, given both)."""
     if draft is None:
         return
     if not isinstance(draft, Model):
@@ -157,6 +157,15 @@ def check_draft(model: Model, draft: Model | None, tokens: int) -> None:
         )
     if model.ranks is not None or draft.ranks is not None:
         raise ValueError("a draft model with a model split over ranks is not supported yet")
+
+
+DRAFT_PROBE = "Speculative decoding, 2026: the quick brown fox -> 12,345 naïve tokens!"
+
+
+def check_draft_tokenizer(tokenizer, draft_tokenizer) -> None:
+    """Refuse a draft whose tokenizer encodes a probe text differently from the model's."""
+    if draft_tokenizer.encode(DRAFT_PROBE) != tokenizer.encode(DRAFT_PROBE):
+        raise ValueError("its tokenizer encodes text differently from the model's")
 
 
 # Each row decides alone how many proposals to check, from its own record (never from the batch

@@ -49,7 +49,10 @@ def test_lists_and_single_values_as_a_toml_table_gives_them():
         ({"parallel": "data:2"}, "sweep axis 'parallel': 'data:2' is not none, tensor:N or"),
         ({"parallel": "tensor:1"}, "sweep axis 'parallel': 'tensor:1': at least 2 ranks"),
         ({"parallel": "pipeline:x"}, "'pipeline:x': ranks must be an integer"),
-        ({"spec": "draft"}, "sweep axis 'spec': 'draft' is not none, prompt-lookup or"),
+        ({"spec": "lookup"}, "sweep axis 'spec': 'lookup' is not none, prompt-lookup, prompt-"),
+        ({"spec": "draft"}, "sweep axis 'spec': 'draft': draft:PATH needs the draft's path"),
+        ({"spec": "draft::3"}, "'draft::3': draft:PATH needs the draft's path"),
+        ({"spec": "draft:/m:0"}, "'draft:/m:0': N must be a whole number of proposals"),
         ({"spec": "prompt-lookup:9"}, "'prompt-lookup:9': N must be a whole number of proposals"),
         ({"spec": "none:2"}, "sweep axis 'spec': 'none:2' is not none"),
     ],
@@ -181,15 +184,22 @@ def test_parallel_values_are_normalized_and_older_runs_keep_their_keys():
 def test_the_spec_axis_sets_speculation_and_older_runs_keep_their_keys():
     """spec (speculative decoding) reaches each request's SamplingParams; at "none" a
     configuration has the key it had before the axis existed."""
-    from mlxinfer.bench.grid import sampling_params, with_defaults
+    from mlxinfer.bench.grid import sampling_params, spec_draft, with_defaults
 
-    axes = parse_axes({"spec": "none,prompt-lookup,prompt-lookup:6"})
+    axes = parse_axes(
+        {"spec": "none,prompt-lookup,prompt-lookup:6,draft:/m/x2,draft:/m:x/y:3,draft:9"}
+    )
     params = [sampling_params({**DEFAULTS, "spec": s}, 0) for s in axes["spec"]]
     assert [(p.speculation, p.num_draft) for p in params] == [
         (None, 4),
         ("prompt-lookup", 4),
         ("prompt-lookup", 6),
+        ("draft", 4),
+        ("draft", 3),
+        ("draft", 4),
     ]
+    # the draft's path: everything after "draft:" but a last ":N" (a path may hold colons)
+    assert [spec_draft(s) for s in axes["spec"]] == [None, None, None, "/m/x2", "/m:x/y", "9"]
     config = dict(DEFAULTS)
     older = {k: v for k, v in config.items() if k != "spec"}
     assert config_key(config) == config_key(older)

@@ -187,6 +187,12 @@ def test_a_requests_body_carries_the_configurations_sampling_and_exact_length():
     assert "top_p" not in sampled and "repetition_penalty" not in sampled  # at their defaults
     assert "ignore_eos" not in sampled  # mlx_lm.server has no such field: EOS is banned instead
     assert sampled["logit_bias"] == {"2": -100.0, "0": -100.0}
+    # speculative decoding: our server's request fields (its draft model: `mlxinfer serve
+    # --draft-model`, which the sweep starts it with)
+    lookup = http_body(config | {"spec": "prompt-lookup:3"}, "t", 7)
+    assert lookup["prompt_lookup"] is True and lookup["num_draft"] == 3 and "draft" not in lookup
+    draft = http_body(config | {"spec": "draft:/models/small:2"}, "t", 7)
+    assert draft["draft"] is True and draft["num_draft"] == 2 and "prompt_lookup" not in draft
 
 
 # -- sweeps against a scripted server ---------------------------------------------------------

@@ -166,3 +166,28 @@ def test_total_output_is_every_generated_token_over_the_measurements_time(tiny, 
             assert row["output_tps"] == pytest.approx(6 / mean_e2e_s, rel=1e-9)
         else:
             assert 0 < row["output_tps"] <= 4 * 6 / mean_e2e_s * (1 + 1e-9)
+
+
+def test_a_draft_model_on_the_spec_axis_is_measured_with_its_acceptance(
+    tiny, tmp_path, monkeypatch
+):
+    """spec "draft:PATH": the Engine of that configuration proposes with the model at PATH (here
+    the model itself, so its proposals are the model's own argmax: accepted), and the acceptance
+    rate is recorded beside the speeds; a draft that does not load, or one asked with parallel,
+    is refused before anything runs, naming the axis and the value. (A draft as costly as its
+    model is not worth drafting with: the cost gate, tested in test_speculative.py, is opened.)"""
+    import mlxinfer.runner
+
+    monkeypatch.setattr(mlxinfer.runner, "affordable", lambda k, *costs: k)
+    db = RunsDB(tmp_path / "runs.sqlite")
+    axes = {"model": tiny, "prompt_tokens": "8", "gen_tokens": "12"}
+    sweep = Sweep(parse_axes({**axes, "spec": f"none,draft:{tiny}:3"}), reps=1, db=db)
+    assert list(sweep.run())[-1].kind == "finished"
+    plain, drafted = db.measurements(sweep.run_id)
+    assert plain["status"] == drafted["status"] == "ok"
+    assert plain["acceptance_rate"] is None
+    assert drafted["acceptance_rate"] is not None and drafted["acceptance_rate"] > 0.5
+    with pytest.raises(ValueError, match="sweep axis 'spec': 'draft:.*nope'"):
+        Sweep(parse_axes({**axes, "spec": f"draft:{tmp_path / 'nope'}"}), reps=1, db=db)
+    with pytest.raises(ValueError, match="a draft model with parallel 'tensor:2' is not supported"):
+        Sweep(parse_axes({**axes, "spec": f"draft:{tiny}", "parallel": "tensor:2"}), reps=1, db=db)

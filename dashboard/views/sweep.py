@@ -30,8 +30,8 @@ HELP = {
     "concurrency": "requests at once, batched by the engine",
     "kv": "full, rotating:N, q8, q4, q8:rotating:N",
     "compute": "float32 or native weights",
-    "spec": "speculative decoding: none, prompt-lookup, prompt-lookup:N (N proposals a step, "
-    "1-8); in this process only",
+    "spec": "speculative decoding: none, prompt-lookup, prompt-lookup:N, draft:PATH or "
+    "draft:PATH:N (the model at PATH as draft; N proposals a step, 1-8); mlxinfer only",
 }
 
 with st.sidebar:

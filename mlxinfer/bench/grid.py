@@ -12,8 +12,9 @@ Axes (the first value of each is its default):
                "q8", "q4", "q8:rotating:N", ...), compute ("float32" or "native"), model (a path,
                or "default"), parallel ("none", or "tensor:N" / "pipeline:N": the model split
                over N ranks on this machine, measured through `mlxinfer serve --parallel`),
-               spec (speculative decoding: "none", "prompt-lookup", or "prompt-lookup:N" with
-               N proposals a pass, 1-8; mlx-lm has no prompt lookup)
+               spec (speculative decoding: "none", "prompt-lookup", "prompt-lookup:N",
+               "draft:PATH" or "draft:PATH:N": prompt lookup, or the model at PATH as draft,
+               with N proposals a pass, 1-8; measured on mlxinfer only)
 
 A bad value anywhere is a ValueError naming the axis and the value, raised before anything runs;
 so is a grid of more than MAX_CONFIGURATIONS configurations (counted, never expanded, to say so).
@@ -286,13 +287,19 @@ def parse_parallel(value: str) -> str:
 
 
 def parse_spec(text: str) -> tuple[str | None, int]:
-    """ "none", "prompt-lookup" or "prompt-lookup:N" -> (SamplingParams.speculation, num_draft)."""
+    """ "none", "prompt-lookup", "prompt-lookup:N", "draft:PATH" or "draft:PATH:N" ->
+    (SamplingParams.speculation, num_draft); the draft's path: `spec_draft`."""
     name, _, count = text.partition(":")
     if name == "none" and not count:
         return None, DEFAULT_NUM_DRAFT
-    if name != "prompt-lookup":
+    if name == "draft":
+        path, count = _draft_parts(count)
+        if not path:
+            raise ValueError(f"sweep axis 'spec': {text!r}: draft:PATH needs the draft's path")
+    elif name != "prompt-lookup":
         raise ValueError(
-            f"sweep axis 'spec': {text!r} is not none, prompt-lookup or prompt-lookup:N"
+            f"sweep axis 'spec': {text!r} is not none, prompt-lookup, prompt-lookup:N, "
+            "draft:PATH or draft:PATH:N"
         )
     if not count:
         return name, DEFAULT_NUM_DRAFT
@@ -302,6 +309,19 @@ def parse_spec(text: str) -> tuple[str | None, int]:
             f"1 to {MAX_NUM_DRAFT}"
         )
     return name, int(count)
+
+
+def spec_draft(text: str) -> str | None:
+    """The draft model's path of a spec value ("draft:PATH[:N]"), else None."""
+    if parse_spec(text)[0] != "draft":
+        return None
+    return _draft_parts(text.partition(":")[2])[0]
+
+
+def _draft_parts(rest: str) -> tuple[str, str]:
+    """ "PATH" or "PATH:N" -> (PATH, N or "")."""
+    head, colon, tail = rest.rpartition(":")
+    return (head, tail) if colon and tail.isdigit() else (rest, "")
 
 
 DEFAULT_NUM_DRAFT, MAX_NUM_DRAFT = 4, 8  # SamplingParams' num_draft default and RING_SLACK

@@ -128,7 +128,7 @@ class ServerProcess:
         """`mlxinfer serve` on `model` ("default" or a path) with the configuration's engine
         settings (rows = concurrency, KV cache kind, compute policy; split over ranks on this
         machine by `parallel`). Its prefix cache is on only with `depth`, as in process."""
-        from .grid import parse_kv
+        from .grid import parse_kv, spec_draft
 
         command = [sys.executable, "-m", "mlxinfer", "serve", "--compute", config["compute"]]
         command += [] if model == "default" else ["--model", model]
@@ -142,6 +142,9 @@ class ServerProcess:
         ):
             if kv.get(key) is not None:
                 command += [flag, str(kv[key])]
+        draft = spec_draft(str(config.get("spec", "none")))
+        if draft is not None:
+            command += ["--draft-model", draft]
         ranks = 1
         if config.get("parallel", "none") != "none":
             mode, _, count = config["parallel"].partition(":")

@@ -45,6 +45,7 @@ from .grid import (
     parse_kv,
     parse_spec,
     sampling_params,
+    spec_draft,
 )
 
 ENGINE = "mlxinfer"
@@ -321,12 +322,14 @@ class Sweep:
             return None, prompts
         if ENGINE in self._servers:  # a split configuration's ranks: not beside this one
             self._servers.pop(ENGINE)[1].close()
+        draft = spec_draft(config["spec"])
         engine = Engine(
             model,
             tokenizer,
             max_batch=config["concurrency"],
             prefix_cache_mb=1024 if depth else 0,
             cache=CacheSpec(**parse_kv(config["kv"])),
+            draft_model=None if draft is None else self._model(draft, config["compute"])[0],
         )
         if depth:  # the context, computed once and kept by the prefix cache
             try:
@@ -354,7 +357,7 @@ class Sweep:
 
     def _measure_baseline(self, config: Mapping, prompts: list[list[int]], rep: int | None):
         if config["spec"] != "none":
-            raise RuntimeError(f"mlx-lm has no prompt lookup (spec {config['spec']})")
+            raise RuntimeError(f"not measured on mlx-lm (spec {config['spec']})")
         worker = self._worker(config["model"], config["compute"])
         sampling = {name: config[name] for name in SAMPLING_AXES}
         reply = worker.run(
@@ -398,6 +401,7 @@ class Sweep:
                 self._target = Target(name, self.api_key)
             return self._target
         settings = {k: config[k] for k in ("model", "compute", "kv", "concurrency", "parallel")}
+        settings["draft"] = spec_draft(config["spec"])
         settings["prefix_cache"] = bool(config["depth"])
         held = self._servers.get(name)
         if held is not None and held[0] == settings:
@@ -432,7 +436,7 @@ class Sweep:
 
     def _measure_http(self, name: str, config: Mapping, rep: int | None):
         if name == BASELINE_SERVER and config["spec"] != "none":
-            raise RuntimeError(f"mlx_lm.server has no prompt lookup (spec {config['spec']})")
+            raise RuntimeError(f"not measured on mlx_lm.server (spec {config['spec']})")
         target = self._server_for(name, config)
         _, tokenizer = self._model(config["model"], config["compute"])
         depth, n, c = config["depth"], config["prompt_tokens"], config["concurrency"]
@@ -501,7 +505,7 @@ def check_grid(configs: list[dict], load, target: str | None = None) -> None:
         if specs:  # (a request field of ours alone: another server would ignore it)
             raise ValueError(
                 f"sweep axis 'spec': {', '.join(specs)} cannot be measured on a --target server "
-                "(prompt lookup is mlxinfer's request extension): measure it in process"
+                "(speculative decoding is mlxinfer's request extension): measure it in process"
             )
         models = sorted({c["model"] for c in configs})
         if len(models) > 1:
@@ -527,6 +531,29 @@ def check_grid(configs: list[dict], load, target: str | None = None) -> None:
             raise ValueError(
                 f"sweep axis 'kv': {config['kv']!r} on model {config['model']!r}: {e}"
             ) from None
+        check_draft_value(config, model, load)
+
+
+def check_draft_value(config: Mapping, model, load) -> None:
+    """A configuration's draft model (spec "draft:PATH[:N]"), refused with a ValueError naming
+    the axis when it does not load, cannot propose for `model`, or is asked with parallel."""
+    from ..speculative import check_draft, check_draft_tokenizer
+
+    path = spec_draft(config["spec"])
+    if path is None:
+        return
+    where = f"sweep axis 'spec': {config['spec']!r}"
+    if config["parallel"] != "none":
+        raise ValueError(
+            f"{where}: a draft model with parallel {config['parallel']!r} is not supported yet"
+        )
+    try:
+        tokenizer = load(config["model"], config["compute"])[1]
+        draft, draft_tokenizer = load(path, config["compute"])
+        check_draft(model, draft, tokenizer.vocab_size)
+        check_draft_tokenizer(tokenizer, draft_tokenizer)
+    except Exception as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def http_body(config: Mapping, prompt: str, seed: int, eos: list[int] | None = None) -> dict:
@@ -544,7 +571,8 @@ def http_body(config: Mapping, prompt: str, seed: int, eos: list[int] | None = N
         body["seed"] = seed
     speculation, num_draft = parse_spec(str(config.get("spec", "none")))
     if speculation is not None:  # (our server's extension; a baseline server refuses it)
-        body.update(prompt_lookup=True, num_draft=num_draft)
+        proposer = "draft" if speculation == "draft" else "prompt_lookup"
+        body.update({proposer: True, "num_draft": num_draft})
     if eos is None:
         body["ignore_eos"] = True
     else:

@@ -310,7 +310,7 @@ def open_draft(args: argparse.Namespace, model, tokenizer, **load_options):
     can propose for `model`: the same tokenizer (a probe text encoded alike) and every token id
     in its vocabulary. ValueError naming the flag and the path otherwise."""
     from ..loading import load
-    from ..speculative import check_draft
+    from ..speculative import check_draft, check_draft_tokenizer
 
     where = f"--draft-model {args.draft_model}"
     try:
@@ -318,9 +318,7 @@ def open_draft(args: argparse.Namespace, model, tokenizer, **load_options):
             args.draft_model, compute=args.compute, kernels=args.kernels, **load_options
         )
         check_draft(model, draft, tokenizer.vocab_size)
-        probe = "Speculative decoding, 2026: the quick brown fox -> 12,345 naïve tokens!"
-        if draft_tokenizer.encode(probe) != tokenizer.encode(probe):
-            raise ValueError("its tokenizer encodes text differently from the model's")
+        check_draft_tokenizer(tokenizer, draft_tokenizer)
     except (FileNotFoundError, ValueError) as e:  # ModelLoadError is a ValueError
         raise ValueError(f"{where}: {e}") from None
     return draft

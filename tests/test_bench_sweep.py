@@ -176,7 +176,10 @@ def test_a_draft_model_on_the_spec_axis_is_measured_with_its_acceptance(
     rate is recorded beside the speeds; a draft that does not load, or one asked with parallel,
     is refused before anything runs, naming the axis and the value. (A draft as costly as its
     model is not worth drafting with: the cost gate, tested in test_speculative.py, is opened.)"""
+    from mlx.utils import tree_flatten
+
     import mlxinfer.runner
+    from mlxinfer import load
 
     monkeypatch.setattr(mlxinfer.runner, "affordable", lambda k, *costs: k)
     db = RunsDB(tmp_path / "runs.sqlite")
@@ -185,6 +188,10 @@ def test_a_draft_model_on_the_spec_axis_is_measured_with_its_acceptance(
     assert list(sweep.run())[-1].kind == "finished"
     plain, drafted = db.measurements(sweep.run_id)
     assert plain["status"] == drafted["status"] == "ok"
+    # the draft's weights, and its caches of 20 tokens in one 256-slot block (512 bytes a token)
+    extra = drafted["predicted_memory_mb"] - plain["predicted_memory_mb"]
+    weights = sum(v.nbytes for _, v in tree_flatten(load(tiny)[0].parameters()))
+    assert extra * 2**20 == pytest.approx(weights + 512 * 256)
     assert plain["acceptance_rate"] is None
     assert drafted["acceptance_rate"] is not None and drafted["acceptance_rate"] > 0.5
     with pytest.raises(ValueError, match="sweep axis 'spec': 'draft:.*nope'"):

@@ -305,7 +305,7 @@ class Sweep:
         text = exact_tokens(tokenizer, depth + n * config["concurrency"])
         shared, rest = text[:depth], text[depth:]
         prompts = [shared + rest[i * n : (i + 1) * n] for i in range(config["concurrency"])]
-        weights, kv = predicted_memory(model, config)
+        weights, kv = predicted_memory(model, config, _draft_model(config, self._model))
         split = config["parallel"] != "none"  # (then each rank holds a part: not predicted)
         self.predicted_mb = None if self.target or split else (weights + kv) / 2**20
         available = machine.available_memory_mb()
@@ -322,14 +322,13 @@ class Sweep:
             return None, prompts
         if ENGINE in self._servers:  # a split configuration's ranks: not beside this one
             self._servers.pop(ENGINE)[1].close()
-        draft = spec_draft(config["spec"])
         engine = Engine(
             model,
             tokenizer,
             max_batch=config["concurrency"],
             prefix_cache_mb=1024 if depth else 0,
             cache=CacheSpec(**parse_kv(config["kv"])),
-            draft_model=None if draft is None else self._model(draft, config["compute"])[0],
+            draft_model=_draft_model(config, self._model),
         )
         if depth:  # the context, computed once and kept by the prefix cache
             try:
@@ -617,9 +616,10 @@ def output_tps(generated: list[int], e2e_ms: list[float]) -> float:
     return sum(generated) / (max(e2e_ms) / 1e3)
 
 
-def predicted_memory(model, config: Mapping) -> tuple[int, int]:
+def predicted_memory(model, config: Mapping, draft=None) -> tuple[int, int]:
     """(weight bytes, KV cache bytes) a configuration needs: the KV of its `concurrency` rows as
-    the batch allocates it, plus the prefix cache's copy of the context with `depth`."""
+    the batch allocates it, plus the prefix cache's copy of the context with `depth`; with a
+    `draft` model (spec "draft:PATH"), its weights and each row's growing caches of it too."""
     from ..batch_cache import RING_SLACK
     from ..cache import CacheSpec
 
@@ -629,7 +629,17 @@ def predicted_memory(model, config: Mapping) -> tuple[int, int]:
     kv = spec.nbytes(model.config, tokens, config["concurrency"], itemsize, RING_SLACK)
     if config["depth"]:
         kv += spec.nbytes(model.config, config["depth"], 1, itemsize)
-    return model.nbytes, kv
+    if draft is None:
+        return model.nbytes, kv
+    rows = config["concurrency"]
+    kv += rows * CacheSpec().nbytes(draft.config, tokens, 1, draft.compute_dtype.size)
+    return model.nbytes + draft.nbytes, kv
+
+
+def _draft_model(config: Mapping, load):
+    """The configuration's draft model (spec "draft:PATH[:N]") through `load`, else None."""
+    path = spec_draft(config["spec"])
+    return None if path is None else load(path, config["compute"])[0]
 
 
 def plan(
@@ -657,7 +667,7 @@ def plan(
     predicted = []
     for config in configs:
         model, _ = load(config["model"], config["compute"])
-        weights, kv = predicted_memory(model, config)
+        weights, kv = predicted_memory(model, config, _draft_model(config, load))
         predicted.append(None if target else (weights + kv) / 2**20)
     seconds, unknown = estimate(configs, reps, engines, db)
     return {

@@ -51,20 +51,28 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     return gate / (1.0 + _exp(-gate)) * up
 
 
-@mx.compile
-def _rms_norm(x: mx.array, weight: mx.array, eps: mx.array) -> mx.array:
-    # mx.fast.rms_norm's own graph on the CPU (its fallback), op for op: the same numbers
+def _rms_norm_graph(
+    x: mx.array, weight: mx.array, eps: mx.array, inverse_dims: mx.array
+) -> mx.array:
+    # mx.fast.rms_norm's own graph on the CPU (its fallback), op for op: the same numbers (MLX's
+    # mean is the sum times 1/n as a float32, which `inverse_dims` is)
     x32 = x.astype(mx.float32)
-    normed = x32 * mx.rsqrt(mx.mean(mx.square(x32), axis=-1, keepdims=True) + eps)
+    mean = mx.sum(mx.square(x32), axis=-1, keepdims=True) * inverse_dims
+    normed = x32 * mx.rsqrt(mean + eps)
     return normed.astype(mx.result_type(x, weight)) * weight
+
+
+_rms_norm = mx.compile(_rms_norm_graph, shapeless=True)
 
 
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     """mx.fast.rms_norm, compiled: on the CPU MLX runs that as eight ops (casts, square, mean,
     add, rsqrt, products), each ~8 us of dispatch at a decode step's sizes; compiled they are
     three kernels (the square, the sum, the rest fused): 61 norms a step of the default model.
-    `eps` goes in as an array, so one trace serves every epsilon."""
-    return _rms_norm(x, weight, mx.array(eps, mx.float32))
+    Shapeless, with `eps` and 1/dims as inputs: one trace serves every prompt chunk's length,
+    batch size and norm width (a trace per shape would pile up in MLX's compile cache)."""
+    inverse = mx.array(1.0 / x.shape[-1], mx.float32)
+    return _rms_norm(x, weight, mx.array(eps, mx.float32), inverse)
 
 
 _shifted_exp = mx.compile(lambda scores, row_max: _exp(scores - row_max))

@@ -21,6 +21,7 @@
 #ifndef ATT_ROWS
 #define ATT_ROWS 4
 #endif
+_Static_assert(12 % ATT_ROWS == 0, "mlxinfer_attention pads the scratch rows to a multiple of 12");
 
 TARGET static void ATTENTION(const attention_job *job, int item, float *scratch) {
   enum { BLOCK = VW * VECS, KB = ATTENTION_KEY_BLOCK, R = ATT_ROWS };

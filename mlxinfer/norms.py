@@ -22,6 +22,9 @@ class RMSNorm(nn.Module):
         self.weight = mx.ones((dims,))
         self.eps = eps
 
+    def _extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
     def __call__(self, x: mx.array) -> mx.array:
         return self.ops.rms_norm(x, self.weight, self.eps)
 

@@ -195,6 +195,22 @@ def test_a_requests_body_carries_the_configurations_sampling_and_exact_length():
     assert draft["draft"] is True and draft["num_draft"] == 2 and "prompt_lookup" not in draft
 
 
+def test_our_server_is_started_with_the_configurations_draft_model():
+    """spec "draft:PATH" starts `mlxinfer serve --draft-model=PATH` ("default": the default
+    model's path, which the flag needs); without one, no flag."""
+    from mlxinfer.bench.servers import serve_command
+    from mlxinfer.loading import default_model_path
+
+    config = dict(DEFAULTS)
+    plain, ranks = serve_command("default", config)
+    assert ranks == 1 and not any(a.startswith("--draft-model") for a in plain)
+    command, _ = serve_command("/m/big", config | {"spec": "draft:-odd/small:3"})
+    assert command[command.index("--model") + 1] == "/m/big"
+    assert "--draft-model=-odd/small" in command  # (one argument: not read as a flag)
+    command, _ = serve_command("default", config | {"spec": "draft:default"})
+    assert f"--draft-model={default_model_path()}" in command
+
+
 # -- sweeps against a scripted server ---------------------------------------------------------
 
 

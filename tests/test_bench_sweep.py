@@ -4,6 +4,7 @@ missing."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 
 import pytest
@@ -183,8 +184,9 @@ def test_a_draft_model_on_the_spec_axis_is_measured_with_its_acceptance(
 
     monkeypatch.setattr(mlxinfer.runner, "affordable", lambda k, *costs: k)
     db = RunsDB(tmp_path / "runs.sqlite")
+    draft = shutil.copytree(tiny, tmp_path / "draft")  # the same weights, a model of its own
     axes = {"model": tiny, "prompt_tokens": "8", "gen_tokens": "12"}
-    sweep = Sweep(parse_axes({**axes, "spec": f"none,draft:{tiny}:3"}), reps=1, db=db)
+    sweep = Sweep(parse_axes({**axes, "spec": f"none,draft:{draft}:3"}), reps=1, db=db)
     assert list(sweep.run())[-1].kind == "finished"
     plain, drafted = db.measurements(sweep.run_id)
     assert plain["status"] == drafted["status"] == "ok"

@@ -303,7 +303,7 @@ def parse_spec(text: str) -> tuple[str | None, int]:
         )
     if not count:
         return name, DEFAULT_NUM_DRAFT
-    if not count.isdigit() or not 1 <= int(count) <= MAX_NUM_DRAFT:
+    if not (count.isascii() and count.isdigit()) or not 1 <= int(count) <= MAX_NUM_DRAFT:
         raise ValueError(
             f"sweep axis 'spec': {text!r}: N must be a whole number of proposals, "
             f"1 to {MAX_NUM_DRAFT}"
@@ -321,7 +321,7 @@ def spec_draft(text: str) -> str | None:
 def _draft_parts(rest: str) -> tuple[str, str]:
     """ "PATH" or "PATH:N" -> (PATH, N or "")."""
     head, colon, tail = rest.rpartition(":")
-    return (head, tail) if colon and tail.isdigit() else (rest, "")
+    return (head, tail) if colon and tail.isascii() and tail.isdigit() else (rest, "")
 
 
 DEFAULT_NUM_DRAFT, MAX_NUM_DRAFT = 4, 8  # SamplingParams' num_draft default and RING_SLACK

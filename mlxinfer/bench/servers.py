@@ -126,30 +126,8 @@ class ServerProcess:
     @classmethod
     def mlxinfer(cls, model: str, config: Mapping) -> ServerProcess:
         """`mlxinfer serve` on `model` ("default" or a path) with the configuration's engine
-        settings (rows = concurrency, KV cache kind, compute policy; split over ranks on this
-        machine by `parallel`). Its prefix cache is on only with `depth`, as in process."""
-        from .grid import parse_kv, spec_draft
-
-        command = [sys.executable, "-m", "mlxinfer", "serve", "--compute", config["compute"]]
-        command += [] if model == "default" else ["--model", model]
-        command += ["--max-batch", str(config["concurrency"])]
-        command += ["--prefix-cache-mb", "1024" if config["depth"] else "0"]
-        kv = parse_kv(config["kv"])
-        for flag, key in (
-            ("--max-kv-size", "max_kv_size"),
-            ("--kv-keep", "kv_keep"),
-            ("--kv-bits", "kv_bits"),
-        ):
-            if kv.get(key) is not None:
-                command += [flag, str(kv[key])]
-        draft = spec_draft(str(config.get("spec", "none")))
-        if draft is not None:
-            command += ["--draft-model", draft]
-        ranks = 1
-        if config.get("parallel", "none") != "none":
-            mode, _, count = config["parallel"].partition(":")
-            command += ["--parallel", mode]
-            ranks = int(count)
+        settings (`serve_command`)."""
+        command, ranks = serve_command(model, config)
         return cls("mlxinfer serve", command, ranks=ranks)
 
     @classmethod
@@ -165,3 +143,37 @@ class ServerProcess:
         if kv.get("kv_bits"):
             command += ["--kv-bits", str(kv["kv_bits"])]
         return cls("mlx_lm.server", command, model_id=str(model_dir), env=NO_SHIM)
+
+
+def serve_command(model: str, config: Mapping) -> tuple[list[str], int]:
+    """(the `mlxinfer serve` command line, its ranks) for `model` ("default" or a path) with a
+    configuration's engine settings: rows = concurrency, KV cache kind, compute policy, its draft
+    model (spec "draft:PATH[:N]"), split over ranks on this machine by `parallel`. Its prefix
+    cache is on only with `depth`, as in process."""
+    from .grid import parse_kv, spec_draft
+
+    command = [sys.executable, "-m", "mlxinfer", "serve", "--compute", config["compute"]]
+    command += [] if model == "default" else ["--model", model]
+    command += ["--max-batch", str(config["concurrency"])]
+    command += ["--prefix-cache-mb", "1024" if config["depth"] else "0"]
+    kv = parse_kv(config["kv"])
+    for flag, key in (
+        ("--max-kv-size", "max_kv_size"),
+        ("--kv-keep", "kv_keep"),
+        ("--kv-bits", "kv_bits"),
+    ):
+        if kv.get(key) is not None:
+            command += [flag, str(kv[key])]
+    draft = spec_draft(str(config.get("spec", "none")))
+    if draft is not None:  # (one argument: a path may start with "-")
+        if draft == "default":
+            from ..loading import default_model_path
+
+            draft = str(default_model_path())
+        command += [f"--draft-model={draft}"]
+    ranks = 1
+    if config.get("parallel", "none") != "none":
+        mode, _, count = config["parallel"].partition(":")
+        command += ["--parallel", mode]
+        ranks = int(count)
+    return command, ranks

@@ -513,7 +513,7 @@ def check_grid(configs: list[dict], load, target: str | None = None) -> None:
             )
     for config in configs:
         try:
-            model, _ = load(config["model"], config["compute"])
+            model, tokenizer = load(config["model"], config["compute"])
         except Exception as e:
             raise ValueError(f"sweep axis 'model': {config['model']!r}: {e}") from None
         context = model.config.max_position_embeddings
@@ -530,10 +530,10 @@ def check_grid(configs: list[dict], load, target: str | None = None) -> None:
             raise ValueError(
                 f"sweep axis 'kv': {config['kv']!r} on model {config['model']!r}: {e}"
             ) from None
-        check_draft_value(config, model, load)
+        check_draft_value(config, model, tokenizer, load)
 
 
-def check_draft_value(config: Mapping, model, load) -> None:
+def check_draft_value(config: Mapping, model, tokenizer, load) -> None:
     """A configuration's draft model (spec "draft:PATH[:N]"), refused with a ValueError naming
     the axis when it does not load, cannot propose for `model`, or is asked with parallel."""
     from ..speculative import check_draft, check_draft_tokenizer
@@ -547,7 +547,6 @@ def check_draft_value(config: Mapping, model, load) -> None:
             f"{where}: a draft model with parallel {config['parallel']!r} is not supported yet"
         )
     try:
-        tokenizer = load(config["model"], config["compute"])[1]
         draft, draft_tokenizer = load(path, config["compute"])
         check_draft(model, draft, tokenizer.vocab_size)
         check_draft_tokenizer(tokenizer, draft_tokenizer)
@@ -633,7 +632,7 @@ def predicted_memory(model, config: Mapping, draft=None) -> tuple[int, int]:
         return model.nbytes, kv
     rows = config["concurrency"]
     kv += rows * CacheSpec().nbytes(draft.config, tokens, 1, draft.compute_dtype.size)
-    return model.nbytes + draft.nbytes, kv
+    return model.nbytes + (0 if draft is model else draft.nbytes), kv
 
 
 def _draft_model(config: Mapping, load):

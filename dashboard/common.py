@@ -157,7 +157,7 @@ def _close(engine) -> None:
 
 
 @st.cache_resource(show_spinner=False, max_entries=4, on_release=_close)
-def _engine(name: str, max_kv_size: int | None, kv_bits: int | None):
+def _engine(name: str, max_kv_size: int | None, kv_bits: int | None, draft: str | None = None):
     from mlxinfer.engine import Engine
 
     model, tokenizer = _load(name)
@@ -168,16 +168,38 @@ def _engine(name: str, max_kv_size: int | None, kv_bits: int | None):
         prefix_cache_mb=256,
         max_kv_size=max_kv_size,
         kv_bits=kv_bits,
+        draft_model=None if draft is None else _draft(name, draft),
     )
 
 
-def engine(name: str, cache: CacheSpec | None = None):
-    """The process's engine for this model and cache kind, or None after showing why not."""
+class DraftError(ValueError):
+    """A draft model that cannot propose for the chat's model (it names the path and why)."""
+
+
+def _draft(name: str, path: str):
+    """The draft model at `path` for model `name`, loaded as the model was and checked (its
+    vocabulary, its tokenizer); DraftError naming the path otherwise."""
+    from mlxinfer.speculative import check_draft, check_draft_tokenizer
+
+    model, tokenizer = _load(name)
+    try:
+        draft, draft_tokenizer = _load(path)
+        check_draft(model, draft, tokenizer.vocab_size)
+        check_draft_tokenizer(tokenizer, draft_tokenizer)
+    except Exception as e:  # a bad path, a broken checkpoint, another tokenizer
+        raise DraftError(f"draft model {path}: {e}") from None
+    return draft
+
+
+def engine(name: str, cache: CacheSpec | None = None, draft: str | None = None):
+    """The process's engine for this model, cache kind and draft model (a path, or None), or
+    None after showing why not."""
     cache = cache or CacheSpec()
     try:
-        return _engine(name, cache.max_kv_size, cache.kv_bits)
+        return _engine(name, cache.max_kv_size, cache.kv_bits, draft)
     except Exception as e:
-        st.error(f"Could not start the engine with this KV cache setting: {e}")
+        what = "this draft model" if isinstance(e, DraftError) else "this KV cache setting"
+        st.error(f"Could not start the engine with {what}: {e}")
         return None
 
 

@@ -297,6 +297,46 @@ def test_a_reply_by_prompt_lookup_shows_its_acceptance_by_position(tmp_path, mon
         st.cache_resource.clear()
 
 
+def test_a_reply_by_a_draft_model_is_the_same_reply_and_a_bad_draft_is_one_error(
+    tmp_path, monkeypatch
+):
+    """A draft model from the chat (the default model as its own draft: its proposals are the
+    model's argmax): the reply of plain decoding, with its proposals counted; a draft path that
+    does not load is one error naming it, and nothing is sent."""
+    from mlxinfer.loading import default_model_path
+
+    monkeypatch.setenv("MLXINFER_DB", str(tmp_path / "runs.sqlite"))
+    monkeypatch.delenv("MLXINFER_MODEL", raising=False)
+    st.cache_resource.clear()
+    ask = "Repeat exactly: the quick brown fox jumps over the lazy dog. " * 2
+    try:
+        at = app()
+        max_tokens(at, 16)
+        at.chat_input[0].set_value(ask).run()
+        plain = at.chat_message[1].markdown[0].value
+        next(b for b in at.button if b.label == "New conversation").click().run()
+        sidebar_input(at, "Draft model").set_value(str(default_model_path())).run()
+        at.chat_input[0].set_value(ask).run()
+        healthy(at)
+        reply = at.chat_message[1]
+        assert reply.markdown[0].value == plain
+        assert at.session_state["messages"][1]["metrics"]["draft_tokens"] > 0
+        assert any("draft model " in c.value for c in reply.caption)
+        next(b for b in at.button if b.label == "New conversation").click().run()
+        sidebar_input(at, "Draft model").set_value(str(tmp_path / "nope")).run()
+        at.chat_input[0].set_value("Hello").run()
+        healthy(at)
+        errors = [e.value for e in at.error]
+        assert any(
+            e.startswith("Could not start the engine with this draft model: draft model ")
+            and "nope" in e
+            for e in errors
+        ), errors
+        assert not at.chat_message  # nothing sent
+    finally:
+        st.cache_resource.clear()
+
+
 def chart_data(chart, column: str | None = None):
     """The frame a chart draws, as Streamlit sent it to the browser (Arrow); of a layered chart,
     the one that has `column`."""

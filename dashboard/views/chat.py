@@ -43,9 +43,22 @@ with st.sidebar:
             "before, and check the proposals in one pass: the same reply, sooner where it "
             "copies the prompt.",
         )
-        drafts = st.slider("Proposals a step", 1, 8, 4, key="chat_num_draft", disabled=not lookup)
-    if sampling is not None and lookup:
-        sampling = replace(sampling, speculation="prompt-lookup", num_draft=drafts)
+        draft = st.text_input(
+            "Draft model",
+            key="chat_draft",
+            disabled=lookup,
+            placeholder="a path: a smaller model with the same tokenizer",
+            help="A second model proposes the next tokens (its greedy guesses) and this one "
+            "checks them in one pass: the same reply, sooner where the draft guesses right "
+            "and costs little. Off while prompt lookup is on.",
+        ).strip()
+        draft = "" if lookup else draft
+        drafts = st.slider(
+            "Proposals a step", 1, 8, 4, key="chat_num_draft", disabled=not (lookup or draft)
+        )
+    if sampling is not None and (lookup or draft):
+        proposer = "prompt-lookup" if lookup else "draft"
+        sampling = replace(sampling, speculation=proposer, num_draft=drafts)
     with st.expander("KV cache", expanded=False):
         cache = common.cache_controls("chat_")
     if cache.kv_bits == 4:
@@ -115,7 +128,7 @@ if prompt is not None and not prompt.strip():
 if prompt and wrong is not None:  # never a reply with other settings than the boxes show
     st.error(f"Not sent: {wrong}. Fix it under Sampling in the sidebar.")
     prompt = None
-engine = common.engine(name, cache) if prompt and loaded is not None else None
+engine = common.engine(name, cache, draft or None) if prompt and loaded is not None else None
 if prompt and engine is not None and sampling is not None:
     state.messages.append({"role": "user", "content": prompt})
     with st.chat_message("user"):
@@ -157,7 +170,9 @@ if prompt and engine is not None and sampling is not None:
         # In the history before it streams: a click mid-reply (which stops this script) leaves
         # the part received, marked stopped, and the conversation keeps its turns in order.
         settings = f"{common.sampling_label(sampling)} · KV cache {cache.label}"
-        if sampling.speculation is not None:
+        if sampling.speculation == "draft":
+            settings += f" · draft model {draft} ({sampling.num_draft} a step)"
+        elif sampling.speculation is not None:
             settings += f" · prompt lookup ({sampling.num_draft} a step)"
         reply = {"role": "assistant", "content": "", "metrics": None, "stopped": True}
         reply |= {"tokens": 0, "settings": settings}

@@ -264,6 +264,19 @@ def test_the_default_model_answers_in_the_chat(tmp_path, monkeypatch):
         st.cache_resource.clear()
 
 
+COPY_ASK = "Repeat exactly: the quick brown fox jumps over the lazy dog. " * 2
+
+
+def _plain_copy_reply():
+    """(the app, its plain reply to COPY_ASK in 16 tokens), then a new conversation."""
+    at = app()
+    max_tokens(at, 16)
+    at.chat_input[0].set_value(COPY_ASK).run()
+    plain = at.chat_message[1].markdown[0].value
+    next(b for b in at.button if b.label == "New conversation").click().run()
+    return at, plain
+
+
 def test_a_reply_by_prompt_lookup_shows_its_acceptance_by_position(tmp_path, monkeypatch):
     """Speculative decoding from the chat (the default model copying its prompt): the same
     reply as without it, and under it how many proposals were accepted and, by position in a
@@ -271,15 +284,10 @@ def test_a_reply_by_prompt_lookup_shows_its_acceptance_by_position(tmp_path, mon
     monkeypatch.setenv("MLXINFER_DB", str(tmp_path / "runs.sqlite"))
     monkeypatch.delenv("MLXINFER_MODEL", raising=False)
     st.cache_resource.clear()
-    ask = "Repeat exactly: the quick brown fox jumps over the lazy dog. " * 2
     try:
-        at = app()
-        max_tokens(at, 16)
-        at.chat_input[0].set_value(ask).run()
-        plain = at.chat_message[1].markdown[0].value
-        next(b for b in at.button if b.label == "New conversation").click().run()
+        at, plain = _plain_copy_reply()
         next(t for t in at.sidebar.toggle if t.label == "Prompt lookup").set_value(True).run()
-        at.chat_input[0].set_value(ask).run()
+        at.chat_input[0].set_value(COPY_ASK).run()
         healthy(at)
         reply = at.chat_message[1]
         assert reply.markdown[0].value == plain
@@ -308,15 +316,10 @@ def test_a_reply_by_a_draft_model_is_the_same_reply_and_a_bad_draft_is_one_error
     monkeypatch.setenv("MLXINFER_DB", str(tmp_path / "runs.sqlite"))
     monkeypatch.delenv("MLXINFER_MODEL", raising=False)
     st.cache_resource.clear()
-    ask = "Repeat exactly: the quick brown fox jumps over the lazy dog. " * 2
     try:
-        at = app()
-        max_tokens(at, 16)
-        at.chat_input[0].set_value(ask).run()
-        plain = at.chat_message[1].markdown[0].value
-        next(b for b in at.button if b.label == "New conversation").click().run()
+        at, plain = _plain_copy_reply()
         sidebar_input(at, "Draft model").set_value(str(default_model_path())).run()
-        at.chat_input[0].set_value(ask).run()
+        at.chat_input[0].set_value(COPY_ASK).run()
         healthy(at)
         reply = at.chat_message[1]
         assert reply.markdown[0].value == plain

@@ -168,7 +168,7 @@ def _engine(name: str, max_kv_size: int | None, kv_bits: int | None, draft: str 
         prefix_cache_mb=256,
         max_kv_size=max_kv_size,
         kv_bits=kv_bits,
-        draft_model=None if draft is None else _draft(name, draft),
+        draft_model=None if draft is None else _draft(model, tokenizer, draft),
     )
 
 
@@ -176,16 +176,14 @@ class DraftError(ValueError):
     """A draft model that cannot propose for the chat's model (it names the path and why)."""
 
 
-def _draft(name: str, path: str):
-    """The draft model at `path` for model `name`, loaded as the model was and checked (its
+def _draft(model, tokenizer, path: str):
+    """The draft model at `path` for `model`, loaded as the model was and checked (its
     vocabulary, its tokenizer); DraftError naming the path otherwise."""
-    from mlxinfer.speculative import check_draft, check_draft_tokenizer
+    from mlxinfer.speculative import check_draft_pair
 
-    model, tokenizer = _load(name)
     try:
         draft, draft_tokenizer = _load(path)
-        check_draft(model, draft, tokenizer.vocab_size)
-        check_draft_tokenizer(tokenizer, draft_tokenizer)
+        check_draft_pair(model, tokenizer, draft, draft_tokenizer)
     except Exception as e:  # a bad path, a broken checkpoint, another tokenizer
         raise DraftError(f"draft model {path}: {e}") from None
     return draft

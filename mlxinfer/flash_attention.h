@@ -29,17 +29,17 @@ TARGET static void ATTENTION(const attention_job *job, int item, float *scratch)
   const int blocks_per_head = (job->T + qb - 1) / qb;
   const int b = item / (job->KV * blocks_per_head), rest = item % (job->KV * blocks_per_head);
   const int kv = rest / blocks_per_head, t0 = (rest % blocks_per_head) * qb;
-  const int tq = job->T - t0 < qb ? job->T - t0 : qb, rows = groups * tq, rows4 = (rows + R - 1) / R * R;
+  const int tq = job->T - t0 < qb ? job->T - t0 : qb, rows = groups * tq, rows_r = (rows + R - 1) / R * R;
   const int S = job->lengths ? job->lengths[b] : job->S; /* keys this row holds */
   const int first = S - job->T + t0; /* the position of the block's first query */
   const int hd_vec = hd / BLOCK * BLOCK;  /* head dims in full register blocks; hd % VW == 0 */
 
-  /* (rows4: rows padded to a multiple of R; the scratch holds them padded to a multiple of 12) */
-  float *qs = scratch;               /* [rows4, hd]: queries * scale * log2(e), padded with 0 */
-  float *kt = qs + rows4 * hd;       /* [hd, KB]: the key block, transposed */
-  float *sc = kt + hd * KB;          /* [rows4, KB]: scores, then their exp2 */
-  float *o = sc + rows4 * KB;        /* [rows4, hd]: the running output */
-  float *m = o + rows4 * hd, *l = m + rows4;
+  /* rows_r: rows padded to a multiple of R (the scratch holds them padded to a multiple of 12) */
+  float *qs = scratch;               /* [rows_r, hd]: queries * scale * log2(e), padded with 0 */
+  float *kt = qs + rows_r * hd;       /* [hd, KB]: the key block, transposed */
+  float *sc = kt + hd * KB;          /* [rows_r, KB]: scores, then their exp2 */
+  float *o = sc + rows_r * KB;        /* [rows_r, hd]: the running output */
+  float *m = o + rows_r * hd, *l = m + rows_r;
 
   const float q_scale = job->scale * 1.4426950408889634f;
   for (int g = 0; g < groups; g++)
@@ -49,9 +49,9 @@ TARGET static void ATTENTION(const attention_job *job, int item, float *scratch)
       float *dst = qs + (long)(g * tq + t) * hd;
       for (int d = 0; d < hd; d++) dst[d] = src[d] * q_scale;
     }
-  memset(qs + (long)rows * hd, 0, sizeof(float) * (size_t)(rows4 - rows) * hd);
-  memset(o, 0, sizeof(float) * (size_t)rows4 * hd);
-  for (int r = 0; r < rows4; r++) m[r] = -INFINITY, l[r] = 0.0f;
+  memset(qs + (long)rows * hd, 0, sizeof(float) * (size_t)(rows_r - rows) * hd);
+  memset(o, 0, sizeof(float) * (size_t)rows_r * hd);
+  for (int r = 0; r < rows_r; r++) m[r] = -INFINITY, l[r] = 0.0f;
 
   const float *k_head = job->k + b * job->k_strides[0] + kv * job->k_strides[1];
   const float *v_head = job->v + b * job->v_strides[0] + kv * job->v_strides[1];
@@ -66,7 +66,7 @@ TARGET static void ATTENTION(const attention_job *job, int item, float *scratch)
       for (int j = kb; j < kbp; j++) kt[(long)d * KB + j] = 0.0f;
 
     /* S = qs kt: R rows x BLOCK keys at a time */
-    for (int i0 = 0; i0 < rows4; i0 += R)
+    for (int i0 = 0; i0 < rows_r; i0 += R)
       for (int j = 0; j < kbp; j += BLOCK) {
         AVEC acc[R][VECS];
         for (int r = 0; r < R; r++)
@@ -84,7 +84,7 @@ TARGET static void ATTENTION(const attention_job *job, int item, float *scratch)
       }
 
     /* The online softmax, row by row; sc becomes exp2(S - m), 0 past the row's last key */
-    for (int r = 0; r < rows4; r++) {
+    for (int r = 0; r < rows_r; r++) {
       float *row = sc + (long)r * KB;
       int n = r < rows ? first + r % tq + 1 - j0 : 0; /* keys of this block row r sees */
       n = n < kb ? n : kb;
@@ -129,7 +129,7 @@ TARGET static void ATTENTION(const attention_job *job, int item, float *scratch)
     }
 
     /* o += P v: R rows x BLOCK head dims at a time, then single vectors for the rest */
-    for (int i0 = 0; i0 < rows4; i0 += R) {
+    for (int i0 = 0; i0 < rows_r; i0 += R) {
       for (int d0 = 0; d0 < hd_vec; d0 += BLOCK) {
         AVEC acc[R][VECS];
         for (int r = 0; r < R; r++)

@@ -144,8 +144,8 @@ def check_draft(model: Model, draft: Model | None, tokens: int) -> None:
     """Refuse a draft model that cannot propose for `model`, whose tokenizer has `tokens` ids
     (ValueError saying why). Their embedding tables may differ in padding (Qwen2.5's 0.5B and 7B
     checkpoints: 151,936 and 152,064 rows for one tokenizer); the draft must hold every id the
-    tokenizer gives. That the draft's tokenizer is the same one, only its caller can tell
-    (`check_draft_tokenizer`, given both)."""
+    tokenizer gives. That the draft's tokenizer is the same one, only a caller that has both
+    tokenizers can tell (`check_draft_pair`)."""
     if draft is None:
         return
     if not isinstance(draft, Model):
@@ -162,8 +162,10 @@ def check_draft(model: Model, draft: Model | None, tokens: int) -> None:
 DRAFT_PROBE = "Speculative decoding, 2026: the quick brown fox -> 12,345 naïve tokens!"
 
 
-def check_draft_tokenizer(tokenizer, draft_tokenizer) -> None:
-    """Refuse a draft whose tokenizer encodes a probe text differently from the model's."""
+def check_draft_pair(model: Model, tokenizer, draft: Model, draft_tokenizer) -> None:
+    """`check_draft`, then refuse a draft whose tokenizer encodes a probe text differently from
+    the model's: what --draft-model, the bench's spec axis and the dashboard's chat check."""
+    check_draft(model, draft, tokenizer.vocab_size)
     if draft_tokenizer.encode(DRAFT_PROBE) != tokenizer.encode(DRAFT_PROBE):
         raise ValueError("its tokenizer encodes text differently from the model's")
 

@@ -305,7 +305,8 @@ class Sweep:
         text = exact_tokens(tokenizer, depth + n * config["concurrency"])
         shared, rest = text[:depth], text[depth:]
         prompts = [shared + rest[i * n : (i + 1) * n] for i in range(config["concurrency"])]
-        weights, kv = predicted_memory(model, config, _draft_model(config, self._model))
+        draft = _draft_model(config, self._model)
+        weights, kv = predicted_memory(model, config, draft)
         split = config["parallel"] != "none"  # (then each rank holds a part: not predicted)
         self.predicted_mb = None if self.target or split else (weights + kv) / 2**20
         available = machine.available_memory_mb()
@@ -328,7 +329,7 @@ class Sweep:
             max_batch=config["concurrency"],
             prefix_cache_mb=1024 if depth else 0,
             cache=CacheSpec(**parse_kv(config["kv"])),
-            draft_model=_draft_model(config, self._model),
+            draft_model=draft,
         )
         if depth:  # the context, computed once and kept by the prefix cache
             try:
@@ -536,7 +537,7 @@ def check_grid(configs: list[dict], load, target: str | None = None) -> None:
 def check_draft_value(config: Mapping, model, tokenizer, load) -> None:
     """A configuration's draft model (spec "draft:PATH[:N]"), refused with a ValueError naming
     the axis when it does not load, cannot propose for `model`, or is asked with parallel."""
-    from ..speculative import check_draft, check_draft_tokenizer
+    from ..speculative import check_draft_pair
 
     path = spec_draft(config["spec"])
     if path is None:
@@ -548,8 +549,7 @@ def check_draft_value(config: Mapping, model, tokenizer, load) -> None:
         )
     try:
         draft, draft_tokenizer = load(path, config["compute"])
-        check_draft(model, draft, tokenizer.vocab_size)
-        check_draft_tokenizer(tokenizer, draft_tokenizer)
+        check_draft_pair(model, tokenizer, draft, draft_tokenizer)
     except Exception as e:
         raise ValueError(f"{where}: {e}") from None
 

@@ -310,15 +310,14 @@ def open_draft(args: argparse.Namespace, model, tokenizer, **load_options):
     can propose for `model`: the same tokenizer (a probe text encoded alike) and every token id
     in its vocabulary. ValueError naming the flag and the path otherwise."""
     from ..loading import load
-    from ..speculative import check_draft, check_draft_tokenizer
+    from ..speculative import check_draft_pair
 
     where = f"--draft-model {args.draft_model}"
     try:
         draft, draft_tokenizer = load(
             args.draft_model, compute=args.compute, kernels=args.kernels, **load_options
         )
-        check_draft(model, draft, tokenizer.vocab_size)
-        check_draft_tokenizer(tokenizer, draft_tokenizer)
+        check_draft_pair(model, tokenizer, draft, draft_tokenizer)
     except (FileNotFoundError, ValueError) as e:  # ModelLoadError is a ValueError
         raise ValueError(f"{where}: {e}") from None
     return draft

@@ -2,7 +2,7 @@
 plain decoding's, whoever proposes (prompt lookup; an oracle always right; one always wrong),
 alone and batched, for every cache kind; the caches keep exactly the accepted tokens (against a
 cold prefill); sampled rows draw from exactly the plain sampling distribution (chi-square); the
-same seed gives the same tokens alone and batched.
+same seed gives the same tokens alone and batched. Every family mlxinfer loads, dense and MoE.
 
 Greedy runs are compared with plain decoding (single caches, one token a step: test_engine.py's
 `alone`) up to the first near tie, as test_engine.py does: a verify pass computes a row's logits
@@ -29,12 +29,26 @@ from mlxinfer.steps import prefill, verify_step
 
 from .reference import make_tiny_checkpoint
 from .test_engine import alone, assert_same_greedy, prompts
+from .test_model import CASES as TEST_MODEL_CASES
+from .test_moe import CASES as TEST_MOE_CASES
 from .test_sampling import CHI2_CRITICAL
 
+# Every family mlxinfer loads (config.FAMILIES), each with what sets it apart; head_dim 32 where
+# the family takes it, so that the q8 cache (groups of 32) runs too.
 CASES = {
     "llama": ("llama", dict(head_dim=32)),
     "mistral-window": ("mistral", dict(sliding_window=8, head_dim=32)),
     "gemma2": ("gemma2", {}),  # soft-capped attention and logits, sandwich norms
+    "gemma3-local-rope": ("gemma3_text", TEST_MODEL_CASES["gemma3-local-rope"][1]),
+    "qwen2-qkv-bias": ("qwen2", dict(hidden_size=128, tie_word_embeddings=True)),
+    "qwen3-qk-norm": ("qwen3", dict(head_dim=32)),
+    "phi3-fused-partial-rotary": (
+        "phi3",
+        dict(hidden_size=128, num_key_value_heads=4, partial_rotary_factor=0.5),
+    ),
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, head_dim=32)),
+    "qwen2-moe-shared": ("qwen2_moe", TEST_MOE_CASES["qwen2_moe-shared-expert"][1]),
+    "qwen3-moe": ("qwen3_moe", TEST_MOE_CASES["qwen3_moe-top3-qk-norm"][1]),
 }
 CACHES = {
     "growing": {},
@@ -394,9 +408,11 @@ def drafts(tiny, tmp_path_factory):
     (its greedy tokens are almost never the target's)."""
     model, _ = tiny
     family = model.config.model_type
-    overrides = next(o for f, o in CASES.values() if f == family)
+    overrides = {**next(o for f, o in CASES.values() if f == family), "num_hidden_layers": 1}
+    if "layer_types" in overrides:  # (one per layer)
+        overrides["layer_types"] = overrides["layer_types"][:1]
     path = tmp_path_factory.mktemp(f"{family}-draft")
-    make_tiny_checkpoint(path, family, seed=7, num_hidden_layers=1, **overrides)
+    make_tiny_checkpoint(path, family, seed=7, **overrides)
     return mlxinfer.load(path)[0]
 
 

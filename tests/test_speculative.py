@@ -23,7 +23,7 @@ import mlxinfer.runner
 from mlxinfer import SamplingParams
 from mlxinfer.batch_cache import RING_SLACK, make_batch_cache
 from mlxinfer.cache import KVCache
-from mlxinfer.sampling import Sampler, filter_logits
+from mlxinfer.sampling import Sampler
 from mlxinfer.speculative import DraftModel, PromptLookup, verify
 from mlxinfer.steps import prefill, verify_step
 
@@ -214,7 +214,7 @@ def test_sampled_tokens_follow_plain_samplings_distribution(llama_model):
     """The first two tokens after a fixed prefix, 20,000 seeded draws through `verify` with two
     proposals (a likely token, then a plausible one), with top-k, top-p, min-p, temperature and
     the three penalties on: their frequencies against the distribution plain sampling draws from
-    (the sampling chain's own filters and softmax, step by step), by chi-square."""
+    (computed from the model's logits by `reference_distribution`), by chi-square."""
     model = llama_model
     V = model.config.vocab_size
     prompt = [5, 9, 17, 33, 9, 17, 64, 9]
@@ -229,10 +229,10 @@ def test_sampled_tokens_follow_plain_samplings_distribution(llama_model):
     )
 
     def chain(history: list[int]) -> np.ndarray:
-        """Plain sampling's distribution of the token after `history`."""
-        sampler = Sampler(params, V, prompt, history[len(prompt) :])
-        logits = sampler.process(model(mx.array([history]))[:, -1])
-        return np.array(mx.softmax(filter_logits(logits, params), axis=-1)[0])
+        """Plain sampling's distribution of the token after `history`, from the model's logits
+        by the chain's definitions in numpy (not sampling.py's code)."""
+        logits = np.array(model(mx.array([history]))[0, -1], dtype=np.float64)
+        return reference_distribution(logits, params, history, history[len(prompt) :])
 
     first = chain(prompt)
     d1 = int(np.argsort(-first)[1])  # the second most likely: accepted about half the time
@@ -274,6 +274,31 @@ def test_sampled_tokens_follow_plain_samplings_distribution(llama_model):
     assert stat < CHI2_CRITICAL[8], f"chi-square {stat:.1f} with 8 dof: {observed} {wanted}"
     accepted_first = sum(n for (t1, _), n in counts.items() if t1 == d1) / draws
     assert math.isclose(accepted_first, first[d1], abs_tol=0.02)
+
+
+def reference_distribution(
+    logits: np.ndarray, params: SamplingParams, context: list[int], generated: list[int]
+) -> np.ndarray:
+    """The distribution sampling draws the next token from, straight from the definitions:
+    repetition penalty over the last `repetition_context_size` tokens of the context (a positive
+    logit divided, a negative one multiplied), OpenAI's presence and frequency penalties over the
+    generated tokens, then top-k, top-p (the likeliest tokens until the mass before a token
+    reaches p), min-p (probability >= min_p x the top one's) and the temperature."""
+    x = logits.copy()
+    for t in set(context[-params.repetition_context_size :]):
+        x[t] = x[t] / params.repetition_penalty if x[t] > 0 else x[t] * params.repetition_penalty
+    counts = np.bincount(np.array(generated, dtype=np.int64), minlength=len(x))
+    x -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    order = np.argsort(-x, kind="stable")
+    keep = np.zeros(len(x), bool)
+    keep[order[: params.top_k]] = True
+    p = np.where(keep, np.exp(x - x.max()), 0.0)
+    p /= p.sum()
+    mass_before = np.cumsum(p[order]) - p[order]
+    keep[order[mass_before >= params.top_p]] = False
+    keep &= x >= x[keep].max() + math.log(params.min_p)
+    q = np.where(keep, np.exp((x - x.max()) / params.temperature), 0.0)
+    return q / q.sum()
 
 
 @pytest.fixture(scope="module")

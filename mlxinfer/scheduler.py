@@ -20,7 +20,8 @@ The policies, and what each trades:
                    meanwhile waits for the whole batch: the worst time to first token.
     chunked        each step is one decode step for the running rows plus one prefill chunk of
                    `step_tokens - rows` prompt tokens (vLLM's chunked prefill, here as two passes
-                   in one step). Stalls are bounded by a chunk; prompts take several steps.
+                   in one step; a speculating row counts its proposals too, up to num_draft).
+                   Stalls are bounded by a chunk; prompts take several steps.
 
 Admission: at most `max_batch` requests prefilling or running, and the KV memory they need (the
 batch's storage is padded to its longest row, rows allocated in powers of two) within the budget.
@@ -222,7 +223,7 @@ class Scheduler:
             budget = self.prefill_chunk
             if self.running:
                 plan.decode = True
-                budget -= len(self.running)
+                budget -= sum(_pass_tokens(r) for r in self.running)
             if self.prefilling:
                 self._start(self.prefilling[0], plan)
                 plan.prefill, plan.chunk = self._prefill_group(plan), max(budget, MIN_CHUNK)
@@ -423,6 +424,12 @@ class Scheduler:
         last = self.running.pop()
         if row < len(self.running):
             self.running[row] = last
+
+
+def _pass_tokens(request: Request) -> int:
+    """The most tokens a decode pass runs for `request`'s row: its last token, and with
+    speculative decoding up to num_draft proposals (the runner checks as many or fewer)."""
+    return 1 + (request.params.num_draft if request.proposer is not None else 0)
 
 
 def token_budget(model: Model, prompt_ids: list[int], max_tokens: int) -> int:

@@ -119,6 +119,27 @@ def test_chunked_plans_a_decode_step_and_the_rest_of_the_tokens_for_a_prompt(lla
     assert scheduler.schedule().chunk == MIN_CHUNK
 
 
+def test_chunked_counts_a_speculating_rows_proposals_in_the_steps_tokens(llama):
+    """A row that speculates may run its last token and num_draft proposals in the step's decode
+    pass: the prefill chunk beside it is that much smaller, so the step's tokens stay bounded."""
+    model, tokenizer = llama
+    scheduler = Scheduler(
+        model, tokenizer, EngineOptions(max_batch=4, policy="chunked", prefill_chunk=40)
+    )
+    spec = SamplingParams(ignore_eos=True, speculation="prompt-lookup", num_draft=5)
+    running = [Request(0, [5, 6, 7], spec, 30), Request(1, [8, 9], GREEDY, 30)]
+    for request in running:
+        scheduler.check(request)
+        scheduler.add(request)
+    while any(r.status is not Status.RUNNING for r in running):
+        scheduler.step()
+    waiting = Request(2, list(range(3, 90)), GREEDY, 4)
+    scheduler.check(waiting)
+    scheduler.add(waiting)
+    plan = scheduler.schedule()
+    assert plan.decode and plan.prefill == [waiting] and plan.chunk == 40 - (1 + 5) - 1
+
+
 def test_decode_first_admits_nothing_while_a_batch_runs(llama):
     model, tokenizer = llama
     scheduler = Scheduler(model, tokenizer, EngineOptions(max_batch=4, policy="decode-first"))

@@ -225,8 +225,12 @@ def test_stop_strings_seeds_and_n_choices(client):
 
 def test_prompt_lookup_gives_the_same_reply_and_reports_its_drafts(server, client):
     """Speculative decoding by request (`prompt_lookup`, our extension): the same greedy and
-    seeded replies as without it, the proposed and accepted tokens in the reply's metrics."""
+    seeded replies as without it, the proposed and accepted tokens in the reply's metrics and
+    in /metrics' counters; `lookup_ngram` is taken, and checked by name."""
     prompt = "w11 w12 w13 w14 w11 w12 w13 w14 w11 w12 w13 w14 w11 w12"
+    drafted_before = metric(server, "draft_tokens_total")
+    accepted_before = metric(server, "accepted_draft_tokens_total")
+    greedy = None
     for sampling in (dict(temperature=0), dict(temperature=1.0, seed=5)):
         base = dict(model=MODEL, prompt=prompt, max_tokens=16, **sampling)
         plain = client.completions.create(**base, extra_body={"ignore_eos": True})
@@ -234,12 +238,18 @@ def test_prompt_lookup_gives_the_same_reply_and_reports_its_drafts(server, clien
             **base, extra_body={"ignore_eos": True, "prompt_lookup": True, "num_draft": 6}
         )
         assert fast.choices[0].text == plain.choices[0].text
-    status, body = post(
-        f"{server}/v1/completions",
-        {"model": MODEL, "prompt": prompt, "max_tokens": 16, "temperature": 0,
-         "ignore_eos": True, "prompt_lookup": True, "num_draft": 6},
-    )  # fmt: skip
-    assert status == 200 and body["metrics"]["draft_tokens"] > 0, body
+        greedy = greedy or plain.choices[0].text  # (the first: temperature 0)
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 16, "temperature": 0,
+            "ignore_eos": True, "prompt_lookup": True, "num_draft": 6, "lookup_ngram": 2}  # fmt: skip
+    status, reply = post(f"{server}/v1/completions", body)
+    assert status == 200 and reply["metrics"]["draft_tokens"] > 0, reply
+    assert reply["choices"][0]["text"] == greedy  # (bigrams instead of trigrams)
+    drafted = metric(server, "draft_tokens_total") - drafted_before
+    accepted = metric(server, "accepted_draft_tokens_total") - accepted_before
+    assert drafted >= reply["metrics"]["draft_tokens"] > 0  # this test's requests, at least
+    assert drafted >= accepted >= reply["metrics"]["accepted_draft_tokens"]
+    status, reply = post(f"{server}/v1/completions", {**body, "lookup_ngram": 0})
+    assert status == 400 and reply["error"]["param"] == "lookup_ngram", reply
 
 
 def test_a_draft_model_serves_the_same_replies_unless_a_request_declines_it(server, checkpoint):

@@ -49,6 +49,7 @@ FIELDS = {
     "prompt_lookup",  # (mlxinfer's extension: speculative decoding)
     "draft",
     "num_draft",
+    "lookup_ngram",
     "stream",
     "store",
     "tools",

@@ -172,11 +172,16 @@ def _sampling(body: dict, tokenizer: Tokenizer, stop_field: str = "stop") -> dic
         # copies the prompt (prompt lookup) or a draft model guesses it
         "speculation": _speculation(body),
         "num_draft": _number(body, "num_draft", 4, 1, RING_SLACK, integer=True),
+        "lookup_ngram": _number(body, "lookup_ngram", 3, 1, MAX_LOOKUP_NGRAM, integer=True),
         "draft_default": body.get("draft") is None and not _flag(body, "prompt_lookup"),
     }
 
 
-SPECULATION = ("prompt_lookup", "draft", "num_draft")  # the request fields of speculative decoding
+# the request fields of speculative decoding
+SPECULATION = ("prompt_lookup", "draft", "num_draft", "lookup_ngram")
+MAX_LOOKUP_NGRAM = (
+    64  # (prompt lookup's longest suffix: past a few tokens a longer one adds nothing)
+)
 
 
 def _speculation(body: dict) -> str | None:
@@ -280,6 +285,7 @@ CHAT_FIELDS = {
     "prompt_lookup",  # mlxinfer's: speculative decoding by prompt lookup
     "draft",  # or by the server's draft model (--draft-model)
     "num_draft",
+    "lookup_ngram",
     "tools",
     "tool_choice",
     "parallel_tool_calls",
@@ -486,6 +492,7 @@ MESSAGES_FIELDS = {
     "prompt_lookup",  # (mlxinfer's extension, as in CHAT_FIELDS)
     "draft",
     "num_draft",
+    "lookup_ngram",
 }
 
 

@@ -59,11 +59,17 @@ class Sampled:
     errors: dict[int, str] = field(default_factory=dict)  # rows that failed, and why
     at: float = field(default_factory=time.perf_counter)  # when the tokens reached the host
     more: dict[int, list[int]] = field(default_factory=dict)  # a verify pass's further tokens
+    more_logprobs: dict[int, list[TokenLogprobs | None]] = field(default_factory=dict)  # theirs
 
     def tokens_of(self, row: int) -> list[int]:
         """Row `row`'s tokens in order: one, or (speculative decoding) the accepted proposals
         and the model's own token after them."""
         return [self.tokens[row], *self.more.get(row, ())]
+
+    def logprobs_of(self, row: int) -> list[TokenLogprobs | None]:
+        """The logprobs of each of `tokens_of(row)` (None where none were asked for)."""
+        more = self.more_logprobs.get(row) or [None] * len(self.more.get(row, ()))
+        return [self.logprobs[row], *more]
 
     @classmethod
     def failed(cls, requests: list[Request], reason: str) -> Sampled:
@@ -115,7 +121,7 @@ class Runner:
                 request.prefilled = request.cached_prompt_tokens = matched
         request.sampler = Sampler(request.params, self.model.config.vocab_size, request.prompt_ids)
         params = request.params
-        if params.speculation is not None and not params.logprobs:
+        if params.speculation is not None:
             request.proposer = make_proposer(
                 params.speculation, params.lookup_ngram, self.draft, self.model.config.vocab_size
             )
@@ -396,6 +402,7 @@ class Runner:
             tokens: list[int] = []
             lps: list = []
             more: dict[int, list[int]] = {}
+            more_lps: dict[int, list[TokenLogprobs | None]] = {}
             counts = []
             for row, request in enumerate(requests):
                 if row in plain:
@@ -404,8 +411,8 @@ class Runner:
                     lps.append(_to_host(lp))
                     counts.append(1)
                     continue
-                lps.append(None)
                 if row not in verdicts:  # its sampler failed
+                    lps.append(None)
                     tokens.append(-1)
                     counts.append(1)
                     continue
@@ -425,6 +432,11 @@ class Runner:
                 request.spec_rejected += len(kept) - 1 < len(proposals[row])
                 tokens.append(kept[0])
                 more[row] = kept[1:]
+                # each kept token's logprobs from its own position's logits (a decode step's)
+                lp = _logprobs(request, logits[row, : len(kept)], mx.array(kept))
+                kept_lps = [_to_host(_at(lp, i)) for i in range(len(kept))]
+                lps.append(kept_lps[0])
+                more_lps[row] = kept_lps[1:]
                 counts.append(len(kept))
             self.rows.advance(counts)
         except Exception as e:  # the whole pass failed: every running request ends
@@ -433,7 +445,7 @@ class Runner:
         seconds = time.perf_counter() - started
         self.pass_cost.observe(len(requests) * positions, seconds)
         self.last_pass = (positions, seconds)
-        return Sampled(requests, tokens, lps, failed, more=more)
+        return Sampled(requests, tokens, lps, failed, more=more, more_logprobs=more_lps)
 
     def _queue(self, requests: list[Request], inputs: mx.array) -> _Step:
         """Build (lazily) and start one decode step for the batch rows, fed `inputs` `[rows]`."""
@@ -586,6 +598,11 @@ def _logprobs(request: Request, logits: mx.array, token: mx.array):
         return None
     all_lp, top_ids, top_lp = top_logprobs(logits, n)
     return mx.take_along_axis(all_lp, token[:, None], axis=-1), top_ids, top_lp
+
+
+def _at(lp, i: int):
+    """Position i of `_logprobs` over several positions (None stays None)."""
+    return None if lp is None else tuple(a[i : i + 1] for a in lp)
 
 
 def _row(stored: tuple, row: int, n: int) -> tuple:

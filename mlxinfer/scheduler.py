@@ -334,8 +334,8 @@ class Scheduler:
             if row in sampled.errors:
                 events.append(self._leave(request, "error", sampled.errors[row]))
                 continue
-            for i, token in enumerate(sampled.tokens_of(row)):  # (several: speculative decoding)
-                logprobs = sampled.logprobs[row] if i == 0 else None
+            tokens = sampled.tokens_of(row)  # (several: speculative decoding)
+            for token, logprobs in zip(tokens, sampled.logprobs_of(row), strict=True):
                 events.append(self._emit(request, token, logprobs, sampled.at))
                 if request.finished:  # the tokens after its last are dropped
                     break

@@ -349,6 +349,32 @@ def test_the_same_seed_gives_plain_samplings_tokens_alone_and_batched(
         assert accepted == proposed
 
 
+@pytest.mark.exactness
+def test_a_speculating_row_gives_each_tokens_logprobs_from_its_own_position(tmp_path, monkeypatch):
+    """logprobs with speculation: every token of a verify pass (accepted proposals and the
+    model's own) carries the model's log-softmax at its position, as a full forward gives it."""
+    make_tiny_checkpoint(tmp_path, "llama")
+    model, tokenizer = mlxinfer.load(tmp_path)
+    prompt = repetitive_prompts(1, seed=11)[0]
+    n = 16
+    reference, _ = alone(model, prompt, n)
+    oracle = Oracle({tuple(prompt): reference}, model.config.vocab_size)
+    monkeypatch.setattr(mlxinfer.runner, "make_proposer", lambda *args: oracle)
+    params = SamplingParams(ignore_eos=True, logprobs=3, speculation="prompt-lookup", num_draft=4)
+    responses = list(mlxinfer.stream_generate(model, tokenizer, prompt, n, sampling=params))
+    tokens = [r.token for r in responses]
+    assert responses[-1].metrics.accepted_draft_tokens > 0  # passes of several tokens
+    logits = np.array(model(mx.array([prompt + tokens])), dtype=np.float64)[0]
+    for i, r in enumerate(responses):
+        row = logits[len(prompt) - 1 + i]
+        log_softmax = row - row.max() - np.log(np.exp(row - row.max()).sum())
+        assert r.logprobs.logprob == pytest.approx(log_softmax[r.token], abs=5e-4)
+        fourth = np.sort(log_softmax)[-4]
+        for token, value in r.logprobs.top:
+            assert value == pytest.approx(log_softmax[token], abs=5e-4)
+            assert value >= fourth - 1e-3  # among the three likeliest (up to rounding)
+
+
 def test_a_verify_pass_penalises_each_position_as_if_the_proposals_were_generated():
     """`process_ahead` row i equals the penalty stage of a sampler that generated proposals
     0..i-1 (repetition window, presence and frequency counts, logit bias)."""

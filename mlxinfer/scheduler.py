@@ -154,11 +154,13 @@ class Scheduler:
                 f"token of the tokenizer past the model's {rows} embedding rows"
             )
         alone = self.kv_bytes(1, need) + self.kv_bytes(1, len(request.prompt_ids))
-        if self.kv_budget is not None and alone > self.kv_budget:
+        draft = self.draft_bytes(request)
+        if self.kv_budget is not None and alone + draft > self.kv_budget:
+            mine = f", the draft model's {draft / 2**20:.1f} MB of it" if draft else ""
             raise ValueError(
-                f"the request needs {alone / 2**20:.1f} MB of KV cache (prompt "
-                f"{len(request.prompt_ids)} + max_tokens {request.max_tokens} tokens), more than "
-                f"kv_budget_mb={self.kv_budget / 2**20:g}"
+                f"the request needs {(alone + draft) / 2**20:.1f} MB of KV cache (prompt "
+                f"{len(request.prompt_ids)} + max_tokens {request.max_tokens} tokens{mine}), "
+                f"more than kv_budget_mb={self.kv_budget / 2**20:g}"
             )
 
     def kv_bytes(self, rows: int, length: int) -> int:
@@ -168,6 +170,15 @@ class Scheduler:
         itemsize = self.model.compute_dtype.size
         config = self.model.whole_config
         return self.options.cache.nbytes(config, length, rows, itemsize, RING_SLACK)
+
+    def draft_bytes(self, request: Request) -> int:
+        """Bytes of the draft model's own caches for `request` (speculation="draft": a growing
+        cache as long as its prompt, max_tokens and a pass's proposals); 0 for other requests."""
+        draft = self.options.draft_model
+        if draft is None or request.params.speculation != "draft":
+            return 0
+        length = len(request.prompt_ids) + request.max_tokens + request.params.num_draft
+        return CacheSpec().nbytes(draft.config, length, 1, draft.compute_dtype.size)
 
     def add(self, request: Request) -> None:
         request.status = Status.WAITING
@@ -193,7 +204,8 @@ class Scheduler:
         rows = max(self.batch_rows, min(self.max_batch, 1 << (len(active) - 1).bit_length()))
         slots = max(self.batch_slots, longest)
         prefills = sum(self.kv_bytes(1, len(r.prompt_ids)) for r in active if not r.started)
-        return self.kv_bytes(rows, slots) + prefills <= self.kv_budget
+        drafts = sum(self.draft_bytes(r) for r in active)
+        return self.kv_bytes(rows, slots) + prefills + drafts <= self.kv_budget
 
     @property
     def batch(self) -> list:

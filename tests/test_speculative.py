@@ -598,3 +598,42 @@ def test_a_draft_is_asked_for_only_the_proposals_worth_its_cost():
     assert affordable(8, 0.9, 0.030, 1, 0.030) == 0  # a draft as slow as the model: never
     # a batch of 8 makes 8 tokens a step: an accepted token saves an eighth of it
     assert affordable(8, 0.7, 0.060, 8, 0.003) == 2  # 0.7 ** 2 * 7.5 ms = 3.7 ms >= 3 ms
+
+
+def test_the_kv_budget_counts_the_draft_models_caches(tmp_path):
+    """A request that speculates with a draft model also holds the draft's caches (its own, as
+    long as the request): the KV budget counts them when it admits requests, and a request they
+    push past the budget is refused saying so. Here the draft is the model itself, so its caches
+    are as large as the target's: a budget that runs two plain requests at once runs one."""
+    from mlxinfer.scheduler import EngineOptions, Request, Scheduler
+
+    make_tiny_checkpoint(tmp_path, "llama")
+    model, tokenizer = mlxinfer.load(tmp_path)
+    drafted = SamplingParams(ignore_eos=True, speculation="draft", num_draft=3)
+    plain = replace(drafted, speculation=None)
+    probe = Scheduler(model, tokenizer, EngineOptions(draft_model=model))
+    assert probe.draft_bytes(Request(0, [5] * 40, plain, 20)) == 0
+    assert probe.draft_bytes(Request(0, [5] * 40, drafted, 20)) == probe.kv_bytes(1, 63) > 0
+    budget = 2.5 * probe.kv_bytes(1, 60) / 2**20 + 2 * probe.kv_bytes(1, 40) / 2**20
+    batch = prompts(4, seed=19, low=30, high=40)
+    most = {}
+    for name, params in (("plain", plain), ("draft", drafted)):
+        options = EngineOptions(max_batch=8, kv_budget_mb=budget, draft_model=model)
+        scheduler = Scheduler(model, tokenizer, options)
+        requests = [Request(i, ids, params, 20) for i, ids in enumerate(batch)]
+        for r in requests:
+            scheduler.check(r)
+            scheduler.add(r)
+        most[name], reasons = 0, {}
+        while scheduler.has_work():
+            for request, response in scheduler.step():
+                if response.finish_reason is not None:
+                    reasons[request.id] = response.finish_reason
+            most[name] = max(most[name], len(scheduler.running) + len(scheduler.prefilling))
+        assert reasons == dict.fromkeys(range(len(batch)), "length")
+    assert most == {"plain": 2, "draft": 1}
+    tight = (probe.kv_bytes(1, 60) + probe.kv_bytes(1, 40)) / 2**20  # the target's alone
+    scheduler = Scheduler(model, tokenizer, EngineOptions(kv_budget_mb=tight, draft_model=model))
+    scheduler.check(Request(0, [5] * 40, plain, 20))
+    with pytest.raises(ValueError, match="the draft model's .* MB of it.*kv_budget_mb"):
+        scheduler.check(Request(1, [5] * 40, drafted, 20))

@@ -66,6 +66,14 @@ class Rows:
             self.offsets = [o + n for o, n in zip(self.offsets, counts, strict=True)]
         self._positions = None
 
+    def rewind(self, row: int, offset: int) -> None:
+        """Row `row` back to its first `offset` tokens: the slots after them are never visible
+        again, and are written again (a draft model's rejected proposals, speculative.py)."""
+        if not 0 <= offset <= self.offsets[row]:
+            raise ValueError(f"row {row} holds {self.offsets[row]} tokens, not {offset}")
+        self.offsets[row] = offset
+        self._positions = None
+
     def add(self, offset: int) -> None:
         self.offsets.append(offset)
         self._positions = None

@@ -32,6 +32,7 @@ from .request import Request
 from .responses import TokenLogprobs
 from .sampling import Sampler, invalid_logits, top_logprobs
 from .speculative import (
+    DraftBatch,
     DraftModel,
     PassCost,
     Verdict,
@@ -90,6 +91,8 @@ class Runner:
     ):
         self.model = model
         self.draft = draft  # speculative decoding's draft model (speculation="draft"), if any
+        # its caches for the rows that draft, one batch: their proposals in one pass a token
+        self.drafts = DraftBatch(draft, max_batch) if draft is not None else None
         self.cache = cache
         self.max_batch = max_batch
         self.prefix_cache = prefix_cache
@@ -123,7 +126,11 @@ class Runner:
         params = request.params
         if params.speculation is not None:
             request.proposer = make_proposer(
-                params.speculation, params.lookup_ngram, self.draft, self.model.config.vocab_size
+                params.speculation,
+                params.lookup_ngram,
+                self.draft,
+                self.model.config.vocab_size,
+                self.drafts,
             )
 
     def prefill(self, requests: list[Request], chunk: int) -> Sampled | None:
@@ -220,6 +227,8 @@ class Runner:
         remove_row(self.rows, self.batch, row)
         if not len(self.rows):
             self._new_batch()
+            if self.drafts is not None:
+                self.drafts.clear()  # (every drafting request has gone too)
 
     def row_kv_bytes(self, row: int) -> int:
         """A row's share of the batch caches: the slots it fills."""
@@ -296,6 +305,7 @@ class Runner:
         least = worth()
         untimed = False  # a draft not timed yet ran this pass: the others wait for its figure
         step = None  # a plain step's seconds, for rows a draft model proposes for
+        drafting: list[tuple[int, Request, list[int], int]] = []  # asked of the draft below
         for row, request in enumerate(requests):
             if request.proposer is None or request.stream is None:
                 continue
@@ -318,9 +328,15 @@ class Runner:
                     k = affordable(k, alpha, step, len(requests), token_seconds)
             if k <= 0:
                 continue
+            history = [*request.prompt_ids, *generated]
+            if draft is not None and draft.batch is self.drafts:
+                drafting.append((row, request, history, k))  # (all of them at once, below)
+                continue
             try:
-                found = request.proposer.propose([*request.prompt_ids, *generated], k)  # type: ignore[attr-defined]
-            except Exception as e:  # (a draft model's pass failed): this row decodes plainly
+                found = request.proposer.propose(history, k)  # type: ignore[attr-defined]
+            except (
+                Exception
+            ) as e:  # (a proposer of a test's, say, failed): this row decodes plainly
                 request.proposer = None
                 logger.warning(
                     "request %s stops speculating: its proposer failed: %s", request.id, e
@@ -328,9 +344,34 @@ class Runner:
                 continue
             if found:
                 proposals[row] = found
-            if draft is not None and draft.token_seconds is not None:
-                self.draft_seconds = draft.token_seconds
+        if self.drafts is not None:
+            proposals |= self._drafted(requests, drafting)
         return proposals
+
+    def _drafted(
+        self, requests: list[Request], drafting: list[tuple[int, Request, list[int], int]]
+    ) -> dict[int, list[int]]:
+        """The draft model's proposals for the rows asking it, from one batch (DraftBatch); the
+        rows of requests no longer drafting leave it first."""
+        drafts = cast(DraftBatch, self.drafts)
+        drafts.retain({r.proposer for r in requests if isinstance(r.proposer, DraftModel)})
+        if not drafting:
+            return {}
+        asks = [(cast(DraftModel, r.proposer), history, k) for _, r, history, k in drafting]
+        try:
+            found = drafts.propose(asks)
+        except Exception as e:  # (the draft's pass failed): these rows decode plainly
+            drafts.clear()
+            for _, request, _, _ in drafting:
+                request.proposer = None
+                logger.warning(
+                    "request %s stops speculating: its draft model failed: %s", request.id, e
+                )
+            return {}
+        for member, _, _ in asks:
+            if member.token_seconds is not None:
+                self.draft_seconds = member.token_seconds
+        return {row: d for (row, _, _, _), d in zip(drafting, found, strict=True) if d}
 
     def _step_estimate(self, rows: int) -> float | None:
         """Seconds a plain step of `rows` rows takes: from the timed passes' fit, else the last

@@ -34,11 +34,11 @@ from typing import Protocol, cast
 import mlx.core as mx
 import numpy as np
 
-from .batch_cache import RING_SLACK
+from .batch_cache import RING_SLACK, SingleCache, make_batch_cache, remove_row
 from .cache import KVCache
 from .model import Model
 from .sampling import PROPOSERS, Sampler, invalid_logits
-from .steps import decode_step, prefill
+from .steps import decode_step, prefill, verify_step
 
 
 class Proposer(Protocol):
@@ -77,9 +77,11 @@ class PromptLookup:
 
 class DraftModel:
     """Proposals from a second, smaller model that shares the tokenizer: its greedy continuation
-    of the history, k tokens. One per request, with caches of its own (growing, whatever the
-    target's: a rejected proposal is forgotten by trimming them back to what the history still
-    shares with what the draft has seen; a sliding-window layer masks its window as it grows).
+    of the history, k tokens. One per request, its caches a row of a `DraftBatch` (the runner's,
+    shared by every row that drafts, so that their proposals come from one pass of the draft a
+    token; or one of its own): growing whatever the target's, a rejected proposal forgotten by
+    trimming the row back to what the history still shares with what the draft has seen, a
+    sliding-window layer masking its window as the row grows.
 
     The proposals are point masses (the draft's argmax), checked as prompt lookup's are (`verify`):
     the target's output is exactly plain decoding's, and for a sampled row a proposal is accepted
@@ -87,50 +89,134 @@ class DraftModel:
     distribution would accept sum(min(p, q)), more where the target is unsure; its resample
     would no longer be plain sampling's own draw for the seed)."""
 
-    def __init__(self, model: Model, vocab_size: int):
+    def __init__(self, model: Model, vocab_size: int, batch: DraftBatch | None = None):
         self.model = model
         self.vocab_size = vocab_size  # the target's: a proposal past it is never checked
-        self.cache = [KVCache() for _ in model.model.layers]
-        self.seen: list[int] = []  # the tokens in self.cache, in order
-        # seconds a proposal costs (its share of a propose call; calls that caught up on more
-        # than a pass's tokens, a prompt's prefill, not counted): see `affordable`
+        self.batch = batch if batch is not None else DraftBatch(model)
+        self.seen: list[int] = []  # the tokens in its row of the batch's caches, in order
+        # seconds a proposal costs this row (its share of a pass of the draft; calls that caught
+        # up on more than a pass's tokens, a prompt's prefill, not counted): see `affordable`
         self.token_seconds: float | None = None
 
     def propose(self, history: Sequence[int], k: int) -> list[int]:
-        if k <= 0 or not history:
-            return []
+        return self.batch.propose([(self, history, k)])[0]
+
+
+class DraftBatch:
+    """A draft model's caches for the rows that draft with it, as a batch (batch_cache.py): the
+    proposals of every asking row come from one pass of the draft that catches each row up on
+    its new tokens (the target's accepted ones and its own), then one batched step a proposal,
+    instead of a pass a row. A row joins at its first proposal (its history prefilled alone, then
+    copied in), and leaves when its request goes (`retain`). Rows that do not ask this time ride
+    along in the passes without advancing (what they compute is dropped)."""
+
+    def __init__(self, model: Model, max_rows: int | None = None):
+        self.model = model
+        self.max_rows = max_rows
+        self.members: list[DraftModel] = []  # members[r] owns row r
+        self.passes = 0  # forward passes of the draft run for proposals (prefills not counted)
+        self._empty()
+
+    def _empty(self) -> None:
+        template: list[SingleCache] = [KVCache() for _ in self.model.model.layers]  # (growing)
+        self.rows, self.caches = make_batch_cache(template, self.max_rows)
+        self.members = []
+
+    def retain(self, alive: set[DraftModel]) -> None:
+        """Drop the rows of the members not in `alive` (their requests are gone)."""
+        for row in reversed(range(len(self.members))):
+            if self.members[row] not in alive:
+                remove_row(self.rows, self.caches, row)
+                last = self.members.pop()
+                if row < len(self.members):
+                    self.members[row] = last
+        if not self.members:
+            self._empty()  # (its memory back)
+
+    def clear(self) -> None:
+        """Forget every row (a member asking again joins afresh)."""
+        for member in self.members:
+            member.seen = []
+        self._empty()
+
+    def _join(self, member: DraftModel, history: list[int]) -> None:
+        """A new row holding all of `history` but its last token (at least one token)."""
+        seen = history[: max(1, len(history) - 1)]
+        single = [KVCache() for _ in self.model.model.layers]
+        prefill(self.model, mx.array([seen]), single)
+        self.rows.add(len(seen))
+        for batch, cache in zip(self.caches, single, strict=True):
+            batch.add_row(cache)
+        self.members.append(member)
+        member.seen = seen
+
+    def propose(self, asks: Sequence[tuple[DraftModel, Sequence[int], int]]) -> list[list[int]]:
+        """For each (member, history, k): the draft's greedy continuation of the history, k
+        tokens (fewer where a token falls past the target's vocabulary; none for k <= 0)."""
+        out: list[list[int]] = [[] for _ in asks]
+        asking = [(i, m, list(h), k) for i, (m, h, k) in enumerate(asks) if k > 0 and len(h)]
+        if not asking:
+            return out
         started = time.perf_counter()
-        history = list(history)
-        shared = zip(self.seen, history[:-1], strict=False)  # (its last token is new to it)
-        common = sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], shared))
-        for cache in self.cache:
-            cache.trim(cache.offset - common)
-        logits = prefill(self.model, mx.array([history[common:]]), self.cache)  # [1, vocab]
-        token = mx.argmax(logits, axis=-1)
+        joined = False
+        for _, member, history, _ in asking:
+            if member not in self.members:
+                self._join(member, history)
+                joined = True
+        rows = len(self.members)
+        feed: list[list[int]] = [[] for _ in range(rows)]  # each row's tokens new to the draft
+        want = [0] * rows
+        for _, member, history, k in asking:
+            row = self.members.index(member)
+            shared = zip(member.seen, history[:-1], strict=False)  # (its last token is new)
+            common = sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], shared))
+            self.rows.rewind(row, common)  # (rejected proposals forgotten)
+            feed[row], want[row] = history[common:], k
+        T = max(len(f) for f in feed)
+        inputs = mx.array([f + [0] * (T - len(f)) for f in feed])  # [rows, T]
+        logits = verify_step(self.model, inputs, self.caches)  # [rows, T, vocab]
+        last = mx.array([max(len(f), 1) - 1 for f in feed])[:, None, None]
+        token = mx.argmax(mx.take_along_axis(logits, last, axis=1)[:, 0], axis=-1)  # [rows]
+        self.rows.advance([len(f) for f in feed])
+        active = mx.array([w > 0 for w in want])
         drafts = [token]
-        for _ in range(k - 1):  # built lazily: one evaluation for the k tokens
-            token = mx.argmax(decode_step(self.model, token, self.cache), axis=-1)
+        most = max(want)
+        for _ in range(most - 1):  # built lazily: one evaluation for all the proposals
+            step = decode_step(self.model, mx.where(active, token, 0), self.caches)
+            token = mx.argmax(step, axis=-1)
+            self.rows.advance([1 if w else 0 for w in want])
             drafts.append(token)
-        proposed = cast(list[int], mx.concatenate(drafts).tolist())
-        if len(history) - common <= RING_SLACK + 1:  # (not a prefill)
-            seconds = (time.perf_counter() - started) / k
-            known = self.token_seconds
-            self.token_seconds = seconds if known is None else 0.7 * known + 0.3 * seconds
-        self.seen = history + proposed[:-1]  # the last proposal has not been through it
-        return list(itertools.takewhile(lambda t: t < self.vocab_size, proposed))
+        proposed = cast(list[list[int]], mx.stack(drafts, axis=1).tolist())  # [rows, most]
+        self.passes += most
+        seconds = (time.perf_counter() - started) / (most * len(asking))  # a proposal's share
+        timed = not joined and T <= RING_SLACK + 1  # (no prefill among them)
+        for i, member, history, k in asking:
+            row = self.members.index(member)
+            member.seen = history + proposed[row][: most - 1]  # the last is not through it
+            if timed:
+                known = member.token_seconds
+                member.token_seconds = seconds if known is None else 0.7 * known + 0.3 * seconds
+            mine = proposed[row][:k]
+            past = (j for j, t in enumerate(mine) if t >= member.vocab_size)  # never checked
+            out[i] = mine[: next(past, k)]
+        return out
 
 
 def make_proposer(
-    name: str, max_ngram: int, draft: Model | None = None, vocab: int = 0
+    name: str,
+    max_ngram: int,
+    draft: Model | None = None,
+    vocab: int = 0,
+    drafts: DraftBatch | None = None,
 ) -> Proposer:
-    """A request's proposer: "prompt-lookup", or "draft" (`draft`, the engine's draft model;
-    `vocab` the target's vocabulary size)."""
+    """A request's proposer: "prompt-lookup", or "draft" (`draft`, the engine's draft model, its
+    rows in `drafts` when given; `vocab` the target's vocabulary size)."""
     if name == "prompt-lookup":
         return PromptLookup(max_ngram, min(2, max_ngram))
     if name == "draft":
         if draft is None:
             raise ValueError(NO_DRAFT)
-        return DraftModel(draft, vocab)
+        return DraftModel(draft, vocab, drafts)
     raise ValueError(f"speculation must be one of {PROPOSERS}, got {name!r}")
 
 

@@ -477,7 +477,8 @@ def test_a_draft_model_proposes_its_greedy_continuation_and_forgets_rejected_tok
     draft = DraftModel(model, model.config.vocab_size)
     history = prompts(1, seed=11)[0]
     assert_same_greedy(draft.propose(history, 5), alone(model, history, 5))
-    assert len(draft.seen) == len(history) + 4 == draft.cache[0].offset
+    rows = draft.batch.rows  # (its own batch: one row)
+    assert len(draft.seen) == len(history) + 4 == rows.offsets[0]
     # the target kept 2 of the 5 proposals, then a token of its own (not the draft's third)
     kept = draft.seen[: len(history) + 2] + [6 if draft.seen[len(history) + 2] == 5 else 5]
     again = draft.propose(kept, 3)
@@ -486,11 +487,53 @@ def test_a_draft_model_proposes_its_greedy_continuation_and_forgets_rejected_tok
     cold = [KVCache() for _ in model.model.layers]  # growing, as the draft's (windows masked)
     prefill(model, mx.array([draft.seen]), cold, 16)
     n = len(draft.seen)
-    for ours, theirs in zip(draft.cache, cold, strict=True):
-        assert ours.offset == theirs.offset == n
+    assert rows.offsets == [n]
+    for ours, theirs in zip(draft.batch.caches, cold, strict=True):
+        assert theirs.offset == n
         for a, b in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
-            assert mx.allclose(a[0][:, :, :n], b[0][:, :, :n], atol=1e-5)  # (stored: (keys,))
+            assert mx.allclose(a[0][:1, :, :n], b[0][:, :, :n], atol=1e-5)  # (stored: (keys,))
     assert draft.propose(kept, 0) == []
+
+
+@pytest.mark.exactness
+def test_rows_drafting_together_get_what_each_would_alone_from_one_pass_a_token(tiny):
+    """A DraftBatch shared by several rows (the runner's): each row's proposals are its draft's
+    greedy continuation of its own history (the draft here is the model: plain decoding's
+    tokens, up to a near tie), whatever the others ask (k, or nothing this time); the draft runs
+    one pass a proposal for all of them, not one a row; after rows are trimmed back past
+    rejections and a row leaves, the rest hold exactly what they have seen (a cold prefill)."""
+    from mlxinfer.speculative import DraftBatch
+
+    model, _ = tiny
+    shared = DraftBatch(model, 4)
+    members = [DraftModel(model, model.config.vocab_size, shared) for _ in range(3)]
+    histories = prompts(3, seed=12, low=5, high=30)
+    asks = [5, 3, 4]
+    for round_ in range(3):
+        passes = shared.passes
+        got = shared.propose(list(zip(members, histories, asks, strict=True)))
+        assert shared.passes - passes == max(asks)  # one pass a proposal, every row in it
+        for proposed, history, k, member in zip(got, histories, asks, members, strict=True):
+            if k:
+                assert_same_greedy(proposed, alone(model, history, k))
+                # (a row asking fewer rides along the others' passes: it has seen more)
+                assert len(member.seen) == len(history) + max(asks) - 1
+            else:
+                assert proposed == []
+        # the target keeps some proposals of each, then a token of its own; one row sits out
+        histories = [h + got[i][: (i + round_) % 3] + [7 + i] for i, h in enumerate(histories)]
+        asks = [2, 0, 5] if round_ == 0 else [3, 4, 1]
+    shared.retain({members[0], members[2]})  # members[1]'s request has gone
+    assert shared.members == [members[0], members[2]] and len(shared.rows) == 2
+    for row, member in enumerate(shared.members):
+        cold = [KVCache() for _ in model.model.layers]
+        prefill(model, mx.array([member.seen]), cold, 16)
+        n = len(member.seen)
+        assert shared.rows.offsets[row] == n
+        for ours, theirs in zip(shared.caches, cold, strict=True):
+            assert mx.allclose(ours.keys[0][row, :, :n], theirs.keys[0][0, :, :n], atol=1e-4)
+    shared.retain(set())
+    assert shared.members == [] and len(shared.rows) == 0
 
 
 @pytest.mark.exactness

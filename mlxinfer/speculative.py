@@ -20,7 +20,8 @@ If every proposal is accepted the pass's last position gives one more token.
 The runner (runner.py) runs the pass for every batch row at once, rows without proposals included
 (their one token is an ordinary decode step), and rolls the caches back to the accepted tokens
 (batch_cache.py: a row's offset advances by m + 1; rings hold RING_SLACK extra slots so the pass
-never overwrites a key its queries still see).
+never overwrites a key its queries still see). The rows a draft model proposes for draft
+together too (DraftBatch: the draft's caches as a batch of its own, one pass a proposal).
 """
 
 from __future__ import annotations

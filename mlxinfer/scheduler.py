@@ -20,7 +20,8 @@ The policies, and what each trades:
                    meanwhile waits for the whole batch: the worst time to first token.
     chunked        each step is one decode step for the running rows plus one prefill chunk of
                    `step_tokens - rows` prompt tokens (vLLM's chunked prefill, here as two passes
-                   in one step; a speculating row counts its proposals too, up to num_draft).
+                   in one step; with a speculating row, every row counts the widest row's
+                   positions, its last token and up to num_draft proposals: a verify pass).
                    Stalls are bounded by a chunk; prompts take several steps.
 
 Admission: at most `max_batch` requests prefilling or running, and the KV memory they need (the
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .batch_cache import RING_SLACK
+from .batch_cache import RING_SLACK, BatchKVCache
 from .cache import CacheSpec, kv_bytes_per_token
 from .metrics import RequestMetrics, request_metrics
 from .model import Model
@@ -47,7 +48,7 @@ from .prefix_cache import PrefixCache
 from .request import Request, Status
 from .responses import GenerationResponse, TextStream
 from .runner import Runner, Sampled
-from .speculative import NO_DRAFT, check_draft
+from .speculative import NO_DRAFT, DraftModel, check_draft
 from .steps import DEFAULT_PREFILL_CHUNK
 from .tokenizer import Tokenizer
 
@@ -154,10 +155,11 @@ class Scheduler:
                 f"token of the tokenizer past the model's {rows} embedding rows"
             )
         alone = self.kv_bytes(1, need) + self.kv_bytes(1, len(request.prompt_ids))
-        draft = self.draft_bytes(request)
+        draft = self.draft_bytes(1, need + request.params.num_draft) if _drafts(request) else 0
         if self.kv_budget is not None and alone + draft > self.kv_budget:
             mine = f", the draft model's {draft / 2**20:.1f} MB of it" if draft else ""
-            raise ValueError(
+            error = DraftBudgetError if alone <= self.kv_budget else ValueError
+            raise error(
                 f"the request needs {(alone + draft) / 2**20:.1f} MB of KV cache (prompt "
                 f"{len(request.prompt_ids)} + max_tokens {request.max_tokens} tokens{mine}), "
                 f"more than kv_budget_mb={self.kv_budget / 2**20:g}"
@@ -171,14 +173,32 @@ class Scheduler:
         config = self.model.whole_config
         return self.options.cache.nbytes(config, length, rows, itemsize, RING_SLACK)
 
-    def draft_bytes(self, request: Request) -> int:
-        """Bytes of the draft model's own caches for `request` (speculation="draft": a growing
-        cache as long as its prompt, max_tokens and a pass's proposals); 0 for other requests."""
+    def draft_bytes(self, rows: int, length: int) -> int:
+        """Bytes of the draft model's caches for `rows` rows of `length` tokens, as its batch
+        (speculative.DraftBatch) allocates them: growing in every layer, windowed or not, in
+        slots of 256."""
         draft = self.options.draft_model
-        if draft is None or request.params.speculation != "draft":
+        if draft is None:
             return 0
-        length = len(request.prompt_ids) + request.max_tokens + request.params.num_draft
-        return CacheSpec().nbytes(draft.config, length, 1, draft.compute_dtype.size)
+        slots = -(-length // BatchKVCache.step) * BatchKVCache.step
+        itemsize = draft.compute_dtype.size
+        return rows * slots * kv_bytes_per_token(draft.config, itemsize=itemsize)
+
+    def _drafts_fit(self, active: list[Request]) -> int:
+        """The draft's bytes for the `active` requests that draft: its batch padded as the
+        target's is (rows in powers of two, every row the longest's slots, never less than it
+        holds now), and the prompt of one joining it, prefilled alone first."""
+        drafting = [r for r in active if _drafts(r)]
+        if not drafting:
+            return 0
+        drafts = self.runner.drafts
+        held_rows, held_slots = (0, 0) if drafts is None else drafts.held
+        rows = max(held_rows, min(self.max_batch, 1 << (len(drafting) - 1).bit_length()))
+        longest = max(len(r.prompt_ids) + r.max_tokens + r.params.num_draft for r in drafting)
+        joining = [len(r.prompt_ids) for r in drafting if drafts is None or not drafts.has(r)]
+        return self.draft_bytes(rows, max(held_slots, longest)) + self.draft_bytes(
+            1, max(joining, default=0)
+        )
 
     def add(self, request: Request) -> None:
         request.status = Status.WAITING
@@ -204,7 +224,7 @@ class Scheduler:
         rows = max(self.batch_rows, min(self.max_batch, 1 << (len(active) - 1).bit_length()))
         slots = max(self.batch_slots, longest)
         prefills = sum(self.kv_bytes(1, len(r.prompt_ids)) for r in active if not r.started)
-        drafts = sum(self.draft_bytes(r) for r in active)
+        drafts = self._drafts_fit(active)
         return self.kv_bytes(rows, slots) + prefills + drafts <= self.kv_budget
 
     @property
@@ -235,7 +255,8 @@ class Scheduler:
             budget = self.prefill_chunk
             if self.running:
                 plan.decode = True
-                budget -= sum(_pass_tokens(r) for r in self.running)
+                # (a verify pass pads every row to the widest's positions)
+                budget -= len(self.running) * max(_pass_tokens(r) for r in self.running)
             if self.prefilling:
                 self._start(self.prefilling[0], plan)
                 plan.prefill, plan.chunk = self._prefill_group(plan), max(budget, MIN_CHUNK)
@@ -436,6 +457,18 @@ class Scheduler:
         last = self.running.pop()
         if row < len(self.running):
             self.running[row] = last
+
+
+class DraftBudgetError(ValueError):
+    """A request fits the KV budget, but not with the draft model's caches beside it (the
+    server then runs a request that did not ask for the draft without it)."""
+
+
+def _drafts(request: Request) -> bool:
+    """Whether `request` drafts with the draft model (or will, once started)."""
+    if request.params.speculation != "draft":
+        return False
+    return not request.started or isinstance(request.proposer, DraftModel)
 
 
 def _pass_tokens(request: Request) -> int:

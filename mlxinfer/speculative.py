@@ -115,7 +115,6 @@ class DraftBatch:
         self.model = model
         self.max_rows = max_rows
         self.members: list[DraftModel] = []  # members[r] owns row r
-        self.passes = 0  # forward passes of the draft run for proposals (prefills not counted)
         self._empty()
 
     def _empty(self) -> None:
@@ -123,15 +122,26 @@ class DraftBatch:
         self.rows, self.caches = make_batch_cache(template, self.max_rows)
         self.members = []
 
+    @property
+    def held(self) -> tuple[int, int]:
+        """The rows and slots its caches hold now (their padded storage)."""
+        return max((c.n_rows for c in self.caches), default=0), max(
+            (c.capacity for c in self.caches), default=0
+        )
+
+    def has(self, request) -> bool:
+        """Whether `request`'s proposer holds a row here."""
+        return request.proposer in self.members
+
     def retain(self, alive: set[DraftModel]) -> None:
         """Drop the rows of the members not in `alive` (their requests are gone)."""
-        for row in reversed(range(len(self.members))):
-            if self.members[row] not in alive:
-                remove_row(self.rows, self.caches, row)
-                last = self.members.pop()
-                if row < len(self.members):
-                    self.members[row] = last
-        if not self.members:
+        gone = [row for row, member in enumerate(self.members) if member not in alive]
+        for row in reversed(gone):
+            remove_row(self.rows, self.caches, row)
+            last = self.members.pop()
+            if row < len(self.members):
+                self.members[row] = last
+        if gone and not self.members:
             self._empty()  # (its memory back)
 
     def clear(self) -> None:
@@ -158,12 +168,17 @@ class DraftBatch:
         asking = [(i, m, list(h), k) for i, (m, h, k) in enumerate(asks) if k > 0 and len(h)]
         if not asking:
             return out
+        try:
+            for _, member, history, _ in asking:
+                if member not in self.members:
+                    self._join(member, history)
+            return self._propose(asking, out)
+        except Exception:  # (a pass failed: what the rows hold is unknown) every row starts again
+            self.clear()
+            raise
+
+    def _propose(self, asking: list, out: list[list[int]]) -> list[list[int]]:
         started = time.perf_counter()
-        joined = False
-        for _, member, history, _ in asking:
-            if member not in self.members:
-                self._join(member, history)
-                joined = True
         rows = len(self.members)
         feed: list[list[int]] = [[] for _ in range(rows)]  # each row's tokens new to the draft
         want = [0] * rows
@@ -188,9 +203,8 @@ class DraftBatch:
             self.rows.advance([1 if w else 0 for w in want])
             drafts.append(token)
         proposed = cast(list[list[int]], mx.stack(drafts, axis=1).tolist())  # [rows, most]
-        self.passes += most
         seconds = (time.perf_counter() - started) / (most * len(asking))  # a proposal's share
-        timed = not joined and T <= RING_SLACK + 1  # (no prefill among them)
+        timed = T <= RING_SLACK + 1  # (not a prompt's prefill: the joins were before `started`)
         for i, member, history, k in asking:
             row = self.members.index(member)
             member.seen = history + proposed[row][: most - 1]  # the last is not through it

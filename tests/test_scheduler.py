@@ -121,7 +121,8 @@ def test_chunked_plans_a_decode_step_and_the_rest_of_the_tokens_for_a_prompt(lla
 
 def test_chunked_counts_a_speculating_rows_proposals_in_the_steps_tokens(llama):
     """A row that speculates may run its last token and num_draft proposals in the step's decode
-    pass: the prefill chunk beside it is that much smaller, so the step's tokens stay bounded."""
+    pass, and the pass pads every row to that width: the prefill chunk beside it is that much
+    smaller, so the step's tokens stay bounded."""
     model, tokenizer = llama
     scheduler = Scheduler(
         model, tokenizer, EngineOptions(max_batch=4, policy="chunked", prefill_chunk=40)
@@ -137,7 +138,7 @@ def test_chunked_counts_a_speculating_rows_proposals_in_the_steps_tokens(llama):
     scheduler.check(waiting)
     scheduler.add(waiting)
     plan = scheduler.schedule()
-    assert plan.decode and plan.prefill == [waiting] and plan.chunk == 40 - (1 + 5) - 1
+    assert plan.decode and plan.prefill == [waiting] and plan.chunk == 40 - 2 * (1 + 5)
 
 
 def test_decode_first_admits_nothing_while_a_batch_runs(llama):

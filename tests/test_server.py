@@ -270,6 +270,18 @@ def test_a_draft_model_serves_the_same_replies_unless_a_request_declines_it(serv
         assert status == 400 and both["error"]["param"] == "draft", both
     finally:
         process.terminate()
+    # A KV budget with room for the request's caches (a 256-token block for its tokens, one for
+    # its prompt's prefill: 0.25 MB here) but not the draft's block beside them: a request that
+    # did not ask for the draft runs without it; one that did is refused, saying why.
+    process, url = start(checkpoint, "--draft-model", str(checkpoint), "--kv-budget-mb", "0.3")
+    try:
+        status, plain = post(f"{url}/v1/completions", body)
+        assert status == 200 and plain["metrics"]["draft_tokens"] == 0, plain
+        assert plain["choices"][0]["text"] == declined["choices"][0]["text"]
+        status, refused = post(f"{url}/v1/completions", {**body, "draft": True})
+        assert status == 400 and "the draft model's" in refused["error"]["message"], refused
+    finally:
+        process.terminate()
         process.wait(timeout=30)
     status, refused = post(f"{server}/v1/completions", {**body, "draft": True})
     assert status == 400 and refused["error"]["param"] == "draft", refused

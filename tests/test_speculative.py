@@ -496,12 +496,13 @@ def test_a_draft_model_proposes_its_greedy_continuation_and_forgets_rejected_tok
 
 
 @pytest.mark.exactness
-def test_rows_drafting_together_get_what_each_would_alone_from_one_pass_a_token(tiny):
+def test_rows_drafting_together_get_what_each_would_alone_from_one_pass_a_token(tiny, monkeypatch):
     """A DraftBatch shared by several rows (the runner's): each row's proposals are its draft's
     greedy continuation of its own history (the draft here is the model: plain decoding's
     tokens, up to a near tie), whatever the others ask (k, or nothing this time); the draft runs
     one pass a proposal for all of them, not one a row; after rows are trimmed back past
     rejections and a row leaves, the rest hold exactly what they have seen (a cold prefill)."""
+    import mlxinfer.speculative
     from mlxinfer.speculative import DraftBatch
 
     model, _ = tiny
@@ -509,10 +510,19 @@ def test_rows_drafting_together_get_what_each_would_alone_from_one_pass_a_token(
     members = [DraftModel(model, model.config.vocab_size, shared) for _ in range(3)]
     histories = prompts(3, seed=12, low=5, high=30)
     asks = [5, 3, 4]
+    passes: list[int] = []  # the rows of each pass of the draft
+    for name in ("verify_step", "decode_step"):
+        step = getattr(mlxinfer.speculative, name)
+
+        def counted(model, tokens, cache, step=step):
+            passes.append(len(tokens))
+            return step(model, tokens, cache)
+
+        monkeypatch.setattr(mlxinfer.speculative, name, counted)
     for round_ in range(3):
-        passes = shared.passes
+        passes.clear()
         got = shared.propose(list(zip(members, histories, asks, strict=True)))
-        assert shared.passes - passes == max(asks)  # one pass a proposal, every row in it
+        assert passes == [3] * max(asks)  # one pass a proposal, every row in it
         for proposed, history, k, member in zip(got, histories, asks, members, strict=True):
             if k:
                 assert_same_greedy(proposed, alone(model, history, k))
@@ -648,15 +658,21 @@ def test_the_kv_budget_counts_the_draft_models_caches(tmp_path):
     long as the request): the KV budget counts them when it admits requests, and a request they
     push past the budget is refused saying so. Here the draft is the model itself, so its caches
     are as large as the target's: a budget that runs two plain requests at once runs one."""
+    from mlxinfer.cache import kv_bytes_per_token
     from mlxinfer.scheduler import EngineOptions, Request, Scheduler
 
-    make_tiny_checkpoint(tmp_path, "llama")
-    model, tokenizer = mlxinfer.load(tmp_path)
+    make_tiny_checkpoint(tmp_path / "llama", "llama")
+    model, tokenizer = mlxinfer.load(tmp_path / "llama")
     drafted = SamplingParams(ignore_eos=True, speculation="draft", num_draft=3)
     plain = replace(drafted, speculation=None)
     probe = Scheduler(model, tokenizer, EngineOptions(draft_model=model))
-    assert probe.draft_bytes(Request(0, [5] * 40, plain, 20)) == 0
-    assert probe.draft_bytes(Request(0, [5] * 40, drafted, 20)) == probe.kv_bytes(1, 63) > 0
+    assert probe.draft_bytes(1, 63) == probe.kv_bytes(1, 63) > 0  # (one block of 256 tokens)
+    # a draft with sliding-window layers still grows them (DraftBatch): no window caps its bytes
+    make_tiny_checkpoint(tmp_path / "windowed", "mistral", sliding_window=8, head_dim=32)
+    windowed = mlxinfer.load(tmp_path / "windowed")[0]
+    with_window = Scheduler(windowed, tokenizer, EngineOptions(draft_model=windowed))
+    assert with_window.draft_bytes(2, 300) == 2 * 512 * kv_bytes_per_token(windowed.config)
+    assert with_window.draft_bytes(2, 300) > 2 * with_window.kv_bytes(1, 300)  # (windowed)
     budget = 2.5 * probe.kv_bytes(1, 60) / 2**20 + 2 * probe.kv_bytes(1, 40) / 2**20
     batch = prompts(4, seed=19, low=30, high=40)
     most = {}

@@ -33,6 +33,7 @@ from starlette.routing import Route
 from ..engine import Engine, RequestHandle
 from ..metrics import RequestMetrics
 from ..responses import GenerationResponse
+from ..scheduler import DraftBudgetError
 from . import openai_responses, protocol
 from .prometheus import ServerMetrics
 from .protocol import ApiError, Choice, Job
@@ -183,7 +184,16 @@ async def _submit(server: Server, job: Job) -> list[RequestHandle]:
             if job.draft_default and has_draft:
                 params = replace(params, speculation="draft")  # (unless it said draft: false)
             submit = functools.partial(engine.submit, prompt, params, max_tokens, chat=chat)
-            handles.append(await anyio.to_thread.run_sync(submit, limiter=server.limiter))
+            try:
+                handle = await anyio.to_thread.run_sync(submit, limiter=server.limiter)
+            except DraftBudgetError:
+                if not job.draft_default:  # it asked for the draft: it is told why not
+                    raise
+                # the draft's caches would not fit beside it: it runs without the draft
+                plain = replace(params, speculation=None)
+                submit = functools.partial(engine.submit, prompt, plain, max_tokens, chat=chat)
+                handle = await anyio.to_thread.run_sync(submit, limiter=server.limiter)
+            handles.append(handle)
     except PROMPT_ERRORS as e:
         for handle in handles:
             handle.cancel()

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .batch_cache import RING_SLACK, BatchKVCache
+from .batch_cache import RING_SLACK
 from .cache import CacheSpec, kv_bytes_per_token
 from .metrics import RequestMetrics, request_metrics
 from .model import Model
@@ -48,7 +48,7 @@ from .prefix_cache import PrefixCache
 from .request import Request, Status
 from .responses import GenerationResponse, TextStream
 from .runner import Runner, Sampled
-from .speculative import NO_DRAFT, DraftModel, check_draft
+from .speculative import NO_DRAFT, DraftModel, check_draft, draft_cache_bytes
 from .steps import DEFAULT_PREFILL_CHUNK
 from .tokenizer import Tokenizer
 
@@ -178,11 +178,7 @@ class Scheduler:
         (speculative.DraftBatch) allocates them: growing in every layer, windowed or not, in
         slots of 256."""
         draft = self.options.draft_model
-        if draft is None:
-            return 0
-        slots = -(-length // BatchKVCache.step) * BatchKVCache.step
-        itemsize = draft.compute_dtype.size
-        return rows * slots * kv_bytes_per_token(draft.config, itemsize=itemsize)
+        return 0 if draft is None else draft_cache_bytes(draft, rows, length)
 
     def _drafts_fit(self, active: list[Request]) -> int:
         """The draft's bytes for the `active` requests that draft: its batch padded as the

@@ -35,8 +35,8 @@ from typing import Protocol, cast
 import mlx.core as mx
 import numpy as np
 
-from .batch_cache import RING_SLACK, SingleCache, make_batch_cache, remove_row
-from .cache import KVCache
+from .batch_cache import RING_SLACK, BatchKVCache, SingleCache, make_batch_cache, remove_row
+from .cache import KVCache, kv_bytes_per_token
 from .model import Model
 from .sampling import PROPOSERS, Sampler, invalid_logits
 from .steps import decode_step, prefill, verify_step
@@ -101,6 +101,13 @@ class DraftModel:
 
     def propose(self, history: Sequence[int], k: int) -> list[int]:
         return self.batch.propose([(self, history, k)])[0]
+
+
+def draft_cache_bytes(model: Model, rows: int, length: int) -> int:
+    """Bytes a DraftBatch of `model` holds for `rows` rows of `length` tokens: growing caches in
+    every layer, windowed or not, in slots of 256 (the batch caches' step)."""
+    slots = -(-length // BatchKVCache.step) * BatchKVCache.step
+    return rows * slots * kv_bytes_per_token(model.config, itemsize=model.compute_dtype.size)
 
 
 class DraftBatch:

@@ -618,9 +618,10 @@ def output_tps(generated: list[int], e2e_ms: list[float]) -> float:
 def predicted_memory(model, config: Mapping, draft=None) -> tuple[int, int]:
     """(weight bytes, KV cache bytes) a configuration needs: the KV of its `concurrency` rows as
     the batch allocates it, plus the prefix cache's copy of the context with `depth`; with a
-    `draft` model (spec "draft:PATH"), its weights and each row's growing caches of it too."""
+    `draft` model (spec "draft:PATH"), its weights and its caches (speculative.DraftBatch's)."""
     from ..batch_cache import RING_SLACK
     from ..cache import CacheSpec
+    from ..speculative import draft_cache_bytes
 
     spec = CacheSpec(**parse_kv(config["kv"]))
     itemsize = model.compute_dtype.size
@@ -630,8 +631,8 @@ def predicted_memory(model, config: Mapping, draft=None) -> tuple[int, int]:
         kv += spec.nbytes(model.config, config["depth"], 1, itemsize)
     if draft is None:
         return model.nbytes, kv
-    rows = config["concurrency"]
-    kv += rows * CacheSpec().nbytes(draft.config, tokens, 1, draft.compute_dtype.size)
+    num_draft = parse_spec(str(config.get("spec", "none")))[1]  # (its row runs that far ahead)
+    kv += draft_cache_bytes(draft, config["concurrency"], tokens + num_draft)
     return model.nbytes + (0 if draft is model else draft.nbytes), kv
 
 

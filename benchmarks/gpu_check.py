@@ -14,8 +14,14 @@ alternating A B A B after a warm-up; prompts are random ids of exact length, EOS
   single  a 256-token prompt, 128 tokens: prefill_tps and decode_tps (BENCHMARKS.md's formulas)
   batch   8 prompts of 64 tokens, 64 tokens each: aggregate tok/s of batch_generate
   long    a 4096-token prompt, 16 tokens: prefill_tps and peak memory
-Files written under --out: env.txt (mlxinfer env), exactness.log (pytest's output), speed.json
-(every sample, means and ratios), summary.txt (what to paste into BENCHMARKS.md).
+  verify  (mlxinfer alone) what a speculative verify pass costs against a decode step: a forward
+          pass of T = 1, 2, 4, 8 positions a row over a 256-token context, for 1 and 8 rows
+          (median of 5 each): speculative decoding pays where T positions cost about one, which
+          the runner's decisions (speculative.PassCost) assume of a GPU but never measured
+The speed part runs first, then the exactness suite in what is left of an 8-minute budget (its
+log says so if it was cut short). Files written under --out: env.txt (mlxinfer env),
+exactness.log (pytest's output), speed.json (every sample, means and ratios), summary.txt (what
+to paste into BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -131,6 +137,23 @@ if engine == "mlxinfer":
     def batch(prompts, n):
         out = mlxinfer.batch_generate(model, tokenizer, prompts, max_tokens=n, sampling=params(n))
         assert all(len(r.tokens) == n for r in out), [len(r.tokens) for r in out]
+    def verify(job):  # a verify pass's cost: T positions a row, over a context, then trimmed
+        from mlxinfer.steps import prefill
+        out = {}
+        for rows in job["rows"]:
+            cache = model.make_cache()
+            prefill(model, mx.array([job["context"]] * rows), cache)
+            for T in job["positions"]:
+                seconds = []
+                for _ in range(6):
+                    tokens = mx.array([job["context"][:T]] * rows)
+                    start = time.perf_counter()
+                    mx.eval(model(tokens, cache))
+                    seconds.append(time.perf_counter() - start)
+                    for c in cache:
+                        c.trim(T)
+                out[f"rows{rows}_T{T}_ms"] = sorted(seconds[1:])[2] * 1e3  # (median of 5)
+        return out
 else:
     import mlx_lm
     from mlx_lm.generate import batch_generate, stream_generate
@@ -147,7 +170,9 @@ print(json.dumps({"device": str(mx.default_device())}), flush=True)
 for line in sys.stdin:
     job = json.loads(line)
     mx.reset_peak_memory()
-    if job["kind"] == "batch":
+    if job["kind"] == "verify":
+        result = verify(job)
+    elif job["kind"] == "batch":
         start = time.perf_counter()
         batch(job["prompts"], job["tokens"])
         seconds = time.perf_counter() - start
@@ -213,6 +238,38 @@ def speed(model_dir: Path, vocab: int, quick: bool, reps: int) -> dict:
     return results
 
 
+def verify_costs(model_dir: Path, vocab: int, quick: bool) -> dict:
+    """mlxinfer's verify pass at 1, 2, 4 and 8 positions a row, for 1 and 8 rows: milliseconds,
+    and each against the same rows' one-position pass."""
+    import numpy as np
+
+    context = np.random.default_rng(1).integers(2, vocab, size=32 if quick else 256).tolist()
+    job = {"kind": "verify", "context": context, "rows": [1, 8], "positions": [1, 2, 4, 8]}
+    worker = Worker("mlxinfer", model_dir)
+    try:
+        worker.ask(job)  # warm-up
+        ms = worker.ask(job)
+    finally:
+        worker.close()
+    ms.pop("peak_memory_mb", None)
+    relative = {k: v / ms[k.split("_T")[0] + "_T1_ms"] for k, v in ms.items()}
+    return {"ms": ms, "against_one_position": relative}
+
+
+BUDGET_S = 460  # the whole check's seconds, under 8 minutes: the tests get what speed leaves
+
+
+def _run_within(command: list[str], timeout: float, **options) -> subprocess.CompletedProcess:
+    """subprocess.run, but a run past `timeout` comes back as exit 124 with what it printed so
+    far (the results before it are kept either way)."""
+    try:
+        return subprocess.run(command, timeout=timeout, **options)
+    except subprocess.TimeoutExpired as e:
+        said = [x.decode() if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr)]
+        note = f"\n(cut short after {timeout:.0f} s: the check's {BUDGET_S} s budget)"
+        return subprocess.CompletedProcess(command, 124, said[0] + note, said[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="the folder for every result")
@@ -226,13 +283,33 @@ def main() -> None:
     env = subprocess.run([sys.executable, "-m", "mlxinfer", "env"], capture_output=True, text=True)
     (out / "env.txt").write_text(env.stdout + env.stderr)
     summary = [f"device check, {time.strftime('%Y-%m-%d %H:%M')}", env.stdout]
+    with tempfile.TemporaryDirectory() as tmp:
+        shape = QUICK_SHAPE if args.quick else SHAPE
+        write_model(Path(tmp), shape)
+        results = speed(Path(tmp), shape["vocab_size"], args.quick, args.reps)
+        results["verify"] = verify_costs(Path(tmp), shape["vocab_size"], args.quick)
+    (out / "speed.json").write_text(json.dumps(results, indent=1))
+    summary.append(f"speed on {results['device']} (mlxinfer / mlx-lm, means of {args.reps}):")
+    for name in ("single", "batch", "long"):
+        means, ratio = results[name]["means"], results[name]["ratio"]
+        parts = [
+            f"{k} {means['mlxinfer'][k]:.1f} vs {means['mlx-lm'][k]:.1f} ({ratio[k]:.2f}x)"
+            for k in means["mlxinfer"]
+        ]
+        summary.append(f"  {name}: " + "; ".join(parts))
+    verify = results["verify"]
+    parts = [
+        f"{k.removesuffix('_ms')} {v:.1f} ms ({verify['against_one_position'][k]:.2f}x)"
+        for k, v in verify["ms"].items()
+    ]
+    summary.append("  verify pass (mlxinfer; x its one-position pass): " + "; ".join(parts))
     if not args.skip_tests:
         test_env = {
             **os.environ,
             "MLXINFER_KERNELS": "mlx",
             "MLXINFER_TESTS_WITHOUT_DEFAULT_MODEL": "1",
         }
-        tests = subprocess.run(
+        tests = _run_within(
             [
                 sys.executable,
                 "-m",
@@ -247,24 +324,11 @@ def main() -> None:
             text=True,
             cwd=ROOT,
             env=test_env,
-            timeout=300,
+            timeout=max(60.0, BUDGET_S - (time.perf_counter() - started)),
         )
         (out / "exactness.log").write_text(tests.stdout + tests.stderr)
         last = (tests.stdout.strip().splitlines() or ["no output"])[-1]
         summary.append(f"exactness under MLXINFER_KERNELS=mlx: exit {tests.returncode}: {last}")
-    with tempfile.TemporaryDirectory() as tmp:
-        shape = QUICK_SHAPE if args.quick else SHAPE
-        write_model(Path(tmp), shape)
-        results = speed(Path(tmp), shape["vocab_size"], args.quick, args.reps)
-    (out / "speed.json").write_text(json.dumps(results, indent=1))
-    summary.append(f"speed on {results['device']} (mlxinfer / mlx-lm, means of {args.reps}):")
-    for name in ("single", "batch", "long"):
-        means, ratio = results[name]["means"], results[name]["ratio"]
-        parts = [
-            f"{k} {means['mlxinfer'][k]:.1f} vs {means['mlx-lm'][k]:.1f} ({ratio[k]:.2f}x)"
-            for k in means["mlxinfer"]
-        ]
-        summary.append(f"  {name}: " + "; ".join(parts))
     summary.append(f"took {time.perf_counter() - started:.0f} s")
     (out / "summary.txt").write_text("\n".join(summary) + "\n")
     print("\n".join(summary))

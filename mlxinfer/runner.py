@@ -145,12 +145,14 @@ class Runner:
             if request.prefilled + len(ids) < len(request.prompt_ids):
                 prefill_chunk(self.model, mx.array([ids]), cache)
                 request.prefilled += len(ids)
+                self._draft_prefill(request)
                 return None
             logits = prefill_pass(self.model, mx.array([ids]), cache)  # [1, vocab]
             request.prefilled += len(ids)
         except Exception as e:  # this request fails; the others are untouched
             self._stop_if_split()
             return Sampled.failed(requests, f"prefill failed: {e}")
+        self._draft_prefill(request)
         return self._first_tokens(requests, logits, [cache])
 
     def _prefill_together(self, group: list[Request]) -> Sampled:
@@ -168,8 +170,24 @@ class Runner:
             return Sampled.failed(group, f"prefill failed: {e}")
         for request in group:
             request.prefilled = len(request.prompt_ids)
+            self._draft_prefill(request)
         caches = [self._row_caches(cache, row, len(r.prompt_ids)) for row, r in enumerate(group)]
         return self._first_tokens(group, logits, caches)
+
+    def _draft_prefill(self, request: Request) -> None:
+        """A request that drafts with the engine's draft model: the draft prefills the prompt
+        tokens the target just has (DraftBatch.prefill), so that its first proposal does not
+        stall the batch's decode pass with them."""
+        member = request.proposer
+        if not isinstance(member, DraftModel) or member.batch is not self.drafts:
+            return
+        try:
+            member.batch.prefill(member, request.prompt_ids[len(member.seen) : request.prefilled])
+        except Exception as e:  # (the draft's pass failed): this request decodes plainly
+            request.proposer = None
+            logger.warning(
+                "request %s stops speculating: its draft model failed: %s", request.id, e
+            )
 
     def _first_tokens(self, requests: list[Request], logits: mx.array, caches: list) -> Sampled:
         """Sample prefilled requests' first tokens (row r of `logits` is requests[r]'s, `caches[r]`

@@ -183,7 +183,7 @@ class Scheduler:
     def _drafts_fit(self, active: list[Request]) -> int:
         """The draft's bytes for the `active` requests that draft: its batch padded as the
         target's is (rows in powers of two, every row the longest's slots, never less than it
-        holds now), and the prompt of one joining it, prefilled alone first."""
+        holds now), and the prompts of those not in it yet, prefilled alone first."""
         drafting = [r for r in active if _drafts(r)]
         if not drafting:
             return 0
@@ -192,8 +192,8 @@ class Scheduler:
         rows = max(held_rows, min(self.max_batch, 1 << (len(drafting) - 1).bit_length()))
         longest = max(len(r.prompt_ids) + r.max_tokens + r.params.num_draft for r in drafting)
         joining = [len(r.prompt_ids) for r in drafting if drafts is None or not drafts.has(r)]
-        return self.draft_bytes(rows, max(held_slots, longest)) + self.draft_bytes(
-            1, max(joining, default=0)
+        return self.draft_bytes(rows, max(held_slots, longest)) + sum(
+            self.draft_bytes(1, n) for n in joining
         )
 
     def add(self, request: Request) -> None:

@@ -39,7 +39,7 @@ from .batch_cache import RING_SLACK, BatchKVCache, SingleCache, make_batch_cache
 from .cache import KVCache, kv_bytes_per_token
 from .model import Model
 from .sampling import PROPOSERS, Sampler, invalid_logits
-from .steps import decode_step, prefill, verify_step
+from .steps import DEFAULT_PREFILL_CHUNK, decode_step, prefill, prefill_chunk, verify_step
 
 
 class Proposer(Protocol):
@@ -95,6 +95,9 @@ class DraftModel:
         self.vocab_size = vocab_size  # the target's: a proposal past it is never checked
         self.batch = batch if batch is not None else DraftBatch(model)
         self.seen: list[int] = []  # the tokens in its row of the batch's caches, in order
+        # before it has a row: the caches of its prompt, prefilled beside the target's prefill
+        # (DraftBatch.prefill; then `seen` is what they hold)
+        self.pending: list[KVCache] | None = None
         # seconds a proposal costs this row (its share of a pass of the draft; calls that caught
         # up on more than a pass's tokens, a prompt's prefill, not counted): see `affordable`
         self.token_seconds: float | None = None
@@ -157,11 +160,29 @@ class DraftBatch:
             member.seen = []
         self._empty()
 
+    def prefill(self, member: DraftModel, tokens: Sequence[int]) -> None:
+        """The draft's part of a prompt's prefill, run beside the target's (the runner passes it
+        each chunk's tokens, in order): the member's row then joins at its first proposal with
+        these caches, not with a prefill inside the batch's decode pass."""
+        if member in self.members or not len(tokens):
+            return
+        if member.pending is None:
+            member.pending, member.seen = [KVCache() for _ in self.model.model.layers], []
+        for start in range(0, len(tokens), DEFAULT_PREFILL_CHUNK):
+            ids = list(tokens[start : start + DEFAULT_PREFILL_CHUNK])
+            prefill_chunk(self.model, mx.array([ids]), member.pending)
+            member.seen = member.seen + ids
+
     def _join(self, member: DraftModel, history: list[int]) -> None:
-        """A new row holding all of `history` but its last token (at least one token)."""
-        seen = history[: max(1, len(history) - 1)]
-        single = [KVCache() for _ in self.model.model.layers]
-        prefill(self.model, mx.array([seen]), single)
+        """A new row holding all of `history` but its last token (at least one token): what the
+        member prefilled beside the target (`prefill`), when that is a start of it, else a
+        prefill of its own now."""
+        seen, single = member.seen, member.pending
+        member.pending = None
+        if single is None or not 0 < len(seen) < len(history) or history[: len(seen)] != seen:
+            seen = history[: max(1, len(history) - 1)]
+            single = [KVCache() for _ in self.model.model.layers]
+            prefill(self.model, mx.array([seen]), single)
         self.rows.add(len(seen))
         for batch, cache in zip(self.caches, single, strict=True):
             batch.add_row(cache)

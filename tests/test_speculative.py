@@ -696,3 +696,41 @@ def test_the_kv_budget_counts_the_draft_models_caches(tmp_path):
     scheduler.check(Request(0, [5] * 40, plain, 20))
     with pytest.raises(ValueError, match="the draft model's .* MB of it.*kv_budget_mb"):
         scheduler.check(Request(1, [5] * 40, drafted, 20))
+
+
+def test_the_draft_prefills_a_prompt_beside_the_target(tmp_path, monkeypatch):
+    """A request that drafts: the draft prefills its prompt chunk by chunk as the target does,
+    and its first proposal joins the draft's batch with those caches (no prefill of the prompt
+    inside the batch's decode pass); the tokens are still plain decoding's."""
+    import mlxinfer.speculative
+    from mlxinfer.request import Status
+    from mlxinfer.scheduler import EngineOptions, Request, Scheduler
+
+    make_tiny_checkpoint(tmp_path, "llama")
+    model, tokenizer = mlxinfer.load(tmp_path)
+    monkeypatch.setattr(mlxinfer.runner, "affordable", lambda k, *costs: k)
+    joins = []  # the draft's prefills of a whole history when a row joins
+    real = mlxinfer.speculative.prefill
+    monkeypatch.setattr(
+        mlxinfer.speculative, "prefill", lambda *a, **k: joins.append(a) or real(*a, **k)
+    )
+    options = EngineOptions(draft_model=model, prefill_chunk=8)
+    scheduler = Scheduler(model, tokenizer, options)
+    prompt = prompts(1, seed=4, low=30, high=31)[0]
+    params = SamplingParams(ignore_eos=True, speculation="draft", num_draft=3)
+    request = Request(0, prompt, params, 12)
+    scheduler.check(request)
+    scheduler.add(request)
+    tokens = []
+    while request.status is not Status.RUNNING:
+        tokens += [response.token for _, response in scheduler.step()]
+        member = request.proposer
+        assert isinstance(member, DraftModel) and member.seen == prompt[: request.prefilled]
+    assert member.pending is not None and len(prompt) == 30  # (4 chunks of the target's)
+    tokens += [response.token for _, response in scheduler.step()]  # the first proposals
+    assert member.pending is None and member in scheduler.runner.drafts.members
+    assert request.draft_tokens > 0
+    while scheduler.has_work():
+        tokens += [response.token for _, response in scheduler.step()]
+    assert joins == []
+    assert_same_greedy(tokens, alone(model, prompt, 12))

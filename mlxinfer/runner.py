@@ -106,7 +106,6 @@ class Runner:
         self.run_ahead = pipelines_decode()  # queue decode step n+1 before reading step n (GPU)
         self.pass_cost = PassCost()  # how long decode passes take, by their size
         self.step_seconds: float | None = None  # the last timed plain step's
-        self.draft_seconds: float | None = None  # what a draft model's proposal last cost
         self.last_pass: tuple[int, float] | None = None  # the last verify pass: (positions, s)
         self._ahead: _Step | None = None
         self._new_batch()
@@ -318,12 +317,11 @@ class Runner:
     def _proposals(self, requests: list[Request]) -> dict[int, list[int]]:
         """Each speculating row's proposals (rows with none are left out): as many as its record
         says are worth checking (speculative.draft_length), at most its num_draft, and fewer
-        than the tokens its budget has left (the last one is the model's own)."""
+        than the tokens its budget has left (the last one is the model's own); for a row a draft
+        model proposes for, only those worth what drafting them costs (`_draft_cost`)."""
         proposals = {}
         least = worth()
-        untimed = False  # a draft not timed yet ran this pass: the others wait for its figure
-        step = None  # a plain step's seconds, for rows a draft model proposes for
-        drafting: list[tuple[int, Request, list[int], int]] = []  # asked of the draft below
+        wanted: list[tuple[int, Request, int, list[int]]] = []  # (row, request, k, history)
         for row, request in enumerate(requests):
             if request.proposer is None or request.stream is None:
                 continue
@@ -332,21 +330,25 @@ class Runner:
                 request.params.num_draft, request.spec_accepted, request.spec_rejected, least
             )
             k = min(k, request.max_tokens - len(generated) - 1)
+            if k > 0:
+                wanted.append((row, request, k, [*request.prompt_ids, *generated]))
+        drafters = sum(isinstance(r.proposer, DraftModel) for _, r, _, _ in wanted)
+        step = self._step_estimate(len(requests)) if drafters else None
+        untimed = False  # a draft not timed yet ran this pass: the others wait for its figure
+        drafting: list[tuple[int, Request, list[int], int]] = []  # asked of the draft below
+        for row, request, k, history in wanted:
             draft = request.proposer if isinstance(request.proposer, DraftModel) else None
-            if draft is not None:  # proposals that cost a pass of a draft model
-                # not timed yet: as the engine's draft was for another row (before a prefill)
-                token_seconds = draft.token_seconds or self.draft_seconds
-                step = step or self._step_estimate(len(requests))
-                if token_seconds is None or step is None:  # one row a pass until both are known
+            if draft is not None:  # proposals that cost passes of a draft model
+                cost = self._draft_cost(draft.batch, len(requests), drafters)
+                if cost is None or step is None:  # one row a pass until both are known
                     if untimed:
                         continue
                     untimed = True
                 else:
                     alpha = acceptance(request.spec_accepted, request.spec_rejected)
-                    k = affordable(k, alpha, step, len(requests), token_seconds)
-            if k <= 0:
-                continue
-            history = [*request.prompt_ids, *generated]
+                    k = affordable(k, alpha, step, len(requests), cost)
+                    if k <= 0:
+                        continue
             if draft is not None and draft.batch is self.drafts:
                 drafting.append((row, request, history, k))  # (all of them at once, below)
                 continue
@@ -365,6 +367,17 @@ class Runner:
         if self.drafts is not None:
             proposals |= self._drafted(requests, drafting)
         return proposals
+
+    def _draft_cost(self, drafts: DraftBatch, rows: int, drafters: int) -> float | None:
+        """What one more proposal costs each of `drafters` rows of a batch of `rows`: a step of
+        the draft's batch, and the position it adds to the verify pass (every row's: on a CPU
+        about a step of the batch, on a GPU little), shared between them. None until the draft
+        has been timed."""
+        if drafts.step_seconds is None:
+            return None
+        one, two = self.pass_cost.predict(rows), self.pass_cost.predict(2 * rows)
+        wider = max(0.0, two - one) if one is not None and two is not None else 0.0
+        return (drafts.step_seconds + wider) / max(1, drafters)
 
     def _drafted(
         self, requests: list[Request], drafting: list[tuple[int, Request, list[int], int]]
@@ -386,9 +399,6 @@ class Runner:
                     "request %s stops speculating: its draft model failed: %s", request.id, e
                 )
             return {}
-        for member, _, _ in asks:
-            if member.token_seconds is not None:
-                self.draft_seconds = member.token_seconds
         return {row: d for (row, _, _, _), d in zip(drafting, found, strict=True) if d}
 
     def _step_estimate(self, rows: int) -> float | None:

@@ -98,9 +98,6 @@ class DraftModel:
         # before it has a row: the caches of its prompt, prefilled beside the target's prefill
         # (DraftBatch.prefill; then `seen` is what they hold)
         self.pending: list[KVCache] | None = None
-        # seconds a proposal costs this row (its share of a pass of the draft; calls that caught
-        # up on more than a pass's tokens, a prompt's prefill, not counted): see `affordable`
-        self.token_seconds: float | None = None
 
     def propose(self, history: Sequence[int], k: int) -> list[int]:
         return self.batch.propose([(self, history, k)])[0]
@@ -125,6 +122,9 @@ class DraftBatch:
         self.model = model
         self.max_rows = max_rows
         self.members: list[DraftModel] = []  # members[r] owns row r
+        # seconds a step of the batch takes (a proposal for every row; calls that caught up on
+        # more than a pass's tokens, a prompt's prefill, not counted): see Runner._draft_cost
+        self.step_seconds: float | None = None
         self._empty()
 
     def _empty(self) -> None:
@@ -231,14 +231,13 @@ class DraftBatch:
             self.rows.advance([1 if w else 0 for w in want])
             drafts.append(token)
         proposed = cast(list[list[int]], mx.stack(drafts, axis=1).tolist())  # [rows, most]
-        seconds = (time.perf_counter() - started) / (most * len(asking))  # a proposal's share
-        timed = T <= RING_SLACK + 1  # (not a prompt's prefill: the joins were before `started`)
+        if T <= RING_SLACK + 1:  # (not a prompt's prefill: the joins were before `started`)
+            seconds = (time.perf_counter() - started) / most
+            known = self.step_seconds
+            self.step_seconds = seconds if known is None else 0.7 * known + 0.3 * seconds
         for i, member, history, k in asking:
             row = self.members.index(member)
             member.seen = history + proposed[row][: most - 1]  # the last is not through it
-            if timed:
-                known = member.token_seconds
-                member.token_seconds = seconds if known is None else 0.7 * known + 0.3 * seconds
             mine = proposed[row][:k]
             past = (j for j, t in enumerate(mine) if t >= member.vocab_size)  # never checked
             out[i] = mine[: next(past, k)]
@@ -331,11 +330,12 @@ def acceptance(accepted: float, rejected: float) -> float:
 
 
 def affordable(k: int, alpha: float, step_seconds: float, rows: int, token_seconds: float) -> int:
-    """How many of k proposals are worth drafting when each costs `token_seconds` before the
-    pass (a draft model's step, run for this row alone): the j-th while its chance of being
-    reached and accepted, alpha ** j, times what an accepted token saves (a plain step of the
-    batch makes `rows` tokens in `step_seconds`) is at least its cost. A draft as slow as the
-    model is never worth it; on a GPU a small draft costs a tenth of a step or less."""
+    """How many of k proposals are worth drafting when each costs this row `token_seconds` (its
+    share of a draft model's step and of the verify pass's extra position: Runner._draft_cost):
+    the j-th while its chance of being reached and accepted, alpha ** j, times what an accepted
+    token saves (a plain step of the batch makes `rows` tokens in `step_seconds`) is at least its
+    cost. A draft as slow as the model is never worth it; on a GPU a small draft costs a tenth of
+    a step or less, and a wider pass little more than a step."""
     return _reached(k, alpha, token_seconds * rows / step_seconds)
 
 

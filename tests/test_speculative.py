@@ -653,6 +653,28 @@ def test_a_draft_is_asked_for_only_the_proposals_worth_its_cost():
     assert affordable(8, 0.7, 0.060, 8, 0.003) == 2  # 0.7 ** 2 * 7.5 ms = 3.7 ms >= 3 ms
 
 
+def test_a_proposal_costs_a_drafting_row_its_share_of_a_draft_step_and_a_wider_pass(tmp_path):
+    """Runner._draft_cost: a step of the draft's batch and the position the proposal adds to the
+    verify pass (from the timed passes), shared by the rows drafting; unknown until the draft
+    was timed. On a CPU the wider pass is most of it, which is why no draft pays there."""
+    from mlxinfer.cache import CacheSpec
+    from mlxinfer.runner import Runner
+    from mlxinfer.speculative import affordable
+
+    make_tiny_checkpoint(tmp_path, "llama")
+    model, _ = mlxinfer.load(tmp_path)
+    runner = Runner(model, CacheSpec(), 8, draft=model)
+    assert runner._draft_cost(runner.drafts, 8, 8) is None  # (the draft not timed yet)
+    runner.drafts.step_seconds = 0.050
+    assert runner._draft_cost(runner.drafts, 8, 8) == pytest.approx(0.050 / 8)  # (no passes)
+    runner.pass_cost.observe(8, 0.060)  # a step of 8 rows
+    runner.pass_cost.observe(16, 0.110)  # a pass of 8 rows x 2 positions
+    assert runner._draft_cost(runner.drafts, 8, 8) == pytest.approx((0.050 + 0.050) / 8)
+    assert runner._draft_cost(runner.drafts, 8, 2) == pytest.approx((0.050 + 0.050) / 2)
+    # such a row drafts nothing even when its proposals are always accepted: 7.5 ms saved < 12.5
+    assert affordable(4, 1.0, 0.060, 8, runner._draft_cost(runner.drafts, 8, 8)) == 0
+
+
 def test_the_kv_budget_counts_the_draft_models_caches(tmp_path):
     """A request that speculates with a draft model also holds the draft's caches (its own, as
     long as the request): the KV budget counts them when it admits requests, and a request they

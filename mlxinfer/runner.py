@@ -174,11 +174,15 @@ class Runner:
         return self._first_tokens(group, logits, caches)
 
     def _draft_prefill(self, request: Request) -> None:
-        """A request that drafts with the engine's draft model: the draft prefills the prompt
-        tokens the target just has (DraftBatch.prefill), so that its first proposal does not
-        stall the batch's decode pass with them."""
+        """A request that drafts with the engine's draft model, where drafting pays: the draft
+        prefills the prompt tokens the target just has (DraftBatch.prefill), so that its first
+        proposal does not stall the batch's decode pass with them. Where it does not (yet), a
+        row's draft prefills when it first drafts, if it ever does: a draft nearly as slow as
+        the model doubled every prefill on a CPU for nothing (bench_draft.py, batch of 8)."""
         member = request.proposer
         if not isinstance(member, DraftModel) or member.batch is not self.drafts:
+            return
+        if member.pending is None and not self._drafting_pays():
             return
         try:
             member.batch.prefill(member, request.prompt_ids[len(member.seen) : request.prefilled])
@@ -367,6 +371,14 @@ class Runner:
         if self.drafts is not None:
             proposals |= self._drafted(requests, drafting)
         return proposals
+
+    def _drafting_pays(self) -> bool:
+        """Whether a proposal sure to be accepted is worth drafting in a batch like the present
+        one, every row drafting (known once the draft and the passes have been timed)."""
+        rows = max(1, len(self.rows))
+        step = self._step_estimate(rows)
+        cost = None if self.drafts is None else self._draft_cost(self.drafts, rows, rows)
+        return step is not None and cost is not None and affordable(1, 1.0, step, rows, cost) > 0
 
     def _draft_cost(self, drafts: DraftBatch, rows: int, drafters: int) -> float | None:
         """What one more proposal costs each of `drafters` rows of a batch of `rows`: a step of

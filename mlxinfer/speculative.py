@@ -175,14 +175,16 @@ class DraftBatch:
 
     def _join(self, member: DraftModel, history: list[int]) -> None:
         """A new row holding all of `history` but its last token (at least one token): what the
-        member prefilled beside the target (`prefill`), when that is a start of it, else a
-        prefill of its own now."""
+        member prefilled beside the target (`prefill`) when that is a start of it, and a prefill
+        now of what it has not."""
         seen, single = member.seen, member.pending
         member.pending = None
         if single is None or not 0 < len(seen) < len(history) or history[: len(seen)] != seen:
-            seen = history[: max(1, len(history) - 1)]
-            single = [KVCache() for _ in self.model.model.layers]
-            prefill(self.model, mx.array([seen]), single)
+            seen, single = [], [KVCache() for _ in self.model.model.layers]
+        rest = history[len(seen) : max(1, len(history) - 1)]  # (what it has not prefilled)
+        if rest:
+            prefill(self.model, mx.array([rest]), single)
+            seen = seen + rest
         self.rows.add(len(seen))
         for batch, cache in zip(self.caches, single, strict=True):
             batch.add_row(cache)

@@ -24,7 +24,7 @@ from mlxinfer import SamplingParams
 from mlxinfer.batch_cache import RING_SLACK, make_batch_cache
 from mlxinfer.cache import KVCache
 from mlxinfer.sampling import Sampler
-from mlxinfer.speculative import DraftModel, PromptLookup, verify
+from mlxinfer.speculative import DraftModel, PassCost, PromptLookup, verify
 from mlxinfer.steps import prefill, verify_step
 
 from .reference import make_tiny_checkpoint
@@ -720,10 +720,12 @@ def test_the_kv_budget_counts_the_draft_models_caches(tmp_path):
         scheduler.check(Request(1, [5] * 40, drafted, 20))
 
 
-def test_the_draft_prefills_a_prompt_beside_the_target(tmp_path, monkeypatch):
-    """A request that drafts: the draft prefills its prompt chunk by chunk as the target does,
-    and its first proposal joins the draft's batch with those caches (no prefill of the prompt
-    inside the batch's decode pass); the tokens are still plain decoding's."""
+def test_the_draft_prefills_a_prompt_beside_the_target_where_drafting_pays(tmp_path, monkeypatch):
+    """A request that drafts, on an engine where drafting is known to pay: the draft prefills
+    its prompt chunk by chunk as the target does, and its first proposal joins the draft's batch
+    with those caches (no prefill of the prompt inside the batch's decode pass). Where that is
+    not known (nothing timed yet) or not so, the draft prefills a row only when it first drafts.
+    The tokens are plain decoding's either way."""
     import mlxinfer.speculative
     from mlxinfer.request import Status
     from mlxinfer.scheduler import EngineOptions, Request, Scheduler
@@ -731,28 +733,36 @@ def test_the_draft_prefills_a_prompt_beside_the_target(tmp_path, monkeypatch):
     make_tiny_checkpoint(tmp_path, "llama")
     model, tokenizer = mlxinfer.load(tmp_path)
     monkeypatch.setattr(mlxinfer.runner, "affordable", lambda k, *costs: k)
-    joins = []  # the draft's prefills of a whole history when a row joins
+    joins = []  # the draft's prefills when a row joins (of what it had not prefilled)
     real = mlxinfer.speculative.prefill
     monkeypatch.setattr(
         mlxinfer.speculative, "prefill", lambda *a, **k: joins.append(a) or real(*a, **k)
     )
-    options = EngineOptions(draft_model=model, prefill_chunk=8)
-    scheduler = Scheduler(model, tokenizer, options)
-    prompt = prompts(1, seed=4, low=30, high=31)[0]
+    scheduler = Scheduler(model, tokenizer, EngineOptions(draft_model=model, prefill_chunk=8))
+    runner = scheduler.runner
+    prompt = prompts(1, seed=4, low=30, high=31)[0]  # (4 chunks of the target's)
     params = SamplingParams(ignore_eos=True, speculation="draft", num_draft=3)
-    request = Request(0, prompt, params, 12)
-    scheduler.check(request)
-    scheduler.add(request)
-    tokens = []
-    while request.status is not Status.RUNNING:
-        tokens += [response.token for _, response in scheduler.step()]
-        member = request.proposer
-        assert isinstance(member, DraftModel) and member.seen == prompt[: request.prefilled]
-    assert member.pending is not None and len(prompt) == 30  # (4 chunks of the target's)
-    tokens += [response.token for _, response in scheduler.step()]  # the first proposals
-    assert member.pending is None and member in scheduler.runner.drafts.members
-    assert request.draft_tokens > 0
-    while scheduler.has_work():
-        tokens += [response.token for _, response in scheduler.step()]
-    assert joins == []
-    assert_same_greedy(tokens, alone(model, prompt, 12))
+    for pays in (False, True):
+        if pays:  # a draft step and a wider pass cheap against a step (as on a GPU)
+            runner.drafts.step_seconds = 0.001
+            runner.pass_cost = PassCost()
+            runner.pass_cost.observe(1, 0.010)
+            runner.pass_cost.observe(2, 0.011)
+        joins.clear()
+        request = Request(int(pays), prompt, params, 12)
+        scheduler.check(request)
+        scheduler.add(request)
+        tokens = []
+        while request.status is not Status.RUNNING:
+            tokens += [response.token for _, response in scheduler.step()]
+            member = request.proposer
+            assert isinstance(member, DraftModel)
+            assert member.seen == (prompt[: request.prefilled] if pays else [])
+        assert (member.pending is not None) is pays
+        tokens += [response.token for _, response in scheduler.step()]  # the first proposals
+        assert member.pending is None and member in runner.drafts.members
+        assert request.draft_tokens > 0
+        assert len(joins) == (0 if pays else 1)
+        while scheduler.has_work():
+            tokens += [response.token for _, response in scheduler.step()]
+        assert_same_greedy(tokens, alone(model, prompt, 12))

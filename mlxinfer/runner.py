@@ -322,7 +322,9 @@ class Runner:
         """Each speculating row's proposals (rows with none are left out): as many as its record
         says are worth checking (speculative.draft_length), at most its num_draft, and fewer
         than the tokens its budget has left (the last one is the model's own); for a row a draft
-        model proposes for, only those worth what drafting them costs (`_draft_cost`)."""
+        model proposes for, only those worth what drafting them costs (`_draft_cost`); and for
+        a row not in the draft's batch yet, which would first prefill its whole history there,
+        none unless drafting pays at all (`_drafting_pays`)."""
         proposals = {}
         least = worth()
         wanted: list[tuple[int, Request, int, list[int]]] = []  # (row, request, k, history)
@@ -339,16 +341,21 @@ class Runner:
         drafters = sum(isinstance(r.proposer, DraftModel) for _, r, _, _ in wanted)
         step = self._step_estimate(len(requests)) if drafters else None
         untimed = False  # a draft not timed yet ran this pass: the others wait for its figure
+        pays: bool | None = None  # whether drafting pays here at all (asked once, if needed)
         drafting: list[tuple[int, Request, list[int], int]] = []  # asked of the draft below
         for row, request, k, history in wanted:
             draft = request.proposer if isinstance(request.proposer, DraftModel) else None
             if draft is not None:  # proposals that cost passes of a draft model
                 cost = self._draft_cost(draft.batch, len(requests), drafters)
-                if cost is None or step is None:  # one row a pass until both are known
-                    if untimed:
+                joined = draft in draft.batch.members or draft.pending is not None
+                if cost is None or step is None:  # one row a pass until both are known: one
+                    if untimed or not (joined or not draft.batch.members):  # that joined, if any
                         continue
                     untimed = True
                 else:
+                    pays = self._drafting_pays() if pays is None else pays
+                    if not (pays or joined):
+                        continue  # (it would first prefill its history in the draft, for nothing)
                     alpha = acceptance(request.spec_accepted, request.spec_rejected)
                     k = affordable(k, alpha, step, len(requests), cost)
                     if k <= 0:
@@ -358,9 +365,7 @@ class Runner:
                 continue
             try:
                 found = request.proposer.propose(history, k)  # type: ignore[attr-defined]
-            except (
-                Exception
-            ) as e:  # (a proposer of a test's, say, failed): this row decodes plainly
+            except Exception as e:  # (a proposer of a test's failed): this row decodes plainly
                 request.proposer = None
                 logger.warning(
                     "request %s stops speculating: its proposer failed: %s", request.id, e
@@ -382,14 +387,18 @@ class Runner:
 
     def _draft_cost(self, drafts: DraftBatch, rows: int, drafters: int) -> float | None:
         """What one more proposal costs each of `drafters` rows of a batch of `rows`: a step of
-        the draft's batch, and the position it adds to the verify pass (every row's: on a CPU
-        about a step of the batch, on a GPU little), shared between them. None until the draft
-        has been timed."""
-        if drafts.step_seconds is None:
+        the draft's batch of those rows, and the position it adds to the verify pass (every
+        row's: on a CPU about a step of the batch, on a GPU little), shared between them. The
+        draft's step was timed at some number of rows; at others it is taken to grow as the
+        model's own steps do (the timed passes: on a CPU nearly with the rows, on a GPU
+        little). None until the draft and passes of two sizes have been timed."""
+        predict = self.pass_cost.predict
+        at, timed = predict(drafters), predict(drafts.step_rows)
+        one, two = predict(rows), predict(2 * rows)
+        if drafts.step_seconds is None or None in (at, timed, one, two):
             return None
-        one, two = self.pass_cost.predict(rows), self.pass_cost.predict(2 * rows)
-        wider = max(0.0, two - one) if one is not None and two is not None else 0.0
-        return (drafts.step_seconds + wider) / max(1, drafters)
+        step = drafts.step_seconds * cast(float, at) / cast(float, timed)
+        return (step + max(0.0, cast(float, two) - cast(float, one))) / max(1, drafters)
 
     def _drafted(
         self, requests: list[Request], drafting: list[tuple[int, Request, list[int], int]]

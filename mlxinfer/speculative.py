@@ -122,9 +122,11 @@ class DraftBatch:
         self.model = model
         self.max_rows = max_rows
         self.members: list[DraftModel] = []  # members[r] owns row r
-        # seconds a step of the batch takes (a proposal for every row; calls that caught up on
-        # more than a pass's tokens, a prompt's prefill, not counted): see Runner._draft_cost
+        # seconds a step of the batch took (a proposal for each of its `step_rows` rows; calls
+        # that caught up on more than a pass's tokens, a prompt's prefill, not counted): see
+        # Runner._draft_cost
         self.step_seconds: float | None = None
+        self.step_rows = 0
         self._empty()
 
     def _empty(self) -> None:
@@ -235,8 +237,9 @@ class DraftBatch:
         proposed = cast(list[list[int]], mx.stack(drafts, axis=1).tolist())  # [rows, most]
         if T <= RING_SLACK + 1:  # (not a prompt's prefill: the joins were before `started`)
             seconds = (time.perf_counter() - started) / most
-            known = self.step_seconds
+            known = self.step_seconds if self.step_rows == rows else None
             self.step_seconds = seconds if known is None else 0.7 * known + 0.3 * seconds
+            self.step_rows = rows
         for i, member, history, k in asking:
             row = self.members.index(member)
             member.seen = history + proposed[row][: most - 1]  # the last is not through it

@@ -665,12 +665,13 @@ def test_a_proposal_costs_a_drafting_row_its_share_of_a_draft_step_and_a_wider_p
     model, _ = mlxinfer.load(tmp_path)
     runner = Runner(model, CacheSpec(), 8, draft=model)
     assert runner._draft_cost(runner.drafts, 8, 8) is None  # (the draft not timed yet)
-    runner.drafts.step_seconds = 0.050
-    assert runner._draft_cost(runner.drafts, 8, 8) == pytest.approx(0.050 / 8)  # (no passes)
-    runner.pass_cost.observe(8, 0.060)  # a step of 8 rows
+    runner.drafts.step_seconds, runner.drafts.step_rows = 0.050, 8  # (a step of 8 drafting)
+    assert runner._draft_cost(runner.drafts, 8, 8) is None  # (no passes timed yet)
+    runner.pass_cost.observe(8, 0.060)  # a step of 8 rows: 0.01 + 0.00625 a token
     runner.pass_cost.observe(16, 0.110)  # a pass of 8 rows x 2 positions
     assert runner._draft_cost(runner.drafts, 8, 8) == pytest.approx((0.050 + 0.050) / 8)
-    assert runner._draft_cost(runner.drafts, 8, 2) == pytest.approx((0.050 + 0.050) / 2)
+    # 2 rows drafting: the draft's step as the model's shrinks from 8 rows to 2 (0.0225 / 0.06)
+    assert runner._draft_cost(runner.drafts, 8, 2) == pytest.approx((0.050 * 0.375 + 0.050) / 2)
     # such a row drafts nothing even when its proposals are always accepted: 7.5 ms saved < 12.5
     assert affordable(4, 1.0, 0.060, 8, runner._draft_cost(runner.drafts, 8, 8)) == 0
 
@@ -744,10 +745,10 @@ def test_the_draft_prefills_a_prompt_beside_the_target_where_drafting_pays(tmp_p
     params = SamplingParams(ignore_eos=True, speculation="draft", num_draft=3)
     for pays in (False, True):
         if pays:  # a draft step and a wider pass cheap against a step (as on a GPU)
-            runner.drafts.step_seconds = 0.001
+            runner.drafts.step_seconds, runner.drafts.step_rows = 0.001, 1
             runner.pass_cost = PassCost()
-            runner.pass_cost.observe(1, 0.010)
-            runner.pass_cost.observe(2, 0.011)
+            runner.pass_cost.observe(1, 0.010)  # (0.009 + 0.001 a token)
+            runner.pass_cost.observe(8, 0.017)
         joins.clear()
         request = Request(int(pays), prompt, params, 12)
         scheduler.check(request)

@@ -382,23 +382,37 @@ class Runner:
         one, every row drafting (known once the draft and the passes have been timed)."""
         rows = max(1, len(self.rows))
         step = self._step_estimate(rows)
-        cost = None if self.drafts is None else self._draft_cost(self.drafts, rows, rows)
+        cost = None if self.drafts is None else self._draft_cost(self.drafts, rows, rows, True)
         return step is not None and cost is not None and affordable(1, 1.0, step, rows, cost) > 0
 
-    def _draft_cost(self, drafts: DraftBatch, rows: int, drafters: int) -> float | None:
+    def _draft_cost(
+        self, drafts: DraftBatch, rows: int, drafters: int, strict: bool = False
+    ) -> float | None:
         """What one more proposal costs each of `drafters` rows of a batch of `rows`: a step of
         the draft's batch of those rows, and the position it adds to the verify pass (every
         row's: on a CPU about a step of the batch, on a GPU little), shared between them. The
         draft's step was timed at some number of rows; at others it is taken to grow as the
         model's own steps do (the timed passes: on a CPU nearly with the rows, on a GPU
-        little). None until the draft and passes of two sizes have been timed."""
+        little). Until passes of two sizes are timed, as on a CPU: the draft's step in
+        proportion to the rows, and the extra position a plain step (which stops the drafting,
+        so that plain steps teach the passes' costs); or None with `strict`. None until the
+        draft has been timed."""
         predict = self.pass_cost.predict
         at, timed = predict(drafters), predict(drafts.step_rows)
         one, two = predict(rows), predict(2 * rows)
-        if drafts.step_seconds is None or None in (at, timed, one, two):
+        known = None not in (at, timed, one, two)
+        if drafts.step_seconds is None or (strict and not known):
             return None
-        step = drafts.step_seconds * cast(float, at) / cast(float, timed)
-        return (step + max(0.0, cast(float, two) - cast(float, one))) / max(1, drafters)
+        if known:
+            step = drafts.step_seconds * cast(float, at) / cast(float, timed)
+            wider = max(0.0, cast(float, two) - cast(float, one))
+        else:
+            plain = self._step_estimate(rows)
+            if plain is None:
+                return None
+            step = drafts.step_seconds * drafters / max(1, drafts.step_rows)
+            wider = plain
+        return (step + wider) / max(1, drafters)
 
     def _drafted(
         self, requests: list[Request], drafting: list[tuple[int, Request, list[int], int]]

@@ -666,7 +666,10 @@ def test_a_proposal_costs_a_drafting_row_its_share_of_a_draft_step_and_a_wider_p
     runner = Runner(model, CacheSpec(), 8, draft=model)
     assert runner._draft_cost(runner.drafts, 8, 8) is None  # (the draft not timed yet)
     runner.drafts.step_seconds, runner.drafts.step_rows = 0.050, 8  # (a step of 8 drafting)
-    assert runner._draft_cost(runner.drafts, 8, 8) is None  # (no passes timed yet)
+    assert runner._draft_cost(runner.drafts, 8, 8) is None  # (no step of the model timed yet)
+    runner.step_seconds = 0.060  # a plain step, and no passes of two sizes: as on a CPU
+    assert runner._draft_cost(runner.drafts, 8, 4) == pytest.approx((0.025 + 0.060) / 4)
+    assert runner._draft_cost(runner.drafts, 8, 4, strict=True) is None
     runner.pass_cost.observe(8, 0.060)  # a step of 8 rows: 0.01 + 0.00625 a token
     runner.pass_cost.observe(16, 0.110)  # a pass of 8 rows x 2 positions
     assert runner._draft_cost(runner.drafts, 8, 8) == pytest.approx((0.050 + 0.050) / 8)

@@ -155,7 +155,10 @@ class Scheduler:
                 f"token of the tokenizer past the model's {rows} embedding rows"
             )
         alone = self.kv_bytes(1, need) + self.kv_bytes(1, len(request.prompt_ids))
-        draft = self.draft_bytes(1, need + request.params.num_draft) if _drafts(request) else 0
+        draft = 0
+        if _drafts(request):  # its row of the draft's batch, and its prompt before it joins
+            draft = self.draft_bytes(1, need + request.params.num_draft)
+            draft += self.draft_bytes(1, len(request.prompt_ids))  # (as _drafts_fit counts)
         if self.kv_budget is not None and alone + draft > self.kv_budget:
             mine = f", the draft model's {draft / 2**20:.1f} MB of it" if draft else ""
             error = DraftBudgetError if alone <= self.kv_budget else ValueError
@@ -191,7 +194,11 @@ class Scheduler:
         held_rows, held_slots = (0, 0) if drafts is None else drafts.held
         rows = max(held_rows, min(self.max_batch, 1 << (len(drafting) - 1).bit_length()))
         longest = max(len(r.prompt_ids) + r.max_tokens + r.params.num_draft for r in drafting)
-        joining = [len(r.prompt_ids) for r in drafting if drafts is None or not drafts.has(r)]
+        joining = [
+            len(r.prompt_ids)
+            for r in drafting
+            if drafts is None or r.proposer not in drafts.members
+        ]
         return self.draft_bytes(rows, max(held_slots, longest)) + sum(
             self.draft_bytes(1, n) for n in joining
         )

@@ -141,10 +141,6 @@ class DraftBatch:
             (c.capacity for c in self.caches), default=0
         )
 
-    def has(self, request) -> bool:
-        """Whether `request`'s proposer holds a row here."""
-        return request.proposer in self.members
-
     def retain(self, alive: set[DraftModel]) -> None:
         """Drop the rows of the members not in `alive` (their requests are gone)."""
         gone = [row for row, member in enumerate(self.members) if member not in alive]

@@ -685,7 +685,8 @@ def test_the_kv_budget_counts_the_draft_models_caches(tmp_path):
     push past the budget is refused saying so. Here the draft is the model itself, so its caches
     are as large as the target's: a budget that runs two plain requests at once runs one."""
     from mlxinfer.cache import kv_bytes_per_token
-    from mlxinfer.scheduler import EngineOptions, Request, Scheduler
+    from mlxinfer.request import Status
+    from mlxinfer.scheduler import DraftBudgetError, EngineOptions, Request, Scheduler
 
     make_tiny_checkpoint(tmp_path / "llama", "llama")
     model, tokenizer = mlxinfer.load(tmp_path / "llama")
@@ -722,6 +723,25 @@ def test_the_kv_budget_counts_the_draft_models_caches(tmp_path):
     scheduler.check(Request(0, [5] * 40, plain, 20))
     with pytest.raises(ValueError, match="the draft model's .* MB of it.*kv_budget_mb"):
         scheduler.check(Request(1, [5] * 40, drafted, 20))
+    # What check() accepts, admission admits once alone: a block each for the target's row, its
+    # prompt, the draft's row and the draft's prompt before it joins (under 4 blocks it was
+    # accepted with 3, then waited forever)
+    block = probe.kv_bytes(1, 63) / 2**20
+    for blocks, runs in ((3.5, False), (4, True)):
+        options = EngineOptions(kv_budget_mb=blocks * block, draft_model=model)
+        scheduler = Scheduler(model, tokenizer, options)
+        request = Request(0, [5] * 40, drafted, 20)
+        if not runs:
+            with pytest.raises(DraftBudgetError):
+                scheduler.check(request)
+            continue
+        scheduler.check(request)
+        scheduler.add(request)
+        for _ in range(100):
+            if not scheduler.has_work():
+                break
+            scheduler.step()
+        assert request.status is Status.FINISHED and not scheduler.has_work()
 
 
 def test_the_draft_prefills_a_prompt_beside_the_target_where_drafting_pays(tmp_path, monkeypatch):

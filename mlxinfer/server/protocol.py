@@ -179,9 +179,8 @@ def _sampling(body: dict, tokenizer: Tokenizer, stop_field: str = "stop") -> dic
 
 # the request fields of speculative decoding
 SPECULATION = ("prompt_lookup", "draft", "num_draft", "lookup_ngram")
-MAX_LOOKUP_NGRAM = (
-    64  # (prompt lookup's longest suffix: past a few tokens a longer one adds nothing)
-)
+# prompt lookup's longest suffix (past a few tokens a longer one adds nothing)
+MAX_LOOKUP_NGRAM = 64
 
 
 def _speculation(body: dict) -> str | None:
